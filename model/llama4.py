@@ -1,0 +1,142 @@
+"""Llama 4 text model at per-rank shapes. It never mentions a rank: the ShardLayout gave every
+module its shape, and the Communicator is the only way out.
+
+One decoder layer is two sub-layers, each ending in the same visible collective:
+
+    attn_partial      = attention(normed)                       # row-parallel partial sum
+    normed, residual  = comm.allreduce_add_rmsnorm(attn_partial, residual, post_attention_norm)
+    ffn_partial       = feed_forward(normed)                    # partial sum (MoE or dense)
+    normed, residual  = comm.allreduce_add_rmsnorm(ffn_partial, residual, NEXT layer's input_norm)
+
+so the RMSNorm that opens the next layer (or the final norm) is fused into the collective that
+closes this one, as TensorRT-LLM's AllReduce+residual+RMSNorm kernel does. After layer i,
+`residual` is that layer's output hidden state: the auxiliary features EAGLE-3 reads.
+
+The embedding is vocab-parallel (each rank embeds the ids it owns, an all-reduce completes it)
+and the LM head is vocab-parallel too: `forward` returns this rank's slice of the logits and
+`model.sampling` picks tokens without gathering the full vocabulary for greedy decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from collectives.communicator import Communicator, rms_norm
+from model.attention import Attention, KVCache, build_step_context, rope_inv_freq
+from model.config import ModelConfig
+from model.ffn import MLP, MoE
+from model.parallel import ShardLayout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + vocab_per_rank) of the embedding; other ids embed to zero."""
+
+    def __init__(self, shard: ShardLayout, hidden: int) -> None:
+        super().__init__()
+        self.vocab_start, self.vocab_valid = shard.vocab_start, shard.vocab_valid_per_rank
+        self.weight = nn.Parameter(torch.zeros(shard.vocab_per_rank, hidden))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        local = token_ids - self.vocab_start
+        owned = (local >= 0) & (local < self.vocab_valid)
+        rows = self.weight[torch.where(owned, local, 0)]  # (B, T, H)
+        return rows * owned[..., None].to(rows.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator, layer: int) -> None:
+        super().__init__()
+        self.comm = comm
+        self.eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, shard, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe(layer)
+        self.feed_forward = (MoE(cfg, shard, comm) if self.is_moe
+                             else MLP(cfg.hidden_size, shard.mlp_intermediate_per_rank))
+
+    def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm):
+        attn_partial = self.self_attn(normed, ctx, cache)
+        normed, residual = self.comm.allreduce_add_rmsnorm(
+            attn_partial, residual, self.post_attention_layernorm.weight, self.eps)
+        ffn_partial = self.feed_forward(normed)
+        normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps)
+        return normed, residual
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # (B, R, vocab_per_rank): R = T, or 1 when only the last rows were asked for
+    aux_hidden: list[torch.Tensor] = field(default_factory=list)  # each (B, T, H), per requested layer
+
+
+class Llama4(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator) -> None:
+        super().__init__()
+        if comm.world_size != shard.parallel.world_size:
+            raise ValueError(f"communicator has {comm.world_size} ranks, layout expects {shard.parallel.world_size}")
+        self.cfg, self.shard, self.comm = cfg, shard, comm
+        self.embed_tokens = VocabEmbedding(shard, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers, batch, max_len, self.shard.n_kv_heads_per_rank, self.cfg.head_dim,
+                       dtype or weight.dtype, weight.device)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, cache: KVCache, *, n_new: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None,
+                aux_layers: tuple[int, ...] = (), last_only: bool = False) -> ForwardOutput:
+        """token_ids: (B, T), right-padded; n_new: (B,) real tokens per row (default T).
+        positions: (B, T) (default: cache length + t). Advances cache.lengths by n_new."""
+        batch, n_tokens = token_ids.shape
+        if batch != cache.batch:
+            raise ValueError(f"batch of {batch} rows for a cache of {cache.batch}")
+        device = token_ids.device
+        if n_new is None:
+            n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=device)
+        if positions is None:
+            positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
+        ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask)
+        residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
+        normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
+        aux = []
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            normed, residual = layer(normed, residual, ctx, cache, next_norm)
+            if i in aux_layers:
+                aux.append(residual)
+        cache.lengths += n_new
+        if last_only:
+            normed = normed[torch.arange(batch, device=device), n_new - 1][:, None]  # (B, 1, H)
+        logits = normed @ self.lm_head_weight().t()  # (B, R, vocab_per_rank)
+        if self.shard.vocab_valid_per_rank < self.shard.vocab_per_rank:
+            logits[..., self.shard.vocab_valid_per_rank:] = float("-inf")
+        return ForwardOutput(logits=logits, aux_hidden=aux)
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for p in list(self.parameters()) + list(self.buffers()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        return total
