@@ -282,7 +282,7 @@ def tiny(vocab_size: int = 512) -> ModelConfig:
         attention_chunk_size=64, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=32,
         attn_scale=0.1, rope_theta=500000.0, rope_scaling=RopeScaling(16.0, 1.0, 4.0, 64),
         rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_ids=(2,), name="tiny",
+        bos_token_id=0, eos_token_ids=(1, 2), name="tiny",
     )
 
 

@@ -1,0 +1,145 @@
+"""`dgx-emu` command line. Parses, builds configs, starts the node, streams and prints.
+
+User errors (bad flags, bad paths, bad checkpoints, impossible layouts) exit with code 2 and one
+readable line on stderr; nothing the user typed produces a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cluster.node import USER_ERRORS, UserError, build_node
+from model.embedded import ensure_default_model
+from model.sampling import SamplingParams
+from model.tokenizer import StreamDecoder, Tokenizer
+from workers.engine import Request
+from workers.run_config import RunConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own code for usage errors)
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t != "")
+    except ValueError:
+        raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (HF Llama 4); default: the embedded model")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1, help="virtual GPUs (ranks)")
+    p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="dgx-emu", description="Eight Ray actors as the GPUs of a DGX B200 node.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    add_generate_args(sub.add_parser("generate", help="generate text from a Llama 4 model"))
+    return parser
+
+
+def _requests(args, model_dir: Path, cfg) -> tuple[list[Request], Tokenizer | None]:
+    tok_file = model_dir / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+    prompts = [_parse_ids(t) for t in args.prompt_ids]
+    if args.prompt and tokenizer is None:
+        raise UserError(f"{model_dir} has no tokenizer.json: pass token ids with --prompt-ids")
+    for text in args.prompt:
+        ids = tokenizer.encode(text)
+        if cfg.bos_token_id is not None and (not ids or ids[0] != cfg.bos_token_id):
+            ids = [cfg.bos_token_id] + ids
+        prompts.append(tuple(ids))
+    if not prompts:
+        raise UserError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, max_new_tokens=args.max_new_tokens)
+    return [Request(p, params, str(i)) for i, p in enumerate(prompts)], tokenizer
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_generate(args) -> int:
+    model_dir = Path(args.model) if args.model else ensure_default_model()
+    run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device,
+                    world_size=args.world_size, moe_mode=args.moe)
+    with build_node(run) as node:
+        requests, tokenizer = _requests(args, model_dir, node.model_cfg)
+        node.validate(requests)
+        node.load()
+        decoder = StreamDecoder(tokenizer) if tokenizer is not None and len(requests) == 1 else None
+
+        def on_tokens(step: int, new: list[list[int]]) -> None:
+            if decoder:
+                sys.stdout.write(decoder.push(new[0]))
+                sys.stdout.flush()
+
+        start = time.perf_counter()
+        completions, stats, info = node.generate(requests, on_tokens)
+        wall = time.perf_counter() - start
+    if decoder:
+        sys.stdout.write(decoder.flush() + "\n")
+    texts = [tokenizer.decode(c.token_ids) if tokenizer else None for c in completions]
+    if not decoder:
+        for c, text in zip(completions, texts):
+            print(text if text is not None else ",".join(map(str, c.token_ids)))
+    decode_tokens = sum(max(0, len(c.token_ids) - 1) for c in completions)
+    decode_s = sum(stats.step_s)
+    summary = {
+        "text": texts[0], "token_ids": completions[0].token_ids, "new_tokens": len(completions[0].token_ids),
+        "finish_reason": completions[0].finish_reason,
+        "tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
+        "ttft_s": stats.ttft_s, "e2e_s": wall, "world_size": args.world_size,
+        "layout": {"tp": args.world_size, "moe": args.moe}, "dtype": args.dtype, "device": args.device,
+        "step_latency_s": {"p50": _percentile(stats.step_s, 0.5), "p90": _percentile(stats.step_s, 0.9)},
+        "completions": [{"request_id": c.request_id, "text": t, "token_ids": c.token_ids,
+                         "finish_reason": c.finish_reason} for c, t in zip(completions, texts)],
+        **info,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        p50 = summary["step_latency_s"]["p50"]
+        tps = summary["tokens_per_s"]
+        print(f"[{summary['new_tokens']} tokens, ttft {stats.ttft_s * 1e3:.1f} ms, "
+              f"{'%.1f tok/s' % tps if tps else 'n/a'}, step p50 "
+              f"{'%.2f ms' % (p50 * 1e3) if p50 else 'n/a'}, world {args.world_size}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "generate":
+            return run_generate(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main_entry() -> None:
+    sys.exit(main())

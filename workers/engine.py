@@ -1,0 +1,117 @@
+"""The per-rank generation loop. Every rank runs it in lockstep on the same requests.
+
+A whole request batch is one call: prefill all prompts together (right-padded, each row with its
+own length), then decode one token per row per step until every row has hit EOS or its budget.
+The next token is chosen identically on every rank (distributed argmax, or seeded sampling over
+gathered logits), so no rank ever waits on the driver between steps: the control plane costs one
+call per batch, not one per token. Finished rows ride along with zero new tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from model.llama4 import Llama4
+from model.sampling import SamplingParams, next_tokens
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    request_id: str = "0"
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+
+
+@dataclass
+class GenerationStats:
+    ttft_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)  # one entry per decode step after the prefill
+    total_s: float = 0.0
+
+
+def validate_requests(requests: list[Request], vocab_size: int, max_context: int) -> None:
+    if not requests:
+        raise RequestError("no requests given")
+    for r in requests:
+        if not r.prompt_ids:
+            raise RequestError(f"request {r.request_id}: the prompt is empty")
+        bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"request {r.request_id}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        need = len(r.prompt_ids) + r.params.max_new_tokens
+        if need > max_context:
+            raise RequestError(f"request {r.request_id}: prompt ({len(r.prompt_ids)} tokens) + max_new_tokens "
+                               f"({r.params.max_new_tokens}) = {need} exceeds the context limit of {max_context}")
+
+
+class Engine:
+    def __init__(self, model: Llama4, max_context: int | None = None) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.max_context = max_context or self.cfg.max_position_embeddings
+
+    def _pick(self, logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
+        shard = self.model.shard
+        return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
+                           [r.params for r in requests], generators)
+
+    def generate(self, requests: list[Request],
+                 on_tokens: Callable[[int, list[list[int]]], None] | None = None) -> tuple[list[Completion], GenerationStats]:
+        """Runs the batch to completion. on_tokens(step, new ids per request) is called after each step."""
+        validate_requests(requests, self.cfg.vocab_size, self.max_context)
+        batch = len(requests)
+        device = self.model.embed_tokens.weight.device
+        generators = [torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else
+                      torch.Generator().manual_seed(0) for r in requests]
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        budget = [r.params.max_new_tokens for r in requests]
+        cache = self.model.new_cache(batch, int(max(lengths[b] + budget[b] for b in range(batch))))
+        prompt = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
+        for b, r in enumerate(requests):
+            prompt[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        stats, start = GenerationStats(), time.perf_counter()
+        logits = self.model(prompt, cache, n_new=lengths, last_only=True).logits
+        out: list[list[int]] = [[] for _ in requests]
+        finish = [""] * batch
+        step = 0
+        while True:
+            tokens = self._pick(logits, requests, generators).tolist()
+            now = time.perf_counter()
+            if step == 0:
+                stats.ttft_s = now - start
+            else:
+                stats.step_s.append(now - last)
+            last = now
+            new = [[] for _ in requests]
+            for b in range(batch):
+                if finish[b]:
+                    continue
+                out[b].append(tokens[b])
+                new[b].append(tokens[b])
+                if requests[b].params.stop_on_eos and tokens[b] in self.cfg.eos_token_ids:
+                    finish[b] = "eos"
+                elif len(out[b]) >= budget[b]:
+                    finish[b] = "length"
+            if on_tokens:
+                on_tokens(step, new)
+            if all(finish):
+                break
+            active = torch.tensor([0 if f else 1 for f in finish], device=device)
+            logits = self.model(torch.tensor(tokens, device=device)[:, None], cache, n_new=active).logits
+            step += 1
+        stats.total_s = time.perf_counter() - start
+        return [Completion(r.request_id, out[b], finish[b]) for b, r in enumerate(requests)], stats

@@ -1,0 +1,49 @@
+"""RunConfig: how a node is launched (model, dtype, device, layout, backend). Frozen and checked
+when made, so a bad combination is refused before any actor starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMM_BACKENDS = ("gloo", "nccl")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_path: str
+    dtype: str = "fp32"
+    device: str = "cpu"
+    world_size: int = 8
+    moe_mode: str = "tp"
+    comm: str = "gloo"
+    hardware: str = "b200"
+    threads_per_rank: int = 1
+    collective_timeout_s: float = 120.0
+    max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.comm not in COMM_BACKENDS:
+            raise ConfigError(f"comm backend must be one of {COMM_BACKENDS}, got {self.comm!r}")
+        if self.comm == "nccl" and self.device != "cuda":
+            raise ConfigError("--comm nccl needs --device cuda")
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ConfigError(f"world size must be an integer >= 1, got {self.world_size!r}")
+        if self.moe_mode not in ("tp", "ep"):
+            raise ConfigError(f"moe mode must be 'tp' or 'ep', got {self.moe_mode!r}")
+        if self.threads_per_rank < 1:
+            raise ConfigError(f"threads per rank must be >= 1, got {self.threads_per_rank}")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"collective timeout must be > 0 s, got {self.collective_timeout_s}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,61 @@
+"""The per-rank Worker: one virtual GPU. Ray-agnostic, so tests drive it in-process.
+
+It owns the rank's device, its communicator, its shard of the model and the generation engine.
+`cluster/` wraps it in a Ray actor; a world of one runs it directly in the driver's process.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from collectives.communicator import Communicator
+from model.checkpoint import load_shard
+from model.config import load_model_config
+from model.llama4 import Llama4
+from model.parallel import ShardLayout, layout
+from workers.engine import Completion, Engine, GenerationStats, Request
+from workers.run_config import RunConfig
+
+
+class Worker:
+    def __init__(self, rank: int, run: RunConfig, comm: Communicator) -> None:
+        if comm.rank != rank or comm.world_size != run.world_size:
+            raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
+        self.rank, self.run, self.comm = rank, run, comm
+        torch.set_num_threads(run.threads_per_rank)
+        self.device = torch.device(run.device)
+        self.model_cfg = load_model_config(run.model_path)
+        self.shard: ShardLayout = layout(self.model_cfg, run.world_size, rank, run.moe_mode)
+        self.model: Llama4 | None = None
+        self.engine: Engine | None = None
+        self.load_s = 0.0
+
+    def load(self, progress=None) -> dict:
+        """Builds this rank's modules at their shard shapes and reads its slices. Returns a report."""
+        start = time.perf_counter()
+        with torch.device(self.device):
+            model = Llama4(self.model_cfg, self.shard, self.comm).to(self.run.torch_dtype)
+        read = load_shard(model, Path(self.run.model_path), progress)
+        self.model = model.eval()
+        self.engine = Engine(self.model, self.run.max_context)
+        self.load_s = time.perf_counter() - start
+        return {"rank": self.rank, "pid": os.getpid(), "weights_bytes": self.model.weight_bytes(),
+                "bytes_read": read, "load_s": self.load_s}
+
+    def generate(self, requests: list[Request], on_tokens=None) -> tuple[list[Completion], GenerationStats]:
+        if self.engine is None:
+            raise RuntimeError(f"rank {self.rank}: generate() before load()")
+        return self.engine.generate(requests, on_tokens)
+
+    def kv_cache_bytes(self, requests: list[Request]) -> int:
+        """KV-cache bytes this rank allocates for a batch (what generate() will hold)."""
+        cfg, s = self.model_cfg, self.shard
+        slots = len(requests) * max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        per_slot = 2 * cfg.n_layers * s.n_kv_heads_per_rank * cfg.head_dim
+        return slots * per_slot * torch.tensor([], dtype=self.run.torch_dtype).element_size()
+
+    def close(self) -> None:
+        self.comm.close()
