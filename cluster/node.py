@@ -45,14 +45,15 @@ class _Validating:
         validate_requests(requests, self.model_cfg.vocab_size, self.run.max_context or self.model_cfg.max_position_embeddings)
 
 
-def build_node(run: RunConfig):
+def build_node(run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
+               dashboard: bool = False):
+    """World size 1 runs in-process (no Ray); larger worlds start one Ray actor per rank."""
     check_layout(run)
-    if run.world_size == 1:
+    if run.world_size == 1 and address is None:
         from cluster.inprocess import InProcessNode
-        node_cls = InProcessNode
+        node = InProcessNode(run)
     else:
         from cluster.ray_node import RayNode
-        node_cls = RayNode
-    node = node_cls(run)
+        node = RayNode(run, address=address, placement=placement, dashboard=dashboard)
     node.validate = _Validating.validate.__get__(node)
     return node

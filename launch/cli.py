@@ -41,9 +41,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1, help="virtual GPUs (ranks)")
+    p.add_argument("--world-size", type=int, default=8, help="virtual GPUs, one Ray actor each (1: in-process)")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--comm", default=None, choices=["gloo", "nccl"],
+                   help="data-plane backend (default: gloo on cpu, nccl on cuda)")
+    p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--placement", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
+                   help="placement-group strategy for the ranks")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
 
 
@@ -79,30 +86,50 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _load_progress(per_rank: list[tuple[int, int]]) -> None:
+    cells = " ".join(f"{done}/{total}" for done, total in per_rank)
+    sys.stderr.write(f"\rloading tensors per rank: {cells}")
+    sys.stderr.flush()
+
+
+def _report_load(reports: list[dict], world: int) -> None:
+    slowest = max(r["load_s"] for r in reports)
+    per_rank = max(r["weights_bytes"] for r in reports) / 2**20
+    end = "\n" if sys.stderr.isatty() else ""
+    print(f"{end}loaded {world} rank(s) in {slowest:.1f} s, {per_rank:.1f} MiB of weights per rank",
+          file=sys.stderr)
+
+
+def _printable(text: str) -> str:
+    """Control characters a random model emits would drive the terminal; show them escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
 def run_generate(args) -> int:
     model_dir = Path(args.model) if args.model else ensure_default_model()
-    run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device,
-                    world_size=args.world_size, moe_mode=args.moe)
-    with build_node(run) as node:
+    comm = args.comm or ("nccl" if args.device == "cuda" else "gloo")
+    run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
+                    moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank)
+    with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
-        node.load()
+        _report_load(node.load(_load_progress if sys.stderr.isatty() else None), args.world_size)
         decoder = StreamDecoder(tokenizer) if tokenizer is not None and len(requests) == 1 else None
 
         def on_tokens(step: int, new: list[list[int]]) -> None:
             if decoder:
-                sys.stdout.write(decoder.push(new[0]))
+                sys.stdout.write(_printable(decoder.push(new[0])))
                 sys.stdout.flush()
 
         start = time.perf_counter()
         completions, stats, info = node.generate(requests, on_tokens)
         wall = time.perf_counter() - start
     if decoder:
-        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.write(_printable(decoder.flush()) + "\n")
     texts = [tokenizer.decode(c.token_ids) if tokenizer else None for c in completions]
     if not decoder:
         for c, text in zip(completions, texts):
-            print(text if text is not None else ",".join(map(str, c.token_ids)))
+            print(_printable(text) if text is not None else ",".join(map(str, c.token_ids)))
     decode_tokens = sum(max(0, len(c.token_ids) - 1) for c in completions)
     decode_s = sum(stats.step_s)
     summary = {

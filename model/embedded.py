@@ -22,8 +22,9 @@ from model.checkpoint import checkpoint_names, hf_name, match
 from model.config import ModelConfig, tiny
 from model.tokenizer import byte_level_tokenizer
 
-VERSION = "v1"
+VERSION = "v2"
 SEED = 20260428
+INIT_STD = 0.08  # larger than HF's 0.02 so that greedy text from random weights does not collapse to one token
 
 
 def default_config() -> ModelConfig:
@@ -64,7 +65,7 @@ def ensure_default_model() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         cfg = default_config()
-        write_checkpoint(staging, cfg, random_state_dict(cfg, SEED))
+        write_checkpoint(staging, cfg, random_state_dict(cfg, SEED, std=INIT_STD))
         byte_level_tokenizer().inner.save(str(staging / "tokenizer.json"))
         (staging / "COMPLETE").write_text(VERSION + "\n")
         try:

@@ -1,0 +1,188 @@
+"""The node as Ray actors: one actor per virtual GPU, placed together, driven in lockstep.
+
+Ray is the control plane only: it starts, places and supervises the ranks and carries msgpack
+requests. Tensors move between ranks through the data plane (torch.distributed, later shared
+memory), never through Ray objects.
+
+A request batch is ONE Ray call per rank: every rank runs the whole generation loop itself and
+they stay in step through their collectives. The driver streams tokens by polling rank 0
+(a threaded actor, so the poll runs beside the generation) and measures the control overhead:
+driver wall time minus the slowest rank's own time in the loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.engine import Completion, GenerationStats, Request
+from workers.messages import pack, pack_requests, pack_result, pack_run, unpack, unpack_requests, unpack_result, unpack_run
+from workers.run_config import RunConfig
+
+LOCAL_HOST = "127.0.0.1"
+
+
+class RankActor:
+    """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray)."""
+
+    def __init__(self, rank: int, run_msg: bytes) -> None:
+        import torch
+        self.rank, self.run = rank, unpack_run(run_msg)
+        torch.set_num_threads(self.run.threads_per_rank)
+        self.store, self.worker, self.comm = None, None, None
+        self.load_done, self.load_total = 0, 0
+        self.stream: list = []
+
+    def open_store(self, host: str) -> int:
+        from collectives.torch_dist import open_store
+        self.store = open_store(host, self.run.world_size, self.run.collective_timeout_s)
+        return self.store.port
+
+    def connect(self, host: str, port: int) -> int:
+        from collectives.torch_dist import TorchDistCommunicator, join_store
+        from workers.worker import Worker
+        store = self.store or join_store(host, port, self.run.world_size, self.run.collective_timeout_s)
+        device = "cuda" if self.run.device == "cuda" else "cpu"
+        backend = "nccl" if self.run.comm == "nccl" else "gloo"
+        self.comm = TorchDistCommunicator(self.rank, self.run.world_size, store, backend,
+                                          self.run.collective_timeout_s, device)
+        self.worker = Worker(self.rank, self.run, self.comm)
+        return os.getpid()
+
+    def load(self) -> bytes:
+        def progress(done: int, total: int) -> None:
+            self.load_done, self.load_total = done, total
+        return pack(self.worker.load(progress))
+
+    def load_progress(self) -> tuple[int, int]:
+        return self.load_done, self.load_total
+
+    def generate(self, requests_msg: bytes) -> bytes:
+        requests = unpack_requests(requests_msg)
+        self.stream = []
+
+        def on_tokens(step: int, new: list[list[int]]) -> None:
+            if self.rank == 0:
+                self.stream.append([step, new])
+
+        start = time.perf_counter()
+        completions, stats = self.worker.generate(requests, on_tokens)
+        busy = time.perf_counter() - start
+        extra = {"rank": self.rank, "busy_s": busy, "kv_cache_bytes": self.worker.kv_cache_bytes(requests),
+                 "weights_bytes": self.worker.model.weight_bytes()}
+        return pack_result(completions, stats, extra)
+
+    def poll(self, since: int) -> bytes:
+        return pack(self.stream[since:])
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.worker = self.store = None
+
+
+class RayNode:
+    def __init__(self, run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
+                 startup_timeout_s: float = 120.0, dashboard: bool = False) -> None:
+        from model.config import load_model_config
+        self.run, self.timeout = run, startup_timeout_s
+        self.model_cfg = load_model_config(run.model_path)
+        self.actors, self.pg, self.started_ray = [], None, False
+        try:
+            self._start(address, placement, dashboard)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, address: str | None, placement: str, dashboard: bool) -> None:
+        world = self.run.world_size
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if address:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
+                         _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False)
+                self.started_ray = True
+        bundle = {"CPU": 1, "GPU": 1} if self.run.device == "cuda" else {"CPU": 1}
+        self.pg = placement_group([bundle] * world, strategy=placement)
+        try:
+            ray.get(self.pg.ready(), timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"could not place {world} ranks ({bundle} each, {placement}) within "
+                               f"{self.timeout:.0f} s: the cluster lacks the resources") from None
+        actor_cls = ray.remote(max_concurrency=2)(RankActor)
+        gpus = 1 if self.run.device == "cuda" else 0
+        msg = pack_run(self.run)
+        self.actors = [actor_cls.options(
+            num_cpus=1, num_gpus=gpus, name=None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+        ).remote(r, msg) for r in range(world)]
+        host = LOCAL_HOST if self.started_ray else ray.get(self.actors[0].__ray_call__.remote(
+            lambda self: ray.util.get_node_ip_address()), timeout=self.timeout)
+        port = ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)
+        self.pids = ray.get([a.connect.remote(host, port) for a in self.actors], timeout=self.timeout)
+
+    def load(self, progress=None) -> list[dict]:
+        futures = [a.load.remote() for a in self.actors]
+        pending, deadline = list(futures), time.monotonic() + max(self.timeout, 3600)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if progress:
+                progress([ray.get(a.load_progress.remote(), timeout=self.timeout) for a in self.actors])
+            if time.monotonic() > deadline:
+                raise TimeoutError("loading the model did not finish in time")
+        self.load_reports = [unpack(r) for r in ray.get(futures, timeout=self.timeout)]
+        return self.load_reports
+
+    def generate(self, requests: list[Request], on_tokens=None,
+                 timeout_s: float = 3600.0) -> tuple[list[Completion], GenerationStats, dict]:
+        start = time.perf_counter()
+        payload = pack_requests(requests)
+        futures = [a.generate.remote(payload) for a in self.actors]
+        pending, seen, deadline = list(futures), 0, time.monotonic() + timeout_s
+        while True:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.02)
+            for step, new in unpack(ray.get(self.actors[0].poll.remote(seen), timeout=self.timeout)):
+                seen += 1
+                if on_tokens:
+                    on_tokens(step, new)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"generation did not finish within {timeout_s:.0f} s")
+        results = [unpack_result(r) for r in ray.get(futures, timeout=self.timeout)]
+        wall = time.perf_counter() - start
+        completions, stats, _ = results[0]
+        busiest = max(extra["busy_s"] for _, _, extra in results)
+        steps = 1 + len(stats.step_s)
+        memory = [{"rank": e["rank"], "weights_bytes": e["weights_bytes"], "kv_cache_bytes": e["kv_cache_bytes"]}
+                  for _, _, e in results]
+        info = {"memory_per_rank": memory, "control_overhead_s": wall - busiest,
+                "control_overhead_per_step_s": (wall - busiest) / steps}
+        return completions, stats, info
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(actor)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
