@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import ray
@@ -42,10 +44,15 @@ class RankActor:
         self.store = open_store(host, self.run.world_size, self.run.collective_timeout_s)
         return self.store.port
 
-    def connect(self, host: str, port: int) -> int:
-        from collectives.torch_dist import TorchDistCommunicator, join_store
+    def connect(self, rendezvous: dict) -> int:
+        """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
+        from collectives.torch_dist import TorchDistCommunicator, file_store, join_store
         from workers.worker import Worker
-        store = self.store or join_store(host, port, self.run.world_size, self.run.collective_timeout_s)
+        if "file" in rendezvous:
+            store = file_store(rendezvous["file"], self.run.world_size)
+        else:
+            store = self.store or join_store(rendezvous["host"], rendezvous["port"], self.run.world_size,
+                                             self.run.collective_timeout_s)
         device = "cuda" if self.run.device == "cuda" else "cpu"
         backend = "nccl" if self.run.comm == "nccl" else "gloo"
         self.comm = TorchDistCommunicator(self.rank, self.run.world_size, store, backend,
@@ -91,7 +98,7 @@ class RayNode:
         from model.config import load_model_config
         self.run, self.timeout = run, startup_timeout_s
         self.model_cfg = load_model_config(run.model_path)
-        self.actors, self.pg, self.started_ray = [], None, False
+        self.actors, self.pg, self.started_ray, self.scratch = [], None, False, None
         try:
             self._start(address, placement, dashboard)
         except BaseException:
@@ -122,10 +129,14 @@ class RayNode:
             num_cpus=1, num_gpus=gpus, name=None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, msg) for r in range(world)]
-        host = LOCAL_HOST if self.started_ray else ray.get(self.actors[0].__ray_call__.remote(
-            lambda self: ray.util.get_node_ip_address()), timeout=self.timeout)
-        port = ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)
-        self.pids = ray.get([a.connect.remote(host, port) for a in self.actors], timeout=self.timeout)
+        if self.started_ray:  # every rank on this host: rendezvous through a private file
+            self.scratch = tempfile.mkdtemp(prefix="dgx-emu-node-")
+            rendezvous = {"file": os.path.join(self.scratch, "store")}
+        else:
+            host = ray.get(self.actors[0].__ray_call__.remote(lambda self: ray.util.get_node_ip_address()),
+                           timeout=self.timeout)
+            rendezvous = {"host": host, "port": ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)}
+        self.pids = ray.get([a.connect.remote(rendezvous) for a in self.actors], timeout=self.timeout)
 
     def load(self, progress=None) -> list[dict]:
         futures = [a.load.remote() for a in self.actors]
@@ -180,6 +191,9 @@ class RayNode:
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
             self.started_ray = False
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def __enter__(self):
         return self

@@ -1,8 +1,9 @@
 """The reference Communicator: torch.distributed (gloo on CPU, NCCL on GPU).
 
 Every collective here is the plain library call, so this backend is the yardstick the fused
-backends are checked against. Ranks rendezvous through a TCPStore that rank 0 opens on a port
-the OS picks (port 0), so two nodes on one host never collide and no port is hard-coded. Every
+backends are checked against. Ranks on one host rendezvous through a FileStore in a directory
+unique to the node (no listening socket at all); ranks spread over hosts use a TCPStore that
+rank 0 opens on a port the OS picks (port 0), so no port is ever hard-coded. Every
 collective is bounded by the process group's timeout; a rank that never arrives becomes an
 error instead of a hang.
 """
@@ -20,6 +21,11 @@ def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous store, on a free port chosen by the OS (read it back from `.port`)."""
     return dist.TCPStore(host, 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
                          wait_for_workers=False)
+
+
+def file_store(path: str, world_size: int) -> dist.FileStore:
+    """Rendezvous for ranks on one host: a file in a directory private to this node."""
+    return dist.FileStore(path, world_size)
 
 
 def join_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:

@@ -14,12 +14,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from collectives.torch_dist import TorchDistCommunicator, join_store, open_store
+from collectives.torch_dist import TorchDistCommunicator, file_store
 
 
-def _entry(rank: int, world: int, port: int, fn, args, out_dir: str, timeout_s: float) -> None:
+def _entry(rank: int, world: int, fn, args, out_dir: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    store = join_store("127.0.0.1", port, world, timeout_s)
+    store = file_store(os.path.join(out_dir, "store"), world)
     comm = TorchDistCommunicator(rank, world, store, "gloo", timeout_s)
     try:
         result = fn(comm, *args)
@@ -31,9 +31,8 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str, timeout_s: 
 
 def run_world(world: int, fn, *args, timeout_s: float = 120.0) -> dict[str, torch.Tensor]:
     """Calls fn(comm, *args) on `world` processes; returns rank 0's dict of tensors."""
-    store = open_store("127.0.0.1", world, timeout_s)  # held by the parent; ranks join it
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world, store.port, fn, args, out_dir, timeout_s), nprocs=world,
+        mp.start_processes(_entry, args=(world, fn, args, out_dir, timeout_s), nprocs=world,
                            start_method="spawn", join=True)
         path = Path(out_dir) / "result.safetensors"
         return load_file(str(path)) if path.exists() else {}
