@@ -5,6 +5,7 @@ step through the model in a debugger. It offers the same interface as the Ray no
 """
 from __future__ import annotations
 
+from cluster.hardware import gpu_spec
 from collectives.communicator import SingleRankCommunicator
 from workers.engine import Completion, GenerationStats, Request
 from workers.run_config import RunConfig
@@ -16,7 +17,7 @@ class InProcessNode:
         if run.world_size != 1:
             raise ValueError("InProcessNode runs world size 1 only")
         self.run = run
-        self.worker = Worker(0, run, SingleRankCommunicator())
+        self.worker = Worker(0, run, SingleRankCommunicator(), gpu_spec(run.hardware).as_dict())
         self.model_cfg = self.worker.model_cfg
 
     def load(self, progress=None) -> list[dict]:

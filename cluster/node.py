@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.hardware import gpu_spec
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, load_model_config
 from model.parallel import layout
@@ -49,6 +50,7 @@ def build_node(run: RunConfig, address: str | None = None, placement: str = "STR
                dashboard: bool = False):
     """World size 1 runs in-process (no Ray); larger worlds start one Ray actor per rank."""
     check_layout(run)
+    gpu_spec(run.hardware)
     if run.world_size == 1 and address is None:
         from cluster.inprocess import InProcessNode
         node = InProcessNode(run)

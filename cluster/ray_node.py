@@ -47,6 +47,7 @@ class RankActor:
     def connect(self, rendezvous: dict) -> int:
         """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
         from collectives.torch_dist import TorchDistCommunicator, file_store, join_store
+        from cluster.hardware import gpu_spec
         from workers.worker import Worker
         if "file" in rendezvous:
             store = file_store(rendezvous["file"], self.run.world_size)
@@ -57,7 +58,7 @@ class RankActor:
         backend = "nccl" if self.run.comm == "nccl" else "gloo"
         self.comm = TorchDistCommunicator(self.rank, self.run.world_size, store, backend,
                                           self.run.collective_timeout_s, device)
-        self.worker = Worker(self.rank, self.run, self.comm)
+        self.worker = Worker(self.rank, self.run, self.comm, gpu_spec(self.run.hardware).as_dict())
         return os.getpid()
 
     def load(self) -> bytes:

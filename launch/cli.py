@@ -46,6 +46,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--comm", default=None, choices=["gloo", "nccl"],
                    help="data-plane backend (default: gloo on cpu, nccl on cuda)")
+    p.add_argument("--hardware", default="b200", choices=["b200", "h200", "h100"],
+                   help="the GPU each rank stands for")
     p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--placement", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
@@ -109,11 +111,13 @@ def run_generate(args) -> int:
     model_dir = Path(args.model) if args.model else ensure_default_model()
     comm = args.comm or ("nccl" if args.device == "cuda" else "gloo")
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
-                    moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank)
+                    moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
+                    hardware=args.hardware)
     with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
-        _report_load(node.load(_load_progress if sys.stderr.isatty() else None), args.world_size)
+        load_reports = node.load(_load_progress if sys.stderr.isatty() else None)
+        _report_load(load_reports, args.world_size)
         decoder = StreamDecoder(tokenizer) if tokenizer is not None and len(requests) == 1 else None
 
         def on_tokens(step: int, new: list[list[int]]) -> None:
@@ -139,6 +143,9 @@ def run_generate(args) -> int:
         "ttft_s": stats.ttft_s, "e2e_s": wall, "world_size": args.world_size,
         "layout": {"tp": args.world_size, "moe": args.moe}, "dtype": args.dtype, "device": args.device,
         "step_latency_s": {"p50": _percentile(stats.step_s, 0.5), "p90": _percentile(stats.step_s, 0.9)},
+        "hardware": args.hardware,
+        "ranks": [{k: r.get(k) for k in ("rank", "device", "stands_for", "weights_bytes", "hbm_fraction", "load_s")}
+                  for r in load_reports],
         "completions": [{"request_id": c.request_id, "text": t, "token_ids": c.token_ids,
                          "finish_reason": c.finish_reason} for c, t in zip(completions, texts)],
         **info,

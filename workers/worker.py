@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,11 +21,23 @@ from workers.engine import Completion, Engine, GenerationStats, Request
 from workers.run_config import RunConfig
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Builds parameters directly in the run's dtype (no fp32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class Worker:
-    def __init__(self, rank: int, run: RunConfig, comm: Communicator) -> None:
+    def __init__(self, rank: int, run: RunConfig, comm: Communicator, gpu: dict | None = None) -> None:
+        """gpu: the spec of the GPU this rank stands for (name, hbm_bytes, ...), from cluster/hardware."""
         if comm.rank != rank or comm.world_size != run.world_size:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
-        self.rank, self.run, self.comm = rank, run, comm
+        self.rank, self.run, self.comm, self.gpu = rank, run, comm, gpu or {}
         torch.set_num_threads(run.threads_per_rank)
         self.device = torch.device(run.device)
         self.model_cfg = load_model_config(run.model_path)
@@ -36,14 +49,18 @@ class Worker:
     def load(self, progress=None) -> dict:
         """Builds this rank's modules at their shard shapes and reads its slices. Returns a report."""
         start = time.perf_counter()
-        with torch.device(self.device):
-            model = Llama4(self.model_cfg, self.shard, self.comm).to(self.run.torch_dtype)
+        with torch.device(self.device), default_dtype(self.run.torch_dtype):
+            model = Llama4(self.model_cfg, self.shard, self.comm)
         read = load_shard(model, Path(self.run.model_path), progress)
         self.model = model.eval()
         self.engine = Engine(self.model, self.run.max_context)
         self.load_s = time.perf_counter() - start
-        return {"rank": self.rank, "pid": os.getpid(), "weights_bytes": self.model.weight_bytes(),
-                "bytes_read": read, "load_s": self.load_s}
+        weights = self.model.weight_bytes()
+        report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,
+                  "bytes_read": read, "load_s": self.load_s, "stands_for": self.gpu.get("name")}
+        if self.gpu:
+            report["hbm_fraction"] = weights / self.gpu["hbm_bytes"]
+        return report
 
     def generate(self, requests: list[Request], on_tokens=None) -> tuple[list[Completion], GenerationStats]:
         if self.engine is None:
