@@ -24,6 +24,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return normed if weight is None else normed * weight
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, saturated to the e4m3 range, rounded to float8_e4m3fn (round-to-nearest-even).
+    `scale` broadcasts against x (per-tensor: a scalar; per-token: (..., 1))."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 class Communicator(ABC):
     """Collectives among the ranks of one group. All calls are blocking and return new tensors."""
 
@@ -53,10 +62,13 @@ class Communicator(ABC):
         """Returns once every rank has entered."""
 
     def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial))."""
+                              eps: float, quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial)).
+        With `quant_scale`, the normed output comes back as float8_e4m3fn (normed / quant_scale,
+        saturated), ready for the next FP8 GEMM; the residual stays in its own dtype."""
         new_residual = residual + self.all_reduce(partial)
-        return rms_norm(new_residual, weight, eps), new_residual
+        normed = rms_norm(new_residual, weight, eps)
+        return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor,
                  send_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
