@@ -16,11 +16,14 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from collectives.factory import shm_name
+from collectives.shm_sync import sweep_segments
 from workers.engine import Completion, GenerationStats, Request
 from workers.messages import pack, pack_requests, pack_result, pack_run, unpack, unpack_requests, unpack_result, unpack_run
 from workers.run_config import RunConfig
@@ -46,7 +49,8 @@ class RankActor:
 
     def connect(self, rendezvous: dict) -> int:
         """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
-        from collectives.torch_dist import TorchDistCommunicator, file_store, join_store
+        from collectives.factory import make_communicator
+        from collectives.torch_dist import file_store, join_store
         from cluster.hardware import gpu_spec
         from workers.worker import Worker
         if "file" in rendezvous:
@@ -54,10 +58,8 @@ class RankActor:
         else:
             store = self.store or join_store(rendezvous["host"], rendezvous["port"], self.run.world_size,
                                              self.run.collective_timeout_s)
-        device = "cuda" if self.run.device == "cuda" else "cpu"
-        backend = "nccl" if self.run.comm == "nccl" else "gloo"
-        self.comm = TorchDistCommunicator(self.rank, self.run.world_size, store, backend,
-                                          self.run.collective_timeout_s, device)
+        self.comm = make_communicator(self.run.comm, self.rank, self.run.world_size, store, rendezvous["node_id"],
+                                      self.run.collective_timeout_s, self.run.device)
         self.worker = Worker(self.rank, self.run, self.comm, gpu_spec(self.run.hardware).as_dict())
         return os.getpid()
 
@@ -100,6 +102,7 @@ class RayNode:
         self.run, self.timeout = run, startup_timeout_s
         self.model_cfg = load_model_config(run.model_path)
         self.actors, self.pg, self.started_ray, self.scratch = [], None, False, None
+        self.node_id = uuid.uuid4().hex[:12]  # names this node's shared-memory segments
         try:
             self._start(address, placement, dashboard)
         except BaseException:
@@ -134,9 +137,12 @@ class RayNode:
             self.scratch = tempfile.mkdtemp(prefix="dgx-emu-node-")
             rendezvous = {"file": os.path.join(self.scratch, "store")}
         else:
+            if self.run.comm == "shm":
+                raise ValueError("--comm shm needs every rank on one host; with --ray-address use --comm gloo")
             host = ray.get(self.actors[0].__ray_call__.remote(lambda self: ray.util.get_node_ip_address()),
                            timeout=self.timeout)
             rendezvous = {"host": host, "port": ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)}
+        rendezvous["node_id"] = self.node_id
         self.pids = ray.get([a.connect.remote(rendezvous) for a in self.actors], timeout=self.timeout)
 
     def load(self, progress=None) -> list[dict]:
@@ -195,6 +201,7 @@ class RayNode:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
+        sweep_segments(shm_name(self.node_id, ""))  # segments a crashed rank never unlinked
 
     def __enter__(self):
         return self

@@ -44,8 +44,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=8, help="virtual GPUs, one Ray actor each (1: in-process)")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--comm", default=None, choices=["gloo", "nccl"],
-                   help="data-plane backend (default: gloo on cpu, nccl on cuda)")
+    p.add_argument("--comm", default=None, choices=["shm", "gloo", "nccl"],
+                   help="data-plane backend (default: shm on cpu, nccl on cuda)")
     p.add_argument("--hardware", default="b200", choices=["b200", "h200", "h100"],
                    help="the GPU each rank stands for")
     p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
@@ -109,7 +109,7 @@ def _printable(text: str) -> str:
 
 def run_generate(args) -> int:
     model_dir = Path(args.model) if args.model else ensure_default_model()
-    comm = args.comm or ("nccl" if args.device == "cuda" else "gloo")
+    comm = args.comm or ("nccl" if args.device == "cuda" else "shm")
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
                     moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
                     hardware=args.hardware)

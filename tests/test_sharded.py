@@ -17,7 +17,7 @@ from model.embedded import random_state_dict, write_checkpoint
 from model.llama4 import Llama4
 from model.parallel import layout
 from model.sampling import SamplingParams
-from tests.dist_harness import run_world
+from cluster.procs import run_world
 from workers.engine import Engine, Request
 
 PROMPT_LENGTHS = (70, 45, 9)  # the first spans two 64-token chunks

@@ -9,7 +9,7 @@ import torch
 from model.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMM_BACKENDS = ("gloo", "nccl")
+COMM_BACKENDS = ("shm", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
 
 
@@ -20,7 +20,7 @@ class RunConfig:
     device: str = "cpu"
     world_size: int = 8
     moe_mode: str = "tp"
-    comm: str = "gloo"
+    comm: str = "shm"  # shared memory among CPU actors on one host; gloo/nccl through torch.distributed
     hardware: str = "b200"
     threads_per_rank: int = 1
     collective_timeout_s: float = 120.0
@@ -35,6 +35,8 @@ class RunConfig:
             raise ConfigError(f"comm backend must be one of {COMM_BACKENDS}, got {self.comm!r}")
         if self.comm == "nccl" and self.device != "cuda":
             raise ConfigError("--comm nccl needs --device cuda")
+        if self.comm == "shm" and self.device != "cpu":
+            raise ConfigError("--comm shm is for CPU actors (use nccl with --device cuda)")
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError(f"world size must be an integer >= 1, got {self.world_size!r}")
         if self.moe_mode not in ("tp", "ep"):

@@ -1,0 +1,30 @@
+"""Builds the Communicator a run asks for. The only place that maps a backend name to a class."""
+from __future__ import annotations
+
+import os
+
+from collectives.communicator import Communicator
+from collectives.shm_sync import WAIT_STRATEGIES
+
+BACKENDS = ("shm", "gloo", "nccl")
+SHM_PREFIX = "dgxemu-"
+
+
+def shm_name(node_id: str, group: str = "world") -> str:
+    """Segment-name prefix for one group of one node: unique per node, so nodes never collide."""
+    return f"{SHM_PREFIX}{node_id}-{group}"
+
+
+def make_communicator(backend: str, rank: int, world_size: int, store, node_id: str, timeout_s: float,
+                      device: str = "cpu", wait: str | None = None) -> Communicator:
+    """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else futex)."""
+    wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "futex")
+    if backend == "shm":
+        from collectives.shm import ShmCommunicator
+        if wait not in WAIT_STRATEGIES:
+            raise ValueError(f"wait strategy must be one of {WAIT_STRATEGIES}, got {wait!r}")
+        return ShmCommunicator(rank, world_size, store, shm_name(node_id), timeout_s, wait=wait)
+    if backend in ("gloo", "nccl"):
+        from collectives.torch_dist import TorchDistCommunicator
+        return TorchDistCommunicator(rank, world_size, store, backend, timeout_s, device)
+    raise ValueError(f"unknown communication backend {backend!r}; choose one of {BACKENDS}")
