@@ -150,34 +150,54 @@ class ParallelConfig:
 # Hugging Face config.json -> ModelConfig
 # ---------------------------------------------------------------------------------------------
 
-def _get(d: dict, key: str, default=None, *, required: bool = False):
-    if key not in d or d[key] is None:
-        if required:
+_MISSING = object()
+
+
+def _get(d: dict, key: str, default=_MISSING, kind=None):
+    """d[key] converted by `kind` (int, float, bool); a missing key gives `default` (or an error if
+    there is none). A value `kind` cannot take is an error that names the field."""
+    value = d.get(key)
+    if value is None:
+        if default is _MISSING:
             raise ConfigError(f"config field {key!r} is required")
         return default
-    return d[key]
+    if kind is None:
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"config field {key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _int_list(d: dict, key: str, default: list[int]) -> list[int]:
+    value = d.get(key) or default
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"config field {key!r} must be a list of integers, got {value!r}")
+    return value
 
 
 def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"rope_scaling must be an object, got {params!r}")
-    theta = float(params.get("rope_theta", d.get("rope_theta", 500000.0)))
+    theta = _get(params, "rope_theta", _get(d, "rope_theta", 500000.0, float), float)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
         raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3' or none)")
-    try:
-        scaling = RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
-                              float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise ConfigError(f"rope_scaling (llama3) is missing {e.args[0]!r}") from None
+    scaling = RopeScaling(*(_get(params, k, kind=float) for k in ("factor", "low_freq_factor", "high_freq_factor")),
+                          _get(params, "original_max_position_embeddings", kind=int))
     return theta, scaling
 
 
 def from_hf_dict(raw: dict, name: str = "llama4") -> ModelConfig:
-    """Reads a HF `Llama4Config` (with text_config) or `Llama4TextConfig` dict."""
+    """Reads a HF `Llama4Config` (with text_config) or `Llama4TextConfig` dict. Missing optional
+    fields take transformers' Llama4TextConfig defaults, except the size defaults (KV heads,
+    head_dim) which follow from the other sizes."""
     if not isinstance(raw, dict):
         raise ConfigError("config.json must hold a JSON object")
     d = raw.get("text_config", raw) if raw.get("model_type") != "llama4_text" else raw
@@ -191,37 +211,42 @@ def from_hf_dict(raw: dict, name: str = "llama4") -> ModelConfig:
         raise ConfigError(f"hidden_act {act!r} is not supported (only 'silu')")
     if d.get("attention_bias", False):
         raise ConfigError("attention_bias=true is not supported (Llama 4 has no attention biases)")
-    n_layers = int(_get(d, "num_hidden_layers", required=True))
-    n_heads = int(_get(d, "num_attention_heads", required=True))
-    hidden = int(_get(d, "hidden_size", required=True))
-    step = int(_get(d, "interleave_moe_layer_step", 1))
+    n_layers = _get(d, "num_hidden_layers", kind=int)
+    n_heads = _get(d, "num_attention_heads", kind=int)
+    hidden = _get(d, "hidden_size", kind=int)
+    step = _get(d, "interleave_moe_layer_step", 1, int)
     if step < 1:
         raise ConfigError(f"interleave_moe_layer_step must be >= 1, got {step}")
-    moe_layers = _get(d, "moe_layers") or list(range(step - 1, n_layers, step))
-    interval = int(_get(d, "no_rope_layer_interval", 4))
+    moe_layers = _int_list(d, "moe_layers", list(range(step - 1, n_layers, step)))
+    interval = _get(d, "no_rope_layer_interval", 4, int)
     if interval < 1:
         raise ConfigError(f"no_rope_layer_interval must be >= 1, got {interval}")
-    no_rope = _get(d, "no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    no_rope = _int_list(d, "no_rope_layers", [int((i + 1) % interval != 0) for i in range(n_layers)])
     if len(no_rope) < n_layers:
         raise ConfigError(f"no_rope_layers has {len(no_rope)} entries for {n_layers} layers")
     theta, scaling = _rope_from_hf(d)
     eos = d.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if not all(isinstance(e, int) for e in eos_ids):
+        raise ConfigError(f"config field 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
+    # transformers reads tying from text_config; the top level only when text_config says nothing
+    tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else raw.get("tie_word_embeddings", False)
     return ModelConfig(
-        vocab_size=int(_get(d, "vocab_size", required=True)), hidden_size=hidden, n_layers=n_layers,
-        n_heads=n_heads, n_kv_heads=int(_get(d, "num_key_value_heads", n_heads)),
-        head_dim=int(_get(d, "head_dim", hidden // n_heads)),
-        intermediate_size=int(_get(d, "intermediate_size", required=True)),
-        intermediate_size_mlp=int(_get(d, "intermediate_size_mlp", 16384)),
-        n_experts=int(_get(d, "num_local_experts", 16)), experts_per_token=int(_get(d, "num_experts_per_tok", 1)),
-        moe_layers=tuple(int(i) for i in moe_layers), rope_layers=tuple(bool(r) for r in no_rope[:n_layers]),
-        attention_chunk_size=_get(d, "attention_chunk_size"), use_qk_norm=bool(d.get("use_qk_norm", True)),
-        attn_temperature_tuning=bool(d.get("attn_temperature_tuning", True)),
-        floor_scale=float(d.get("floor_scale", 8192)), attn_scale=float(d.get("attn_scale", 0.1)),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", d.get("tie_word_embeddings", False))),
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096 * 32)),
-        bos_token_id=d.get("bos_token_id"), eos_token_ids=tuple(int(e) for e in eos_ids), name=name,
+        vocab_size=_get(d, "vocab_size", kind=int), hidden_size=hidden, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=_get(d, "num_key_value_heads", n_heads, int),
+        head_dim=_get(d, "head_dim", hidden // n_heads, int),
+        intermediate_size=_get(d, "intermediate_size", kind=int),
+        intermediate_size_mlp=_get(d, "intermediate_size_mlp", 16384, int),
+        n_experts=_get(d, "num_local_experts", 16, int), experts_per_token=_get(d, "num_experts_per_tok", 1, int),
+        moe_layers=tuple(moe_layers), rope_layers=tuple(bool(r) for r in no_rope[:n_layers]),
+        # an absent key means transformers' default (8192); an explicit null means no chunking
+        attention_chunk_size=_get(d, "attention_chunk_size", None, int) if "attention_chunk_size" in d else 8192,
+        use_qk_norm=_get(d, "use_qk_norm", True, bool),
+        attn_temperature_tuning=_get(d, "attn_temperature_tuning", True, bool),
+        floor_scale=_get(d, "floor_scale", 8192.0, float), attn_scale=_get(d, "attn_scale", 0.1, float),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=_get(d, "rms_norm_eps", 1e-5, float),
+        tie_word_embeddings=bool(tie), max_position_embeddings=_get(d, "max_position_embeddings", 4096 * 32, int),
+        bos_token_id=_get(d, "bos_token_id", None, int), eos_token_ids=tuple(eos_ids), name=name,
     )
 
 
