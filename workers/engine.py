@@ -16,6 +16,7 @@ import torch
 
 from model.llama4 import Llama4
 from model.sampling import SamplingParams, next_tokens
+from workers.tracing import NullRecorder
 
 
 class RequestError(ValueError):
@@ -59,15 +60,18 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 
 
 class Engine:
-    def __init__(self, model: Llama4, max_context: int | None = None) -> None:
+    def __init__(self, model: Llama4, max_context: int | None = None, recorder=None) -> None:
+        """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost)."""
         self.model = model
         self.cfg = model.cfg
         self.max_context = max_context or self.cfg.max_position_embeddings
+        self.recorder = recorder or NullRecorder()
 
     def _pick(self, logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
         shard = self.model.shard
-        return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
-                           [r.params for r in requests], generators)
+        with self.recorder.span("sampling"):
+            return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
+                               [r.params for r in requests], generators)
 
     def generate(self, requests: list[Request],
                  on_tokens: Callable[[int, list[list[int]]], None] | None = None) -> tuple[list[Completion], GenerationStats]:
@@ -84,6 +88,8 @@ class Engine:
         for b, r in enumerate(requests):
             prompt[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         stats, start = GenerationStats(), time.perf_counter()
+        request_ids = [r.request_id for r in requests]
+        self.recorder.step_begin(0, request_ids)
         logits = self.model(prompt, cache, n_new=lengths, last_only=True).logits
         out: list[list[int]] = [[] for _ in requests]
         finish = [""] * batch
@@ -106,12 +112,14 @@ class Engine:
                     finish[b] = "eos"
                 elif len(out[b]) >= budget[b]:
                     finish[b] = "length"
+            self.recorder.step_end(sum(len(n) for n in new))
             if on_tokens:
                 on_tokens(step, new)
             if all(finish):
                 break
+            step += 1
+            self.recorder.step_begin(step, request_ids)
             active = torch.tensor([0 if f else 1 for f in finish], device=device)
             logits = self.model(torch.tensor(tokens, device=device)[:, None], cache, n_new=active).logits
-            step += 1
         stats.total_s = time.perf_counter() - start
         return [Completion(r.request_id, out[b], finish[b]) for b, r in enumerate(requests)], stats
