@@ -124,6 +124,14 @@ class ShmCommunicator(Communicator):
         row_bytes = max(1, x[0].numel() * x.element_size()) if x.dim() else x.element_size()
         return max(2, self.capacity // row_bytes)
 
+    def algorithm(self, op: str, nbytes: int) -> str:
+        """How this backend carries `op` of `nbytes` (for traces)."""
+        if op in ("all_reduce", "allreduce_add_rmsnorm"):
+            if nbytes > self.capacity:
+                return "shm-chunked"
+            return "shm-one-shot" if nbytes <= self.two_shot_bytes else "shm-two-shot"
+        return "shm"
+
     # --- collectives -----------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self._reduce(x, None, None, 0.0, None)[0]

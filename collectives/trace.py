@@ -89,9 +89,14 @@ class TraceRecorder:
         self.pending_events = []
 
     # --- what is recorded -----------------------------------------------------------------
-    def collective(self, op: str, group: list[int], seq: int, nbytes: int, dtype, algorithm: str, start, end) -> None:
-        self._emit({"k": "coll", "op": op, "g": group, "q": seq, "b": nbytes, "d": str(dtype).replace("torch.", ""),
-                    "a": algorithm, "l": self.layer, "s": self.step}, start, end)
+    def collective(self, op: str, group: list[int], seq: int, nbytes: int, dtype, algorithm: str, start, end,
+                   received: int | None = None) -> None:
+        """nbytes: the message (for uneven all-to-alls: what this rank sent; `received` what it got)."""
+        record = {"k": "coll", "op": op, "g": group, "q": seq, "b": nbytes, "d": str(dtype).replace("torch.", ""),
+                  "a": algorithm, "l": self.layer, "s": self.step}
+        if received is not None:
+            record["rb"] = received
+        self._emit(record, start, end)
 
     @contextmanager
     def span(self, name: str):
@@ -144,12 +149,14 @@ class TracingCommunicator(Communicator):
         self.group = group or list(range(inner.world_size))
         self.seq = 0
 
-    def _traced(self, op: str, x: torch.Tensor, nbytes: int, call):
+    def _traced(self, op: str, x: torch.Tensor, nbytes: int, call, received=None):
+        """received(out) -> bytes this rank received, for the uneven (all-to-all) ops."""
         self.seq += 1
         algorithm = getattr(self.inner, "algorithm", lambda op, n: self.backend)(op, nbytes)
         start = self.recorder.now()
         out = call()
-        self.recorder.collective(op, self.group, self.seq, nbytes, x.dtype, algorithm, start, self.recorder.now())
+        self.recorder.collective(op, self.group, self.seq, nbytes, x.dtype, algorithm, start, self.recorder.now(),
+                                 received(out) if received else None)
         return out
 
     def all_reduce(self, x):
@@ -163,14 +170,17 @@ class TracingCommunicator(Communicator):
         return self._traced("all_gather", x, _nbytes(x) * self.world_size, lambda: self.inner.all_gather(x, dim))
 
     def all_to_all(self, x, send_counts):
-        return self._traced("all_to_all", x, _nbytes(x), lambda: self.inner.all_to_all(x, send_counts))
+        return self._traced("all_to_all", x, _nbytes(x), lambda: self.inner.all_to_all(x, send_counts),
+                            lambda out: _nbytes(out[0]))
 
     def dispatch(self, x, expert_ids, send_counts):
         return self._traced("moe_dispatch", x, _nbytes(x) + _nbytes(expert_ids),
-                            lambda: self.inner.dispatch(x, expert_ids, send_counts))
+                            lambda: self.inner.dispatch(x, expert_ids, send_counts),
+                            lambda out: _nbytes(out[0]) + _nbytes(out[1]))
 
     def combine(self, y, recv_counts, send_counts):
-        return self._traced("moe_combine", y, _nbytes(y), lambda: self.inner.combine(y, recv_counts, send_counts))
+        return self._traced("moe_combine", y, _nbytes(y), lambda: self.inner.combine(y, recv_counts, send_counts),
+                            _nbytes)
 
     def broadcast(self, x, src: int = 0):
         return self._traced("broadcast", x, _nbytes(x), lambda: self.inner.broadcast(x, src))

@@ -1,0 +1,166 @@
+"""Reading per-rank traces, aligning their clocks, and matching each collective across ranks.
+
+A trace directory holds `rank<r>.msgpack` per rank (collectives/trace.py writes them) and
+`clock.json` (each rank's clock offset against the driver, cluster/clocks.py). Reading is
+strict and bounded: a missing or corrupt file is a TraceError naming it, msgpack objects are
+size-limited, and ranks are never merged without their clock offsets unless the caller says
+the clocks are the same (`assume_same_clock`).
+
+A collective instance is one (group, sequence number); the same instance appears on every rank
+of its group. Its arrival on rank r is r's start time; the last arrival releases the collective,
+so on every rank the time from its own arrival to the last arrival is waiting, and the rest is
+the transfer itself. Exporters (Chrome/Perfetto JSON, HTA) and the summary build on this.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from collectives.trace import FORMAT, VERSION
+
+MAX_OBJECT_BYTES = 1 << 20
+MAX_FILE_BYTES = 4 << 30
+
+
+class TraceError(ValueError):
+    """A trace directory that cannot be read as asked (the message names the file)."""
+
+
+@dataclass
+class RankTrace:
+    header: dict
+    steps: list[dict] = field(default_factory=list)
+    spans: list[dict] = field(default_factory=list)
+    collectives: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Instance:
+    """One collective as every rank of its group saw it (times aligned, ns)."""
+
+    op: str
+    group: tuple[int, ...]
+    seq: int
+    nbytes: int
+    algorithm: str
+    step: int
+    per_rank: dict[int, dict]  # rank -> its record
+
+    @property
+    def last_arrival(self) -> int:
+        return max(r["t0"] for r in self.per_rank.values())
+
+    @property
+    def first_arrival(self) -> int:
+        return min(r["t0"] for r in self.per_rank.values())
+
+    @property
+    def skew_ns(self) -> int:
+        return self.last_arrival - self.first_arrival
+
+    @property
+    def last_rank(self) -> int:
+        return max(self.per_rank, key=lambda r: (self.per_rank[r]["t0"], r))
+
+
+@dataclass
+class Trace:
+    ranks: dict[int, RankTrace]
+    offsets: dict[int, dict]
+    world_size: int
+
+    def instances(self) -> list[Instance]:
+        by_key: dict[tuple, dict[int, dict]] = {}
+        for rank, rt in self.ranks.items():
+            for c in rt.collectives:
+                by_key.setdefault((tuple(c["g"]), c["q"]), {})[rank] = c
+        out = []
+        for (group, seq), per_rank in sorted(by_key.items(), key=lambda kv: min(r["t0"] for r in kv[1].values())):
+            first = next(iter(per_rank.values()))
+            out.append(Instance(first["op"], group, seq, first["b"], first["a"], first["s"], per_rank))
+        return out
+
+
+def _read_rank_file(path: Path) -> RankTrace:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise TraceError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    unpacker = msgpack.Unpacker(open(path, "rb"), raw=False, max_buffer_size=MAX_OBJECT_BYTES,
+                                strict_map_key=True)
+    try:
+        header = next(unpacker)
+    except StopIteration:
+        raise TraceError(f"{path} is empty") from None
+    except (ValueError, msgpack.UnpackException) as e:
+        raise TraceError(f"{path} is not a dgx-emu trace: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise TraceError(f"{path} is not a dgx-emu trace (no header)")
+    if header.get("version") != VERSION:
+        raise TraceError(f"{path} has trace format version {header.get('version')}, this reader knows {VERSION}")
+    rt = RankTrace(header)
+    kinds = {"step": rt.steps, "span": rt.spans, "coll": rt.collectives}
+    try:
+        for record in unpacker:
+            if not isinstance(record, dict) or record.get("k") not in kinds or not isinstance(record.get("t0"), int) \
+                    or not isinstance(record.get("t1"), int):
+                raise TraceError(f"{path} holds a malformed record: {str(record)[:120]}")
+            kinds[record["k"]].append(record)
+    except (ValueError, msgpack.UnpackException) as e:
+        if isinstance(e, TraceError):
+            raise
+        raise TraceError(f"{path} is truncated or corrupt: {e}") from None
+    if unpacker.tell() != size:  # the stream ended inside a record
+        raise TraceError(f"{path} is truncated: {size - unpacker.tell()} trailing bytes do not form a record")
+    return rt
+
+
+def read_trace(directory: str | Path, assume_same_clock: bool = False) -> Trace:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TraceError(f"trace directory {directory} does not exist")
+    files = sorted(directory.glob("rank*.msgpack"))
+    if not files:
+        raise TraceError(f"{directory} holds no rank*.msgpack trace files")
+    ranks = {}
+    for f in files:
+        rt = _read_rank_file(f)
+        ranks[int(rt.header["rank"])] = rt
+    world = int(next(iter(ranks.values())).header["world_size"])
+    missing = sorted(set(range(world)) - set(ranks))
+    if missing:
+        raise TraceError(f"{directory} lacks the traces of rank(s) {missing} (world size {world})")
+    offsets = _read_offsets(directory, world, assume_same_clock)
+    for rank, rt in ranks.items():
+        shift = offsets[rank]["offset_ns"]
+        for record in rt.steps + rt.spans + rt.collectives:
+            record["t0"] -= shift
+            record["t1"] -= shift
+    return Trace(ranks, offsets, world)
+
+
+def _read_offsets(directory: Path, world: int, assume_same_clock: bool) -> dict[int, dict]:
+    path = directory / "clock.json"
+    if not path.is_file():
+        if assume_same_clock:
+            return {r: {"offset_ns": 0, "uncertainty_ns": None, "assumed": True} for r in range(world)}
+        raise TraceError(f"{path} is missing: the ranks' clocks cannot be aligned "
+                         "(pass --assume-same-clock to merge them unaligned)")
+    try:
+        clock = json.loads(path.read_text())
+        phases = [clock[p] for p in ("start", "end") if p in clock]
+        by_rank: dict[int, list[dict]] = {}
+        for phase in phases:
+            for entry in phase:
+                by_rank.setdefault(int(entry["rank"]), []).append(entry)
+        offsets = {r: {"offset_ns": sum(e["offset_ns"] for e in es) // len(es),
+                       "uncertainty_ns": max(e["uncertainty_ns"] for e in es),
+                       "drift_ns": es[-1]["offset_ns"] - es[0]["offset_ns"]} for r, es in by_rank.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise TraceError(f"{path} is malformed: {e!r}") from None
+    missing = sorted(set(range(world)) - set(offsets))
+    if missing:
+        raise TraceError(f"{path} has no clock offset for rank(s) {missing}")
+    return offsets
