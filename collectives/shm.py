@@ -22,6 +22,7 @@ call k), so writing buffer (k+1) % 2 never disturbs a peer still reading buffer 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -59,10 +60,11 @@ class ShmCommunicator(Communicator):
         for r in range(world_size):
             if r != rank:
                 self.segments[r] = Segment(f"{name}-r{r}", size, create=False)
-        store.set(f"{name}/attached/{rank}", "1")
+        store.set(f"{name}/attached/{rank}", str(os.getpid()))
         store.wait([f"{name}/attached/{r}" for r in range(world_size)])
+        self.pids = [int(store.get(f"{name}/attached/{r}")) for r in range(world_size)]
         self.segments[rank].unlink()  # everyone holds a mapping: the name is no longer needed
-        self.flags = FlagBoard(self.segments, rank, N_FLAGS, wait, timeout_s)
+        self.flags = FlagBoard(self.segments, rank, N_FLAGS, wait, timeout_s, self.pids)
         self.bytes = [torch.frombuffer(s.map, dtype=torch.uint8) for s in self.segments]
         self.seq = 0
         self._views: dict = {}

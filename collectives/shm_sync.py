@@ -39,6 +39,25 @@ class CollectiveTimeout(TimeoutError):
     """A collective whose peers did not all arrive in time (the message names the missing ranks)."""
 
 
+class PeerDied(RuntimeError):
+    """A peer's process exited while this rank waited for it (the message names the rank)."""
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel directly
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
 class Segment:
     """One POSIX shared-memory segment mapped into this process."""
 
@@ -118,18 +137,26 @@ class FlagBoard:
 
     DOORBELL = 15
 
-    def __init__(self, segments: list[Segment], rank: int, n_slots: int, strategy: str, timeout_s: float) -> None:
+    def __init__(self, segments: list[Segment], rank: int, n_slots: int, strategy: str, timeout_s: float,
+                 pids: list[int] | None = None) -> None:
+        """pids: every rank's process id; a waiter checks that the ranks it waits for still live."""
         if strategy not in WAIT_STRATEGIES:
             raise ValueError(f"wait strategy must be one of {WAIT_STRATEGIES}, got {strategy!r}")
         if strategy == "futex" and (_libc is None or SYS_FUTEX is None):
             strategy = "yield"
-        self.rank, self.strategy, self.timeout_s = rank, strategy, timeout_s
+        self.rank, self.strategy, self.timeout_s, self.pids = rank, strategy, timeout_s, pids
         self.flags = [np.frombuffer(s.map, dtype=np.int32, count=n_slots) for s in segments]
         self.doorbells = [s.address + 4 * self.DOORBELL for s in segments]
         self._fence_lock = threading.Lock()
 
     def post(self, slot: int, seq: int) -> None:
         self.flags[self.rank][slot] = ((seq + 2**31) % 2**32) - 2**31
+
+    def _check_alive(self, ranks: list[int], what: str) -> None:
+        if self.pids:
+            for r in ranks:
+                if not process_alive(self.pids[r]):
+                    raise PeerDied(f"{what}: rank {r} (pid {self.pids[r]}) exited while this rank waited for it")
 
     def _missing(self, ranks, slot: int, seq: int) -> list[int]:
         return [r for r in ranks if (int(self.flags[r][slot]) - seq) & 0xFFFFFFFF >= 0x80000000]  # flag < seq
@@ -146,14 +173,19 @@ class FlagBoard:
                         self.flags[r][self.DOORBELL] += 1
                         futex_wake(self.doorbells[r])
             return
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline, next_liveness_check = start + self.timeout_s, start + 0.2
         polls = 0
         while True:
             bell = int(self.flags[self.rank][self.DOORBELL])
             if not self._missing(ranks, slot, seq):
                 return
             polls += 1
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > next_liveness_check:
+                next_liveness_check = now + 0.2
+                self._check_alive(self._missing(ranks, slot, seq), what)
+            if now > deadline:
                 missing = self._missing(ranks, slot, seq)
                 if missing:
                     raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")

@@ -36,7 +36,14 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp8"],
+                   help="fp8: FP8 (e4m3) GEMMs, BF16 around them; an FP8 checkpoint loads as is, "
+                        "a BF16/FP32 one is quantized at load")
+    p.add_argument("--fp8-scheme", default="auto", choices=["auto", "per-tensor", "channel", "block"],
+                   help="FP8 scales: per-tensor (static), channel (per-token activations) or block (128x128); "
+                        "auto: the checkpoint's, else channel")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache: the compute dtype (auto) or FP8 with per-tensor scales")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -112,7 +119,7 @@ def run_generate(args) -> int:
     comm = args.comm or ("nccl" if args.device == "cuda" else "shm")
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
                     moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
-                    hardware=args.hardware)
+                    hardware=args.hardware, fp8_scheme=args.fp8_scheme, kv_dtype=args.kv_dtype)
     with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
@@ -141,7 +148,8 @@ def run_generate(args) -> int:
         "finish_reason": completions[0].finish_reason,
         "tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
         "ttft_s": stats.ttft_s, "e2e_s": wall, "world_size": args.world_size,
-        "layout": {"tp": args.world_size, "moe": args.moe}, "dtype": args.dtype, "device": args.device,
+        "layout": {"tp": args.world_size, "moe": args.moe}, "dtype": args.dtype, "fp8_scheme": args.fp8_scheme,
+        "kv_dtype": args.kv_dtype, "device": args.device,
         "step_latency_s": {"p50": _percentile(stats.step_s, 0.5), "p90": _percentile(stats.step_s, 0.9)},
         "hardware": args.hardware,
         "ranks": [{k: r.get(k) for k in ("rank", "device", "stands_for", "weights_bytes", "hbm_fraction", "load_s")}

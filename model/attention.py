@@ -9,7 +9,10 @@ Two kinds of layers share one module:
 Q, K and V come from one fused projection (FC_QKV: one GEMM instead of three). o_proj is
 row-parallel: the module returns a partial sum that the caller all-reduces.
 
-The KV cache is a slot array per sequence. A step writes its T new tokens at slots
+The KV cache is a slot array per sequence, kept in the compute dtype or in FP8 (e4m3, one
+per-tensor scale for K and one for V per layer, as ModelOpt's `k_scale` / `v_scale`): the cache
+quantizes what it stores and hands back dequantized keys and values, so attention reads FP8 K/V
+without knowing how they are stored. A step writes its T new tokens at slots
 `lengths[b] .. lengths[b] + T - 1` (rows padded on the right write harmless garbage past their
 length). Keys already cached are the committed prefix, so their slot is their position; new keys
 carry explicit positions, and a (B, T, T) `step_mask` says which new tokens see which, which is
@@ -24,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collectives.communicator import rms_norm
+from collectives.communicator import quantize_fp8, rms_norm
 from model.config import ModelConfig
+from model.fp8 import FP8, fp8_values, static_input_scale
 from model.parallel import ShardLayout
 
 
@@ -59,15 +63,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Per-layer K/V slots for a batch of sequences: (B, n_kv_heads_per_rank, max_len, head_dim)."""
+    """Per-layer K/V slots for a batch of sequences: (B, n_kv_heads_per_rank, max_len, head_dim).
+    An FP8 cache stores K / k_scales[layer] and V / v_scales[layer], saturated to e4m3."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads_per_rank: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         shape = (batch, n_kv_heads_per_rank, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.dtype = dtype
+        one = torch.ones((), dtype=torch.float32, device=device)
+        self.scales = [(k.float(), v.float()) for k, v in scales] if scales is not None else [(one, one)] * n_layers
+
+    def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (B, T, Hkv, D) for slots (B, T) of batch rows `rows` (B, 1)."""
+        k_scale, v_scale = self.scales[layer]
+        self.k[layer][rows, :, slots] = self._encode(k, k_scale)  # indexed view: (B, T, Hkv, D)
+        self.v[layer][rows, :, slots] = self._encode(v, v_scale)
+
+    def read(self, layer: int, n_keys: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, n_keys), each (B, Hkv, S, D) in `dtype`."""
+        k_scale, v_scale = self.scales[layer]
+        return (self._decode(self.k[layer][:, :, :n_keys], k_scale, dtype),
+                self._decode(self.v[layer][:, :, :n_keys], v_scale, dtype))
+
+    def _encode(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return quantize_fp8(x, scale) if self.dtype == FP8 else x.to(self.dtype)
+
+    def _decode(self, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (fp8_values(x) * scale).to(dtype) if self.dtype == FP8 else x.to(dtype)
 
     @property
     def batch(self) -> int:
@@ -81,6 +108,18 @@ class KVCache:
         if bool((lengths > self.lengths).any()):
             raise ValueError("rollback can only shorten sequences")
         self.lengths.copy_(lengths)
+
+    def compact(self, start: torch.Tensor, keep: torch.Tensor, n_keep: torch.Tensor) -> None:
+        """Keeps an accepted tree path: a verification step wrote its nodes at slots start[b] + j;
+        slot start[b] + keep[b, i] moves to start[b] + i for i < n_keep[b], and the sequence ends
+        there. keep: (B, M) increasing offsets with keep[b, i] >= i (entries past n_keep[b] must be
+        i), so no slot is overwritten before it is read. Works on stored values, FP8 or not."""
+        rows = torch.arange(self.batch, device=keep.device)[:, None]  # (B, 1)
+        src = start[:, None] + keep  # (B, M)
+        dst = start[:, None] + torch.arange(keep.shape[1], device=keep.device)
+        for stored in self.k + self.v:
+            stored[rows, :, dst] = stored[rows, :, src]  # gathers first, then scatters: (B, M, heads, D)
+        self.lengths.copy_(start + n_keep)
 
 
 @dataclass
@@ -141,6 +180,14 @@ class Attention(nn.Module):
         qkv_rows = (self.n_heads_per_rank + 2 * self.n_kv_heads_per_rank) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=False)  # column-parallel, fused Q|K|V
         self.o_proj = nn.Linear(self.n_heads_per_rank * cfg.head_dim, cfg.hidden_size, bias=False)  # row-parallel
+        # FP8 KV-cache scales (dequantization multipliers); 1 unless a checkpoint or calibration sets them
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+
+    @property
+    def input_quant_scale(self) -> torch.Tensor | None:
+        """The static FP8 scale qkv_proj wants its input quantized with (None: it takes high precision)."""
+        return static_input_scale(self.qkv_proj)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         """x: (B, T, H) normed hidden states. Returns this rank's partial o_proj output (B, T, H)."""
@@ -158,11 +205,8 @@ class Attention(nn.Module):
         if self.use_temperature:
             q = (q * ctx.temperature).to(q.dtype)
         rows = torch.arange(batch, device=x.device)[:, None]  # (B, 1)
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-        k_cache[rows, :, ctx.slots] = k.to(k_cache.dtype)  # indexed view: (B, T, Hkv, D)
-        v_cache[rows, :, ctx.slots] = v.to(v_cache.dtype)
-        keys = k_cache[:, :, : ctx.n_keys].to(q.dtype)  # (B, Hkv, S, D)
-        values = v_cache[:, :, : ctx.n_keys].to(q.dtype)
+        cache.write(self.layer, rows, ctx.slots, k, v)
+        keys, values = cache.read(self.layer, ctx.n_keys, q.dtype)  # (B, Hkv, S, D) each
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=ctx.masks[self.mask_kind],
             scale=self.head_dim ** -0.5, enable_gqa=self.n_heads_per_rank != self.n_kv_heads_per_rank,

@@ -1,9 +1,19 @@
-"""The checkpoint-name table, and loading one rank's slices from safetensors.
+"""The checkpoint-name table: which checkpoint tensor fills which parameter, and how a rank cuts it.
 
 One table (`RULES`) maps every Hugging Face Llama 4 tensor name to the parameter it fills, the
-full shape the checkpoint must have, and how this rank cuts it (`Cut`). Each rank opens the
-safetensors files lazily and reads only its own slices (`get_slice`), never the whole tensor.
-Fused parameters (QKV, gate|up) are filled piecewise from several checkpoint tensors.
+full shape the checkpoint must have, and how this rank cuts it (`Cut`). Fused parameters (QKV,
+gate|up) are filled piecewise from several checkpoint tensors. model/loading.py reads the slices
+(and is re-exported here as `load_shard`).
+
+FP8 (model/fp8_checkpoint.py describes the formats): the table also names the per-expert tensors
+quantized checkpoints use (`experts.{e}.gate_proj.weight`, (out, in) each, landing transposed in
+the fused (E, in, out) parameter), the KV-cache scales, and the scale suffixes: `X.weight_scale`,
+`X.weight_scale_inv` and `X.input_scale` belong to checkpoint tensor `X.weight` and are cut the
+way it is cut.
+
+EAGLE-3 drafts: a second rule list (`DRAFT_RULES`) maps SafeAILab (`midlayer.*`, `fc`, `d2t`,
+`t2d`) and ModelOpt (`layers.0.*`) draft names onto model/eagle3.py's parameters with the same
+`Cut` helpers; model/eagle3_checkpoint.py reads a draft with it.
 
 Accepted layouts: a single `model.safetensors`, or shards listed by `model.safetensors.index.json`;
 names with the `model.` prefix (Llama4ForCausalLM) or `language_model.` (the multimodal
@@ -14,6 +24,7 @@ Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -39,7 +50,8 @@ class Cut:
     """This rank's piece of one checkpoint tensor: which slice to read, where it lands."""
 
     src: tuple[slice, ...]
-    dest: tuple[slice, ...]
+    dest: tuple  # slices (an int picks one expert)
+    transpose: bool = False  # the piece lands transposed: (out, in) checkpoint -> (in, out) parameter
 
 
 def _all(ndim: int) -> tuple[slice, ...]:
@@ -112,6 +124,22 @@ def _expert_down(s: ShardLayout, shape) -> Cut:
     return Cut((_experts(s), inter, slice(None)), _all(3))
 
 
+def _expert_linear(part: int | None) -> Callable:
+    """One expert's (out, in) Linear weight, as quantized checkpoints store experts: gate (part 0)
+    and up (1) land in gate_up (E, H, 2I), down (None) in down (E, I, H); None if not held here."""
+    def cut(s: ShardLayout, shape, expert: int) -> Cut | None:
+        local = expert - s.expert_start
+        if not 0 <= local < s.experts_per_rank:
+            return None
+        n, whole = s.expert_intermediate_per_rank, slice(None)
+        if part is None:  # (H, I): this rank's input columns
+            cols = whole if s.expert_parallel else s.rank_slice(shape[1], n)
+            return Cut((whole, cols), (local, whole, whole), transpose=True)
+        rows = whole if s.expert_parallel else s.rank_slice(shape[0], n)  # (I, H): this rank's rows
+        return Cut((rows, whole), (local, whole, slice(part * n, (part + 1) * n)), transpose=True)
+    return cut
+
+
 def _mlp(s: ShardLayout) -> int:
     return s.mlp_intermediate_per_rank
 
@@ -155,8 +183,93 @@ RULES: list[Rule] = [
      lambda c: (c.n_experts, c.hidden_size, 2 * c.intermediate_size), None),  # two cuts, see below
     (L + r"feed_forward\.experts\.down_proj", r"layers.\1.feed_forward.experts.down_proj",
      lambda c: (c.n_experts, c.intermediate_size, c.hidden_size), _expert_down),
+    # quantized checkpoints: one Linear per expert (named group "expert" picks the expert)
+    (L + r"feed_forward\.experts\.(?P<expert>\d+)\.gate_proj\.weight", r"layers.\1.feed_forward.experts.gate_up_proj",
+     lambda c: (c.intermediate_size, c.hidden_size), _expert_linear(0)),
+    (L + r"feed_forward\.experts\.(?P<expert>\d+)\.up_proj\.weight", r"layers.\1.feed_forward.experts.gate_up_proj",
+     lambda c: (c.intermediate_size, c.hidden_size), _expert_linear(1)),
+    (L + r"feed_forward\.experts\.(?P<expert>\d+)\.down_proj\.weight", r"layers.\1.feed_forward.experts.down_proj",
+     lambda c: (c.hidden_size, c.intermediate_size), _expert_linear(None)),
+    # FP8 KV-cache scales (ModelOpt: self_attn.k_scale; vLLM also reads k_proj.k_scale / attn.k_scale)
+    (L + r"self_attn\.(?:k_proj\.|attn\.)?k_scale", r"layers.\1.self_attn.k_scale", lambda c: (), _replicated),
+    (L + r"self_attn\.(?:v_proj\.|attn\.)?v_scale", r"layers.\1.self_attn.v_scale", lambda c: (), _replicated),
 ]
+# `X.<suffix>` is a scale of checkpoint tensor `X.weight`; it lands in the scale parameter next to
+# X.weight's destination (ours: `m.weight` -> `m.weight_scale` / `m.input_scale`; fused experts:
+# `gate_up_proj` -> `gate_up_proj_scale` / `gate_up_proj_input_scale`).
+SCALE_SUFFIXES = {"weight_scale": "weight", "weight_scale_inv": "weight", "input_scale": "input"}
 _COMPILED = [(re.compile(p + r"$"), dest, shape, cut) for p, dest, shape, cut in RULES]
+_PER_EXPERT = re.compile(L + r"feed_forward\.experts\.\d+\.")
+_KV_SCALE = re.compile(L + r"self_attn\.(?:[kv]_proj\.|attn\.)?[kv]_scale$")
+
+
+# --- EAGLE-3 draft heads (model/eagle3.py), the second rule list of this table -----------------
+# SafeAILab names the decoder layer `midlayer.*`, ModelOpt exports `layers.0.*`; both land in our
+# `midlayer.*`. Shapes come from the draft's Eagle3Config, cuts from the draft's ShardLayout (its
+# heads, MLP and DRAFT vocabulary split like the target's). d2t (target = draft + d2t[draft]) and
+# the t2d membership mask are replicated index tables, not weights.
+def _fc_cols(s: ShardLayout, shape) -> Cut:
+    """fc (H, n_aux*H_t) is row-parallel: this rank's contiguous block of input columns."""
+    return Cut((slice(None), s.rank_slice(shape[1], shape[1] // s.parallel.world_size)), _all(2))
+
+
+D = r"(?:midlayer|layers\.0)\."
+DRAFT_RULES: list[Rule] = [
+    (r"fc\.weight", "fc.weight", lambda d: (d.hidden_size, d.n_aux * d.target_hidden_size), _fc_cols),
+    (D + r"self_attn\.q_proj\.weight", "midlayer.self_attn.qkv_proj.weight",
+     lambda d: (d.n_heads * d.head_dim, 2 * d.hidden_size), _q_rows),
+    (D + r"self_attn\.k_proj\.weight", "midlayer.self_attn.qkv_proj.weight",
+     lambda d: (d.n_kv_heads * d.head_dim, 2 * d.hidden_size), _kv_rows(0)),
+    (D + r"self_attn\.v_proj\.weight", "midlayer.self_attn.qkv_proj.weight",
+     lambda d: (d.n_kv_heads * d.head_dim, 2 * d.hidden_size), _kv_rows(1)),
+    (D + r"self_attn\.o_proj\.weight", "midlayer.self_attn.o_proj.weight",
+     lambda d: (d.hidden_size, d.n_heads * d.head_dim), _o_cols),
+    (D + r"mlp\.gate_proj\.weight", "midlayer.mlp.gate_up_proj.weight",
+     lambda d: (d.intermediate_size, d.hidden_size), _column(0, _mlp)),
+    (D + r"mlp\.up_proj\.weight", "midlayer.mlp.gate_up_proj.weight",
+     lambda d: (d.intermediate_size, d.hidden_size), _column(1, _mlp)),
+    (D + r"mlp\.down_proj\.weight", "midlayer.mlp.down_proj.weight",
+     lambda d: (d.hidden_size, d.intermediate_size), _row(_mlp)),
+    (D + r"(hidden_norm|input_layernorm|post_attention_layernorm)\.weight", r"midlayer.\1.weight",
+     lambda d: (d.hidden_size,), _replicated),
+    (r"norm\.weight", "norm.weight", lambda d: (d.hidden_size,), _replicated),
+    (r"lm_head\.weight", "lm_head.weight", lambda d: (d.draft_vocab_size, d.hidden_size), _vocab_rows),
+    (r"d2t", "d2t", lambda d: (d.draft_vocab_size,), _replicated),
+    (r"t2d", "t2d", lambda d: (d.vocab_size,), _replicated),
+]
+_DRAFT_COMPILED = [(re.compile(p + r"$"), dest, shape, cut) for p, dest, shape, cut in DRAFT_RULES]
+DRAFT_IGNORED = re.compile(r"(embed_tokens\.weight|.*rotary_emb\.inv_freq)$")  # the target's embedding is used
+DRAFT_INDEX_TABLES = {"d2t": (torch.int64, torch.int32), "t2d": (torch.bool,)}
+
+
+def draft_checkpoint_names(layer_prefix: str = "midlayer.", lm_head: bool = True) -> list[str]:
+    """The tensors of an EAGLE-3 draft checkpoint (SafeAILab: "midlayer.", ModelOpt: "layers.0.")."""
+    names = ["fc.weight", "norm.weight"] + (["lm_head.weight", "d2t", "t2d"] if lm_head else [])
+    names += [layer_prefix + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+    names += [layer_prefix + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return names + [layer_prefix + f"{n}.weight" for n in ("hidden_norm", "input_layernorm", "post_attention_layernorm")]
+
+
+def match_draft(cfg, name: str) -> tuple[str, tuple[int, ...], list[Callable]]:
+    """(our draft parameter, expected full shape, cuts) for a draft checkpoint name; cfg: Eagle3Config."""
+    for pattern, dest, shape, cut in _DRAFT_COMPILED:
+        m = pattern.match(name)
+        if m:
+            return m.expand(dest), tuple(shape(cfg)), [cut]
+    raise CheckpointError(f"unexpected tensor {name!r}: no EAGLE-3 draft parameter has this name")
+
+
+def split_scale_name(name: str) -> tuple[str, str] | None:
+    """"X.weight_scale" -> ("X.weight", "weight_scale"); None if `name` is not a scale."""
+    base, _, suffix = name.rpartition(".")
+    return (base + ".weight", suffix) if suffix in SCALE_SUFFIXES and base else None
+
+
+def scale_param(weight_param: str, kind: str) -> str:
+    """Our scale parameter for a weight parameter: kind "weight" or "input"."""
+    if weight_param.endswith(".weight"):
+        return weight_param[: -len("weight")] + ("weight_scale" if kind == "weight" else "input_scale")
+    return weight_param + ("_scale" if kind == "weight" else "_input_scale")
 
 
 def canonical_name(name: str) -> str | None:
@@ -171,16 +284,21 @@ def canonical_name(name: str) -> str | None:
     return None if name.startswith(IGNORED_PREFIXES) else name
 
 
-def checkpoint_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor a Llama4ForCausalLM checkpoint of this config holds, in canonical form."""
+def checkpoint_names(cfg: ModelConfig, per_expert: bool = False) -> list[str]:
+    """Every weight a Llama4ForCausalLM checkpoint of this config holds, in canonical form (routed
+    experts fused as HF saves them, or one Linear per expert as quantized checkpoints store them)."""
     names = ["embed_tokens.weight", "norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
         if cfg.is_moe(i):
-            names += [p + "feed_forward.router.weight", p + "feed_forward.experts.gate_up_proj",
-                      p + "feed_forward.experts.down_proj"]
+            names.append(p + "feed_forward.router.weight")
+            if per_expert:
+                names += [p + f"feed_forward.experts.{e}.{x}_proj.weight"
+                          for e in range(cfg.n_experts) for x in ("gate", "up", "down")]
+            else:
+                names += [p + "feed_forward.experts.gate_up_proj", p + "feed_forward.experts.down_proj"]
             names += [p + f"feed_forward.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
         else:
             names += [p + f"feed_forward.{x}_proj.weight" for x in ("gate", "up", "down")]
@@ -198,6 +316,11 @@ def match(cfg: ModelConfig, name: str) -> tuple[str, tuple[int, ...], list[Calla
         m = pattern.match(name)
         if m:
             cuts = [_expert_gate_up(0), _expert_gate_up(1)] if cut is None else [cut]
+            if "expert" in m.groupdict():
+                expert = int(m.group("expert"))
+                if expert >= cfg.n_experts:
+                    raise CheckpointError(f"tensor {name!r} names expert {expert}, the config has {cfg.n_experts}")
+                cuts = [functools.partial(c, expert=expert) for c in cuts]
             return m.expand(dest), tuple(shape(cfg)), cuts
     raise CheckpointError(f"unexpected tensor {name!r}: no Llama 4 parameter has this name")
 
@@ -235,62 +358,6 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "
            "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
 
 
-def load_shard(model: torch.nn.Module, path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Fills `model` (built at this rank's shapes) with its slices of the checkpoint at `path`.
-    Returns the number of checkpoint bytes read. Validates names, shapes, dtypes and values."""
-    cfg: ModelConfig = model.cfg
-    files = index_files(path)
-    expected = checkpoint_names(cfg)
-    missing = [n for n in expected if n not in files]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint {path} is missing tensor {hf_name(missing[0])!r}{more}")
-    wanted = set(expected)
-    extra = [n for n in files if n not in wanted and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-    for name in extra:
-        match(cfg, name)  # raises for names that are not Llama 4 parameters at all
-    if extra:
-        raise CheckpointError(f"checkpoint {path} has tensor {extra[0]!r}, which this config does not use")
-    params = dict(model.named_parameters())
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for canon in expected:
-        file, stored = files[canon]
-        by_file.setdefault(file, []).append((canon, stored))
-    done, nbytes = 0, 0
-    for file, names in by_file.items():
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
-        with handle as f:
-            for canon, stored in names:
-                nbytes += _load_tensor(f, model.shard, params, canon, stored, file)
-                done += 1
-                if progress:
-                    progress(done, len(expected))
-    return nbytes
-
-
-def _load_tensor(f, shard: ShardLayout, params: dict, canon: str, stored: str, file: Path) -> int:
-    dest, shape, cuts = match(shard.model, canon)
-    sl = f.get_slice(stored)
-    got_shape, got_dtype = tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype())
-    if got_shape != shape:
-        raise CheckpointError(f"tensor {stored!r} in {file.name} has shape {list(got_shape)}, "
-                              f"the config expects {list(shape)}")
-    if got_dtype not in LOADABLE_DTYPES:
-        raise CheckpointError(f"tensor {stored!r} in {file.name} has dtype {sl.get_dtype()}, "
-                              "expected F32, BF16 or F16")
-    param = params[dest]
-    nbytes = 0
-    for cut_fn in cuts:
-        cut = cut_fn(shard, shape)
-        try:
-            piece = sl[cut.src]
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {stored!r} from {file.name} (truncated?): {e}") from None
-        if not bool(torch.isfinite(piece).all()):
-            raise CheckpointError(f"tensor {stored!r} in {file.name} holds NaN or inf values")
-        param.data[cut.dest].copy_(piece)
-        nbytes += piece.numel() * piece.element_size()
-    return nbytes
+# The loader builds on this table; it lives in model/loading.py and is re-exported here, where
+# callers find it.
+from model.loading import check_fp8_scales, load_shard  # noqa: E402,F401

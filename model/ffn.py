@@ -34,6 +34,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate_per_rank, bias=False)
         self.down_proj = nn.Linear(intermediate_per_rank, hidden, bias=False)
 
+    @property
+    def input_quant_scale(self) -> torch.Tensor | None:
+        """High precision in: no FP8 scale for the collective to quantize with (Fp8MLP has one)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., I_r) each
         return self.down_proj(F.silu(gate) * up)
@@ -75,6 +80,12 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=False)  # replicated
         self.experts = Experts(shard.experts_per_rank, cfg.hidden_size, shard.expert_intermediate_per_rank)
         self.shared_expert = MLP(cfg.hidden_size, shard.shared_intermediate_per_rank)
+
+    @property
+    def input_quant_scale(self) -> torch.Tensor | None:
+        """Always None: the router reads the normed input in high precision, and the experts take
+        it scaled by the router score, so no GEMM consumes the collective's output as it is."""
+        return None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, H). Returns chosen expert ids (N, k) and their sigmoid scores (N, k)."""

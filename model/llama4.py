@@ -9,7 +9,9 @@ One decoder layer is two sub-layers, each ending in the same visible collective:
     normed, residual  = comm.allreduce_add_rmsnorm(ffn_partial, residual, NEXT layer's input_norm)
 
 so the RMSNorm that opens the next layer (or the final norm) is fused into the collective that
-closes this one, as TensorRT-LLM's AllReduce+residual+RMSNorm kernel does. After layer i,
+closes this one, as TensorRT-LLM's AllReduce+residual+RMSNorm kernel does. When the GEMM that reads
+`normed` wants FP8 input with a static scale (`input_quant_scale`, None otherwise), the collective
+also quantizes its output; the model never asks what dtype a module computes in. After layer i,
 `residual` is that layer's output hidden state: the auxiliary features EAGLE-3 reads.
 
 The embedding is vocab-parallel (each rank embeds the ids it owns, an all-reduce completes it)
@@ -67,12 +69,14 @@ class DecoderLayer(nn.Module):
         self.feed_forward = (MoE(cfg, shard, comm) if self.is_moe
                              else MLP(cfg.hidden_size, shard.mlp_intermediate_per_rank))
 
-    def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm):
+    def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None):
         attn_partial = self.self_attn(normed, ctx, cache)
         normed, residual = self.comm.allreduce_add_rmsnorm(
-            attn_partial, residual, self.post_attention_layernorm.weight, self.eps)
+            attn_partial, residual, self.post_attention_layernorm.weight, self.eps,
+            quant_scale=self.feed_forward.input_quant_scale)
         ffn_partial = self.feed_forward(normed)
-        normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps)
+        normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps,
+                                                           quant_scale=next_quant_scale)
         return normed, residual
 
 
@@ -98,9 +102,11 @@ class Llama4(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache in `dtype` (default: the model's); an FP8 cache uses each layer's k/v scales."""
         weight = self.embed_tokens.weight
+        scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in self.layers]
         return KVCache(self.cfg.n_layers, batch, max_len, self.shard.n_kv_heads_per_rank, self.cfg.head_dim,
-                       dtype or weight.dtype, weight.device)
+                       dtype or weight.dtype, weight.device, scales)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: KVCache, *, n_new: torch.Tensor | None = None,
@@ -121,8 +127,10 @@ class Llama4(nn.Module):
         normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []
         for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            normed, residual = layer(normed, residual, ctx, cache, next_norm)
+            last = i + 1 == len(self.layers)
+            next_norm = self.norm if last else self.layers[i + 1].input_layernorm
+            next_quant = None if last else self.layers[i + 1].self_attn.input_quant_scale  # LM head: high precision
+            normed, residual = layer(normed, residual, ctx, cache, next_norm, next_quant)
             if i in aux_layers:
                 aux.append(residual)
         cache.lengths += n_new

@@ -91,6 +91,24 @@ class ShardLayout:
         world = 1 if self.expert_parallel else self.parallel.world_size
         return self.model.intermediate_size // world
 
+    # --- row-parallel inputs: where this rank's input columns start in the unsharded layer -----
+    # (FP8 block scales are cut on global 128-column boundaries, so a rank needs its offset.)
+    @property
+    def o_proj_in_start(self) -> int:
+        return self.head_start * self.model.head_dim
+
+    @property
+    def mlp_in_start(self) -> int:
+        return self.parallel.rank * self.mlp_intermediate_per_rank
+
+    @property
+    def shared_in_start(self) -> int:
+        return self.parallel.rank * self.shared_intermediate_per_rank
+
+    @property
+    def expert_in_start(self) -> int:
+        return 0 if self.expert_parallel else self.parallel.rank * self.expert_intermediate_per_rank
+
     # --- vocabulary ------------------------------------------------------------------------
     @property
     def vocab_per_rank(self) -> int:

@@ -60,9 +60,12 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 
 
 class Engine:
-    def __init__(self, model: Llama4, max_context: int | None = None, recorder=None) -> None:
-        """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost)."""
+    def __init__(self, model: Llama4, max_context: int | None = None, recorder=None,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost).
+        kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache)."""
         self.model = model
+        self.kv_dtype = kv_dtype
         self.cfg = model.cfg
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.recorder = recorder or NullRecorder()
@@ -83,7 +86,7 @@ class Engine:
                       torch.Generator().manual_seed(0) for r in requests]
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
-        cache = self.model.new_cache(batch, int(max(lengths[b] + budget[b] for b in range(batch))))
+        cache = self.model.new_cache(batch, int(max(lengths[b] + budget[b] for b in range(batch))), self.kv_dtype)
         prompt = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
         for b, r in enumerate(requests):
             prompt[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)

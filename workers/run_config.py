@@ -8,7 +8,10 @@ import torch
 
 from model.config import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name -> compute dtype. "fp8": FP8 (e4m3) GEMMs with BF16 activations, norms and residuals.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+FP8_SCHEMES = ("auto", "per-tensor", "channel", "block")  # auto: the checkpoint's, else channel
+KV_DTYPES = ("auto", "fp8")  # auto: the compute dtype
 COMM_BACKENDS = ("shm", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
 
@@ -25,10 +28,18 @@ class RunConfig:
     threads_per_rank: int = 1
     collective_timeout_s: float = 120.0
     max_context: int | None = None
+    fp8_scheme: str = "auto"
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.fp8_scheme not in FP8_SCHEMES:
+            raise ConfigError(f"fp8 scheme must be one of {FP8_SCHEMES}, got {self.fp8_scheme!r}")
+        if self.fp8_scheme != "auto" and self.dtype != "fp8":
+            raise ConfigError(f"--fp8-scheme {self.fp8_scheme} needs --dtype fp8 (got --dtype {self.dtype})")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.comm not in COMM_BACKENDS:
@@ -48,4 +59,9 @@ class RunConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The compute dtype (for fp8: BF16 activations around the FP8 GEMMs)."""
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_dtype == "fp8" else self.torch_dtype

@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from collectives.communicator import Communicator
-from model.checkpoint import load_shard
 from model.config import load_model_config
 from model.llama4 import Llama4
 from model.parallel import ShardLayout, layout
 from workers.engine import Completion, Engine, GenerationStats, Request
+from workers.model_build import build_model, default_dtype  # noqa: F401 (default_dtype: re-exported)
 from workers.run_config import RunConfig
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Builds parameters directly in the run's dtype (no fp32 copy first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class Worker:
@@ -49,11 +36,9 @@ class Worker:
     def load(self, progress=None) -> dict:
         """Builds this rank's modules at their shard shapes and reads its slices. Returns a report."""
         start = time.perf_counter()
-        with torch.device(self.device), default_dtype(self.run.torch_dtype):
-            model = Llama4(self.model_cfg, self.shard, self.comm)
-        read = load_shard(model, Path(self.run.model_path), progress)
+        model, read = build_model(self.run, self.model_cfg, self.shard, self.comm, progress)
         self.model = model.eval()
-        self.engine = Engine(self.model, self.run.max_context)
+        self.engine = Engine(self.model, self.run.max_context, kv_dtype=self.run.kv_torch_dtype)
         self.load_s = time.perf_counter() - start
         weights = self.model.weight_bytes()
         report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,
@@ -72,7 +57,7 @@ class Worker:
         cfg, s = self.model_cfg, self.shard
         slots = len(requests) * max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         per_slot = 2 * cfg.n_layers * s.n_kv_heads_per_rank * cfg.head_dim
-        return slots * per_slot * torch.tensor([], dtype=self.run.torch_dtype).element_size()
+        return slots * per_slot * torch.tensor([], dtype=self.run.kv_torch_dtype).element_size()
 
     def close(self) -> None:
         self.comm.close()

@@ -1,0 +1,291 @@
+"""FP8 (e4m3) GEMMs: the recipe, the quantizers, and `Fp8Linear`.
+
+Recipe
+------
+Format: `torch.float8_e4m3fn` for weights, activations and the KV cache: 1 sign, 4 exponent (bias 7),
+3 mantissa bits, largest finite 448, smallest normal 2^-6, smallest subnormal 2^-9, no inf. e4m3
+rather than e5m2 because inference needs precision more than range (e5m2 is for gradients).
+
+Scales are float32 *dequantization* multipliers: `real ~= fp8_value * scale`. Quantizing divides by
+the scale, saturates to [-448, 448] (never inf or NaN: an outlier beyond the calibrated range is
+clipped, not blown up) and rounds to nearest-even (torch's cast). A scale is `amax / 448` of its
+granule, so the granule's largest magnitude lands exactly on 448; an all-zero granule gets scale 1.
+
+Three granularities, as the checkpoints of the record's ecosystem have them:
+  * "per-tensor" (NVIDIA ModelOpt): one weight scale per checkpoint tensor and one STATIC input scale
+    per GEMM, calibrated offline. Static input scales make a token's result independent of the
+    batch and let the AllReduce+RMSNorm collective emit the next GEMM's FP8 input directly.
+  * "channel" (compressed-tensors, Meta's FP8 Maverick): one weight scale per output row, and a
+    DYNAMIC activation scale per token (row amax at run time): outliers in one token or one
+    channel no longer cost the others their precision.
+  * "block" (DeepSeek-V3 style, `weight_block_size` [128, 128]): one weight scale per 128x128 block
+    and a dynamic activation scale per token per 128 input columns (1x128 groups).
+Blocks and groups are cut on GLOBAL 128 boundaries of the unsharded tensor: a rank whose slice of
+the input dimension starts at column c keeps `k_offset = c % 128`, so its groups line up with the
+unsharded model's and its scales are the same ones.
+
+In our modules a weight scale is stored per output row, `(N,)`, or per output row and 128-column
+group, `(N, G)`: the per-tensor scales of fused parts (Q|K|V, gate|up) then sit side by side
+without requantizing, and a block scale is found by row even when a rank's rows do not start on a
+block boundary. It costs 4 bytes per row (per row and group for blocks: 1/32 of the FP8 bytes).
+
+The GEMM multiplies FP8 values exactly (the product of two e4m3 numbers has at most 8 significant
+bits, so it is exact in float32), accumulates in float32 and applies the scales in float32
+afterwards: `out = (sum_k a_q b_q) * s_a * s_w`, per 128-column group for blocks (as DeepGEMM
+promotes each group to float32). On CUDA the sums come from the FP8 tensor cores
+(`torch._scaled_mm`, unit scales, float32 out) and the same float32 epilogue applies the scales. On
+CPU they come from an emulation that converts the e4m3 bytes to float32 exactly and multiplies in
+float32; benchmarks/fp8_cpu_gemm.py measured it against CPU `torch._scaled_mm` (see `CPU_GEMM`).
+A model computing in float64 accumulates in float64, where a sum of up to 2^17 e4m3 products is
+EXACT (their bits span 2^-18 .. 2^17): the order of summation then cannot matter, which is how the
+tests show sharded FP8 equal to unsharded FP8 beyond float32's summation-order noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from collectives.communicator import FP8_MAX, quantize_fp8
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128
+MIN_AMAX = 1e-12  # a token of zeros: any positive scale quantizes it exactly; keep it finite
+# Measured by benchmarks/fp8_cpu_gemm.py (results/fp8_cpu_gemm.json): the bit-trick emulation beats
+# CPU torch._scaled_mm at every decode/prefill shape measured, with identical numbers.
+CPU_GEMM = "emulated"
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """How weights and activations are scaled. weight: tensor | channel | block;
+    activation: static (per-tensor, calibrated) | token (dynamic per row) | group (dynamic 1x128)."""
+
+    weight: str
+    activation: str
+
+    def __post_init__(self) -> None:
+        if self.weight not in ("tensor", "channel", "block"):
+            raise ValueError(f"FP8 weight granularity must be tensor, channel or block, got {self.weight!r}")
+        if self.activation not in ("static", "token", "group"):
+            raise ValueError(f"FP8 activation granularity must be static, token or group, got {self.activation!r}")
+        if (self.weight == "block") != (self.activation == "group"):
+            raise ValueError("128x128 block weights go with 1x128 group activations, and only with them "
+                             f"(got weight {self.weight!r}, activation {self.activation!r})")
+
+    @property
+    def static_input(self) -> bool:
+        return self.activation == "static"
+
+
+PER_TENSOR = Fp8Scheme("tensor", "static")
+PER_CHANNEL = Fp8Scheme("channel", "token")
+BLOCK_128 = Fp8Scheme("block", "group")
+SCHEMES = {"per-tensor": PER_TENSOR, "channel": PER_CHANNEL, "block": BLOCK_128}
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 in float32; an all-zero granule gets 1 (its values quantize to 0 either way)."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def n_groups(k_offset: int, k: int) -> int:
+    """Global 128-column groups that a slice of k columns starting at `k_offset` (mod 128) touches."""
+    return ceil_div(k_offset % BLOCK + k, BLOCK)
+
+
+def to_groups(x: torch.Tensor, k_offset: int) -> torch.Tensor:
+    """(..., K) -> (..., G, 128): zero-padded so that group boundaries are global multiples of 128."""
+    lead = k_offset % BLOCK
+    groups = n_groups(k_offset, x.shape[-1])
+    padded = F.pad(x, (lead, groups * BLOCK - lead - x.shape[-1]))
+    return padded.unflatten(-1, (groups, BLOCK))
+
+
+def from_groups(x: torch.Tensor, k_offset: int, k: int) -> torch.Tensor:
+    """Inverse of `to_groups`: (..., G, 128) -> (..., K)."""
+    lead = k_offset % BLOCK
+    return x.flatten(-2)[..., lead: lead + k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights, in checkpoint layout: (out, in) with the scale shapes the checkpoints store
+# ---------------------------------------------------------------------------------------------
+
+def quantize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (out, in). Returns (fp8 weight, scale): scale () per tensor, (out, 1) per channel,
+    (ceil(out/128), ceil(in/128)) per block (DeepSeek's `weight_scale_inv`)."""
+    w = w.float()
+    if granularity == "tensor":
+        scale = scale_from_amax(w.abs().amax())
+        return quantize_fp8(w, scale), scale
+    if granularity == "channel":
+        scale = scale_from_amax(w.abs().amax(dim=1, keepdim=True))  # (out, 1)
+        return quantize_fp8(w, scale), scale
+    if granularity == "block":
+        rows, cols = w.shape
+        padded = F.pad(w, (0, (-cols) % BLOCK, 0, (-rows) % BLOCK))
+        blocks = padded.unflatten(1, (-1, BLOCK)).unflatten(0, (-1, BLOCK))  # (out_blocks, 128, in_blocks, 128)
+        scale = scale_from_amax(blocks.abs().amax(dim=(1, 3)))  # (out_blocks, in_blocks)
+        return quantize_fp8(w, expand_block_scale(scale, rows, cols)), scale
+    raise ValueError(f"unknown weight granularity {granularity!r}")
+
+
+def expand_block_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(out_blocks, in_blocks) block scales -> one scale per element of a (rows, cols) weight."""
+    return scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+
+
+def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_weight (float32), for any of its scale shapes."""
+    if scale.dim() == 2 and scale.shape[1] != 1:
+        scale = expand_block_scale(scale, *w_q.shape)
+    return fp8_values(w_q) * scale.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+def quantize_activation(x: torch.Tensor, scheme: Fp8Scheme, input_scale: torch.Tensor | None = None,
+                        k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (M, K) high precision. Returns (fp8 x, scale): () static, (M, 1) per token, (M, G) per group."""
+    if scheme.activation == "static":
+        return quantize_fp8(x, input_scale), input_scale
+    if scheme.activation == "token":
+        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) / FP8_MAX  # (M, 1)
+        return quantize_fp8(x, scale), scale
+    groups = to_groups(x.float(), k_offset)  # (M, G, 128)
+    scale = groups.abs().amax(dim=-1).clamp(min=MIN_AMAX) / FP8_MAX  # (M, G)
+    return from_groups(quantize_fp8(groups, scale[..., None]), k_offset, x.shape[-1]), scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The GEMM
+# ---------------------------------------------------------------------------------------------
+
+def fp8_values(t: torch.Tensor) -> torch.Tensor:
+    """The exact float32 values of a float8_e4m3fn tensor (any strides).
+
+    On CPU torch's own cast costs ~8 ns per element; moving the bits instead is ~2.5x faster: an
+    e4m3 byte shifted left by 7 is the float16 with the same sign, exponent and mantissa, its
+    exponent bias 15 instead of 7, so it reads as value * 2^-8 (subnormals included, exactly).
+    Sign-extending the byte to 16 bits puts the sign in bit 15; bit 14 is then cleared. (The two
+    NaN bytes are not mapped to NaN; loading rejects them, and quantizing never makes them.)"""
+    if t.device.type != "cpu":
+        return t.float()
+    bits = t.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(-16385)
+    return bits.view(torch.float16).float().mul_(256.0)
+
+
+def emulated_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                  k_offset: int = 0, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, N) = sum_k x_q[m, k] w_q[n, k], scaled, in acc_dtype. x_q: (M, K), w_q: (N, K) fp8;
+    w_scale: (N,) with x_scale () or (M, 1); or (N, G) with x_scale (M, G) for 1x128 / 128x128."""
+    a, b = fp8_values(x_q).to(acc_dtype), fp8_values(w_q).to(acc_dtype)
+    x_scale, w_scale = x_scale.to(acc_dtype), w_scale.to(acc_dtype)
+    if w_scale.dim() == 1:
+        return (a @ b.t()) * x_scale * w_scale
+    a, b = to_groups(a, k_offset), to_groups(b, k_offset)  # (M, G, 128), (N, G, 128)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=acc_dtype, device=a.device)
+    for g in range(a.shape[1]):
+        out += (a[:, g] @ b[:, g].t()) * x_scale[:, g: g + 1] * w_scale[:, g]
+    return out
+
+
+def _tensor_core_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 (M, N) = a @ b.T on the FP8 tensor cores, unit scales. a: (M, K), b: (N, K) fp8.
+    cuBLAS wants M, K, N multiples of 16 and b column-major; zero padding is exact."""
+    m, k = a.shape
+    n = b.shape[0]
+    pm, pk, pn = (-m) % 16, (-k) % 16, (-n) % 16
+    a = a.contiguous()
+    if pm or pk:
+        a = F.pad(a.view(torch.int8), (0, pk, 0, pm)).view(FP8)
+    if pk or pn:
+        b = F.pad(b.view(torch.int8), (0, pk, 0, pn)).view(FP8)
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    out = torch._scaled_mm(a, b.contiguous().t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return out[:m, :n]
+
+
+def cuda_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              k_offset: int = 0) -> torch.Tensor:
+    """Same contract and epilogue as `emulated_gemm`, sums from torch._scaled_mm."""
+    if w_scale.dim() == 1:
+        return _tensor_core_sums(x_q, w_q) * x_scale * w_scale
+    k = x_q.shape[1]
+    lead = k_offset % BLOCK
+    out = torch.zeros(x_q.shape[0], w_q.shape[0], dtype=torch.float32, device=x_q.device)
+    for g in range(w_scale.shape[1]):
+        cols = slice(max(0, g * BLOCK - lead), min(k, (g + 1) * BLOCK - lead))
+        out += _tensor_core_sums(x_q[:, cols], w_q[:, cols]) * x_scale[:, g: g + 1] * w_scale[:, g]
+    return out
+
+
+def fp8_gemm(x_q, x_scale, w_q, w_scale, k_offset: int = 0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The FP8 GEMM on the tensor cores (CUDA) or emulated (CPU); float32 sums (float64 for a
+    float64 model on CPU), returned in out_dtype."""
+    if x_q.is_cuda or CPU_GEMM == "scaled_mm":  # CPU _scaled_mm kept selectable for the benchmark
+        return cuda_gemm(x_q, x_scale, w_q, w_scale, k_offset).to(out_dtype)
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    return emulated_gemm(x_q, x_scale, w_q, w_scale, k_offset, acc).to(out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T with W in FP8 (out_features, in_features) and float32 scales; y in `out_dtype`.
+
+    `weight_scale` is (out,) for tensor/channel schemes, (out, G) for block; `input_scale` exists
+    only for the static scheme. Scales start at zero: the loader must fill every one of them.
+    `k_offset` is where this rank's input columns start in the unsharded layer (mod 128)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Fp8Scheme, out_dtype: torch.dtype,
+                 k_offset: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.out_dtype, self.k_offset = scheme, out_dtype, k_offset % BLOCK
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        scale_shape = (out_features, n_groups(k_offset, in_features)) if scheme.weight == "block" else (out_features,)
+        self.weight_scale = nn.Parameter(torch.zeros(scale_shape, dtype=torch.float32), requires_grad=False)
+        self.input_scale = (nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=False)
+                            if scheme.static_input else None)
+
+    @property
+    def static_input_scale(self) -> torch.Tensor | None:
+        return self.input_scale
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_activation(x, self.scheme, self.input_scale, self.k_offset)
+
+    def matmul(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """x_q: (..., in) fp8 with its scale. Returns (..., out) in out_dtype."""
+        flat = x_q.reshape(-1, self.in_features)  # (M, K)
+        scale = x_scale.reshape(-1, x_scale.shape[-1]) if x_scale.dim() else x_scale
+        out = fp8_gemm(flat, scale, self.weight, self.weight_scale, self.k_offset, self.out_dtype)
+        return out.view(*x_q.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == FP8:  # already quantized upstream (the fused AllReduce+RMSNorm) with our scale
+            if self.input_scale is None:
+                raise ValueError("an FP8 input needs a static input scale; this layer quantizes dynamically")
+            return self.matmul(x, self.input_scale)
+        flat = x.reshape(-1, self.in_features)
+        x_q, x_scale = self.quantize_input(flat)
+        return self.matmul(x_q, x_scale).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, weight={self.scheme.weight}, "
+                f"activation={self.scheme.activation}, k_offset={self.k_offset}")
+
+
+def static_input_scale(module: nn.Module) -> torch.Tensor | None:
+    """The static FP8 input scale a module wants its input quantized with, or None (high precision
+    or dynamic scales): what the decoder hands to allreduce_add_rmsnorm as `quant_scale`."""
+    return module.static_input_scale if isinstance(module, Fp8Linear) else None
