@@ -311,7 +311,21 @@ def tiny(vocab_size: int = 512) -> ModelConfig:
     )
 
 
-PRESETS = {"maverick": maverick, "scout": scout, "tiny": tiny}
+def medium() -> ModelConfig:
+    """A mid-size shape (~1.1B parameters, 8 layers) for benchmarks on one or a few GPUs, with the
+    same mix of features as Maverick: MoE on every other layer, NoPE every fourth, chunked attention."""
+    n_layers = 8
+    return ModelConfig(
+        vocab_size=32768, hidden_size=2048, n_layers=n_layers, n_heads=16, n_kv_heads=8, head_dim=128,
+        intermediate_size=2048, intermediate_size_mlp=4096, n_experts=16, experts_per_token=1,
+        moe_layers=tuple(range(1, n_layers, 2)), rope_layers=tuple((i + 1) % 4 != 0 for i in range(n_layers)),
+        attention_chunk_size=8192, use_qk_norm=False, attn_temperature_tuning=True, floor_scale=8192,
+        attn_scale=0.1, rope_theta=500000.0, rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=131072, bos_token_id=0, eos_token_ids=(1,), name="medium",
+    )
+
+
+PRESETS = {"maverick": maverick, "scout": scout, "tiny": tiny, "medium": medium}
 
 
 def preset(name: str) -> ModelConfig:
@@ -325,4 +339,4 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "RopeScaling", "from_hf_dict", "load_model_config",
-           "maverick", "scout", "tiny", "preset", "PRESETS", "ceil_div"]
+           "maverick", "scout", "tiny", "medium", "preset", "PRESETS", "ceil_div"]

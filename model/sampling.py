@@ -68,7 +68,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_row(full_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    probs = torch.softmax(filter_logits(full_logits, params), dim=-1)
+    """Draws on the CPU with a CPU generator, so every rank (and every device kind) draws alike."""
+    probs = torch.softmax(filter_logits(full_logits.cpu(), params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -37,16 +37,17 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def _run_model(comm, path: str, moe_mode: str) -> dict[str, torch.Tensor]:
+def _run_model(comm, path: str, moe_mode: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     cfg = load_model_config(path)
-    model = Llama4(cfg, layout(cfg, comm.world_size, comm.rank, moe_mode), comm).eval()
+    with torch.device(device):
+        model = Llama4(cfg, layout(cfg, comm.world_size, comm.rank, moe_mode), comm).eval()
     load_shard(model, path)
     prompts = _prompts(cfg.vocab_size)
-    ids = torch.zeros(len(prompts), max(PROMPT_LENGTHS), dtype=torch.long)
+    ids = torch.zeros(len(prompts), max(PROMPT_LENGTHS), dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p)
     cache = model.new_cache(len(prompts), max(PROMPT_LENGTHS))
-    local = model(ids, cache, n_new=torch.tensor(PROMPT_LENGTHS)).logits  # (B, T, V_r)
+    local = model(ids, cache, n_new=torch.tensor(PROMPT_LENGTHS, device=device)).logits  # (B, T, V_r)
     logits = comm.all_gather(local, dim=-1)[..., : cfg.vocab_size]
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
     done, _ = Engine(model).generate([Request(tuple(p), params, str(i)) for i, p in enumerate(prompts)])
