@@ -5,6 +5,7 @@ step through the model in a debugger. It offers the same interface as the Ray no
 """
 from __future__ import annotations
 
+from cluster.clocks import estimate_offset, local_clock, write_clock_file
 from cluster.hardware import gpu_spec
 from collectives.communicator import SingleRankCommunicator
 from workers.engine import Completion, GenerationStats, Request
@@ -30,6 +31,9 @@ class InProcessNode:
         return completions, stats, {"memory_per_rank": memory, "control_overhead_s": 0.0}
 
     def shutdown(self) -> None:
+        if self.run.trace_dir:
+            same = [{"rank": 0, **estimate_offset(local_clock)}]
+            write_clock_file(self.run.trace_dir, {"start": same, "end": same})
         self.worker.close()
 
     def __enter__(self):

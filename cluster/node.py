@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.hardware import gpu_spec
+from cluster.timeline import TraceError
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, load_model_config
 from model.parallel import layout
@@ -21,7 +22,7 @@ class UserError(ValueError):
     """Something the user asked for that cannot be done (bad flag, path, layout...)."""
 
 
-USER_ERRORS = (UserError, ConfigError, CheckpointError, RequestError, SamplingError)
+USER_ERRORS = (UserError, ConfigError, CheckpointError, RequestError, SamplingError, TraceError)
 
 
 def check_layout(run: RunConfig):

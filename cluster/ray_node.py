@@ -22,6 +22,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.clocks import estimate_offset, write_clock_file
 from collectives.factory import shm_name
 from collectives.shm_sync import sweep_segments
 from workers.engine import Completion, GenerationStats, Request
@@ -86,6 +87,10 @@ class RankActor:
                  "weights_bytes": self.worker.model.weight_bytes()}
         return pack_result(completions, stats, extra)
 
+    def clock(self) -> tuple[int, str]:
+        from cluster.clocks import local_clock
+        return local_clock()
+
     def poll(self, since: int) -> bytes:
         return pack(self.stream[since:])
 
@@ -102,6 +107,7 @@ class RayNode:
         self.run, self.timeout = run, startup_timeout_s
         self.model_cfg = load_model_config(run.model_path)
         self.actors, self.pg, self.started_ray, self.scratch = [], None, False, None
+        self.clock_offsets: dict = {}
         self.node_id = uuid.uuid4().hex[:12]  # names this node's shared-memory segments
         try:
             self._start(address, placement, dashboard)
@@ -144,6 +150,12 @@ class RayNode:
             rendezvous = {"host": host, "port": ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)}
         rendezvous["node_id"] = self.node_id
         self.pids = ray.get([a.connect.remote(rendezvous) for a in self.actors], timeout=self.timeout)
+        self.clock_offsets = {"start": self.measure_clocks()}
+
+    def measure_clocks(self) -> list[dict]:
+        """Each rank's clock offset against the driver's (see cluster/clocks.py)."""
+        return [{"rank": r, **estimate_offset(lambda a=a: ray.get(a.clock.remote(), timeout=self.timeout))}
+                for r, a in enumerate(self.actors)]
 
     def load(self, progress=None) -> list[dict]:
         futures = [a.load.remote() for a in self.actors]
@@ -185,6 +197,12 @@ class RayNode:
         return completions, stats, info
 
     def shutdown(self) -> None:
+        if self.run.trace_dir and self.actors:
+            try:
+                self.clock_offsets["end"] = self.measure_clocks()
+            except Exception:  # a dead rank: keep the start offsets, the trace tools say what is missing
+                pass
+            write_clock_file(self.run.trace_dir, self.clock_offsets)
         for actor in self.actors:
             try:
                 ray.get(actor.close.remote(), timeout=10)
