@@ -3,7 +3,8 @@
 Both compute the same numbers (exact e4m3 products, float32 sums, float32 scale epilogue); this
 measures how fast, at decode (M = 1, 4, 16) and prefill (M = 128) token counts, on the embedded
 model's shapes and on Maverick TP8 shard shapes, with one torch thread (one rank's budget). Paths:
-  scaled_mm      torch._scaled_mm on CPU (unit scales, float32 out) + the float32 epilogue
+  scaled_mm      torch._scaled_mm on CPU (unit per-tensor scales, float32 out) + the float32 epilogue
+                 (model.fp8.scaled_mm_sums_gemm; unit scales because some CPU builds have no others)
   emulated_cast  e4m3 -> float32 with torch's cast, float32 matmul, epilogue
   emulated_bits  e4m3 -> float32 by moving bits (model.fp8.fp8_values), float32 matmul, epilogue
   fp32_cached    float32 matmul on weights converted once: the floor if memory were no object
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import machine, median, print_table, save  # noqa: E402
-from model.fp8 import PER_CHANNEL, cuda_gemm, emulated_gemm, quantize_activation, quantize_weight  # noqa: E402
+from model.fp8 import (PER_CHANNEL, emulated_gemm, quantize_activation, quantize_weight,  # noqa: E402
+                       scaled_mm_sums_gemm)
 
 SHAPES = {  # name: (K, N)
     "embedded qkv 256x512": (256, 512),
@@ -57,7 +59,7 @@ def bench_shape(k: int, n: int, m: int, repeats: int) -> dict:
     x_q, x_scale = quantize_activation(torch.randn(m, k, generator=gen), PER_CHANNEL)
     w_cached, w_bf16, x_bf16 = w_q.float(), (w_q.float() * w_scale[:, None]).bfloat16(), torch.randn(m, k).bfloat16()
     paths = {
-        "scaled_mm": lambda: cuda_gemm(x_q, x_scale, w_q, w_scale),
+        "scaled_mm": lambda: scaled_mm_sums_gemm(x_q, x_scale, w_q, w_scale),
         "emulated_cast": lambda: _emulated_cast(x_q, x_scale, w_q, w_scale),
         "emulated_bits": lambda: emulated_gemm(x_q, x_scale, w_q, w_scale),
         "fp32_cached": lambda: (x_q.float() @ w_cached.t()) * x_scale * w_scale,

@@ -32,10 +32,12 @@ block boundary. It costs 4 bytes per row (per row and group for blocks: 1/32 of 
 The GEMM multiplies FP8 values exactly (the product of two e4m3 numbers has at most 8 significant
 bits, so it is exact in float32), accumulates in float32 and applies the scales in float32
 afterwards: `out = (sum_k a_q b_q) * s_a * s_w`, per 128-column group for blocks (as DeepGEMM
-promotes each group to float32). On CUDA the sums come from the FP8 tensor cores
-(`torch._scaled_mm`, unit scales, float32 out) and the same float32 epilogue applies the scales. On
-CPU they come from an emulation that converts the e4m3 bytes to float32 exactly and multiplies in
-float32; benchmarks/fp8_cpu_gemm.py measured it against CPU `torch._scaled_mm` (see `CPU_GEMM`).
+promotes each group to float32). On CPU an emulation computes exactly that: it converts the e4m3
+bytes to float32 exactly and multiplies in float32; benchmarks/fp8_cpu_gemm.py measured it
+against CPU `torch._scaled_mm` (see `CPU_GEMM`). On CUDA one `torch._scaled_mm` does it on the
+FP8 tensor cores with the scales fused (row-wise, or 1x128 x 1x128 groups); the hardware keeps
+fewer bits than float32 while it accumulates (see `cuda_gemm`), so GPU results are native, not
+bit-identical to the emulation.
 A model computing in float64 accumulates in float64, where a sum of up to 2^17 e4m3 products is
 EXACT (their bits span 2^-18 .. 2^17): the order of summation then cannot matter, which is how the
 tests show sharded FP8 equal to unsharded FP8 beyond float32's summation-order noise.
@@ -200,41 +202,72 @@ def emulated_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w
     return out
 
 
-def _tensor_core_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """float32 (M, N) = a @ b.T on the FP8 tensor cores, unit scales. a: (M, K), b: (N, K) fp8.
-    cuBLAS wants M, K, N multiples of 16 and b column-major; zero padding is exact."""
-    m, k = a.shape
-    n = b.shape[0]
-    pm, pk, pn = (-m) % 16, (-k) % 16, (-n) % 16
-    a = a.contiguous()
-    if pm or pk:
-        a = F.pad(a.view(torch.int8), (0, pk, 0, pm)).view(FP8)
-    if pk or pn:
-        b = F.pad(b.view(torch.int8), (0, pk, 0, pn)).view(FP8)
-    one = torch.ones((), dtype=torch.float32, device=a.device)
-    out = torch._scaled_mm(a, b.contiguous().t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    return out[:m, :n]
+def _pad(t: torch.Tensor, cols: tuple[int, int] = (0, 0), rows: int = 0) -> torch.Tensor:
+    """Zero-pads an FP8 matrix (exact: zeros add nothing to the sums)."""
+    if not (cols[0] or cols[1] or rows):
+        return t
+    return F.pad(t.view(torch.int8), (*cols, 0, rows)).view(t.dtype)
 
 
 def cuda_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-              k_offset: int = 0) -> torch.Tensor:
-    """Same contract and epilogue as `emulated_gemm`, sums from torch._scaled_mm."""
+              k_offset: int = 0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same contract as `emulated_gemm`, as ONE torch._scaled_mm on the FP8 tensor cores with the
+    scales fused into cuBLAS's float32 epilogue: row-wise scales (per token x per output channel;
+    a per-tensor scale is a constant row) or, for blocks, 1x128 x 1x128 group scales. The tensor
+    cores keep ~14 significant bits while accumulating (DeepSeek-V3 report, 3.3.2), not float32's
+    24: measured on an H200, ~1e-4 relative to the exact sums (benchmarks/fp8_gpu_check.py).
+    cuBLAS wants K and N multiples of 16, B column-major (w_q (N, K) row-major is), and for blocks
+    M a multiple of 16 and groups starting at column 0; zero padding provides all of them."""
+    m, k = x_q.shape
+    out_mm = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
     if w_scale.dim() == 1:
-        return _tensor_core_sums(x_q, w_q) * x_scale * w_scale
-    k = x_q.shape[1]
-    lead = k_offset % BLOCK
-    out = torch.zeros(x_q.shape[0], w_q.shape[0], dtype=torch.float32, device=x_q.device)
-    for g in range(w_scale.shape[1]):
-        cols = slice(max(0, g * BLOCK - lead), min(k, (g + 1) * BLOCK - lead))
-        out += _tensor_core_sums(x_q[:, cols], w_q[:, cols]) * x_scale[:, g: g + 1] * w_scale[:, g]
+        pad_k, pad_n = (-k) % 16, (-w_q.shape[0]) % 16
+        scale_a = x_scale.reshape(1, 1).repeat(m, 1) if x_scale.dim() == 0 else x_scale  # (M, 1)
+        scale_a = scale_a.float().contiguous()
+        scale_b = F.pad(w_scale.float(), (0, pad_n), value=1.0)[None]  # (1, N)
+        out = torch._scaled_mm(_pad(x_q.contiguous(), (0, pad_k)), _pad(w_q, (0, pad_k), pad_n).t(),
+                               scale_a=scale_a, scale_b=scale_b, out_dtype=out_mm)
+        return out[:, : w_q.shape[0]].to(out_dtype)
+    lead, groups = k_offset % BLOCK, w_scale.shape[1]
+    cols, pad_m = (lead, groups * BLOCK - lead - k), (-m) % 16
+    scale_a = F.pad(x_scale.float(), (0, 0, 0, pad_m), value=1.0)  # (M', G)
+    out = torch._scaled_mm(_pad(x_q.contiguous(), cols, pad_m), _pad(w_q, cols).t(),
+                           scale_a=scale_a.t().contiguous().t(),  # M-major, as cuBLAS reads 1x128 scales
+                           scale_b=w_scale.float().t().contiguous(), out_dtype=out_mm)  # (G, N)
+    return out[:m].to(out_dtype)
+
+
+def scaled_mm_sums_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                        k_offset: int = 0) -> torch.Tensor:
+    """`emulated_gemm`'s contract with the sums from torch._scaled_mm at unit per-tensor scales (the
+    only scaling every CPU build has) and the same float32 epilogue: the CPU alternative that
+    benchmarks/fp8_cpu_gemm.py measured against the emulation (see CPU_GEMM)."""
+    one = torch.ones((), dtype=torch.float32, device=x_q.device)
+
+    def sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (M, K) @ (N, K).T, float32
+        pad_k, pad_n = (-a.shape[1]) % 16, (-b.shape[0]) % 16
+        out = torch._scaled_mm(_pad(a.contiguous(), (0, pad_k)), _pad(b.contiguous(), (0, pad_k), pad_n).t(),
+                               scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return out[:, : b.shape[0]]
+    if w_scale.dim() == 1:
+        return sums(x_q, w_q) * x_scale * w_scale
+    lead, groups = k_offset % BLOCK, w_scale.shape[1]
+    cols = (lead, groups * BLOCK - lead - x_q.shape[1])
+    a, b = _pad(x_q.contiguous(), cols), _pad(w_q.contiguous(), cols)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    for g in range(groups):
+        group = slice(g * BLOCK, (g + 1) * BLOCK)
+        out += sums(a[:, group], b[:, group]) * x_scale[:, g: g + 1] * w_scale[:, g]
     return out
 
 
 def fp8_gemm(x_q, x_scale, w_q, w_scale, k_offset: int = 0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The FP8 GEMM on the tensor cores (CUDA) or emulated (CPU); float32 sums (float64 for a
-    float64 model on CPU), returned in out_dtype."""
-    if x_q.is_cuda or CPU_GEMM == "scaled_mm":  # CPU _scaled_mm kept selectable for the benchmark
-        return cuda_gemm(x_q, x_scale, w_q, w_scale, k_offset).to(out_dtype)
+    """The FP8 GEMM on the tensor cores (CUDA) or on CPU (CPU_GEMM); float32 sums (float64 for a
+    float64 model, emulated), returned in out_dtype."""
+    if x_q.is_cuda:
+        return cuda_gemm(x_q, x_scale, w_q, w_scale, k_offset, out_dtype)
+    if CPU_GEMM == "scaled_mm":
+        return scaled_mm_sums_gemm(x_q, x_scale, w_q, w_scale, k_offset).to(out_dtype)
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     return emulated_gemm(x_q, x_scale, w_q, w_scale, k_offset, acc).to(out_dtype)
 

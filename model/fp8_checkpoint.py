@@ -89,7 +89,8 @@ def _compressed_tensors(q: dict) -> Fp8Format:
         try:
             schemes.add(Fp8Scheme(w, act))
         except ValueError as e:
-            raise ConfigError(f"config_groups.{name}: weight strategy {w!r} with activation strategy {a!r}: {e}") from None
+            raise ConfigError(f"config_groups.{name}: weight strategy {w!r} with activation strategy {a!r}: "
+                              f"{e}") from None
     if len(schemes) != 1:
         raise ConfigError("quantization_config: config_groups with different schemes are not supported")
     kv = q.get("kv_cache_scheme")

@@ -164,7 +164,8 @@ BAD_SCALES = {  # case: (format, tensor edit, config edit, words the message mus
     "negative": ("modelopt", _set(Q_SCALE, lambda s: -s), None, [Q_SCALE, "negative"]),
     "shape": ("block", _set(BLOCK_SCALE, lambda s: s[:, :1]), None, [BLOCK_SCALE, "shape"]),
     "channel-shape": ("compressed-tensors", _set("model.layers.3.feed_forward.experts.0.gate_proj.weight_scale",
-                                                 lambda s: s[:-1]), None, ["experts.0.gate_proj.weight_scale", "shape"]),
+                                                 lambda s: s[:-1]), None,
+                      ["experts.0.gate_proj.weight_scale", "shape"]),
     "missing": ("block", lambda t: t.pop(BLOCK_SCALE), None,
                 ["model.layers.1.feed_forward.experts.3.down_proj.weight", "has no weight_scale_inv"]),
     "missing-input": ("modelopt", lambda t: t.pop("model.layers.0.self_attn.k_proj.input_scale"), None,
@@ -175,7 +176,8 @@ BAD_SCALES = {  # case: (format, tensor edit, config edit, words the message mus
     "scale-of-bf16": ("compressed-tensors", lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale":
                                                                 torch.ones(CFG.n_heads * CFG.head_dim, 1)}),
                       None, ["q_proj.weight_scale", "not FP8"]),
-    "foreign-scale-name": ("block", lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale": torch.ones(())}),
+    "foreign-scale-name": ("block", lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale":
+                                                        torch.ones(())}),
                            None, ["q_proj.weight_scale", "not part of the fp8 format"]),
     "no-quant-config": ("block", None, lambda c: c.pop("quantization_config"),
                         ["q_proj.weight", "no quantization_config"]),

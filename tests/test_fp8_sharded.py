@@ -98,7 +98,8 @@ def test_fp8_logits_carry_a_real_fp8_error(unsharded):
             assert 1e-3 < _rel(unsharded[name], unsharded["fp32"]) < 0.6, name
 
 
-EXACT = {(4, "tp"): ["per-tensor/f64", "per-tensor+kv/f64"], (2, "ep"): ["per-tensor/f64", "per-tensor+kv/f64", "block/f64"]}
+EXACT = {(4, "tp"): ["per-tensor/f64", "per-tensor+kv/f64"],
+         (2, "ep"): ["per-tensor/f64", "per-tensor+kv/f64", "block/f64"]}  # EP 2: every slice 128-aligned
 DYNAMIC = ["channel", "block"]
 
 
@@ -115,3 +116,68 @@ def test_sharded_fp8_matches_unsharded_fp8(checkpoint, unsharded, world, moe_mod
         assert diff <= 1e-9 * float(_rows(unsharded[name]).abs().max()), (name, diff)
     for name in DYNAMIC:
         assert _rel(got[name], unsharded["fp32"]) <= 1.25 * _rel(unsharded[name], unsharded["fp32"]), name
+
+
+def _granule_scales(x: torch.Tensor, span: int) -> torch.Tensor:
+    """Per element, the dynamic scale of its granule: amax / 448 over consecutive `span` columns."""
+    from model.fp8 import FP8_MAX
+
+    amax = [x[:, g: g + span].abs().amax(-1, keepdim=True).expand(-1, span) for g in range(0, x.shape[1], span)]
+    return torch.cat(amax, dim=1) / FP8_MAX
+
+
+def _rounding(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bound on |q(x) - x| per element: half an e4m3 step, relative (normal) or absolute (subnormal)."""
+    return torch.maximum(x.abs().double() * 2.0 ** -4, scale.double() * 2.0 ** -10)
+
+
+def _dequantized_rows(layer) -> torch.Tensor:
+    """float64 weights an FP8 layer computes with (per-row, or per-row-and-group, scales)."""
+    scale = layer.weight_scale.double()
+    if scale.dim() == 2:
+        scale = scale[:, (torch.arange(layer.in_features) + layer.k_offset) // 128]
+    else:
+        scale = scale[:, None]
+    return layer.weight.double() * scale
+
+
+@pytest.mark.parametrize("name", ["channel", "block"])
+def test_row_parallel_dynamic_quantization_stays_within_its_bound(name):
+    """A row-parallel FP8 layer split 4 ways (64 input columns a rank: not 128-aligned) quantizes a
+    token's slice with the slice's own amax. Each input then differs from its unsharded
+    quantization by at most the two rounding errors, e <= max(2^-4 |x|, 2^-10 s) (half an e4m3
+    step, normal or subnormal), so |y_shard - y_full| <= sum_k |w_k| (e_shard,k + e_full,k), plus
+    float32 accumulation (K 2^-24 sum |w x|, twice). With 128-aligned slices the block scheme
+    quantizes exactly the same groups: then only accumulation is left."""
+    from model.fp8 import SCHEMES, Fp8Linear, quantize_weight
+
+    scheme, k, n, world = SCHEMES[name], 256, 96, 4
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    w_q, w_scale = quantize_weight(w, scheme.weight)
+    per_row = w_scale.repeat_interleave(128, 0)[:n] if name == "block" else w_scale.reshape(-1)
+
+    def layer(cols: slice) -> Fp8Linear:
+        out = Fp8Linear(cols.stop - cols.start, n, scheme, torch.float32, k_offset=cols.start)
+        out.weight.data.copy_(w_q[:, cols])
+        out.weight_scale.data.copy_(per_row[:, cols.start // 128: (cols.stop - 1) // 128 + 1] if name == "block"
+                                    else per_row)
+        return out
+
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.1, 10, k)  # uneven
+    full = layer(slice(0, k))
+    for width in (64, 128):
+        slices = [slice(r * width, (r + 1) * width) for r in range(k // width)]
+        shards = [layer(s) for s in slices]
+        y_full = full(x).double()
+        y_shard = sum(shard(x[:, s]).double() for shard, s in zip(shards, slices))
+        w_abs = _dequantized_rows(full).abs()
+        accumulation = 2 * k * 2.0 ** -24 * (x.double().abs() @ w_abs.t())
+
+        span = k if name == "channel" else 128  # the unsharded quantizer's granule: a token, or 1x128
+        full_scale, shard_scale = _granule_scales(x, span), _granule_scales(x, min(span, width))
+        bound = (_rounding(x, full_scale) + _rounding(x, shard_scale)) @ w_abs.t() + accumulation
+        assert bool(((y_shard - y_full).abs() <= bound).all()), (name, width)
+        if name == "block" and width == 128:
+            assert bool(((y_shard - y_full).abs() <= accumulation).all())
+        if width == 64:  # the bound is not vacuous: the shards really quantize differently
+            assert float((y_shard - y_full).abs().max()) > float(accumulation.max())
