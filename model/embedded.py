@@ -6,6 +6,12 @@ default run exercises the real loader. Its shape keeps every feature of the arch
 and MoE layers, RoPE and NoPE layers, chunked attention with a small chunk, QK-norm, fewer KV
 heads than eight ranks) at a size that eight CPU actors on two cores decode interactively.
 The weights are random until a trained model replaces them: the text it writes is noise.
+
+It ships with an EAGLE-3 draft (model/assets/eagle3-default-<VERSION>/, SafeAILab layout, bf16,
+~2 MB), toy-trained against exactly these weights by `dgx-emu train-draft --embedded`, so that
+`dgx-emu generate` decodes speculatively out of the box. Committing it beats training at first use
+(minutes of CPU) and the draft records a fingerprint of the target's weights: if the deterministic
+build ever produced other weights, loading warns (output stays exact; only acceptance would drop).
 """
 from __future__ import annotations
 
@@ -29,6 +35,12 @@ INIT_STD = 0.08  # larger than HF's 0.02 so that greedy text from random weights
 
 def default_config() -> ModelConfig:
     return tiny(vocab_size=512)
+
+
+def default_draft_dir(must_exist: bool = True) -> Path | None:
+    """The shipped EAGLE-3 draft of the default model (None if it is missing and must_exist)."""
+    path = Path(__file__).resolve().parent / "assets" / f"eagle3-default-{VERSION}"
+    return path if not must_exist or (path / "model.safetensors").is_file() else None
 
 
 def default_model_dir() -> Path:

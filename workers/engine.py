@@ -35,6 +35,7 @@ class Completion:
     request_id: str
     token_ids: list[int]
     finish_reason: str  # "eos" or "length"
+    spec: dict = field(default_factory=dict)  # speculative decoding metrics (workers/speculative.py)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class GenerationStats:
     ttft_s: float = 0.0
     step_s: list[float] = field(default_factory=list)  # one entry per decode step after the prefill
     total_s: float = 0.0
+    spec: dict = field(default_factory=dict)  # speculative decoding: config, layer ids, steps
 
 
 def validate_requests(requests: list[Request], vocab_size: int, max_context: int) -> None:
@@ -61,14 +63,24 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 
 class Engine:
     def __init__(self, model: Llama4, max_context: int | None = None, recorder=None,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, draft=None) -> None:
         """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost).
-        kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache)."""
+        kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache).
+        draft: an EAGLE-3 draft (model.eagle3.Eagle3Draft) on the same ranks, for speculative decoding."""
         self.model = model
+        self.draft = draft
         self.kv_dtype = kv_dtype
         self.cfg = model.cfg
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.recorder = recorder or NullRecorder()
+
+    def _speculative(self, requests: list[Request], spec, on_tokens):
+        from workers.speculative import SpecDecoder  # it builds on this module's types
+        if self.draft is None:
+            raise RequestError("speculative decoding was asked for, but no EAGLE-3 draft is loaded")
+        generators = [torch.Generator().manual_seed(r.params.seed if r.params.seed is not None else 0) for r in requests]
+        decoder = SpecDecoder(self.model, self.draft, spec, self.recorder)
+        return decoder.generate(requests, generators, self._pick, self.kv_dtype, on_tokens)
 
     def _pick(self, logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
         shard = self.model.shard
@@ -76,10 +88,13 @@ class Engine:
             return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
                                [r.params for r in requests], generators)
 
-    def generate(self, requests: list[Request],
-                 on_tokens: Callable[[int, list[list[int]]], None] | None = None) -> tuple[list[Completion], GenerationStats]:
-        """Runs the batch to completion. on_tokens(step, new ids per request) is called after each step."""
+    def generate(self, requests: list[Request], on_tokens: Callable[[int, list[list[int]]], None] | None = None,
+                 spec=None) -> tuple[list[Completion], GenerationStats]:
+        """Runs the batch to completion. on_tokens(step, new ids per request) is called after each step.
+        spec: a model.spec.SpecConfig to decode speculatively with the draft (None: plain decoding)."""
         validate_requests(requests, self.cfg.vocab_size, self.max_context)
+        if spec is not None:
+            return self._speculative(requests, spec, on_tokens)
         batch = len(requests)
         device = self.model.embed_tokens.weight.device
         generators = [torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else

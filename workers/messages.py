@@ -10,6 +10,7 @@ import dataclasses
 import msgpack
 
 from model.sampling import SamplingParams
+from model.spec import SpecConfig
 from workers.engine import Completion, GenerationStats, Request
 from workers.run_config import RunConfig
 
@@ -37,6 +38,18 @@ def pack_requests(requests: list[Request]) -> bytes:
 
 def unpack_requests(data: bytes) -> list[Request]:
     return [Request(tuple(r["prompt_ids"]), SamplingParams(**r["params"]), r["request_id"]) for r in _unpack(data)]
+
+
+def pack_batch(requests: list[Request], spec: SpecConfig | None = None) -> bytes:
+    """One generate call: the requests and how to decode them (spec None: plain decoding)."""
+    return msgpack.packb({"requests": pack_requests(requests),
+                          "spec": dataclasses.asdict(spec) if spec is not None else None})
+
+
+def unpack_batch(data: bytes) -> tuple[list[Request], SpecConfig | None]:
+    msg = _unpack(data)
+    spec = SpecConfig(**msg["spec"]) if msg["spec"] is not None else None
+    return unpack_requests(msg["requests"]), spec
 
 
 def pack_result(completions: list[Completion], stats: GenerationStats, extra: dict) -> bytes:
