@@ -24,8 +24,9 @@ class InProcessNode:
     def load(self, progress=None) -> list[dict]:
         return [self.worker.load(progress)]
 
-    def generate(self, requests: list[Request], on_tokens=None) -> tuple[list[Completion], GenerationStats, dict]:
-        completions, stats = self.worker.generate(requests, on_tokens)
+    def generate(self, requests: list[Request], on_tokens=None,
+                 spec=None) -> tuple[list[Completion], GenerationStats, dict]:
+        completions, stats = self.worker.generate(requests, on_tokens, spec)
         memory = [{"rank": 0, "weights_bytes": self.worker.model.weight_bytes(),
                    "kv_cache_bytes": self.worker.kv_cache_bytes(requests)}]
         return completions, stats, {"memory_per_rank": memory, "control_overhead_s": 0.0}

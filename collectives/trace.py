@@ -118,8 +118,10 @@ class TraceRecorder:
         self.step, self.requests, self.layer = step, requests, -1
         self.step_start = self.now()
 
-    def step_end(self, tokens: int) -> None:
-        self._emit({"k": "step", "s": self.step, "r": self.requests, "tokens": tokens}, self.step_start, self.now())
+    def step_end(self, tokens: int, **fields) -> None:
+        """fields: extra facts of the step (speculative decoding: drafts accepted per request)."""
+        self._emit({"k": "step", "s": self.step, "r": self.requests, "tokens": tokens, **fields},
+                   self.step_start, self.now())
         self._resolve_events()
         self.layer = -1
 

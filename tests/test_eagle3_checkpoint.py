@@ -42,9 +42,9 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(target):
-    """A random draft with a 200-token draft vocabulary, bound to the target's embedding."""
+    """A random draft with a 203-token draft vocabulary (no world size divides it), on the target's embedding."""
     _, model = target
-    draft = random_draft(model.cfg, seed=5, draft_vocab=200, std=0.05, layer_ids=(0, 2, 3))
+    draft = random_draft(model.cfg, seed=5, draft_vocab=203, std=0.05, layer_ids=(0, 2, 3))
     draft.target.embed = model.embed_tokens
     return draft.eval()
 
@@ -67,7 +67,7 @@ def test_safeailab_layout_round_trips(target, source, tmp_path):
     assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight", "d2t", "t2d",
             "lm_head.weight", "norm.weight"} <= names
     raw = json.loads((tmp_path / "config.json").read_text())
-    assert raw["draft_vocab_size"] == 200 and raw["target_hidden_size"] == model.cfg.hidden_size
+    assert raw["draft_vocab_size"] == 203 and raw["target_hidden_size"] == model.cfg.hidden_size
     loaded, _ = load_draft(tmp_path, model)
     assert loaded.cfg.layer_ids == (0, 2, 3)
     tokens, features = _inputs(model.cfg, model.cfg.hidden_size)
@@ -144,7 +144,7 @@ BAD = {
     "missing": (None, lambda t: t.pop("midlayer.mlp.up_proj.weight"), CheckpointError, "midlayer.mlp.up_proj.weight"),
     "shape": (None, lambda t: t.update({"fc.weight": torch.zeros(256, 512)}), CheckpointError, "'fc.weight' has shape"),
     "unknown": (None, lambda t: t.update({"midlayer.extra.weight": torch.zeros(3)}), CheckpointError, "midlayer.extra"),
-    "d2t_dup": (None, lambda t: t.update({"d2t": -torch.arange(200)}), CheckpointError, "same target"),
+    "d2t_dup": (None, lambda t: t.update({"d2t": -torch.arange(203)}), CheckpointError, "same target"),
     "d2t_dtype": (None, lambda t: t.update({"d2t": t["d2t"].float()}), CheckpointError, "'d2t' has dtype F32"),
     "t2d": (None, lambda t: t.update({"t2d": torch.ones(VOCAB, dtype=torch.bool)}), CheckpointError, "t2d disagrees"),
     "no_d2t": (None, lambda t: (t.pop("d2t"), t.pop("t2d")), CheckpointError, "no d2t"),

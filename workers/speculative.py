@@ -14,7 +14,8 @@ there is no driver round trip per step.
 
 Metrics per request: acceptance length (1 + accepted drafts per verification step, averaged, as
 vLLM defines it), acceptance rate per draft position (fraction of steps whose position-i draft was
-accepted), draft and verify seconds, tokens/s.
+accepted), draft and verify seconds, tokens/s. In a trace, every step record carries `accepted`
+(drafts kept per request) and `tokens`, inside the step's "draft" and "verify" spans.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class SpecDecoder:
             else:
                 stats.step_s.append(now - last)
             last = now
-            self.recorder.step_end(sum(len(n) for n in new))
+            self.recorder.step_end(sum(len(n) for n in new), **({"accepted": accepted} if step else {}))
             if on_tokens:
                 on_tokens(step, new)
             state.active = [not f for f in finish]
@@ -133,7 +134,9 @@ class SpecDecoder:
                 break
             step += 1
             self.recorder.step_begin(step, request_ids)
+            before = [r.accepted for r in row_stats]
             new = self.speculative_step(state, requests, generators, row_stats)
+            accepted = [r.accepted - b for r, b in zip(row_stats, before)]  # drafts kept per request (trace)
         stats.total_s = time.perf_counter() - begin
         stats.spec = {"config": self.spec.describe(), "layer_ids": list(self.layer_ids), "steps": step}
         return [Completion(r.request_id, out[b], finish[b], spec=row_stats[b].summary(len(out[b])))

@@ -21,7 +21,7 @@ class NullRecorder:
     def step_begin(self, step: int, requests: list[str]) -> None:
         pass
 
-    def step_end(self, tokens: int) -> None:
+    def step_end(self, tokens: int, **fields) -> None:
         pass
 
     def close(self) -> None:

@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
+    threads: int = 1  # torch intra-op threads
 
     def __post_init__(self) -> None:
         if self.ttt_steps < 1:
@@ -198,6 +199,7 @@ class ProgressBar:
 
 def train_draft(cfg: TrainConfig, log=print) -> dict:
     """The whole recipe; writes the draft to cfg.out and returns a report."""
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = DTYPES[cfg.dtype]
@@ -240,7 +242,7 @@ def train_draft(cfg: TrainConfig, log=print) -> dict:
         f"{estimate['acceptance_length']:.2f}")
     report = {"target_fingerprint": target_fingerprint(cfg.target), "trained_by": "dgx-emu train-draft",
               "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-                         if k not in ("target", "out")},
+                         if k not in ("target", "out", "threads")},
               "heldout": estimate, "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "final_accuracy": history[-1]["accuracy"]}
     save_draft(cfg.out, draft.cfg, checkpoint_tensors(draft), extra={"dgx_emu": report})
     return report
