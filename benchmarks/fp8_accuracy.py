@@ -20,7 +20,7 @@ The first row of each model, "fp32", is the float32 model measured the same way:
 
 The Scout-shaped model keeps Scout's per-layer shapes (hidden 5120, 40 query / 8 KV heads of 128,
 expert and shared-expert width 8192, QK-norm, llama3 RoPE, chunked attention, MoE every layer)
-and is reduced to fit two CPU cores in minutes: 2 layers instead of 48, 4 experts instead of 16,
+and is reduced to fit two CPU cores in minutes: 2 layers instead of 48, 2 experts instead of 16,
 a vocabulary of 8192 instead of 202048 (tokens are the embedded byte-level ids), one window of
 128 positions (the embedded model: 4 windows of 256, medians), and no fp32 row.
 
@@ -71,8 +71,8 @@ SCHEMES = ("per-tensor", "channel", "block")  # each with the KV cache in BF16 (
 
 def scout_reduced():
     cfg = scout(n_layers=2)
-    return dataclasses.replace(cfg, n_experts=4, vocab_size=8192, bos_token_id=None, eos_token_ids=(),
-                               name="scout-2L-4E-8kvocab")
+    return dataclasses.replace(cfg, n_experts=2, vocab_size=8192, bos_token_id=None, eos_token_ids=(),
+                               name="scout-2L-2E-8kvocab")
 
 
 def _build(path: Path, cfg, dtype: str, compute: torch.dtype, scheme: str = "auto", kv: str = "auto"):

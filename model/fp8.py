@@ -55,6 +55,7 @@ from collectives.communicator import FP8_MAX, quantize_fp8
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 MIN_AMAX = 1e-12  # a token of zeros: any positive scale quantizes it exactly; keep it finite
+GROUP_BATCH_BYTES = 64 << 20  # block emulation: per-group partial sums held at once
 # Measured by benchmarks/fp8_cpu_gemm.py (results/fp8_cpu_gemm.json): the bit-trick emulation beats
 # CPU torch._scaled_mm at every decode/prefill shape measured, with identical numbers.
 CPU_GEMM = "emulated"
@@ -195,10 +196,16 @@ def emulated_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w
     x_scale, w_scale = x_scale.to(acc_dtype), w_scale.to(acc_dtype)
     if w_scale.dim() == 1:
         return (a @ b.t()) * x_scale * w_scale
-    a, b = to_groups(a, k_offset), to_groups(b, k_offset)  # (M, G, 128), (N, G, 128)
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=acc_dtype, device=a.device)
-    for g in range(a.shape[1]):
-        out += (a[:, g] @ b[:, g].t()) * x_scale[:, g: g + 1] * w_scale[:, g]
+    a = to_groups(a, k_offset).transpose(0, 1)  # (G, M, 128)
+    b = to_groups(b, k_offset).permute(1, 2, 0)  # (G, 128, N)
+    groups, m, n = a.shape[0], a.shape[1], b.shape[2]
+    out = torch.zeros(m, n, dtype=acc_dtype, device=a.device)
+    step = max(1, GROUP_BATCH_BYTES // (m * n * a.element_size()))  # groups per batched matmul
+    for g in range(0, groups, step):
+        partial = torch.bmm(a[g: g + step], b[g: g + step])  # (g, M, N): one float32 sum per group
+        partial *= x_scale.t()[g: g + step, :, None]
+        partial *= w_scale.t()[g: g + step, None, :]
+        out += partial.sum(0)
     return out
 
 

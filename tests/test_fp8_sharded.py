@@ -181,3 +181,38 @@ def test_row_parallel_dynamic_quantization_stays_within_its_bound(name):
             assert bool(((y_shard - y_full).abs() <= accumulation).all())
         if width == 64:  # the bound is not vacuous: the shards really quantize differently
             assert float((y_shard - y_full).abs().max()) > float(accumulation.max())
+
+
+class _Comm(SingleRankCommunicator):
+    """Records which fused AllReduce+RMSNorm calls were asked for an FP8 output; can refuse them."""
+
+    def __init__(self, fuse: bool) -> None:
+        super().__init__()
+        self.fuse, self.quantized = fuse, []
+
+    def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
+        self.quantized.append(quant_scale is not None)
+        return super().allreduce_add_rmsnorm(partial, residual, weight, eps, quant_scale if self.fuse else None)
+
+
+def test_collective_emits_the_fp8_input_of_static_gemms(checkpoint):
+    """With static per-tensor scales the decoder asks the AllReduce+RMSNorm for FP8 output (next
+    attention's qkv, dense MLP's FC13; never the MoE, whose router needs high precision, nor the
+    LM head): the same numbers as quantizing inside Fp8Linear, bit for bit."""
+    cfg = load_model_config(str(checkpoint))
+    run = SimpleNamespace(model_path=str(checkpoint), device="cpu", torch_dtype=torch.float32, dtype="fp8",
+                          fp8_scheme="per-tensor", kv_dtype="auto")
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for fuse in (True, False):
+        comm = _Comm(fuse)
+        model, _ = build_model(run, cfg, layout(cfg), comm)
+        comm.quantized.clear()
+        logits[fuse] = model(ids, model.new_cache(1, 40)).logits
+        calls = comm.quantized  # two per layer: after attention, after the feed-forward
+    assert torch.equal(logits[True], logits[False])
+    dense_layers = [i for i in range(cfg.n_layers) if not cfg.is_moe(i)]
+    want = []
+    for i in range(cfg.n_layers):
+        want += [i in dense_layers, i + 1 < cfg.n_layers]
+    assert calls == want
