@@ -6,12 +6,15 @@ against the vocabulary and context limits.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from cluster.hardware import gpu_spec
 from cluster.timeline import TraceError
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, load_model_config
+from model.eagle3 import draft_layout
+from model.eagle3_checkpoint import read_draft_config
 from model.parallel import layout
 from model.sampling import SamplingError
 from workers.engine import Request, RequestError, validate_requests
@@ -33,6 +36,10 @@ def check_layout(run: RunConfig):
     cfg = load_model_config(path)
     for rank in range(run.world_size):
         layout(cfg, run.world_size, rank, run.moe_mode)
+    if run.draft_path:  # the draft must fit the target and split over the same ranks
+        draft = read_draft_config(run.draft_path, cfg)
+        for rank in range(run.world_size):
+            draft_layout(draft, run.world_size, rank)
     if run.device == "cuda":
         import torch
         available = torch.cuda.device_count()
@@ -42,21 +49,32 @@ def check_layout(run: RunConfig):
     return cfg
 
 
-class _Validating:
-    def validate(self, requests: list[Request]) -> None:
-        validate_requests(requests, self.model_cfg.vocab_size, self.run.max_context or self.model_cfg.max_position_embeddings)
+def _attach_validate(node):
+    cfg, run = node.model_cfg, node.run
+    node.validate = lambda requests: validate_requests(requests, cfg.vocab_size,
+                                                       run.max_context or cfg.max_position_embeddings)
+    return node
 
 
 def build_node(run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
-               dashboard: bool = False):
-    """World size 1 runs in-process (no Ray); larger worlds start one Ray actor per rank."""
+               dashboard: bool = False, max_restarts: int = 0):
+    """World size 1 runs in-process (no Ray); larger worlds start one Ray actor per rank, under a
+    Supervisor that restarts the node after a rank failure when max_restarts > 0."""
     check_layout(run)
     gpu_spec(run.hardware)
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     if run.world_size == 1 and address is None:
         from cluster.inprocess import InProcessNode
-        node = InProcessNode(run)
-    else:
-        from cluster.ray_node import RayNode
-        node = RayNode(run, address=address, placement=placement, dashboard=dashboard)
-    node.validate = _Validating.validate.__get__(node)
-    return node
+        return _attach_validate(InProcessNode(run))
+    from cluster.ray_node import RayNode
+
+    def make():
+        return _attach_validate(RayNode(run, address=address, placement=placement, dashboard=dashboard))
+
+    if max_restarts == 0:
+        return make()
+    from cluster.faults import Supervisor
+    supervisor = Supervisor(make, max_restarts, log=lambda msg: print(msg, file=sys.stderr))
+    supervisor.validate = supervisor.node.validate
+    return supervisor

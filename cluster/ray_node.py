@@ -23,10 +23,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.clocks import estimate_offset, write_clock_file
+from cluster.faults import RankFailure, diagnose
 from collectives.factory import shm_name
 from collectives.shm_sync import sweep_segments
 from workers.engine import Completion, GenerationStats, Request
-from workers.messages import pack, pack_requests, pack_result, pack_run, unpack, unpack_requests, unpack_result, unpack_run
+from workers.messages import pack, pack_batch, pack_result, pack_run, unpack, unpack_batch, unpack_result, unpack_run
 from workers.run_config import RunConfig
 
 LOCAL_HOST = "127.0.0.1"
@@ -73,7 +74,7 @@ class RankActor:
         return self.load_done, self.load_total
 
     def generate(self, requests_msg: bytes) -> bytes:
-        requests = unpack_requests(requests_msg)
+        requests, spec = unpack_batch(requests_msg)
         self.stream = []
 
         def on_tokens(step: int, new: list[list[int]]) -> None:
@@ -81,7 +82,7 @@ class RankActor:
                 self.stream.append([step, new])
 
         start = time.perf_counter()
-        completions, stats = self.worker.generate(requests, on_tokens)
+        completions, stats = self.worker.generate(requests, on_tokens, spec)
         busy = time.perf_counter() - start
         extra = {"rank": self.rank, "busy_s": busy, "kv_cache_bytes": self.worker.kv_cache_bytes(requests),
                  "weights_bytes": self.worker.model.weight_bytes()}
@@ -169,21 +170,34 @@ class RayNode:
         self.load_reports = [unpack(r) for r in ray.get(futures, timeout=self.timeout)]
         return self.load_reports
 
-    def generate(self, requests: list[Request], on_tokens=None,
-                 timeout_s: float = 3600.0) -> tuple[list[Completion], GenerationStats, dict]:
+    def generate(self, requests: list[Request], on_tokens=None, timeout_s: float = 3600.0,
+                 spec=None) -> tuple[list[Completion], GenerationStats, dict]:
+        """spec: a model.spec.SpecConfig (EAGLE-3 speculative decoding, still one call per rank), or None."""
         start = time.perf_counter()
-        payload = pack_requests(requests)
+        payload = pack_batch(requests, spec)
         futures = [a.generate.remote(payload) for a in self.actors]
+        rank_of = {ref: r for r, ref in enumerate(futures)}
         pending, seen, deadline = list(futures), 0, time.monotonic() + timeout_s
         while True:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.02)
-            for step, new in unpack(ray.get(self.actors[0].poll.remote(seen), timeout=self.timeout)):
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.02)
+            failure = diagnose(done, rank_of) if done else None
+            if failure is None:
+                try:
+                    news = unpack(ray.get(self.actors[0].poll.remote(seen), timeout=self.timeout))
+                except ray.exceptions.RayError:
+                    failure = diagnose(futures, rank_of) or RankFailure(0, "stopped answering")
+            if failure is not None:
+                failure.detected_after_s = time.perf_counter() - start
+                self.abort()
+                raise failure
+            for step, new in news:
                 seen += 1
                 if on_tokens:
                     on_tokens(step, new)
             if not pending:
                 break
             if time.monotonic() > deadline:
+                self.abort()
                 raise TimeoutError(f"generation did not finish within {timeout_s:.0f} s")
         results = [unpack_result(r) for r in ray.get(futures, timeout=self.timeout)]
         wall = time.perf_counter() - start
@@ -195,6 +209,15 @@ class RayNode:
         info = {"memory_per_rank": memory, "control_overhead_s": wall - busiest,
                 "control_overhead_per_step_s": (wall - busiest) / steps}
         return completions, stats, info
+
+    def node_pids(self) -> list[int]:
+        """The process id of every rank, in rank order."""
+        return list(self.pids)
+
+    def abort(self) -> None:
+        """Kills every rank at once (some may be blocked in a collective with a dead peer)."""
+        for actor in self.actors:
+            ray.kill(actor)
 
     def shutdown(self) -> None:
         if self.run.trace_dir and self.actors:

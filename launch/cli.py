@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 
 from cluster.node import USER_ERRORS, UserError, build_node
+from cluster.faults import RankFailure
+from cluster.timeline import TraceError
+from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
+                             spec_summary)
+from launch.drill_cli import add_drill_parser, run_drill
+from launch.trace_cli import add_trace_parser, finish_trace_dir, prepare_trace_dir, run_trace
 from model.embedded import ensure_default_model
 from model.sampling import SamplingParams
 from model.tokenizer import StreamDecoder, Tokenizer
@@ -60,13 +66,25 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
                    help="placement-group strategy for the ranks")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
+    p.add_argument("--trace", metavar="DIR", default=None,
+                   help="record per-rank communication timelines into DIR (see `dgx-emu trace`)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="after a rank failure, restart the node and rerun the batch up to N times")
+    p.add_argument("--collective-timeout", type=float, default=120.0,
+                   help="seconds a rank waits in a collective before naming the ranks that never came")
+    p.add_argument("--inject-delay", metavar="RANK:SECONDS", default=None,
+                   help="fault injection: RANK arrives SECONDS late at every collective")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    add_spec_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="dgx-emu", description="Eight Ray actors as the GPUs of a DGX B200 node.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     add_generate_args(sub.add_parser("generate", help="generate text from a Llama 4 model"))
+    add_trace_parser(sub)
+    add_train_draft_parser(sub)
+    add_drill_parser(sub)
     return parser
 
 
@@ -86,6 +104,16 @@ def _requests(args, model_dir: Path, cfg) -> tuple[list[Request], Tokenizer | No
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
     return [Request(p, params, str(i)) for i, p in enumerate(prompts)], tokenizer
+
+
+def _delay(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        rank, seconds = text.split(":")
+        return {"delay_rank": int(rank), "delay_s": float(seconds)}
+    except ValueError:
+        raise UserError(f"--inject-delay must look like RANK:SECONDS, got {text!r}") from None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -117,12 +145,18 @@ def _printable(text: str) -> str:
 def run_generate(args) -> int:
     model_dir = Path(args.model) if args.model else ensure_default_model()
     comm = args.comm or ("nccl" if args.device == "cuda" else "shm")
+    draft_path, spec = spec_settings(args, model_given=args.model is not None)
+    if args.trace:
+        prepare_trace_dir(args.trace)
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
                     moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
-                    hardware=args.hardware, fp8_scheme=args.fp8_scheme, kv_dtype=args.kv_dtype)
-    with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard) as node:
+                    hardware=args.hardware, trace_dir=args.trace, fp8_scheme=args.fp8_scheme,
+                    kv_dtype=args.kv_dtype, draft_path=draft_path, **_delay(args.inject_delay))
+    with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard,
+                    max_restarts=args.max_restarts) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
+        check_spec(spec, draft_path, model_dir, node.model_cfg)
         load_reports = node.load(_load_progress if sys.stderr.isatty() else None)
         _report_load(load_reports, args.world_size)
         decoder = StreamDecoder(tokenizer) if tokenizer is not None and len(requests) == 1 else None
@@ -133,7 +167,7 @@ def run_generate(args) -> int:
                 sys.stdout.flush()
 
         start = time.perf_counter()
-        completions, stats, info = node.generate(requests, on_tokens)
+        completions, stats, info = node.generate(requests, on_tokens, spec=spec)
         wall = time.perf_counter() - start
     if decoder:
         sys.stdout.write(_printable(decoder.flush()) + "\n")
@@ -156,14 +190,22 @@ def run_generate(args) -> int:
                   for r in load_reports],
         "completions": [{"request_id": c.request_id, "text": t, "token_ids": c.token_ids,
                          "finish_reason": c.finish_reason} for c, t in zip(completions, texts)],
+        **spec_summary(completions, stats, spec, draft_path),
         **info,
     }
+    if args.trace:
+        traced = finish_trace_dir(args.trace)
+        summary["trace"] = {"dir": traced["dir"], "merged": traced["merged"],
+                            "straggler": traced["summary"]["straggler"]}
+        print(f"trace: {traced['dir']} (dgx-emu trace summary {traced['dir']})", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
     else:
         p50 = summary["step_latency_s"]["p50"]
         tps = summary["tokens_per_s"]
-        print(f"[{summary['new_tokens']} tokens, ttft {stats.ttft_s * 1e3:.1f} ms, "
+        accepted = summary.get("acceptance_length")
+        spec_note = f"{spec.describe()} acceptance length {accepted:.2f}, " if accepted else ""
+        print(f"[{summary['new_tokens']} tokens, {spec_note}ttft {stats.ttft_s * 1e3:.1f} ms, "
               f"{'%.1f tok/s' % tps if tps else 'n/a'}, step p50 "
               f"{'%.2f ms' % (p50 * 1e3) if p50 else 'n/a'}, world {args.world_size}]", file=sys.stderr)
     return 0
@@ -174,12 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "trace":
+            return run_trace(args)
+        if args.command == "train-draft":
+            return run_train_draft(args)
+        if args.command == "drill":
+            return run_drill(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (RankFailure, TimeoutError) as e:  # the node failed, not the user: exit 1, still one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

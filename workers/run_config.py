@@ -28,8 +28,12 @@ class RunConfig:
     threads_per_rank: int = 1
     collective_timeout_s: float = 120.0
     max_context: int | None = None
+    draft_path: str | None = None  # an EAGLE-3 draft checkpoint, loaded on every rank beside the target
+    trace_dir: str | None = None  # per-rank communication timelines go here when set
     fp8_scheme: str = "auto"
     kv_dtype: str = "auto"
+    delay_rank: int | None = None  # fault injection: this rank arrives late at every collective...
+    delay_s: float = 0.0  # ...by this many seconds
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -54,6 +58,9 @@ class RunConfig:
             raise ConfigError(f"moe mode must be 'tp' or 'ep', got {self.moe_mode!r}")
         if self.threads_per_rank < 1:
             raise ConfigError(f"threads per rank must be >= 1, got {self.threads_per_rank}")
+        if self.delay_rank is not None and not (0 <= self.delay_rank < self.world_size and self.delay_s >= 0):
+            raise ConfigError(f"delay injection needs a rank in 0..{self.world_size - 1} and seconds >= 0, "
+                              f"got rank {self.delay_rank}, {self.delay_s} s")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective timeout must be > 0 s, got {self.collective_timeout_s}")
 

@@ -12,11 +12,15 @@ import torch
 
 from collectives.communicator import Communicator
 from model.config import load_model_config
+from model.eagle3_checkpoint import load_draft
 from model.llama4 import Llama4
 from model.parallel import ShardLayout, layout
 from workers.engine import Completion, Engine, GenerationStats, Request
+from collectives.faults import DelayedCommunicator
+from collectives.trace import TraceRecorder, TracingCommunicator
 from workers.model_build import build_model, default_dtype  # noqa: F401 (default_dtype: re-exported)
 from workers.run_config import RunConfig
+from workers.tracing import instrument
 
 
 class Worker:
@@ -24,7 +28,14 @@ class Worker:
         """gpu: the spec of the GPU this rank stands for (name, hbm_bytes, ...), from cluster/hardware."""
         if comm.rank != rank or comm.world_size != run.world_size:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
-        self.rank, self.run, self.comm, self.gpu = rank, run, comm, gpu or {}
+        self.rank, self.run, self.gpu = rank, run, gpu or {}
+        self.recorder = None
+        if run.trace_dir:
+            self.recorder = TraceRecorder(run.trace_dir, rank, run.world_size, comm.backend, run.device)
+            comm = TracingCommunicator(comm, self.recorder)
+        if run.delay_rank == rank:  # outside the tracer: the trace sees this rank arrive late
+            comm = DelayedCommunicator(comm, run.delay_s)
+        self.comm = comm
         torch.set_num_threads(run.threads_per_rank)
         self.device = torch.device(run.device)
         self.model_cfg = load_model_config(run.model_path)
@@ -38,19 +49,27 @@ class Worker:
         start = time.perf_counter()
         model, read = build_model(self.run, self.model_cfg, self.shard, self.comm, progress)
         self.model = model.eval()
-        self.engine = Engine(self.model, self.run.max_context, kv_dtype=self.run.kv_torch_dtype)
+        if self.recorder is not None:
+            instrument(self.model, self.recorder)
+        self.draft = None
+        if self.run.draft_path:  # EAGLE-3, one-model mode: the draft's shard lives beside the target's
+            self.draft, draft_read = load_draft(self.run.draft_path, self.model)
+            read += draft_read
+        self.engine = Engine(self.model, self.run.max_context, self.recorder, kv_dtype=self.run.kv_torch_dtype,
+                             draft=self.draft)
         self.load_s = time.perf_counter() - start
-        weights = self.model.weight_bytes()
+        weights = self.model.weight_bytes() + (self.draft.weight_bytes() if self.draft is not None else 0)
         report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,
                   "bytes_read": read, "load_s": self.load_s, "stands_for": self.gpu.get("name")}
         if self.gpu:
             report["hbm_fraction"] = weights / self.gpu["hbm_bytes"]
         return report
 
-    def generate(self, requests: list[Request], on_tokens=None) -> tuple[list[Completion], GenerationStats]:
+    def generate(self, requests: list[Request], on_tokens=None, spec=None) -> tuple[list[Completion], GenerationStats]:
+        """spec: a model.spec.SpecConfig for speculative decoding with the loaded draft, or None."""
         if self.engine is None:
             raise RuntimeError(f"rank {self.rank}: generate() before load()")
-        return self.engine.generate(requests, on_tokens)
+        return self.engine.generate(requests, on_tokens, spec=spec)
 
     def kv_cache_bytes(self, requests: list[Request]) -> int:
         """KV-cache bytes this rank allocates for a batch (what generate() will hold)."""
