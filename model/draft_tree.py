@@ -76,7 +76,8 @@ def draft_topk(local_logits: torch.Tensor, k: int, vocab_start: int, comm: Commu
 def draft_distributions(draft: Eagle3Draft, local_logits: torch.Tensor, params: list[SamplingParams]):
     """local_logits: (M, Vd_r), one row per sampling batch row. One all-gather; returns q over the
     draft vocabulary (M, Vd) (to sample from) and over the target vocabulary (M, V) (to accept with)."""
-    full = draft.comm.all_gather(local_logits, dim=-1)[:, : draft.cfg.draft_vocab_size]  # (M, Vd)
+    # (M, Vd) on the CPU, where the requests' seeded generators draw
+    full = draft.comm.all_gather(local_logits, dim=-1)[:, : draft.cfg.draft_vocab_size].float().cpu()
     q_draft = torch.empty_like(full, dtype=torch.float32)  # (M, Vd)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):  # rows that filter alike go together
@@ -84,7 +85,7 @@ def draft_distributions(draft: Eagle3Draft, local_logits: torch.Tensor, params: 
     for i in groups.values():
         q_draft[i] = torch.softmax(filter_logits(full[i], params[i[0]]), dim=-1)
     q_target = q_draft.new_zeros(len(q_draft), draft.cfg.vocab_size)
-    q_target[:, draft.to_target_ids(torch.arange(q_draft.shape[1], device=q_draft.device))] = q_draft
+    q_target[:, draft.to_target_ids(torch.arange(q_draft.shape[1], device=draft.d2t.device)).cpu()] = q_draft
     return q_draft, q_target
 
 
@@ -112,7 +113,7 @@ class TreeGrower:
             for q, b in zip(q_draft, self.sampled):
                 ids[b, 0] = int(torch.multinomial(q, 1, generator=self.generators[b]))
             q_rows = q_target.new_zeros(batch, q_target.shape[1])
-            q_rows[rows] = q_target
+            q_rows[rows.cpu()] = q_target
             proposals.append(q_rows)  # (B, V); greedy rows keep zeros and never read them
         return parent_scores.repeat_interleave(self.top_k, dim=1) + logp, ids
 

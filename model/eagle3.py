@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collectives.communicator import Communicator, rms_norm
+from collectives.communicator import Communicator
 from model.attention import KVCache, StepContext, build_step_context, rope_inv_freq
 from model.config import ConfigError, ModelConfig, RopeScaling, _get, _int_list, _rope_from_hf
 from model.ffn import MLP
@@ -69,7 +69,8 @@ class Eagle3Config:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"EAGLE-3 draft {key} must be a positive integer, got {value!r}")
         if self.draft_vocab_size > self.vocab_size:
-            raise ConfigError(f"EAGLE-3 draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
+            raise ConfigError(f"EAGLE-3 draft_vocab_size ({self.draft_vocab_size}) exceeds "
+                              f"vocab_size ({self.vocab_size})")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"EAGLE-3 draft num_attention_heads ({self.n_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.n_kv_heads})")
@@ -94,7 +95,8 @@ class Eagle3Config:
         theta, scaling = _rope_from_hf(raw)
         return cls(
             hidden_size=hidden, n_heads=heads, n_kv_heads=_get(raw, "num_key_value_heads", heads, int),
-            head_dim=_get(raw, "head_dim", hidden // heads, int), intermediate_size=_get(raw, "intermediate_size", kind=int),
+            head_dim=_get(raw, "head_dim", hidden // heads, int),
+            intermediate_size=_get(raw, "intermediate_size", kind=int),
             vocab_size=vocab, draft_vocab_size=_get(raw, "draft_vocab_size", vocab, int),
             target_hidden_size=_get(raw, "target_hidden_size", hidden, int),
             n_aux=len(ids) if ids else 3, rms_norm_eps=_get(raw, "rms_norm_eps", 1e-5, float),
@@ -136,7 +138,8 @@ class Eagle3Config:
 def check_against_target(draft: Eagle3Config, target: ModelConfig) -> None:
     """Everything the draft must agree on with the target it serves; the error names the field."""
     if draft.vocab_size != target.vocab_size:
-        raise ConfigError(f"EAGLE-3 draft vocab_size ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+        raise ConfigError(f"EAGLE-3 draft vocab_size ({draft.vocab_size}) differs from the target's "
+                          f"({target.vocab_size})")
     if draft.target_hidden_size != target.hidden_size:
         raise ConfigError(f"EAGLE-3 draft target_hidden_size ({draft.target_hidden_size}) differs from the target's "
                           f"hidden_size ({target.hidden_size})")
@@ -262,7 +265,8 @@ class Eagle3Draft(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         weight = self.fc.weight
-        return KVCache(1, batch, max_len, self.shard.n_kv_heads_per_rank, self.cfg.head_dim, weight.dtype, weight.device)
+        return KVCache(1, batch, max_len, self.shard.n_kv_heads_per_rank, self.cfg.head_dim, weight.dtype,
+                       weight.device)
 
     @torch.no_grad()
     def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
@@ -291,7 +295,8 @@ class Eagle3Draft(nn.Module):
         feature_normed = layer.hidden_norm(feature)
         x = torch.cat([layer.input_layernorm(embeds), feature_normed], dim=-1)  # (B, T, 2H)
         residual = feature_normed if self.cfg.norm_before_residual else feature
-        h, residual = self.comm.allreduce_add_rmsnorm(attend(x), residual, layer.post_attention_layernorm.weight, self.eps)
+        h, residual = self.comm.allreduce_add_rmsnorm(attend(x), residual, layer.post_attention_layernorm.weight,
+                                                      self.eps)
         return self.comm.allreduce_add_rmsnorm(layer.mlp(h), residual, self.norm.weight, self.eps)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:

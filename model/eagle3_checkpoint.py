@@ -97,7 +97,8 @@ def load_draft_shard(draft: Eagle3Draft, path: str | Path) -> int:
             sl = f.get_slice(stored)
             got, dtype = tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype())
             if got != shape:
-                raise CheckpointError(f"draft tensor {stored!r} has shape {list(got)}, the draft config expects {list(shape)}")
+                raise CheckpointError(f"draft tensor {stored!r} has shape {list(got)}, "
+                                      f"the draft config expects {list(shape)}")
             allowed = DRAFT_INDEX_TABLES.get(name, LOADABLE_DTYPES)
             if dtype not in allowed:
                 raise CheckpointError(f"draft tensor {stored!r} has dtype {sl.get_dtype()}, expected one of "
@@ -194,7 +195,8 @@ def target_fingerprint(path: str | Path) -> str:
 def fingerprint_warning(draft_path: str | Path, target_path: str | Path) -> str | None:
     """A warning when the draft records the fingerprint of other target weights; else None."""
     try:
-        recorded = json.loads((Path(draft_path) / "config.json").read_text()).get("dgx_emu", {}).get("target_fingerprint")
+        raw = json.loads((Path(draft_path) / "config.json").read_text())
+        recorded = raw.get("dgx_emu", {}).get("target_fingerprint")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     if not recorded or recorded == target_fingerprint(target_path):

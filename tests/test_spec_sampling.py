@@ -92,7 +92,8 @@ def _p_value(samples: torch.Tensor, exact: dict[str, torch.Tensor]) -> float:
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
-SPECS = {"plain": None, "chain": SpecConfig(draft_len=2), "tree": SpecConfig(tree=True, top_k=2, depth=2, tree_tokens=3)}
+SPECS = {"plain": None, "chain": SpecConfig(draft_len=2),
+         "tree": SpecConfig(tree=True, top_k=2, depth=2, tree_tokens=3)}
 
 
 @pytest.mark.parametrize("name", list(SPECS))

