@@ -33,6 +33,10 @@ from workers.run_config import RunConfig
 LOCAL_HOST = "127.0.0.1"
 
 
+class NodeStartError(RuntimeError):
+    """The node could not be brought up (Ray did not start, or the ranks could not be placed)."""
+
+
 class RankActor:
     """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray)."""
 
@@ -123,15 +127,14 @@ class RayNode:
             if address:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
-                         _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False)
+                self._start_local_ray(world, dashboard)
                 self.started_ray = True
         bundle = {"CPU": 1, "GPU": 1} if self.run.device == "cuda" else {"CPU": 1}
         self.pg = placement_group([bundle] * world, strategy=placement)
         try:
             ray.get(self.pg.ready(), timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"could not place {world} ranks ({bundle} each, {placement}) within "
+            raise NodeStartError(f"could not place {world} ranks ({bundle} each, {placement}) within "
                                f"{self.timeout:.0f} s: the cluster lacks the resources") from None
         actor_cls = ray.remote(max_concurrency=2)(RankActor)
         gpus = 1 if self.run.device == "cuda" else 0
@@ -157,6 +160,20 @@ class RayNode:
         """Each rank's clock offset against the driver's (see cluster/clocks.py)."""
         return [{"rank": r, **estimate_offset(lambda a=a: ray.get(a.clock.remote(), timeout=self.timeout))}
                 for r, a in enumerate(self.actors)]
+
+    @staticmethod
+    def _start_local_ray(world: int, dashboard: bool, attempts: int = 2) -> None:
+        """Starts Ray on loopback. Ray gives its raylet a fixed 30 s to come up, which an overloaded
+        host can miss: then it cleans up and tries once more before giving up with one clear error."""
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
+                         _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False)
+                return
+            except Exception as e:  # Ray raises a bare Exception for a startup timeout
+                ray.shutdown()
+                if attempt == attempts:
+                    raise NodeStartError(f"could not start a local Ray instance ({attempts} attempts): {e}") from None
 
     def load(self, progress=None) -> list[dict]:
         futures = [a.load.remote() for a in self.actors]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster.node import USER_ERRORS, UserError, build_node
 from cluster.faults import RankFailure
+from cluster.ray_node import NodeStartError
 from cluster.timeline import TraceError
 from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
                              spec_summary)
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (RankFailure, TimeoutError) as e:  # the node failed, not the user: exit 1, still one line
+    except (RankFailure, TimeoutError, NodeStartError) as e:  # the node failed, not the user: exit 1, one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
