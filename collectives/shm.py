@@ -160,8 +160,9 @@ class ShmCommunicator(Communicator):
         return out.view(x.shape), (torch.cat(new_res) if len(new_res) > 1 else new_res[0]).view(x.shape)
 
     def _sum_rows(self, parity: int, shape, dtype, rows: slice) -> torch.Tensor:
-        """Sum of every rank's rows in rank order, accumulated in fp32 (as the GPU kernels do)."""
-        total = self._view(0, "A", parity, dtype, shape)[rows].to(torch.float32, copy=True)
+        """Sum of every rank's rows in rank order, accumulated in fp32 (fp64 for fp64), as the GPU kernels do."""
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        total = self._view(0, "A", parity, dtype, shape)[rows].to(accumulate, copy=True)
         for r in range(1, self.world_size):
             total += self._view(r, "A", parity, dtype, shape)[rows]
         return total.to(dtype)
