@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from cluster.drills import snapshot
 from cluster.inprocess import InProcessNode
 from cluster.ray_node import RayNode
 from model.config import tiny
@@ -22,21 +23,8 @@ from workers.engine import Request
 from workers.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
-RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::RankActor")
-
-
 def ray_processes() -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(name in cmd for name in RAY_PROCESS_NAMES):
-            found.append(f"{pid}: {cmd[:80]}")
-    return found
+    return sorted(snapshot()["processes"])
 
 
 def wait_until_gone(timeout_s: float = 20.0) -> list[str]:
