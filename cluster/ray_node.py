@@ -163,8 +163,11 @@ class RayNode:
 
     @staticmethod
     def _start_local_ray(world: int, dashboard: bool, attempts: int = 2) -> None:
-        """Starts Ray on loopback. Ray gives its raylet a fixed 30 s to come up, which an overloaded
-        host can miss: then it cleans up and tries once more before giving up with one clear error."""
+        """Starts a local Ray (no dashboard unless asked). Note: Ray 2.60 turns a 127.0.0.1 node
+        address into the host's own IP and binds its gRPC servers on the wildcard address, so Ray
+        itself is not loopback-only; our data plane opens no socket. Ray gives its raylet a fixed
+        30 s to come up, which an overloaded host can miss: then it cleans up and tries once more
+        before giving up with one clear error."""
         for attempt in range(1, attempts + 1):
             try:
                 ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
