@@ -211,20 +211,26 @@ def _owner(model, dest: str):
     return model.get_submodule(dest.rsplit(".", 1)[0])
 
 
-def _place_fp8(shard: ShardLayout, params: dict, dest: str, cuts, src: Source, weight_scale: torch.Tensor,
-               granularity: str, input_scale: torch.Tensor | None, from_file: bool = True) -> int:
-    param, scale_param_ = params[dest], params[scale_param(dest, "weight")]
-    nbytes = 0
+def _fp8_pieces(shard: ShardLayout, cuts, src: Source, check: bool):
+    """This rank's (cut, FP8 piece) pairs of one checkpoint tensor; NaN bytes are a CheckpointError."""
     for cut_fn in cuts:
         cut = cut_fn(shard, src.shape)
         if cut is None:
             continue
         piece = src.read(cut.src)
         try:
-            if from_file:  # bytes we quantized ourselves cannot be NaN
+            if check:
                 check_fp8_bytes(piece)
         except ScaleError as e:
             raise CheckpointError(f"tensor {src.name} {e}") from None
+        yield cut, piece
+
+
+def _place_fp8(shard: ShardLayout, params: dict, dest: str, cuts, src: Source, weight_scale: torch.Tensor,
+               granularity: str, input_scale: torch.Tensor | None, from_file: bool = True) -> int:
+    param, scale_param_ = params[dest], params[scale_param(dest, "weight")]
+    nbytes = 0
+    for cut, piece in _fp8_pieces(shard, cuts, src, check=from_file):  # bytes we quantized cannot be NaN
         param.data[cut.dest].copy_(piece.mT if cut.transpose else piece)
         scales = weight_scale_piece(weight_scale, granularity, cut.src, src.shape)
         target = scale_param_.data[scale_dest(cut.dest, granularity)]
@@ -242,15 +248,7 @@ def _place_fp8(shard: ShardLayout, params: dict, dest: str, cuts, src: Source, w
 
 def _dequantize_pieces(shard: ShardLayout, param, cuts, src: Source, weight_scale, granularity: str) -> int:
     nbytes = 0
-    for cut_fn in cuts:
-        cut = cut_fn(shard, src.shape)
-        if cut is None:
-            continue
-        piece = src.read(cut.src)
-        try:
-            check_fp8_bytes(piece)
-        except ScaleError as e:
-            raise CheckpointError(f"tensor {src.name} {e}") from None
+    for cut, piece in _fp8_pieces(shard, cuts, src, check=True):
         scales = weight_scale_piece(weight_scale, granularity, cut.src, src.shape)
         col_start = range(*cut.src[1].indices(src.shape[1])).start
         values = dequantize_piece(piece, scales, granularity, col_start)
