@@ -76,8 +76,12 @@ def drill(run: RunConfig, fault: str, rank: int = 1, max_restarts: int = 0, n_to
     if fault == "hang":
         run = replace(run, delay_rank=rank, delay_s=3 * run.collective_timeout_s)
     elif fault == "kill-in-collective":
-        late = (rank + 1) % run.world_size  # everyone else waits for it, inside the collective
-        run = replace(run, delay_rank=late, delay_s=30.0)
+        # Everyone else waits for the late rank inside the collective, and the timeout is pushed
+        # well past the kill so that the death (seen by the peers' liveness check), not the
+        # timeout, is what ends the wait; otherwise the two race on a loaded machine.
+        late = (rank + 1) % run.world_size
+        run = replace(run, delay_rank=late, delay_s=60.0,
+                      collective_timeout_s=max(run.collective_timeout_s, 30.0))
     report = {"fault": fault, "rank": rank, "world_size": run.world_size, "max_restarts": max_restarts}
     seen: list = []
     done = threading.Event()
