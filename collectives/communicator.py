@@ -19,8 +19,9 @@ import torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Llama RMSNorm: normalize in fp32, cast back, then scale (weight None: no scale, as QK-norm)."""
-    normed = x.float()
-    normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    x_fp32 = x.float()
+    inv_rms = torch.mean(x_fp32 * x_fp32, -1, keepdim=True).add_(eps).rsqrt_()  # same bits as pow(2).mean(), fewer ops
+    normed = (x_fp32 * inv_rms).type_as(x)
     return normed if weight is None else normed * weight
 
 

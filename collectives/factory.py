@@ -17,13 +17,15 @@ def shm_name(node_id: str, group: str = "world") -> str:
 
 def make_communicator(backend: str, rank: int, world_size: int, store, node_id: str, timeout_s: float,
                       device: str = "cpu", wait: str | None = None) -> Communicator:
-    """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else futex)."""
+    """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else futex). The shm small-message
+    algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto)."""
     wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "futex")
     if backend == "shm":
         from collectives.shm import ShmCommunicator
         if wait not in WAIT_STRATEGIES:
             raise ValueError(f"wait strategy must be one of {WAIT_STRATEGIES}, got {wait!r}")
-        return ShmCommunicator(rank, world_size, store, shm_name(node_id), timeout_s, wait=wait)
+        return ShmCommunicator(rank, world_size, store, shm_name(node_id), timeout_s, wait=wait,
+                               small_algorithm=os.environ.get("DGX_EMU_SHM_ALGO", "auto"))
     if backend in ("gloo", "nccl"):
         from collectives.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, store, backend, timeout_s, device)

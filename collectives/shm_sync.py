@@ -33,6 +33,7 @@ SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
 FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): the word is in memory mapped by many processes
 WAIT_STRATEGIES = ("spin", "yield", "futex")
 SHM_DIR = "/dev/shm"
+YIELDS_BEFORE_SLEEP = int(os.environ.get("DGX_EMU_SHM_YIELDS", "4"))
 
 
 class CollectiveTimeout(TimeoutError):
@@ -124,18 +125,20 @@ def futex_wake(address: int) -> None:
 
 class FlagBoard:
     """The flag words at the head of every rank's segment. flags[rank][slot] holds the sequence
-    number rank last posted on that slot (written by that rank only); word DOORBELL of each rank is
-    the futex a sleeping rank waits on, rung by whichever rank sees a collective complete.
+    number rank last posted on that slot (written by that rank only). A few words of rank 0's
+    segment are the group's bells: futex words that sleeping ranks wait on.
 
-    Waking (the futex strategy) is an eventcount: a waiter reads its doorbell, re-checks the flags,
-    and sleeps only if the doorbell has not changed. After posting, a rank fences and checks; the
-    rank that finds every flag in place rings every doorbell once. That costs about one wake-up
-    per rank per collective, instead of one per (rank, peer) pair if each rank slept on each
-    peer's flag in turn. The fence is a locked instruction (a threading.Lock round trip): on x86
-    it drains the store buffer, so of two ranks posting at once at least one sees both posts.
+    Waking (the futex strategy) is an eventcount: a waiter reads the bell, re-checks the flags, and
+    sleeps only if the bell has not changed; whoever makes the condition true rings the bell
+    (increment, then one FUTEX_WAKE that wakes every sleeper on it). One syscall wakes the whole
+    group, and a rank is woken only by the bell of what it waits for: BELL_ALL (every rank waits
+    for every rank), BELL_LEADER (the reducing rank waits for the inputs) and BELL_RESULT (the
+    others wait for the reduced result). After posting, a rank fences before it reads the others'
+    flags; the fence is a locked instruction (a threading.Lock round trip): on x86 it drains the
+    store buffer, so of two ranks posting at once at least one sees both posts.
     """
 
-    DOORBELL = 15
+    BELL_ALL, BELL_LEADER, BELL_RESULT = 15, 14, 13
 
     def __init__(self, segments: list[Segment], rank: int, n_slots: int, strategy: str, timeout_s: float,
                  pids: list[int] | None = None) -> None:
@@ -146,11 +149,23 @@ class FlagBoard:
             strategy = "yield"
         self.rank, self.strategy, self.timeout_s, self.pids = rank, strategy, timeout_s, pids
         self.flags = [np.frombuffer(s.map, dtype=np.int32, count=n_slots) for s in segments]
-        self.doorbells = [s.address + 4 * self.DOORBELL for s in segments]
+        self.bells = self.flags[0]
+        self.bell_address = segments[0].address
         self._fence_lock = threading.Lock()
 
     def post(self, slot: int, seq: int) -> None:
         self.flags[self.rank][slot] = ((seq + 2**31) % 2**32) - 2**31
+
+    def fence(self) -> None:
+        """My earlier stores (data, then flag) are visible to every peer before my next load."""
+        with self._fence_lock:
+            pass
+
+    def ring(self, bell: int) -> None:
+        """Wakes every rank sleeping on `bell` (a no-op unless they sleep in the kernel)."""
+        if self.strategy == "futex":
+            self.bells[bell] += 1
+            futex_wake(self.bell_address + 4 * bell)
 
     def _check_alive(self, ranks: list[int], what: str) -> None:
         if self.pids:
@@ -158,40 +173,37 @@ class FlagBoard:
                 if not process_alive(self.pids[r]):
                     raise PeerDied(f"{what}: rank {r} (pid {self.pids[r]}) exited while this rank waited for it")
 
-    def _missing(self, ranks, slot: int, seq: int) -> list[int]:
-        return [r for r in ranks if (int(self.flags[r][slot]) - seq) & 0xFFFFFFFF >= 0x80000000]  # flag < seq
+    def missing(self, ranks, slot: int, seq: int) -> list[int]:
+        """The ranks that have not yet posted `seq` (or later) on `slot` (wrap-around safe)."""
+        return [r for r in ranks if (int(self.flags[r][slot]) - seq) & 0xFFFFFFFF >= 0x80000000]
 
-    def wait(self, ranks, slot: int, seq: int, what: str) -> None:
-        """Returns once every rank in `ranks` has posted `seq` (or later) on `slot`."""
-        ranks = list(ranks)
-        with self._fence_lock:  # fence: my post is visible before I read the others'
-            pass
-        if not self._missing(ranks, slot, seq):
-            if self.strategy == "futex":
-                for r in ranks:
-                    if r != self.rank:
-                        self.flags[r][self.DOORBELL] += 1
-                        futex_wake(self.doorbells[r])
+    def wait(self, ranks, slot: int, seq: int, what: str, bell: int = BELL_ALL, ring_if_last: bool = True) -> None:
+        """Returns once every rank in `ranks` has posted `seq` (or later) on `slot`. A rank that
+        finds the condition already true on arrival rings `bell` for those asleep on it."""
+        self.fence()
+        if not self.missing(ranks, slot, seq):
+            if ring_if_last:
+                self.ring(bell)
             return
         start = time.monotonic()
         deadline, next_liveness_check = start + self.timeout_s, start + 0.2
         polls = 0
+        bell_word = self.bell_address + 4 * bell
         while True:
-            bell = int(self.flags[self.rank][self.DOORBELL])
-            if not self._missing(ranks, slot, seq):
+            rung = int(self.bells[bell])
+            missing = self.missing(ranks, slot, seq)
+            if not missing:
                 return
             polls += 1
             now = time.monotonic()
             if now > next_liveness_check:
                 next_liveness_check = now + 0.2
-                self._check_alive(self._missing(ranks, slot, seq), what)
+                self._check_alive(missing, what)
             if now > deadline:
-                missing = self._missing(ranks, slot, seq)
-                if missing:
-                    raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")
+                raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")
             if self.strategy == "spin" or polls < 4:
                 continue
-            if self.strategy == "yield":
+            if self.strategy == "yield" or polls < YIELDS_BEFORE_SLEEP:
                 os.sched_yield()
             else:
-                futex_wait(self.doorbells[self.rank], bell, 0.02)
+                futex_wait(bell_word, rung, 0.02)

@@ -4,7 +4,8 @@ One world of 8 processes runs many seeded random cases (every rank draws the sam
 same seed) in subgroups of every size 1..8, so the property test costs one process start-up.
 Each case checks on every rank: all_reduce == the fp32 sum of all inputs (cast once), the fused
 allreduce_add_rmsnorm == the reference composition bit for bit, every rank got identical bits,
-and the one-shot / two-shot / chunked paths all appear.
+and the one-shot / reduce-once / two-shot / chunked paths all appear (each case runs on a
+one-shot group and on a reduce-once group of its size).
 """
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ def _cases(n: int):
 
 
 def _property_cases(comm) -> dict[str, torch.Tensor]:
-    groups = {size: comm.new_group(list(range(size))) for size in range(1, 9)}
-    checked = torch.zeros(3, dtype=torch.long)  # one-shot, two-shot, chunked
-    for case, size, shape, dtype in _cases(60):
-        group = groups[size]
+    algorithms = ("one-shot", "reduce-once")
+    groups = {(size, algo): comm.new_group(list(range(size)), algo) for size in range(1, 9) for algo in algorithms}
+    checked = torch.zeros(4, dtype=torch.long)  # one-shot, reduce-once, two-shot, chunked
+    for (case, size, shape, dtype), algo in ((c, a) for c in _cases(60) for a in algorithms):
+        group = groups[size, algo]
         if group is None:
             continue
         x = _input(comm.rank, shape, dtype, case)
@@ -57,13 +59,14 @@ def _property_cases(comm) -> dict[str, torch.Tensor]:
         same = group.all_gather(normed.float().sum().reshape(1))  # every rank must hold the same bits
         assert torch.all(same == same[0]), (case, "ranks diverged")
         nbytes = x.numel() * x.element_size()
-        checked[0 if nbytes <= group.two_shot_bytes else (1 if nbytes <= group.capacity else 2)] += 1
+        small = algorithms.index(algo) if size > 1 else 0
+        checked[small if nbytes <= group.small_limit else (2 if nbytes <= group.capacity else 3)] += 1
     return {"checked": checked}
 
 
 def test_random_shapes_dtypes_and_group_sizes():
     got = run_world(8, _property_cases, backend="shm")
-    assert got["checked"].sum() > 0 and got["checked"][0] > 0
+    assert got["checked"][0] > 0 and got["checked"][1] > 0 and got["checked"][2] > 0, got["checked"]
 
 
 def _large(comm) -> dict[str, torch.Tensor]:
