@@ -3,7 +3,8 @@
 For all_reduce, allreduce_add_rmsnorm and all_to_all, at 1, 4, 16 and 128 tokens x hidden 5120,
 in fp32 and bf16: every rank runs --iters timed iterations after --warmup; the table shows the
 median over iterations of the slowest rank's time (medians per rank, then the max over ranks).
-For shm it also compares the three wait strategies (spin, yield, futex) at 1 token.
+For shm it also compares, at 1 token, the small-message algorithms (one-shot: every rank reduces;
+reduce-once: rank 0 reduces, the others copy) under the four wait strategies (spin, yield, futex, hybrid).
 Writes benchmarks/results/collectives_<tag>.json.
 
     python benchmarks/collectives_bench.py [--ranks 2,4,8] [--iters 200]
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import machine, print_table, save  # noqa: E402
 from cluster.procs import run_world  # noqa: E402
+from collectives.shm import usable_cores  # noqa: E402
 
 HIDDEN = 5120
 OPS = ("all_reduce", "allreduce_add_rmsnorm", "all_to_all")
@@ -53,9 +55,10 @@ def _time_ops(comm, cases: list, iters: int, warmup: int) -> dict[str, torch.Ten
     return {"median_s": comm.all_gather(per_rank[None], dim=0)}  # (world, n_cases)
 
 
-def run(backend: str, ranks: int, cases: list, iters: int, warmup: int, wait: str = "futex") -> list[float]:
+def run(backend: str, ranks: int, cases: list, iters: int, warmup: int, wait: str = "hybrid",
+        algorithm: str = "auto") -> list[float]:
     import os
-    os.environ["DGX_EMU_SHM_WAIT"] = wait
+    os.environ["DGX_EMU_SHM_WAIT"], os.environ["DGX_EMU_SHM_ALGO"] = wait, algorithm
     got = run_world(ranks, _time_ops, cases, iters, warmup, backend=backend, timeout_s=600)
     return got["median_s"].max(dim=0).values.tolist()  # slowest rank's median, per case
 
@@ -71,6 +74,7 @@ def main() -> None:
     p.add_argument("--tag", default="cpu")
     args = p.parse_args()
     cases = [(op, int(t), d) for op in OPS for t in args.tokens.split(",") for d in args.dtypes.split(",")]
+    host = machine()
     rows, results = [], []
     for ranks in [int(r) for r in args.ranks.split(",")]:
         print(f"{ranks} ranks: shm ...", file=sys.stderr)
@@ -84,16 +88,18 @@ def main() -> None:
     waits = []
     one_token = [("allreduce_add_rmsnorm", 1, "float32")]
     for ranks in [int(r) for r in args.ranks.split(",")]:
-        for wait in ("futex", "yield", "spin"):
-            print(f"{ranks} ranks: shm wait={wait} ...", file=sys.stderr)
-            ms = run("shm", ranks, one_token, min(args.iters, 200), args.warmup, wait)[0] * 1e3
-            waits.append({"ranks": ranks, "wait": wait, "ms": ms})
-    print(f"machine: {machine()}")
+        for algorithm in ("one-shot", "reduce-once"):
+            for wait in ("hybrid", "futex", "yield", "spin"):
+                print(f"{ranks} ranks: shm {algorithm} wait={wait} ...", file=sys.stderr)
+                ms = run("shm", ranks, one_token, min(args.iters, 200), args.warmup, wait, algorithm)[0] * 1e3
+                waits.append({"ranks": ranks, "algorithm": algorithm, "wait": wait, "ms": ms})
+    print(f"machine: {host}")
     print_table(["ranks", "op", "tokens", "dtype", "shm ms", "gloo ms", "gloo/shm"], rows)
     print()
-    print_table(["ranks", "wait strategy", "allreduce_add_rmsnorm 1x5120 fp32 ms"],
-                [[w["ranks"], w["wait"], w["ms"]] for w in waits])
-    print("saved", save(f"collectives_{args.tag}", {"machine": machine(), "rows": results, "wait_strategies": waits,
+    print(f"default small-message algorithm here: {'reduce-once' if max(int(r) for r in args.ranks.split(',')) > usable_cores() else 'one-shot'} at the most ranks ({usable_cores()} usable cores)")
+    print_table(["ranks", "algorithm", "wait strategy", "allreduce_add_rmsnorm 1x5120 fp32 ms"],
+                [[w["ranks"], w["algorithm"], w["wait"], w["ms"]] for w in waits])
+    print("saved", save(f"collectives_{args.tag}", {"machine": host, "rows": results, "wait_strategies": waits,
                                                     "iters": args.iters, "command": " ".join(sys.argv)}))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgpack
 
-from collectives.trace import FORMAT, VERSION
+from collectives.trace import COLL_FIELDS, FORMAT, SPAN_FIELDS, VERSION
 
 MAX_OBJECT_BYTES = 1 << 20
 MAX_FILE_BYTES = 4 << 30
@@ -84,7 +84,30 @@ class Trace:
         return out
 
 
-def _read_rank_file(path: Path) -> RankTrace:
+_FIELDS = {"coll": COLL_FIELDS, "span": SPAN_FIELDS}
+
+
+def _record(path: Path, kind: str, row) -> dict:
+    """One record as a map with its kind under "k" (rows of a batch carry their fields in order)."""
+    if kind in _FIELDS:
+        if not isinstance(row, list) or len(row) != len(_FIELDS[kind]):
+            raise TraceError(f"{path} holds a malformed {kind} record: {str(row)[:120]}")
+        record = dict(zip(_FIELDS[kind], row))
+        if record.get("rb", 0) is None:
+            del record["rb"]
+    elif isinstance(row, dict):
+        record = dict(row)
+    else:
+        raise TraceError(f"{path} holds a malformed {kind} record: {str(row)[:120]}")
+    if not isinstance(record.get("t0"), int) or not isinstance(record.get("t1"), int):
+        raise TraceError(f"{path} holds a {kind} record without integer times: {str(row)[:120]}")
+    record["k"] = kind
+    return record
+
+
+def read_rank_file(path: str | Path) -> RankTrace:
+    """One rank's trace file, checked: its header, then its step, span and collective records."""
+    path = Path(path)
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise TraceError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
@@ -103,11 +126,13 @@ def _read_rank_file(path: Path) -> RankTrace:
     rt = RankTrace(header)
     kinds = {"step": rt.steps, "span": rt.spans, "coll": rt.collectives}
     try:
-        for record in unpacker:
-            if not isinstance(record, dict) or record.get("k") not in kinds or not isinstance(record.get("t0"), int) \
-                    or not isinstance(record.get("t1"), int):
-                raise TraceError(f"{path} holds a malformed record: {str(record)[:120]}")
-            kinds[record["k"]].append(record)
+        for batch in unpacker:
+            if not isinstance(batch, dict) or batch.get("type") != "batch" or set(batch) - {"type", *kinds} \
+                    or not all(isinstance(batch.get(kind, []), list) for kind in kinds):
+                raise TraceError(f"{path} holds a malformed batch: {str(batch)[:120]}")
+            for kind, records in kinds.items():
+                for row in batch.get(kind, ()):
+                    records.append(_record(path, kind, row))
     except (ValueError, msgpack.UnpackException) as e:
         if isinstance(e, TraceError):
             raise
@@ -126,7 +151,7 @@ def read_trace(directory: str | Path, assume_same_clock: bool = False) -> Trace:
         raise TraceError(f"{directory} holds no rank*.msgpack trace files")
     ranks = {}
     for f in files:
-        rt = _read_rank_file(f)
+        rt = read_rank_file(f)
         ranks[int(rt.header["rank"])] = rt
     world = int(next(iter(ranks.values())).header["world_size"])
     missing = sorted(set(range(world)) - set(ranks))

@@ -17,9 +17,9 @@ def shm_name(node_id: str, group: str = "world") -> str:
 
 def make_communicator(backend: str, rank: int, world_size: int, store, node_id: str, timeout_s: float,
                       device: str = "cpu", wait: str | None = None) -> Communicator:
-    """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else futex). The shm small-message
+    """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else hybrid). The shm small-message
     algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto)."""
-    wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "futex")
+    wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "hybrid")
     if backend == "shm":
         from collectives.shm import ShmCommunicator
         if wait not in WAIT_STRATEGIES:

@@ -58,7 +58,7 @@ class ShmCommunicator(Communicator):
     backend = "shm"
 
     def __init__(self, rank: int, world_size: int, store, name: str, timeout_s: float = 120.0,
-                 capacity_bytes: int = 8 << 20, wait: str = "futex", two_shot_bytes: int = 256 << 10,
+                 capacity_bytes: int = 8 << 20, wait: str = "hybrid", two_shot_bytes: int = 256 << 10,
                  small_algorithm: str = "auto") -> None:
         """store: a torch.distributed Store shared by the group (for the one-time setup only).
         name: unique to this node and group (it prefixes the segments).

@@ -11,9 +11,13 @@ peer steals the core that peer needs: pure spinning starves. Three strategies, m
 benchmarks/collectives_bench.py:
   * "spin":  poll the peer's flag (the GPU kernels' way; only sane with a core per rank);
   * "yield": poll, then sched_yield() between polls so a runnable peer gets the core;
-  * "futex": poll briefly, then sleep in the kernel on the peer's flag word (FUTEX_WAIT) until the
-    peer posts and wakes it (FUTEX_WAKE). No core is burnt while waiting. Linux only; elsewhere
-    "futex" falls back to "yield".
+  * "futex": poll briefly, then sleep in the kernel on a bell word (FUTEX_WAIT) until a peer
+    rings it (FUTEX_WAKE). No core is burnt while waiting, but every wait pays a sleep and a
+    wake-up, whose latency on an oversubscribed host varies from run to run;
+  * "hybrid" (the default): yield for up to 2 ms, then sleep as "futex" does. Short waits (a
+    collective among 8 ranks on 2 cores takes under 1 ms) cost a yield, not a wake-up; long ones
+    (a peer still computing, a hung peer) burn no core. Linux only; elsewhere "futex" and
+    "hybrid" fall back to "yield".
 Flags are int32 sequence numbers, each written by exactly one rank, so no atomics are needed; on
 x86 (total store order) a flag store is never seen before the data stores that precede it.
 """
@@ -31,9 +35,9 @@ import numpy as np
 
 SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
 FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): the word is in memory mapped by many processes
-WAIT_STRATEGIES = ("spin", "yield", "futex")
+WAIT_STRATEGIES = ("spin", "yield", "futex", "hybrid")
 SHM_DIR = "/dev/shm"
-YIELDS_BEFORE_SLEEP = int(os.environ.get("DGX_EMU_SHM_YIELDS", "4"))
+HYBRID_YIELD_S = 0.002  # "hybrid": yield this long, then sleep
 
 
 class CollectiveTimeout(TimeoutError):
@@ -145,7 +149,7 @@ class FlagBoard:
         """pids: every rank's process id; a waiter checks that the ranks it waits for still live."""
         if strategy not in WAIT_STRATEGIES:
             raise ValueError(f"wait strategy must be one of {WAIT_STRATEGIES}, got {strategy!r}")
-        if strategy == "futex" and (_libc is None or SYS_FUTEX is None):
+        if strategy in ("futex", "hybrid") and (_libc is None or SYS_FUTEX is None):
             strategy = "yield"
         self.rank, self.strategy, self.timeout_s, self.pids = rank, strategy, timeout_s, pids
         self.flags = [np.frombuffer(s.map, dtype=np.int32, count=n_slots) for s in segments]
@@ -163,7 +167,7 @@ class FlagBoard:
 
     def ring(self, bell: int) -> None:
         """Wakes every rank sleeping on `bell` (a no-op unless they sleep in the kernel)."""
-        if self.strategy == "futex":
+        if self.strategy in ("futex", "hybrid"):
             self.bells[bell] += 1
             futex_wake(self.bell_address + 4 * bell)
 
@@ -203,7 +207,7 @@ class FlagBoard:
                 raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")
             if self.strategy == "spin" or polls < 4:
                 continue
-            if self.strategy == "yield" or polls < YIELDS_BEFORE_SLEEP:
+            if self.strategy == "yield" or (self.strategy == "hybrid" and now - start < HYBRID_YIELD_S):
                 os.sched_yield()
             else:
                 futex_wait(bell_word, rung, 0.02)

@@ -8,11 +8,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from cluster.ray_node import RayNode
-from cluster.timeline import TraceError, read_trace
+from cluster.timeline import TraceError, read_rank_file, read_trace
 from cluster.trace_export import chrome_trace
 from cluster.trace_summary import summarize
 from launch.trace_cli import finish_trace_dir, prepare_trace_dir
@@ -45,7 +44,9 @@ def traced(tmp_path_factory):
 
 
 def _raw(path: Path) -> list[dict]:
-    return list(msgpack.Unpacker(open(path, "rb"), raw=False))
+    """The header, then every record of one rank's file (the reader checks each batch's rows)."""
+    rt = read_rank_file(path)
+    return [rt.header, *rt.steps, *rt.spans, *rt.collectives]
 
 
 UNEVEN = {"all_to_all", "moe_dispatch", "moe_combine"}
