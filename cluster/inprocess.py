@@ -31,6 +31,9 @@ class InProcessNode:
                    "kv_cache_bytes": self.worker.kv_cache_bytes(requests)}]
         return completions, stats, {"memory_per_rank": memory, "control_overhead_s": 0.0}
 
+    def set_tracing(self, on: bool) -> None:
+        self.worker.set_tracing(on)
+
     def shutdown(self) -> None:
         if self.run.trace_dir:
             same = [{"rank": 0, **estimate_offset(local_clock)}]

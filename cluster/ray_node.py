@@ -92,6 +92,9 @@ class RankActor:
                  "weights_bytes": self.worker.model.weight_bytes()}
         return pack_result(completions, stats, extra)
 
+    def set_tracing(self, on: bool) -> None:
+        self.worker.set_tracing(on)
+
     def clock(self) -> tuple[int, str]:
         from cluster.clocks import local_clock
         return local_clock()
@@ -229,6 +232,10 @@ class RayNode:
         info = {"memory_per_rank": memory, "control_overhead_s": wall - busiest,
                 "control_overhead_per_step_s": (wall - busiest) / steps}
         return completions, stats, info
+
+    def set_tracing(self, on: bool) -> None:
+        """Pauses or resumes tracing on every rank (the node must have been started with a trace directory)."""
+        ray.get([a.set_tracing.remote(on) for a in self.actors], timeout=self.timeout)
 
     def node_pids(self) -> list[int]:
         """The process id of every rank, in rank order."""

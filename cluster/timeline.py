@@ -88,7 +88,7 @@ _FIELDS = {"coll": COLL_FIELDS, "span": SPAN_FIELDS}
 
 
 def _record(path: Path, kind: str, row) -> dict:
-    """One record as a map with its kind under "k" (rows of a batch carry their fields in order)."""
+    """One record as a map with its kind under "k" (a row of a batch: its fields in order)."""
     if kind in _FIELDS:
         if not isinstance(row, list) or len(row) != len(_FIELDS[kind]):
             raise TraceError(f"{path} holds a malformed {kind} record: {str(row)[:120]}")
@@ -131,8 +131,11 @@ def read_rank_file(path: str | Path) -> RankTrace:
                     or not all(isinstance(batch.get(kind, []), list) for kind in kinds):
                 raise TraceError(f"{path} holds a malformed batch: {str(batch)[:120]}")
             for kind, records in kinds.items():
-                for row in batch.get(kind, ()):
-                    records.append(_record(path, kind, row))
+                values, width = batch.get(kind, []), len(_FIELDS.get(kind, ())) or 1
+                if len(values) % width:
+                    raise TraceError(f"{path} holds a {kind} batch of {len(values)} values, not rows of {width}")
+                for i in range(0, len(values), width):
+                    records.append(_record(path, kind, values[i: i + width] if kind in _FIELDS else values[i]))
     except (ValueError, msgpack.UnpackException) as e:
         if isinstance(e, TraceError):
             raise

@@ -8,9 +8,9 @@ Model stages (attention, MoE, MLP, LM head, sampling, draft, verify) are recorde
 
 Records stream to `rank<r>.msgpack` in the trace directory: a header object, then batches of at
 most `flush_every` records, so memory stays bounded however long the run. A batch is one msgpack
-map whose "coll" and "span" entries are lists of rows (fields in COLL_FIELDS / SPAN_FIELDS
-order) and whose "step" entry is a list of maps: recording a collective appends one small list,
-and packing is one call per batch, which keeps tracing within a few percent of the step time. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a GPU
+map whose "coll" and "span" entries are flat lists of values (rows of COLL_FIELDS / SPAN_FIELDS,
+one after another) and whose "step" entry is a list of maps: recording a collective extends one
+list, and packing is one call per batch, which keeps tracing within a few percent of the step. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a GPU
 they come from CUDA events, resolved against a host timestamp taken at the start of each step.
 Tracing off means no wrapper at all: the untraced path costs nothing.
 """
@@ -67,7 +67,6 @@ class TraceRecorder:
         self.layer, self.step, self.requests = -1, -1, []
         self.ref_event, self.ref_ns = None, 0
         self.last_comm_end = None
-        self.dtype_names: dict = {}
         if not self.cuda:
             self.now = time.monotonic_ns  # the hot path: no method, no branch
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "rank": rank,
@@ -81,16 +80,18 @@ class TraceRecorder:
         event.record()
         return event
 
-    def _emit(self, kind: str, row) -> None:
-        """row: the record's fields (a list; a map for steps); t0/t1 are ns, or on a GPU CUDA
-        events, resolved at the step's end."""
+    def emit(self, kind: str, fields) -> None:
+        """fields: the record's values in COLL_FIELDS / SPAN_FIELDS order (a map for steps); t0/t1
+        are ns, or on a GPU CUDA events, resolved at the step's end. Rows are stored flat (one list
+        per kind and batch, extended): a record allocates no object the garbage collector tracks,
+        so tracing never makes Python's cyclic GC run more often (it counts such objects)."""
         if self.cuda:
-            self.pending_events.append((kind, row))
+            self.pending_events.append((kind, list(fields) if kind != "step" else fields))
+            return
+        if kind == "step":
+            self.batch[kind].append(fields)
         else:
-            self._buffer(kind, row)
-
-    def _buffer(self, kind: str, row) -> None:
-        self.batch[kind].append(row)
+            self.batch[kind].extend(fields)
         self.n_buffered += 1
         if self.n_buffered >= self.flush_every:
             self.flush()
@@ -104,28 +105,25 @@ class TraceRecorder:
             t0, t1 = ("t0", "t1") if kind == "step" else (T0[kind], T0[kind] + 1)
             row[t0] = self.ref_ns + int(self.ref_event.elapsed_time(row[t0]) * 1e6)
             row[t1] = self.ref_ns + int(self.ref_event.elapsed_time(row[t1]) * 1e6)
-            self._buffer(kind, row)
+            if kind == "step":
+                self.batch[kind].append(row)
+            else:
+                self.batch[kind].extend(row)
+            self.n_buffered += 1
+        if self.n_buffered >= self.flush_every:
+            self.flush()
 
-    # --- what is recorded -----------------------------------------------------------------
-    def collective(self, op: str, group: list[int], seq: int, nbytes: int, dtype, algorithm: str, start, end,
-                   received: int | None = None) -> None:
-        """nbytes: the message (for uneven all-to-alls: what this rank sent; `received` what it got)."""
-        name = self.dtype_names.get(dtype)
-        if name is None:
-            name = self.dtype_names[dtype] = _dtype_name(dtype)
-        self.last_comm_end = end
-        self._emit("coll", [op, group, seq, nbytes, name, algorithm, self.layer, self.step, start, end, received])
-
+    # --- what is recorded (collectives: TracingCommunicator._record) -------------------------
     @contextmanager
     def span(self, name: str):
         start = self.now()
         try:
             yield
         finally:
-            self._emit("span", [name, self.layer, self.step, start, self.now()])
+            self.emit("span", (name, self.layer, self.step, start, self.now()))
 
     def span_between(self, name: str, start, end) -> None:
-        self._emit("span", [name, self.layer, self.step, start, end])
+        self.emit("span", (name, self.layer, self.step, start, end))
 
     def step_begin(self, step: int, requests: list[str]) -> None:
         if self.cuda:
@@ -138,7 +136,7 @@ class TraceRecorder:
 
     def step_end(self, tokens: int, **fields) -> None:
         """fields: extra facts of the step (speculative decoding: drafts accepted per request)."""
-        self._emit("step", {"s": self.step, "r": self.requests, "tokens": tokens, **fields,
+        self.emit("step", {"s": self.step, "r": self.requests, "tokens": tokens, **fields,
                             "t0": self.step_start, "t1": self.now()})
         self._resolve_events()
         self.layer = -1
@@ -161,6 +159,30 @@ class TraceRecorder:
             self.file.close()
 
 
+def _traced(method: str, op: str, sent=None, received=None):
+    """A TracingCommunicator method: forwards the call to the wrapped communicator, then appends
+    one row. The message is the first argument unless sent(self, args) says otherwise; received(out)
+    gives the bytes this rank got, for the uneven ops. This is the hot path of tracing: one call
+    frame, no map, no string work after the first call of a kind."""
+    def call(self, *args, **kwargs):
+        start = self.now()
+        out = getattr(self.inner, method)(*args, **kwargs)
+        end = self.now()
+        x = args[0] if args else next(iter(kwargs.values()), _EMPTY)
+        nbytes = x.numel() * x.element_size() if sent is None else sent(self, args or tuple(kwargs.values()))
+        described = self._described.get((op, nbytes, x.dtype))
+        if described is None:
+            described = self._describe(op, nbytes, x.dtype)
+        self.seq += 1
+        recorder = self.recorder
+        recorder.last_comm_end = end
+        recorder.emit("coll", (op, self.group, self.seq, nbytes, described[0], described[1], recorder.layer,
+                                recorder.step, start, end, None if received is None else received(out)))
+        return out
+    call.__name__ = call.__qualname__ = method
+    return call
+
+
 class TracingCommunicator(Communicator):
     """Wraps any Communicator; every call is recorded, then forwarded unchanged."""
 
@@ -170,59 +192,34 @@ class TracingCommunicator(Communicator):
         self.group = group or list(range(inner.world_size))
         self.seq = 0
         self._algorithm = getattr(inner, "algorithm", None)
+        self._described: dict = {}  # (op, bytes, dtype) -> (dtype name, algorithm)
+        self.now = recorder.now
 
-    def _record(self, op: str, x: torch.Tensor, nbytes: int, start, received: int | None = None) -> None:
-        self.seq += 1
+    def _describe(self, op: str, nbytes: int, dtype) -> tuple[str, str]:
         algorithm = self._algorithm(op, nbytes) if self._algorithm else self.backend
-        self.recorder.collective(op, self.group, self.seq, nbytes, x.dtype, algorithm, start, self.recorder.now(),
-                                 received)
+        described = self._described[op, nbytes, dtype] = (_dtype_name(dtype), algorithm)
+        return described
 
-    def all_reduce(self, x):
-        start = self.recorder.now()
-        out = self.inner.all_reduce(x)
-        self._record("all_reduce", x, _nbytes(x), start)
-        return out
+    all_reduce = _traced("all_reduce", "all_reduce")
+    allreduce_add_rmsnorm = _traced("allreduce_add_rmsnorm", "allreduce_add_rmsnorm")
+    all_gather = _traced("all_gather", "all_gather", sent=lambda self, args: _nbytes(args[0]) * self.world_size)
+    all_to_all = _traced("all_to_all", "all_to_all", received=lambda out: _nbytes(out[0]))
+    dispatch = _traced("dispatch", "moe_dispatch", sent=lambda self, args: _nbytes(args[0]) + _nbytes(args[1]),
+                       received=lambda out: _nbytes(out[0]) + _nbytes(out[1]))
+    combine = _traced("combine", "moe_combine", received=_nbytes)
+    broadcast = _traced("broadcast", "broadcast")
+    barrier = _traced("barrier", "barrier")  # no tensor: 0 bytes
+    TRACED = ("all_reduce", "allreduce_add_rmsnorm", "all_gather", "all_to_all", "dispatch", "combine",
+              "broadcast", "barrier")
 
-    def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
-        start = self.recorder.now()
-        out = self.inner.allreduce_add_rmsnorm(partial, residual, weight, eps, quant_scale)
-        self._record("allreduce_add_rmsnorm", partial, _nbytes(partial), start)
-        return out
-
-    def all_gather(self, x, dim: int = 0):
-        start = self.recorder.now()
-        out = self.inner.all_gather(x, dim)
-        self._record("all_gather", x, _nbytes(x) * self.world_size, start)
-        return out
-
-    def all_to_all(self, x, send_counts):
-        start = self.recorder.now()
-        out = self.inner.all_to_all(x, send_counts)
-        self._record("all_to_all", x, _nbytes(x), start, _nbytes(out[0]))
-        return out
-
-    def dispatch(self, x, expert_ids, send_counts):
-        start = self.recorder.now()
-        out = self.inner.dispatch(x, expert_ids, send_counts)
-        self._record("moe_dispatch", x, _nbytes(x) + _nbytes(expert_ids), start, _nbytes(out[0]) + _nbytes(out[1]))
-        return out
-
-    def combine(self, y, recv_counts, send_counts):
-        start = self.recorder.now()
-        out = self.inner.combine(y, recv_counts, send_counts)
-        self._record("moe_combine", y, _nbytes(y), start, _nbytes(out))
-        return out
-
-    def broadcast(self, x, src: int = 0):
-        start = self.recorder.now()
-        out = self.inner.broadcast(x, src)
-        self._record("broadcast", x, _nbytes(x), start)
-        return out
-
-    def barrier(self) -> None:
-        start = self.recorder.now()
-        self.inner.barrier()
-        self._record("barrier", _EMPTY, 0, start)
+    def set_enabled(self, enabled: bool) -> None:
+        """Paused, every call goes straight to the wrapped communicator: its bound methods shadow
+        the tracing ones on this instance, so a paused tracer costs what no tracer costs."""
+        for name in self.TRACED:
+            if enabled:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, getattr(self.inner, name))
 
     def close(self) -> None:
         self.recorder.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.inprocess import InProcessNode
 from cluster.ray_node import RayNode
 from cluster.timeline import TraceError, read_rank_file, read_trace
 from cluster.trace_export import chrome_trace
@@ -187,3 +188,29 @@ def test_bad_trace_directories_are_refused(traced, tmp_path):
 def test_chrome_trace_carries_clock_offsets(traced):
     doc = chrome_trace(read_trace(traced))
     assert set(doc["metadata"]["clock_offsets"]) == {str(r) for r in range(WORLD)}
+
+
+def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
+    """set_tracing(False) puts the untraced path back (no stage wrapper, no communicator wrapper
+    on the call path, no recorder); resuming records again; the tokens never change."""
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny(vocab_size=509)
+    write_checkpoint(ckpt, cfg, random_state_dict(cfg, seed=5, std=0.08))
+    requests = [Request((0, 5, 9), SamplingParams(max_new_tokens=5, stop_on_eos=False))]
+    with InProcessNode(RunConfig(str(ckpt), world_size=1)) as plain:
+        plain.load()
+        expected = plain.generate(requests)[0][0].token_ids
+    node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
+    node.load()
+    node.set_tracing(False)
+    attention = node.worker.model.layers[0].self_attn
+    assert "forward" not in vars(attention) and "allreduce_add_rmsnorm" in vars(node.worker.tracer)
+    assert node.generate(requests)[0][0].token_ids == expected
+    node.set_tracing(True)
+    assert "forward" in vars(attention) and "allreduce_add_rmsnorm" not in vars(node.worker.tracer)
+    assert node.generate(requests)[0][0].token_ids == expected
+    node.shutdown()
+    rank0 = read_trace(tmp_path / "trace").ranks[0]
+    assert len(rank0.steps) == 5  # the traced call's steps only
+    assert {s["n"] for s in rank0.spans} >= {"attention", "moe", "mlp", "lm_head", "sampling"}
+    assert len({c["q"] for c in rank0.collectives}) == len(rank0.collectives) > 0

@@ -44,14 +44,14 @@ class _ForwardWrapper:
 
 
 def _stage(recorder: TraceRecorder, forward, name: str, layer: int | None = None):
-    now = recorder.now
+    now, emit = recorder.now, recorder.emit
 
     def traced(*args, **kwargs):
         if layer is not None:
             recorder.layer = layer
         start = now()
         out = forward(*args, **kwargs)
-        recorder.span_between(name, start, now())
+        emit("span", (name, recorder.layer, recorder.step, start, now()))
         return out
     return traced
 

@@ -20,7 +20,7 @@ from collectives.faults import DelayedCommunicator
 from collectives.trace import TraceRecorder, TracingCommunicator
 from workers.model_build import build_model, default_dtype  # noqa: F401 (default_dtype: re-exported)
 from workers.run_config import RunConfig
-from workers.tracing import instrument
+from workers.tracing import NullRecorder, instrument
 
 
 class Worker:
@@ -29,10 +29,10 @@ class Worker:
         if comm.rank != rank or comm.world_size != run.world_size:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
         self.rank, self.run, self.gpu = rank, run, gpu or {}
-        self.recorder = None
+        self.recorder, self.tracer, self.stage_marks = None, None, []
         if run.trace_dir:
             self.recorder = TraceRecorder(run.trace_dir, rank, run.world_size, comm.backend, run.device)
-            comm = TracingCommunicator(comm, self.recorder)
+            comm = self.tracer = TracingCommunicator(comm, self.recorder)
         if run.delay_rank == rank:  # outside the tracer: the trace sees this rank arrive late
             comm = DelayedCommunicator(comm, run.delay_s)
         self.comm = comm
@@ -49,8 +49,7 @@ class Worker:
         start = time.perf_counter()
         model, read = build_model(self.run, self.model_cfg, self.shard, self.comm, progress)
         self.model = model.eval()
-        if self.recorder is not None:
-            instrument(self.model, self.recorder)
+        self.stage_marks = instrument(self.model, self.recorder) if self.recorder is not None else []
         self.draft = None
         if self.run.draft_path:  # EAGLE-3, one-model mode: the draft's shard lives beside the target's
             self.draft, draft_read = load_draft(self.run.draft_path, self.model)
@@ -64,6 +63,17 @@ class Worker:
         if self.gpu:
             report["hbm_fraction"] = weights / self.gpu["hbm_bytes"]
         return report
+
+    def set_tracing(self, on: bool) -> None:
+        """Pauses or resumes tracing of a rank started with a trace directory (paused, the rank
+        runs as if tracing were off: untouched model, direct communicator, NullRecorder)."""
+        if self.recorder is None or self.engine is None:
+            raise RuntimeError(f"rank {self.rank}: set_tracing() needs a loaded rank started with a trace directory")
+        for mark in self.stage_marks:
+            mark.remove()
+        self.stage_marks = instrument(self.model, self.recorder) if on else []
+        self.tracer.set_enabled(on)
+        self.engine.recorder = self.recorder if on else NullRecorder()
 
     def generate(self, requests: list[Request], on_tokens=None, spec=None) -> tuple[list[Completion], GenerationStats]:
         """spec: a model.spec.SpecConfig for speculative decoding with the loaded draft, or None."""
