@@ -266,25 +266,28 @@ class ShmCommunicator(Communicator):
         return self._epilogue(total, residual, weight, eps, quant_scale)
 
     def _two_shot(self, x, residual, weight, eps, quant_scale):
+        """x: (rows, H). Rank j reduces and normalizes rows chunk j into its B buffer (normed plane,
+        then the residual plane), then every rank copies each chunk once into its outputs."""
         seq, parity = self._publish(x, "all_reduce (reduce-scatter)")
         n_rows, world = x.shape[0], self.world_size
         bounds = [min(n_rows, (n_rows * j + world - 1) // world) for j in range(world + 1)]
         mine = slice(bounds[self.rank], bounds[self.rank + 1])
         total = self._sum_rows(parity, x.shape, x.dtype, mine)
         out, new_res = self._epilogue(total, None if residual is None else residual[mine], weight, eps, quant_scale)
-        out_dtype = out.dtype
-        packed = out if new_res is None else torch.cat([out.view(torch.uint8), new_res.view(torch.uint8)], -1)
-        width = packed.shape[-1]
-        self._view(self.rank, "B", parity, packed.dtype, (n_rows, width))[mine].copy_(packed)
+        planes = [(out.dtype, lambda j: self._view(j, "B", parity, out.dtype, x.shape))]
+        if new_res is not None:  # the residual plane starts where a full x-sized plane would end
+            planes.append((x.dtype, lambda j: self._view(j, "B", parity, x.dtype, (2, *x.shape))[1]))
+        for (_, plane), part in zip(planes, (out, new_res)):
+            plane(self.rank)[mine].copy_(part)
         self._post(FLAG_B, seq)
         self.flags.wait(range(world), FLAG_B, seq, "all_reduce (all-gather)")
-        gathered = torch.cat([self._view(j, "B", parity, packed.dtype, (n_rows, width))[bounds[j]: bounds[j + 1]]
-                              for j in range(world)])
-        if new_res is None:
-            return gathered.clone(), None
-        split = out.shape[-1] * out.element_size()
-        normed = gathered[:, :split].contiguous().view(out_dtype)
-        return normed, gathered[:, split:].contiguous().view(x.dtype)
+        results = []
+        for dtype, plane in planes:
+            full = torch.empty(x.shape, dtype=dtype)
+            for j in range(world):
+                full[bounds[j]: bounds[j + 1]].copy_(plane(j)[bounds[j]: bounds[j + 1]])
+            results.append(full)
+        return results[0], (results[1] if new_res is not None else None)
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         _, parity = self._publish(x.contiguous(), "all_gather")
