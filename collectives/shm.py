@@ -255,8 +255,8 @@ class ShmCommunicator(Communicator):
         self.flags.fence()
         if not self.flags.missing(everyone, FLAG_A, seq):  # mine was the last input: wake rank 0
             self.flags.ring(FlagBoard.BELL_LEADER)
-        self.flags.wait((0,), FLAG_B, seq, "all_reduce (result of rank 0)", bell=FlagBoard.BELL_RESULT,
-                        ring_if_last=False)
+        self.flags.wait((0,), FLAG_B, seq, "all_reduce", bell=FlagBoard.BELL_RESULT, ring_if_last=False,
+                        culprits=lambda: self.flags.missing(everyone, FLAG_A, seq))  # whom rank 0 waits for
         out = plan["out"][parity].clone()
         return out, (None if residual is None else plan["res"][parity].clone())
 

@@ -181,9 +181,12 @@ class FlagBoard:
         """The ranks that have not yet posted `seq` (or later) on `slot` (wrap-around safe)."""
         return [r for r in ranks if (int(self.flags[r][slot]) - seq) & 0xFFFFFFFF >= 0x80000000]
 
-    def wait(self, ranks, slot: int, seq: int, what: str, bell: int = BELL_ALL, ring_if_last: bool = True) -> None:
+    def wait(self, ranks, slot: int, seq: int, what: str, bell: int = BELL_ALL, ring_if_last: bool = True,
+             culprits=None) -> None:
         """Returns once every rank in `ranks` has posted `seq` (or later) on `slot`. A rank that
-        finds the condition already true on arrival rings `bell` for those asleep on it."""
+        finds the condition already true on arrival rings `bell` for those asleep on it.
+        culprits(): the ranks really at fault if the wait fails (when the awaited rank is itself
+        waiting for others, as the reduce-once followers wait for rank 0 which waits for all)."""
         self.fence()
         if not self.missing(ranks, slot, seq):
             if ring_if_last:
@@ -202,8 +205,10 @@ class FlagBoard:
             now = time.monotonic()
             if now > next_liveness_check:
                 next_liveness_check = now + 0.2
+                self._check_alive((culprits and culprits()) or missing, what)
                 self._check_alive(missing, what)
             if now > deadline:
+                missing = (culprits and culprits()) or missing
                 raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")
             if self.strategy == "spin" or polls < 4:
                 continue
