@@ -43,6 +43,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate all --max-new-tokens even past the end-of-sequence token (benchmarks)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp8"],
                    help="fp8: FP8 (e4m3) GEMMs, BF16 around them; an FP8 checkpoint loads as is, "
                         "a BF16/FP32 one is quantized at load")
@@ -103,7 +105,7 @@ def _requests(args, model_dir: Path, cfg) -> tuple[list[Request], Tokenizer | No
     if not prompts:
         raise UserError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens)
+                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop_on_eos=not args.ignore_eos)
     return [Request(p, params, str(i)) for i, p in enumerate(prompts)], tokenizer
 
 

@@ -103,7 +103,8 @@ def test_invalid_layouts_are_refused_before_any_actor_starts(checkpoint, args, m
 
 def test_ctrl_c_tears_the_node_down(checkpoint):
     proc = subprocess.Popen([sys.executable, "-m", "launch", "generate", "--model", str(checkpoint),
-                             "--prompt-ids", "1,2,3", "--world-size", "2", "--max-new-tokens", "4000"],
+                             "--prompt-ids", "1,2,3", "--world-size", "2", "--max-new-tokens", "4000",
+                             "--ignore-eos"],  # still generating when the signal comes
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
