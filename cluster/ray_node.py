@@ -23,6 +23,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.clocks import estimate_offset, write_clock_file
+from cluster.interrupts import deferred_interrupts, raise_if_interrupted
 from cluster.faults import RankFailure, diagnose
 from collectives.factory import shm_name
 from collectives.shm_sync import sweep_segments
@@ -184,12 +185,14 @@ class RayNode:
     def load(self, progress=None) -> list[dict]:
         futures = [a.load.remote() for a in self.actors]
         pending, deadline = list(futures), time.monotonic() + max(self.timeout, 3600)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            if progress:
-                progress([ray.get(a.load_progress.remote(), timeout=self.timeout) for a in self.actors])
-            if time.monotonic() > deadline:
-                raise TimeoutError("loading the model did not finish in time")
+        with deferred_interrupts():
+            while pending:
+                raise_if_interrupted()
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                if progress:
+                    progress([ray.get(a.load_progress.remote(), timeout=self.timeout) for a in self.actors])
+                if time.monotonic() > deadline:
+                    raise TimeoutError("loading the model did not finish in time")
         self.load_reports = [unpack(r) for r in ray.get(futures, timeout=self.timeout)]
         return self.load_reports
 
@@ -201,27 +204,29 @@ class RayNode:
         futures = [a.generate.remote(payload) for a in self.actors]
         rank_of = {ref: r for r, ref in enumerate(futures)}
         pending, seen, deadline = list(futures), 0, time.monotonic() + timeout_s
-        while True:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.02)
-            failure = diagnose(done, rank_of) if done else None
-            if failure is None:
-                try:
-                    news = unpack(ray.get(self.actors[0].poll.remote(seen), timeout=self.timeout))
-                except ray.exceptions.RayError:
-                    failure = diagnose(futures, rank_of) or RankFailure(0, "stopped answering")
-            if failure is not None:
-                failure.detected_after_s = time.perf_counter() - start
-                self.abort()
-                raise failure
-            for step, new in news:
-                seen += 1
-                if on_tokens:
-                    on_tokens(step, new)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                self.abort()
-                raise TimeoutError(f"generation did not finish within {timeout_s:.0f} s")
+        with deferred_interrupts():
+            while True:
+                raise_if_interrupted()
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.02)
+                failure = diagnose(done, rank_of) if done else None
+                if failure is None:
+                    try:
+                        news = unpack(ray.get(self.actors[0].poll.remote(seen), timeout=self.timeout))
+                    except ray.exceptions.RayError:
+                        failure = diagnose(futures, rank_of) or RankFailure(0, "stopped answering")
+                if failure is not None:
+                    failure.detected_after_s = time.perf_counter() - start
+                    self.abort()
+                    raise failure
+                for step, new in news:
+                    seen += 1
+                    if on_tokens:
+                        on_tokens(step, new)
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise TimeoutError(f"generation did not finish within {timeout_s:.0f} s")
         results = [unpack_result(r) for r in ray.get(futures, timeout=self.timeout)]
         wall = time.perf_counter() - start
         completions, stats, _ = results[0]

@@ -1,5 +1,3 @@
-import sys
+from launch.cli import main_entry
 
-from launch.cli import main
-
-sys.exit(main())
+main_entry()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster.node import USER_ERRORS, UserError, build_node
 from cluster.faults import RankFailure
+from cluster.interrupts import install_interrupt_handler
 from cluster.ray_node import NodeStartError
 from cluster.timeline import TraceError
 from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
@@ -238,4 +239,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_entry() -> None:
+    install_interrupt_handler()
     sys.exit(main())
