@@ -105,7 +105,10 @@ def test_ctrl_c_tears_the_node_down(checkpoint):
     proc = subprocess.Popen([sys.executable, "-m", "launch", "generate", "--model", str(checkpoint),
                              "--prompt-ids", "1,2,3", "--world-size", "2", "--max-new-tokens", "4000",
                              "--ignore-eos"],  # still generating when the signal comes
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: inside the full suite this test process may have
+                            # SIGINT ignored (inherited by children), and an ignored SIGINT never arrives
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         line = ""
