@@ -205,8 +205,7 @@ class FlagBoard:
             now = time.monotonic()
             if now > next_liveness_check:
                 next_liveness_check = now + 0.2
-                self._check_alive((culprits and culprits()) or missing, what)
-                self._check_alive(missing, what)
+                self._check_alive(sorted(set(missing) | set(culprits() if culprits else ())), what)
             if now > deadline:
                 missing = (culprits and culprits()) or missing
                 raise CollectiveTimeout(f"{what}: rank(s) {missing} did not arrive within {self.timeout_s:.1f} s")

@@ -88,13 +88,16 @@ class TraceRecorder:
         if self.cuda:
             self.pending_events.append((kind, list(fields) if kind != "step" else fields))
             return
+        self._store(kind, fields)
+        if self.n_buffered >= self.flush_every:
+            self.flush()
+
+    def _store(self, kind: str, fields) -> None:
         if kind == "step":
             self.batch[kind].append(fields)
         else:
             self.batch[kind].extend(fields)
         self.n_buffered += 1
-        if self.n_buffered >= self.flush_every:
-            self.flush()
 
     def _resolve_events(self) -> None:
         if not self.pending_events:
@@ -105,11 +108,7 @@ class TraceRecorder:
             t0, t1 = ("t0", "t1") if kind == "step" else (T0[kind], T0[kind] + 1)
             row[t0] = self.ref_ns + int(self.ref_event.elapsed_time(row[t0]) * 1e6)
             row[t1] = self.ref_ns + int(self.ref_event.elapsed_time(row[t1]) * 1e6)
-            if kind == "step":
-                self.batch[kind].append(row)
-            else:
-                self.batch[kind].extend(row)
-            self.n_buffered += 1
+            self._store(kind, row)
         if self.n_buffered >= self.flush_every:
             self.flush()
 
