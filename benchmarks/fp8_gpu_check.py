@@ -9,10 +9,13 @@
      the FP8 logits' relative error against the fp32 model, on CUDA and with the CPU emulation.
      They differ (a different summation flips the odd e4m3 rounding, and flips cascade in this
      random model), so the check is that CUDA's error is at most 1.25x the emulation's.
-  3. GEMM speed at decode token counts on Maverick TP8 shard shapes (CUDA events, median of 50):
-     BF16 matmul; Fp8Linear forward (activation quantization + FP8 GEMM + epilogue), each scheme;
-     bare torch._scaled_mm with fused row-wise scales and BF16 out (the floor our epilogue adds to);
-     and the HBM floor (weight bytes / 4.8 TB/s).
+  3. GEMM speed at decode token counts on Maverick TP8 shard shapes: BF16 matmul; Fp8Linear
+     forward as it runs by default (one-kernel activation quantization + FP8 GEMM: Triton up to 16
+     rows, else cuBLAS), each scheme; the channel scheme on cuBLAS only, and with torch-op
+     quantization (the path before the kernels); the bare torch._scaled_mm (row-wise scales, BF16
+     out); and the
+     HBM floors (weight bytes / 4.8 TB/s). Each timed two ways (CUDA events around 50 calls, median
+     of 15): eager (Python dispatch and launches included) and replayed from a CUDA graph (GPU time).
 
     python benchmarks/fp8_gpu_check.py --out "$OUT"      # writes $OUT/fp8_gpu.json, exits 1 on a failed check
 """
@@ -33,6 +36,7 @@ import torch  # noqa: E402
 from benchmarks.common import machine, median, print_table  # noqa: E402
 from collectives.communicator import SingleRankCommunicator  # noqa: E402
 from model.config import tiny  # noqa: E402
+from model import fp8 as fp8_module  # noqa: E402
 from model.embedded import random_state_dict, write_checkpoint  # noqa: E402
 from model.fp8 import SCHEMES, Fp8Linear, quantize_activation, quantize_weight, to_groups  # noqa: E402
 from model.parallel import layout  # noqa: E402
@@ -105,21 +109,68 @@ def check_model() -> list[dict]:
     return rows
 
 
-def _time_ms(fn, iters: int = 50) -> float:
+def _time_eager_ms(fn, calls: int = 50, repeats: int = 15) -> float:
+    """Per call, `calls` eager calls back to back between two events (median of repeats): what a
+    Python loop pays, launch and dispatch included."""
     for _ in range(5):
         fn()
     samples = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
+        samples.append(start.elapsed_time(end) / calls)
     return median(samples)
 
 
+def _time_graph_ms(fn, calls: int = 50, repeats: int = 15) -> float:
+    """Per call, `calls` calls captured in one CUDA graph and replayed (median of repeats): the GPU
+    time with launch overhead gone, as a captured decode step would see it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return median(samples)
+
+
+def _with_flags(layer, **flags):
+    """`layer`'s forward with model/fp8.py's switches set as given (e.g. FUSED_QUANT=False)."""
+    def call(x):
+        saved = {name: getattr(fp8_module, name) for name in flags}
+        for name, value in flags.items():
+            setattr(fp8_module, name, value)
+        try:
+            return layer(x)
+        finally:
+            for name, value in saved.items():
+                setattr(fp8_module, name, value)
+    return call
+
+
 def time_gemms() -> list[dict]:
+    """Per shape and token count: BF16 matmul; Fp8Linear per scheme as it runs by default
+    (one-kernel quantization; Triton GEMM up to 16 rows, else cuBLAS); Fp8Linear channel on cuBLAS
+    only (SMALL_M_TRITON=0), and with torch-op quantization (the path before the kernels); the bare
+    torch._scaled_mm; each eager and in a CUDA graph."""
     rows = []
     for shape, (k, n) in SHAPES.items():
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -128,15 +179,24 @@ def time_gemms() -> list[dict]:
             layers[name].out_dtype = torch.bfloat16
         for m in (1, 4, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"shape": shape, "M": m, "bf16_ms": _time_ms(lambda: x @ w_bf16.t()),
-                   "hbm_floor_fp8_ms": n * k / HBM_BYTES_PER_S * 1e3}
-            for name, layer in layers.items():
-                row[f"fp8_{name}_ms"] = _time_ms(lambda layer=layer: layer(x))
             lin = layers["channel"]
             x_q, x_scale = quantize_activation(x, lin.scheme)
-            row["scaled_mm_rowwise_bf16_ms"] = _time_ms(lambda: torch._scaled_mm(  # the GEMM alone
-                x_q, lin.weight.t(), scale_a=x_scale, scale_b=lin.weight_scale[None], out_dtype=torch.bfloat16))
+            candidates = {"bf16": lambda: x @ w_bf16.t(),
+                          **{f"fp8_{name}": (lambda layer=layer: layer(x)) for name, layer in layers.items()},
+                          "fp8_channel_cublas": lambda: _with_flags(lin, SMALL_M_TRITON=0)(x),
+                          "fp8_channel_torch_quant": lambda: _with_flags(lin, FUSED_QUANT=False)(x),
+                          "scaled_mm_only": lambda: torch._scaled_mm(
+                              x_q, lin.weight.t(), scale_a=x_scale, scale_b=lin.weight_scale[None],
+                              out_dtype=torch.bfloat16)}
+            row = {"shape": shape, "M": m, "hbm_floor_bf16_ms": 2 * n * k / HBM_BYTES_PER_S * 1e3,
+                   "hbm_floor_fp8_ms": n * k / HBM_BYTES_PER_S * 1e3}
+            for name, fn in candidates.items():
+                row[f"{name}_eager_ms"] = _time_eager_ms(fn)
+                row[f"{name}_graph_ms"] = _time_graph_ms(fn)
             rows.append(row)
+            print(f"{shape} M={m}: bf16 graph {row['bf16_graph_ms'] * 1e3:.1f} us, fp8 channel graph "
+                  f"{row['fp8_channel_graph_ms'] * 1e3:.1f} us; eager {row['bf16_eager_ms'] * 1e3:.1f} / "
+                  f"{row['fp8_channel_eager_ms'] * 1e3:.1f} us", file=sys.stderr, flush=True)
     return rows
 
 
@@ -160,8 +220,15 @@ def main() -> int:
                   f"{r['rel_err_vs_f64']:.2e}", r["cpu_bound_ratio"]] for r in result["gemm_numerics"]])
     print_table(["scheme", "kv", "FP8 logits rel err (cpu)", "(cuda)"],
                 [[r["scheme"], r["kv"], r["fp8_rel_err_cpu"], r["fp8_rel_err_cuda"]] for r in result["model"]])
-    keys = ["bf16_ms"] + [f"fp8_{s}_ms" for s in SCHEMES] + ["scaled_mm_rowwise_bf16_ms", "hbm_floor_fp8_ms"]
-    print_table(["shape", "M"] + keys, [[r["shape"], r["M"]] + [r[k] for k in keys] for r in result["gemm_speed"]])
+    names = (["bf16"] + [f"fp8_{s}" for s in SCHEMES]
+             + ["fp8_channel_cublas", "fp8_channel_torch_quant", "scaled_mm_only"])
+    for mode in ("graph", "eager"):
+        keys = [f"{n}_{mode}_ms" for n in names]
+        print(f"GEMM time per call, microseconds, {mode} (median of 15 x 50 calls)")
+        print_table(["shape", "M"] + names + ["HBM floor bf16", "HBM floor fp8"],
+                    [[r["shape"], r["M"]] + [round(r[k] * 1e3, 2) for k in keys]
+                     + [round(r["hbm_floor_bf16_ms"] * 1e3, 2), round(r["hbm_floor_fp8_ms"] * 1e3, 2)]
+                     for r in result["gemm_speed"]])
     out = Path(args.out) / "fp8_gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.config import ConfigError
 from model.eagle3_checkpoint import fingerprint_warning, read_draft_config
-from model.embedded import default_draft_dir, ensure_default_model
+from model.embedded import default_draft_dir, default_model_dir, ensure_default_model
 from model.spec import CONVENTIONS, SpecConfig, resolve_layer_ids
 
 
@@ -84,9 +84,11 @@ def spec_summary(completions, stats, spec: SpecConfig | None, draft: str | None)
 # ---------------------------------------------------------------------------------------------
 
 # The recipe the shipped draft of the embedded default model was trained with (`--embedded`).
-EMBEDDED_RECIPE = {"layer_ids": (1, 2, 3), "layer_convention": "output", "draft_vocab": 480, "n_prompts": 1536,
-                   "heldout_prompts": 16, "epochs": 6, "response_len": 64, "batch_size": 32, "lr": 3e-3, "seed": 0,
-                   "intermediate_size": None, "ttt_steps": 3, "data_temperature": 0.0, "device": "cpu", "dtype": "fp32"}
+# Its prompts are cut from the target's held-out text; --device is the caller's (it was trained on one H200).
+EMBEDDED_RECIPE = {"layer_ids": (1, 2, 3), "layer_convention": "output", "draft_vocab": 480, "n_prompts": 4096,
+                   "heldout_prompts": 32, "epochs": 10, "response_len": 64, "batch_size": 32, "lr": 3e-3, "seed": 0,
+                   "intermediate_size": None, "ttt_steps": 3, "data_temperature": 0.0, "dtype": "fp32",
+                   "prompt_len": (16, 64), "prompt_text": str(default_model_dir() / "heldout.txt")}
 
 
 def add_train_draft_parser(sub) -> None:
@@ -100,6 +102,8 @@ def add_train_draft_parser(sub) -> None:
     p.add_argument("--draft-vocab", type=int, default=32000, help="reduced draft vocabulary (most frequent tokens)")
     p.add_argument("--intermediate-size", type=int, default=None, help="draft MLP width (default: the target's)")
     p.add_argument("--prompts", type=int, default=512, dest="n_prompts", help="training prompts")
+    p.add_argument("--prompt-text", metavar="FILE", default=None,
+                   help="cut the prompts from this text (default: random token ids, for random targets)")
     p.add_argument("--heldout", type=int, default=16, dest="heldout_prompts", help="held-out prompts")
     p.add_argument("--response-len", type=int, default=64, help="tokens the target regenerates per prompt")
     p.add_argument("--data-temperature", type=float, default=0.0, help="0: greedy responses")
@@ -118,7 +122,8 @@ def run_train_draft(args) -> int:
     from workers.train_draft import TrainConfig, train_draft  # torch-heavy: only when training
     settings = {k: getattr(args, k) for k in ("layer_convention", "draft_vocab", "intermediate_size", "n_prompts",
                                               "heldout_prompts", "response_len", "data_temperature", "ttt_steps",
-                                              "epochs", "batch_size", "lr", "seed", "device", "dtype", "threads")}
+                                              "prompt_text", "epochs", "batch_size", "lr", "seed", "device", "dtype",
+                                              "threads")}
     settings["layer_ids"] = _ids(args.layer_ids, "--layer-ids")
     if args.embedded:
         settings.update(EMBEDDED_RECIPE)
@@ -130,6 +135,8 @@ def run_train_draft(args) -> int:
     target = str(ensure_default_model()) if target == "default" else target
     if not Path(target).is_dir():
         raise ConfigError(f"--target {target} is not a checkpoint directory")
+    if settings["prompt_text"] is not None and not Path(settings["prompt_text"]).is_file():
+        raise ConfigError(f"--prompt-text {settings['prompt_text']} is not a file")
     report = train_draft(TrainConfig(target=target, out=out, **settings), log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {out}", file=sys.stderr)
     if args.json:

@@ -325,6 +325,27 @@ def match(cfg: ModelConfig, name: str) -> tuple[str, tuple[int, ...], list[Calla
     raise CheckpointError(f"unexpected tensor {name!r}: no Llama 4 parameter has this name")
 
 
+def export_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An unsharded (world size 1) high-precision model's weights under Hugging Face names: the
+    table read backwards (every cut of every checkpoint tensor copied out of its parameter), so a
+    trained model saves exactly what load_shard reads back."""
+    shard: ShardLayout = model.shard
+    if shard.parallel.world_size != 1:
+        raise ValueError("export_state_dict needs the unsharded model (world size 1)")
+    params = dict(model.named_parameters())
+    out = {}
+    for name in checkpoint_names(model.cfg):
+        dest, shape, cuts = match(model.cfg, name)
+        param = params[dest].detach()
+        full = torch.empty(shape, dtype=param.dtype, device=param.device)
+        for cut in cuts:
+            piece = cut(shard, shape)
+            value = param[piece.dest]
+            full[piece.src] = value.transpose(-1, -2) if piece.transpose else value
+        out[hf_name(name)] = full.cpu()
+    return out
+
+
 def index_files(path: str | Path) -> dict[str, tuple[Path, str]]:
     """Canonical tensor name -> (safetensors file, name in that file), single file or sharded index."""
     path = Path(path)

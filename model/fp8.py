@@ -44,6 +44,7 @@ tests show sharded FP8 equal to unsharded FP8 beyond float32's summation-order n
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,15 +52,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from collectives.communicator import FP8_MAX, quantize_fp8
+from model import fp8_kernels
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 MIN_AMAX = 1e-12  # a token of zeros: any positive scale quantizes it exactly; keep it finite
+# Dynamic activation scales are amax * float32(1/448): a multiplication rounds the same on every
+# device, where "amax / 448" does not (CUDA torch divides by a Python scalar as a multiplication
+# by its reciprocal, CPU torch divides), and the one-kernel quantizers compute the same bits.
+INV_FP8_MAX = 1.0 / 448.0
 GROUP_BATCH_BYTES = 64 << 20  # block emulation: per-group partial sums held at once
 # Measured by benchmarks/fp8_cpu_gemm.py (results/fp8_cpu_gemm.json, one thread): the emulation
 # (bit-moved e4m3 -> float32, float32 matmul) beat CPU torch._scaled_mm at all 20 shapes (M = 1..128),
 # median 3.5x, within the same float32 accumulation bound. "scaled_mm" selects the alternative.
 CPU_GEMM = "emulated"
+FUSED_QUANT = True  # CUDA: activation quantization as one Triton kernel (False: torch ops, for comparison)
+# CUDA, tensor/channel weight scales: up to this many rows (<= 16) use the Triton decode GEMM
+# (model/fp8_kernels.gemm_small_m), chosen on the numbers (results/fp8_gpu_h200.json, decode_h200_*):
+# replayed from a CUDA graph it takes 60-85% of cuBLAS's GPU time at M <= 16, and an eager decode
+# step of the medium model took 13.1 ms with it vs 15.4 ms without (BF16: 11.5 ms, same run).
+# DGX_EMU_FP8_SMALL_M=0 turns it off.
+SMALL_M_TRITON = int(os.environ.get("DGX_EMU_FP8_SMALL_M", "16"))
 
 
 @dataclass(frozen=True)
@@ -160,14 +173,21 @@ def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_activation(x: torch.Tensor, scheme: Fp8Scheme, input_scale: torch.Tensor | None = None,
                         k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (M, K) high precision. Returns (fp8 x, scale): () static, (M, 1) per token, (M, G) per group."""
+    """x: (M, K) high precision. Returns (fp8 x, scale): () static, (M, 1) per token, (M, G) per group.
+    On a GPU with Triton each granularity is one kernel with the same bits (model/fp8_kernels.py)."""
+    if FUSED_QUANT and fp8_kernels.available(x):
+        if scheme.activation == "static":
+            return fp8_kernels.quantize_static(x, input_scale), input_scale
+        if scheme.activation == "token":
+            return fp8_kernels.quantize_per_token(x, MIN_AMAX)
+        return fp8_kernels.quantize_per_group(x, k_offset, n_groups(k_offset, x.shape[-1]), MIN_AMAX)
     if scheme.activation == "static":
         return quantize_fp8(x, input_scale), input_scale
     if scheme.activation == "token":
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) / FP8_MAX  # (M, 1)
+        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, 1)
         return quantize_fp8(x, scale), scale
     groups = to_groups(x.float(), k_offset)  # (M, G, 128)
-    scale = groups.abs().amax(dim=-1).clamp(min=MIN_AMAX) / FP8_MAX  # (M, G)
+    scale = groups.abs().amax(dim=-1).clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, G)
     return from_groups(quantize_fp8(groups, scale[..., None]), k_offset, x.shape[-1]), scale
 
 
@@ -225,9 +245,14 @@ def cuda_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     cores keep ~14 significant bits while accumulating (DeepSeek-V3 report, 3.3.2), not float32's
     24: measured on an H200, ~1e-4 relative to the exact sums (benchmarks/fp8_gpu_check.py).
     cuBLAS wants K and N multiples of 16, B column-major (w_q (N, K) row-major is), and for blocks
-    M a multiple of 16 and groups starting at column 0; zero padding provides all of them."""
+    M a multiple of 16 and groups starting at column 0; zero padding provides all of them.
+    Up to SMALL_M_TRITON rows with per-row weight scales go to model/fp8_kernels.gemm_small_m
+    instead, which streams the weight faster than cuBLAS at decode token counts."""
     m, k = x_q.shape
     out_mm = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
+    if w_scale.dim() == 1 and m <= SMALL_M_TRITON and fp8_kernels.available(x_q) and w_q.stride(1) == 1:
+        return fp8_kernels.gemm_small_m(x_q, x_scale.float().contiguous(), w_q, w_scale.float().contiguous(),
+                                        out_mm).to(out_dtype)
     if w_scale.dim() == 1:
         pad_k, pad_n = (-k) % 16, (-w_q.shape[0]) % 16
         scale_a = x_scale.reshape(1, 1).repeat(m, 1) if x_scale.dim() == 0 else x_scale  # (M, 1)

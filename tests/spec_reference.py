@@ -15,9 +15,10 @@ from model.checkpoint import load_shard
 from model.config import load_model_config
 from model.eagle3 import Eagle3Config, Eagle3Draft, SharedTargetParts, draft_layout
 from model.eagle3_checkpoint import checkpoint_tensors, load_draft, save_draft
-from model.embedded import INIT_STD, SEED, default_config, default_draft_dir, random_state_dict, write_checkpoint
+from model.embedded import default_draft_dir, ensure_default_model
 from model.llama4 import Llama4
 from model.parallel import layout
+from model.tokenizer import Tokenizer
 
 
 @contextmanager
@@ -38,11 +39,9 @@ def one_thread():
         yield
 
 
-def build_default_target(path: Path) -> Path:
-    """The embedded default model, written to `path` (not the user's cache)."""
-    cfg = default_config()
-    write_checkpoint(path, cfg, random_state_dict(cfg, SEED, std=INIT_STD))
-    return path
+def default_target() -> Path:
+    """The embedded default model (the shipped trained checkpoint)."""
+    return ensure_default_model()
 
 
 def shipped_draft() -> Path:
@@ -64,6 +63,17 @@ def random_prompts(n: int, vocab: int, seed: int, lengths=(2, 24)) -> list[tuple
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=gen).tolist()
     return [tuple(torch.randint(3, vocab, (s,), generator=gen).tolist()) for s in sizes]
+
+
+def heldout_prompts(n: int, seed: int, length: int = 32) -> list[tuple[int, ...]]:
+    """n prompts of BOS + `length` tokens cut from the last fifth of the default model's held-out
+    text: the part the shipped draft's training never read (workers/train_draft.prompts_for)."""
+    tokenizer = Tokenizer.from_file(default_target() / "tokenizer.json")
+    ids = tokenizer.encode((default_target() / "heldout.txt").read_text())
+    tail = ids[len(ids) * 4 // 5:]
+    starts = torch.randint(0, len(tail) - length, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    bos = load_model_config(default_target()).bos_token_id
+    return [tuple([bos] + tail[s: s + length]) for s in starts]
 
 
 def token_table(completions, width: int) -> torch.Tensor:

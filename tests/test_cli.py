@@ -1,6 +1,5 @@
 """The `dgx-emu generate` command line, run as a user runs it: `python -m launch` in a subprocess
-from the repository root, with DGX_EMU_HOME in a temporary directory (so the embedded default
-model is built there). Runs use --world-size 1 (in-process, no Ray) to stay fast; the processes
+from the repository root, with HOME-like state in a temporary directory. Runs use --world-size 1 (in-process, no Ray) to stay fast; the processes
 of each group start together, so their start-up (importing torch) overlaps.
 """
 from __future__ import annotations
@@ -10,11 +9,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
-from model.embedded import default_model_dir
+from model.embedded import ensure_default_model
 from model.tokenizer import byte_level_tokenizer
 from tests.hf_reference import CONFIGS, hf_greedy, make_hf_checkpoint, random_ids
 
@@ -59,12 +57,6 @@ def _summary(res: subprocess.CompletedProcess) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _default_dir(home: Path) -> Path:
-    """Where the CLI builds the embedded default model when DGX_EMU_HOME is `home`."""
-    with mock.patch.dict(os.environ, {"DGX_EMU_HOME": str(home)}):
-        return default_model_dir()
-
-
 def _ids_arg(ids) -> str:
     return ",".join(str(int(t)) for t in ids)
 
@@ -98,11 +90,10 @@ def test_json_summary_of_the_embedded_default(default_runs, home):
     assert summary["ttft_s"] > 0
     if len(ids) > 1:
         assert summary["tokens_per_s"] > 0
-    # the default model was built under DGX_EMU_HOME
-    built = _default_dir(home)
-    assert built.parent == home
-    assert (built / "COMPLETE").is_file() and (built / "config.json").is_file()
-    assert (built / "tokenizer.json").is_file()
+    # the default model is the shipped trained checkpoint
+    shipped = ensure_default_model()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json"):
+        assert (shipped / name).is_file(), name
 
 
 def test_json_output_equals_the_library(default_runs, home):
@@ -111,8 +102,7 @@ def test_json_output_equals_the_library(default_runs, home):
     from tests.hf_reference import load_ours
     from workers.engine import Engine, Request
 
-    path = _default_dir(home)
-    model = load_ours(path)
+    model = load_ours(ensure_default_model())
     tok = byte_level_tokenizer()
     prompt = tok.encode("The DGX B200 node")
     if model.cfg.bos_token_id is not None:

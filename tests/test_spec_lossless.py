@@ -18,7 +18,7 @@ from cluster.procs import run_world
 from collectives.communicator import SingleRankCommunicator
 from model.sampling import SamplingParams
 from model.spec import SpecConfig
-from tests.spec_reference import build_default_target, load_pair, random_prompts, shipped_draft, token_table
+from tests.spec_reference import default_target, load_pair, random_prompts, shipped_draft, token_table
 from tests.spec_reference import one_thread  # noqa: F401 (a fixture)
 from workers.engine import Engine, Request
 
@@ -38,7 +38,7 @@ WORLD8_SPECS = ("chain3", "tree")
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    return build_default_target(tmp_path_factory.mktemp("default_target"))
+    return default_target()
 
 
 def _requests() -> list[Request]:

@@ -35,6 +35,7 @@ from model.llama4 import Llama4
 from model.parallel import layout
 from model.sampling import SamplingParams
 from model.spec import SpecConfig, resolve_layer_ids
+from model.tokenizer import Tokenizer
 from workers.engine import Engine, Request
 from workers.run_config import DTYPES
 
@@ -52,6 +53,7 @@ class TrainConfig:
     n_prompts: int = 512
     heldout_prompts: int = 16
     prompt_len: tuple[int, int] = (4, 24)
+    prompt_text: str | None = None  # a text file: prompts are cut from it (None: random tokens)
     response_len: int = 64
     data_temperature: float = 0.0
     ttt_steps: int = 3
@@ -84,10 +86,32 @@ def load_target(path: str, device: str, dtype: torch.dtype) -> Llama4:
 
 
 def make_prompts(n: int, vocab: int, lengths: tuple[int, int], generator: torch.Generator) -> list[tuple[int, ...]]:
-    """Random token prompts: the targets this runs on at toy scale are random too. A real target
-    would read prompts from a dataset; nothing below depends on where they come from."""
+    """Random token prompts, for a target that has no text to be prompted with (a random one)."""
     sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
     return [tuple(torch.randint(0, vocab, (s,), generator=generator).tolist()) for s in sizes]
+
+
+def text_prompts(ids: list[int], n: int, lengths: tuple[int, int], generator: torch.Generator,
+                 bos: int | None) -> list[tuple[int, ...]]:
+    """n prompts cut from a tokenized text at random places, each `lengths` tokens long (after BOS)."""
+    if len(ids) <= lengths[1]:
+        raise ConfigError(f"the prompt text has {len(ids)} tokens, prompts of up to {lengths[1]} need more")
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
+    starts = torch.randint(0, len(ids) - lengths[1], (n,), generator=generator).tolist()
+    return [tuple(([bos] if bos is not None else []) + ids[s: s + size]) for s, size in zip(starts, sizes)]
+
+
+def prompts_for(cfg: TrainConfig, tcfg, generator: torch.Generator) -> tuple[list, list]:
+    """(training prompts, held-out prompts). From a text: training prompts from its first 80%,
+    held-out ones from the rest, so that the acceptance estimate reads text the draft never saw."""
+    if cfg.prompt_text is None:
+        prompts = make_prompts(cfg.n_prompts + cfg.heldout_prompts, tcfg.vocab_size, cfg.prompt_len, generator)
+        return prompts[: cfg.n_prompts], prompts[cfg.n_prompts:]
+    tokenizer = Tokenizer.from_file(Path(cfg.target) / "tokenizer.json")
+    ids = tokenizer.encode(Path(cfg.prompt_text).read_text())
+    cut = len(ids) * 4 // 5
+    return (text_prompts(ids[:cut], cfg.n_prompts, cfg.prompt_len, generator, tcfg.bos_token_id),
+            text_prompts(ids[cut:], cfg.heldout_prompts, cfg.prompt_len, generator, tcfg.bos_token_id))
 
 
 def regenerate(target: Llama4, prompts: list[tuple[int, ...]], n_tokens: int, temperature: float,
@@ -210,8 +234,7 @@ def train_draft(cfg: TrainConfig, log=print) -> dict:
     tcfg = target.cfg
     layer_ids = resolve_layer_ids(SpecConfig(layer_ids=cfg.layer_ids, layer_convention=cfg.layer_convention),
                                   tcfg.n_layers, None)
-    prompts = make_prompts(cfg.n_prompts + cfg.heldout_prompts, tcfg.vocab_size, cfg.prompt_len, gen)
-    train_prompts, heldout = prompts[: cfg.n_prompts], prompts[cfg.n_prompts:]
+    train_prompts, heldout = prompts_for(cfg, tcfg, gen)
     log(f"regenerating {cfg.n_prompts} responses of {cfg.response_len} tokens with the target ...")
     sequences = regenerate(target, train_prompts, cfg.response_len, cfg.data_temperature, cfg.seed)
     prompt_lens = [len(p) for p in train_prompts]
@@ -246,7 +269,8 @@ def train_draft(cfg: TrainConfig, log=print) -> dict:
         f"{estimate['acceptance_length']:.2f}")
     report = {"target_fingerprint": target_fingerprint(cfg.target), "trained_by": "dgx-emu train-draft",
               "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-                         if k not in ("target", "out", "threads")},
+                         if k not in ("target", "out", "threads", "prompt_text")},
+              "prompt_text": Path(cfg.prompt_text).name if cfg.prompt_text else None,
               "heldout": estimate, "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
               "final_accuracy": history[-1]["accuracy"]}
     save_draft(cfg.out, draft.cfg, checkpoint_tensors(draft), extra={"dgx_emu": report})
