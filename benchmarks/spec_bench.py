@@ -99,7 +99,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"embedded default model, world size {args.world_size} ({args.comm}, moe {args.moe}), greedy, "
           f"{args.prompts} prompts x {args.repeats} repeats x {args.tokens} tokens, batch 1; "
-          "the draft is TOY-TRAINED (dgx-emu train-draft --embedded)")
+          "prompts from held-out text; the draft shipped with the model (dgx-emu train-draft --embedded)")
     print_table(["setting", "accept len", "accept/position", "tok/s", "speed-up", "step ms", "break-even AL",
                  "draft ms/step", "verify ms/step", "same tokens"],
                 [[r["setting"], r["acceptance_length"],

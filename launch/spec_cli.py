@@ -2,7 +2,7 @@
 summary fields, and the `dgx-emu train-draft` subcommand.
 
 Speculative decoding is on whenever a draft is available: `--draft PATH`, or, for the embedded
-default model, the toy-trained draft shipped with it (model/assets/). `--no-spec` turns it off.
+default model, the draft trained against it and shipped with it (model/assets/). `--no-spec` turns it off.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (EAGLE-3)")
     g.add_argument("--draft", metavar="PATH", default=None,
                    help="EAGLE-3 draft checkpoint (SafeAILab or ModelOpt layout); default: the embedded "
-                        "model's toy-trained draft when --model is not given")
+                        "model's shipped draft when --model is not given")
     g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is available")
     g.add_argument("--draft-len", type=int, default=3, help="chain: draft tokens per verification step")
     g.add_argument("--tree", action="store_true", help="EAGLE-2 dynamic tree instead of a chain")
