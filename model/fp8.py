@@ -34,10 +34,12 @@ bits, so it is exact in float32), accumulates in float32 and applies the scales 
 afterwards: `out = (sum_k a_q b_q) * s_a * s_w`, per 128-column group for blocks (as DeepGEMM
 promotes each group to float32). On CPU an emulation computes exactly that: it converts the e4m3
 bytes to float32 exactly and multiplies in float32; benchmarks/fp8_cpu_gemm.py measured it
-against CPU `torch._scaled_mm` (see `CPU_GEMM`). On CUDA one `torch._scaled_mm` does it on the
-FP8 tensor cores with the scales fused (row-wise, or 1x128 x 1x128 groups); the hardware keeps
-fewer bits than float32 while it accumulates (see `cuda_gemm`), so GPU results are native, not
-bit-identical to the emulation.
+against CPU `torch._scaled_mm` (see `CPU_GEMM`). On CUDA the activation is quantized by one
+Triton kernel (model/fp8_kernels.py, the same bytes as the torch code here) and one GEMM runs on
+the FP8 tensor cores with the scales in its float32 epilogue: a Triton split-K kernel up to
+SMALL_M_TRITON rows, else `torch._scaled_mm` (row-wise, or 1x128 x 1x128 groups); the hardware
+keeps fewer bits than float32 while it accumulates (see `cuda_gemm`), so GPU results are native,
+not bit-identical to the emulation.
 A model computing in float64 accumulates in float64, where a sum of up to 2^17 e4m3 products is
 EXACT (their bits span 2^-18 .. 2^17): the order of summation then cannot matter, which is how the
 tests show sharded FP8 equal to unsharded FP8 beyond float32's summation-order noise.
