@@ -43,7 +43,7 @@ def boot_id() -> str:
 
 
 def _nbytes(x: torch.Tensor) -> int:
-    return x.numel() * x.element_size()
+    return x.nbytes
 
 
 _EMPTY = torch.empty(0)
@@ -67,8 +67,8 @@ class TraceRecorder:
         self.layer, self.step, self.requests = -1, -1, []
         self.ref_event, self.ref_ns = None, 0
         self.last_comm_end = None
-        if not self.cuda:
-            self.now = time.monotonic_ns  # the hot path: no method, no branch
+        if not self.cuda:  # the hot path: no method wrapper, no branch
+            self.now, self.emit = time.monotonic_ns, self._store
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "rank": rank,
                      "world_size": world_size, "backend": backend, "device": device, "pid": os.getpid(),
                      "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns"})
@@ -82,22 +82,21 @@ class TraceRecorder:
 
     def emit(self, kind: str, fields) -> None:
         """fields: the record's values in COLL_FIELDS / SPAN_FIELDS order (a map for steps); t0/t1
-        are ns, or on a GPU CUDA events, resolved at the step's end. Rows are stored flat (one list
-        per kind and batch, extended): a record allocates no object the garbage collector tracks,
-        so tracing never makes Python's cyclic GC run more often (it counts such objects)."""
-        if self.cuda:
-            self.pending_events.append((kind, list(fields) if kind != "step" else fields))
-            return
-        self._store(kind, fields)
-        if self.n_buffered >= self.flush_every:
-            self.flush()
+        are ns, or on a GPU CUDA events, resolved at the step's end. On the CPU `emit` IS `_store`
+        (bound in __init__: one call frame per record); this method is the GPU's."""
+        self.pending_events.append((kind, list(fields) if kind != "step" else fields))
 
     def _store(self, kind: str, fields) -> None:
+        """Rows are stored flat (one list per kind and batch, extended): a record allocates no
+        object the garbage collector tracks, so tracing never makes Python's cyclic GC run more
+        often (it counts such objects)."""
         if kind == "step":
             self.batch[kind].append(fields)
         else:
             self.batch[kind].extend(fields)
         self.n_buffered += 1
+        if self.n_buffered >= self.flush_every:
+            self.flush()
 
     def _resolve_events(self) -> None:
         if not self.pending_events:
@@ -109,8 +108,6 @@ class TraceRecorder:
             row[t0] = self.ref_ns + int(self.ref_event.elapsed_time(row[t0]) * 1e6)
             row[t1] = self.ref_ns + int(self.ref_event.elapsed_time(row[t1]) * 1e6)
             self._store(kind, row)
-        if self.n_buffered >= self.flush_every:
-            self.flush()
 
     # --- what is recorded (collectives: TracingCommunicator._record) -------------------------
     @contextmanager
@@ -168,7 +165,7 @@ def _traced(method: str, op: str, sent=None, received=None):
         out = getattr(self.inner, method)(*args, **kwargs)
         end = self.now()
         x = args[0] if args else next(iter(kwargs.values()), _EMPTY)
-        nbytes = x.numel() * x.element_size() if sent is None else sent(self, args or tuple(kwargs.values()))
+        nbytes = x.nbytes if sent is None else sent(self, args or tuple(kwargs.values()))
         described = self._described.get((op, nbytes, x.dtype))
         if described is None:
             described = self._describe(op, nbytes, x.dtype)
