@@ -42,10 +42,6 @@ def boot_id() -> str:
         return socket.gethostname()
 
 
-def _nbytes(x: torch.Tensor) -> int:
-    return x.nbytes
-
-
 _EMPTY = torch.empty(0)
 
 
@@ -198,11 +194,11 @@ class TracingCommunicator(Communicator):
 
     all_reduce = _traced("all_reduce", "all_reduce")
     allreduce_add_rmsnorm = _traced("allreduce_add_rmsnorm", "allreduce_add_rmsnorm")
-    all_gather = _traced("all_gather", "all_gather", sent=lambda self, args: _nbytes(args[0]) * self.world_size)
-    all_to_all = _traced("all_to_all", "all_to_all", received=lambda out: _nbytes(out[0]))
-    dispatch = _traced("dispatch", "moe_dispatch", sent=lambda self, args: _nbytes(args[0]) + _nbytes(args[1]),
-                       received=lambda out: _nbytes(out[0]) + _nbytes(out[1]))
-    combine = _traced("combine", "moe_combine", received=_nbytes)
+    all_gather = _traced("all_gather", "all_gather", sent=lambda self, args: args[0].nbytes * self.world_size)
+    all_to_all = _traced("all_to_all", "all_to_all", received=lambda out: out[0].nbytes)
+    dispatch = _traced("dispatch", "moe_dispatch", sent=lambda self, args: args[0].nbytes + args[1].nbytes,
+                       received=lambda out: out[0].nbytes + out[1].nbytes)
+    combine = _traced("combine", "moe_combine", received=lambda out: out.nbytes)
     broadcast = _traced("broadcast", "broadcast")
     barrier = _traced("barrier", "barrier")  # no tensor: 0 bytes
     TRACED = ("all_reduce", "allreduce_add_rmsnorm", "all_gather", "all_to_all", "dispatch", "combine",

@@ -15,10 +15,11 @@ from model.checkpoint import load_shard
 from model.config import load_model_config
 from model.eagle3 import Eagle3Config, Eagle3Draft, SharedTargetParts, draft_layout
 from model.eagle3_checkpoint import checkpoint_tensors, load_draft, save_draft
-from model.embedded import default_draft_dir, ensure_default_model
+from model.embedded import default_draft_dir, ensure_default_model, heldout_text
 from model.llama4 import Llama4
 from model.parallel import layout
 from model.tokenizer import Tokenizer
+from workers.train_draft import split_text
 
 
 @contextmanager
@@ -67,10 +68,9 @@ def random_prompts(n: int, vocab: int, seed: int, lengths=(2, 24)) -> list[tuple
 
 def heldout_prompts(n: int, seed: int, length: int = 32) -> list[tuple[int, ...]]:
     """n prompts of BOS + `length` tokens cut from the last fifth of the default model's held-out
-    text: the part the shipped draft's training never read (workers/train_draft.prompts_for)."""
+    text: the part the shipped draft's training never read (workers/train_draft.split_text)."""
     tokenizer = Tokenizer.from_file(default_target() / "tokenizer.json")
-    ids = tokenizer.encode((default_target() / "heldout.txt").read_text())
-    tail = ids[len(ids) * 4 // 5:]
+    _, tail = split_text(tokenizer.encode(heldout_text()))
     starts = torch.randint(0, len(tail) - length, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     bos = load_model_config(default_target()).bos_token_id
     return [tuple([bos] + tail[s: s + length]) for s in starts]

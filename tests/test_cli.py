@@ -1,5 +1,5 @@
 """The `dgx-emu generate` command line, run as a user runs it: `python -m launch` in a subprocess
-from the repository root, with HOME-like state in a temporary directory. Runs use --world-size 1 (in-process, no Ray) to stay fast; the processes
+from the repository root. Runs use --world-size 1 (in-process, no Ray) to stay fast; the processes
 of each group start together, so their start-up (importing torch) overlaps.
 """
 from __future__ import annotations
@@ -21,11 +21,6 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dgx_emu_home")
-
-
-@pytest.fixture(scope="module")
 def hf_ckpt(tmp_path_factory):
     """(transformers model, checkpoint dir without tokenizer.json)."""
     hf, path = make_hf_checkpoint(tmp_path_factory.mktemp("hf_ckpt"), CONFIGS["moe_every_layer"], seed=31)
@@ -33,9 +28,9 @@ def hf_ckpt(tmp_path_factory):
     return hf, path
 
 
-def _run_all(home: Path, argvs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+def _run_all(argvs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
     """Starts `python -m launch generate ARGS` for every entry at once; waits for all."""
-    env = dict(os.environ, DGX_EMU_HOME=str(home), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = {key: subprocess.Popen([sys.executable, "-m", "launch", "generate", *argv], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for key, argv in argvs.items()}
@@ -69,16 +64,16 @@ PROMPT = ["--prompt", "The DGX B200 node", "--max-new-tokens", "10", "--world-si
 
 
 @pytest.fixture(scope="module")
-def default_runs(home):
+def default_runs():
     # The default model is built once first, so the runs below do not race to build it.
-    first = _run_all(home, {"greedy": PROMPT})
+    first = _run_all({"greedy": PROMPT})
     sampled = PROMPT + ["--temperature", "0.8"]
-    rest = _run_all(home, {"seed3a": sampled + ["--seed", "3"], "seed3b": sampled + ["--seed", "3"],
+    rest = _run_all({"seed3a": sampled + ["--seed", "3"], "seed3b": sampled + ["--seed", "3"],
                            "seed4": sampled + ["--seed", "4"]})
     return {**first, **rest}
 
 
-def test_json_summary_of_the_embedded_default(default_runs, home):
+def test_json_summary_of_the_embedded_default(default_runs):
     summary = _summary(default_runs["greedy"])
     for key in ("text", "token_ids", "new_tokens", "tokens_per_s", "ttft_s"):
         assert key in summary, key
@@ -96,7 +91,7 @@ def test_json_summary_of_the_embedded_default(default_runs, home):
         assert (shipped / name).is_file(), name
 
 
-def test_json_output_equals_the_library(default_runs, home):
+def test_json_output_equals_the_library(default_runs):
     """The CLI's greedy tokens are the engine's, run in-process on the same checkpoint and prompt."""
     from model.sampling import SamplingParams
     from tests.hf_reference import load_ours
@@ -124,11 +119,11 @@ def test_seeded_sampling_is_reproducible(default_runs):
 # An HF-saved checkpoint without tokenizer: --prompt-ids
 # ---------------------------------------------------------------------------------------------
 
-def test_prompt_ids_match_transformers_generate(hf_ckpt, home):
+def test_prompt_ids_match_transformers_generate(hf_ckpt):
     hf, path = hf_ckpt
     prompts = [random_ids(20, 256, seed=32).tolist(), random_ids(7, 256, seed=33).tolist()]
     n_new = 24
-    res = _run_all(home, {"ids": ["--model", str(path), "--prompt-ids", _ids_arg(prompts[0]), "--prompt-ids",
+    res = _run_all({"ids": ["--model", str(path), "--prompt-ids", _ids_arg(prompts[0]), "--prompt-ids",
                                   _ids_arg(prompts[1]), "--max-new-tokens", str(n_new), "--world-size", "1",
                                   "--json"]})["ids"]
     summary = _summary(res)
@@ -165,9 +160,9 @@ ERROR_CASES = {
 
 
 @pytest.fixture(scope="module")
-def error_runs(hf_ckpt, home):
+def error_runs(hf_ckpt):
     _, path = hf_ckpt
-    return _run_all(home, {name: build(path) for name, (build, _) in ERROR_CASES.items()})
+    return _run_all({name: build(path) for name, (build, _) in ERROR_CASES.items()})
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))

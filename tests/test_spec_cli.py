@@ -1,7 +1,7 @@
 """`dgx-emu generate` decodes with EAGLE-3 out of the box (the embedded model's shipped draft),
 reports acceptance in --json, and `--no-spec` / `--tree` give the same tokens; bad speculative
 input exits with code 2 and a line naming the fault. Run as a user runs it (`python -m launch`
-in a subprocess, DGX_EMU_HOME in a temporary directory, all processes started together)."""
+in a subprocess, all processes started together)."""
 from __future__ import annotations
 
 import json
@@ -28,8 +28,8 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    env = dict(os.environ, DGX_EMU_HOME=str(tmp_path_factory.mktemp("home")), PYTHONUNBUFFERED="1")
+def runs() -> dict[str, subprocess.CompletedProcess]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = {key: subprocess.Popen([sys.executable, "-m", "launch", *argv], cwd=ROOT, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for key, argv in RUNS.items()}
     done = {}

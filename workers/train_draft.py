@@ -101,6 +101,12 @@ def text_prompts(ids: list[int], n: int, lengths: tuple[int, int], generator: to
     return [tuple(([bos] if bos is not None else []) + ids[s: s + size]) for s, size in zip(starts, sizes)]
 
 
+def split_text(ids: list[int]) -> tuple[list[int], list[int]]:
+    """A prompt text's tokens: the first 80% for training prompts, the rest held out."""
+    cut = len(ids) * 4 // 5
+    return ids[:cut], ids[cut:]
+
+
 def prompts_for(cfg: TrainConfig, tcfg, generator: torch.Generator) -> tuple[list, list]:
     """(training prompts, held-out prompts). From a text: training prompts from its first 80%,
     held-out ones from the rest, so that the acceptance estimate reads text the draft never saw."""
@@ -108,10 +114,9 @@ def prompts_for(cfg: TrainConfig, tcfg, generator: torch.Generator) -> tuple[lis
         prompts = make_prompts(cfg.n_prompts + cfg.heldout_prompts, tcfg.vocab_size, cfg.prompt_len, generator)
         return prompts[: cfg.n_prompts], prompts[cfg.n_prompts:]
     tokenizer = Tokenizer.from_file(Path(cfg.target) / "tokenizer.json")
-    ids = tokenizer.encode(Path(cfg.prompt_text).read_text())
-    cut = len(ids) * 4 // 5
-    return (text_prompts(ids[:cut], cfg.n_prompts, cfg.prompt_len, generator, tcfg.bos_token_id),
-            text_prompts(ids[cut:], cfg.heldout_prompts, cfg.prompt_len, generator, tcfg.bos_token_id))
+    train_ids, heldout_ids = split_text(tokenizer.encode(Path(cfg.prompt_text).read_text()))
+    return (text_prompts(train_ids, cfg.n_prompts, cfg.prompt_len, generator, tcfg.bos_token_id),
+            text_prompts(heldout_ids, cfg.heldout_prompts, cfg.prompt_len, generator, tcfg.bos_token_id))
 
 
 def regenerate(target: Llama4, prompts: list[tuple[int, ...]], n_tokens: int, temperature: float,

@@ -181,9 +181,8 @@ def train(args) -> dict:
             total = min(args.max_steps, max(step + 1, int(args.budget_s / per_step)))
             print(f"{per_step * 1e3:.1f} ms/step -> {total} steps in {args.budget_s:.0f} s", file=sys.stderr)
         if step % args.eval_every == 0 or step == total:
-            balance.take()
             val = heldout_loss(model, heldout)
-            balance.take()
+            balance.take()  # the held-out forward's router losses: not trained on
             log.append({"step": step, "train_loss": loss.item(), "aux_loss": aux.item(), "heldout_loss": val,
                         "lr": lr, "seconds": time.perf_counter() - start})
             print(f"step {step}/{total} train {loss.item():.3f} heldout {val:.3f} ({val / math.log(2):.3f} bits/byte)"
