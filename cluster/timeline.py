@@ -87,14 +87,19 @@ class Trace:
 _FIELDS = {"coll": COLL_FIELDS, "span": SPAN_FIELDS}
 
 
-def _record(path: Path, kind: str, row) -> dict:
+def _record(path: Path, kind: str, row, algorithms: dict) -> dict:
     """One record as a map with its kind under "k" (a row of a batch: its fields in order)."""
     if kind in _FIELDS:
         if not isinstance(row, list) or len(row) != len(_FIELDS[kind]):
             raise TraceError(f"{path} holds a malformed {kind} record: {str(row)[:120]}")
         record = dict(zip(_FIELDS[kind], row))
-        if record.get("rb", 0) is None:
-            del record["rb"]
+        if kind == "coll":
+            if record["rb"] is None:
+                del record["rb"]
+            try:
+                record["a"] = algorithms[record["op"], record["b"]]
+            except (KeyError, TypeError):
+                raise TraceError(f"{path}: the batch names no algorithm for {str(row)[:120]}") from None
     elif isinstance(row, dict):
         record = dict(row)
     else:
@@ -103,6 +108,14 @@ def _record(path: Path, kind: str, row) -> dict:
         raise TraceError(f"{path} holds a {kind} record without integer times: {str(row)[:120]}")
     record["k"] = kind
     return record
+
+
+def _algorithms(path: Path, batch: dict) -> dict:
+    """The batch's [op, bytes, algorithm] table as a map."""
+    table = batch.get("algorithms", [])
+    if not isinstance(table, list) or not all(isinstance(e, list) and len(e) == 3 for e in table):
+        raise TraceError(f"{path} holds a malformed algorithm table: {str(table)[:120]}")
+    return {(op, nbytes): algorithm for op, nbytes, algorithm in table}
 
 
 def read_rank_file(path: str | Path) -> RankTrace:
@@ -116,7 +129,7 @@ def read_rank_file(path: str | Path) -> RankTrace:
     try:
         header = next(unpacker)
     except StopIteration:
-        raise TraceError(f"{path} is empty") from None
+        raise TraceError(f"{path} is empty" if size == 0 else f"{path} is truncated inside its header") from None
     except (ValueError, msgpack.UnpackException) as e:
         raise TraceError(f"{path} is not a dgx-emu trace: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -125,23 +138,28 @@ def read_rank_file(path: str | Path) -> RankTrace:
         raise TraceError(f"{path} has trace format version {header.get('version')}, this reader knows {VERSION}")
     rt = RankTrace(header)
     kinds = {"step": rt.steps, "span": rt.spans, "coll": rt.collectives}
+    end = unpacker.tell()  # where the last whole object ended (after a cut-off one, tell() is not that)
     try:
         for batch in unpacker:
-            if not isinstance(batch, dict) or batch.get("type") != "batch" or set(batch) - {"type", *kinds} \
+            end = unpacker.tell()
+            if not isinstance(batch, dict) or batch.get("type") != "batch" \
+                    or set(batch) - {"type", "algorithms", *kinds} \
                     or not all(isinstance(batch.get(kind, []), list) for kind in kinds):
                 raise TraceError(f"{path} holds a malformed batch: {str(batch)[:120]}")
+            algorithms = _algorithms(path, batch)
             for kind, records in kinds.items():
                 values, width = batch.get(kind, []), len(_FIELDS.get(kind, ())) or 1
                 if len(values) % width:
                     raise TraceError(f"{path} holds a {kind} batch of {len(values)} values, not rows of {width}")
                 for i in range(0, len(values), width):
-                    records.append(_record(path, kind, values[i: i + width] if kind in _FIELDS else values[i]))
+                    records.append(_record(path, kind, values[i: i + width] if kind in _FIELDS else values[i],
+                                           algorithms))
     except (ValueError, msgpack.UnpackException) as e:
         if isinstance(e, TraceError):
             raise
         raise TraceError(f"{path} is truncated or corrupt: {e}") from None
-    if unpacker.tell() != size:  # the stream ended inside a record
-        raise TraceError(f"{path} is truncated: {size - unpacker.tell()} trailing bytes do not form a record")
+    if end != size:  # the stream ended inside a record
+        raise TraceError(f"{path} is truncated: {size - end} trailing bytes do not form a record")
     return rt
 
 

@@ -1,25 +1,33 @@
 """Per-rank communication timelines: the recorder and the tracing Communicator.
 
-Every collective a rank makes passes through `TracingCommunicator`, which times it and hands a
-record to the rank's `TraceRecorder`: op, group ranks, bytes, dtype, backend/algorithm, the
-sequence number within the group (the same on every rank, since all ranks make the same calls
-in the same order), the current layer / decode step / request, and start and end times.
-Model stages (attention, MoE, MLP, LM head, sampling, draft, verify) are recorded as spans.
+Every collective a rank makes passes through `TracingCommunicator`, which times it and appends a
+row to the rank's `TraceRecorder`: op, group ranks, the sequence number within the group (the
+same on every rank, since all ranks make the same calls in the same order), bytes, dtype, the
+current layer / decode step, and start and end times; the backend's algorithm for (op, bytes)
+and the step's requests are filled in once per batch and per step, off the hot path. Model
+stages (attention, MoE, MLP, LM head, sampling, draft, verify) are recorded as spans.
 
-Records stream to `rank<r>.msgpack` in the trace directory: a header object, then batches of at
-most `flush_every` records, so memory stays bounded however long the run. A batch is one msgpack
-map whose "coll" and "span" entries are flat lists of values (rows of COLL_FIELDS / SPAN_FIELDS,
-one after another) and whose "step" entry is a list of maps: recording a collective extends one
-list, and packing is one call per batch, which keeps tracing within a few percent of the step. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a GPU
-they come from CUDA events, resolved against a host timestamp taken at the start of each step.
-Tracing off means no wrapper at all: the untraced path costs nothing.
+The hot path is what limits tracing's cost (a decode step of the embedded model is ~10
+collectives and ~12 stages in a few milliseconds of Python-driven torch ops), so a record is
+one closure call with its references in cells, two clock reads and ONE C-level `list.extend`
+of a flat row: no map, no counter, no flush check, no string work. Rows stay in two flat lists
+(collectives, spans) that the recorder packs and empties at the end of a step once they hold
+`flush_every` records, so memory is bounded by that plus one step. Rows hold no object the
+garbage collector tracks, so tracing never makes Python's cyclic GC run more often.
+
+Records stream to `rank<r>.msgpack` in the trace directory: a header map, then batch maps whose
+"coll" and "span" entries are flat rows of COLL_FIELDS / SPAN_FIELDS, whose "step" entry is a
+list of maps, and whose "algorithms" entry lists [op, bytes, algorithm] for the collectives of
+the batch. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a
+GPU the rows first hold CUDA events, resolved at the step's end against a host timestamp taken
+at its start. Tracing off (or paused) means no wrapper at all: the untraced path costs nothing.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -28,10 +36,12 @@ import torch
 from collectives.communicator import Communicator
 
 FORMAT = "dgx-emu-trace"
-VERSION = 2
-COLL_FIELDS = ("op", "g", "q", "b", "d", "a", "l", "s", "t0", "t1", "rb")  # rb: received bytes (all-to-alls)
+VERSION = 3
+COLL_FIELDS = ("op", "g", "q", "b", "d", "l", "s", "t0", "t1", "rb")  # rb: received bytes (uneven all-to-alls)
 SPAN_FIELDS = ("n", "l", "s", "t0", "t1")
-T0 = {"coll": COLL_FIELDS.index("t0"), "span": SPAN_FIELDS.index("t0")}
+COLL_WIDTH, SPAN_WIDTH = len(COLL_FIELDS), len(SPAN_FIELDS)
+COLL_T0, SPAN_T0 = COLL_FIELDS.index("t0"), SPAN_FIELDS.index("t0")  # t1 follows t0
+_EMPTY = torch.empty(0)
 
 
 def boot_id() -> str:
@@ -42,11 +52,20 @@ def boot_id() -> str:
         return socket.gethostname()
 
 
-_EMPTY = torch.empty(0)
+class _Span:
+    """`with recorder.span(name):` (a class, not a generator: half the cost per use)."""
 
+    __slots__ = ("recorder", "name", "start")
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    def __init__(self, recorder: "TraceRecorder", name: str) -> None:
+        self.recorder, self.name = recorder, name
+
+    def __enter__(self) -> None:
+        self.start = self.recorder.now()
+
+    def __exit__(self, *exc) -> None:
+        r = self.recorder
+        r.add_span((self.name, r.layer, r.step, self.start, r.now()))
 
 
 class TraceRecorder:
@@ -55,89 +74,92 @@ class TraceRecorder:
         self.path = Path(directory) / f"rank{rank}.msgpack"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "wb")
-        self.rank, self.flush_every = rank, flush_every
+        self.rank, self.backend, self.flush_every = rank, backend, flush_every
         self.cuda = device.startswith("cuda")
-        self.batch: dict[str, list] = {"coll": [], "span": [], "step": []}
-        self.n_buffered = 0
-        self.pending_events: list[tuple[str, list]] = []
+        self.coll_rows: list = []  # flat rows of COLL_FIELDS; emptied in place, never replaced
+        self.span_rows: list = []  # flat rows of SPAN_FIELDS; likewise
+        self.steps: list[dict] = []
+        self.add_collective, self.add_span = self.coll_rows.extend, self.span_rows.extend  # the hot path
+        self.algorithm_of = lambda op, nbytes: backend  # a TracingCommunicator installs its backend's
         self.layer, self.step, self.requests = -1, -1, []
-        self.ref_event, self.ref_ns = None, 0
-        self.last_comm_end = None
-        if not self.cuda:  # the hot path: no method wrapper, no branch
-            self.now, self.emit = time.monotonic_ns, self._store
+        self.unresolved = (0, 0, 0)  # GPU: where the rows still holding CUDA events start
+        if self.cuda:
+            self._set_reference()
+        else:
+            self.now = time.monotonic_ns
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "rank": rank,
                      "world_size": world_size, "backend": backend, "device": device, "pid": os.getpid(),
                      "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns"})
 
     # --- time -----------------------------------------------------------------------------
     def now(self):
-        """A timestamp: CLOCK_MONOTONIC ns on the CPU, a recorded CUDA event on a GPU."""
+        """A timestamp: CLOCK_MONOTONIC ns on the CPU (bound in __init__), a recorded CUDA event on a GPU."""
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
-    def emit(self, kind: str, fields) -> None:
-        """fields: the record's values in COLL_FIELDS / SPAN_FIELDS order (a map for steps); t0/t1
-        are ns, or on a GPU CUDA events, resolved at the step's end. On the CPU `emit` IS `_store`
-        (bound in __init__: one call frame per record); this method is the GPU's."""
-        self.pending_events.append((kind, list(fields) if kind != "step" else fields))
-
-    def _store(self, kind: str, fields) -> None:
-        """Rows are stored flat (one list per kind and batch, extended): a record allocates no
-        object the garbage collector tracks, so tracing never makes Python's cyclic GC run more
-        often (it counts such objects)."""
-        if kind == "step":
-            self.batch[kind].append(fields)
-        else:
-            self.batch[kind].extend(fields)
-        self.n_buffered += 1
-        if self.n_buffered >= self.flush_every:
-            self.flush()
+    def _set_reference(self) -> None:
+        torch.cuda.synchronize()
+        self.ref_event = torch.cuda.Event(enable_timing=True)
+        self.ref_event.record()
+        self.ref_ns = time.monotonic_ns()
 
     def _resolve_events(self) -> None:
-        if not self.pending_events:
-            return
+        """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns."""
         torch.cuda.synchronize()
-        pending, self.pending_events = self.pending_events, []
-        for kind, row in pending:
-            t0, t1 = ("t0", "t1") if kind == "step" else (T0[kind], T0[kind] + 1)
-            row[t0] = self.ref_ns + int(self.ref_event.elapsed_time(row[t0]) * 1e6)
-            row[t1] = self.ref_ns + int(self.ref_event.elapsed_time(row[t1]) * 1e6)
-            self._store(kind, row)
+        ref, ref_ns = self.ref_event, self.ref_ns
+        coll_from, span_from, step_from = self.unresolved
+        for rows, start, width, t0 in ((self.coll_rows, coll_from, COLL_WIDTH, COLL_T0),
+                                       (self.span_rows, span_from, SPAN_WIDTH, SPAN_T0)):
+            for i in range(start + t0, len(rows), width):
+                rows[i] = ref_ns + int(ref.elapsed_time(rows[i]) * 1e6)
+                rows[i + 1] = ref_ns + int(ref.elapsed_time(rows[i + 1]) * 1e6)
+        for step in self.steps[step_from:]:
+            step["t0"] = ref_ns + int(ref.elapsed_time(step["t0"]) * 1e6)
+            step["t1"] = ref_ns + int(ref.elapsed_time(step["t1"]) * 1e6)
+        self.unresolved = (len(self.coll_rows), len(self.span_rows), len(self.steps))
 
-    # --- what is recorded (collectives: TracingCommunicator._record) -------------------------
-    @contextmanager
-    def span(self, name: str):
-        start = self.now()
-        try:
-            yield
-        finally:
-            self.emit("span", (name, self.layer, self.step, start, self.now()))
+    # --- what is recorded (collectives: TracingCommunicator) --------------------------------
+    def span(self, name: str) -> _Span:
+        return _Span(self, name)
 
     def span_between(self, name: str, start, end) -> None:
-        self.emit("span", (name, self.layer, self.step, start, end))
+        self.add_span((name, self.layer, self.step, start, end))
 
     def step_begin(self, step: int, requests: list[str]) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            self.ref_event = torch.cuda.Event(enable_timing=True)
-            self.ref_event.record()
-            self.ref_ns = time.monotonic_ns()
+            self._resolve_events()  # anything recorded between steps, against the old reference
+            self._set_reference()
         self.step, self.requests, self.layer = step, requests, -1
         self.step_start = self.now()
 
     def step_end(self, tokens: int, **fields) -> None:
         """fields: extra facts of the step (speculative decoding: drafts accepted per request)."""
-        self.emit("step", {"s": self.step, "r": self.requests, "tokens": tokens, **fields,
-                            "t0": self.step_start, "t1": self.now()})
-        self._resolve_events()
+        self.steps.append({"s": self.step, "r": self.requests, "tokens": tokens, **fields,
+                           "t0": self.step_start, "t1": self.now()})
+        if self.cuda:
+            self._resolve_events()
         self.layer = -1
+        if len(self.coll_rows) // COLL_WIDTH + len(self.span_rows) // SPAN_WIDTH + len(self.steps) >= self.flush_every:
+            self.flush()
 
     def flush(self) -> None:
-        if self.n_buffered:
-            self._write({"type": "batch", **self.batch})
-            self.batch = {"coll": [], "span": [], "step": []}
-            self.n_buffered = 0
+        """Packs the buffered rows as one batch and empties the buffers (in place: the hot path
+        holds their `extend`). Dtypes become names and each (op, bytes) its algorithm here."""
+        coll = self.coll_rows
+        if coll or self.span_rows or self.steps:
+            if self.cuda:
+                self._resolve_events()
+            dtypes = coll[4::COLL_WIDTH]
+            names = {d: str(d).replace("torch.", "") for d in set(dtypes)}
+            coll[4::COLL_WIDTH] = [names[d] for d in dtypes]
+            pairs = set(zip(coll[0::COLL_WIDTH], coll[3::COLL_WIDTH]))
+            algorithms = [[op, nbytes, self.algorithm_of(op, nbytes)] for op, nbytes in sorted(pairs)]
+            self._write({"type": "batch", "coll": coll, "span": self.span_rows, "step": self.steps,
+                         "algorithms": algorithms})
+            del coll[:], self.span_rows[:]
+            self.steps = []
+            self.unresolved = (0, 0, 0)
         self.file.flush()
 
     def _write(self, record: dict) -> None:
@@ -145,74 +167,71 @@ class TraceRecorder:
 
     def close(self) -> None:
         if not self.file.closed:
-            if self.cuda:
-                self._resolve_events()
             self.flush()
             self.file.close()
 
 
-def _traced(method: str, op: str, sent=None, received=None):
-    """A TracingCommunicator method: forwards the call to the wrapped communicator, then appends
-    one row. The message is the first argument unless sent(self, args) says otherwise; received(out)
-    gives the bytes this rank got, for the uneven ops. This is the hot path of tracing: one call
-    frame, no map, no string work after the first call of a kind."""
-    def call(self, *args, **kwargs):
-        start = self.now()
-        out = getattr(self.inner, method)(*args, **kwargs)
-        end = self.now()
-        x = args[0] if args else next(iter(kwargs.values()), _EMPTY)
-        nbytes = x.nbytes if sent is None else sent(self, args or tuple(kwargs.values()))
-        described = self._described.get((op, nbytes, x.dtype))
-        if described is None:
-            described = self._describe(op, nbytes, x.dtype)
-        self.seq += 1
-        recorder = self.recorder
-        recorder.last_comm_end = end
-        recorder.emit("coll", (op, self.group, self.seq, nbytes, described[0], described[1], recorder.layer,
-                                recorder.step, start, end, None if received is None else received(out)))
-        return out
-    call.__name__ = call.__qualname__ = method
-    return call
+# method -> (op as recorded, bytes sent from the arguments, bytes received from the result); None: the
+# first argument's bytes, nothing received (the even collectives)
+_TRACED = {
+    "all_reduce": ("all_reduce", None, None),
+    "allreduce_add_rmsnorm": ("allreduce_add_rmsnorm", None, None),
+    "all_gather": ("all_gather", lambda comm, args: args[0].nbytes * comm.world_size, None),
+    "all_to_all": ("all_to_all", None, lambda out: out[0].nbytes),
+    "dispatch": ("moe_dispatch", lambda comm, args: args[0].nbytes + args[1].nbytes,
+                 lambda out: out[0].nbytes + out[1].nbytes),
+    "combine": ("moe_combine", None, lambda out: out.nbytes),
+    "broadcast": ("broadcast", None, None),
+    "barrier": ("barrier", lambda comm, args: 0, None),  # no tensor
+}
 
 
-class TracingCommunicator(Communicator):
-    """Wraps any Communicator; every call is recorded, then forwarded unchanged."""
+class TracingCommunicator:
+    """Wraps any Communicator; every call is recorded, then forwarded unchanged. Its collectives
+    are per-instance closures (built by set_enabled), so it is registered as a Communicator
+    rather than inheriting the abstract methods."""
+
+    TRACED = tuple(_TRACED)
 
     def __init__(self, inner: Communicator, recorder: TraceRecorder, group: list[int] | None = None) -> None:
         self.inner, self.recorder = inner, recorder
         self.rank, self.world_size, self.backend = inner.rank, inner.world_size, inner.backend
-        self.group = group or list(range(inner.world_size))
-        self.seq = 0
+        self.group = list(group or range(inner.world_size))
+        self.next_seq = itertools.count(1).__next__  # shared by all ops of the group, kept across pauses
         self._algorithm = getattr(inner, "algorithm", None)
-        self._described: dict = {}  # (op, bytes, dtype) -> (dtype name, algorithm)
-        self.now = recorder.now
+        recorder.algorithm_of = self.algorithm_of
+        self.set_enabled(True)
 
-    def _describe(self, op: str, nbytes: int, dtype) -> tuple[str, str]:
-        algorithm = self._algorithm(op, nbytes) if self._algorithm else self.backend
-        described = self._described[op, nbytes, dtype] = (_dtype_name(dtype), algorithm)
-        return described
+    def algorithm_of(self, op: str, nbytes: int) -> str:
+        return self._algorithm(op, nbytes) if self._algorithm else self.backend
 
-    all_reduce = _traced("all_reduce", "all_reduce")
-    allreduce_add_rmsnorm = _traced("allreduce_add_rmsnorm", "allreduce_add_rmsnorm")
-    all_gather = _traced("all_gather", "all_gather", sent=lambda self, args: args[0].nbytes * self.world_size)
-    all_to_all = _traced("all_to_all", "all_to_all", received=lambda out: out[0].nbytes)
-    dispatch = _traced("dispatch", "moe_dispatch", sent=lambda self, args: args[0].nbytes + args[1].nbytes,
-                       received=lambda out: out[0].nbytes + out[1].nbytes)
-    combine = _traced("combine", "moe_combine", received=lambda out: out.nbytes)
-    broadcast = _traced("broadcast", "broadcast")
-    barrier = _traced("barrier", "barrier")  # no tensor: 0 bytes
-    TRACED = ("all_reduce", "allreduce_add_rmsnorm", "all_gather", "all_to_all", "dispatch", "combine",
-              "broadcast", "barrier")
+    def _traced(self, method: str):
+        """The recording version of one method: the hot path of tracing."""
+        op, sent, received = _TRACED[method]
+        forward, recorder, group, next_seq = getattr(self.inner, method), self.recorder, self.group, self.next_seq
+        now, add = recorder.now, recorder.add_collective
+
+        def call(*args, **kwargs):
+            start = now()
+            out = forward(*args, **kwargs)
+            end = now()
+            values = args or tuple(kwargs.values())
+            x = values[0] if values else _EMPTY
+            add((op, group, next_seq(), x.nbytes if sent is None else sent(self, values), x.dtype,
+                 recorder.layer, recorder.step, start, end, None if received is None else received(out)))
+            return out
+        call.__name__ = call.__qualname__ = method
+        return call
 
     def set_enabled(self, enabled: bool) -> None:
-        """Paused, every call goes straight to the wrapped communicator: its bound methods shadow
-        the tracing ones on this instance, so a paused tracer costs what no tracer costs."""
+        """Paused, every call goes straight to the wrapped communicator (its bound methods are
+        this instance's attributes), so a paused tracer costs what no tracer costs."""
         for name in self.TRACED:
-            if enabled:
-                self.__dict__.pop(name, None)
-            else:
-                setattr(self, name, getattr(self.inner, name))
+            setattr(self, name, self._traced(name) if enabled else getattr(self.inner, name))
 
     def close(self) -> None:
         self.recorder.close()
         self.inner.close()
+
+
+Communicator.register(TracingCommunicator)

@@ -203,11 +203,13 @@ def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
     node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
     node.load()
     node.set_tracing(False)
-    attention = node.worker.model.layers[0].self_attn
-    assert "forward" not in vars(attention) and "allreduce_add_rmsnorm" in vars(node.worker.tracer)
+    attention, tracer = node.worker.model.layers[0].self_attn, node.worker.tracer
+    assert "forward" not in vars(attention)
+    assert all(getattr(tracer, name).__self__ is tracer.inner for name in tracer.TRACED)  # the inner's own methods
     assert node.generate(requests)[0][0].token_ids == expected
     node.set_tracing(True)
-    assert "forward" in vars(attention) and "allreduce_add_rmsnorm" not in vars(node.worker.tracer)
+    assert "forward" in vars(attention)
+    assert not any(getattr(getattr(tracer, name), "__self__", None) is tracer.inner for name in tracer.TRACED)
     assert node.generate(requests)[0][0].token_ids == expected
     node.shutdown()
     rank0 = read_trace(tmp_path / "trace").ranks[0]

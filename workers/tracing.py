@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from collectives.trace import TraceRecorder
+from collectives.trace import COLL_FIELDS, TraceRecorder
 
 
 class NullRecorder:
@@ -44,25 +44,38 @@ class _ForwardWrapper:
 
 
 def _stage(recorder: TraceRecorder, forward, name: str, layer: int | None = None):
-    now, emit = recorder.now, recorder.emit
-
-    def traced(*args, **kwargs):
-        if layer is not None:
+    """A stage's forward, recorded: one closure call, two clock reads, one C-level list extend."""
+    now, add_span = recorder.now, recorder.add_span
+    if layer is None:
+        def traced(*args, **kwargs):
+            start = now()
+            out = forward(*args, **kwargs)
+            add_span((name, recorder.layer, recorder.step, start, now()))
+            return out
+    else:
+        def traced(*args, **kwargs):
             recorder.layer = layer
-        start = now()
-        out = forward(*args, **kwargs)
-        emit("span", (name, recorder.layer, recorder.step, start, now()))
-        return out
+            start = now()
+            out = forward(*args, **kwargs)
+            add_span((name, layer, recorder.step, start, now()))
+            return out
     return traced
 
 
+T1_FROM_END = len(COLL_FIELDS) - COLL_FIELDS.index("t1")
+
+
 def _lm_head_stage(recorder: TraceRecorder, forward):
+    """The model's forward: its LM head runs from the end of the forward's last collective (read
+    back from the recorder's rows, which are only emptied between steps) to the forward's end."""
+    rows = recorder.coll_rows
+
     def traced(*args, **kwargs):
-        recorder.last_comm_end = None
+        n_before = len(rows)
         out = forward(*args, **kwargs)
         recorder.layer = -1
-        if recorder.last_comm_end is not None:
-            recorder.span_between("lm_head", recorder.last_comm_end, recorder.now())
+        if len(rows) > n_before:
+            recorder.span_between("lm_head", rows[-T1_FROM_END], recorder.now())
         return out
     return traced
 
