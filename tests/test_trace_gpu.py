@@ -1,0 +1,99 @@
+"""Tracing on real GPUs: times from CUDA events, resolved against the host clock at each step.
+One GPU in-process, and two GPUs over NCCL as Ray actors (the same checks as on CPU actors:
+every collective on every rank with the same sequence number and bytes, the merged JSON's
+nesting). Skips itself without a GPU (the two-GPU case without two GPUs or Ray)."""
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+from cluster.inprocess import InProcessNode
+from cluster.timeline import read_trace
+from cluster.trace_export import chrome_trace
+from cluster.trace_summary import summarize
+from launch.trace_cli import finish_trace_dir, prepare_trace_dir
+from model.config import tiny
+from model.embedded import random_state_dict, write_checkpoint
+from model.sampling import SamplingParams
+from tests.test_trace import _check_nesting
+from workers.engine import Request
+from workers.run_config import RunConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace_gpu_ckpt")
+    cfg = tiny(vocab_size=509)
+    write_checkpoint(path, cfg, random_state_dict(cfg, seed=6, std=0.08))
+    return path
+
+
+def _requests() -> list[Request]:
+    return [Request((0, 5, 9, 300), SamplingParams(max_new_tokens=TOKENS, stop_on_eos=False), "a")]
+
+
+def _check_rank_times(rank_trace) -> None:
+    """Event times resolved to integer ns, ordered on the one stream, spans inside their steps."""
+    steps = {s["s"]: s for s in rank_trace.steps}
+    assert sorted(steps) == list(range(TOKENS))
+    for s in steps.values():
+        assert isinstance(s["t0"], int) and s["t0"] < s["t1"]
+    ends = [c["t1"] for c in rank_trace.collectives]
+    for c in rank_trace.collectives:
+        assert isinstance(c["t0"], int) and c["t0"] <= c["t1"]
+    starts = [c["t0"] for c in rank_trace.collectives]
+    assert all(a <= b for a, b in zip(ends, starts[1:])), "collectives on one stream overlap"
+    for span in rank_trace.spans:
+        step = steps[span["s"]]
+        assert step["t0"] - 1000 <= span["t0"] <= span["t1"] <= step["t1"] + 1000, span
+
+
+def test_one_gpu_trace_has_event_times_inside_each_step(checkpoint, tmp_path):
+    out = tmp_path / "trace"
+    prepare_trace_dir(str(out))
+    run = RunConfig(str(checkpoint), world_size=1, device="cuda", comm="nccl", dtype="bf16", trace_dir=str(out))
+    with InProcessNode(run) as node:
+        node.load()
+        start = time.monotonic_ns()
+        node.generate(_requests())
+        end = time.monotonic_ns()
+    finish_trace_dir(str(out))
+    rank0 = read_trace(out).ranks[0]
+    _check_rank_times(rank0)
+    assert {s["n"] for s in rank0.spans} >= {"attention", "moe", "mlp", "lm_head", "sampling"}
+    first, last = min(s["t0"] for s in rank0.steps), max(s["t1"] for s in rank0.steps)
+    assert start <= first < last <= end  # device times land on the host clock, inside the call
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("ray") is None,
+                    reason="needs 2 GPUs and Ray")
+def test_two_gpus_over_nccl_trace_every_collective_on_both_ranks(checkpoint, tmp_path):
+    from cluster.ray_node import RayNode
+    out = tmp_path / "trace"
+    prepare_trace_dir(str(out))
+    run = RunConfig(str(checkpoint), world_size=2, device="cuda", comm="nccl", dtype="bf16", moe_mode="ep",
+                    trace_dir=str(out))
+    with RayNode(run) as node:
+        node.load()
+        node.generate(_requests())
+    finish_trace_dir(str(out))
+    trace = read_trace(out)
+    seen = defaultdict(dict)
+    for rank, rank_trace in trace.ranks.items():
+        _check_rank_times(rank_trace)
+        for c in rank_trace.collectives:
+            seen[(tuple(c["g"]), c["q"])][rank] = c
+    assert {"allreduce_add_rmsnorm", "moe_dispatch", "moe_combine"} <= {c["op"] for c in trace.ranks[0].collectives}
+    for key, per_rank in seen.items():
+        assert sorted(per_rank) == [0, 1], f"collective {key} missing on a rank"
+        assert len({(r["op"], r["d"]) for r in per_rank.values()}) == 1, per_rank
+    _check_nesting(chrome_trace(trace)["traceEvents"])
+    summary = summarize(trace)
+    assert sum(summary["last_arrival_counts"].values()) == len(seen)
