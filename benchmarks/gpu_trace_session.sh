@@ -14,5 +14,5 @@ run cpu_world1 --world 1 --rounds 60 --tag host16cpu
 run cpu_world8 --world 8 --rounds 40 --tokens 24 --tag host16cpu
 run gpu_world1 --world 1 --rounds 40 --device cuda --tag h200
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then run gpu_world2 --world 2 --rounds 30 --device cuda --tag h200; fi
-cp benchmarks/results/trace_overhead_*.json "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" benchmarks/results/trace_overhead_*.json
 echo done

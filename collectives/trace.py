@@ -19,8 +19,8 @@ Records stream to `rank<r>.msgpack` in the trace directory: a header map, then b
 "coll" and "span" entries are flat rows of COLL_FIELDS / SPAN_FIELDS, whose "step" entry is a
 list of maps, and whose "algorithms" entry lists [op, bytes, algorithm] for the collectives of
 the batch. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a
-GPU the rows first hold CUDA events, resolved at the step's end against a host timestamp taken
-at its start. Tracing off (or paused) means no wrapper at all: the untraced path costs nothing.
+GPU the rows first hold CUDA events (from a reused pool), resolved at each step's end against a
+reference event recorded next to a host clock read while the GPU was idle. Tracing off (or paused) means no wrapper at all: the untraced path costs nothing.
 """
 from __future__ import annotations
 
@@ -68,6 +68,45 @@ class _Span:
         r.add_span((self.name, r.layer, r.step, self.start, r.now()))
 
 
+class CudaEventClock:
+    """Device-event timestamps for a GPU rank, cheap enough for ~40 per decode step. Creating a
+    CUDA event costs several times more than recording one, so events come from a pool that is
+    reused once they are resolved; they are recorded on the stream that was current at the last
+    rebase (asking torch for the current stream builds a Python object per call). An event
+    becomes CLOCK_MONOTONIC ns through its elapsed time from a reference event, recorded while
+    the GPU was idle, next to a host clock read."""
+
+    def __init__(self) -> None:
+        self.pool: list = []
+        self.used = 0
+        self.ref_event = torch.cuda.Event(enable_timing=True)
+        self.rebase()
+
+    def now(self):
+        used = self.used
+        if used == len(self.pool):
+            self.pool.append(torch.cuda.Event(enable_timing=True))
+        event = self.pool[used]
+        self.used = used + 1
+        event.record(self.stream)
+        return event
+
+    def wait(self) -> None:
+        """Returns once every event handed out has happened (they are on one stream, in order)."""
+        if self.used:
+            self.pool[self.used - 1].synchronize()
+
+    def rebase(self) -> None:
+        """Pairs a new reference event with the host clock while the stream is idle, and frees
+        the pool (call only when no unresolved event is held)."""
+        self.stream = torch.cuda.current_stream()
+        if not self.stream.query():
+            torch.cuda.synchronize()
+        self.ref_event.record(self.stream)
+        self.ref_ns = time.monotonic_ns()
+        self.used = 0
+
+
 class TraceRecorder:
     def __init__(self, directory: str | Path, rank: int, world_size: int, backend: str, device: str = "cpu",
                  flush_every: int = 1024) -> None:
@@ -75,7 +114,6 @@ class TraceRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "wb")
         self.rank, self.backend, self.flush_every = rank, backend, flush_every
-        self.cuda = device.startswith("cuda")
         self.coll_rows: list = []  # flat rows of COLL_FIELDS; emptied in place, never replaced
         self.span_rows: list = []  # flat rows of SPAN_FIELDS; likewise
         self.steps: list[dict] = []
@@ -83,41 +121,30 @@ class TraceRecorder:
         self.algorithm_of = lambda op, nbytes: backend  # a TracingCommunicator installs its backend's
         self.layer, self.step, self.requests = -1, -1, []
         self.unresolved = (0, 0, 0)  # GPU: where the rows still holding CUDA events start
-        if self.cuda:
-            self._set_reference()
-        else:
-            self.now = time.monotonic_ns
+        self.cuda_clock = CudaEventClock() if device.startswith("cuda") else None
+        # now(): a timestamp, CLOCK_MONOTONIC ns on the CPU, a recorded CUDA event on a GPU
+        self.now = self.cuda_clock.now if self.cuda_clock else time.monotonic_ns
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "rank": rank,
                      "world_size": world_size, "backend": backend, "device": device, "pid": os.getpid(),
                      "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns"})
 
-    # --- time -----------------------------------------------------------------------------
-    def now(self):
-        """A timestamp: CLOCK_MONOTONIC ns on the CPU (bound in __init__), a recorded CUDA event on a GPU."""
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _set_reference(self) -> None:
-        torch.cuda.synchronize()
-        self.ref_event = torch.cuda.Event(enable_timing=True)
-        self.ref_event.record()
-        self.ref_ns = time.monotonic_ns()
-
     def _resolve_events(self) -> None:
-        """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns."""
-        torch.cuda.synchronize()
-        ref, ref_ns = self.ref_event, self.ref_ns
+        """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns; then
+        the clock is rebased and its pool reused."""
+        clock = self.cuda_clock
+        clock.wait()
+        elapsed_ms, ref_ns = clock.ref_event.elapsed_time, clock.ref_ns
         coll_from, span_from, step_from = self.unresolved
         for rows, start, width, t0 in ((self.coll_rows, coll_from, COLL_WIDTH, COLL_T0),
                                        (self.span_rows, span_from, SPAN_WIDTH, SPAN_T0)):
             for i in range(start + t0, len(rows), width):
-                rows[i] = ref_ns + int(ref.elapsed_time(rows[i]) * 1e6)
-                rows[i + 1] = ref_ns + int(ref.elapsed_time(rows[i + 1]) * 1e6)
+                rows[i] = ref_ns + int(elapsed_ms(rows[i]) * 1e6)
+                rows[i + 1] = ref_ns + int(elapsed_ms(rows[i + 1]) * 1e6)
         for step in self.steps[step_from:]:
-            step["t0"] = ref_ns + int(ref.elapsed_time(step["t0"]) * 1e6)
-            step["t1"] = ref_ns + int(ref.elapsed_time(step["t1"]) * 1e6)
+            step["t0"] = ref_ns + int(elapsed_ms(step["t0"]) * 1e6)
+            step["t1"] = ref_ns + int(elapsed_ms(step["t1"]) * 1e6)
         self.unresolved = (len(self.coll_rows), len(self.span_rows), len(self.steps))
+        clock.rebase()
 
     # --- what is recorded (collectives: TracingCommunicator) --------------------------------
     def span(self, name: str) -> _Span:
@@ -127,9 +154,6 @@ class TraceRecorder:
         self.add_span((name, self.layer, self.step, start, end))
 
     def step_begin(self, step: int, requests: list[str]) -> None:
-        if self.cuda:
-            self._resolve_events()  # anything recorded between steps, against the old reference
-            self._set_reference()
         self.step, self.requests, self.layer = step, requests, -1
         self.step_start = self.now()
 
@@ -137,7 +161,7 @@ class TraceRecorder:
         """fields: extra facts of the step (speculative decoding: drafts accepted per request)."""
         self.steps.append({"s": self.step, "r": self.requests, "tokens": tokens, **fields,
                            "t0": self.step_start, "t1": self.now()})
-        if self.cuda:
+        if self.cuda_clock:
             self._resolve_events()
         self.layer = -1
         if len(self.coll_rows) // COLL_WIDTH + len(self.span_rows) // SPAN_WIDTH + len(self.steps) >= self.flush_every:
@@ -148,7 +172,7 @@ class TraceRecorder:
         holds their `extend`). Dtypes become names and each (op, bytes) its algorithm here."""
         coll = self.coll_rows
         if coll or self.span_rows or self.steps:
-            if self.cuda:
+            if self.cuda_clock:
                 self._resolve_events()
             dtypes = coll[4::COLL_WIDTH]
             names = {d: str(d).replace("torch.", "") for d in set(dtypes)}

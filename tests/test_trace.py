@@ -21,6 +21,7 @@ from model.embedded import random_state_dict, write_checkpoint
 from model.sampling import SamplingParams
 from workers.engine import Request
 from workers.run_config import RunConfig
+from workers.tracing import StructureError
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD, LATE_RANK = 4, 1
@@ -203,12 +204,12 @@ def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
     node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
     node.load()
     node.set_tracing(False)
-    attention, tracer = node.worker.model.layers[0].self_attn, node.worker.tracer
-    assert "forward" not in vars(attention)
+    layer0, tracer = node.worker.model.layers[0], node.worker.tracer  # its wrapper marks attention and MLP
+    assert "forward" not in vars(layer0)
     assert all(getattr(tracer, name).__self__ is tracer.inner for name in tracer.TRACED)  # the inner's own methods
     assert node.generate(requests)[0][0].token_ids == expected
     node.set_tracing(True)
-    assert "forward" in vars(attention)
+    assert "forward" in vars(layer0)
     assert not any(getattr(getattr(tracer, name), "__self__", None) is tracer.inner for name in tracer.TRACED)
     assert node.generate(requests)[0][0].token_ids == expected
     node.shutdown()
@@ -216,3 +217,35 @@ def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
     assert len(rank0.steps) == 5  # the traced call's steps only
     assert {s["n"] for s in rank0.spans} >= {"attention", "moe", "mlp", "lm_head", "sampling"}
     assert len({c["q"] for c in rank0.collectives}) == len(rank0.collectives) > 0
+
+
+def test_layer_stages_are_cut_at_the_layers_collectives(tmp_path):
+    """A decoder layer's attention ends where its first collective starts; its feed-forward runs
+    from that collective's end to the start of the layer's last collective. Without traced
+    collectives the stages cannot be cut, and that is an error, not a silent trace."""
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny(vocab_size=509)
+    write_checkpoint(ckpt, cfg, random_state_dict(cfg, seed=7, std=0.08))
+    node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
+    node.load()
+    requests = [Request((0, 5, 9), SamplingParams(max_new_tokens=3, stop_on_eos=False))]
+    node.generate(requests)
+    node.worker.tracer.set_enabled(False)  # stages still marked, collectives no longer recorded
+    with pytest.raises(StructureError, match="decoder layer 0 made 0 traced collective"):
+        node.generate(requests)
+    node.worker.tracer.set_enabled(True)
+    node.shutdown()
+    rank0 = read_trace(tmp_path / "trace").ranks[0]
+    by_layer = defaultdict(list)
+    for c in rank0.collectives:
+        by_layer[c["s"], c["l"]].append(c)
+    checked = 0
+    for span in rank0.spans:
+        colls = by_layer.get((span["s"], span["l"]))
+        if span["n"] == "attention":
+            assert span["t0"] <= span["t1"] == colls[0]["t0"]
+            checked += 1
+        elif span["n"] in ("mlp", "moe"):
+            assert (span["t0"], span["t1"]) == (colls[0]["t1"], colls[-1]["t0"])
+            checked += 1
+    assert checked == 2 * cfg.n_layers * 3  # two stages per layer, three steps
