@@ -9,10 +9,10 @@ tar xJf .device/raysite.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_USAGE_STATS_ENABLED=0
 nvidia-smi -L > "$OUT/nvidia-smi.txt" 2>&1; lscpu | head -20 >> "$OUT/nvidia-smi.txt"
 echo "== GPU trace tests"; timeout 240 python -m pytest -q -p no:cacheprovider tests/test_trace_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest_trace_gpu.txt"
-run() { local name=$1; shift; echo "== $name"; timeout 150 python benchmarks/trace_overhead.py "$@" 2>&1 | grep -v '^round' | tee "$OUT/$name.txt"; }
-run cpu_world1 --world 1 --rounds 60 --tag host16cpu
-run cpu_world8 --world 8 --rounds 40 --tokens 24 --tag host16cpu
-run gpu_world1 --world 1 --rounds 40 --device cuda --tag h200
+run() { local name=$1; shift; echo "== $name"; timeout 200 python benchmarks/trace_overhead.py "$@" 2>&1 | grep -v '^round' | tee "$OUT/$name.txt"; }
+run cpu_world1 --world 1 --rounds 300 --tag host16cpu
+run cpu_world8 --world 8 --rounds 120 --tokens 24 --tag host16cpu
+run gpu_world1 --world 1 --rounds 150 --device cuda --tag h200
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then run gpu_world2 --world 2 --rounds 30 --device cuda --tag h200; fi
 tar czf "$OUT/results.tgz" benchmarks/results/trace_overhead_*.json
 echo done
