@@ -13,6 +13,7 @@ run() { local name=$1; shift; echo "== $name"; timeout 200 python benchmarks/tra
 run cpu_world1 --world 1 --rounds 300 --tag host16cpu
 run cpu_world8 --world 8 --rounds 120 --tokens 24 --tag host16cpu
 run gpu_world1 --world 1 --rounds 150 --device cuda --tag h200
+[ "${WITH_MEDIUM:-0}" = 1 ] && run gpu_world1_medium --world 1 --rounds 50 --device cuda --random-preset medium --tag h200_medium
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then run gpu_world2 --world 2 --rounds 30 --device cuda --tag h200; fi
 tar czf "$OUT/results.tgz" benchmarks/results/trace_overhead_*.json
 echo done

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import machine, median, print_table, save  # noqa: E402
+from benchmarks.decode_bench import build_random_checkpoint  # noqa: E402
 from cluster.inprocess import InProcessNode  # noqa: E402
 from cluster.node import build_node  # noqa: E402
 from cluster.timeline import read_trace  # noqa: E402
@@ -77,12 +78,15 @@ def main() -> None:
     p.add_argument("--world", type=int, default=1, help="ranks (8: the Ray node, one actor per rank)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--random-preset", default=None,
+                   help="trace a random model of this preset (e.g. medium) instead of the embedded default")
     p.add_argument("--dtype", default=None, help="default: fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--tag", default=None, help="results file tag (default: the device)")
     args = p.parse_args()
-    tag = args.tag or args.device
+    tag = args.tag or args.device + (f"_{args.random_preset}" if args.random_preset else "")
     torch.set_num_threads(1)
-    host, model = machine(), str(ensure_default_model())
+    host = machine()
+    model = build_random_checkpoint(args.random_preset) if args.random_preset else str(ensure_default_model())
     request = [Request((0, 300, 301, 302, 303), SamplingParams(max_new_tokens=args.tokens, stop_on_eos=False))]
     with tempfile.TemporaryDirectory() as trace_dir, tempfile.TemporaryDirectory() as scratch:
         gpu = args.device == "cuda"
@@ -125,7 +129,7 @@ def main() -> None:
               "overhead_of_means_pct": (median(mean_ratios) - 1) * 100,  # flushes included
               "null_pct": (median(null_ratios) - 1) * 100,  # untraced vs untraced: the method's noise floor
               "null_iqr_pct": [(null_quartiles[0] - 1) * 100, (null_quartiles[2] - 1) * 100],
-              "device": args.device, "dtype": run.dtype,
+              "device": args.device, "dtype": run.dtype, "model": args.random_preset or "embedded default",
               # world 1 only: this process's CPU time per generate call (preemption by other work is not in it)
               "cpu_overhead_pct": (median(cpu_ratios) - 1) * 100 if args.world == 1 else None,
               "collectives_per_step": records_per_step[0] / n_steps, "stages_per_step": records_per_step[1] / n_steps,
