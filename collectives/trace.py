@@ -24,7 +24,6 @@ reference event recorded next to a host clock read while the GPU was idle. Traci
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import socket
@@ -69,42 +68,33 @@ class _Span:
         r.add_span((self.name, r.layer, r.step, self.start, r.now()))
 
 
-# torch.cuda.Event's record() and elapsed_time() are Python methods over these C ones: at ~30
-# timestamps per decode step, that extra Python frame per call is a visible part of tracing's cost.
-_EVENT = getattr(torch._C, "_CudaEventBase", torch.cuda.Event)
-
-
 class CudaEventClock:
-    """Device-event timestamps for a GPU rank, at the least host cost torch allows (~30 per
-    decode step). Creating a CUDA event costs several times more than recording one, so events
-    come from a pool, handed out by an iterator and reused once resolved. They are recorded on
-    the stream that was current at the last rebase (asking torch for the current stream builds
-    a Python object per call). An event becomes CLOCK_MONOTONIC ns through its elapsed time from
-    a reference event recorded, next to a host clock read, while the stream was idle."""
+    """Device-event timestamps for a GPU rank, cheap enough for ~40 per decode step. Creating a
+    CUDA event costs several times more than recording one, so events come from a pool that is
+    reused once they are resolved; they are recorded on the stream that was current at the last
+    rebase (asking torch for the current stream builds a Python object per call). An event
+    becomes CLOCK_MONOTONIC ns through its elapsed time from a reference event, recorded while
+    the GPU was idle, next to a host clock read."""
 
-    def __init__(self, pool_size: int = 128) -> None:
-        self.pool = [torch.cuda.Event(enable_timing=True) for _ in range(pool_size)]
+    def __init__(self) -> None:
+        self.pool: list = []
+        self.used = 0
         self.ref_event = torch.cuda.Event(enable_timing=True)
-        self.elapsed_ms = _EVENT.elapsed_time  # (start event, end event) -> ms
         self.rebase()
-        self.now = self._make_now()
 
-    def _make_now(self):
-        clock, record = self, _EVENT.record
-
-        def now():
-            try:
-                event = clock.next_event()
-            except StopIteration:  # more timestamps than the pool holds since the last rebase
-                event = torch.cuda.Event(enable_timing=True)
-                clock.pool.append(event)
-            record(event, clock.stream)
-            return event
-        return now
+    def now(self):
+        used = self.used
+        if used == len(self.pool):
+            self.pool.append(torch.cuda.Event(enable_timing=True))
+        event = self.pool[used]
+        self.used = used + 1
+        event.record(self.stream)
+        return event
 
     def wait(self) -> None:
-        """Returns once every event handed out has happened (they are all on this stream)."""
-        self.stream.synchronize()
+        """Returns once every event handed out has happened (they are on one stream, in order)."""
+        if self.used:
+            self.pool[self.used - 1].synchronize()
 
     def rebase(self) -> None:
         """Pairs a new reference event with the host clock while the stream is idle, and frees
@@ -114,7 +104,7 @@ class CudaEventClock:
             torch.cuda.synchronize()
         self.ref_event.record(self.stream)
         self.ref_ns = time.monotonic_ns()
-        self.next_event = iter(self.pool).__next__
+        self.used = 0
 
 
 class TraceRecorder:
@@ -143,7 +133,7 @@ class TraceRecorder:
         the clock is rebased and its pool reused."""
         clock = self.cuda_clock
         clock.wait()
-        elapsed_ms, ref_ns = functools.partial(clock.elapsed_ms, clock.ref_event), clock.ref_ns
+        elapsed_ms, ref_ns = clock.ref_event.elapsed_time, clock.ref_ns
         coll_from, span_from, step_from = self.unresolved
         for rows, start, width, t0 in ((self.coll_rows, coll_from, COLL_WIDTH, COLL_T0),
                                        (self.span_rows, span_from, SPAN_WIDTH, SPAN_T0)):
