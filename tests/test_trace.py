@@ -28,13 +28,18 @@ WORLD, LATE_RANK = 4, 1
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory):
+def tiny_ckpt(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("trace_ckpt")
     cfg = tiny(vocab_size=509)
     write_checkpoint(ckpt, cfg, random_state_dict(cfg, seed=4, std=0.08))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, tiny_ckpt):
     out = tmp_path_factory.mktemp("trace")
     prepare_trace_dir(str(out))
-    run = RunConfig(str(ckpt), world_size=WORLD, moe_mode="ep", trace_dir=str(out), delay_rank=LATE_RANK,
+    run = RunConfig(str(tiny_ckpt), world_size=WORLD, moe_mode="ep", trace_dir=str(out), delay_rank=LATE_RANK,
                     delay_s=0.02)
     requests = [Request((0, 5, 9, 300), SamplingParams(max_new_tokens=6, stop_on_eos=False), "a"),
                 Request((0, 7), SamplingParams(max_new_tokens=4, stop_on_eos=False), "b")]
@@ -191,17 +196,14 @@ def test_chrome_trace_carries_clock_offsets(traced):
     assert set(doc["metadata"]["clock_offsets"]) == {str(r) for r in range(WORLD)}
 
 
-def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
+def test_paused_tracing_records_nothing_and_changes_no_token(tiny_ckpt, tmp_path):
     """set_tracing(False) puts the untraced path back (no stage wrapper, no communicator wrapper
     on the call path, no recorder); resuming records again; the tokens never change."""
-    ckpt = tmp_path / "ckpt"
-    cfg = tiny(vocab_size=509)
-    write_checkpoint(ckpt, cfg, random_state_dict(cfg, seed=5, std=0.08))
     requests = [Request((0, 5, 9), SamplingParams(max_new_tokens=5, stop_on_eos=False))]
-    with InProcessNode(RunConfig(str(ckpt), world_size=1)) as plain:
+    with InProcessNode(RunConfig(str(tiny_ckpt), world_size=1)) as plain:
         plain.load()
         expected = plain.generate(requests)[0][0].token_ids
-    node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
+    node = InProcessNode(RunConfig(str(tiny_ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
     node.load()
     node.set_tracing(False)
     layer0, tracer = node.worker.model.layers[0], node.worker.tracer  # its wrapper marks attention and MLP
@@ -219,14 +221,11 @@ def test_paused_tracing_records_nothing_and_changes_no_token(tmp_path):
     assert len({c["q"] for c in rank0.collectives}) == len(rank0.collectives) > 0
 
 
-def test_layer_stages_are_cut_at_the_layers_collectives(tmp_path):
+def test_layer_stages_are_cut_at_the_layers_collectives(tiny_ckpt, tmp_path):
     """A decoder layer's attention ends where its first collective starts; its feed-forward runs
     from that collective's end to the start of the layer's last collective. Without traced
     collectives the stages cannot be cut, and that is an error, not a silent trace."""
-    ckpt = tmp_path / "ckpt"
-    cfg = tiny(vocab_size=509)
-    write_checkpoint(ckpt, cfg, random_state_dict(cfg, seed=7, std=0.08))
-    node = InProcessNode(RunConfig(str(ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
+    node = InProcessNode(RunConfig(str(tiny_ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
     node.load()
     requests = [Request((0, 5, 9), SamplingParams(max_new_tokens=3, stop_on_eos=False))]
     node.generate(requests)
@@ -248,4 +247,4 @@ def test_layer_stages_are_cut_at_the_layers_collectives(tmp_path):
         elif span["n"] in ("mlp", "moe"):
             assert (span["t0"], span["t1"]) == (colls[0]["t1"], colls[-1]["t0"])
             checked += 1
-    assert checked == 2 * cfg.n_layers * 3  # two stages per layer, three steps
+    assert checked == 2 * tiny().n_layers * 3  # two stages per layer, three steps

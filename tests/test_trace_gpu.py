@@ -16,23 +16,14 @@ from cluster.timeline import read_trace
 from cluster.trace_export import chrome_trace
 from cluster.trace_summary import summarize
 from launch.trace_cli import finish_trace_dir, prepare_trace_dir
-from model.config import tiny
-from model.embedded import random_state_dict, write_checkpoint
 from model.sampling import SamplingParams
+from tests.test_sharded import checkpoint  # noqa: F401 (fixture: a tiny random checkpoint)
 from tests.test_trace import _check_nesting
 from workers.engine import Request
 from workers.run_config import RunConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("trace_gpu_ckpt")
-    cfg = tiny(vocab_size=509)
-    write_checkpoint(path, cfg, random_state_dict(cfg, seed=6, std=0.08))
-    return path
 
 
 def _requests() -> list[Request]:
@@ -55,7 +46,7 @@ def _check_rank_times(rank_trace) -> None:
         assert step["t0"] - 1000 <= span["t0"] <= span["t1"] <= step["t1"] + 1000, span
 
 
-def test_one_gpu_trace_has_event_times_inside_each_step(checkpoint, tmp_path):
+def test_one_gpu_trace_has_event_times_inside_each_step(checkpoint, tmp_path):  # noqa: F811
     out = tmp_path / "trace"
     prepare_trace_dir(str(out))
     run = RunConfig(str(checkpoint), world_size=1, device="cuda", comm="nccl", dtype="bf16", trace_dir=str(out))
@@ -74,7 +65,7 @@ def test_one_gpu_trace_has_event_times_inside_each_step(checkpoint, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("ray") is None,
                     reason="needs 2 GPUs and Ray")
-def test_two_gpus_over_nccl_trace_every_collective_on_both_ranks(checkpoint, tmp_path):
+def test_two_gpus_over_nccl_trace_every_collective_on_both_ranks(checkpoint, tmp_path):  # noqa: F811
     from cluster.ray_node import RayNode
     out = tmp_path / "trace"
     prepare_trace_dir(str(out))
