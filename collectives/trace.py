@@ -12,15 +12,17 @@ collectives and ~12 stages in a few milliseconds of Python-driven torch ops), so
 one closure call with its references in cells, two clock reads and ONE C-level `list.extend`
 of a flat row: no map, no counter, no flush check, no string work. Rows stay in two flat lists
 (collectives, spans) that the recorder packs and empties at the end of a step once they hold
-`flush_every` records, so memory is bounded by that plus one step. Rows hold no object the
-garbage collector tracks, so tracing never makes Python's cyclic GC run more often.
+`flush_every` records, so memory is bounded by that plus one step. A record leaves behind no
+new object that the garbage collector tracks, so tracing does not make Python's cyclic GC run
+more often.
 
 Records stream to `rank<r>.msgpack` in the trace directory: a header map, then batch maps whose
 "coll" and "span" entries are flat rows of COLL_FIELDS / SPAN_FIELDS, whose "step" entry is a
 list of maps, and whose "algorithms" entry lists [op, bytes, algorithm] for the collectives of
 the batch. Times are CLOCK_MONOTONIC nanoseconds (one clock for every process on a host); on a
 GPU the rows first hold CUDA events (from a reused pool), resolved at each step's end against a
-reference event recorded next to a host clock read while the GPU was idle. Tracing off (or paused) means no wrapper at all: the untraced path costs nothing.
+reference event recorded next to a host clock read while the GPU was idle. Tracing off (or
+paused) means no wrapper at all: the untraced path costs nothing.
 """
 from __future__ import annotations
 
