@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from collectives.communicator import FP8_MAX
+
 try:  # CUDA builds of torch bring Triton; CPU builds do not
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-FP8_MAX = 448.0
 
 
 def available(x: torch.Tensor) -> bool:
