@@ -77,7 +77,11 @@ class CudaEventClock:
     reused once they are resolved; they are recorded on the stream that was current at the last
     rebase (asking torch for the current stream builds a Python object per call). An event
     becomes CLOCK_MONOTONIC ns through its elapsed time from a reference event, recorded while
-    the GPU was idle, next to a host clock read."""
+    the GPU was idle, next to a host clock read; the reference is renewed once it is older than
+    REBASE_AFTER_NS (a fresh one per step would cost a stream lookup and an event per step, and
+    an old one loses precision: elapsed times are float32 milliseconds)."""
+
+    REBASE_AFTER_NS = 250_000_000
 
     def __init__(self) -> None:
         self.pool: list = []
@@ -98,6 +102,16 @@ class CudaEventClock:
         """Returns once every event handed out has happened (they are on one stream, in order)."""
         if self.used:
             self.pool[self.used - 1].synchronize()
+
+    def times_ns(self) -> dict:
+        """CLOCK_MONOTONIC ns of every event handed out since the pool was last reused, which it
+        now is (call once they have happened: `wait`)."""
+        elapsed_ms, ref_ns = self.ref_event.elapsed_time, self.ref_ns
+        times = {event: ref_ns + int(elapsed_ms(event) * 1e6) for event in self.pool[:self.used]}
+        if time.monotonic_ns() - ref_ns > self.REBASE_AFTER_NS:
+            self.rebase()
+        self.used = 0
+        return times
 
     def rebase(self) -> None:
         """Pairs a new reference event with the host clock while the stream is idle, and frees
@@ -132,22 +146,19 @@ class TraceRecorder:
                      "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns"})
 
     def _resolve_events(self) -> None:
-        """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns; then
-        the clock is rebased and its pool reused."""
+        """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns (each
+        event once: a stage boundary shares its event with a collective's start or end)."""
         clock = self.cuda_clock
         clock.wait()
-        elapsed_ms, ref_ns = clock.ref_event.elapsed_time, clock.ref_ns
+        times = clock.times_ns()
         coll_from, span_from, step_from = self.unresolved
         for rows, start, width, t0 in ((self.coll_rows, coll_from, COLL_WIDTH, COLL_T0),
                                        (self.span_rows, span_from, SPAN_WIDTH, SPAN_T0)):
-            for i in range(start + t0, len(rows), width):
-                rows[i] = ref_ns + int(elapsed_ms(rows[i]) * 1e6)
-                rows[i + 1] = ref_ns + int(elapsed_ms(rows[i + 1]) * 1e6)
+            for column in (start + t0, start + t0 + 1):  # t0, t1: C-level slice reads and writes
+                rows[column::width] = list(map(times.__getitem__, rows[column::width]))
         for step in self.steps[step_from:]:
-            step["t0"] = ref_ns + int(elapsed_ms(step["t0"]) * 1e6)
-            step["t1"] = ref_ns + int(elapsed_ms(step["t1"]) * 1e6)
+            step["t0"], step["t1"] = times[step["t0"]], times[step["t1"]]
         self.unresolved = (len(self.coll_rows), len(self.span_rows), len(self.steps))
-        clock.rebase()
 
     # --- what is recorded (collectives: TracingCommunicator) --------------------------------
     def span(self, name: str) -> _Span:

@@ -126,7 +126,7 @@ class Llama4(nn.Module):
         residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
         normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):  # no device work between layers: each starts where the last ended
             last = i + 1 == len(self.layers)
             next_norm = self.norm if last else self.layers[i + 1].input_layernorm
             next_quant = None if last else self.layers[i + 1].self_attn.input_quant_scale  # LM head: high precision

@@ -222,8 +222,9 @@ def test_paused_tracing_records_nothing_and_changes_no_token(tiny_ckpt, tmp_path
 
 
 def test_layer_stages_are_cut_at_the_layers_collectives(tiny_ckpt, tmp_path):
-    """A decoder layer's attention ends where its first collective starts; its feed-forward runs
-    from that collective's end to the start of the layer's last collective. Without traced
+    """A decoder layer's attention ends where its first collective starts and starts where the
+    previous layer's last collective ended; its feed-forward runs from the first collective's end
+    to the start of the layer's last collective. Without traced
     collectives the stages cannot be cut, and that is an error, not a silent trace."""
     node = InProcessNode(RunConfig(str(tiny_ckpt), world_size=1, trace_dir=str(tmp_path / "trace")))
     node.load()
@@ -243,6 +244,10 @@ def test_layer_stages_are_cut_at_the_layers_collectives(tiny_ckpt, tmp_path):
         colls = by_layer.get((span["s"], span["l"]))
         if span["n"] == "attention":
             assert span["t0"] <= span["t1"] == colls[0]["t0"]
+            if span["l"] > 0:  # a layer starts where the previous layer's last collective ended
+                assert span["t0"] == by_layer[span["s"], span["l"] - 1][-1]["t1"]
+            else:  # the first layer takes its own timestamp, after the embedding's all-reduce
+                assert span["t0"] >= by_layer[span["s"], -1][0]["t1"]
             checked += 1
         elif span["n"] in ("mlp", "moe"):
             assert (span["t0"], span["t1"]) == (colls[0]["t1"], colls[-1]["t0"])
