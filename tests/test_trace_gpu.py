@@ -1,5 +1,5 @@
 """Tracing on real GPUs: times from CUDA events, resolved against the host clock at each step.
-One GPU in-process, and two GPUs over NCCL as Ray actors (the same checks as on CPU actors:
+The recorder alone (resolution across flushes and clock rebases), one GPU in-process, and two GPUs over NCCL as Ray actors (the same checks as on CPU actors:
 every collective on every rank with the same sequence number and bytes, the merged JSON's
 nesting). Skips itself without a GPU (the two-GPU case without two GPUs or Ray)."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from cluster.inprocess import InProcessNode
 from cluster.timeline import read_trace
+from collectives.trace import CudaEventClock, TraceRecorder
 from cluster.trace_export import chrome_trace
 from cluster.trace_summary import summarize
 from launch.trace_cli import finish_trace_dir, prepare_trace_dir
@@ -44,6 +45,36 @@ def _check_rank_times(rank_trace) -> None:
     for span in rank_trace.spans:
         step = steps[span["s"]]
         assert step["t0"] - 1000 <= span["t0"] <= span["t1"] <= step["t1"] + 1000, span
+
+
+@pytest.mark.parametrize("rebase_every_step", [False, True])
+def test_recorder_resolves_events_across_flushes_and_rebases(tmp_path, monkeypatch, rebase_every_step):
+    """A step's events are resolved at its end, and a flush (every few records here) finds
+    them resolved; renewing the reference event (every 250 ms, or every step here) must not
+    move any time. No synchronization in the loop: the recorder waits where it has to."""
+    if rebase_every_step:
+        monkeypatch.setattr(CudaEventClock, "REBASE_AFTER_NS", 0)
+    recorder = TraceRecorder(tmp_path, 0, 1, "none", "cuda", flush_every=7)
+    x = torch.randn(1024, 1024, device="cuda")
+    start = time.monotonic_ns()
+    for step in range(9):
+        recorder.step_begin(step, ["r"])
+        for _ in range(3):
+            with recorder.span("attention"):
+                x = torch.tanh(x @ x)
+        recorder.step_end(1)
+    recorder.close()
+    end = time.monotonic_ns()
+    rank0 = read_trace(tmp_path, assume_same_clock=True).ranks[0]
+    assert [s["s"] for s in rank0.steps] == list(range(9)) and len(rank0.spans) == 27
+    times = [t for s in rank0.steps for t in (s["t0"], s["t1"])]
+    assert all(isinstance(t, int) for t in times) and times == sorted(times)
+    assert start <= times[0] and times[-1] <= end
+    spans = [t for s in rank0.spans for t in (s["t0"], s["t1"])]
+    assert spans == sorted(spans) and spans[-1] - spans[0] > 27 * 1000  # 27 matmuls of 1024^2: > 1 us each
+    for span in rank0.spans:
+        step = rank0.steps[span["s"]]
+        assert step["t0"] <= span["t0"] < span["t1"] <= step["t1"]
 
 
 def test_one_gpu_trace_has_event_times_inside_each_step(checkpoint, tmp_path):  # noqa: F811
