@@ -98,14 +98,11 @@ class CudaEventClock:
         event.record(self.stream)
         return event
 
-    def wait(self) -> None:
-        """Returns once every event handed out has happened (they are on one stream, in order)."""
-        if self.used:
-            self.pool[self.used - 1].synchronize()
-
     def times_ns(self) -> dict:
         """CLOCK_MONOTONIC ns of every event handed out since the pool was last reused, which it
-        now is (call once they have happened: `wait`)."""
+        now is; waits for the last of them (they are on one stream, in order)."""
+        if self.used:
+            self.pool[self.used - 1].synchronize()
         elapsed_ms, ref_ns = self.ref_event.elapsed_time, self.ref_ns
         times = {event: ref_ns + int(elapsed_ms(event) * 1e6) for event in self.pool[:self.used]}
         if time.monotonic_ns() - ref_ns > self.REBASE_AFTER_NS:
@@ -148,9 +145,7 @@ class TraceRecorder:
     def _resolve_events(self) -> None:
         """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns (each
         event once: a stage boundary shares its event with a collective's start or end)."""
-        clock = self.cuda_clock
-        clock.wait()
-        times = clock.times_ns()
+        times = self.cuda_clock.times_ns()
         coll_from, span_from, step_from = self.unresolved
         for rows, start, width, t0 in ((self.coll_rows, coll_from, COLL_WIDTH, COLL_T0),
                                        (self.span_rows, span_from, SPAN_WIDTH, SPAN_T0)):

@@ -95,14 +95,14 @@ def _layer_stages(recorder: TraceRecorder, forward, layer: int, ffn_name: str, c
 
 def _lm_head_stage(recorder: TraceRecorder, forward, chain: _LayerChain):
     """The model's forward: its LM head runs from the end of the forward's last collective (read
-    back from the recorder's rows) to the forward's end. A forward starts a new layer chain."""
+    back from the recorder's rows) to the forward's end. A forward starts a new layer chain (rows
+are emptied between steps, so an old chain's end could match a new step's row count)."""
     rows = recorder.coll_rows
 
     def traced(*args, **kwargs):
         chain.end_row = -1
         n_before = len(rows)
         out = forward(*args, **kwargs)
-        chain.end_row = -1
         recorder.layer = -1
         if len(rows) > n_before:
             recorder.span_between("lm_head", rows[-T1_FROM_END], recorder.now())
