@@ -7,8 +7,10 @@ touching the model.
 
 `allreduce_add_rmsnorm` is the one fused collective of the decoder:
     s = sum over ranks of partial;  residual' = residual + s;  normed = RMSNorm(residual') * weight
-Here it is composed from `all_reduce` (the reference); fused backends override it and a test
-holds them equal to this composition.
+Here it is composed from `all_reduce` and a local residual add + RMSNorm: on CUDA tensors that
+local half is one Triton kernel (collectives/fused_norm.py, tested against `rms_norm` below), on
+CPU the torch ops. Fused backends override the whole call and a test holds them equal to this
+composition.
 """
 from __future__ import annotations
 
@@ -32,6 +34,19 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale, saturated to the e4m3 range, rounded to float8_e4m3fn (round-to-nearest-even).
     `scale` broadcasts against x (per-tensor: a scalar; per-token: (..., 1))."""
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local half of allreduce_add_rmsnorm: (RMSNorm(residual + reduced) * weight [as FP8 with
+    quant_scale], residual + reduced). One kernel on CUDA, torch ops elsewhere."""
+    if reduced.is_cuda:
+        from collectives import fused_norm
+        if fused_norm.available(reduced):
+            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
+    new_residual = residual + reduced
+    normed = rms_norm(new_residual, weight, eps)
+    return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
 
 
 class Communicator(ABC):
@@ -67,9 +82,7 @@ class Communicator(ABC):
         """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial)).
         With `quant_scale`, the normed output comes back as float8_e4m3fn (normed / quant_scale,
         saturated), ready for the next FP8 GEMM; the residual stays in its own dtype."""
-        new_residual = residual + self.all_reduce(partial)
-        normed = rms_norm(new_residual, weight, eps)
-        return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
+        return add_rmsnorm(self.all_reduce(partial), residual, weight, eps, quant_scale)
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor,
                  send_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

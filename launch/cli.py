@@ -18,6 +18,7 @@ from cluster.ray_node import NodeStartError
 from cluster.timeline import TraceError
 from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
                              spec_summary)
+from launch.bench_cli import add_bench_parser, run_bench
 from launch.drill_cli import add_drill_parser, run_drill
 from launch.trace_cli import add_trace_parser, finish_trace_dir, prepare_trace_dir, run_trace
 from model.embedded import ensure_default_model
@@ -61,6 +62,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=8, help="virtual GPUs, one Ray actor each (1: in-process)")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="decode-step kernels: fused Triton kernels or the torch reference ops (auto: triton on cuda)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay decode steps from CUDA graphs (auto: where possible on cuda; on: error if not)")
     p.add_argument("--comm", default=None, choices=["shm", "gloo", "nccl"],
                    help="data-plane backend (default: shm on cpu, nccl on cuda)")
     p.add_argument("--hardware", default="b200", choices=["b200", "h200", "h100"],
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_parser(sub)
     add_train_draft_parser(sub)
     add_drill_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -155,7 +161,8 @@ def run_generate(args) -> int:
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
                     moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
                     hardware=args.hardware, trace_dir=args.trace, fp8_scheme=args.fp8_scheme,
-                    kv_dtype=args.kv_dtype, draft_path=draft_path, **_delay(args.inject_delay))
+                    kv_dtype=args.kv_dtype, draft_path=draft_path, kernels=args.kernels,
+                    cuda_graphs=args.cuda_graphs, **_delay(args.inject_delay))
     with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard,
                     max_restarts=args.max_restarts) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train_draft(args)
         if args.command == "drill":
             return run_drill(args)
+        if args.command == "bench":
+            return run_bench(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -129,21 +129,50 @@ class StepContext:
     slots: torch.Tensor  # (B, T) cache slot of each new token
     cos: torch.Tensor  # (B, T, D/2)
     sin: torch.Tensor  # (B, T, D/2)
-    masks: dict  # "full" / "chunked" -> (B, 1, T, S) bool, True = may attend
+    masks: dict  # "full" / "chunked" -> (B, 1, T, S) bool, True = may attend (empty: kernels build their own)
     temperature: torch.Tensor  # (B, T, 1, 1) NoPE query scale
     n_keys: int  # S: slots read this step
+    positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
+    start: torch.Tensor | None = None  # (B,) cache length before the step (the committed prefix)
+    step_mask: torch.Tensor | None = None  # (B, T, T) among the new tokens; None: causal
+    inv_freq: torch.Tensor | None = None  # (D/2,) RoPE inverse frequencies behind cos / sin
 
 
 def build_step_context(cfg: ModelConfig, inv_freq: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-                       step_mask: torch.Tensor | None) -> StepContext:
-    """positions: (B, T) absolute positions of the new tokens; step_mask: (B, T, T) or None (causal)."""
+                       step_mask: torch.Tensor | None, static: bool = False,
+                       dense_masks: bool = True) -> StepContext:
+    """positions: (B, T) absolute positions of the new tokens; step_mask: (B, T, T) or None (causal).
+
+    static: the step reads the WHOLE cache buffer (S = max_len) with a length mask instead of the
+    slots up to the longest row, so no tensor's shape depends on a device value: nothing is read
+    back to the host and the step can be captured in a CUDA graph. dense_masks=False skips the
+    (B, T, S) masks for attention kernels that compute visibility themselves."""
     batch, n_new = positions.shape
     device = positions.device
     start = cache.lengths  # (B,)
     slots = start[:, None] + torch.arange(n_new, device=device)  # (B, T)
-    n_keys = int(start.max()) + n_new
-    if n_keys > cache.max_len:
-        raise ValueError(f"step needs {n_keys} cache slots but the cache holds {cache.max_len}")
+    if static:
+        n_keys = cache.max_len
+        if n_new > n_keys:
+            raise ValueError(f"step of {n_new} tokens for a cache of {cache.max_len} slots")
+    else:
+        n_keys = int(start.max()) + n_new  # a host sync: eager steps only
+        if n_keys > cache.max_len:
+            raise ValueError(f"step needs {n_keys} cache slots but the cache holds {cache.max_len}")
+    inv_freq = inv_freq.to(device)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    temperature = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+    masks = _dense_masks(cfg, start, slots, positions, step_mask, n_keys) if dense_masks else {}
+    return StepContext(slots=slots, cos=freqs.cos(), sin=freqs.sin(), masks=masks,
+                       temperature=temperature[:, :, None, None], n_keys=n_keys, positions=positions,
+                       start=start, step_mask=step_mask, inv_freq=inv_freq)
+
+
+def _dense_masks(cfg: ModelConfig, start: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 step_mask: torch.Tensor | None, n_keys: int) -> dict:
+    """"full" and "chunked" (B, 1, T, S) visibility of every key slot for every new token."""
+    batch, n_new = positions.shape
+    device = positions.device
     if step_mask is None:
         step_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril().expand(batch, n_new, n_new)
     # Position of every key slot: the committed prefix keeps slot == position; new slots take theirs.
@@ -159,10 +188,7 @@ def build_step_context(cfg: ModelConfig, inv_freq: torch.Tensor, cache: KVCache,
         chunk = cfg.attention_chunk_size
         same_chunk = (key_pos[:, None, :] // chunk) == (positions[:, :, None] // chunk)  # (B, T, S)
         masks["chunked"] = (full & same_chunk)[:, None]
-    freqs = positions[..., None].float() * inv_freq.to(device)  # (B, T, D/2)
-    temperature = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
-    return StepContext(slots=slots, cos=freqs.cos(), sin=freqs.sin(), masks=masks,
-                       temperature=temperature[:, :, None, None], n_keys=n_keys)
+    return masks
 
 
 class Attention(nn.Module):
@@ -176,6 +202,8 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.use_qk_norm and self.use_rope
         self.use_temperature = cfg.attn_temperature_tuning and not self.use_rope
         self.mask_kind = "chunked" if self.use_rope and cfg.attention_chunk_size is not None else "full"
+        self.chunk_size = cfg.attention_chunk_size if self.mask_kind == "chunked" else None
+        self.temperature = (cfg.floor_scale, cfg.attn_scale) if self.use_temperature else None
         self.eps = cfg.rms_norm_eps
         qkv_rows = (self.n_heads_per_rank + 2 * self.n_kv_heads_per_rank) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=False)  # column-parallel, fused Q|K|V

@@ -28,8 +28,11 @@ from torch import nn
 from collectives.communicator import Communicator, rms_norm
 from model.attention import Attention, KVCache, build_step_context, rope_inv_freq
 from model.config import ModelConfig
+from model import fast_path
 from model.ffn import MLP, MoE
 from model.parallel import ShardLayout
+
+KERNELS = ("torch", "triton")
 
 
 class RMSNorm(nn.Module):
@@ -58,9 +61,11 @@ class VocabEmbedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator, layer: int,
+                 kernels: str = "torch") -> None:
         super().__init__()
         self.comm = comm
+        self.kernels = kernels
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, shard, layer)
@@ -70,13 +75,14 @@ class DecoderLayer(nn.Module):
                              else MLP(cfg.hidden_size, shard.mlp_intermediate_per_rank))
 
     def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None):
-        attn_partial = self.self_attn(normed, ctx, cache)
+        fused = self.kernels == "triton" and fast_path.applies(normed)
+        attn_partial = fast_path.attention(self.self_attn, normed, ctx, cache) if fused else self.self_attn(normed, ctx, cache)
         normed, residual = self.comm.allreduce_add_rmsnorm(
             attn_partial, residual, self.post_attention_layernorm.weight, self.eps,
-            quant_scale=self.feed_forward.input_quant_scale)
-        ffn_partial = self.feed_forward(normed)
+            quant_scale=None if fused else self.feed_forward.input_quant_scale)
+        ffn_partial = fast_path.feed_forward(self.feed_forward, normed) if fused else self.feed_forward(normed)
         normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps,
-                                                           quant_scale=next_quant_scale)
+                                                           quant_scale=None if fused else next_quant_scale)
         return normed, residual
 
 
@@ -87,13 +93,17 @@ class ForwardOutput:
 
 
 class Llama4(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator) -> None:
+    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator, kernels: str = "torch") -> None:
+        """kernels: "torch" (reference ops, every device) or "triton" (fused GPU kernels for steps of
+        up to fast_path.MAX_TOKENS tokens on CUDA; longer steps and CPU tensors take the torch ops)."""
         super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         if comm.world_size != shard.parallel.world_size:
             raise ValueError(f"communicator has {comm.world_size} ranks, layout expects {shard.parallel.world_size}")
-        self.cfg, self.shard, self.comm = cfg, shard, comm
+        self.cfg, self.shard, self.comm, self.kernels = cfg, shard, comm, kernels
         self.embed_tokens = VocabEmbedding(shard, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm, i, kernels) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -111,9 +121,11 @@ class Llama4(nn.Module):
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: KVCache, *, n_new: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None,
-                aux_layers: tuple[int, ...] = (), last_only: bool = False) -> ForwardOutput:
+                aux_layers: tuple[int, ...] = (), last_only: bool = False, static: bool = False) -> ForwardOutput:
         """token_ids: (B, T), right-padded; n_new: (B,) real tokens per row (default T).
-        positions: (B, T) (default: cache length + t). Advances cache.lengths by n_new."""
+        positions: (B, T) (default: cache length + t). Advances cache.lengths by n_new.
+        static: attend over the whole cache buffer with a length mask, so the step never reads a
+        device value back (what a CUDA graph captures; build_step_context says more)."""
         batch, n_tokens = token_ids.shape
         if batch != cache.batch:
             raise ValueError(f"batch of {batch} rows for a cache of {cache.batch}")
@@ -122,7 +134,9 @@ class Llama4(nn.Module):
             n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=device)
         if positions is None:
             positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
-        ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask)
+        fused = self.kernels == "triton" and fast_path.applies(token_ids[..., None])
+        ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask, static=static,
+                                 dense_masks=not fused)
         residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
         normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []
@@ -136,7 +150,8 @@ class Llama4(nn.Module):
         cache.lengths += n_new
         if last_only:
             normed = normed[torch.arange(batch, device=device), n_new - 1][:, None]  # (B, 1, H)
-        logits = normed @ self.lm_head_weight().t()  # (B, R, vocab_per_rank)
+        logits = (fast_path.lm_head(self.lm_head_weight(), normed) if fused
+                  else normed @ self.lm_head_weight().t())  # (B, R, vocab_per_rank)
         if self.shard.vocab_valid_per_rank < self.shard.vocab_per_rank:
             logits[..., self.shard.vocab_valid_per_rank:] = float("-inf")
         return ForwardOutput(logits=logits, aux_hidden=aux)

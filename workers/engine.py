@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from model.fast_path import MAX_TOKENS as MAX_GRAPH_ROWS
 from model.llama4 import Llama4
 from model.sampling import SamplingParams, next_tokens
 from workers.tracing import NullRecorder
@@ -63,11 +64,17 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 
 class Engine:
     def __init__(self, model: Llama4, max_context: int | None = None, recorder=None,
-                 kv_dtype: torch.dtype | None = None, draft=None) -> None:
+                 kv_dtype: torch.dtype | None = None, draft=None, cuda_graphs: str = "off") -> None:
         """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost).
         kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache).
-        draft: an EAGLE-3 draft (model.eagle3.Eagle3Draft) on the same ranks, for speculative decoding."""
+        draft: an EAGLE-3 draft (model.eagle3.Eagle3Draft) on the same ranks, for speculative decoding.
+        cuda_graphs: "on" (plain decode steps replay CUDA graphs; an error where they cannot),
+        "auto" (where they can: CUDA, fused kernels, untraced) or "off"."""
+        if cuda_graphs not in ("on", "auto", "off"):
+            raise ValueError(f"cuda_graphs must be on, auto or off, got {cuda_graphs!r}")
         self.model = model
+        self.cuda_graphs = cuda_graphs
+        self.graphs = None  # workers.cuda_graphs.GraphPool, made at the first graphed batch
         self.draft = draft
         self.kv_dtype = kv_dtype
         self.cfg = model.cfg
@@ -88,6 +95,27 @@ class Engine:
             return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
                                [r.params for r in requests], generators)
 
+    def _graph(self, batch: int, needed_slots: int):
+        """The CUDA graph for this batch's decode steps, or None (eager) where graphs are off or
+        impossible; with cuda_graphs "on", impossible is an error that says why."""
+        if self.cuda_graphs == "off":
+            return None
+        from workers.cuda_graphs import GraphPool
+        if self.graphs is None:
+            self.graphs = GraphPool(self.model, self.kv_dtype, self.max_context)
+        reason = self.graphs.blocker
+        if not self.model.embed_tokens.weight.is_cuda:
+            reason = "the model is not on a CUDA device"
+        elif not isinstance(self.recorder, NullRecorder):
+            reason = "tracing times each collective on the host; traced steps run eagerly"
+        elif batch > MAX_GRAPH_ROWS:
+            reason = f"a batch of {batch} rows is over the {MAX_GRAPH_ROWS} rows a graph step takes"
+        if reason is None:
+            return self.graphs.get(batch, needed_slots)
+        if self.cuda_graphs == "on":
+            raise RequestError(f"--cuda-graphs on: {reason}")
+        return None
+
     def generate(self, requests: list[Request], on_tokens: Callable[[int, list[list[int]]], None] | None = None,
                  spec=None) -> tuple[list[Completion], GenerationStats]:
         """Runs the batch to completion. on_tokens(step, new ids per request) is called after each step.
@@ -101,7 +129,9 @@ class Engine:
                       torch.Generator().manual_seed(0) for r in requests]
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
-        cache = self.model.new_cache(batch, int(max(lengths[b] + budget[b] for b in range(batch))), self.kv_dtype)
+        needed = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        graph = self._graph(batch, needed)
+        cache = graph.cache if graph is not None else self.model.new_cache(batch, needed, self.kv_dtype)
         prompt = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
         for b, r in enumerate(requests):
             prompt[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
@@ -113,7 +143,10 @@ class Engine:
         finish = [""] * batch
         step = 0
         while True:
-            tokens = self._pick(logits, requests, generators).tolist()
+            if graph is not None and step > 0 and all(r.params.greedy for r in requests):
+                tokens = graph.next_ids.tolist()  # the argmax ran inside the graph
+            else:
+                tokens = self._pick(logits, requests, generators).tolist()
             now = time.perf_counter()
             if step == 0:
                 stats.ttft_s = now - start
@@ -138,6 +171,11 @@ class Engine:
             step += 1
             self.recorder.step_begin(step, request_ids)
             active = torch.tensor([0 if f else 1 for f in finish], device=device)
-            logits = self.model(torch.tensor(tokens, device=device)[:, None], cache, n_new=active).logits
+            step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+            if graph is not None:
+                graph.replay(step_ids, active)
+                logits = graph.logits
+            else:
+                logits = self.model(step_ids, cache, n_new=active).logits
         stats.total_s = time.perf_counter() - start
         return [Completion(r.request_id, out[b], finish[b]) for b, r in enumerate(requests)], stats

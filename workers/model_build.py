@@ -65,7 +65,7 @@ def build_model(run, cfg: ModelConfig, shard: ShardLayout, comm, progress=None) 
 
     def fresh() -> Llama4:
         with torch.device(run.device), default_dtype(run.torch_dtype):
-            return Llama4(cfg, shard, comm)
+            return Llama4(cfg, shard, comm, kernels=run.model_kernels)
 
     model = fresh()
     if run.dtype != "fp8":

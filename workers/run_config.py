@@ -14,6 +14,7 @@ FP8_SCHEMES = ("auto", "per-tensor", "channel", "block")  # auto: the checkpoint
 KV_DTYPES = ("auto", "fp8")  # auto: the compute dtype
 COMM_BACKENDS = ("shm", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
+KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class RunConfig:
     kv_dtype: str = "auto"
     delay_rank: int | None = None  # fault injection: this rank arrives late at every collective...
     delay_s: float = 0.0  # ...by this many seconds
+    kernels: str = "auto"  # torch | triton | auto (triton on CUDA, torch on CPU): model/fast_path.py
+    cuda_graphs: str = "auto"  # on | off | auto (decode steps replay CUDA graphs where they can)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -61,6 +64,15 @@ class RunConfig:
         if self.delay_rank is not None and not (0 <= self.delay_rank < self.world_size and self.delay_s >= 0):
             raise ConfigError(f"delay injection needs a rank in 0..{self.world_size - 1} and seconds >= 0, "
                               f"got rank {self.delay_rank}, {self.delay_s} s")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.device != "cuda" and (self.cuda_graphs == "on" or self.kernels == "triton"):
+            flag = "--cuda-graphs on" if self.cuda_graphs == "on" else "--kernels triton"
+            raise ConfigError(f"{flag} needs --device cuda")
+        if self.cuda_graphs == "on" and self.kernels == "torch":
+            raise ConfigError("--cuda-graphs on needs the fused kernels (--kernels auto or triton), not --kernels torch")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective timeout must be > 0 s, got {self.collective_timeout_s}")
 
@@ -68,6 +80,18 @@ class RunConfig:
     def torch_dtype(self) -> torch.dtype:
         """The compute dtype (for fp8: BF16 activations around the FP8 GEMMs)."""
         return DTYPES[self.dtype]
+
+    @property
+    def model_kernels(self) -> str:
+        """What the model is built with: the fused kernels on CUDA unless asked otherwise."""
+        if self.kernels == "auto":
+            return "triton" if self.device == "cuda" else "torch"
+        return self.kernels
+
+    @property
+    def engine_graphs(self) -> str:
+        """The engine's CUDA-graph setting: off on CPU."""
+        return "off" if self.device != "cuda" else self.cuda_graphs
 
     @property
     def kv_torch_dtype(self) -> torch.dtype:

@@ -55,7 +55,7 @@ class Worker:
             self.draft, draft_read = load_draft(self.run.draft_path, self.model)
             read += draft_read
         self.engine = Engine(self.model, self.run.max_context, self.recorder, kv_dtype=self.run.kv_torch_dtype,
-                             draft=self.draft)
+                             draft=self.draft, cuda_graphs=self.run.engine_graphs)
         self.load_s = time.perf_counter() - start
         weights = self.model.weight_bytes() + (self.draft.weight_bytes() if self.draft is not None else 0)
         report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,

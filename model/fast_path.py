@@ -1,0 +1,169 @@
+"""The fused-kernel path of a decode-sized step: the same math as the modules' own forwards, in
+fewer, bandwidth-bound launches (model/kernels/), chosen at construction (`Llama4(kernels="triton")`).
+
+At batch 1 a decode step is a weight stream: every byte of every active weight is read once and
+almost nothing is computed. The torch ops spend their time elsewhere: ~20 launches per attention
+(RoPE in float32, masks over the cache, SDPA, casts), a cuBLAS GEMV that reaches a third to a half
+of HBM bandwidth at M = 1, and an expert loop that reads the routing back to the host. Here a
+sub-layer is a handful of kernels:
+
+  attention   FC_QKV GEMV -> RoPE + QK-norm + temperature + KV-cache write -> split-KV attention
+              over the static cache (length / chunk / tree mask computed in the kernel) -> o_proj GEMV
+  dense MLP   FC13 GEMV with SwiGLU in its epilogue -> FC2 GEMV
+  MoE         router + top-k on the device -> gathered FC13+SwiGLU and FC2 GEMVs that read ONLY the
+              routed experts' weights (expert ids stay on the device) + the shared expert
+  LM head     GEMV over this rank's vocabulary slice
+
+FP8 modules (tensor and channel schemes) run the same GEMV on e4m3 weights, quantizing the
+activation inside the kernel's prologue, so an FP8 layer reads half the bytes in the same number of
+launches. The residual add + RMSNorm between sub-layers is the collective's (one kernel,
+collectives/fused_norm.py). Anything the kernels do not cover (more than MAX_TOKENS rows, CPU
+tensors without Triton's interpreter, block-scaled FP8, expert parallelism, static per-expert
+input scales) takes the module's own forward: the reference ops.
+
+Nothing here reads a device value on the host, so a step of these kernels is capturable in a CUDA
+graph (workers/cuda_graphs.py captures it). tests/test_fast_path.py holds every path equal to the
+modules' own forwards.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.fp8 import Fp8Linear
+
+MAX_TOKENS = 16  # rows (batch x new tokens) the small-M kernels take
+
+
+def _kernels():
+    from model.kernels import decode_attention, linear_small_m, qkv_rope
+    return linear_small_m, decode_attention, qkv_rope
+
+
+def triton_ready() -> bool:
+    """Triton is importable (it ships with CUDA builds of torch; CPU builds may add it for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def applies(x: torch.Tensor) -> bool:
+    """x: (B, T, ...) a step's activations. True when this step runs on the fused kernels: at most
+    MAX_TOKENS rows, on CUDA (or on CPU tensors under Triton's interpreter, for tests)."""
+    rows = x.shape[0] * x.shape[1]
+    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return rows <= MAX_TOKENS and on_device and triton_ready()
+
+
+def _linear_args(module: nn.Module) -> dict | None:
+    """How linear_small_m computes `module` (None: it cannot; use the module's own forward)."""
+    if isinstance(module, nn.Linear) and module.bias is None:
+        return {"weight": module.weight}
+    if isinstance(module, Fp8Linear) and module.scheme.weight in ("tensor", "channel"):
+        act = module.input_scale if module.scheme.static_input else "token"
+        return {"weight": module.weight, "weight_scale": module.weight_scale, "act_quant": act,
+                "out_dtype": module.out_dtype}
+    return None
+
+
+def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """module(x) for x (..., K), with SwiGLU of the (gate | up) halves when asked."""
+    args = _linear_args(module)
+    if args is None:
+        y = module(x)
+        if not swiglu:
+            return y
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    linear_small_m, _, _ = _kernels()
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    y = linear_small_m.linear_small_m(flat, swiglu=swiglu, **args)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def attention(attn, x: torch.Tensor, ctx, cache) -> torch.Tensor:
+    """Attention.forward on the kernels. x: (B, T, H) normed. Returns the o_proj partial (B, T, H)."""
+    _, decode_attention, qkv_rope = _kernels()
+    batch, n_new, _ = x.shape
+    layer = attn.layer
+    k_scale, v_scale = cache.scales[layer]
+    fp8_cache = cache.dtype == torch.float8_e4m3fn
+    qkv = linear(attn.qkv_proj, x)  # (B, T, (Hq + 2 Hkv) D)
+    q = qkv_rope.qkv_rope_cache(
+        qkv, ctx.positions, ctx.start, cache.k[layer], cache.v[layer], n_heads=attn.n_heads_per_rank,
+        n_kv_heads=attn.n_kv_heads_per_rank, head_dim=attn.head_dim, inv_freq=ctx.inv_freq,
+        use_rope=attn.use_rope, use_qk_norm=attn.use_qk_norm, eps=attn.eps, temperature=attn.temperature,
+        k_scale=k_scale if fp8_cache else None, v_scale=v_scale if fp8_cache else None)  # (B, T, Hq, D)
+    out = decode_attention.decode_attention(
+        q, cache.k[layer], cache.v[layer], ctx.start, ctx.positions, scale=attn.head_dim ** -0.5,
+        chunk_size=attn.chunk_size, step_mask=ctx.step_mask,
+        k_scale=k_scale if fp8_cache else None, v_scale=v_scale if fp8_cache else None)  # (B, T, Hq, D)
+    return linear(attn.o_proj, out.reshape(batch, n_new, attn.n_heads_per_rank * attn.head_dim))
+
+
+def feed_forward(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's or MoE's forward on the kernels. x: (B, T, H). Returns the partial sum (B, T, H)."""
+    if hasattr(ffn, "router"):
+        return moe(ffn, x)
+    return linear(ffn.down_proj, linear(ffn.gate_up_proj, x, swiglu=True))
+
+
+def _expert_args(experts: nn.Module, which: str) -> dict | None:
+    """linear_small_m arguments for the routed experts' `which` ("gate_up_proj" / "down_proj")."""
+    weight = getattr(experts, which)  # logical (E, in, out)
+    if weight.dtype != torch.float8_e4m3fn:
+        return {"weight": weight.transpose(1, 2)}  # (E, out, in) view
+    scheme = experts.scheme
+    if scheme.weight not in ("tensor", "channel") or scheme.static_input:
+        return None
+    return {"weight": weight.transpose(1, 2), "weight_scale": getattr(experts, which + "_scale"),
+            "act_quant": "token", "out_dtype": experts.out_dtype}
+
+
+def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MoE.forward (tensor-parallel experts) with the routing kept on the device."""
+    gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
+    if block.expert_parallel or gate_up is None or down is None:
+        return block(x)
+    linear_small_m, _, _ = _kernels()
+    flat = x.reshape(-1, x.shape[-1])  # (N, H)
+    expert_ids, scores = block.route(flat)  # (N, k) each, on the device
+    partial = feed_forward(block.shared_expert, flat)
+    top_k = expert_ids.shape[1]
+    rows = flat if top_k == 1 else flat.repeat_interleave(top_k, dim=0)  # (N*k, H)
+    ids, row_scale = expert_ids.reshape(-1), scores.reshape(-1)
+    hidden = linear_small_m.linear_small_m(rows, expert_ids=ids, row_scale=row_scale, swiglu=True, **gate_up)
+    routed = linear_small_m.linear_small_m(hidden, expert_ids=ids, **down)  # (N*k, H)
+    if top_k == 1:
+        partial = partial + routed
+    else:
+        partial = partial + routed.view(flat.shape[0], top_k, -1).sum(1)
+    return partial.view_as(x)
+
+
+def lm_head(weight: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """normed (B, R, H) @ weight (V_r, H).T on the GEMV kernel."""
+    linear_small_m, _, _ = _kernels()
+    flat = normed.reshape(-1, normed.shape[-1])
+    return linear_small_m.linear_small_m(flat, weight).view(*normed.shape[:-1], weight.shape[0])
+
+
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why a decode step of `model` cannot be captured in a CUDA graph, or None when it can: every
+    module of the step must be on the kernels (the torch fallbacks read routing back to the host)."""
+    if getattr(model, "kernels", "torch") != "triton":
+        return "the model runs the torch ops (--kernels torch); graphs need the fused kernels"
+    for name, module in model.named_modules():
+        if hasattr(module, "router"):
+            if module.expert_parallel:
+                return f"{name}: expert-parallel MoE (its all-to-all counts go through the host)"
+            if _expert_args(module.experts, "gate_up_proj") is None:
+                return f"{name}: FP8 experts with {module.experts.scheme} scales have no graph kernel yet"
+        elif isinstance(module, Fp8Linear) and _linear_args(module) is None:
+            return f"{name}: {module.scheme.weight}-scaled FP8 has no graph kernel yet"
+    return None
