@@ -8,6 +8,8 @@ reference ops for all 128 greedy tokens. Bad settings are refused with a reason.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,11 +34,14 @@ def _engine(dtype: str, kernels: str, graphs: str) -> Engine:
     return Engine(model.eval(), kv_dtype=run.kv_torch_dtype, cuda_graphs=graphs)
 
 
-def _requests(seed: int, params: SamplingParams) -> list[Request]:
+def _requests(seed: int, params: SamplingParams, rows: int = 2) -> list[Request]:
+    """Prompts of fresh lengths; the second row stops early (its end reaches the graph mid-run)."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(5, 90, (2,), generator=gen).tolist()  # fresh lengths every run
-    return [Request(tuple(torch.randint(3, 500, (n,), generator=gen).tolist()), params, str(i))
-            for i, n in enumerate(lengths)]
+    lengths = torch.randint(5, 90, (rows,), generator=gen).tolist()  # fresh lengths every run
+    budgets = [params.max_new_tokens] + [max(1, params.max_new_tokens // 3)] * (rows - 1)
+    return [Request(tuple(torch.randint(3, 500, (n,), generator=gen).tolist()),
+                    dataclasses.replace(params, max_new_tokens=budget), str(i))
+            for i, (n, budget) in enumerate(zip(lengths, budgets))]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
@@ -49,6 +54,7 @@ def test_graph_replay_gives_the_eager_tokens(dtype):
         got, _ = graphs.generate(requests)
         want, _ = eager.generate(requests)
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert [len(c.token_ids) for c in got] == [r.params.max_new_tokens for r in requests]
         assert len(set(got[0].token_ids)) > 8, "degenerate output proves little"
     assert graphs.graphs is not None and len(graphs.graphs.graphs) >= 1
 

@@ -62,11 +62,41 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, self.next_ids = self._step()  # (B, T, V_r), (B,)
+            if n_tokens == 1:  # greedy decoding feeds its choice back: the next replay needs no input
+                self.tokens[:, 0].copy_(self.next_ids)
         cache.lengths.copy_(saved)
+        # the greedy ids of two replays in flight, read back without stalling the stream
+        self._host_ids = [torch.empty(cache.batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event() for _ in range(2)]
+        self._slot = 0
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(self.tokens, self.cache, n_new=self.n_new, static=True).logits
         return logits, distributed_argmax(logits[:, -1], self.model.shard.vocab_start, self.model.comm)
+
+    def set_inputs(self, tokens: list[int], active: list[int]) -> None:
+        """The next replay's input ids (one per row) and rows still decoding (1) or finished (0),
+        queued on the stream behind the replays already launched."""
+        self.tokens[:, 0].copy_(torch.tensor(tokens), non_blocking=True)
+        self.set_active(active)
+
+    def set_active(self, active: list[int]) -> None:
+        """Rows still decoding (1) or finished (0) from the next replay queued on."""
+        self.n_new.copy_(torch.tensor(active), non_blocking=True)
+
+    def launch(self) -> int:
+        """Queues one greedy step (its input: the previous step's choice, or set_inputs) and the
+        copy of its ids to the host. Returns a handle for `read`; two may be in flight."""
+        self.graph.replay()
+        slot, self._slot = self._slot, self._slot ^ 1
+        self._host_ids[slot].copy_(self.next_ids, non_blocking=True)
+        self._copied[slot].record()
+        return slot
+
+    def read(self, slot: int) -> list[int]:
+        """The greedy ids of the step `launch` returned `slot` for (waits for that step only)."""
+        self._copied[slot].synchronize()
+        return self._host_ids[slot].tolist()
 
     def replay(self, tokens: torch.Tensor, n_new: torch.Tensor) -> None:
         """tokens: (B, T) the step's input ids; n_new: (B,) real tokens per row (0: finished row).

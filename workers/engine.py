@@ -116,6 +116,24 @@ class Engine:
             raise RequestError(f"--cuda-graphs on: {reason}")
         return None
 
+    @staticmethod
+    def _greedy_graph_steps(graph, out: list[list[int]], finish: list[str], commit) -> None:
+        """Greedy decoding on a CUDA graph, one step ahead: step k+1 is queued (its input ids are
+        step k's choice, fed back inside the graph) before the host reads step k's ids, so the GPU
+        never waits for the host. A row that finished at step k still decodes in step k+1 (its
+        extra token is dropped and its cache is never read again); a row's end is passed to the
+        graph in stream order, behind the steps already queued."""
+        graph.set_inputs([row[-1] if row else 0 for row in out], [0 if f else 1 for f in finish])
+        pending, step = graph.launch(), 1
+        while True:
+            ahead = graph.launch()
+            finished_before = list(finish)
+            if commit(step, graph.read(pending)):
+                return
+            if finish != finished_before:
+                graph.set_active([0 if f else 1 for f in finish])
+            pending, step = ahead, step + 1
+
     def generate(self, requests: list[Request], on_tokens: Callable[[int, list[list[int]]], None] | None = None,
                  spec=None) -> tuple[list[Completion], GenerationStats]:
         """Runs the batch to completion. on_tokens(step, new ids per request) is called after each step.
@@ -130,7 +148,7 @@ class Engine:
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
         needed = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-        graph = self._graph(batch, needed)
+        graph = self._graph(batch, needed + 1)  # + 1: a pipelined graph step may run one step past the end
         cache = graph.cache if graph is not None else self.model.new_cache(batch, needed, self.kv_dtype)
         prompt = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
         for b, r in enumerate(requests):
@@ -141,18 +159,16 @@ class Engine:
         logits = self.model(prompt, cache, n_new=lengths, last_only=True).logits
         out: list[list[int]] = [[] for _ in requests]
         finish = [""] * batch
-        step = 0
-        while True:
-            if graph is not None and step > 0 and all(r.params.greedy for r in requests):
-                tokens = graph.next_ids.tolist()  # the argmax ran inside the graph
-            else:
-                tokens = self._pick(logits, requests, generators).tolist()
+        clock = {"last": start}
+
+        def commit(step: int, tokens: list[int]) -> bool:
+            """Takes one step's tokens; True once every row is done."""
             now = time.perf_counter()
             if step == 0:
                 stats.ttft_s = now - start
             else:
-                stats.step_s.append(now - last)
-            last = now
+                stats.step_s.append(now - clock["last"])
+            clock["last"] = now
             new = [[] for _ in requests]
             for b in range(batch):
                 if finish[b]:
@@ -166,16 +182,22 @@ class Engine:
             self.recorder.step_end(sum(len(n) for n in new))
             if on_tokens:
                 on_tokens(step, new)
-            if all(finish):
-                break
+            return all(finish)
+
+        done = commit(0, self._pick(logits, requests, generators).tolist())
+        if not done and graph is not None and all(r.params.greedy for r in requests):
+            self._greedy_graph_steps(graph, out, finish, commit)
+        step = 0
+        while not done and not all(finish):
             step += 1
             self.recorder.step_begin(step, request_ids)
             active = torch.tensor([0 if f else 1 for f in finish], device=device)
-            step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+            step_ids = torch.tensor([row[-1] for row in out], device=device)[:, None]  # (B, 1)
             if graph is not None:
                 graph.replay(step_ids, active)
                 logits = graph.logits
             else:
                 logits = self.model(step_ids, cache, n_new=active).logits
+            done = commit(step, self._pick(logits, requests, generators).tolist())
         stats.total_s = time.perf_counter() - start
         return [Completion(r.request_id, out[b], finish[b]) for b, r in enumerate(requests)], stats
