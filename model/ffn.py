@@ -47,10 +47,19 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """The routed experts held by this rank, in HF's fused layout."""
 
-    def __init__(self, n_experts_per_rank: int, hidden: int, intermediate_per_rank: int) -> None:
+    def __init__(self, n_experts_per_rank: int, hidden: int, intermediate_per_rank: int,
+                 out_major: bool = False) -> None:
+        """out_major: store each expert's matrix (out, in) in memory, the logical (in, out) layout a
+        transposed view: a decode GEMV then streams contiguous rows of K (measured on an H200 at
+        Maverick's expert shape: 67-86% of copy bandwidth, against 34-55% reading HF's layout)."""
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts_per_rank, hidden, 2 * intermediate_per_rank))
-        self.down_proj = nn.Parameter(torch.empty(n_experts_per_rank, intermediate_per_rank, hidden))
+        e, h, i = n_experts_per_rank, hidden, intermediate_per_rank
+
+        def param(d_in: int, d_out: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(e, d_out, d_in).transpose(1, 2) if out_major else torch.empty(e, d_in, d_out))
+
+        self.gate_up_proj = param(h, 2 * i)  # logical (E, H, 2I)
+        self.down_proj = param(i, h)  # logical (E, I, H)
 
     def forward(self, x: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """x: (M, H) rows, each for local expert `local_expert[m]`. Returns (M, H)."""
@@ -69,7 +78,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator) -> None:
+    def __init__(self, cfg: ModelConfig, shard: ShardLayout, comm: Communicator, out_major_experts: bool = False) -> None:
         super().__init__()
         self.comm = comm
         self.top_k = cfg.experts_per_token
@@ -78,7 +87,8 @@ class MoE(nn.Module):
         self.experts_per_rank = shard.experts_per_rank
         self.expert_start = shard.expert_start
         self.router = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=False)  # replicated
-        self.experts = Experts(shard.experts_per_rank, cfg.hidden_size, shard.expert_intermediate_per_rank)
+        self.experts = Experts(shard.experts_per_rank, cfg.hidden_size, shard.expert_intermediate_per_rank,
+                               out_major_experts)
         self.shared_expert = MLP(cfg.hidden_size, shard.shared_intermediate_per_rank)
 
     @property

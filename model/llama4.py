@@ -71,7 +71,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, shard, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe(layer)
-        self.feed_forward = (MoE(cfg, shard, comm) if self.is_moe
+        self.feed_forward = (MoE(cfg, shard, comm, out_major_experts=kernels == "triton") if self.is_moe
                              else MLP(cfg.hidden_size, shard.mlp_intermediate_per_rank))
 
     def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None):

@@ -1,0 +1,1 @@
+"""Triton kernels of the GPU decode path; each beside its torch reference."""

@@ -1,0 +1,399 @@
+"""y = x W^T for decode token counts (M = 1..16 rows) as a weight-streaming GPU kernel (Triton).
+
+Why: at decode a Linear is a weight stream: 1..16 rows of x against megabytes of W. cuBLAS tiles for
+large M, and at M = 1 its FP8 path takes longer than the BF16 matmul of twice the bytes
+(model/fp8_kernels.py). What matters here is HBM bandwidth, so every variant reads each weight
+byte once, with enough programs to keep every SM reading, and does the rest in the same launch:
+  * gathered experts: row m multiplies by weight[expert_ids[m]] (ids stay on the GPU: top-1 MoE
+    reads only the routed experts, no host sync, CUDA-graph capturable);
+  * the router score (`row_scale`) multiplies x first, rounded to x's dtype as ffn.py's torch does;
+  * FP8 weights: the GEMV quantizes the activation in its prologue (static scale, or per row:
+    every program re-derives the row amax, K is only a few thousand), which saves a launch;
+    products of e4m3 values are exact in float32 (model/fp8.py);
+  * SwiGLU: a program computes a gate tile and the matching up tile (N/2 apart) and writes
+    silu(gate) * up, rounded once from the float32 sums.
+
+Kernels: M == 1 or gathered rows run the GEMV, one program per (row, n tile), rows adjacent so
+that rows sharing a tile share it in L2: multiply-add of a (BLOCK_N, BLOCK_K) weight tile with
+the broadcast x chunk in float32, one tl.sum at the end. Dense M > 1 runs tl.dot on 16-row tiles
+(rows >= M masked) so the weight is read once for all rows; with FP8 weights a one-program-per-
+row pre-pass quantizes x first, since in the dot kernel every program would redo 16 rows of IEEE
+divisions (measured on an H200, 4096x5120, M = 16: 37 us at the best tiles, 19 us with the pre-pass).
+No split-K: small BLOCK_N (1..16 rows of W) gives a few programs per SM (132 on an H100/H200)
+at the Llama 4 shard shapes, and every sum has a fixed order (no atomics).
+Weights come in either layout: K-contiguous ((N, K) nn.Linear, FP8 experts' `W[e].mT`) or
+N-contiguous (BF16 HF experts (E, K, N) passed as `w.transpose(1, 2)`). Strides go in as ints:
+Triton specializes a stride of 1, so loads vectorize along whichever dimension is contiguous, and
+`_config` picks tile shapes per layout. K-contiguous streams about twice as fast at M = 1
+(benchmarks/gemv_bench.py): N-major strips are 16-32 bytes wide and N/16 of them are too few
+programs to cover HBM latency.
+
+Numerics: float32 accumulation always; FP8 out = (sum q_x q_w) * x_scale * w_scale in that order
+(model/fp8.py's emulated_gemm); quantization is bit-identical to model/fp8.py (IEEE division
+`div_rn`, clamp, round-to-nearest-even cast) on a GPU. Triton's interpreter rounds float32 -> e4m3
+(and -> bf16) by truncation, so CPU tests check quantization only where it is exact.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from collectives.communicator import FP8_MAX, quantize_fp8
+
+try:  # CUDA builds of torch bring Triton; CPU builds do not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+HIGH = (torch.float32, torch.bfloat16, torch.float16)
+MAX_M = 16
+MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
+SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against them
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv")
+
+if triton is not None:
+    @triton.jit
+    def _probe():
+        pass
+
+    # Triton chose at import (TRITON_INTERPRET) whether kernels compile or run in its numpy interpreter
+    INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
+    FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
+
+    @triton.jit
+    def _load_x(ptrs, mask, rs, ROW_SCALE: tl.constexpr):
+        """x as float32; with ROW_SCALE, x * score rounded to x's dtype first (ffn.py's torch op)."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if ROW_SCALE:
+            x = (x.to(tl.float32) * rs).to(x.dtype)  # product of two x-dtype values: one rounding
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _quantize(x, scale):
+        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8), returned as float32."""
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
+        return q.to(tl.float8e4nv).to(tl.float32)
+
+    @triton.jit
+    def _x_scale(x_row, xs_ptr, rs, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+        """(scale, divisor) of one row's FP8 activation. QUANT 1: the static scale at xs_ptr; 2: max(amax,
+        1e-12) * float32(1/448), model/fp8.py's dynamic scale. An all-zero row quantizes to zeros with
+        any divisor: it divides by 1, not by 2e-15, which sends IEEE division down its slow path
+        (inferred: zero padding rows made an earlier dot kernel slower at M = 4 than at M = 16)."""
+        if QUANT == 1:
+            xs = tl.load(xs_ptr)
+            div = xs
+        else:
+            amax = tl.zeros((BLOCK_K,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                amax = tl.maximum(amax, tl.abs(_load_x(x_row + ks, ks < K, rs, ROW_SCALE)))
+            row_amax = tl.max(amax, axis=0)
+            xs = tl.maximum(row_amax, MIN_AMAX_C) * INV_FP8_MAX_C
+            div = tl.where(row_amax > 0, xs, 1.0)
+        return xs, div
+
+    @triton.jit
+    def _epilogue(g, u, xs, ws_g, ws_u, QUANT: tl.constexpr, SWIGLU: tl.constexpr):
+        """float32 sums -> output values: FP8 scales ((sum * x_scale) * w_scale), then SwiGLU."""
+        if QUANT:
+            g = g * xs * ws_g
+            if SWIGLU:
+                u = u * xs * ws_u
+        if SWIGLU:
+            g = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up, float32
+        return g
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT,
+                     stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_wse, stride_om,
+                     K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (row, n tile): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if GATHER.
+        QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale (FP8 weights).
+        Rows vary fastest, so rows that share a weight tile run side by side and share it in L2."""
+        row, tile = tl.program_id(0) % M, tl.program_id(0) // M
+        expert = 0
+        if GATHER:
+            expert = tl.load(ids_ptr + row).to(tl.int64)  # int64: E * N * K can pass 2^31
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns
+        col_ok = cols < N_OUT
+        w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+        w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
+        x_row = x_ptr + row * stride_xm
+        rs = 1.0
+        if ROW_SCALE:
+            rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
+        xs, div = 1.0, 1.0
+        if QUANT:  # static (per expert when stride_xse != 0) or dynamic per row
+            xs, div = _x_scale(x_row, xs_ptr + expert * stride_xse, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # per-lane partial sums, reduced once at the end
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            k_ok = ks < K
+            x = _load_x(x_row + ks, k_ok, rs, ROW_SCALE)
+            if QUANT:
+                x = _quantize(x, div)
+            mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_gate + ks[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+            acc_g += w * x[None, :]
+            if SWIGLU:
+                w = tl.load(w_up + ks[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+                acc_u += w * x[None, :]
+        ws_g, ws_u = 1.0, 1.0
+        if QUANT:  # per output row dequantization multipliers (per expert when GATHER)
+            ws_g = tl.load(ws_ptr + expert * stride_wse + cols, mask=col_ok, other=0.0)
+            if SWIGLU:
+                ws_u = tl.load(ws_ptr + expert * stride_wse + N_OUT + cols, mask=col_ok, other=0.0)
+        y = _epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs, ws_g, ws_u, QUANT, SWIGLU)
+        tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, rs_ptr, xs_ptr, q_ptr, scale_ptr, stride_xm, K: tl.constexpr,
+                         ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (row): the row's FP8 activation and scale, as the GEMV prologue derives them, stored
+        once for the 16-row tl.dot kernel: there every program would redo 16 rows of IEEE divisions."""
+        row = tl.program_id(0)
+        x_row = x_ptr + row * stride_xm
+        rs = 1.0
+        if ROW_SCALE:
+            rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
+        xs, div = _x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            q = _quantize(_load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
+            tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
+        tl.store(scale_ptr + row, xs)
+
+    @triton.jit
+    def _dot_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT, stride_xm, stride_wn, stride_wk,
+                    stride_om, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (n tile): out[:M, tile] = f(x @ W[tile].T) on 16-row tiles; W read once for all rows.
+        FP8 (QUANT): x comes quantized by `_quantize_kernel`, row scales applied, with its scales (M,)."""
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N_OUT
+        x_rows = x_ptr + rows[:, None] * stride_xm  # (BLOCK_M, 1)
+        w_gate = w_ptr + cols.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N): W^T tiles
+        w_up = w_gate + N_OUT * stride_wn
+        rs = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+        if ROW_SCALE:
+            rs = tl.load(rs_ptr + rows, mask=row_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
+        xs = 1.0
+        if QUANT:  # x is already e4m3 (the _quantize_kernel pre-pass), with one scale per row
+            xs = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[:, None]  # (BLOCK_M, 1)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = _load_x(x_rows + ks[None, :], row_ok[:, None] & k_ok[None, :], rs, ROW_SCALE)
+            a = a.to(DOT_DTYPE)  # (BLOCK_M, BLOCK_K), exact: x's own dtype, or e4m3 values into bf16
+            mask = k_ok[:, None] & col_ok[None, :]
+            b = tl.load(w_gate + ks[:, None] * stride_wk, mask=mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N)
+            acc_g = tl.dot(a, b, acc_g, input_precision="ieee")
+            if SWIGLU:
+                b = tl.load(w_up + ks[:, None] * stride_wk, mask=mask, other=0.0).to(DOT_DTYPE)
+                acc_u = tl.dot(a, b, acc_u, input_precision="ieee")
+        ws_g, ws_u = 1.0, 1.0
+        if QUANT:
+            ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]  # (1, BLOCK_N)
+            if SWIGLU:
+                ws_u = tl.load(ws_ptr + N_OUT + cols, mask=col_ok, other=0.0)[None, :]
+        y = _epilogue(acc_g, acc_u, xs, ws_g, ws_u, QUANT, SWIGLU)
+        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+else:
+    INTERPRETED = False
+
+
+def available(x: torch.Tensor) -> bool:
+    """True when these kernels can run on `x`: a CUDA tensor (or a CPU one under Triton's interpreter)."""
+    return triton is not None and (x.is_cuda or (INTERPRETED and x.device.type == "cpu"))
+
+
+ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, FP8: 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _config(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool | None = None,
+            swiglu: bool = False) -> dict:
+    """Tile shapes and launch knobs. N: output columns of the grid (N/2 for SwiGLU); layout: "k" if
+    the weight is K-contiguous, else "n"; dtype: the weight's. Chosen from sweeps on an H200
+    (benchmarks/gemv_bench.py --sweep): a K-major GEMV wants many small programs (1 row of W,
+    2 KB per step), except with FP8, where each program also quantizes x and 8-16 rows share that
+    work; an N-major GEMV wants strips 16-32 bytes wide and 32 KB deep; the 16-row tl.dot wants
+    32-column tiles, 512 deep, 4 stages."""
+    size = ELEMENT_SIZE[dtype]
+    gemv = (M == 1) if gemv is None else gemv
+    tiles = lambda block_n: M * -(-N // block_n) if gemv else -(-N // block_n)  # noqa: E731 (programs)
+    if gemv and layout == "k" and dtype == FP8:
+        block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
+        block_k, warps, stages = 512 if swiglu else 1024, 8 if block_n == 16 and not swiglu else 4, 1
+    elif gemv and layout == "k":
+        block_n, block_k, warps, stages = 1, 2048 // size, 4, 1
+    elif gemv:
+        block_n = (16 if tiles(16) >= SMS else 8) * 2 // size if size <= 2 else 4
+        block_k, warps, stages = 32768 // (block_n * size), 8, 3
+    else:
+        block_n = 32 if tiles(32) >= 96 else 16
+        block_k, warps = 128 if size == 4 else 512, 4
+        stage_bytes = (2 if swiglu else 1) * block_n * block_k * size + MAX_M * block_k * 2  # W tile(s) + x tile
+        stages = max(1, min(4, (200 << 10) // stage_bytes))  # Hopper: 227 KB of shared memory per block
+    if INTERPRETED and gemv:
+        block_n, block_k = max(block_n, 16), min(block_k, 256)  # numpy pays per program, not per element
+    return {"BLOCK_N": block_n, "BLOCK_K": max(16, min(block_k, triton.next_power_of_2(K))),
+            "num_warps": warps, "num_stages": stages}
+
+
+def _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype):
+    """Refuses what the kernels do not take, naming the argument. Returns (M, N, out dtype, gather)."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] < 1:
+        raise ValueError(f"linear_small_m: x must be (M, K) with 1 <= M <= {MAX_M}, got {tuple(x.shape)}")
+    m, k = x.shape
+    if x.dtype not in HIGH or (x.stride(1) != 1 and k > 1):
+        raise ValueError(f"linear_small_m: x must be float32/bfloat16/float16 with unit stride along K, "
+                         f"got {x.dtype} with strides {x.stride()}")
+    if weight.dim() not in (2, 3) or weight.shape[-1] != k or weight.shape[-2] < 1:
+        raise ValueError(f"linear_small_m: weight must be (N, K) or (E, N, K) with K = {k} (x's), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype not in HIGH + (FP8,):
+        raise ValueError(f"linear_small_m: weight dtype must be float32/bfloat16/float16/float8_e4m3fn, "
+                         f"got {weight.dtype}")
+    gather, n = weight.dim() == 3, weight.shape[-2]
+    if gather != (expert_ids is not None):
+        raise ValueError("linear_small_m: a 3-D weight (E, N, K) needs expert_ids (M,) and a 2-D one takes none")
+    if gather and (expert_ids.shape != (m,) or expert_ids.dtype not in (torch.int32, torch.int64)
+                   or expert_ids.stride(0) != 1):
+        raise ValueError(f"linear_small_m: expert_ids must be a unit-stride int32/int64 ({m},) tensor, "
+                         f"got {expert_ids.dtype} {tuple(expert_ids.shape)}")
+    if row_scale is not None and (row_scale.shape != (m,) or not row_scale.is_floating_point()
+                                  or row_scale.stride(0) != 1):
+        raise ValueError(f"linear_small_m: row_scale must be a unit-stride float ({m},) tensor, got "
+                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+    if swiglu and n % 2:
+        raise ValueError(f"linear_small_m: swiglu needs an even N (gate | up), got N = {n}")
+    if weight.dtype == FP8:
+        if (weight_scale is None or weight_scale.dtype != torch.float32 or weight_scale.shape != weight.shape[:-1]
+                or weight_scale.stride(-1) != 1):
+            got = None if weight_scale is None else f"{weight_scale.dtype} {tuple(weight_scale.shape)}"
+            raise ValueError(f"linear_small_m: FP8 weights need a float32 weight_scale of shape "
+                             f"{tuple(weight.shape[:-1])} with unit stride along N, got {got}")
+        static = isinstance(act_quant, torch.Tensor)
+        if not (act_quant == "token" if isinstance(act_quant, str) else static) or static and (
+                act_quant.dtype != torch.float32 or act_quant.numel() != 1
+                and not (gather and act_quant.shape == weight.shape[:1])):
+            raise ValueError(f"linear_small_m: FP8 weights need act_quant 'token' or a float32 scalar tensor "
+                             f"(or (E,) per expert), got {act_quant!r:.80}")
+    elif weight_scale is not None or act_quant is not None:
+        raise ValueError(f"linear_small_m: weight_scale / act_quant go with FP8 weights only, weight is {weight.dtype}")
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in HIGH:
+        raise ValueError(f"linear_small_m: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    others = (weight, expert_ids, row_scale, weight_scale, act_quant if isinstance(act_quant, torch.Tensor) else None)
+    if any(t is not None and t.device != x.device for t in others):
+        raise ValueError(f"linear_small_m: every tensor must be on x's device {x.device}")
+    return m, n, out_dtype, gather
+
+
+def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype):
+    """tl.dot operand type that holds both operands exactly (the interpreter computes in float32)."""
+    if INTERPRETED:
+        return tl.float32
+    if w_dtype == FP8:
+        return tl.bfloat16  # quantized x and e4m3 weights: bf16 holds every e4m3 value exactly
+    if x_dtype == w_dtype != torch.float32:
+        return tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16
+    return tl.float32  # float32 or mixed operands: IEEE float32 products (input_precision="ieee")
+
+
+def _alloc_out(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty((m, n), dtype=dtype, device=device)  # tests poison it (NaN) to see every element written
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
+                   row_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                   act_quant: str | torch.Tensor | None = None, swiglu: bool = False,
+                   out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+    """(M, N) = x @ W.T, or (M, N/2) = silu(gate) * up with swiglu, in out_dtype (default x's).
+
+    x: (M, K), M <= 16, float32/bf16/fp16, unit stride along K. weight: (N, K), or (E, N, K) with
+    expert_ids (M,) int (row m uses weight[expert_ids[m]]; ids must lie in [0, E): not checked, that
+    would sync), any strides; float32/bf16/fp16, or float8_e4m3fn with weight_scale (N,) / (E, N)
+    float32 and act_quant "token" (dynamic per row) or a float32 scalar tensor ((E,) per expert
+    allowed). row_scale: (M,), x row m times row_scale[m] rounded to x's dtype first.
+    config: overrides of `_config`'s BLOCK_N / BLOCK_K / num_warps / num_stages, and "gemv": True
+    to run dense M > 1 as per-row GEMV programs (benchmark sweeps)."""
+    m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
+    if not available(x):
+        raise ValueError(f"linear_small_m: needs Triton and a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
+    unknown = set(config or {}) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"linear_small_m: unknown config keys {sorted(unknown)}; known: {CONFIG_KEYS}")
+    k, n_out = x.shape[1], n // 2 if swiglu else n
+    layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
+    gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
+    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **(config or {})}
+    out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
+    quant = 0 if weight.dtype != FP8 else 2 if isinstance(act_quant, str) else 1
+    rs = x if row_scale is None else row_scale  # unused pointers get x (never read)
+    xs, ws = (act_quant if quant == 1 else x), (weight_scale if quant else x)
+    flags = dict(ROW_SCALE=row_scale is not None, QUANT=quant, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    if gemv:
+        per_expert_xs = quant == 1 and act_quant.numel() > 1  # (E,) static scales
+        _gemv_kernel[(m * tiles,)](
+            x, weight, expert_ids if gather else x, rs, xs, ws, out, m, n_out,
+            x.stride(0), weight.stride(0) if gather else 0, weight.stride(-2), weight.stride(-1),
+            act_quant.stride(0) if per_expert_xs else 0, weight_scale.stride(0) if quant and gather else 0,
+            out.stride(0), K=k, GATHER=gather, **flags)
+    else:
+        if quant:  # FP8: quantize x once (row scale applied), not in every program of the dot kernel
+            x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
+            xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
+            _quantize_kernel[(m,)](x, rs, act_quant if quant == 1 else x, x_q, xs, x.stride(0), K=k,
+                                   ROW_SCALE=row_scale is not None, QUANT=quant,
+                                   BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4)
+            x, flags["ROW_SCALE"] = x_q, False
+        _dot_kernel[(tiles,)](
+            x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),
+            out.stride(0), K=k, DOT_DTYPE=_dot_dtype(x.dtype, weight.dtype), BLOCK_M=MAX_M, **flags)
+    return out
+
+
+def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
+                             row_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                             act_quant: str | torch.Tensor | None = None, swiglu: bool = False,
+                             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`linear_small_m` in plain torch, as the model computes it: ffn.py's expert input
+    `x * score` in x's dtype; model/fp8.py's torch quantize_activation ("token" / "static") and
+    emulated_gemm `(q_x @ q_w.T) * x_scale * w_scale` in float32; y = x.float() @ W.float().T for
+    high precision; SwiGLU on the float32 result, one rounding to out_dtype at the end."""
+    m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
+    if row_scale is not None:
+        x = x * row_scale[:, None].to(x.dtype)  # (M, K): the routed expert's input scaled by its score
+    if weight.dtype == FP8:
+        if isinstance(act_quant, str):  # dynamic per token
+            x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, 1)
+        else:
+            x_scale = act_quant[expert_ids][:, None] if act_quant.numel() > 1 else act_quant.reshape(())
+        x = quantize_fp8(x, x_scale)
+    if gather:
+        y = (weight[expert_ids].float() @ x.float()[:, :, None])[..., 0]  # (M, N, K) @ (M, K, 1) -> (M, N)
+    else:
+        y = x.float() @ weight.float().T  # (M, N)
+    if weight.dtype == FP8:
+        y = y * x_scale * (weight_scale[expert_ids] if gather else weight_scale)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)  # (M, N/2) each
+        y = F.silu(gate) * up
+    return y.to(out_dtype)

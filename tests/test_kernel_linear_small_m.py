@@ -1,0 +1,268 @@
+"""linear_small_m (model/kernels/linear_small_m.py) against its torch reference, which in turn is
+held to the model's own FP8 layer: dense and gathered-expert rows, both weight layouts, router-score
+row scales, SwiGLU, FP8 weights with static and per-token activation scales, and bad input.
+
+Every output is poisoned with NaN before the kernel runs (an unwritten element shows as NaN).
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), whose float32 -> e4m3
+cast truncates instead of rounding to nearest-even: there the FP8 cases feed activations whose
+quantization is EXACT (x = e4m3 value * 2^j, each row holding +-448 * 2^j so that the per-token
+scale amax * float32(1/448) is 2^j; static scales are powers of two), so any rounding gives the
+same bytes. The random-activation FP8 case, which checks the in-kernel quantization against
+torch's bytes, runs only on a GPU, as does the large realistic shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear  # noqa: E402
+from model.kernels import linear_small_m as lsm  # noqa: E402
+from model.kernels.linear_small_m import linear_small_m, reference_linear_small_m  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+FP8 = torch.float8_e4m3fn
+gpu_only = pytest.mark.skipif(not CUDA, reason="in-kernel float32 -> e4m3 rounding and large shapes need a GPU")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Outputs start as NaN, so an element the kernel does not write fails the comparison."""
+    def alloc(m, n, dtype, device):
+        return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(lsm, "_alloc_out", alloc)
+
+
+def _randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def _weight(gen, lead, n, k, dtype, layout):
+    """A (*lead, N, K) weight: K-contiguous ("k", nn.Linear), or an N-contiguous view of HF's
+    (*lead, K, N) storage ("n", as the BF16 experts are passed: w.transpose(-1, -2))."""
+    if layout == "k":
+        return _randn(gen, *lead, n, k, dtype=dtype)
+    return _randn(gen, *lead, k, n, dtype=dtype).transpose(-1, -2)
+
+
+def _scores(gen, m, x_dtype):
+    """Router scores (M,). Triton's interpreter rounds float32 -> bf16/fp16 by truncation (a GPU
+    rounds to nearest-even), so there 16-bit inputs get powers of two: x * score is then exact."""
+    if CUDA or x_dtype == torch.float32:
+        return torch.rand(m, generator=gen).to(DEVICE)
+    return (-torch.randint(0, 4, (m,), generator=gen).float()).exp2().to(DEVICE)
+
+
+def _check(got, want, rtol):
+    """Every element written, and |got - want| <= rtol * max|want| (+ rtol * |want| elementwise)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert not torch.isnan(got).any(), "an output element was not written"
+    got, want = got.float(), want.float()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def _both(x, w, rtol, **kw):
+    got = linear_small_m(x, w, **kw)
+    _check(got, reference_linear_small_m(x, w, **kw), rtol)
+    return got
+
+
+SHAPES = [(1, 64, 96), (3, 24, 40), (16, 130, 256), (1, 130, 40), (3, 64, 256), (16, 24, 96)]
+
+
+@pytest.mark.parametrize("layout", ["k", "n"])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_dense_fp32(m, n, k, layout):
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x, w = _randn(gen, m, k), _weight(gen, (), n, k, torch.float32, layout)
+    _both(x, w, 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["k", "n"])
+@pytest.mark.parametrize("m,n,k", SHAPES[:3])
+def test_dense_bf16(m, n, k, layout):
+    gen = torch.Generator().manual_seed(m + n + k)
+    x, w = _randn(gen, m, k, dtype=torch.bfloat16), _weight(gen, (), n, k, torch.bfloat16, layout)
+    _both(x, w, 2 ** -7)  # bf16 output: a float32 sum in another order can round one ulp apart
+    _both(x, w, 1e-5, out_dtype=torch.float32)  # exact bf16 products: only the summation order differs
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_row_scale_and_swiglu_dense(m):
+    gen = torch.Generator().manual_seed(m)
+    x, w = _randn(gen, m, 96, dtype=torch.bfloat16), _randn(gen, 128, 96, dtype=torch.bfloat16)
+    score = _scores(gen, m, x.dtype)  # float32 router scores: rounded to bf16 first
+    _both(x, w, 1e-5, row_scale=score, out_dtype=torch.float32)
+    out = _both(x, w, 2 ** -7, row_scale=score, swiglu=True)
+    assert out.shape == (m, 64)
+    _both(x.float(), w.float(), 1e-5, swiglu=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["k", "n"])
+def test_gathered_experts(layout, dtype):
+    """Row m uses expert ids[m]: repeated ids, a single row, score scaling and SwiGLU."""
+    gen = torch.Generator().manual_seed(7 if layout == "k" else 8)
+    w = _weight(gen, (3,), 130, 96, dtype, layout)  # (E, N, K)
+    for ids in ([2], [1, 1, 0], [0, 2, 2, 1, 0, 1, 2, 2]):
+        m = len(ids)
+        ids = torch.tensor(ids, device=DEVICE)
+        x, score = _randn(gen, m, 96, dtype=dtype), _scores(gen, m, dtype)
+        _both(x, w, 1e-5, expert_ids=ids, out_dtype=torch.float32)
+        _both(x, w, 1e-5, expert_ids=ids.int(), row_scale=score, out_dtype=torch.float32)
+    w = _weight(gen, (3,), 64, 40, dtype, layout)
+    x = _randn(gen, 3, 40, dtype=dtype)
+    _both(x, w, 1e-5 if dtype == torch.float32 else 2 ** -7, expert_ids=ids[:3], row_scale=score[:3], swiglu=True)
+
+
+def _fp8_weight(gen, lead, n, k):
+    w = _randn(gen, *lead, n, k)
+    scale = w.abs().amax(-1) / 448  # (*lead, N) per output row, as checkpoints store it
+    return (w / scale[..., None]).to(FP8), scale.float()
+
+
+def _exact_fp8_rows(gen, m, k, dtype, row_exps):
+    """x whose per-token quantization is exact: row i = e4m3 values * 2^row_exps[i], with one 448."""
+    q = (torch.randn(m, k, generator=gen) * 100).clamp(-448, 448).to(FP8).float()
+    q[:, 0] = 448.0
+    return (q * torch.tensor(row_exps, dtype=torch.float32).exp2()[:, None]).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_fp8_exact_activations(m, dtype):
+    """FP8 weights, dense: static and per-token scales, with score scaling (powers of two keep
+    x * score exact in bf16) and SwiGLU."""
+    gen = torch.Generator().manual_seed(m * 3)
+    w_q, w_scale = _fp8_weight(gen, (), 130, 96)
+    x = _exact_fp8_rows(gen, m, 96, dtype, [(i % 5) - 8 for i in range(m)])
+    if m > 1:
+        x[1] = 0.0  # a token of zeros: scale max(0, 1e-12) / 448, output zeros
+    static = torch.tensor(2.0 ** -8, device=DEVICE)  # x / 2^-8 exact; values past 448 saturate
+    for act in ("token", static):
+        _both(x, w_q, 1e-5, weight_scale=w_scale, act_quant=act, out_dtype=torch.float32)
+        _both(x, w_q, 2 ** -7, weight_scale=w_scale, act_quant=act, swiglu=True)
+    score = torch.tensor([2.0 ** -(i % 3) for i in range(m)], device=DEVICE)
+    _both(x, w_q, 1e-5, weight_scale=w_scale, act_quant="token", row_scale=score, out_dtype=torch.float32)
+
+
+def test_fp8_gathered_experts_exact_activations():
+    gen = torch.Generator().manual_seed(11)
+    w_q, w_scale = _fp8_weight(gen, (3,), 64, 256)  # (E, N, K), (E, N)
+    ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    x = _exact_fp8_rows(gen, 4, 256, torch.bfloat16, [-6, -9, -5, -7])
+    per_expert = torch.tensor([2.0 ** -7, 2.0 ** -9, 2.0 ** -6], device=DEVICE)  # static input scales per expert
+    for act in ("token", torch.tensor(2.0 ** -8, device=DEVICE), per_expert):
+        _both(x, w_q, 1e-5, expert_ids=ids, weight_scale=w_scale, act_quant=act, out_dtype=torch.float32)
+        _both(x, w_q, 1e-5, expert_ids=ids, weight_scale=w_scale, act_quant=act, swiglu=True,
+              out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scheme", ["token", "static"])
+def test_reference_is_the_model_fp8_linear(scheme):
+    """The FP8 reference equals model/fp8.py's Fp8Linear (CPU: torch quantizer + emulated GEMM)."""
+    gen = torch.Generator().manual_seed(5)
+    layer = Fp8Linear(96, 40, PER_CHANNEL if scheme == "token" else PER_TENSOR, torch.float32)
+    w_q, w_scale = _fp8_weight(gen, (), 40, 96)
+    layer.weight.data.copy_(w_q.cpu())
+    layer.weight_scale.data.copy_(w_scale.cpu())
+    act = "token"
+    if scheme == "static":
+        layer.input_scale.data.fill_(0.013)
+        act = layer.input_scale.data
+    x = torch.randn(5, 96, generator=gen)
+    ref = reference_linear_small_m(x, layer.weight, weight_scale=layer.weight_scale, act_quant=act,
+                                   out_dtype=torch.float32)
+    torch.testing.assert_close(ref, layer(x), rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_config_override_and_determinism():
+    """Tiles that do not divide N or K give the same result; two runs give the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = _randn(gen, 3, 100), _randn(gen, 50, 100)
+    want = reference_linear_small_m(x, w)
+    for cfg in ({"BLOCK_N": 16, "BLOCK_K": 32}, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 2}):
+        _check(linear_small_m(x, w, config=cfg), want, 1e-5)
+    for block_n in (1, 2, 4):  # the GEMV's narrowest tiles, as the heuristic picks them on a GPU
+        _check(linear_small_m(x[1:2], w, config={"BLOCK_N": block_n, "BLOCK_K": 64}), want[1:2], 1e-5)
+        _check(linear_small_m(x, w.T.contiguous().T, config={"BLOCK_N": 16, "BLOCK_K": 16}), want, 1e-5)
+    _check(linear_small_m(x, w, config={"gemv": True}), want, 1e-5)  # dense rows as per-row GEMV programs
+    assert torch.equal(linear_small_m(x, w), linear_small_m(x, w))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        linear_small_m(x, w, config={"BLOCK_M": 16})
+
+
+def test_config_heuristic(monkeypatch):
+    """Powers of two, and a few programs per SM at M = 1 for the Llama 4 shard shapes (as on a GPU)."""
+    monkeypatch.setattr(lsm, "INTERPRETED", False)
+    for layout in ("k", "n"):
+        for dtype in (torch.bfloat16, FP8, torch.float32):
+            for m, n, k in [(1, 4096, 5120), (1, 2048, 2048), (4, 1792, 5120), (16, 50512, 5120), (16, 24, 40)]:
+                cfg = lsm._config(m, n, k, layout, dtype, gemv=m == 1)
+                assert all(cfg[b] & (cfg[b] - 1) == 0 for b in ("BLOCK_N", "BLOCK_K")), cfg
+                if m == 1 and n >= 2048 and not (layout == "n" and dtype == FP8):  # (FP8 is never N-major)
+                    # N-contiguous tiles stay >= 32 bytes wide: half as many programs
+                    assert -(-n // cfg["BLOCK_N"]) >= lsm.SMS // (1 if layout == "k" else 2), (layout, dtype, n, cfg)
+
+
+def _bad_inputs():
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    w3, ids = torch.randn(3, 6, 8, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
+    wq, ws = w.to(FP8), torch.ones(6, device=DEVICE)
+    return [
+        ((torch.randn(17, 8, device=DEVICE), w), {}, "1 <= M <= 16"),
+        ((torch.randn(2, 16, device=DEVICE)[:, ::2], w), {}, "unit stride along K"),
+        ((x.double(), w), {}, "float32/bfloat16/float16"),
+        ((x, torch.randn(6, 9, device=DEVICE)), {}, "K = 8"),
+        ((x, w3), {}, "needs expert_ids"),
+        ((x, w), {"expert_ids": ids}, "needs expert_ids"),
+        ((x, w3), {"expert_ids": ids.float()}, "expert_ids must be"),
+        ((x, w3), {"expert_ids": ids[:1]}, "expert_ids must be"),
+        ((x, w), {"row_scale": torch.ones(3, device=DEVICE)}, "row_scale must be"),
+        ((x, torch.randn(5, 8, device=DEVICE)), {"swiglu": True}, "even N"),
+        ((x, wq), {"act_quant": "token"}, "weight_scale"),
+        ((x, wq), {"weight_scale": ws.half(), "act_quant": "token"}, "weight_scale"),
+        ((x, wq), {"weight_scale": ws}, "act_quant"),
+        ((x, wq), {"weight_scale": ws, "act_quant": "tensor"}, "act_quant"),
+        ((x, wq), {"weight_scale": ws, "act_quant": torch.ones(2, device=DEVICE)}, "act_quant"),
+        ((x, w), {"act_quant": "token"}, "FP8 weights only"),
+        ((x, w), {"weight_scale": ws}, "FP8 weights only"),
+        ((x, w), {"out_dtype": torch.int32}, "out_dtype"),
+        ((x, w.to(torch.int8)), {}, "weight dtype"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_bad_input_is_refused(case):
+    args, kw, message = _bad_inputs()[case]
+    for fn in (linear_small_m, reference_linear_small_m):
+        with pytest.raises(ValueError, match=message):
+            fn(*args, **kw)
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gpu_fp8_random_activations_quantize_like_torch(m):
+    """Random bf16 activations: in-kernel quantization gives torch's e4m3 bytes. A single byte
+    off moves a sum by ~1e-3 of its scale; float32 summation order moves it ~1e-6."""
+    gen = torch.Generator().manual_seed(m)
+    w_q, w_scale = _fp8_weight(gen, (), 1000, 5120)
+    x = _randn(gen, m, 5120, dtype=torch.bfloat16) * torch.logspace(-3, 3, m, device=DEVICE)[:, None]
+    for act in ("token", torch.tensor(0.02, device=DEVICE)):
+        _both(x.to(torch.bfloat16), w_q, 2e-5, weight_scale=w_scale, act_quant=act, out_dtype=torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_realistic_shapes(m):
+    """Llama 4 TP8 shard shapes: bf16 dense, HF-layout experts with SwiGLU, FP8 experts."""
+    gen = torch.Generator().manual_seed(m)
+    x = _randn(gen, m, 5120, dtype=torch.bfloat16)
+    _both(x, _randn(gen, 4096, 5120, dtype=torch.bfloat16), 2e-5, out_dtype=torch.float32)
+    w_hf = _randn(gen, 16, 5120, 2048, dtype=torch.bfloat16)  # (E, K, N) as HF stores experts
+    ids = torch.randint(0, 16, (m,), generator=gen).to(DEVICE)
+    _both(x, w_hf.transpose(1, 2), 2 ** -7, expert_ids=ids, row_scale=torch.rand(m, device=DEVICE), swiglu=True)
+    w_q, w_scale = _fp8_weight(gen, (16,), 2048, 5120)
+    _both(x, w_q, 2e-5, expert_ids=ids, weight_scale=w_scale, act_quant="token", swiglu=True,
+          out_dtype=torch.float32)
