@@ -42,7 +42,8 @@ def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     quant_scale], residual + reduced). One kernel on CUDA, torch ops elsewhere."""
     if reduced.is_cuda:
         from collectives import fused_norm
-        if fused_norm.available(reduced):
+        if (fused_norm.available(reduced) and residual.is_contiguous() and residual.shape == reduced.shape
+                and residual.dtype == reduced.dtype):
             return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
     new_residual = residual + reduced
     normed = rms_norm(new_residual, weight, eps)

@@ -82,6 +82,17 @@ def test_the_communicator_routes_here():
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(expected, got))
 
 
+def test_the_communicator_takes_strided_residuals():
+    """A residual that is a strided view (speculative decoding hands such slices over) goes through
+    the torch ops instead of being refused (seen on an H200: EAGLE-3 generate failed with it)."""
+    partial, residual, weight = _inputs((2, 7, 64), torch.bfloat16, torch.bfloat16, 10)
+    strided = torch.cat([residual, residual], dim=-1)[..., :64]  # (2, 7, 64), row stride 128
+    got = SingleRankCommunicator().allreduce_add_rmsnorm(partial, strided, weight, 1e-5)
+    want = fused_norm.reference_add_rmsnorm(partial, strided.contiguous(), weight, 1e-5)
+    assert torch.equal(got[1], want[1])
+    _assert_normed(got[0], want[0])
+
+
 def test_available_only_for_what_the_kernel_takes():
     assert fused_norm.available(torch.zeros(2, 5120, device=DEVICE, dtype=torch.bfloat16))
     assert not fused_norm.available(torch.zeros(2, 8193, device=DEVICE))
