@@ -108,6 +108,8 @@ class Engine:
             reason = "the model is not on a CUDA device"
         elif not isinstance(self.recorder, NullRecorder):
             reason = "tracing times each collective on the host; traced steps run eagerly"
+        elif self.model.comm.world_size > 1:
+            reason = "steps across several ranks are not captured yet (their collectives are not graph-ready)"
         elif batch > MAX_GRAPH_ROWS:
             reason = f"a batch of {batch} rows is over the {MAX_GRAPH_ROWS} rows a graph step takes"
         if reason is None:

@@ -35,7 +35,7 @@ class RunConfig:
     kv_dtype: str = "auto"
     delay_rank: int | None = None  # fault injection: this rank arrives late at every collective...
     delay_s: float = 0.0  # ...by this many seconds
-    kernels: str = "auto"  # torch | triton | auto (triton on CUDA, torch on CPU): model/fast_path.py
+    kernels: str = "auto"  # torch | triton | auto (triton on one GPU, else torch): model/fast_path.py
     cuda_graphs: str = "auto"  # on | off | auto (decode steps replay CUDA graphs where they can)
 
     def __post_init__(self) -> None:
@@ -71,6 +71,8 @@ class RunConfig:
         if self.device != "cuda" and (self.cuda_graphs == "on" or self.kernels == "triton"):
             flag = "--cuda-graphs on" if self.cuda_graphs == "on" else "--kernels triton"
             raise ConfigError(f"{flag} needs --device cuda")
+        if self.cuda_graphs == "on" and self.world_size > 1:
+            raise ConfigError(f"--cuda-graphs on captures one GPU's steps (world size 1), got world size {self.world_size}")
         if self.cuda_graphs == "on" and self.kernels == "torch":
             raise ConfigError("--cuda-graphs on needs the fused kernels (--kernels auto or triton), not --kernels torch")
         if not self.collective_timeout_s > 0:
@@ -83,9 +85,11 @@ class RunConfig:
 
     @property
     def model_kernels(self) -> str:
-        """What the model is built with: the fused kernels on CUDA unless asked otherwise."""
+        """What the model is built with. auto: the fused kernels on one GPU (where they and their
+        CUDA graphs were measured against the torch ops); several GPUs keep the torch ops until the
+        fused kernels have run there beside NCCL (--kernels triton asks for them anyway)."""
         if self.kernels == "auto":
-            return "triton" if self.device == "cuda" else "torch"
+            return "triton" if self.device == "cuda" and self.world_size == 1 else "torch"
         return self.kernels
 
     @property
