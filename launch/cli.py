@@ -20,6 +20,7 @@ from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, 
                              spec_summary)
 from launch.bench_cli import add_bench_parser, run_bench
 from launch.drill_cli import add_drill_parser, run_drill
+from launch.emulate_cli import add_emulate_parser, run_emulate
 from launch.trace_cli import add_trace_parser, finish_trace_dir, prepare_trace_dir, run_trace
 from model.embedded import ensure_default_model
 from model.sampling import SamplingParams
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_draft_parser(sub)
     add_drill_parser(sub)
     add_bench_parser(sub)
+    add_emulate_parser(sub)
     return parser
 
 
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_drill(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "emulate":
+            return run_emulate(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

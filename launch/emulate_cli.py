@@ -1,0 +1,96 @@
+"""`dgx-emu emulate`: what a node would take for a decode step, shape-only (no weights, no GPU).
+
+    dgx-emu emulate --model maverick --node dgx-b200 --tp 8 --dtype fp8 --batch 1 --context 1024 \\
+        --draft-len 3 --acceptance-length 2.9 [--json]
+
+Builds rank 0's model on the meta device and costs its step op by op on the node's measured or
+sourced constants (workers/emulate.py, cluster/nodes/*.json). Prints the step time split by part of
+the model and by kind of op, and tokens/s per user and per node.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.node import UserError
+from model.config import PRESETS, load_model_config, maverick, preset
+from model.embedded import default_config
+
+EXTRA_MODELS = {"maverick-slice": lambda: maverick(n_layers=4), "embedded": default_config}
+
+
+def add_emulate_parser(sub) -> None:
+    p = sub.add_parser("emulate", help="predict a node's decode speed from shapes alone (no weights, no GPU)")
+    p.add_argument("--model", default="maverick",
+                   help=f"a preset ({', '.join(sorted([*PRESETS, *EXTRA_MODELS]))}), a checkpoint directory or its config.json")
+    p.add_argument("--node", default="dgx-b200", help="dgx-b200, hgx-h200, hgx-h100 (or b200/h200/h100) or a node JSON file")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: every GPU of the node)")
+    p.add_argument("--moe", default="tp", choices=["tp", "ep"])
+    p.add_argument("--dtype", default="fp8", choices=["bf16", "fp8"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--context", type=int, default=1024, help="cached tokens each sequence attends to")
+    p.add_argument("--draft-len", type=int, default=0, help="EAGLE-3 chain length (0: plain decoding)")
+    p.add_argument("--acceptance-length", type=float, default=None,
+                   help="tokens per verification step (1 + accepted drafts); needed with --draft-len")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def _model_config(name: str):
+    if name in EXTRA_MODELS:
+        return EXTRA_MODELS[name]()
+    if name in PRESETS:
+        return preset(name)
+    if Path(name).exists():
+        return load_model_config(name)
+    raise UserError(f"--model {name}: neither a preset ({', '.join(sorted([*PRESETS, *EXTRA_MODELS]))}) nor a path")
+
+
+def _check(args, gpus: int) -> int:
+    tp = args.tp or gpus
+    if not 1 <= tp <= gpus:
+        raise UserError(f"--tp {tp}: the node has {gpus} GPUs")
+    if args.moe == "ep":
+        raise UserError("--moe ep: the emulator does not model the expert-parallel all-to-alls yet (use --moe tp)")
+    if args.batch < 1 or args.context < 1:
+        raise UserError("--batch and --context must be >= 1")
+    if args.draft_len < 0 or args.draft_len > 15:
+        raise UserError(f"--draft-len must be in 0..15, got {args.draft_len}")
+    if args.draft_len and (args.acceptance_length is None or not 1.0 <= args.acceptance_length <= args.draft_len + 1):
+        raise UserError(f"--draft-len {args.draft_len} needs --acceptance-length in 1..{args.draft_len + 1}")
+    if args.batch * (args.draft_len + 1) > 16:
+        raise UserError("batch x (draft length + 1) must be <= 16 rows: the decode kernels' limit")
+    return tp
+
+
+def run_emulate(args) -> int:
+    from cluster.hardware import node_spec
+    from model.parallel import layout
+    from workers.emulate import project
+    node = node_spec(args.node)
+    tp = _check(args, node.gpus_per_node)
+    cfg = _model_config(args.model)
+    try:
+        layout(cfg, tp, 0, args.moe)
+    except ValueError as e:
+        raise UserError(f"{args.model} does not split {tp} ways: {e}") from None
+    p = project(cfg, node, tp, args.moe, args.dtype, args.batch, args.context, args.draft_len,
+                args.acceptance_length or 1.0, kv_element_bytes=1 if args.kv_dtype == "fp8" else 2)
+    mode = f"EAGLE-3 chain {args.draft_len}, acceptance {args.acceptance_length}" if args.draft_len else "plain decoding"
+    print(f"{cfg.name or args.model} on {node.name}: TP{tp}, MoE {args.moe}, {args.dtype}, batch {args.batch}, "
+          f"context {args.context}, {mode}")
+    print(f"step {p.step_s * 1e6:.0f} us ({p.breakdown['ops']} kernels and collectives per rank)")
+    for title, parts in (("by part", p.breakdown["by_part"]), ("by kind", p.breakdown["by_kind"])):
+        print(f"  {title}: " + ", ".join(f"{k} {v * 1e6:.0f} us ({v / p.step_s:.0%})" for k, v in
+                                         sorted(parts.items(), key=lambda kv: -kv[1])))
+    print(f"{p.tokens_per_s_per_user:.0f} tokens/s per user, {p.tokens_per_s_per_node:.0f} per node "
+          f"({p.replicas} replica(s) x batch {p.batch})")
+    if args.json:
+        print(json.dumps({"model": args.model, "node": node.name, "tp": tp, "moe": args.moe, "dtype": args.dtype,
+                          "batch": args.batch, "context": args.context, "draft_len": args.draft_len,
+                          "acceptance_length": args.acceptance_length, "step_time_s": p.step_s,
+                          "tokens_per_s_per_user": p.tokens_per_s_per_user,
+                          "tokens_per_s_per_node": p.tokens_per_s_per_node,
+                          "breakdown": {"by_part_s": p.breakdown["by_part"], "by_kind_s": p.breakdown["by_kind"],
+                                        "ops": p.breakdown["ops"]}}))
+    return 0
