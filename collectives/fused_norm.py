@@ -30,24 +30,13 @@ from __future__ import annotations
 import torch
 
 from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
-
-try:  # CUDA builds of torch bring Triton; CPU builds do not
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from collectives.triton_support import INTERPRETED, tl, triton
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 8192  # one row per program, held in registers
 
 if triton is not None:
-    @triton.jit
-    def _probe():
-        pass
-
-    # Triton chose at import (TRITON_INTERPRET) whether kernels compile or run in its numpy interpreter
-    INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
     TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -92,8 +81,6 @@ if triton is not None:
             scale = tl.load(scale_ptr)
             y = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX_CONST), FP8_MAX_CONST)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
-else:
-    INTERPRETED = False
 
 
 def available(x: torch.Tensor) -> bool:

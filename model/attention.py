@@ -171,24 +171,32 @@ def build_step_context(cfg: ModelConfig, inv_freq: torch.Tensor, cache: KVCache,
 def _dense_masks(cfg: ModelConfig, start: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  step_mask: torch.Tensor | None, n_keys: int) -> dict:
     """"full" and "chunked" (B, 1, T, S) visibility of every key slot for every new token."""
+    full, chunked = visibility(start, slots, positions, step_mask, n_keys, cfg.attention_chunk_size)
+    masks = {"full": full[:, None]}
+    if chunked is not None:
+        masks["chunked"] = chunked[:, None]
+    return masks
+
+
+def visibility(start: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, step_mask: torch.Tensor | None,
+               n_keys: int, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, S) masks of the key slots each new token may attend to: all of them, and (with
+    chunk_size) those in its own attention chunk. The committed prefix keeps slot == position."""
     batch, n_new = positions.shape
     device = positions.device
     if step_mask is None:
         step_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril().expand(batch, n_new, n_new)
-    # Position of every key slot: the committed prefix keeps slot == position; new slots take theirs.
     key_pos = torch.arange(n_keys, device=device).expand(batch, n_keys).clone()  # (B, S)
-    key_pos.scatter_(1, slots, positions)
+    key_pos.scatter_(1, slots, positions)  # new slots take their tokens' positions
     slot_ids = torch.arange(n_keys, device=device)
     in_prefix = slot_ids[None, None, :] < start[:, None, None]  # (B, 1, S)
     new_visible = torch.zeros(batch, n_new, n_keys, dtype=torch.bool, device=device)
     new_visible.scatter_(2, slots[:, None, :].expand(batch, n_new, n_new), step_mask)
     full = in_prefix | new_visible  # (B, T, S)
-    masks = {"full": full[:, None]}
-    if cfg.attention_chunk_size is not None:
-        chunk = cfg.attention_chunk_size
-        same_chunk = (key_pos[:, None, :] // chunk) == (positions[:, :, None] // chunk)  # (B, T, S)
-        masks["chunked"] = (full & same_chunk)[:, None]
-    return masks
+    if chunk_size is None:
+        return full, None
+    same_chunk = (key_pos[:, None, :] // chunk_size) == (positions[:, :, None] // chunk_size)  # (B, T, S)
+    return full, full & same_chunk
 
 
 class Attention(nn.Module):

@@ -66,7 +66,7 @@ def _run_variants(comm, path: str, moe_mode: str, names: list[str]) -> dict[str,
     for name in names:
         compute, dtype, scheme, kv = VARIANTS[name]
         run = SimpleNamespace(model_path=path, device="cpu", torch_dtype=compute, dtype=dtype, fp8_scheme=scheme,
-                              kv_dtype=kv)
+                              kv_dtype=kv, model_kernels="torch")
         model, _ = build_model(run, cfg, shard, comm)
         cache = model.new_cache(len(PROMPT_LENGTHS), max(PROMPT_LENGTHS), torch.float8_e4m3fn if kv == "fp8" else None)
         local = model(ids, cache, n_new=torch.tensor(PROMPT_LENGTHS)).logits
@@ -201,7 +201,7 @@ def test_collective_emits_the_fp8_input_of_static_gemms(checkpoint):
     LM head): the same numbers as quantizing inside Fp8Linear, bit for bit."""
     cfg = load_model_config(str(checkpoint))
     run = SimpleNamespace(model_path=str(checkpoint), device="cpu", torch_dtype=torch.float32, dtype="fp8",
-                          fp8_scheme="per-tensor", kv_dtype="auto")
+                          fp8_scheme="per-tensor", kv_dtype="auto", model_kernels="torch")
     ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
     logits = {}
     for fuse in (True, False):

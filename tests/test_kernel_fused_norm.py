@@ -10,7 +10,7 @@ What is asserted, and why:
     is torch's cast; under the interpreter, whose float32 -> e4m3 cast is wrong (subnormals and
     rounding carries), it is the interpreter's cast of the same float32 values, so scale and clamp
     are checked exactly everywhere and the cast itself on a GPU only;
-  * every output element is written (torch.empty returns NaN here: see `_poison`), bad input is
+  * every output element is written (torch.empty returns NaN here: see conftest's `poison_empty`), bad input is
     refused with a message naming it.
 """
 from __future__ import annotations
@@ -29,14 +29,7 @@ SHAPES = [(1, 256), (3, 5, 96), (16, 2048), (2, 1000), (4, 1)]
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    """With deterministic algorithms on, torch.empty fills floats with NaN: an element the kernel
-    forgets to write shows up as NaN in its output."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
 def _inputs(shape, dtype, weight_dtype, seed):

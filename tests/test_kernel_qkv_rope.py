@@ -7,7 +7,7 @@ What is asserted, and why:
   * bfloat16: every element is within one bf16 ulp of the reference; on a GPU without QK-norm the
     result is bit-identical (the same libdevice functions as torch, no FMA contraction, IEEE division);
   * every cache slot the step does not write keeps its bytes (the caches start as random values
-    and NaNs), and every element of q is written (torch.empty returns NaN here: see `_poison`);
+    and NaNs), and every element of q is written (torch.empty returns NaN here: see conftest's `poison_empty`);
   * FP8 cache: exact bytes on a GPU. Under the interpreter Triton's own float32 -> e4m3 cast is wrong
     (it truncates subnormals and drops the carry of a rounding, up to a factor of 2), so there the
     expected bytes are the reference's float32 values put through that same cast: everything but
@@ -31,14 +31,7 @@ FLAGS = list(itertools.product([False, True], repeat=3))  # (use_rope, use_qk_no
 SHAPES = list(itertools.product([1, 2], [1, 4], [16, 32], [(4, 2), (2, 2)]))  # B, T, head_dim, (Hq, Hkv)
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    """With deterministic algorithms on, torch.empty fills floats with NaN: an element the kernel
-    forgets to write shows up as NaN in its output."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
 def _inv_freq(head_dim: int) -> torch.Tensor:

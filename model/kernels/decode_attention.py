@@ -38,11 +38,7 @@ import torch.nn.functional as F
 
 from model.fp8 import fp8_values
 
-try:  # CUDA builds of torch bring Triton; CPU builds do not
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from collectives.triton_support import INTERPRETED, tl, triton
 
 FP8 = torch.float8_e4m3fn
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -184,7 +180,6 @@ if triton is not None:
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty))
 
     # Triton chose at import (TRITON_INTERPRET) whether kernels compile or run in its numpy interpreter
-    INTERPRETED = not isinstance(_merge_kernel, triton.runtime.JITFunction)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -319,21 +314,13 @@ def reference_decode_attention(q, k_cache, v_cache, start, positions, *, scale: 
     _check_inputs(q, k_cache, v_cache, start, positions, chunk_size, step_mask, k_scale, v_scale)
     batch, n_new, n_heads, _ = q.shape
     device = q.device
+    from model.attention import visibility  # the model's own mask (attention.py may import kernels)
     slots = start[:, None] + torch.arange(n_new, device=device)  # (B, T)
     n_keys = int(start.max()) + n_new
     if n_keys > k_cache.shape[2]:
         raise ValueError(f"step needs {n_keys} cache slots but the cache holds {k_cache.shape[2]}")
-    if step_mask is None:
-        step_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril().expand(batch, n_new, n_new)
-    key_pos = torch.arange(n_keys, device=device).expand(batch, n_keys).clone()  # (B, S)
-    key_pos.scatter_(1, slots, positions)
-    slot_ids = torch.arange(n_keys, device=device)
-    in_prefix = slot_ids[None, None, :] < start[:, None, None]  # (B, 1, S)
-    new_visible = torch.zeros(batch, n_new, n_keys, dtype=torch.bool, device=device)
-    new_visible.scatter_(2, slots[:, None, :].expand(batch, n_new, n_new), step_mask)
-    mask = in_prefix | new_visible  # (B, T, S)
-    if chunk_size is not None:
-        mask = mask & ((key_pos[:, None, :] // chunk_size) == (positions[:, :, None] // chunk_size))
+    full, chunked = visibility(start, slots, positions, step_mask, n_keys, chunk_size)  # (B, T, S) each
+    mask = full if chunked is None else chunked
     keys = _dequantize(k_cache[:, :, :n_keys], k_scale, q.dtype)  # (B, Hkv, S, D)
     values = _dequantize(v_cache[:, :, :n_keys], v_scale, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,

@@ -41,12 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from collectives.communicator import FP8_MAX, quantize_fp8
-
-try:  # CUDA builds of torch bring Triton; CPU builds do not
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from collectives.triton_support import INTERPRETED, tl, triton
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,12 +51,6 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv")
 
 if triton is not None:
-    @triton.jit
-    def _probe():
-        pass
-
-    # Triton chose at import (TRITON_INTERPRET) whether kernels compile or run in its numpy interpreter
-    INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
     FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
 
     @triton.jit
@@ -211,8 +200,6 @@ if triton is not None:
         y = _epilogue(acc_g, acc_u, xs, ws_g, ws_u, QUANT, SWIGLU)
         out = out_ptr + rows[:, None] * stride_om + cols[None, :]
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-else:
-    INTERPRETED = False
 
 
 def available(x: torch.Tensor) -> bool:

@@ -36,25 +36,15 @@ from __future__ import annotations
 import torch
 
 from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
-
-try:  # CUDA builds of torch bring Triton; CPU builds do not
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from collectives.triton_support import INTERPRETED, tl, triton
 
 FP8 = torch.float8_e4m3fn
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_PAIRS = 1024  # (head, pair) elements of one program: 16 heads of 128
 
 if triton is not None:
-    @triton.jit
-    def _probe():
-        pass
+    from triton.language.extra import libdevice
 
-    # Triton chose at import (TRITON_INTERPRET) whether kernels compile or run in its numpy interpreter
-    INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
 
     # The interpreter differs from a GPU in two ways that matter here: numpy has no libdevice (cos, sin
@@ -92,8 +82,6 @@ if triton is not None:
             """x rounded to DTYPE (round to nearest even) and widened back: what torch holds after an op
             that returns DTYPE."""
             return x.to(DTYPE).to(tl.float32)
-else:
-    INTERPRETED = False
 
 
 def available(x: torch.Tensor) -> bool:
