@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def validate(node_name: str = "hgx-h200") -> list[dict]:
             est = estimate_step(model, node, 1, r["tokens"], r["context"])
             parts = est.by("kind")
             rows.append({"case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
+                         "measured_in": f"{path.name} ({data['date']})",
                          "measured_us": r["median_us"], "predicted_us": round(est.seconds * 1e6, 1),
                          "error": round(est.seconds * 1e6 / r["median_us"] - 1, 4),
                          "predicted_split_us": {k: round(v * 1e6, 1) for k, v in parts.items()}})
@@ -49,7 +51,10 @@ def main() -> None:
                 [[r["case"], r["tp"], r["measured_us"], r["predicted_us"], f"{r['error']:+.1%}"] for r in rows])
     print(f"median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%} over {len(rows)} cases")
     out = RESULTS / "emulator-validation-h200.json"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=RESULTS).stdout.strip() or "unknown"
     out.write_text(json.dumps({"machine": "shape-only emulation vs NVIDIA H200 measurements",
+                               "emulated_code": commit,
                                "date": datetime.date.today().isoformat(),
                                "command": "python benchmarks/emulator_validation.py",
                                "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors),

@@ -127,10 +127,10 @@ class StepContext:
     """Everything about one forward step that every layer shares (built once per step)."""
 
     slots: torch.Tensor  # (B, T) cache slot of each new token
-    cos: torch.Tensor  # (B, T, D/2)
-    sin: torch.Tensor  # (B, T, D/2)
+    cos: torch.Tensor | None  # (B, T, D/2); None where the kernels compute RoPE themselves
+    sin: torch.Tensor | None  # (B, T, D/2)
     masks: dict  # "full" / "chunked" -> (B, 1, T, S) bool, True = may attend (empty: kernels build their own)
-    temperature: torch.Tensor  # (B, T, 1, 1) NoPE query scale
+    temperature: torch.Tensor | None  # (B, T, 1, 1) NoPE query scale
     n_keys: int  # S: slots read this step
     positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
     start: torch.Tensor | None = None  # (B,) cache length before the step (the committed prefix)
@@ -140,13 +140,14 @@ class StepContext:
 
 def build_step_context(cfg: ModelConfig, inv_freq: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                        step_mask: torch.Tensor | None, static: bool = False,
-                       dense_masks: bool = True) -> StepContext:
+                       torch_tables: bool = True) -> StepContext:
     """positions: (B, T) absolute positions of the new tokens; step_mask: (B, T, T) or None (causal).
 
     static: the step reads the WHOLE cache buffer (S = max_len) with a length mask instead of the
     slots up to the longest row, so no tensor's shape depends on a device value: nothing is read
-    back to the host and the step can be captured in a CUDA graph. dense_masks=False skips the
-    (B, T, S) masks for attention kernels that compute visibility themselves."""
+    back to the host and the step can be captured in a CUDA graph. torch_tables=False skips what
+    only the torch ops read, the (B, T, S) masks and the RoPE / temperature tables: the attention
+    kernels compute them from positions and lengths themselves (a dozen launches fewer a step)."""
     batch, n_new = positions.shape
     device = positions.device
     start = cache.lengths  # (B,)
@@ -160,10 +161,13 @@ def build_step_context(cfg: ModelConfig, inv_freq: torch.Tensor, cache: KVCache,
         if n_keys > cache.max_len:
             raise ValueError(f"step needs {n_keys} cache slots but the cache holds {cache.max_len}")
     inv_freq = inv_freq.to(device)
+    if not torch_tables:
+        return StepContext(slots=slots, cos=None, sin=None, masks={}, temperature=None, n_keys=n_keys,
+                           positions=positions, start=start, step_mask=step_mask, inv_freq=inv_freq)
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
     temperature = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
-    masks = _dense_masks(cfg, start, slots, positions, step_mask, n_keys) if dense_masks else {}
-    return StepContext(slots=slots, cos=freqs.cos(), sin=freqs.sin(), masks=masks,
+    return StepContext(slots=slots, cos=freqs.cos(), sin=freqs.sin(),
+                       masks=_dense_masks(cfg, start, slots, positions, step_mask, n_keys),
                        temperature=temperature[:, :, None, None], n_keys=n_keys, positions=positions,
                        start=start, step_mask=step_mask, inv_freq=inv_freq)
 

@@ -51,9 +51,12 @@ class VocabEmbedding(nn.Module):
     def __init__(self, shard: ShardLayout, hidden: int) -> None:
         super().__init__()
         self.vocab_start, self.vocab_valid = shard.vocab_start, shard.vocab_valid_per_rank
+        self.owns_every_id = shard.vocab_start == 0 and shard.vocab_valid_per_rank >= shard.model.vocab_size
         self.weight = nn.Parameter(torch.zeros(shard.vocab_per_rank, hidden))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.owns_every_id:  # a world of one: one launch, not eight
+            return self.weight[token_ids]  # (B, T, H)
         local = token_ids - self.vocab_start
         owned = (local >= 0) & (local < self.vocab_valid)
         rows = self.weight[torch.where(owned, local, 0)]  # (B, T, H)
@@ -136,7 +139,7 @@ class Llama4(nn.Module):
             positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
         fused = self.kernels == "triton" and fast_path.applies(token_ids[..., None])
         ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask, static=static,
-                                 dense_masks=not fused)
+                                 torch_tables=not fused)
         residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
         normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []

@@ -45,6 +45,8 @@ class SamplingParams:
 
 def distributed_argmax(local_logits: torch.Tensor, vocab_start: int, comm: Communicator) -> torch.Tensor:
     """local_logits: (B, V_r) this rank's slice. Returns the global argmax ids (B,), equal on all ranks."""
+    if comm.world_size == 1:  # one launch instead of a dozen (a decode step's tail on a GPU)
+        return local_logits.argmax(dim=-1) + vocab_start
     local_max, local_idx = local_logits.float().max(dim=-1)  # (B,)
     pair = torch.stack((local_max, (local_idx + vocab_start).float()), dim=-1)  # ids < 2^24: exact in fp32
     pairs = comm.all_gather(pair[None], dim=0)  # (world, B, 2)

@@ -121,8 +121,8 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
     walk = _Walk(node, tp, rows)
     cfg = model.cfg
     # launch counts below are the torch ops of llama4.py / attention.py / sampling.py on this path
-    walk.kernel("positions + step context", "embed", "elementwise", 16)  # slots, cos / sin, temperature
-    walk.kernel("embedding", "embed", "elementwise", 8)  # ids -> owned mask -> rows -> scale
+    walk.kernel("positions + slots", "embed", "elementwise", 4)
+    walk.kernel("embedding", "embed", "elementwise", 1 if tp == 1 else 8)  # a gather; sharded: masked
     walk.all_reduce("embedding all-reduce", "embed", cfg.hidden_size, norm=False)
     walk.kernel("first rmsnorm", "embed", "elementwise", 8)
     for layer in model.layers:
@@ -145,7 +145,8 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
             walk.all_reduce("mlp all-reduce", "dense", cfg.hidden_size)
     head = model.lm_head_weight()
     walk.gemv("lm head", "head", head.numel() * head.element_size(), head.dtype == FP8)
-    walk.kernel("cache lengths + argmax", "head", "elementwise", 13)  # + the graph's feedback copy
+    # argmax (+ vocab offset), cache lengths, the graph's feedback copy; sharded: the pairwise argmax
+    walk.kernel("argmax + cache lengths", "head", "elementwise", 4 if tp == 1 else 13)
     if tp > 1:
         walk.all_reduce("argmax all-gather", "head", 2 * tp, norm=False)
     return walk.est
