@@ -51,7 +51,7 @@ def main() -> None:
                 [[r["case"], r["tp"], r["measured_us"], r["predicted_us"], f"{r['error']:+.1%}"] for r in rows])
     print(f"median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%} over {len(rows)} cases")
     out = RESULTS / "emulator-validation-h200.json"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             cwd=RESULTS).stdout.strip() or "unknown"
     out.write_text(json.dumps({"machine": "shape-only emulation vs NVIDIA H200 measurements",
                                "emulated_code": commit,
