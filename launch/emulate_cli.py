@@ -34,6 +34,10 @@ def add_emulate_parser(sub) -> None:
     p.add_argument("--acceptance-length", type=float, default=None,
                    help="tokens per verification step (1 + accepted drafts); needed with --draft-len")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--sweep", action="store_true",
+                   help="project every layout (TP/EP), batch, draft length (0, 3), dtype and node instead; "
+                        "writes a table (sweep.json) and a plot (sweep.png) into --out")
+    p.add_argument("--out", default="emulate-sweep", help="--sweep: output directory")
 
 
 def _model_config(name: str):
@@ -50,8 +54,6 @@ def _check(args, gpus: int) -> int:
     tp = args.tp or gpus
     if not 1 <= tp <= gpus:
         raise UserError(f"--tp {tp}: the node has {gpus} GPUs")
-    if args.moe == "ep":
-        raise UserError("--moe ep: the emulator does not model the expert-parallel all-to-alls yet (use --moe tp)")
     if args.batch < 1 or args.context < 1:
         raise UserError("--batch and --context must be >= 1")
     if args.draft_len < 0 or args.draft_len > 15:
@@ -67,6 +69,8 @@ def run_emulate(args) -> int:
     from cluster.hardware import node_spec
     from model.parallel import layout
     from workers.emulate import project
+    if args.sweep:
+        return _run_sweep(args)
     node = node_spec(args.node)
     tp = _check(args, node.gpus_per_node)
     cfg = _model_config(args.model)
@@ -93,4 +97,25 @@ def run_emulate(args) -> int:
                           "tokens_per_s_per_node": p.tokens_per_s_per_node,
                           "breakdown": {"by_part_s": p.breakdown["by_part"], "by_kind_s": p.breakdown["by_kind"],
                                         "ops": p.breakdown["ops"]}}))
+    return 0
+
+
+def _run_sweep(args) -> int:
+    import sys
+
+    from launch.emulate_sweep import print_best, sweep, write_sweep
+    acceptance = args.acceptance_length if args.acceptance_length is not None else 2.9
+    if not 1.0 <= acceptance <= 4.0 or args.context < 1:
+        raise UserError("--sweep needs --acceptance-length in 1..4 (for its chain of 3) and --context >= 1")
+    cfg = _model_config(args.model)
+    rows = sweep(cfg, args.context, acceptance, 1 if args.kv_dtype == "fp8" else 2,
+                 progress=lambda msg: print(msg, file=sys.stderr))
+    if not rows:
+        raise UserError(f"{args.model} splits into none of the node's layouts")
+    title = f"{cfg.name or args.model}, context {args.context}, EAGLE-3 acceptance {acceptance} (emulated)"
+    write_sweep(rows, Path(args.out), title)
+    print_best(rows)
+    print(f"wrote {Path(args.out) / 'sweep.json'} and {Path(args.out) / 'sweep.png'}")
+    if args.json:
+        print(json.dumps({"configurations": len(rows), "fit": sum(r["fits"] for r in rows), "dir": args.out}))
     return 0

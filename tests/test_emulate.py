@@ -89,7 +89,7 @@ def test_emulate_command_json_and_errors():
         assert key in result
     assert result["tokens_per_s_per_user"] == pytest.approx(2.9 / result["step_time_s"])
     for bad, message in ((["--tp", "16"], "the node has 8 GPUs"), (["--draft-len", "3"], "acceptance-length"),
-                         (["--moe", "ep"], "expert-parallel"), (["--node", "nowhere"], "unknown node")):
+                         (["--model", "medium", "--tp", "3"], "does not split"), (["--node", "nowhere"], "unknown node")):
         run = subprocess.run([sys.executable, "-m", "launch", "emulate", *bad], capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
@@ -99,3 +99,28 @@ def test_meta_model_has_no_storage():
     meta = shape_only_model(maverick(), 8, "tp", "fp8")
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert meta.layers[1].feed_forward.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+
+
+def test_expert_parallel_adds_all_to_alls_and_reads_whole_experts():
+    cfg = maverick(n_layers=4)
+    node = node_spec("b200")
+    tp_layout = estimate_step(shape_only_model(cfg, 8, "tp", "fp8"), node, 1, 1, 512)
+    ep_layout = estimate_step(shape_only_model(cfg, 8, "ep", "fp8"), node, 1, 1, 512)
+    assert not [op for op in tp_layout.ops if op.name in ("dispatch", "combine")]
+    assert len([op for op in ep_layout.ops if op.name in ("dispatch", "combine")]) == 2 * len(cfg.moe_layers)
+    routed = [op.bytes for op in ep_layout.ops if op.name.startswith("routed")]
+    sliced = [op.bytes for op in tp_layout.ops if op.name.startswith("routed")]
+    assert routed[0] == 8 * sliced[0]  # one whole expert against an eighth of one
+
+
+def test_sweep_writes_its_table_and_plot(tmp_path):
+    from launch.emulate_sweep import sweep, write_sweep
+    rows = sweep(preset("medium"), 512, 2.5)
+    assert {r["node"] for r in rows} == {"DGX B200", "HGX H200", "HGX H100"}
+    assert {(r["moe"], r["dtype"]) for r in rows} == {("tp", "bf16"), ("tp", "fp8"), ("ep", "bf16"), ("ep", "fp8")}
+    assert all(r["batch"] * (r["draft_len"] + 1) <= 16 and r["fits"] for r in rows)
+    write_sweep(rows, tmp_path, "medium")
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    big = project(maverick(), node_spec("h100"), 1, "tp", "bf16", 1, 1024)
+    assert big.breakdown["memory_per_rank_bytes"] > node_spec("h100").gpu.hbm_bytes  # 800 GB: marked, not fitted

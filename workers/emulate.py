@@ -16,8 +16,10 @@ with the constants of the node file (cluster/nodes/*.json), each naming its sour
 H200 micro-benchmarks, assumed equal on the B200 and H100 where nothing was measured there. All
 ranks of a tensor-parallel step do the same work, so rank 0's time is the step's.
 
-This is v1 of the emulator: a cost walk over the modules, not yet the per-rank virtual clock that
-a dispatch mode and a clocked communicator would advance during real runs.
+Expert parallelism (`moe="ep"`) is costed as the GPU path would run it with graph-ready
+collectives (the runtime itself runs it eagerly today): whole experts, a dispatch and a combine
+all-to-all. This is v1 of the emulator: a cost walk over the modules, not yet the per-rank virtual
+clock that a dispatch mode and a clocked communicator would advance during real runs.
 """
 from __future__ import annotations
 
@@ -113,6 +115,14 @@ class _Walk:
         if norm:
             self.kernel(name + " add+rmsnorm", part, "add_rmsnorm")
 
+    def all_to_all(self, name: str, part: str, nbytes: int) -> None:
+        """Rows to (or from) the ranks owning their experts: a collective's latency plus this
+        rank's share of the rows over one NVLink direction (the counts travel with the rows)."""
+        if self.tp > 1:
+            share = nbytes * (self.tp - 1) // self.tp
+            seconds = self.node.allreduce_latency_s + share / self.node.nvlink_bytes_per_s_one_way
+            self.est.ops.append(Op(name, "collective", part, seconds, share))
+
 
 def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, context: int,
                   distinct_experts: int | None = None, kv_element_bytes: int = 2) -> StepEstimate:
@@ -137,7 +147,7 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
         walk.all_reduce("attention all-reduce", "attention", cfg.hidden_size)
         ffn = layer.feed_forward
         if layer.is_moe:
-            _moe(walk, ffn, rows if distinct_experts is None else distinct_experts)
+            _moe(walk, ffn, rows if distinct_experts is None else distinct_experts, cfg.hidden_size)
             walk.all_reduce("moe all-reduce", "moe", cfg.hidden_size)
         else:
             walk.linear("fc13 + swiglu", "dense", ffn.gate_up_proj)
@@ -152,19 +162,28 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
     return walk.est
 
 
-def _moe(walk: _Walk, block, distinct: int) -> None:
+def _moe(walk: _Walk, block, distinct: int, hidden: int) -> None:
+    """Tensor-parallel experts: every rank reads its slice of each of the `distinct` routed experts.
+    Expert-parallel: whole experts, the slowest rank reading ceil(distinct / tp) of them (routing
+    spread evenly at best), between a dispatch and a combine all-to-all of the routed rows."""
     experts = block.experts
-    n_experts = experts.gate_up_proj.shape[0]
+    n_experts = experts.gate_up_proj.shape[0] * (walk.tp if block.expert_parallel else 1)
     distinct = max(1, min(distinct, n_experts))
     walk.kernel("router", "moe", "router_gemv", nbytes=_bytes(block.router))  # cuBLAS: its measured time
     walk.kernel("top-k", "moe", "topk")
     walk.kernel("scores", "moe", "elementwise", 2)
     walk.linear("shared fc13 + swiglu", "moe", block.shared_expert.gate_up_proj)
     walk.linear("shared fc2", "moe", block.shared_expert.down_proj)
+    read = distinct
+    if block.expert_parallel:
+        read = -(-distinct // walk.tp)
+        walk.all_to_all("dispatch", "moe", walk.rows * block.top_k * hidden * 2)
     fp8 = experts.gate_up_proj.dtype == FP8
     for which in ("gate_up_proj", "down_proj"):
         per_expert = sum(p[0].numel() * p.element_size() for n, p in experts.named_parameters() if n.startswith(which))
-        walk.gemv(f"routed {which} x{distinct}", "moe", distinct * per_expert, fp8, gathered=True)
+        walk.gemv(f"routed {which} x{read}", "moe", read * per_expert, fp8, gathered=True)
+    if block.expert_parallel:
+        walk.all_to_all("combine", "moe", walk.rows * block.top_k * hidden * 2)
     walk.kernel("shared + routed", "moe", "elementwise")
 
 
@@ -217,11 +236,20 @@ class Projection:
         return self.tokens_per_s_per_user * self.batch * self.replicas
 
 
+def memory_per_rank(model: Llama4, batch: int, context: int, kv_element_bytes: int = 2) -> int:
+    """Bytes a rank holds: its weights and the KV cache of `batch` rows of `context` tokens."""
+    kv = sum(2 * batch * context * layer.self_attn.n_kv_heads_per_rank * layer.self_attn.head_dim
+             for layer in model.layers) * kv_element_bytes
+    return _bytes(model) + kv
+
+
 def project(cfg: ModelConfig, node: NodeSpec, tp: int, moe: str, dtype: str, batch: int, context: int,
-            draft_len: int = 0, acceptance_length: float = 1.0, kv_element_bytes: int = 2) -> Projection:
+            draft_len: int = 0, acceptance_length: float = 1.0, kv_element_bytes: int = 2,
+            model: Llama4 | None = None) -> Projection:
     """Plain decoding (draft_len 0) or EAGLE-3 chain decoding: per step one verification of
-    draft_len + 1 tokens per row and draft_len draft steps, yielding acceptance_length tokens."""
-    model = shape_only_model(cfg, tp, moe, dtype)
+    draft_len + 1 tokens per row and draft_len draft steps, yielding acceptance_length tokens.
+    model: the shape-only model of (cfg, tp, moe, dtype) when the caller already built it."""
+    model = model or shape_only_model(cfg, tp, moe, dtype)
     tokens = draft_len + 1
     est = estimate_step(model, node, batch, tokens, context, kv_element_bytes=kv_element_bytes)
     ops = list(est.ops)
@@ -229,6 +257,7 @@ def project(cfg: ModelConfig, node: NodeSpec, tp: int, moe: str, dtype: str, bat
         draft = estimate_draft_step(cfg, node, tp, batch, context)
         ops += draft.ops * draft_len
     total = StepEstimate(ops)
-    breakdown = {"by_part": total.by("part"), "by_kind": total.by("kind"), "ops": len(ops)}
+    breakdown = {"by_part": total.by("part"), "by_kind": total.by("kind"), "ops": len(ops),
+                 "memory_per_rank_bytes": memory_per_rank(model, batch, context, kv_element_bytes)}
     return Projection(total.seconds, acceptance_length if draft_len else 1.0, max(1, node.gpus_per_node // tp),
                       batch, breakdown)
