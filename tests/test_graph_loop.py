@@ -1,0 +1,82 @@
+"""The engine's one-step-ahead greedy loop over a decode graph, on CPU.
+
+`Engine._greedy_graph_steps` queues step k+1 before it reads step k, lets a finished row decode
+one step too many and tells the graph about it in stream order. A CUDA graph only runs on a GPU
+(tests/test_cuda_graphs.py), so here a stand-in with DecodeGraph's interface runs each queued
+step eagerly at launch, in queue order, with the same feedback of its argmax into its input: the
+tokens must be exactly plain eager decoding's, for rows that stop at different steps, by budget
+and by end-of-sequence token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from collectives.communicator import SingleRankCommunicator
+from model.checkpoint import load_shard
+from model.config import load_model_config, tiny
+from model.embedded import random_state_dict, write_checkpoint
+from model.llama4 import Llama4
+from model.parallel import layout
+from model.sampling import SamplingParams, distributed_argmax
+from workers.engine import Engine, Request
+
+
+class EagerGraph:
+    """DecodeGraph's interface (set_inputs, set_active, launch, read, cache), each launch run now."""
+
+    def __init__(self, model: Llama4, batch: int, slots: int) -> None:
+        self.model, self.cache = model, model.new_cache(batch, slots)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long)
+        self.n_new = torch.ones(batch, dtype=torch.long)
+        self.results, self.launches = {}, 0
+
+    def set_inputs(self, tokens: list[int], active: list[int]) -> None:
+        self.tokens[:, 0] = torch.tensor(tokens)
+        self.set_active(active)
+
+    def set_active(self, active: list[int]) -> None:
+        self.n_new.copy_(torch.tensor(active))
+
+    def launch(self) -> int:
+        logits = self.model(self.tokens, self.cache, n_new=self.n_new, static=True).logits
+        next_ids = distributed_argmax(logits[:, -1], 0, self.model.comm)
+        self.tokens[:, 0] = next_ids  # the graph's feedback
+        self.launches += 1
+        self.results[self.launches] = next_ids.tolist()
+        return self.launches
+
+    def read(self, handle: int) -> list[int]:
+        return self.results.pop(handle)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph_loop_ckpt")
+    cfg = dataclasses.replace(tiny(vocab_size=300), eos_token_ids=(48,))  # row 0 meets it early
+    write_checkpoint(path, cfg, random_state_dict(cfg, seed=31, std=0.08))
+    m = Llama4(load_model_config(path), layout(cfg, 1, 0, "tp"), SingleRankCommunicator()).eval()
+    load_shard(m, path)
+    return m
+
+
+def test_one_step_ahead_loop_gives_eager_tokens(model):
+    gen = torch.Generator().manual_seed(3)
+    budgets = (40, 9, 1, 23)
+    requests = [Request(tuple(torch.randint(8, 300, (n,), generator=gen).tolist()),
+                        SamplingParams(max_new_tokens=b, stop_on_eos=i != 3), str(i))
+                for i, (n, b) in enumerate(zip((12, 30, 5, 17), budgets))]
+    want, _ = Engine(model).generate(requests)
+    engine = Engine(model, cuda_graphs="auto")
+    graphs = []
+    engine._graph = lambda batch, slots: graphs.append(EagerGraph(model, batch, slots)) or graphs[-1]
+    got, stats = engine.generate(requests)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want] == ["eos", "length", "length", "length"]
+    longest = max(len(c.token_ids) for c in want)
+    assert graphs[0].launches == longest  # one step past the last needed one, none more
+    assert len(stats.step_s) == longest - 1
+    for b, (r, c) in enumerate(zip(requests, got)):  # a finished row stops advancing its cache
+        assert int(graphs[0].cache.lengths[b]) <= len(r.prompt_ids) + len(c.token_ids), f"row {b}"
