@@ -34,4 +34,7 @@ if [[ $STAGE == all || $STAGE == bench ]]; then
       --out "$OUT/h200-decode-medium-fp8.json" 2>&1 | tail -5
   [[ ${GEMV:-1} == 1 ]] && { echo "== GEMV kernels"; timeout 90 python benchmarks/gemv_bench.py --out "$OUT/h200-gemv.json" 2>&1 | tail -45; }
 fi
+# $OUT brings back at most 8 files: fold the profile and the logs into one archive
+tar czf "$OUT/details.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d profile-* generate* pytest_gpu.txt 2>/dev/null) 2>/dev/null \
+    && (cd "$OUT" && rm -rf profile-* generate* pytest_gpu.txt)
 echo done
