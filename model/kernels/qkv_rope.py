@@ -146,8 +146,10 @@ if triton is not None:
         slot = tl.load(start_ptr + b) + token % n_new
         kv_head = (head - N_HEADS) % N_KV_HEADS  # (HB, 1); meaningless (and masked off) for q heads
         offset = ((b * N_KV_HEADS + kv_head) * max_len + slot) * HEAD_DIM + 2 * pair
-        in_cache = mask & ~is_q & (slot < max_len)
-        _store_kv(k_cache_ptr + offset, k_scale_ptr, re, im, in_cache & ~is_v, FP8_CACHE)
+        # masks only of tensors: Triton 3.9's interpreter refuses a mask combined with a scalar
+        in_cache = mask & (head >= N_HEADS) & (slot + 0 * head < max_len)  # (HB, HALF)
+        is_k = head < N_HEADS + N_KV_HEADS
+        _store_kv(k_cache_ptr + offset, k_scale_ptr, re, im, in_cache & is_k, FP8_CACHE)
         _store_kv(v_cache_ptr + offset, v_scale_ptr, re, im, in_cache & is_v, FP8_CACHE)
 
 
