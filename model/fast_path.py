@@ -27,12 +27,11 @@ modules' own forwards.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from collectives.triton_support import INTERPRETED, triton
 from model.fp8 import Fp8Linear
 
 MAX_TOKENS = 16  # rows (batch x new tokens) the small-M kernels take
@@ -43,21 +42,11 @@ def _kernels():
     return linear_small_m, decode_attention, qkv_rope
 
 
-def triton_ready() -> bool:
-    """Triton is importable (it ships with CUDA builds of torch; CPU builds may add it for tests)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def applies(x: torch.Tensor) -> bool:
     """x: (B, T, ...) a step's activations. True when this step runs on the fused kernels: at most
     MAX_TOKENS rows, on CUDA (or on CPU tensors under Triton's interpreter, for tests)."""
     rows = x.shape[0] * x.shape[1]
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return rows <= MAX_TOKENS and on_device and triton_ready()
+    return rows <= MAX_TOKENS and triton is not None and (x.is_cuda or INTERPRETED)
 
 
 def _linear_args(module: nn.Module) -> dict | None:
