@@ -70,3 +70,14 @@ def test_graphs_on_refuses_what_it_cannot_capture():
     engine = _engine("bf16", "torch", "on")
     with pytest.raises(RequestError, match="fused kernels"):
         engine.generate(_requests(4, SamplingParams(max_new_tokens=4)))
+
+
+def test_bench_decode_measures_graph_steps_against_their_floor():
+    from workers.step_bench import copy_bandwidth, measure_step
+    engine = _engine("bf16", "triton", "off")
+    bandwidth = copy_bandwidth(gib=1, repeats=5)
+    assert 1e12 < bandwidth < 2e13  # bytes/s, read + write
+    for tokens in (1, 4):
+        timing = measure_step(engine.model, "step", tokens, 256, bandwidth, 20)
+        assert 0 < timing.floor_us < timing.median_us <= timing.p90_us
+        assert timing.bytes_read == pytest.approx(timing.floor_us * 1e-6 * bandwidth, rel=1e-3)

@@ -134,3 +134,15 @@ def test_kernels_default_to_the_fused_path_on_one_gpu_only():
     assert RunConfig("m", device="cuda", comm="nccl", world_size=2).model_kernels == "torch"
     assert RunConfig("m", device="cpu", world_size=1).model_kernels == "torch"
     assert RunConfig("m", device="cpu").engine_graphs == "off"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_decode_refuses_without_a_gpu():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "launch", "bench", "decode", "--model", "medium"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no CUDA device" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "launch", "bench", "decode", "--steps", "draft"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--steps: unknown draft" in run.stderr
