@@ -86,7 +86,8 @@ def shape_only_model(cfg: ModelConfig, tp: int, moe: str, dtype: str) -> Llama4:
     return model
 
 
-def _bytes(module: torch.nn.Module) -> int:
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters (real or meta): what reading all its weights moves."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
@@ -102,7 +103,7 @@ class _Walk:
         self.est.ops.append(Op(name, "gemv", part, seconds, nbytes))
 
     def linear(self, name: str, part: str, module: torch.nn.Module) -> None:
-        self.gemv(name, part, _bytes(module), next(module.parameters()).dtype == FP8)
+        self.gemv(name, part, module_bytes(module), next(module.parameters()).dtype == FP8)
 
     def kernel(self, name: str, part: str, kind: str, count: int = 1, nbytes: int = 0) -> None:
         self.est.ops.append(Op(name, "kernel", part, count * self.node.kernel_s[kind], nbytes))
@@ -169,7 +170,7 @@ def _moe(walk: _Walk, block, distinct: int, hidden: int) -> None:
     experts = block.experts
     n_experts = experts.gate_up_proj.shape[0] * (walk.tp if block.expert_parallel else 1)
     distinct = max(1, min(distinct, n_experts))
-    walk.kernel("router", "moe", "router_gemv", nbytes=_bytes(block.router))  # cuBLAS: its measured time
+    walk.kernel("router", "moe", "router_gemv", nbytes=module_bytes(block.router))  # cuBLAS: its measured time
     walk.kernel("top-k", "moe", "topk")
     walk.kernel("scores", "moe", "elementwise", 2)
     walk.linear("shared fc13 + swiglu", "moe", block.shared_expert.gate_up_proj)
@@ -240,7 +241,7 @@ def memory_per_rank(model: Llama4, batch: int, context: int, kv_element_bytes: i
     """Bytes a rank holds: its weights and the KV cache of `batch` rows of `context` tokens."""
     kv = sum(2 * batch * context * layer.self_attn.n_kv_heads_per_rank * layer.self_attn.head_dim
              for layer in model.layers) * kv_element_bytes
-    return _bytes(model) + kv
+    return module_bytes(model) + kv
 
 
 def project(cfg: ModelConfig, node: NodeSpec, tp: int, moe: str, dtype: str, batch: int, context: int,

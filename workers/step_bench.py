@@ -26,6 +26,7 @@ from model.fp8 import FP8, SCHEMES
 from model.fp8_modules import all_fp8, to_fp8
 from model.llama4 import Llama4
 from model.parallel import layout
+from workers.emulate import module_bytes
 from workers.model_build import default_dtype
 
 RANDOM_PRESETS = {"medium": lambda: preset("medium"), "maverick-slice": lambda: maverick(n_layers=4)}
@@ -65,7 +66,7 @@ def _fill(name: str, t: torch.Tensor, gen: torch.Generator) -> None:
     leading slice at a time so that no float32 copy of a large tensor is ever made."""
     if "norm" in name:
         t.fill_(1.0)
-    elif name.endswith("_scale") or name.endswith("weight_scale"):
+    elif name.endswith("_scale"):  # weight, input and per-expert FP8 scales
         t.fill_(0.02)
     elif t.dim() >= 3:
         for part in t:
@@ -97,23 +98,19 @@ def step_bytes(model: Llama4, context: int, experts_read: list[int], kv_element_
     MoE layer), the KV cache of `context` keys, the final norm and the LM head."""
     total, moe_index = 0, 0
     for layer in model.layers:
-        total += _module_bytes(layer.self_attn) + _module_bytes(layer.input_layernorm)
-        total += _module_bytes(layer.post_attention_layernorm)
+        total += module_bytes(layer.self_attn) + module_bytes(layer.input_layernorm)
+        total += module_bytes(layer.post_attention_layernorm)
         ffn = layer.feed_forward
         if layer.is_moe:
             per_expert = sum(p[0].numel() * p.element_size() for p in ffn.experts.parameters())
-            total += _module_bytes(ffn.router) + _module_bytes(ffn.shared_expert)
+            total += module_bytes(ffn.router) + module_bytes(ffn.shared_expert)
             total += per_expert * experts_read[moe_index]
             moe_index += 1
         else:
-            total += _module_bytes(ffn)
+            total += module_bytes(ffn)
         attn = layer.self_attn
         total += 2 * context * attn.n_kv_heads_per_rank * attn.head_dim * kv_element_bytes
-    return total + _module_bytes(model.norm) + model.lm_head_weight().numel() * model.lm_head_weight().element_size()
-
-
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return total + module_bytes(model.norm) + model.lm_head_weight().numel() * model.lm_head_weight().element_size()
 
 
 def routed_experts(model: Llama4, tokens: torch.Tensor, cache, n_new: torch.Tensor) -> list[int]:
