@@ -58,6 +58,23 @@ if triton is not None:
             return x.to(DTYPE).to(tl.float32)
 
     @triton.jit
+    def rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN: tl.constexpr, IO: tl.constexpr,
+                    NORM_DTYPE: tl.constexpr, QUANT: tl.constexpr):
+        """RMSNorm(s) * weight of one row s (float32 holding IO values; masked lanes 0), in float32 holding
+        NORM_DTYPE values, or with QUANT divided by *scale_ptr and clamped to e4m3's range (the caller's
+        store rounds). Shared with the multi-GPU kernel (collectives/fused_allreduce.py): the same bits."""
+        # RMSNorm statistics in float32; masked lanes are 0 and add nothing
+        mean_sq = tl.math.div_rn(tl.sum(s * s, axis=0), HIDDEN * 1.0)
+        inv_rms = tl.math.rsqrt(mean_sq + eps)
+        normed = _round(s * inv_rms, IO)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _round(normed * w, NORM_DTYPE)  # normed * weight in torch's promoted dtype
+        if QUANT:  # quantize_fp8: y / scale, saturated to e4m3's range, rounded to nearest even
+            scale = tl.load(scale_ptr)
+            y = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX_CONST), FP8_MAX_CONST)
+        return y
+
+    @triton.jit
     def _add_rmsnorm_kernel(partial_ptr, residual_ptr, weight_ptr, scale_ptr, normed_ptr, new_residual_ptr, eps,
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
                             QUANT: tl.constexpr):
@@ -71,16 +88,13 @@ if triton is not None:
         r = tl.load(residual_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
         s = _round(r + p, io)
         tl.store(new_residual_ptr + row * HIDDEN + cols, s.to(io), mask=mask)
-        # RMSNorm statistics in float32; masked lanes are 0 and add nothing
-        mean_sq = tl.math.div_rn(tl.sum(s * s, axis=0), HIDDEN * 1.0)
-        inv_rms = tl.math.rsqrt(mean_sq + eps)
-        normed = _round(s * inv_rms, io)
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _round(normed * w, NORM_DTYPE)  # normed * weight in torch's promoted dtype
-        if QUANT:  # quantize_fp8: y / scale, saturated to e4m3's range, rounded to nearest even
-            scale = tl.load(scale_ptr)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX_CONST), FP8_MAX_CONST)
+        y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+def num_warps(block: int) -> int:
+    """Warps for a row of `block` lanes: at most 32 values a thread (the reduction tree follows from it)."""
+    return min(16, max(1, block // 256))
 
 
 def available(x: torch.Tensor) -> bool:
@@ -133,7 +147,7 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     _add_rmsnorm_kernel[(rows,)](
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
-        num_warps=min(16, max(1, block // 256)), enable_fp_fusion=False)
+        num_warps=num_warps(block), enable_fp_fusion=False)
     return normed, new_residual
 
 
