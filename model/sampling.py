@@ -5,6 +5,29 @@ every rank sends its (max, argmax) pair, one small all-gather, and all ranks pic
 winner (ties go to the lowest token id, as `torch.argmax` over the full vocabulary would).
 Sampling needs the whole distribution, so it all-gathers the logits; every rank then draws
 with the same seeded generator and gets the same token, so ranks stay in lockstep.
+
+Two samplers draw from the same distribution (temperature, then top-k, then top-p, as
+`filter_logits` defines it):
+  * `next_tokens` / `sample_row`: on the CPU with CPU generators, one row at a time. CPU actors
+    use it, and speculative decoding's rejection sampling does.
+  * `DeviceSampler`: every row at once on the logits' device, from one `torch.Generator` per row
+    on that device, with no host sync, so a CUDA graph can capture it (workers/cuda_graphs.py).
+    A draw is the exponential race argmax(p / E), E ~ Exp(1) i.i.d., which picks token i with
+    probability p_i (Gumbel-max in another form); greedy rows (temperature 0) take the argmax.
+What holds for the device sampler, and why:
+  * The same seeds give the same tokens, run after run, on the same GPU kind and torch version:
+    a CUDA generator is Philox (seed, offset), and each draw advances every row's offset by the
+    same amount.
+  * A captured step draws what the same step run eagerly draws. Torch's graph-safe RNG
+    (`CUDAGraph.register_generator_state`, the "CUDA Graph-safe RNG states" note in
+    CUDAGeneratorImpl) makes a replay read the generator's current seed and offset and advance
+    the offset by the total the capture recorded, so eager and replayed draws interleave as one
+    sequence. This is how torch's Philox bookkeeping works, not a documented promise of equal
+    bits; tests/test_spec_cuda_graphs.py checks it on the GPU.
+  * Device draws differ from CPU draws for the same seed (different generators), so a run's
+    tokens depend on where it samples: on CUDA the engine always samples on the device (graphs
+    on or off give the same tokens); CPU actors keep the CPU sampler.
+  * Ranks draw alike: every rank holds the same seeds and the same gathered logits.
 """
 from __future__ import annotations
 
@@ -86,3 +109,66 @@ def next_tokens(local_logits: torch.Tensor, vocab_start: int, vocab_size: int, c
         for row, b in enumerate(sampled):
             tokens[b] = sample_row(full[row], params[b], generators[b])
     return tokens
+
+
+def filter_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
+    """`filter_logits` for a batch whose rows have their own settings, with no host sync.
+    logits: (B, V) full vocabulary; temperature (B,) (0 is read as 1: greedy rows never sample),
+    top_k (B,) (0: off), top_p (B,) (1: off). Returns new float32 logits (B, V)."""
+    vocab = logits.shape[-1]
+    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
+    ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # (B,)
+    kth = ranked.gather(1, (k - 1)[:, None])  # (B, 1) the k-th largest; ties with it stay
+    ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+    probs = torch.softmax(ranked, dim=-1)  # (B, V) in ranked order
+    drop_ranked = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]  # keep the first over p
+    drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)  # (B, V) in vocabulary order
+    return scaled.masked_fill((scaled < kth) | drop, float("-inf"))
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """logits: (B, V) full vocabulary. One token per row (B,): the argmax where temperature is 0,
+    else a draw from softmax(filter_logits_rows(...)) with that row's generator. Every row draws
+    its noise either way, so a row's draws never depend on the other rows' settings."""
+    probs = torch.softmax(filter_logits_rows(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an Exp(1) draw of 0 would make 0 / 0
+    drawn = (probs / noise).argmax(dim=-1)  # (B,) the exponential race
+    return torch.where(temperature > 0, drawn, logits.argmax(dim=-1))
+
+
+class DeviceSampler:
+    """A batch's sampling settings as device tensors and one generator per row on the device, set
+    per batch by `reset` (host side, outside any capture) and read by `pick` (capturable)."""
+
+    def __init__(self, batch: int, vocab_start: int, vocab_size: int, comm: Communicator,
+                 device: torch.device | str) -> None:
+        self.vocab_start, self.vocab_size, self.comm = vocab_start, vocab_size, comm
+        self.temperature = torch.zeros(batch, device=device)  # (B,) 0: greedy
+        self.top_k = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) 0: off
+        self.top_p = torch.ones(batch, device=device)  # (B,) 1: off
+        self.generators = [torch.Generator(device=device) for _ in range(batch)]
+
+    def reset(self, params: list[SamplingParams]) -> None:
+        """This batch's settings; each row's generator restarts from its seed (None: 0, as the
+        CPU sampler's)."""
+        if len(params) != len(self.generators):
+            raise ValueError(f"{len(params)} rows of settings for a sampler of {len(self.generators)}")
+        self.temperature.copy_(torch.tensor([p.temperature for p in params]))
+        self.top_k.copy_(torch.tensor([p.top_k for p in params]))
+        self.top_p.copy_(torch.tensor([p.top_p for p in params]))
+        for generator, p in zip(self.generators, params):
+            generator.manual_seed(p.seed if p.seed is not None else 0)
+
+    def pick(self, local_logits: torch.Tensor, sampling: bool) -> torch.Tensor:
+        """local_logits: (B, V_r) this rank's slice. sampling False: the distributed argmax (no
+        gather, no draw); True: gathers the vocabulary and draws every row. Returns ids (B,)."""
+        if not sampling:
+            return distributed_argmax(local_logits, self.vocab_start, self.comm)
+        full = self.comm.all_gather(local_logits, dim=-1)[:, : self.vocab_size]  # (B, V)
+        return sample_rows(full, self.temperature, self.top_k, self.top_p, self.generators)
