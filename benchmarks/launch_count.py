@@ -1,0 +1,141 @@
+"""Kernel launches per decode step of the fused GPU path, counted on the CPU.
+
+Why: inside a CUDA graph a decode step of the `medium` model is dominated by per-kernel fixed cost
+(~2-3 us of launch, ramp and tail each), so the launch count is a figure of merit of its own, and
+it can be counted without a GPU: the fused path runs on CPU tensors under Triton's interpreter.
+
+Counted: every Triton kernel launch (a patched `run` of the interpreter's or the compiler's kernel
+objects) and every torch operator that would be a kernel on a GPU, seen by a TorchDispatchMode:
+all aten ops except views and allocations (`empty*`), which launch nothing. The Triton
+interpreter's own tensor traffic is hidden from the mode while a kernel runs. The step is
+`Llama4.forward(static=True)` of one token for one row (what workers/cuda_graphs.py captures,
+before its argmax and feedback copies), on a model with the preset's layer structure (layer
+count, MoE / dense and RoPE / NoPE pattern, attention features) but tiny widths: launches do not
+depend on widths.
+
+    TRITON_INTERPRET=1 python benchmarks/launch_count.py [--model medium] [--dtype bf16 fp8] [--detail]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self, counts: Counter) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        tensors = out if isinstance(out, (tuple, list)) else (out,)
+        if not func.is_view and name not in NO_KERNEL and any(isinstance(t, torch.Tensor) for t in tensors):
+            self.counts[f"torch {name}"] += 1
+        return out
+
+
+def _kernel_classes() -> list[type]:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    return [InterpretedFunction, JITFunction]
+
+
+@contextmanager
+def count_launches(counts: Counter):
+    """Within the block, adds one to counts["triton <kernel>"] per Triton launch and to
+    counts["torch <op>"] per torch operator that launches a kernel on a GPU."""
+    patched = []
+
+    def wrap(cls):
+        original = cls.run
+
+        def run(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                return original(self, *args, **kwargs)
+            counts[f"triton {self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+            with _disable_current_modes():  # the interpreter's own copies are no launches
+                return original(self, *args, **kwargs)
+        cls.run = run
+        patched.append((cls, original))
+
+    for cls in _kernel_classes():
+        wrap(cls)
+    try:
+        with _AtenCounter(counts):
+            yield counts
+    finally:
+        for cls, original in patched:
+            cls.run = original
+
+
+def small_config(name: str):
+    """The preset's layer structure at tiny widths (launch counts do not depend on widths)."""
+    from workers.step_bench import RANDOM_PRESETS
+    cfg = RANDOM_PRESETS[name]()
+    return dataclasses.replace(cfg, vocab_size=256, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                               intermediate_size=32, intermediate_size_mlp=64, n_experts=min(cfg.n_experts, 8),
+                               attention_chunk_size=min(cfg.attention_chunk_size or 64, 64))
+
+
+def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20) -> Counter:
+    """Launches of one static decode step (1 row, 1 token) over `context` cached keys."""
+    from workers.step_bench import random_model
+    model = random_model(small_config(name), dtype, "triton", device="cpu")
+    cache = model.new_cache(1, context + 8)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    model(prompt, cache)  # history (a prefill of more than 16 tokens runs the torch ops)
+    counts: Counter = Counter()
+    token = torch.zeros(1, 1, dtype=torch.long)
+    forward = type(model).forward.__wrapped__  # without inference mode, under which the dispatch mode
+    with torch.no_grad(), _gpu_norm(), count_launches(counts):  # misses some ops (casts)
+        forward(model, token, cache, static=True)
+    return counts
+
+
+@contextmanager
+def _gpu_norm():
+    """The residual add + RMSNorm as a GPU runs it: collectives/fused_norm.py's one kernel (the
+    communicator takes it for CUDA tensors only; the interpreter runs it on CPU tensors)."""
+    from collectives import communicator, fused_norm
+    original = communicator.add_rmsnorm
+    communicator.add_rmsnorm = fused_norm.add_rmsnorm
+    try:
+        yield
+    finally:
+        communicator.add_rmsnorm = original
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="medium", choices=["medium", "maverick-slice"])
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    p.add_argument("--detail", action="store_true", help="launches per kernel / op")
+    args = p.parse_args(argv)
+    for dtype in args.dtype:
+        counts = step_launches(args.model, dtype)
+        triton_n = sum(v for k, v in counts.items() if k.startswith("triton"))
+        print(f"{args.model} {dtype}: {sum(counts.values())} launches per decode step "
+              f"({triton_n} Triton, {sum(counts.values()) - triton_n} torch)")
+        if args.detail:
+            for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+                print(f"  {n:4d}  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
