@@ -38,6 +38,28 @@ class NodeStartError(RuntimeError):
     """The node could not be brought up (Ray did not start, or the ranks could not be placed)."""
 
 
+GPU_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+           # NVLink multicast stays off on the lent machines (and costs nothing to say elsewhere)
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def bind_gpu() -> int:
+    """Makes this actor's GPU (the one Ray assigned it) the current device. Ray is told not to
+    narrow CUDA_VISIBLE_DEVICES (GPU_ENV), so every actor sees every GPU of its host: peer access
+    and symmetric memory need that (with one visible GPU each, torch refuses "allocations from
+    overlapping devices"), and a rank must therefore pick its own device explicitly."""
+    import torch
+    assigned = ray.get_gpu_ids()
+    if len(assigned) != 1:
+        raise RuntimeError(f"a GPU rank needs exactly one GPU from Ray, got {assigned}")
+    index = int(assigned[0])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"Ray assigned GPU {index}, but this process sees {torch.cuda.device_count()} GPUs "
+                           "(is CUDA_VISIBLE_DEVICES narrowed outside Ray?)")
+    torch.cuda.set_device(index)
+    return index
+
+
 class RankActor:
     """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray)."""
 
@@ -45,6 +67,8 @@ class RankActor:
         import torch
         self.rank, self.run = rank, unpack_run(run_msg)
         torch.set_num_threads(self.run.threads_per_rank)
+        if self.run.device == "cuda":
+            bind_gpu()
         self.store, self.worker, self.comm = None, None, None
         self.load_done, self.load_total = 0, 0
         self.stream: list = []
@@ -143,8 +167,9 @@ class RayNode:
         actor_cls = ray.remote(max_concurrency=2)(RankActor)
         gpus = 1 if self.run.device == "cuda" else 0
         msg = pack_run(self.run)
+        env = {"runtime_env": {"env_vars": GPU_ENV}} if gpus else {}
         self.actors = [actor_cls.options(
-            num_cpus=1, num_gpus=gpus, name=None,
+            num_cpus=1, num_gpus=gpus, name=None, **env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, msg) for r in range(world)]
         if self.started_ray:  # every rank on this host: rendezvous through a private file

@@ -1,11 +1,13 @@
-"""`dgx-emu bench decode`: one GPU's decode and verify steps against their HBM floor.
+"""`dgx-emu bench decode`: decode and verify steps of one GPU, or of a TP group, against their HBM floor.
 
-    dgx-emu bench decode --device cuda --model medium --dtype bf16 [--tp 1] [--out FILE.json]
+    dgx-emu bench decode --device cuda --model medium --dtype bf16 [--tp N [--moe tp|ep] [--comm nccl]] [--out FILE.json]
 
 For each step (decode: 1 new token; verify: 4, a chain of 3 drafts and its root) it times the
 replayed CUDA graph of the fused step and, for comparison in the same run, the same model's eager
 step on the fused kernels and the reference torch ops; each as median / p90 over many steps and
-as a multiple of the step's floor (workers/step_bench.py says how the floor is counted). `--profile
+as a multiple of the step's floor (workers/step_bench.py says how the floor is counted). At
+--tp N, N processes (one per GPU) run the same steps in lockstep and rank 0 reports; the floor is
+one rank's shard, since the ranks read theirs in parallel. `--profile
 DIR` also writes a kernel trace of graph-replayed decode steps (Chrome JSON) and prints where the
 time goes, kernel by kernel.
 """
@@ -23,6 +25,7 @@ from workers.step_bench import RANDOM_PRESETS, STEPS
 
 PRESETS = ("embedded", *RANDOM_PRESETS)
 MODES = ("graph", "eager-triton", "eager-torch")
+COMMS = ("nccl",)  # GPU backends a TP run can use
 
 
 def add_bench_parser(sub) -> None:
@@ -32,7 +35,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--model", default="embedded", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
     p.add_argument("--device", default="cuda", choices=["cuda"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"])
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 for now)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU of this host")
+    p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout at --tp > 1")
+    p.add_argument("--comm", default="nccl", help=f"collective backend at --tp > 1: {', '.join(COMMS)}")
     p.add_argument("--steps", default="decode,verify", help=f"comma-separated: {', '.join(STEPS)}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--context", type=int, default=512, help="keys every step attends to")
@@ -49,64 +54,55 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def _build(args, kernels: str):
-    """The model for the run, on the GPU: a random preset or a loaded checkpoint (world of one)."""
-    import torch
+def _settings(args) -> dict:
+    """What every rank needs to build its model and time its steps (plain data: it crosses processes)."""
+    steps, modes = _choices(args.steps, STEPS, "steps"), _choices(args.modes, MODES, "modes")
+    if args.context < max(STEPS[s] for s in steps) or args.iters < 10:
+        raise UserError("--context must cover the step's tokens and --iters must be >= 10")
+    path = None
+    if args.model not in RANDOM_PRESETS:
+        path = ensure_default_model() if args.model == "embedded" else Path(args.model)
+        if not path.is_dir():
+            raise UserError(f"--model {args.model}: neither a preset ({', '.join(PRESETS)}) nor a directory")
+    return {"model": args.model, "path": str(path) if path else None, "dtype": args.dtype, "moe": args.moe,
+            "steps": steps, "modes": modes, "context": args.context, "iters": args.iters,
+            "profile": Path(args.profile) if args.profile else None}
 
-    from workers.step_bench import random_model
-    if args.model in RANDOM_PRESETS:
-        return random_model(RANDOM_PRESETS[args.model](), args.dtype, kernels), None
-    from collectives.communicator import SingleRankCommunicator
-    from model.config import load_model_config
-    from model.parallel import layout
-    from workers.model_build import build_model
-    from workers.run_config import RunConfig
-    path = ensure_default_model() if args.model == "embedded" else Path(args.model)
-    if not path.is_dir():
-        raise UserError(f"--model {args.model}: neither a preset ({', '.join(PRESETS)}) nor a directory")
-    run = RunConfig(model_path=str(path), dtype=args.dtype, device="cuda", world_size=1, comm="gloo", kernels=kernels)
-    cfg = load_model_config(path)
-    model, _ = build_model(run, cfg, layout(cfg, 1, 0, "tp"), SingleRankCommunicator())
-    return model.eval(), (torch.float8_e4m3fn if run.kv_dtype == "fp8" else None)
+
+def _check_gpus(tp: int, comm: str) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError("bench decode times GPU steps: no CUDA device is visible")
+    if tp < 1 or tp > torch.cuda.device_count():
+        raise UserError(f"--tp {tp}: this host has {torch.cuda.device_count()} GPU(s)")
+    if tp > 1 and comm not in COMMS:
+        raise UserError(f"--comm {comm}: choose from {', '.join(COMMS)}")
 
 
 def run_bench(args) -> int:
     import torch
 
-    from workers.step_bench import copy_bandwidth, measure_step
-    steps, modes = _choices(args.steps, STEPS, "steps"), _choices(args.modes, MODES, "modes")
-    if not torch.cuda.is_available():
-        raise UserError("bench decode times GPU steps: no CUDA device is visible")
-    if args.tp != 1:
-        raise UserError(f"--tp {args.tp}: bench decode runs one GPU for now (multi-GPU steps come with the "
-                        "peer-memory collectives)")
-    if args.context < max(STEPS[s] for s in steps) or args.iters < 10:
-        raise UserError("--context must cover the step's tokens and --iters must be >= 10")
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", file=sys.stderr)
-    results = []
-    for kernels in ("triton", "torch"):
-        wanted = [m for m in modes if (m == "eager-torch") == (kernels == "torch")]
-        if not wanted:
-            continue
-        model, kv_dtype = _build(args, kernels)
-        for step in steps:
-            for mode in wanted:
-                timing = measure_step(model, step, STEPS[step], args.context, bandwidth,
-                                      args.iters if mode == "graph" else max(10, args.iters // 10),
-                                      mode="graph" if mode == "graph" else "eager", kv_dtype=kv_dtype)
-                entry = {**timing.as_dict(), "name": f"{step}-{mode}", "model": args.model, "dtype": args.dtype,
-                         "tp": args.tp, "context": args.context}
-                results.append(entry)
-                print(f"  {entry['name']}: {entry['median_us']:.1f} us ({entry['x_floor']:.2f}x floor)", file=sys.stderr)
-        if args.profile and kernels == "triton":
-            from launch.bench_profile import profile_graph_step
-            profile_graph_step(model, args.context, kv_dtype, Path(args.profile))
-        del model
-        torch.cuda.empty_cache()
+    from workers.step_bench import measure_all
+    settings = _settings(args)
+    _check_gpus(args.tp, args.comm)
+    if args.tp == 1:
+        results, bandwidth = measure_all(settings, log=lambda line: print(line, file=sys.stderr))
+    else:  # one process per GPU, joined by the collective backend; rank 0 reports
+        import tempfile
+
+        from cluster.procs import run_world
+        from workers.step_bench import bench_rank
+        with tempfile.TemporaryDirectory() as scratch:
+            settings["rows_path"] = str(Path(scratch) / "rows.json")
+            run_world(args.tp, bench_rank, settings, timeout_s=600.0, backend=args.comm, device="cuda")
+            report = json.loads(Path(settings["rows_path"]).read_text())
+        results, bandwidth = report["rows"], report["bandwidth"]
+    for row in results:
+        row["comm"] = args.comm if args.tp > 1 else "none"
     _print(results, bandwidth)
     if args.out:
-        payload = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+        payload = {"machine": f"{args.tp} x {torch.cuda.get_device_name()}" if args.tp > 1 else torch.cuda.get_device_name(),
+                   "date": datetime.date.today().isoformat(),
                    "command": "dgx-emu " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                    "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

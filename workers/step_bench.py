@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collectives.communicator import SingleRankCommunicator
+from collectives.communicator import Communicator, SingleRankCommunicator
 from model.config import ModelConfig, maverick, preset
 from model.fp8 import FP8, SCHEMES
 from model.fp8_modules import all_fp8, to_fp8
@@ -48,11 +48,15 @@ class StepTiming:
                 "bytes_read": self.bytes_read, "x_floor": round(self.median_us / self.floor_us, 3)}
 
 
-def random_model(cfg: ModelConfig, dtype: str, kernels: str, device: str = "cuda", seed: int = 0) -> Llama4:
-    """A world-of-one Llama4 of `cfg` with random weights made on `device` (bf16 or fp8 channel)."""
-    shard = layout(cfg, 1, 0, "tp")
+def random_model(cfg: ModelConfig, dtype: str, kernels: str, device: str = "cuda", seed: int = 0,
+                 comm: Communicator | None = None, moe_mode: str = "tp") -> Llama4:
+    """Llama4 of `cfg` with random weights made on `device` (bf16 or fp8 channel), in the shard
+    shapes of `comm`'s rank (default: a world of one). Every rank fills its parameters in the same
+    order from the same seed, so replicated ones (norms, routers) are equal on every rank."""
+    comm = comm or SingleRankCommunicator()
+    shard = layout(cfg, comm.world_size, comm.rank, moe_mode)
     with torch.device(device), default_dtype(torch.bfloat16):
-        model = Llama4(cfg, shard, SingleRankCommunicator(), kernels=kernels)
+        model = Llama4(cfg, shard, comm, kernels=kernels)
     if dtype == "fp8":
         to_fp8(model, all_fp8(model, SCHEMES["channel"]))
     gen = torch.Generator(device).manual_seed(seed)
@@ -196,3 +200,58 @@ def measure_step(model: Llama4, name: str, tokens: int, context: int, bandwidth:
     times.sort()
     return StepTiming(name, tokens, times[len(times) // 2] * 1e6, times[int(0.9 * (len(times) - 1))] * 1e6,
                       floor_s * 1e6, int(floor_s * bandwidth))
+
+
+def bench_model(settings: dict, comm: Communicator, kernels: str) -> tuple[Llama4, torch.dtype | None]:
+    """This rank's model for a bench run: a random preset (settings["model"] names it) or the
+    checkpoint at settings["path"], sharded for comm's rank. Returns (model, KV cache dtype)."""
+    if settings["model"] in RANDOM_PRESETS:
+        cfg = RANDOM_PRESETS[settings["model"]]()
+        return random_model(cfg, settings["dtype"], kernels, comm=comm, moe_mode=settings["moe"]), None
+    from model.config import load_model_config
+    from workers.model_build import build_model
+    from workers.run_config import RunConfig
+    run = RunConfig(model_path=settings["path"], dtype=settings["dtype"], device="cuda", world_size=comm.world_size,
+                    comm="nccl" if comm.world_size > 1 else "gloo", kernels=kernels, moe_mode=settings["moe"])
+    cfg = load_model_config(settings["path"])
+    model, _ = build_model(run, cfg, layout(cfg, comm.world_size, comm.rank, settings["moe"]), comm)
+    return model.eval(), (torch.float8_e4m3fn if run.kv_dtype == "fp8" else None)
+
+
+def measure_all(settings: dict, comm: Communicator | None = None, log=print) -> tuple[list[dict], float]:
+    """Every (step, mode) of a bench run on this rank. Every rank of a TP group calls this in step
+    (the collectives of each step pair up); the floor counts this rank's shard, which every rank
+    reads in parallel. Returns (result rows, copy bandwidth in bytes/s)."""
+    comm = comm or SingleRankCommunicator()
+    bandwidth = copy_bandwidth()
+    rows = []
+    for kernels in ("triton", "torch"):
+        wanted = [m for m in settings["modes"] if (m == "eager-torch") == (kernels == "torch")]
+        if not wanted:
+            continue
+        model, kv_dtype = bench_model(settings, comm, kernels)
+        for step in settings["steps"]:
+            for mode in wanted:
+                iters = settings["iters"] if mode == "graph" else max(10, settings["iters"] // 10)
+                timing = measure_step(model, step, STEPS[step], settings["context"], bandwidth, iters,
+                                      mode="graph" if mode == "graph" else "eager", kv_dtype=kv_dtype)
+                rows.append({**timing.as_dict(), "name": f"{step}-{mode}", "model": settings["model"],
+                             "dtype": settings["dtype"], "tp": comm.world_size, "moe": settings["moe"],
+                             "context": settings["context"]})
+                log(f"  {rows[-1]['name']}: {rows[-1]['median_us']:.1f} us ({rows[-1]['x_floor']:.2f}x floor)")
+        if settings.get("profile") and kernels == "triton" and comm.rank == 0:
+            from workers.step_profile import profile_graph_step
+            profile_graph_step(model, settings["context"], kv_dtype, settings["profile"])
+        del model
+        torch.cuda.empty_cache()
+    return rows, bandwidth
+
+
+def bench_rank(comm: Communicator, settings: dict) -> None:
+    """One process of `bench decode --tp N` (cluster/procs.run_world): rank 0 writes the rows and
+    the copy bandwidth as JSON to settings["rows_path"]."""
+    import json
+    rows, bandwidth = measure_all(settings, comm, log=print if comm.rank == 0 else (lambda _: None))
+    if comm.rank == 0:
+        with open(settings["rows_path"], "w") as f:
+            json.dump({"rows": rows, "bandwidth": bandwidth}, f)
