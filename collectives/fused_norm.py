@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from collectives import gpu_stamps
 from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
 from collectives.triton_support import INTERPRETED, tl, triton
 
@@ -37,6 +38,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 8192  # one row per program, held in registers
 
 if triton is not None:
+    from collectives.gpu_stamps import write_stamp
+
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
     TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -77,9 +80,13 @@ if triton is not None:
     @triton.jit
     def _add_rmsnorm_kernel(partial_ptr, residual_ptr, weight_ptr, scale_ptr, normed_ptr, new_residual_ptr, eps,
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                            QUANT: tl.constexpr):
-        """Program `row`: s = residual + partial; normed = (s * rsqrt(mean(s^2) + eps)) * weight."""
+                            QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr):
+        """Program `row`: s = residual + partial; normed = (s * rsqrt(mean(s^2) + eps)) * weight.
+        With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot]."""
         row = tl.program_id(0).to(tl.int64)
+        if STAMP:
+            if row == 0:
+                write_stamp(stamps_ptr, begin_slot)
         cols = tl.arange(0, BLOCK)
         mask = cols < HIDDEN
         io = residual_ptr.dtype.element_ty
@@ -90,6 +97,9 @@ if triton is not None:
         tl.store(new_residual_ptr + row * HIDDEN + cols, s.to(io), mask=mask)
         y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
+        if STAMP:
+            if row == 0:
+                write_stamp(stamps_ptr, end_slot)
 
 
 def num_warps(block: int) -> int:
@@ -144,10 +154,12 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     if rows == 0:
         return normed, new_residual
     block = triton.next_power_of_2(hidden)
+    stamps, begin, end = gpu_stamps.slots("add_rmsnorm")
     _add_rmsnorm_kernel[(rows,)](
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
-        num_warps=num_warps(block), enable_fp_fusion=False)
+        stamps_ptr=stamps if stamps is not None else new_residual, begin_slot=begin, end_slot=end,
+        STAMP=stamps is not None, num_warps=num_warps(block), enable_fp_fusion=False)
     return normed, new_residual
 
 

@@ -1,0 +1,130 @@
+"""GPU timestamps written by the step's own kernels: tracing that survives CUDA-graph replay.
+
+Why: a replayed CUDA graph runs the whole step as one launch, so host clocks and per-op CUDA
+events see nothing inside it, and a separate timestamp kernel costs a launch (~2 us in a graph,
+as much as a small GEMV) per stamp. Instead, the kernels that already sit at the boundaries the
+trace cares about -- the fused add+RMSNorm and AllReduce+RMSNorm between sub-layers -- read the
+GPU's global nanosecond timer (%globaltimer) and store it into a slot of a device buffer when
+tracing is on: one register read and one 8-byte store per kernel, no extra launch.
+
+A `StampLedger` owns that buffer. Slots are handed out in call order while the step is captured
+(or run eagerly) and each carries a label (what started or ended there), so after every replay
+the host copies the buffer back and turns consecutive stamps into spans. While a ledger is
+`active()`, kernel wrappers ask it for slots with `take(label)`; with none active they pass a
+null stamp and the kernels compile a variant without the store (a constexpr), so tracing off
+costs nothing.
+
+Clocks: %globaltimer is a nanosecond counter of the GPU, not the host's CLOCK_MONOTONIC;
+`calibrate()` maps one onto the other from stamps taken while the GPU is idle, bracketed by host
+clock reads (the offset's error is about half the bracket, a few microseconds; spans measured
+between two GPU stamps are exact). Under Triton's interpreter there is no GPU timer: a stamp
+there is its slot index times 1000, which keeps the order and the bookkeeping testable on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from collectives.triton_support import INTERPRETED, tl, triton
+
+if triton is not None:
+    if INTERPRETED:
+        @triton.jit
+        def write_stamp(stamps_ptr, index):
+            """Stores a stand-in time (the slot index x 1000) into stamps_ptr[index]."""
+            tl.store(stamps_ptr + index, index.to(tl.int64) * 1000)
+    else:
+        @triton.jit
+        def write_stamp(stamps_ptr, index):
+            """Stores the GPU's global nanosecond timer into stamps_ptr[index]."""
+            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                            is_pure=False, pack=1)
+            tl.store(stamps_ptr + index, now)
+
+    @triton.jit
+    def _stamp_kernel(stamps_ptr, index):
+        write_stamp(stamps_ptr, index)
+
+
+class StampLedger:
+    """A device buffer of `capacity` int64 GPU timestamps and the label of each slot."""
+
+    def __init__(self, device: torch.device | str, capacity: int = 4096) -> None:
+        if triton is None:
+            raise RuntimeError("GPU stamps need Triton (a CUDA build of torch brings it)")
+        self.device = torch.device(device)
+        self.stamps = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        self.labels: list[tuple] = []
+        self.offset_ns = 0  # host CLOCK_MONOTONIC minus GPU timer, from calibrate()
+        self._host = torch.zeros(capacity, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+
+    def take(self, label: tuple) -> int:
+        """The next free slot, labeled (e.g. ("begin", "allreduce_add_rmsnorm", layer))."""
+        if len(self.labels) == self.stamps.numel():
+            raise RuntimeError(f"the stamp ledger is full ({self.stamps.numel()} slots): raise its capacity")
+        self.labels.append(label)
+        return len(self.labels) - 1
+
+    def stamp(self, label: tuple) -> None:
+        """A stamp of its own (one tiny launch): for boundaries no fused kernel sits at."""
+        _stamp_kernel[(1,)](self.stamps, self.take(label))
+
+    def rewind(self, n_slots: int = 0) -> None:
+        """Forgets the slots from n_slots on (an eager step reuses the same slots every step)."""
+        del self.labels[n_slots:]
+
+    def read(self) -> list[tuple[tuple, int]]:
+        """(label, host-clock ns) of every taken slot, after the work that writes them (synchronizes)."""
+        n = len(self.labels)
+        self._host[:n].copy_(self.stamps[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return [(label, int(t) + self.offset_ns) for label, t in zip(self.labels, self._host[:n].tolist())]
+
+    def calibrate(self, rounds: int = 20) -> int:
+        """Sets offset_ns (host CLOCK_MONOTONIC - GPU timer) from the tightest of `rounds` idle stamps
+        bracketed by host clock reads. Returns the bracket in ns (the offset's uncertainty x 2)."""
+        slot = self.take(("calibration",))
+        best = None
+        for _ in range(rounds):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            before = time.monotonic_ns()
+            _stamp_kernel[(1,)](self.stamps, slot)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            after = time.monotonic_ns()
+            gpu = int(self.stamps[slot].item())
+            if best is None or after - before < best[0]:
+                best = (after - before, (before + after) // 2 - gpu)
+        self.rewind(slot)
+        self.offset_ns = best[1]
+        return best[0]
+
+
+_ACTIVE: list[StampLedger] = []
+
+
+def active() -> StampLedger | None:
+    """The ledger kernels stamp into now, or None (tracing off: kernels compile without stamps)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def stamping(ledger: StampLedger):
+    """Kernels called inside this block (eagerly or while a graph is captured) stamp into `ledger`."""
+    _ACTIVE.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _ACTIVE.remove(ledger)
+
+
+def slots(name: str, layer=None) -> tuple[torch.Tensor | None, int, int]:
+    """For a kernel wrapper: (stamp buffer or None, begin slot, end slot) of one call of `name`."""
+    ledger = active()
+    if ledger is None:
+        return None, 0, 0
+    return ledger.stamps, ledger.take(("begin", name, layer)), ledger.take(("end", name, layer))
