@@ -6,7 +6,7 @@ import os
 from collectives.communicator import Communicator
 from collectives.shm_sync import WAIT_STRATEGIES
 
-BACKENDS = ("shm", "gloo", "nccl")
+BACKENDS = ("shm", "gloo", "nccl", "symm")  # symm: CUDA ranks of one host (collectives/symm_mem.py)
 SHM_PREFIX = "dgxemu-"
 
 
@@ -29,4 +29,7 @@ def make_communicator(backend: str, rank: int, world_size: int, store, node_id: 
     if backend in ("gloo", "nccl"):
         from collectives.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, store, backend, timeout_s, device)
+    if backend == "symm":
+        from collectives.symm_mem import SymmMemCommunicator
+        return SymmMemCommunicator(rank, world_size, store, timeout_s, device)
     raise ValueError(f"unknown communication backend {backend!r}; choose one of {BACKENDS}")

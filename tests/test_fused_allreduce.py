@@ -213,3 +213,143 @@ def test_bad_input_is_refused(x, kwargs, message):
         sim.ranks[0].launch(x, torch.empty_like(x), **kwargs)
     with pytest.raises(ValueError, match="world size must be 1..30"):
         Layout(0, 16)
+
+
+def test_the_symm_backend_refuses_cpu_ranks():
+    from collectives.factory import BACKENDS, make_communicator
+    assert "symm" in BACKENDS
+    with pytest.raises(ValueError, match="the symm backend needs CUDA devices, got cpu; on CPU use shm or gloo"):
+        make_communicator("symm", 0, 1, None, "node", 10.0, device="cpu")
+
+
+# ---------------------------------------------------------------- GPUs: the symm backend, 2+ processes
+gpu_world = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                               reason="needs 2 CUDA GPUs that reach each other")
+HIDDEN = 5120
+
+
+def max_ulps(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| in ulps of expected (bf16)."""
+    _, exponent = torch.frexp(expected.float())
+    ulp = torch.ldexp(torch.ones_like(expected, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[expected.dtype])
+    return float(((actual.float() - expected.float()).abs() / ulp).max())
+
+
+def _check_call(comm, partial, residual, weight, normed, new_residual, scale, tally):
+    """Tallies what one fused call got wrong against (a) the rank-order sum + the one-GPU norm
+    kernel, bit for bit, (b) NCCL all_reduce + the torch reference norm, within 2 ulps, and (c)
+    the other ranks' bytes."""
+    reduced = rank_order_sum(list(comm.nccl.all_gather(partial[None], dim=0)))
+    want_normed, want_residual = fused_norm.add_rmsnorm(reduced, residual, weight, 1e-5, scale)
+    tally["residual_not_exact"] += int(not same_bits(new_residual, want_residual))
+    tally["normed_not_one_gpu_kernel_bits"] += int(not same_bits(normed, want_normed))
+    if scale is None:
+        ref_normed, ref_residual = fused_norm.reference_add_rmsnorm(comm.nccl.all_reduce(partial), residual, weight, 1e-5)
+        tally["max_ulps_vs_nccl_reference"] = max(tally["max_ulps_vs_nccl_reference"], max_ulps(normed, ref_normed))
+        tally["max_ulps_residual_vs_nccl"] = max(tally["max_ulps_residual_vs_nccl"], max_ulps(new_residual, ref_residual))
+    for mine in (normed, new_residual):
+        everyone = comm.nccl.all_gather(mine.contiguous().view(torch.uint8)[None], dim=0)
+        tally["ranks_disagree"] += int(not all(torch.equal(everyone[0], other) for other in everyone[1:]))
+
+
+def _new_tally() -> dict:
+    return dict.fromkeys(["residual_not_exact", "normed_not_one_gpu_kernel_bits", "ranks_disagree",
+                          "all_reduce_not_exact", "max_ulps_vs_nccl_reference", "max_ulps_residual_vs_nccl"], 0)
+
+
+def _step_inputs(comm, call, rows, dtype=torch.bfloat16):
+    """Fresh inputs: partials differ per rank; residual and weight are the same everywhere (as in TP)."""
+    shared = torch.Generator(comm.device).manual_seed(call)
+    mine = torch.Generator(comm.device).manual_seed(10_000 * (comm.rank + 1) + call)
+    partial = torch.randn(rows, HIDDEN, generator=mine, device=comm.device).to(dtype)
+    residual = (torch.randn(rows, HIDDEN, generator=shared, device=comm.device) * 4).to(dtype)
+    weight = (1 + 0.2 * torch.randn(HIDDEN, generator=shared, device=comm.device)).to(dtype)
+    return partial, residual, weight
+
+
+def _eager_calls(comm, n_calls: int) -> dict[str, torch.Tensor]:
+    """n_calls consecutive fused calls, rows cycling 1, 4, 16, 128 (128 rows: two-shot), every 3rd FP8,
+    every 5th a plain all_reduce too, every 7th forced two-shot."""
+    tally = _new_tally()
+    scale = torch.tensor(0.02, device=comm.device)
+    for call in range(n_calls):
+        rows = (1, 4, 16, 128)[call % 4]
+        partial, residual, weight = _step_inputs(comm, call, rows)
+        q = scale if call % 3 == 2 else None
+        if call % 7 == 6:
+            normed, new_residual = comm.fused.allreduce_add_rmsnorm(partial, residual, weight, 1e-5, q, "two-shot")
+        else:
+            normed, new_residual = comm.allreduce_add_rmsnorm(partial, residual, weight, 1e-5, q)
+        _check_call(comm, partial, residual, weight, normed, new_residual, q, tally)
+        if call % 5 == 0:
+            reduced = comm.all_reduce(partial)
+            tally["all_reduce_not_exact"] += int(not same_bits(reduced, rank_order_sum(
+                list(comm.nccl.all_gather(partial[None], dim=0)))))
+        if call == 0:  # a strided residual is not the kernel's: NCCL + add_rmsnorm
+            strided = torch.cat([residual, residual], dim=-1)[:, :HIDDEN]
+            got = comm.allreduce_add_rmsnorm(partial, strided, weight, 1e-5)
+            want = fused_norm.reference_add_rmsnorm(comm.nccl.all_reduce(partial), residual, weight, 1e-5)
+            tally["fallback_residual_not_exact"] = int(not same_bits(got[1], want[1]))
+    comm.barrier()  # raises if a fused wait timed out
+    return _over_ranks(comm, tally)
+
+
+def _graph_replays(comm, replays: int) -> dict[str, torch.Tensor]:
+    """One graph holding a fused allreduce_add_rmsnorm and a plain all_reduce, replayed with new
+    inputs copied into its static inputs; every 10th replay an eager fused call in between."""
+    tally = _new_tally()
+    partial, residual, weight = _step_inputs(comm, 0, 4)
+    side = torch.cuda.Stream(comm.device)
+    side.wait_stream(torch.cuda.current_stream(comm.device))
+    with torch.cuda.stream(side):  # compile outside the capture
+        for _ in range(3):
+            comm.allreduce_add_rmsnorm(partial, residual, weight, 1e-5)
+            comm.all_reduce(partial)
+    torch.cuda.current_stream(comm.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        normed, new_residual = comm.allreduce_add_rmsnorm(partial, residual, weight, 1e-5)
+        reduced = comm.all_reduce(partial)
+    launches = 6
+    for replay in range(replays):
+        fresh_partial, fresh_residual, _ = _step_inputs(comm, 1000 + replay, 4)
+        partial.copy_(fresh_partial)
+        residual.copy_(fresh_residual)
+        graph.replay()
+        launches += 2
+        _check_call(comm, partial, residual, weight, normed, new_residual, None, tally)
+        tally["all_reduce_not_exact"] += int(not same_bits(reduced, rank_order_sum(
+            list(comm.nccl.all_gather(partial[None], dim=0)))))
+        if replay % 10 == 9:
+            eager = comm.allreduce_add_rmsnorm(partial, residual, weight, 1e-5)
+            launches += 1
+            _check_call(comm, partial, residual, weight, *eager, None, tally)
+    comm.barrier()
+    tally["counters_off"] = int((comm.fused.counters != launches).sum())
+    return _over_ranks(comm, tally)
+
+
+def _over_ranks(comm, tally: dict) -> dict[str, torch.Tensor]:
+    """The worst value of every tally over all ranks (run_world returns rank 0's dict only)."""
+    mine = torch.tensor([float(v) for v in tally.values()], device=comm.device)
+    worst = comm.nccl.all_gather(mine[None], dim=0).max(dim=0).values.cpu()  # (n_tallies,)
+    return dict(zip(tally, worst))
+
+
+def _assert_tally(got: dict[str, torch.Tensor]) -> None:
+    counts = {k: int(v) for k, v in got.items() if not k.startswith("max_ulps")}
+    assert counts == dict.fromkeys(counts, 0), counts
+    assert float(got["max_ulps_vs_nccl_reference"]) <= 2, got  # 2 ranks: NCCL's sum is the rank-order sum
+    assert float(got["max_ulps_residual_vs_nccl"]) == 0, got
+
+
+@gpu_world
+def test_gpu_fused_equals_nccl_and_the_reference_over_200_calls():
+    from cluster.procs import run_world
+    _assert_tally(run_world(2, _eager_calls, 200, backend="symm", device="cuda", timeout_s=300))
+
+
+@gpu_world
+def test_gpu_fused_inside_a_replayed_cuda_graph():
+    from cluster.procs import run_world
+    _assert_tally(run_world(2, _graph_replays, 100, backend="symm", device="cuda", timeout_s=300))

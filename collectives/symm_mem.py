@@ -1,0 +1,124 @@
+"""GPU Communicator for ranks on one host: the fused AllReduce (+ RMSNorm) over symmetric memory.
+
+Why: NCCL spends ~20 us on a decode step's all-reduce of a few kilobytes inside a CUDA graph, and
+the norm after it is one more launch; the kernel in collectives/fused_allreduce.py does both in one
+launch over NVLink peer memory (the decoder's `allreduce_add_rmsnorm` twice per layer).
+
+What it needs: every process sees all GPUs of the host and has called torch.cuda.set_device(rank)
+(cluster/procs.py does; Ray actors need RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), and the GPUs
+reach each other by peer access (NVLink). NVLink multicast is not used (no multimem ops).
+
+What it does: at construction it joins an NCCL process group (TorchDistCommunicator) and allocates
+ONE symmetric buffer per rank through torch's symmetric memory (torch.distributed._symmetric_memory:
+`empty` + `rendezvous` map every rank's buffer into every process), zeroes it and waits for every
+rank before any kernel may push into it. The buffer holds messages of up to `capacity` values
+(DEFAULT_CAPACITY: 128 tokens x 8192 hidden). Then:
+  * all_reduce: the fused kernel for contiguous float32/bf16/fp16 CUDA tensors of at most
+    `capacity` values; NCCL otherwise;
+  * allreduce_add_rmsnorm: one launch for contiguous (..., H <= 8192) partial/residual of one dtype
+    and at most `capacity` values, weight (H,), optional float32 scalar quant_scale; anything else
+    (larger inputs, strided residuals) falls back to NCCL all_reduce + add_rmsnorm;
+  * all_gather, all_to_all, broadcast, barrier, dispatch/combine: NCCL.
+Every call is capturable in a CUDA graph (the kernel keeps its epochs in device memory), so
+`graph_capturable` is True. The fused kernel's results are the same bits on every rank (rank-order
+fp32 sums); NCCL's all-reduce order is its own, so the two backends agree to rounding only.
+A fused wait that times out (a peer out of step or dead) is reported by the next barrier().
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from collectives import fused_norm
+from collectives.communicator import Communicator, add_rmsnorm
+from collectives.fused_allreduce import FusedAllReduce, Layout
+from collectives.torch_dist import TorchDistCommunicator
+
+DEFAULT_CAPACITY = 128 * 8192  # values per message through the fused kernel (4 bytes each reserved)
+
+
+def cuda_device(device: torch.device | str) -> torch.device:
+    """The CUDA device this rank uses: `device` with its index, or the current one (set_device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"the symm backend needs CUDA devices, got {device}; on CPU use shm or gloo")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the symm backend needs CUDA, and this process sees no GPU")
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+class SymmMemCommunicator(Communicator):
+    backend = "symm"
+    graph_capturable = True
+
+    def __init__(self, rank: int, world_size: int, store, timeout_s: float = 120.0,
+                 device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+        self.rank, self.world_size = rank, world_size
+        self.device = cuda_device(device)
+        if self.device.index != torch.cuda.current_device():
+            raise ValueError(f"rank {rank} was given {self.device} but its current device is cuda:"
+                             f"{torch.cuda.current_device()}; call torch.cuda.set_device first")
+        self.nccl = TorchDistCommunicator(rank, world_size, store, "nccl", timeout_s, self.device)
+        self.layout = Layout(world_size, capacity)
+        self.buffer = symm_mem.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        self.buffer.zero_()
+        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD)
+        # the tensor may sit inside a larger (pooled) allocation: every rank says where its starts
+        offset = torch.tensor([self.buffer.data_ptr() - self.handle.buffer_ptrs[rank]], device=self.device)
+        offsets = self.nccl.all_gather(offset).tolist()  # (world,)
+        bases = [base + off for base, off in zip(self.handle.buffer_ptrs, offsets)]
+        self.fused = FusedAllReduce(rank, self.layout, bases, self.device, timeout_s)
+        torch.cuda.synchronize(self.device)
+        self.nccl.barrier()  # every rank's flags are zero before any rank's kernel signals into them
+        self._open = True
+
+    def fused_all_reduce_takes(self, x: torch.Tensor) -> bool:
+        return x.numel() > 0 and self.fused.fits(x)
+
+    def fused_norm_takes(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         quant_scale: torch.Tensor | None) -> bool:
+        """True when allreduce_add_rmsnorm runs as one fused launch (the shapes it takes, above)."""
+        return (self.fused_all_reduce_takes(partial) and partial.dim() >= 1
+                and 1 <= partial.shape[-1] <= fused_norm.MAX_HIDDEN
+                and residual.shape == partial.shape and residual.dtype == partial.dtype
+                and residual.device == partial.device and residual.is_contiguous()
+                and weight.shape == (partial.shape[-1],) and weight.dtype in fused_norm.DTYPES
+                and weight.device == partial.device and weight.is_contiguous()
+                and (quant_scale is None or (quant_scale.numel() == 1 and quant_scale.dtype == torch.float32
+                                             and quant_scale.device == partial.device)))
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.all_reduce(x) if self.fused_all_reduce_takes(x) else self.nccl.all_reduce(x)
+
+    def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                              eps: float, quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_norm_takes(partial, residual, weight, quant_scale):
+            return self.fused.allreduce_add_rmsnorm(partial, residual, weight, eps, quant_scale)
+        return add_rmsnorm(self.nccl.all_reduce(partial), residual, weight, eps, quant_scale)
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return self.nccl.all_gather(x, dim)
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        return self.nccl.all_to_all(x, send_counts)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self.nccl.broadcast(x, src)
+
+    def barrier(self) -> None:
+        """NCCL barrier; then raises if a fused wait of this rank ever gave up (reads the device)."""
+        self.nccl.barrier()
+        missing = self.fused.missing_ranks()
+        if missing:
+            raise RuntimeError(f"rank {self.rank}: the fused all-reduce gave up waiting for rank(s) {missing} "
+                               "(timed out); the ranks' collectives are out of step")
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        torch.cuda.synchronize(self.device)
+        self.nccl.barrier()  # no peer pushes into this buffer any more
+        del self.fused, self.handle, self.buffer
+        self.nccl.close()
