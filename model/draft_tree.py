@@ -149,13 +149,19 @@ class TreeGrower:
 
     def _draft_forward(self, pool, parent_rows, hidden, all_ids, start):
         """Runs the frontier nodes drafted so far (B, P) through the draft, then rolls its cache back."""
-        batch, n = pool.shape
         depth = _depths(parent_rows)  # (B, P) 1-based
         tokens = self.draft.to_target_ids(all_ids.gather(1, pool))
         mask = ancestor_mask(parent_rows + 1)[:, 1:, 1:]  # (B, P, P)
-        frontier_rows = torch.arange(n - self.top_k, n, device=pool.device).expand(batch, -1)
-        out = self.draft(tokens, self.cache, hidden=hidden, positions=start[:, None] - 1 + depth,
-                         step_mask=mask, logit_rows=frontier_rows)
+        return self._run_draft(tokens, hidden, start[:, None] - 1 + depth, mask, start)
+
+    def _run_draft(self, tokens, hidden, positions, mask, start):
+        """The draft over P nodes: tokens, positions (B, P), hidden (B, P, H), mask (B, P, P); logits
+        of the last top_k rows (the frontier). The cache is rolled back to `start` after. A CUDA
+        graph of this call replaces it in workers/spec_graphs.py."""
+        batch, n = tokens.shape
+        frontier_rows = torch.arange(n - self.top_k, n, device=tokens.device).expand(batch, -1)
+        out = self.draft(tokens, self.cache, hidden=hidden, positions=positions, step_mask=mask,
+                         logit_rows=frontier_rows)
         self.cache.rollback(start)
         return out
 

@@ -309,15 +309,17 @@ class Eagle3Draft(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache, *, target_features: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None, n_new: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, step_mask: torch.Tensor | None = None,
-                logit_rows: torch.Tensor | None = None) -> DraftOutput:
+                logit_rows: torch.Tensor | None = None, static: bool = False) -> DraftOutput:
         """tokens: (B, T); target_features (B, T, n_aux*H_t) OR hidden (B, T, H) (the draft's own).
-        logit_rows: (B, R) rows to compute logits for (default all). Advances cache.lengths by n_new."""
+        logit_rows: (B, R) rows to compute logits for (default all). Advances cache.lengths by n_new.
+        static: attend over the whole cache buffer with a length mask, reading nothing back to the
+        host (a CUDA graph captures it: workers/spec_graphs.py)."""
         batch, n_tokens = tokens.shape
         if n_new is None:
             n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=tokens.device)
         if positions is None:
             positions = cache.lengths[:, None] + torch.arange(n_tokens, device=tokens.device)
-        ctx = build_step_context(self.shard.model, self.inv_freq, cache, positions, step_mask)
+        ctx = build_step_context(self.shard.model, self.inv_freq, cache, positions, step_mask, static=static)
         embeds, feature = self.embed_and_feature(tokens, target_features, hidden)
         normed, out = self.layer(embeds, feature, lambda x: self.midlayer.self_attn(x, ctx, cache))
         cache.lengths += n_new

@@ -12,20 +12,31 @@ slots) bucket, reused by every later batch of the same bucket (cache slots are p
 from 256, so few buckets exist). Attention reads the whole cache buffer with a length mask,
 and the kernels stop at each row's real length, so a long buffer costs no extra bytes.
 
-The graph ends with the greedy choice (the distributed argmax over the vocabulary slices), so a
-greedy step returns token ids; rows that sample read the captured logits and sample them as the
-eager path does (CPU generators seeded per request), so `--seed` reproduces either way.
+The token choice is captured too, so a step's output is token ids that feed the next replay:
+the step graph ends with the greedy choice (the distributed argmax), and a batch that samples
+also replays a second, small graph over the step's logits that draws every row on the device
+(model.sampling.DeviceSampler: per-row generators registered with the graph, so replays draw
+what eager steps would, and `--seed` reproduces).
+
+Several ranks (tensor parallelism over NCCL, or any communicator that declares
+`graph_capturable`) capture too. Capture is rank-symmetric by construction: every rank runs the
+same engine code on the same requests, so every rank warms up and captures the same steps, with
+the same collectives in the same order; NCCL collectives are recorded into the graph like
+kernels and replay on every rank together. A warm-up runs the collectives for real first (NCCL
+creates its communicators lazily, which must not happen inside a capture).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
+from collectives.communicator import Communicator
 from model.attention import KVCache
 from model.fast_path import MAX_TOKENS, graph_blocker
 from model.llama4 import Llama4
-from model.sampling import distributed_argmax
+from model.sampling import DeviceSampler, SamplingParams
 
 MIN_SLOTS = 256
 MAX_GRAPHS = 4  # buckets kept alive (each holds a KV cache)
@@ -40,39 +51,97 @@ def cache_slots(needed: int, max_context: int) -> int:
     return max(min(slots, max_context), needed)
 
 
+def comm_blocker(comm: Communicator) -> str | None:
+    """Why `comm`'s collectives cannot be captured in a CUDA graph, or None when they can: one
+    rank, NCCL through torch.distributed, or a backend that sets `graph_capturable = True`."""
+    if comm.world_size == 1 or getattr(comm, "graph_capturable", False):
+        return None
+    from collectives.torch_dist import TorchDistCommunicator
+    if type(comm) is TorchDistCommunicator and comm.backend == "nccl":
+        return None
+    return (f"the {type(comm).__name__} ({comm.backend}) collectives cannot be captured in a CUDA graph "
+            "(NCCL's can)")
+
+
+def capture(step: Callable[[], object], reset: Callable[[], None], device: torch.device, world_size: int,
+            generators: tuple[torch.Generator, ...] = ()) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Runs `step` WARMUP_STEPS times on a side stream (every kernel compiled and tuned, every
+    NCCL communicator created, outside the capture), calling reset() after each, then captures
+    one call. Returns the graph and what the captured call returned (its static outputs).
+    generators: device generators the step draws from; registered, so each replay advances them.
+    Every rank must capture the same steps in the same order (see the module docstring)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(WARMUP_STEPS):
+            step()
+            reset()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    # several ranks: another thread (NCCL's watchdog) may query events while this one captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local" if world_size > 1 else "global"):
+        outputs = step()
+    reset()
+    return graph, outputs
+
+
 class DecodeGraph:
-    """One captured step of `n_tokens` new tokens per row over its own static KV cache."""
+    """One captured step of `n_tokens` new tokens per row over its own static KV cache, and its
+    token choice: greedy in the step graph, sampled in a second graph (captured at the first
+    batch that samples)."""
 
     def __init__(self, model: Llama4, cache: KVCache, n_tokens: int = 1) -> None:
         if cache.batch * n_tokens > MAX_TOKENS:
             raise ValueError(f"a graph step takes at most {MAX_TOKENS} rows x tokens, got "
                              f"{cache.batch} x {n_tokens}")
         self.model, self.cache = model, cache
-        device = cache.lengths.device
+        self.device = device = cache.lengths.device
         self.tokens = torch.zeros(cache.batch, n_tokens, dtype=torch.long, device=device)  # (B, T)
         self.n_new = torch.full((cache.batch,), n_tokens, dtype=torch.long, device=device)  # (B,)
+        self.next_ids = torch.zeros(cache.batch, dtype=torch.long, device=device)  # (B,) the step's choice
+        self.sampler = DeviceSampler(cache.batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, device)
         saved = cache.lengths.clone()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-            for _ in range(WARMUP_STEPS):
-                self._step()
-                cache.lengths.copy_(saved)  # the warm-up's KV writes sit past every row's length
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.next_ids = self._step()  # (B, T, V_r), (B,)
-            if n_tokens == 1:  # greedy decoding feeds its choice back: the next replay needs no input
-                self.tokens[:, 0].copy_(self.next_ids)
-        cache.lengths.copy_(saved)
-        # the greedy ids of two replays in flight, read back without stalling the stream
+        # the warm-up's KV writes sit past every row's length once the lengths are restored
+        self.graph, self.logits = capture(self._step, lambda: cache.lengths.copy_(saved), device,
+                                          model.comm.world_size)  # logits: (B, T, V_r)
+        self.sample_graph = None
+        self.sampling = False
+        # the ids of two replays in flight, read back without stalling the stream
         self._host_ids = [torch.empty(cache.batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self._copied = [torch.cuda.Event() for _ in range(2)]
         self._slot = 0
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self) -> torch.Tensor:
         logits = self.model(self.tokens, self.cache, n_new=self.n_new, static=True).logits
-        return logits, distributed_argmax(logits[:, -1], self.model.shard.vocab_start, self.model.comm)
+        self._choose(self.sampler.pick(logits[:, -1], sampling=False))
+        return logits
+
+    def _sample(self) -> None:
+        self._choose(self.sampler.pick(self.logits[:, -1], sampling=True))
+
+    def _choose(self, ids: torch.Tensor) -> None:
+        self.next_ids.copy_(ids)
+        if self.tokens.shape[1] == 1:  # decoding feeds its choice back: the next replay needs no input
+            self.tokens[:, 0].copy_(ids)
+
+    def prepare(self, params: list[SamplingParams]) -> None:
+        """This batch's sampling, set before its first draw (the prefill's `pick`): a batch with a
+        sampling row replays the sampling graph after each step (captured now if it is new: its
+        warm-up draws, so it comes before the generators are seeded)."""
+        self.sampling = any(not p.greedy for p in params)
+        if self.sampling and self.sample_graph is None:
+            with torch.inference_mode():
+                self.logits.zero_()  # what the warm-up reads
+            self.sample_graph, _ = capture(self._sample, lambda: None, self.device, self.model.comm.world_size,
+                                           tuple(self.sampler.generators))
+        self.sampler.reset(params)
+
+    def pick(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """local_logits: (B, V_r) of an eager step (the prefill's last rows). The ids (B,), drawn
+        from the generators the replays continue from."""
+        return self.sampler.pick(local_logits, self.sampling)
 
     def set_inputs(self, tokens: list[int], active: list[int]) -> None:
         """The next replay's input ids (one per row) and rows still decoding (1) or finished (0),
@@ -85,44 +154,55 @@ class DecodeGraph:
         self.n_new.copy_(torch.tensor(active), non_blocking=True)
 
     def launch(self) -> int:
-        """Queues one greedy step (its input: the previous step's choice, or set_inputs) and the
-        copy of its ids to the host. Returns a handle for `read`; two may be in flight."""
+        """Queues one step (its input: the previous step's choice, or set_inputs), its token
+        choice, and the copy of the ids to the host. Returns a handle for `read`; two may be in
+        flight."""
         self.graph.replay()
+        if self.sampling:
+            self.sample_graph.replay()
         slot, self._slot = self._slot, self._slot ^ 1
         self._host_ids[slot].copy_(self.next_ids, non_blocking=True)
         self._copied[slot].record()
         return slot
 
     def read(self, slot: int) -> list[int]:
-        """The greedy ids of the step `launch` returned `slot` for (waits for that step only)."""
+        """The ids of the step `launch` returned `slot` for (waits for that step only)."""
         self._copied[slot].synchronize()
         return self._host_ids[slot].tolist()
 
-    def replay(self, tokens: torch.Tensor, n_new: torch.Tensor) -> None:
-        """tokens: (B, T) the step's input ids; n_new: (B,) real tokens per row (0: finished row).
-        Advances the cache; read `next_ids` (greedy) or `logits` afterwards."""
-        self.tokens.copy_(tokens, non_blocking=True)
-        self.n_new.copy_(n_new, non_blocking=True)
-        self.graph.replay()
-
 
 class GraphPool:
-    """Decode graphs by (batch rows, cache slots), least recently used dropped past MAX_GRAPHS."""
+    """Graphs by key, least recently used dropped past `limit`; `make(key)` builds a missing one.
+    Every rank asks for the same keys in the same order, so every rank captures alike."""
 
-    def __init__(self, model: Llama4, kv_dtype: torch.dtype | None, max_context: int) -> None:
-        self.model, self.kv_dtype, self.max_context = model, kv_dtype, max_context
-        self.graphs: OrderedDict[tuple[int, int], DecodeGraph] = OrderedDict()
-        self.blocker = graph_blocker(model)
+    def __init__(self, make: Callable[[tuple], object], limit: int = MAX_GRAPHS) -> None:
+        self.make, self.limit = make, limit
+        self.graphs: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, batch: int, needed_slots: int) -> DecodeGraph:
-        """A graph (and its cache, emptied) for `batch` rows needing `needed_slots` cache slots."""
-        key = (batch, cache_slots(needed_slots, self.max_context))
+    def get(self, key: tuple):
         graph = self.graphs.pop(key, None)
         if graph is None:
-            while len(self.graphs) >= MAX_GRAPHS:
+            while len(self.graphs) >= self.limit:
                 self.graphs.popitem(last=False)
-            cache = self.model.new_cache(batch, key[1], self.kv_dtype)
-            graph = DecodeGraph(self.model, cache)
+            graph = self.make(key)
         self.graphs[key] = graph
-        graph.cache.lengths.zero_()
         return graph
+
+
+def decode_graphs(model: Llama4, kv_dtype: torch.dtype | None) -> GraphPool:
+    """Decode graphs by (batch rows, cache slots); `decode_graph` hands one out for a batch."""
+    return GraphPool(lambda key: DecodeGraph(model, model.new_cache(key[0], key[1], kv_dtype)))
+
+
+def decode_graph(pool: GraphPool, batch: int, needed_slots: int, max_context: int) -> DecodeGraph:
+    """A graph (and its cache, emptied) for `batch` rows needing `needed_slots` cache slots."""
+    graph = pool.get((batch, cache_slots(needed_slots, max_context)))
+    graph.cache.lengths.zero_()
+    return graph
+
+
+def model_blocker(model: Llama4) -> str | None:
+    """Why no step of `model` can be captured here, or None (the batch may still be too large)."""
+    if not model.embed_tokens.weight.is_cuda:
+        return "the model is not on a CUDA device"
+    return graph_blocker(model) or comm_blocker(model.comm)

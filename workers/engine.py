@@ -16,7 +16,7 @@ import torch
 
 from model.fast_path import MAX_TOKENS as MAX_GRAPH_ROWS
 from model.llama4 import Llama4
-from model.sampling import SamplingParams, next_tokens
+from model.sampling import DeviceSampler, SamplingParams, next_tokens
 from workers.tracing import NullRecorder
 
 
@@ -45,6 +45,7 @@ class GenerationStats:
     step_s: list[float] = field(default_factory=list)  # one entry per decode step after the prefill
     total_s: float = 0.0
     spec: dict = field(default_factory=dict)  # speculative decoding: config, layer ids, steps
+    modeled: dict = field(default_factory=dict)  # --emulate-node: the virtual clock's times (workers/virtual_clock.py)
 
 
 def validate_requests(requests: list[Request], vocab_size: int, max_context: int) -> None:
@@ -64,22 +65,29 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 
 class Engine:
     def __init__(self, model: Llama4, max_context: int | None = None, recorder=None,
-                 kv_dtype: torch.dtype | None = None, draft=None, cuda_graphs: str = "off") -> None:
+                 kv_dtype: torch.dtype | None = None, draft=None, cuda_graphs: str = "off",
+                 device_sampling: bool | None = None) -> None:
         """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost).
         kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache).
         draft: an EAGLE-3 draft (model.eagle3.Eagle3Draft) on the same ranks, for speculative decoding.
-        cuda_graphs: "on" (plain decode steps replay CUDA graphs; an error where they cannot),
-        "auto" (where they can: CUDA, fused kernels, untraced) or "off"."""
+        cuda_graphs: "on" (decode steps, and speculative draft and verify steps, replay CUDA graphs;
+        an error where they cannot), "auto" (where they can: CUDA, fused kernels, capturable
+        collectives, untraced) or "off".
+        device_sampling: plain decoding samples on the model's device (model.sampling.DeviceSampler,
+        what a graph captures) instead of on the CPU; None: on CUDA, so that graphs on or off draw
+        the same tokens for a seed. Speculative decoding samples on the CPU either way."""
         if cuda_graphs not in ("on", "auto", "off"):
             raise ValueError(f"cuda_graphs must be on, auto or off, got {cuda_graphs!r}")
         self.model = model
         self.cuda_graphs = cuda_graphs
-        self.graphs = None  # workers.cuda_graphs.GraphPool, made at the first graphed batch
+        self.graphs = None  # workers.cuda_graphs.GraphPool of decode graphs, made at the first graphed batch
+        self.spec_graphs = None  # ... of speculative steps (workers/spec_graphs.py)
         self.draft = draft
         self.kv_dtype = kv_dtype
         self.cfg = model.cfg
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.recorder = recorder or NullRecorder()
+        self.device_sampling = model.embed_tokens.weight.is_cuda if device_sampling is None else device_sampling
 
     def _speculative(self, requests: list[Request], spec, on_tokens):
         from workers.speculative import SpecDecoder  # it builds on this module's types
@@ -87,7 +95,31 @@ class Engine:
             raise RequestError("speculative decoding was asked for, but no EAGLE-3 draft is loaded")
         generators = [torch.Generator().manual_seed(r.params.seed if r.params.seed is not None else 0) for r in requests]
         decoder = SpecDecoder(self.model, self.draft, spec, self.recorder)
-        return decoder.generate(requests, generators, self._pick, self.kv_dtype, on_tokens)
+        needed = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests) + decoder.margin
+        graphs = self._spec_graph(decoder, len(requests), needed)
+        return decoder.generate(requests, generators, self._pick, self.kv_dtype, on_tokens, graphs=graphs)
+
+    def _picker(self, graph, requests: list[Request]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """pick(logits (B, T, V_r)) -> (B,) ids of the last rows, for plain decoding's eager steps:
+        on the device with the graph's sampler (whose replays continue its draws) or a sampler of
+        this batch's own, else on the CPU with seeded CPU generators."""
+        params = [r.params for r in requests]
+        if graph is not None:
+            graph.prepare(params)
+            sampler, sampling = graph.sampler, graph.sampling
+        elif self.device_sampling:
+            sampler = DeviceSampler(len(requests), self.model.shard.vocab_start, self.cfg.vocab_size,
+                                    self.model.comm, self.model.embed_tokens.weight.device)
+            sampler.reset(params)
+            sampling = any(not p.greedy for p in params)
+        else:
+            generators = [torch.Generator().manual_seed(p.seed if p.seed is not None else 0) for p in params]
+            return lambda logits: self._pick(logits, requests, generators)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            with self.recorder.span("sampling"):
+                return sampler.pick(logits[:, -1], sampling)
+        return pick
 
     def _pick(self, logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
         shard = self.model.shard
@@ -95,36 +127,51 @@ class Engine:
             return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
                                [r.params for r in requests], generators)
 
+    def _graph_reason(self, rows: int) -> str | None:
+        """Why a step of `rows` rows x tokens cannot be captured, or None when it can."""
+        from workers.cuda_graphs import model_blocker
+        if not isinstance(self.recorder, NullRecorder):
+            return "tracing times each collective on the host; traced steps run eagerly"
+        if rows > MAX_GRAPH_ROWS:
+            return f"a step of {rows} rows x tokens is over the {MAX_GRAPH_ROWS} a graph step takes"
+        return model_blocker(self.model)
+
+    def _graphs_for(self, rows: int) -> bool:
+        """Whether steps of `rows` rows x tokens replay graphs (cuda_graphs "on": they must)."""
+        if self.cuda_graphs == "off":
+            return False
+        reason = self._graph_reason(rows)
+        if reason is not None and self.cuda_graphs == "on":
+            raise RequestError(f"--cuda-graphs on: {reason}")
+        return reason is None
+
     def _graph(self, batch: int, needed_slots: int):
         """The CUDA graph for this batch's decode steps, or None (eager) where graphs are off or
         impossible; with cuda_graphs "on", impossible is an error that says why."""
-        if self.cuda_graphs == "off":
+        if not self._graphs_for(batch):
             return None
-        from workers.cuda_graphs import GraphPool
+        from workers.cuda_graphs import decode_graph, decode_graphs
         if self.graphs is None:
-            self.graphs = GraphPool(self.model, self.kv_dtype, self.max_context)
-        reason = self.graphs.blocker
-        if not self.model.embed_tokens.weight.is_cuda:
-            reason = "the model is not on a CUDA device"
-        elif not isinstance(self.recorder, NullRecorder):
-            reason = "tracing times each collective on the host; traced steps run eagerly"
-        elif self.model.comm.world_size > 1:
-            reason = "steps across several ranks are not captured yet (their collectives are not graph-ready)"
-        elif batch > MAX_GRAPH_ROWS:
-            reason = f"a batch of {batch} rows is over the {MAX_GRAPH_ROWS} rows a graph step takes"
-        if reason is None:
-            return self.graphs.get(batch, needed_slots)
-        if self.cuda_graphs == "on":
-            raise RequestError(f"--cuda-graphs on: {reason}")
-        return None
+            self.graphs = decode_graphs(self.model, self.kv_dtype)
+        return decode_graph(self.graphs, batch, needed_slots, self.max_context)
+
+    def _spec_graph(self, decoder, batch: int, needed_slots: int):
+        """The speculative steps' graphs for this batch (workers/spec_graphs.py), or None (eager):
+        the verify step takes batch x (tokens + 1) rows."""
+        if not self._graphs_for(batch * (decoder.spec.shape[2] + 1)):
+            return None
+        from workers.spec_graphs import spec_graph, spec_graphs
+        if self.spec_graphs is None:
+            self.spec_graphs = spec_graphs(self.model, self.draft, self.kv_dtype)
+        return spec_graph(self.spec_graphs, decoder, batch, needed_slots, self.max_context)
 
     @staticmethod
-    def _greedy_graph_steps(graph, out: list[list[int]], finish: list[str], commit) -> None:
-        """Greedy decoding on a CUDA graph, one step ahead: step k+1 is queued (its input ids are
-        step k's choice, fed back inside the graph) before the host reads step k's ids, so the GPU
-        never waits for the host. A row that finished at step k still decodes in step k+1 (its
-        extra token is dropped and its cache is never read again); a row's end is passed to the
-        graph in stream order, behind the steps already queued."""
+    def _graph_steps(graph, out: list[list[int]], finish: list[str], commit) -> None:
+        """Decoding on a CUDA graph, one step ahead: step k+1 is queued (its input ids are step
+        k's choice, greedy or sampled, fed back inside the graph) before the host reads step k's
+        ids, so the GPU never waits for the host. A row that finished at step k still decodes in
+        step k+1 (its extra token is dropped and its cache is never read again); a row's end is
+        passed to the graph in stream order, behind the steps already queued."""
         graph.set_inputs([row[-1] if row else 0 for row in out], [0 if f else 1 for f in finish])
         pending, step = graph.launch(), 1
         while True:
@@ -145,8 +192,6 @@ class Engine:
             return self._speculative(requests, spec, on_tokens)
         batch = len(requests)
         device = self.model.embed_tokens.weight.device
-        generators = [torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else
-                      torch.Generator().manual_seed(0) for r in requests]
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
         needed = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
@@ -186,20 +231,17 @@ class Engine:
                 on_tokens(step, new)
             return all(finish)
 
-        done = commit(0, self._pick(logits, requests, generators).tolist())
-        if not done and graph is not None and all(r.params.greedy for r in requests):
-            self._greedy_graph_steps(graph, out, finish, commit)
+        pick = self._picker(graph, requests)
+        done = commit(0, pick(logits).tolist())
+        if not done and graph is not None:
+            self._graph_steps(graph, out, finish, commit)
         step = 0
         while not done and not all(finish):
             step += 1
             self.recorder.step_begin(step, request_ids)
             active = torch.tensor([0 if f else 1 for f in finish], device=device)
             step_ids = torch.tensor([row[-1] for row in out], device=device)[:, None]  # (B, 1)
-            if graph is not None:
-                graph.replay(step_ids, active)
-                logits = graph.logits
-            else:
-                logits = self.model(step_ids, cache, n_new=active).logits
-            done = commit(step, self._pick(logits, requests, generators).tolist())
+            logits = self.model(step_ids, cache, n_new=active).logits
+            done = commit(step, pick(logits).tolist())
         stats.total_s = time.perf_counter() - start
         return [Completion(r.request_id, out[b], finish[b]) for b, r in enumerate(requests)], stats

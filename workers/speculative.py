@@ -12,6 +12,9 @@ Every row keeps its own accepted length; rows that finish ride along with zero n
 choices are made identically on every rank (distributed top-k/argmax, seeded generators), so
 there is no driver round trip per step.
 
+With CUDA graphs (workers/spec_graphs.py, chosen by the engine) the verify step and the draft's
+forwards replay captured graphs over static buffers; the loop and its glue are the same.
+
 Metrics per request: acceptance length (1 + accepted drafts per verification step, averaged, as
 vLLM defines it), acceptance rate per draft position (fraction of steps whose position-i draft was
 accepted), draft and verify seconds, tokens/s. In a trace, every step record carries `accepted`
@@ -33,6 +36,7 @@ from model.llama4 import Llama4
 from model.sampling import distributed_argmax, filter_logits
 from model.spec import SpecConfig, resolve_layer_ids
 from workers.engine import Completion, GenerationStats, Request
+from workers.spec_graphs import SpecGraphs, target_features
 
 
 @dataclass
@@ -88,11 +92,21 @@ class SpecDecoder:
                               f"({draft.cfg.draft_vocab_size})")
         self.model, self.draft, self.spec, self.recorder = model, draft, spec, recorder
         self.aux_set = tuple(sorted(set(self.layer_ids)))
+        self.graphs: SpecGraphs | None = None
+
+    @property
+    def margin(self) -> int:
+        """Cache slots past a row's last token that a step may write: verification rows and the
+        draft's re-run frontier."""
+        k, depth, tokens = self.spec.shape
+        return tokens + 1 + (depth - 1) * k + depth + 2
 
     def generate(self, requests: list[Request], generators: list[torch.Generator], pick, kv_dtype=None,
-                 on_tokens=None) -> tuple[list[Completion], GenerationStats]:
+                 on_tokens=None, graphs: SpecGraphs | None = None) -> tuple[list[Completion], GenerationStats]:
         """The batch to completion. pick(logits (B, 1, V_r)) -> (B,) chooses the token after the
-        prompt as plain decoding does; every later token comes from a speculative step."""
+        prompt as plain decoding does; every later token comes from a speculative step.
+        graphs: this batch's CUDA graphs (their caches emptied), or None: eager steps."""
+        self.graphs = graphs
         batch, device = len(requests), self.model.embed_tokens.weight.device
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
@@ -145,19 +159,21 @@ class SpecDecoder:
 
     def features(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
         """The target's aux outputs (ascending unique layers) -> (B, T, n_aux*H) in the draft's order."""
-        return torch.cat([aux_hidden[self.aux_set.index(i)] for i in self.layer_ids], dim=-1)
+        return target_features(aux_hidden, self.layer_ids)
 
     def prefill(self, prompt: torch.Tensor, lengths: torch.Tensor, max_len: int,
                 kv_dtype) -> tuple[BatchState, torch.Tensor]:
         """Target prefill (B, P) -> (state, last-row logits). The first token comes from the caller's
         plain sampling; `start` then sets it as the root."""
-        k, depth, tokens = self.spec.shape
-        margin = tokens + 1 + (depth - 1) * k + depth + 2  # verification rows and the draft's re-run frontier
-        cache = self.model.new_cache(prompt.shape[0], max_len + margin, dtype=kv_dtype)
+        if self.graphs is not None:
+            cache, draft_cache = self.graphs.cache, self.graphs.draft_cache
+        else:
+            cache = self.model.new_cache(prompt.shape[0], max_len + self.margin, dtype=kv_dtype)
+            draft_cache = self.draft.new_cache(prompt.shape[0], max_len + self.margin)
         out = self.model(prompt, cache, n_new=lengths, aux_layers=self.aux_set)
         batch_rows = torch.arange(prompt.shape[0], device=prompt.device)
         logits = out.logits[batch_rows, lengths - 1][:, None]  # (B, 1, V_r)
-        state = BatchState(cache=cache, draft_cache=self.draft.new_cache(prompt.shape[0], max_len + margin),
+        state = BatchState(cache=cache, draft_cache=draft_cache,
                            root=prompt[:, 0], pending_tokens=F.pad(prompt[:, 1:], (0, 1)),
                            pending_features=self.features(out.aux_hidden), pending_n=lengths.clone(),
                            active=[True] * prompt.shape[0])
@@ -173,28 +189,45 @@ class SpecDecoder:
         rows = torch.arange(len(requests), device=state.root.device)
         t0 = time.perf_counter()
         with self.recorder.span("draft"):  # 1. catch up on the target features of the last accepted tokens, grow
-            last = (state.pending_n - 1).clamp(min=0)  # (B,) the root's row in the pending block
-            caught_up = self.draft(state.pending_tokens, state.draft_cache, target_features=state.pending_features,
-                                   n_new=state.pending_n, logit_rows=last[:, None])
-            grower = TreeGrower(self.draft, state.draft_cache, self.spec.shape, [r.params for r in requests],
-                                generators)
-            tree = grower.grow(caught_up.logits[:, 0], caught_up.hidden[rows, last])  # root: (B, Vd_r), (B, H)
+            root_logits, root_hidden = self.catch_up(state, rows)  # (B, Vd_r), (B, H)
+            grow_args = (self.draft, state.draft_cache, self.spec.shape, [r.params for r in requests], generators)
+            grower = self.graphs.grower(*grow_args) if self.graphs is not None else TreeGrower(*grow_args)
+            tree = grower.grow(root_logits, root_hidden)
         t1 = time.perf_counter()
         with self.recorder.span("verify"):  # 2. every node in ONE target forward: ancestor mask, per-node positions
             start = state.cache.lengths.clone()  # (B,)
             tokens, positions, mask = tree.verify_inputs(state.root, start)  # (B, N+1) x2, (B, N+1, N+1)
-            active = torch.tensor(state.active, device=tokens.device)
-            out = self.model(tokens, state.cache, n_new=active * tokens.shape[1], positions=positions,
-                             step_mask=mask, aux_layers=self.aux_set)  # logits (B, N+1, V_r)
-            accepted = self.accept(out.logits, tree, requests, generators)  # 3. per row: (path rows, extra token)
+            n_new = torch.tensor(state.active, device=tokens.device) * tokens.shape[1]  # (B,) 0: finished row
+            if self.graphs is not None:
+                logits, features, argmax = self.graphs.verify(tokens=tokens, positions=positions, mask=mask,
+                                                              n_new=n_new)
+            else:
+                out = self.model(tokens, state.cache, n_new=n_new, positions=positions, step_mask=mask,
+                                 aux_layers=self.aux_set)
+                logits, features, argmax = out.logits, self.features(out.aux_hidden), None  # (B, N+1, V_r), ...
+            accepted = self.accept(logits, tree, requests, generators, argmax)  # 3. per row: (path rows, extra token)
         t2 = time.perf_counter()
-        self.commit(state, start, tokens, self.features(out.aux_hidden), accepted)  # 4. KV and draft inputs
+        self.commit(state, start, tokens, features, accepted)  # 4. KV and draft inputs
         step_s, new = time.perf_counter() - t0, []
         for b, (path, extra) in enumerate(accepted):
             if state.active[b]:
                 stats[b].record(len(path), self.spec.shape[1], t1 - t0, t2 - t1, step_s)
             new.append([int(t) for t in tokens[b, path].tolist()] + [extra] if state.active[b] else [])
         return new
+
+    def catch_up(self, state: BatchState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft reads the pending block (the tokens accepted last step, with their target
+        features). Returns the root's draft logits (B, Vd_r) and hidden state (B, H). A graph takes
+        blocks up to its width, padded; the prompt's block after the prefill runs eagerly."""
+        last = (state.pending_n - 1).clamp(min=0)  # (B,) the root's row in the pending block
+        pad = self.graphs.width - state.pending_tokens.shape[1] if self.graphs is not None else -1
+        if pad >= 0:
+            return self.graphs.catch_up(tokens=F.pad(state.pending_tokens, (0, pad)),  # (B, W)
+                                        features=F.pad(state.pending_features, (0, 0, 0, pad)),  # (B, W, F)
+                                        n_new=state.pending_n, last=last)
+        out = self.draft(state.pending_tokens, state.draft_cache, target_features=state.pending_features,
+                         n_new=state.pending_n, logit_rows=last[:, None])
+        return out.logits[:, 0], out.hidden[rows, last]
 
     def commit(self, state: BatchState, start: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
                accepted: list[tuple[list[int], int]]) -> None:
@@ -215,12 +248,15 @@ class SpecDecoder:
         state.pending_features = features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))  # (B, M, F)
         state.pending_n, state.root = n_keep, extra
 
-    def accept(self, local_logits: torch.Tensor, tree: Tree, requests, generators) -> list[tuple[list[int], int]]:
-        """local_logits: (B, N+1, V_r). Greedy rows need only the distributed argmax; sampling rows
-        gather the full distribution at every node."""
+    def accept(self, local_logits: torch.Tensor, tree: Tree, requests, generators,
+               argmax: torch.Tensor | None = None) -> list[tuple[list[int], int]]:
+        """local_logits: (B, N+1, V_r); argmax: their global argmax (B, N+1) if already taken.
+        Greedy rows need only the distributed argmax; sampling rows gather the full distribution
+        at every node."""
         batch, rows = local_logits.shape[:2]
         shard, vocab = self.model.shard, self.model.cfg.vocab_size
-        argmax = distributed_argmax(local_logits.flatten(0, 1), shard.vocab_start, self.model.comm).view(batch, rows)
+        if argmax is None:
+            argmax = distributed_argmax(local_logits.flatten(0, 1), shard.vocab_start, self.model.comm).view(batch, rows)
         sampled = [b for b, r in enumerate(requests) if not r.params.greedy]
         full = None  # (B_s, N+1, V) on the CPU, where the requests' seeded generators draw
         if sampled:
