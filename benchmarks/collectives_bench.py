@@ -8,6 +8,13 @@ reduce-once: rank 0 reduces, the others copy) under the four wait strategies (sp
 Writes benchmarks/results/collectives_<tag>.json.
 
     python benchmarks/collectives_bench.py [--ranks 2,4,8] [--iters 200]
+
+With --world N it benchmarks the GPUs instead (N processes, one GPU each, backend "symm"): the
+fused symmetric-memory AllReduce(+RMSNorm) kernel, one-shot and two-shot, next to NCCL, inside
+CUDA graphs and eagerly (workers/collectives_bench.py says how), a table, and JSON rows
+{name, tokens, tp, median_us, p90_us, ...} written to --out:
+
+    python benchmarks/collectives_bench.py --world 2 --out benchmarks/results/h200x2-collectives.json
 """
 from __future__ import annotations
 
@@ -72,7 +79,16 @@ def main() -> None:
     p.add_argument("--gloo-iters", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--world", type=int, default=0, help="GPU mode: this many GPUs (one process each)")
+    p.add_argument("--out", default=None, help="GPU mode: JSON file for the rows")
+    p.add_argument("--comm", default="symm", help="GPU mode: backend (symm: fused kernel and NCCL; nccl: NCCL only)")
+    p.add_argument("--samples", type=int, default=100, help="GPU mode: timed samples per case")
+    p.add_argument("--ops", type=int, default=20, help="GPU mode: back-to-back calls per sample")
+    p.add_argument("--modes", default="graph,eager", help="GPU mode: graph and/or eager")
     args = p.parse_args()
+    if args.world:
+        gpu_main(args)
+        return
     cases = [(op, int(t), d) for op in OPS for t in args.tokens.split(",") for d in args.dtypes.split(",")]
     host = machine()
     rows, results = [], []
@@ -101,6 +117,36 @@ def main() -> None:
                 [[w["ranks"], w["algorithm"], w["wait"], w["ms"]] for w in waits])
     print("saved", save(f"collectives_{args.tag}", {"machine": host, "rows": results, "wait_strategies": waits,
                                                     "iters": args.iters, "command": " ".join(sys.argv)}))
+
+
+def gpu_main(args) -> None:
+    import datetime
+    import json
+    import tempfile
+
+    from workers.collectives_bench import bench_rank, table, two_shot_from
+    if torch.cuda.device_count() < args.world:
+        sys.exit(f"--world {args.world} needs {args.world} GPUs; this machine has {torch.cuda.device_count()}")
+    settings = {"tokens": [int(t) for t in args.tokens.split(",")], "modes": args.modes.split(","),
+                "samples": args.samples, "ops": args.ops, "dtype": "bfloat16"}
+    with tempfile.TemporaryDirectory() as scratch:
+        settings["rows_path"] = str(Path(scratch) / "rows.json")
+        run_world(args.world, bench_rank, settings, timeout_s=900.0, backend=args.comm, device="cuda")
+        rows = json.loads(Path(settings["rows_path"]).read_text())
+    from collectives.fused_allreduce import TWO_SHOT_MIN_BYTES
+    print(f"machine: {args.world} x {torch.cuda.get_device_name()}; comm {args.comm}; {args.samples} samples of "
+          f"{args.ops} calls; slowest rank's median")
+    print(table(rows))
+    won = two_shot_from(rows)
+    print(f"two-shot beat one-shot (ar_rmsnorm, graph) from {won} tokens" if won else
+          "two-shot never beat one-shot (ar_rmsnorm, graph)",
+          f"(TWO_SHOT_MIN_BYTES now {TWO_SHOT_MIN_BYTES} = {TWO_SHOT_MIN_BYTES // (2 * 5120)} bf16 tokens of 5120)")
+    if args.out:
+        payload = {"machine": f"{args.world} x {torch.cuda.get_device_name()}", "date": datetime.date.today().isoformat(),
+                   "command": "python " + " ".join(sys.argv), "results": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2))
+        print("saved", args.out)
 
 
 if __name__ == "__main__":

@@ -353,3 +353,15 @@ def test_gpu_fused_equals_nccl_and_the_reference_over_200_calls():
 def test_gpu_fused_inside_a_replayed_cuda_graph():
     from cluster.procs import run_world
     _assert_tally(run_world(2, _graph_replays, 100, backend="symm", device="cuda", timeout_s=300))
+
+
+def test_bench_table_and_the_two_shot_crossover():
+    """workers/collectives_bench.py's summary of its rows (the GPU timing itself runs on GPUs only)."""
+    from workers.collectives_bench import table, two_shot_from
+    rows = [{"op": "ar_rmsnorm", "mode": "graph", "impl": impl, "tokens": t, "median_us": us, "p90_us": us + 1}
+            for impl, t, us in [("symm-one-shot", 16, 6.0), ("symm-two-shot", 16, 7.0), ("symm-one-shot", 128, 20.0),
+                                ("symm-two-shot", 128, 15.0), ("nccl", 16, 25.0)]]
+    assert two_shot_from(rows) == 128
+    assert two_shot_from(rows[:2]) is None
+    lines = table(rows).splitlines()
+    assert len(lines) == 3 and lines[1].split()[:3] == ["ar_rmsnorm", "graph", "16"] and "25.0" in lines[1]
