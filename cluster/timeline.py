@@ -6,6 +6,11 @@ strict and bounded: a missing or corrupt file is a TraceError naming it, msgpack
 size-limited, and ranks are never merged without their clock offsets unless the caller says
 the clocks are the same (`assume_same_clock`).
 
+A run with --emulate-node also leaves `modeled/rank<r>.msgpack` (workers/virtual_clock.py): the
+same records on each rank's virtual clock, which all ranks share by construction (no offsets).
+`read_trace` attaches them as `trace.modeled`, a Trace of its own, so every tool that reads a
+measured trace reads the modeled one the same way.
+
 A collective instance is one (group, sequence number); the same instance appears on every rank
 of its group. Its arrival on rank r is r's start time; the last arrival releases the collective,
 so on every rank the time from its own arrival to the last arrival is waiting, and the rest is
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import msgpack
 
-from collectives.trace import COLL_FIELDS, FORMAT, SPAN_FIELDS, VERSION
+from collectives.trace import COLL_FIELDS, FORMAT, MODELED_DIR, SPAN_FIELDS, VERSION
 
 MAX_OBJECT_BYTES = 1 << 20
 MAX_FILE_BYTES = 4 << 30
@@ -71,6 +76,12 @@ class Trace:
     ranks: dict[int, RankTrace]
     offsets: dict[int, dict]
     world_size: int
+    modeled: "Trace | None" = None  # the virtual clock's timeline of the same run (--emulate-node)
+
+    @property
+    def node(self) -> str | None:
+        """The emulated node of a modeled timeline (None for a measured one)."""
+        return next(iter(self.ranks.values())).header.get("node")
 
     def instances(self) -> list[Instance]:
         by_key: dict[tuple, dict[int, dict]] = {}
@@ -163,10 +174,7 @@ def read_rank_file(path: str | Path) -> RankTrace:
     return rt
 
 
-def read_trace(directory: str | Path, assume_same_clock: bool = False) -> Trace:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TraceError(f"trace directory {directory} does not exist")
+def _read_ranks(directory: Path) -> tuple[dict[int, RankTrace], int]:
     files = sorted(directory.glob("rank*.msgpack"))
     if not files:
         raise TraceError(f"{directory} holds no rank*.msgpack trace files")
@@ -178,13 +186,31 @@ def read_trace(directory: str | Path, assume_same_clock: bool = False) -> Trace:
     missing = sorted(set(range(world)) - set(ranks))
     if missing:
         raise TraceError(f"{directory} lacks the traces of rank(s) {missing} (world size {world})")
+    return ranks, world
+
+
+def read_trace(directory: str | Path, assume_same_clock: bool = False) -> Trace:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TraceError(f"trace directory {directory} does not exist")
+    ranks, world = _read_ranks(directory)
     offsets = _read_offsets(directory, world, assume_same_clock)
     for rank, rt in ranks.items():
         shift = offsets[rank]["offset_ns"]
         for record in rt.steps + rt.spans + rt.collectives:
             record["t0"] -= shift
             record["t1"] -= shift
-    return Trace(ranks, offsets, world)
+    return Trace(ranks, offsets, world, _read_modeled(directory / MODELED_DIR, world))
+
+
+def _read_modeled(directory: Path, world: int) -> Trace | None:
+    """The virtual clock's tracks, when the run had them: one clock shared by the ranks by construction."""
+    if not directory.is_dir():
+        return None
+    ranks, modeled_world = _read_ranks(directory)
+    if modeled_world != world or any(rt.header.get("timeline") != "modeled" for rt in ranks.values()):
+        raise TraceError(f"{directory} does not hold the modeled timeline of this {world}-rank trace")
+    return Trace(ranks, {r: {"offset_ns": 0, "uncertainty_ns": 0, "virtual": True} for r in ranks}, world)
 
 
 def _read_offsets(directory: Path, world: int, assume_same_clock: bool) -> dict[int, dict]:

@@ -10,6 +10,11 @@ Definitions (times aligned across ranks):
   * per rank: waiting = own arrival to last arrival; communication = last arrival to own end;
     compute = time inside model stages not spent in a collective; other = the rest of the step
     time (Python, scheduling, the driver).
+
+A trace with a modeled timeline (--emulate-node) is summarized twice by the same definitions, and
+the text puts the modeled numbers beside the measured ones: per collective its modeled mean and
+total, per rank its modeled step time and shares (on the virtual clock, "other" is ~0: every
+modeled nanosecond is an op).
 """
 from __future__ import annotations
 
@@ -84,31 +89,52 @@ def summarize(trace: Trace) -> dict:
                          share(comm[rank]), "waiting": share(wait[rank]), "other": share(other),
                          "last_arrivals": last[rank]})
     straggler = max(last, key=lambda r: (last[r], -r)) if last else None
-    return {"world_size": trace.world_size, "steps": max((len(rt.steps) for rt in trace.ranks.values()), default=0),
-            "collectives": per_op, "skew_us": _percentiles(skews), "straggler": straggler,
-            "last_arrival_counts": {str(r): last[r] for r in sorted(last)}, "ranks": per_rank,
-            "clock": {str(r): o for r, o in sorted(trace.offsets.items())}}
+    summary = {"world_size": trace.world_size, "steps": max((len(rt.steps) for rt in trace.ranks.values()), default=0),
+               "collectives": per_op, "skew_us": _percentiles(skews), "straggler": straggler,
+               "last_arrival_counts": {str(r): last[r] for r in sorted(last)}, "ranks": per_rank,
+               "clock": {str(r): o for r, o in sorted(trace.offsets.items())}}
+    if trace.modeled is not None:
+        summary["modeled"] = {"node": trace.modeled.node, **summarize(trace.modeled)}
+    return summary
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if v is not None else "-"
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if v is not None else "-"
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"world size {s['world_size']}, {s['steps']} steps"]
+    modeled = s.get("modeled")
+    lines = [f"world size {s['world_size']}, {s['steps']} steps"
+             + (f"; modeled on {modeled['node']} (virtual clock, {modeled['steps']} steps)" if modeled else "")]
+    m_ops = modeled["collectives"] if modeled else {}
     lines.append(f"{'collective':<24}{'count':>7}{'total ms':>11}{'mean us':>10}{'MB':>10}{'busbw GB/s':>12}"
-                 f"{'skew p50 us':>13}{'skew p90 us':>13}  algorithm")
+                 f"{'skew p50 us':>13}{'skew p90 us':>13}" + (f"{'model us':>10}{'model ms':>10}" if modeled else "")
+                 + "  algorithm")
     for op, r in s["collectives"].items():
-        bw = r["busbw_GBps_p50"]
-        sk = r["skew_us"]
-        fmt = lambda v: f"{v:.3g}" if v is not None else "-"  # noqa: E731
+        sk, m = r["skew_us"], m_ops.get(op)
+        model = (f"{_fmt(m['mean_us'] if m else None):>10}{_fmt(m['total_ms'] if m else None):>10}" if modeled else "")
         lines.append(f"{op:<24}{r['count']:>7}{r['total_ms']:>11.2f}{r['mean_us']:>10.1f}{r['bytes'] / 1e6:>10.3f}"
-                     f"{fmt(bw):>12}{fmt(sk['p50']):>13}{fmt(sk['p90']):>13}  {','.join(r['algorithms'])}")
+                     f"{_fmt(r['busbw_GBps_p50']):>12}{_fmt(sk['p50']):>13}{_fmt(sk['p90']):>13}{model}"
+                     f"  {','.join(r['algorithms'])}")
     sk = s["skew_us"]
     if sk["p50"] is not None:
         lines.append(f"arrival skew (us): p50 {sk['p50']:.1f}  p90 {sk['p90']:.1f}  p99 {sk['p99']:.1f}  "
                      f"max {sk['max']:.1f}")
         counts = ", ".join(f"r{r}:{n}" for r, n in s["last_arrival_counts"].items())
         lines.append(f"straggler: rank {s['straggler']} (last to arrive: {counts})")
-    lines.append(f"{'rank':<6}{'step ms':>10}{'compute':>10}{'comm':>8}{'waiting':>9}{'other':>8}")
-    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
+    head = f"{'rank':<6}{'step ms':>10}{'compute':>10}{'comm':>8}{'waiting':>9}{'other':>8}"
+    lines.append(head + (f" | {'model ms':>9}{'compute':>9}{'comm':>8}{'waiting':>9}" if modeled else ""))
+    m_ranks = {r["rank"]: r for r in modeled["ranks"]} if modeled else {}
     for r in s["ranks"]:
-        lines.append(f"{r['rank']:<6}{r['step_ms']:>10.2f}{pct(r['compute']):>10}{pct(r['communication']):>8}"
-                     f"{pct(r['waiting']):>9}{pct(r['other']):>8}")
+        line = (f"{r['rank']:<6}{r['step_ms']:>10.2f}{_pct(r['compute']):>10}{_pct(r['communication']):>8}"
+                f"{_pct(r['waiting']):>9}{_pct(r['other']):>8}")
+        m = m_ranks.get(r["rank"])
+        if m:
+            line += (f" | {m['step_ms']:>9.3f}{_pct(m['compute']):>9}{_pct(m['communication']):>8}"
+                     f"{_pct(m['waiting']):>9}")
+        lines.append(line)
     return "\n".join(lines)

@@ -37,6 +37,7 @@ import torch
 
 from collectives.communicator import Communicator
 
+MODELED_DIR = "modeled"  # a trace directory's subdirectory of modeled tracks (workers/virtual_clock.py)
 FORMAT = "dgx-emu-trace"
 VERSION = 3
 COLL_FIELDS = ("op", "g", "q", "b", "d", "l", "s", "t0", "t1", "rb")  # rb: received bytes (uneven all-to-alls)
@@ -123,7 +124,9 @@ class CudaEventClock:
 
 class TraceRecorder:
     def __init__(self, directory: str | Path, rank: int, world_size: int, backend: str, device: str = "cpu",
-                 flush_every: int = 1024) -> None:
+                 flush_every: int = 1024, now=None, header: dict | None = None) -> None:
+        """now: the clock rows are stamped with (default: CLOCK_MONOTONIC ns, or CUDA events on a
+        GPU); header: extra header fields (a modeled timeline says so: workers/virtual_clock.py)."""
         self.path = Path(directory) / f"rank{rank}.msgpack"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "wb")
@@ -137,10 +140,11 @@ class TraceRecorder:
         self.unresolved = (0, 0, 0)  # GPU: where the rows still holding CUDA events start
         self.cuda_clock = CudaEventClock() if device.startswith("cuda") else None
         # now(): a timestamp, CLOCK_MONOTONIC ns on the CPU, a recorded CUDA event on a GPU
-        self.now = self.cuda_clock.now if self.cuda_clock else time.monotonic_ns
+        self.now = now or (self.cuda_clock.now if self.cuda_clock else time.monotonic_ns)
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "rank": rank,
                      "world_size": world_size, "backend": backend, "device": device, "pid": os.getpid(),
-                     "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns"})
+                     "host": socket.gethostname(), "boot_id": boot_id(), "clock": "CLOCK_MONOTONIC_ns",
+                     **(header or {})})
 
     def _resolve_events(self) -> None:
         """GPU: every CUDA event recorded since the last call becomes CLOCK_MONOTONIC ns (each
@@ -217,6 +221,14 @@ _TRACED = {
     "broadcast": ("broadcast", None, None),
     "barrier": ("barrier", lambda comm, args: 0, None),  # no tensor
 }
+
+
+def describe_call(comm, method: str, args: tuple, out) -> tuple:
+    """(op as recorded, bytes sent, dtype, bytes received or None) of one call of `comm`, the
+    fields a TracingCommunicator records (the virtual clock's modeled rows reuse them)."""
+    op, sent, received = _TRACED[method]
+    x = args[0] if args else _EMPTY
+    return op, x.nbytes if sent is None else sent(comm, args), x.dtype, None if received is None else received(out)
 
 
 class TracingCommunicator:

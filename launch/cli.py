@@ -20,7 +20,7 @@ from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, 
                              spec_summary)
 from launch.bench_cli import add_bench_parser, run_bench
 from launch.drill_cli import add_drill_parser, run_drill
-from launch.emulate_cli import add_emulate_parser, run_emulate
+from launch.emulate_cli import add_emulate_parser, emulated_summary, format_emulated, run_emulate
 from launch.trace_cli import add_trace_parser, finish_trace_dir, prepare_trace_dir, run_trace
 from model.embedded import ensure_default_model
 from model.sampling import SamplingParams
@@ -78,6 +78,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="record per-rank communication timelines into DIR (see `dgx-emu trace`)")
+    p.add_argument("--emulate-node", metavar="NODE", default=None,
+                   help="give each rank a virtual clock of NODE (dgx-b200, hgx-h200, hgx-h100 or a node JSON file): "
+                        "--json reports the modeled step time and tokens/s beside the measured ones, --trace "
+                        "writes the modeled timeline beside the measured one (steps run eagerly)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="after a rank failure, restart the node and rerun the batch up to N times")
     p.add_argument("--collective-timeout", type=float, default=120.0,
@@ -164,7 +168,7 @@ def run_generate(args) -> int:
                     moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
                     hardware=args.hardware, trace_dir=args.trace, fp8_scheme=args.fp8_scheme,
                     kv_dtype=args.kv_dtype, draft_path=draft_path, kernels=args.kernels,
-                    cuda_graphs=args.cuda_graphs, **_delay(args.inject_delay))
+                    cuda_graphs=args.cuda_graphs, emulate_node=args.emulate_node, **_delay(args.inject_delay))
     with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard,
                     max_restarts=args.max_restarts) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
@@ -206,6 +210,8 @@ def run_generate(args) -> int:
         **spec_summary(completions, stats, spec, draft_path),
         **info,
     }
+    if stats.modeled:
+        summary["emulated"] = emulated_summary(stats, completions)
     if args.trace:
         traced = finish_trace_dir(args.trace)
         summary["trace"] = {"dir": traced["dir"], "merged": traced["merged"],
@@ -221,6 +227,8 @@ def run_generate(args) -> int:
         print(f"[{summary['new_tokens']} tokens, {spec_note}ttft {stats.ttft_s * 1e3:.1f} ms, "
               f"{'%.1f tok/s' % tps if tps else 'n/a'}, step p50 "
               f"{'%.2f ms' % (p50 * 1e3) if p50 else 'n/a'}, world {args.world_size}]", file=sys.stderr)
+        if "emulated" in summary:
+            print(format_emulated(summary["emulated"]), file=sys.stderr)
     return 0
 
 

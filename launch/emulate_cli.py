@@ -100,6 +100,33 @@ def run_emulate(args) -> int:
     return 0
 
 
+def emulated_summary(stats, completions) -> dict:
+    """`generate --emulate-node`: the virtual clock's times beside the measured ones. Per user: the
+    longest row's tokens after its first over the decode steps (each row's rate when rows run
+    to the same budget); the step time is the median decode step."""
+    modeled = stats.modeled
+    decoded = max(max(0, len(c.token_ids) - 1) for c in completions)
+
+    def per_user(steps: list[float]) -> float | None:
+        return decoded / sum(steps) if steps and sum(steps) > 0 else None
+
+    def median(steps: list[float]) -> float | None:
+        return sorted(steps)[(len(steps) - 1) // 2] if steps else None
+    return {"node": modeled["node"],
+            "ttft_s": {"measured": stats.ttft_s, "modeled": modeled["ttft_s"]},
+            "step_time_s": {"measured": median(stats.step_s), "modeled": median(modeled["step_s"])},
+            "tokens_per_s_per_user": {"measured": per_user(stats.step_s), "modeled": per_user(modeled["step_s"])}}
+
+
+def format_emulated(e: dict) -> str:
+    ms = lambda v: f"{v * 1e3:.3f} ms" if v is not None else "n/a"  # noqa: E731
+    rate = lambda v: f"{v:.1f}" if v is not None else "n/a"  # noqa: E731
+    return (f"[modeled on {e['node']}: step {ms(e['step_time_s']['modeled'])} (measured "
+            f"{ms(e['step_time_s']['measured'])}), ttft {ms(e['ttft_s']['modeled'])}, "
+            f"{rate(e['tokens_per_s_per_user']['modeled'])} tok/s per user (measured "
+            f"{rate(e['tokens_per_s_per_user']['measured'])})]")
+
+
 def _run_sweep(args) -> int:
     import sys
 

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from cluster.timeline import TraceError, read_trace
+from collectives.trace import MODELED_DIR
 from cluster.trace_export import export
 from cluster.trace_plot import plot_timeline
 from cluster.trace_summary import format_summary, summarize
@@ -16,8 +17,10 @@ TRACE_FILES = ("clock.json", "timeline.json", "timeline.png")
 def add_trace_parser(sub) -> None:
     trace = sub.add_parser("trace", help="inspect per-rank communication timelines (from generate --trace)")
     tsub = trace.add_subparsers(dest="trace_command", required=True, parser_class=type(trace))
-    summary = tsub.add_parser("summary", help="latency, bandwidth, skew, straggler, time shares per rank")
-    plot = tsub.add_parser("plot", help="draw the per-rank timeline of a step window as a PNG")
+    summary = tsub.add_parser("summary", help="latency, bandwidth, skew, straggler, time shares per rank "
+                                              "(measured, and modeled beside it after --emulate-node)")
+    plot = tsub.add_parser("plot", help="draw the per-rank timeline of a step window as a PNG "
+                                        "(a modeled panel below after --emulate-node)")
     exp = tsub.add_parser("export", help="write the merged Chrome/Perfetto JSON and per-rank HTA traces")
     for p in (summary, plot, exp):
         p.add_argument("dir", help="trace directory written by `generate --trace`")
@@ -60,6 +63,7 @@ def prepare_trace_dir(directory: str) -> None:
     for f in list(path.glob("rank*.msgpack")) + [path / n for n in TRACE_FILES]:
         f.unlink(missing_ok=True)
     shutil.rmtree(path / "hta", ignore_errors=True)
+    shutil.rmtree(path / MODELED_DIR, ignore_errors=True)
 
 
 def finish_trace_dir(directory: str) -> dict:

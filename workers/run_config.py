@@ -37,6 +37,7 @@ class RunConfig:
     delay_s: float = 0.0  # ...by this many seconds
     kernels: str = "auto"  # torch | triton | auto (triton on one GPU, else torch): model/fast_path.py
     cuda_graphs: str = "auto"  # on | off | auto (decode steps replay CUDA graphs where they can)
+    emulate_node: str | None = None  # a node name or JSON file: each rank keeps its virtual clock on it
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -75,8 +76,20 @@ class RunConfig:
             raise ConfigError(f"--cuda-graphs on captures one GPU's steps (world size 1), got world size {self.world_size}")
         if self.cuda_graphs == "on" and self.kernels == "torch":
             raise ConfigError("--cuda-graphs on needs the fused kernels (--kernels auto or triton), not --kernels torch")
+        if self.emulate_node is not None:
+            self._check_emulation()
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective timeout must be > 0 s, got {self.collective_timeout_s}")
+
+    def _check_emulation(self) -> None:
+        from cluster.hardware import node_spec  # pure data (the node files); refuses an unknown name or a bad file
+        node_spec(self.emulate_node)
+        if self.cuda_graphs == "on":
+            raise ConfigError("--emulate-node runs steps eagerly (a replayed CUDA graph passes by the virtual clock); "
+                              "drop --cuda-graphs on")
+        if self.draft_path:
+            raise ConfigError("--emulate-node does not cost the EAGLE-3 draft's forwards yet; "
+                              "emulate speculative decoding shape-only (dgx-emu emulate --draft-len)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -17,10 +17,12 @@ from model.llama4 import Llama4
 from model.parallel import ShardLayout, layout
 from workers.engine import Completion, Engine, GenerationStats, Request
 from collectives.faults import DelayedCommunicator
+from collectives.clocked import ClockedCommunicator
 from collectives.trace import TraceRecorder, TracingCommunicator
 from workers.model_build import build_model, default_dtype  # noqa: F401 (default_dtype: re-exported)
 from workers.run_config import RunConfig
 from workers.tracing import NullRecorder, instrument
+from workers.virtual_clock import ClockedSteps, VirtualClock
 
 
 class Worker:
@@ -30,11 +32,16 @@ class Worker:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
         self.rank, self.run, self.gpu = rank, run, gpu or {}
         self.recorder, self.tracer, self.stage_marks = None, None, []
+        self.clock, self.clock_marks = None, []
+        raw = comm
         if run.trace_dir:
             self.recorder = TraceRecorder(run.trace_dir, rank, run.world_size, comm.backend, run.device)
             comm = self.tracer = TracingCommunicator(comm, self.recorder)
         if run.delay_rank == rank:  # outside the tracer: the trace sees this rank arrive late
             comm = DelayedCommunicator(comm, run.delay_s)
+        if run.emulate_node:  # outermost: the exchange of modeled times goes through the raw communicator
+            self.clock = VirtualClock(run.emulate_node, rank, run.world_size, run.trace_dir)
+            comm = ClockedCommunicator(comm, raw, self.clock, run.device)
         self.comm = comm
         torch.set_num_threads(run.threads_per_rank)
         self.device = torch.device(run.device)
@@ -49,13 +56,13 @@ class Worker:
         start = time.perf_counter()
         model, read = build_model(self.run, self.model_cfg, self.shard, self.comm, progress)
         self.model = model.eval()
-        self.stage_marks = instrument(self.model, self.recorder) if self.recorder is not None else []
+        self._mark(self.recorder is not None)
         self.draft = None
         if self.run.draft_path:  # EAGLE-3, one-model mode: the draft's shard lives beside the target's
             self.draft, draft_read = load_draft(self.run.draft_path, self.model)
             read += draft_read
-        self.engine = Engine(self.model, self.run.max_context, self.recorder, kv_dtype=self.run.kv_torch_dtype,
-                             draft=self.draft, cuda_graphs=self.run.engine_graphs)
+        self.engine = Engine(self.model, self.run.max_context, self._engine_recorder(self.recorder),
+                             kv_dtype=self.run.kv_torch_dtype, draft=self.draft, cuda_graphs=self.run.engine_graphs)
         self.load_s = time.perf_counter() - start
         weights = self.model.weight_bytes() + (self.draft.weight_bytes() if self.draft is not None else 0)
         report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,
@@ -69,17 +76,31 @@ class Worker:
         runs as if tracing were off: untouched model, direct communicator, NullRecorder)."""
         if self.recorder is None or self.engine is None:
             raise RuntimeError(f"rank {self.rank}: set_tracing() needs a loaded rank started with a trace directory")
-        for mark in self.stage_marks:
-            mark.remove()
-        self.stage_marks = instrument(self.model, self.recorder) if on else []
+        self._mark(on)
         self.tracer.set_enabled(on)
-        self.engine.recorder = self.recorder if on else NullRecorder()
+        self.engine.recorder = self._engine_recorder(self.recorder if on else NullRecorder())
+        if self.clock is not None:
+            self.clock.set_recording(on)
+
+    def _mark(self, tracing: bool) -> None:
+        """(Re)wraps the model: the virtual clock's wrappers inside, the trace's stage marks outside
+        (a stage mark's removal takes the attribute it shadows, so both are laid anew)."""
+        for mark in self.stage_marks + self.clock_marks:
+            mark.remove()
+        self.clock_marks = self.clock.instrument(self.model) if self.clock is not None else []
+        self.stage_marks = instrument(self.model, self.recorder) if tracing else []
+
+    def _engine_recorder(self, recorder):
+        return ClockedSteps(recorder, self.clock) if self.clock is not None else recorder
 
     def generate(self, requests: list[Request], on_tokens=None, spec=None) -> tuple[list[Completion], GenerationStats]:
         """spec: a model.spec.SpecConfig for speculative decoding with the loaded draft, or None."""
         if self.engine is None:
             raise RuntimeError(f"rank {self.rank}: generate() before load()")
-        return self.engine.generate(requests, on_tokens, spec=spec)
+        completions, stats = self.engine.generate(requests, on_tokens, spec=spec)
+        if self.clock is not None:
+            stats.modeled = self.clock.take_stats()
+        return completions, stats
 
     def kv_cache_bytes(self, requests: list[Request]) -> int:
         """KV-cache bytes this rank allocates for a batch (what generate() will hold)."""
@@ -89,4 +110,6 @@ class Worker:
         return slots * per_slot * torch.tensor([], dtype=self.run.kv_torch_dtype).element_size()
 
     def close(self) -> None:
+        if self.clock is not None:
+            self.clock.close()
         self.comm.close()

@@ -1,0 +1,254 @@
+"""A rank's virtual clock: how long the work of a REAL run (CPU or GPU actors) would take on an
+emulated node (`generate --emulate-node dgx-b200`), rank by rank.
+
+The clock runs the shape-only walk's cost model (workers/cost_model.py) alongside the real
+computation. As each module runs, a wrapper around its `forward` asks the cost model for the plan
+of that call, built from the module itself and the call's real shapes (rows, new tokens, keys in
+the cache, the routed experts the router actually chose), and the clock follows it:
+
+  * local ops advance the clock by their modeled seconds (charged when the next collective is
+    reached, by which time a MoE layer's routing is known);
+  * each planned collective is met by the real communicator call it stands for (a different call
+    is an error: the plan no longer describes the run). Its transfer is costed from the real
+    call's tensors, and collectives/clocked.py ends it on every rank at the last modeled arrival
+    plus the transfer, so a rank with more modeled work makes the others wait in virtual time.
+
+So a real run and the walk can only disagree if they see different ops; tests/test_virtual_clock.py
+holds a real run's clock equal to the walk's prediction. The wrappers exist only with
+--emulate-node: without it nothing here runs. With --trace the modeled timeline goes to
+`<trace dir>/modeled/rank<r>.msgpack`, in the measured trace's format (collectives/trace.py), so
+the trace tools show both. Not costed yet: the EAGLE-3 draft's forwards (RunConfig refuses
+speculative decoding with --emulate-node).
+"""
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+from collectives.trace import MODELED_DIR, TraceRecorder
+from workers.cost_model import STAGES, Collective, CostModel, Op, activation_bytes, embed_plan, head_plan, layer_plan
+from workers.tracing import NullRecorder
+
+
+class ClockError(RuntimeError):
+    """The run made a collective its plan does not have (or skipped one it has)."""
+
+
+class VirtualClock:
+    def __init__(self, node, rank: int, world_size: int, trace_dir: str | None = None, keep_ops: bool = False) -> None:
+        """node: a cluster.hardware.NodeSpec, or its name or file. keep_ops: keep every charged op (tests compare them)."""
+        if isinstance(node, str):
+            from cluster.hardware import node_spec  # pure data, the node files (as workers/emulate.py reads them)
+            node = node_spec(node)
+        self.node, self.rank, self.world = node, rank, world_size
+        self.cost = CostModel(node, world_size)
+        self.now_s = 0.0
+        self.queue: deque = deque()  # (layer, plan item) not yet charged
+        self.layer, self.step, self.step_start = -1, -1, 0.0
+        self.experts_read: dict[int, int] = {}  # MoE layer -> routed experts this rank read in the running forward
+        self.shape = None  # (batch, new tokens, keys read summed over rows, KV element bytes) of the running forward
+        self.ops: list[tuple[int, int, Op]] | None = [] if keep_ops else None  # (step, layer, op)
+        self.routing: list[tuple[int, int, int]] = []  # (step, layer, experts read), with keep_ops
+        self.step_seconds: list[float] = []
+        self.span: list | None = None  # the modeled stage being coalesced: [name, layer, t0, t1]
+        self.seq = 0
+        self.pending: tuple | None = None  # the collective between arrive() and depart()
+        self.recorder = None
+        if trace_dir:
+            self.recorder = TraceRecorder(Path(trace_dir) / MODELED_DIR, rank, world_size, f"modeled:{node.name}",
+                                          device="virtual", now=self.now_ns,
+                                          header={"timeline": "modeled", "node": node.name, "clock": "virtual_ns"})
+            self.recorder.algorithm_of = self.cost.algorithm
+        self.recording = self.recorder is not None
+
+    def now_ns(self) -> int:
+        return round(self.now_s * 1e9)
+
+    # --- local ops ----------------------------------------------------------------------------
+    def charge(self, op: Op, layer: int) -> None:
+        start = self.now_s
+        self.now_s = start + op.seconds
+        if self.ops is not None:
+            self.ops.append((self.step, layer, op))
+        stage = STAGES[op.part]
+        if self.span is not None and self.span[0] == stage and self.span[1] == layer:
+            self.span[3] = self.now_s
+        else:
+            self._close_span()
+            self.span = [stage, layer, start, self.now_s]
+
+    def _close_span(self) -> None:
+        if self.span is not None and self.recording:
+            name, layer, t0, t1 = self.span
+            self.recorder.add_span((name, layer, self.step, round(t0 * 1e9), round(t1 * 1e9)))
+        self.span = None
+
+    def _charge_until_collective(self) -> tuple[int, Collective] | None:
+        """Charges queued local ops up to the next planned collective, which it returns (None: none queued)."""
+        while self.queue:
+            layer, item = self.queue.popleft()
+            if isinstance(item, Collective):
+                return layer, item
+            for op in [item] if isinstance(item, Op) else item():
+                self.charge(op, layer)
+        return None
+
+    def follow(self, plan: list, layer: int = -1) -> None:
+        """A module call's plan: what is left of the previous one is charged, this one is queued."""
+        self.flush()
+        self.queue.extend((layer, item) for item in plan)
+
+    def flush(self) -> None:
+        planned = self._charge_until_collective()
+        if planned is not None:
+            raise ClockError(f"rank {self.rank}: the plan of layer {planned[0]} has {planned[1].call} "
+                             f"({planned[1].name}) but the run never made that call")
+
+    # --- collectives (called by collectives/clocked.py) ----------------------------------------
+    def arrive(self, call: str, args: tuple) -> tuple[float, float]:
+        planned = self._charge_until_collective()
+        if planned is not None and planned[1].call != call:
+            raise ClockError(f"rank {self.rank}: layer {planned[0]}'s plan has {planned[1].call} "
+                             f"({planned[1].name}) where the run calls {call}")
+        if planned is not None:
+            layer, name, part = planned[0], planned[1].name, planned[1].part
+        else:  # a call no plan has (sampling's gather of full logits): costed all the same
+            layer, name, part = self.layer, call, "head"
+        ops = self.cost.collective(Collective(call, name, part, self.cost.message_bytes(call, args)))
+        self._close_span()
+        self.pending = (layer, ops)
+        return self.now_s, sum(op.seconds for op in ops)
+
+    def depart(self, call: str, args: tuple, out, arrival_s: float, end_s: float, record: tuple | None) -> None:
+        layer, ops = self.pending
+        if self.ops is not None:
+            self.ops += [(self.step, layer, op) for op in ops]
+        self.now_s = end_s
+        self.seq += 1
+        if record is not None:
+            op_name, sent, dtype, received = record
+            self.recorder.add_collective((op_name, list(range(self.world)), self.seq, sent, dtype, layer, self.step,
+                                          round(arrival_s * 1e9), round(end_s * 1e9), received))
+
+    # --- steps (the engine's recorder calls, through ClockedSteps) -----------------------------
+    def step_begin(self, step: int, requests: list[str]) -> None:
+        self.flush()
+        self.step, self.step_start, self.layer = step, self.now_s, -1
+        if self.recording:
+            self.recorder.step_begin(step, requests)
+
+    def step_end(self, tokens: int, **fields) -> None:
+        self.flush()
+        self._close_span()
+        self.step_seconds.append(self.now_s - self.step_start)
+        if self.recording:
+            self.recorder.step_end(tokens, **fields)
+
+    def take_stats(self) -> dict:
+        """The modeled times of the steps since the last call: step 0 (prefill and first token), then each decode step."""
+        steps, self.step_seconds = self.step_seconds, []
+        return {"node": self.node.name, "ttft_s": steps[0] if steps else None, "step_s": steps[1:],
+                "total_s": sum(steps)}
+
+    def set_recording(self, on: bool) -> None:
+        """Paused tracing pauses the modeled tracks too (the clock keeps counting)."""
+        self.recording = on and self.recorder is not None
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    # --- the wrappers that feed the clock the model's calls --------------------------------------
+    def instrument(self, model) -> list:
+        """Wraps the model's forward, each decoder layer's, and each MoE's routing; returns handles."""
+        handles = [_Shadow(model, "forward", lambda original: self._model_forward(model, original))]
+        for i, layer in enumerate(model.layers):
+            handles.append(_Shadow(layer, "forward", lambda original, i=i, layer=layer:
+                                   self._layer_forward(model, layer, i, original)))
+            block = layer.feed_forward
+            if layer.is_moe and block.expert_parallel:  # the experts this rank computes, after the dispatch
+                handles.append(_Shadow(block.experts, "forward", lambda original, i=i: self._local_experts(i, original)))
+            elif layer.is_moe:  # slices of every expert the step's tokens chose
+                handles.append(_Shadow(block, "route", lambda original, i=i: self._routed(i, original)))
+        return handles
+
+    def _model_forward(self, model, original):
+        def forward(token_ids, cache, **kwargs):
+            batch, tokens = token_ids.shape
+            keys = int(cache.lengths.sum()) + batch * tokens  # each row reads its cache and its new tokens
+            self.shape = (batch, tokens, keys, cache.k[0].element_size())
+            self.layer = -1
+            self.follow(embed_plan(self.cost, model, batch, tokens))
+            out = original(token_ids, cache, **kwargs)
+            self.layer = -1
+            head_rows = batch if kwargs.get("last_only") else batch * tokens
+            self.follow(head_plan(self.cost, model, head_rows, head_rows))
+            return out
+        return forward
+
+    def _layer_forward(self, model, layer, index: int, original):
+        act = activation_bytes(model)
+
+        def forward(*args, **kwargs):
+            self.layer = index
+            batch, tokens, keys, kv_bytes = self.shape
+            read = (lambda: self._experts_of(index)) if layer.is_moe else 0
+            self.follow(layer_plan(self.cost, layer, act, batch, tokens, keys, kv_bytes, read), layer=index)
+            return original(*args, **kwargs)
+        return forward
+
+    def _experts_of(self, layer: int) -> int:
+        try:
+            read = self.experts_read.pop(layer)
+        except KeyError:
+            raise ClockError(f"rank {self.rank}: MoE layer {layer} ran without routing any token") from None
+        if self.ops is not None:
+            self.routing.append((self.step, layer, read))
+        return read
+
+    def _routed(self, layer: int, original):
+        def route(x):
+            expert_ids, scores = original(x)
+            self.experts_read[layer] = int(expert_ids.unique().numel())
+            return expert_ids, scores
+        return route
+
+    def _local_experts(self, layer: int, original):
+        def forward(x, local_expert):
+            self.experts_read[layer] = int(local_expert.unique().numel())
+            return original(x, local_expert)
+        return forward
+
+
+class _Shadow:
+    """Shadows `obj.name` (a forward or a method) with make(original) until removed."""
+
+    def __init__(self, obj, name: str, make) -> None:
+        self.obj, self.name = obj, name
+        setattr(obj, name, make(getattr(obj, name)))
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)  # the class's attribute shows through again
+
+
+class ClockedSteps:
+    """The engine's recorder while the clock runs: the trace recorder's calls (or a NullRecorder's),
+    and the step boundaries to the clock. Not a NullRecorder, so the engine runs steps eagerly (a
+    replayed CUDA graph would pass by the clock's wrappers)."""
+
+    def __init__(self, recorder, clock: VirtualClock) -> None:
+        self.recorder, self.clock = recorder or NullRecorder(), clock
+
+    def span(self, name: str):
+        return self.recorder.span(name)
+
+    def step_begin(self, step: int, requests: list[str]) -> None:
+        self.clock.step_begin(step, requests)
+        self.recorder.step_begin(step, requests)
+
+    def step_end(self, tokens: int, **fields) -> None:
+        self.recorder.step_end(tokens, **fields)
+        self.clock.step_end(tokens, **fields)
+
+    def close(self) -> None:
+        self.recorder.close()
