@@ -117,3 +117,14 @@ def test_sampled_rows_draw_in_the_graph_as_eager_steps_do(model):
     assert got[1].token_ids == greedy[1].token_ids, "a greedy row beside sampled ones must stay greedy"
     again, _, _ = _graph_run(model, requests)
     assert [c.token_ids for c in again] == [c.token_ids for c in got]
+
+
+def test_only_capturable_collectives_are_captured():
+    from workers.cuda_graphs import comm_blocker
+    assert comm_blocker(SingleRankCommunicator()) is None
+    two = SingleRankCommunicator()
+    two.world_size, two.backend = 2, "shm"
+    assert comm_blocker(two) == ("the SingleRankCommunicator (shm) collectives cannot be captured in a CUDA graph "
+                                 "(NCCL's can)")
+    two.graph_capturable = True  # what a graph-safe backend (symmetric memory) declares
+    assert comm_blocker(two) is None
