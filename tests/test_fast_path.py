@@ -146,3 +146,33 @@ def test_bench_decode_refuses_without_a_gpu():
     run = subprocess.run([sys.executable, "-m", "launch", "bench", "decode", "--steps", "draft"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--steps: unknown draft" in run.stderr
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch: GPU only")
+def test_gpu_decode_step_same_bits_with_and_without_pdl(models, monkeypatch):
+    """PDL changes when kernels start, never what they compute: a decode step's logits and KV writes
+    are the same bits with it on and off, eager and replayed from a CUDA graph."""
+    from collectives import triton_support
+    _, fused = models
+    ids = torch.randint(0, fused.cfg.vocab_size, (2, 1), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    results = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(triton_support, "PDL_ENABLED", enabled)
+        cache = _prefilled(fused, 2, seed=4)
+        saved = cache.lengths.clone()
+        eager = fused(ids, cache, static=True).logits.clone()
+        cache.lengths.copy_(saved)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                captured = fused(ids, cache, static=True).logits
+        torch.cuda.current_stream().wait_stream(stream)
+        cache.lengths.copy_(saved)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[enabled] = (eager, captured.clone(), cache.k[0].clone(), cache.v[-1].clone())
+    for off, on in zip(results[False], results[True]):
+        assert torch.equal(off, on)
+    assert torch.equal(results[True][0], results[True][1])

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from model.fp8 import fp8_values
 
-from collectives.triton_support import INTERPRETED, tl, triton
+from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,6 +50,8 @@ TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dim
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
 
 if triton is not None:
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
+
     @triton.jit
     def _load_kv(ptrs, ok, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
         """(BLOCK_S, D) keys or values: `.to(q.dtype)`, or the bare e4m3 values (exact in any dot
@@ -102,8 +104,11 @@ if triton is not None:
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr,
                       HAS_MASK: tl.constexpr, CHUNKED: tl.constexpr, FP8_CACHE: tl.constexpr,
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
-                      LOOP_WHILE: tl.constexpr):
-        """Program (b * HKV + h, split, row block): unnormalized partial attention of one split."""
+                      LOOP_WHILE: tl.constexpr, PDL: tl.constexpr):
+        """Program (b * HKV + h, split, row block): unnormalized partial attention of one split.
+        With PDL: waits for the kernel that wrote q and the new keys before anything else."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         bh = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         b, h = bh // HKV, bh % HKV
@@ -155,8 +160,10 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, rows_pad,
                       T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      N_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                      N_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SPLIT_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program (b * HKV + h, row): out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         bh = tl.program_id(0).to(tl.int64)
         row = tl.program_id(1)
         base = bh * N_SPLITS * rows_pad + row  # scratch row of split 0
@@ -290,13 +297,13 @@ def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chu
         N_SPLITS=n_splits, HAS_MASK=step_mask is not None, CHUNKED=chunk_size is not None, FP8_CACHE=fp8_cache,
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
         CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED,
-        num_warps=8 if block_r * head_dim >= 8192 else 4)
+        num_warps=8 if block_r * head_dim >= 8192 else 4, **pdl_kwargs(q))
     splits_p2 = triton.next_power_of_2(n_splits)
     split_block = min(MERGE_TILE // head_dim, splits_p2)
     _merge_kernel[(batch * n_kv_heads, n_new * (n_heads // n_kv_heads))](
         acc, m, l, out, rows_pad, T=n_new, GROUP=n_heads // n_kv_heads, HKV=n_kv_heads, D=head_dim,
         N_SPLITS=n_splits, SPLITS_P2=splits_p2, SPLIT_BLOCK=split_block,
-        num_warps=min(8, max(2, split_block * head_dim // 2048)))
+        num_warps=min(8, max(2, split_block * head_dim // 2048)), **pdl_kwargs(q))
     return out
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from collectives.communicator import FP8_MAX, quantize_fp8
-from collectives.triton_support import INTERPRETED, tl, triton
+from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,6 +51,8 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv")
 
 if triton is not None:
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
+
     FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
 
     @triton.jit
@@ -99,21 +101,51 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _load_w(w_gate, w_up, ks, mask, stride_wk, SWIGLU: tl.constexpr):
+        """One K chunk of the weight tile(s) as stored: (BLOCK_N, BLOCK_K) gate rows (and up rows)."""
+        w_g = tl.load(w_gate + ks[None, :] * stride_wk, mask=mask, other=0.0)
+        w_u = w_g
+        if SWIGLU:
+            w_u = tl.load(w_up + ks[None, :] * stride_wk, mask=mask, other=0.0)
+        return w_g, w_u
+
+    @triton.jit
+    def _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE: tl.constexpr,
+                   QUANT: tl.constexpr, SWIGLU: tl.constexpr):
+        """acc += W chunk * x chunk (broadcast over the tile's rows), float32."""
+        x = _load_x(x_row + ks, k_ok, rs, ROW_SCALE)
+        if QUANT:
+            x = _quantize(x, div)
+        acc_g += w_g.to(tl.float32) * x[None, :]
+        if SWIGLU:
+            acc_u += w_u.to(tl.float32) * x[None, :]
+        return acc_g, acc_u
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT,
                      stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_wse, stride_om,
                      K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Program (row, n tile): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if GATHER.
         QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale (FP8 weights).
-        Rows vary fastest, so rows that share a weight tile run side by side and share it in L2."""
+        Rows vary fastest, so rows that share a weight tile run side by side and share it in L2.
+        With PDL the first K chunk of a dense weight is in flight before the wait for the kernel
+        that wrote x (a gathered one waits first: the kernel before wrote the expert ids)."""
         row, tile = tl.program_id(0) % M, tl.program_id(0) // M
         expert = 0
         if GATHER:
+            pdl_wait(PDL)
             expert = tl.load(ids_ptr + row).to(tl.int64)  # int64: E * N * K can pass 2^31
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns
         col_ok = cols < N_OUT
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
+        ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,) the first K chunk
+        k_ok = ks < K
+        w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
+        if not GATHER:
+            pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         x_row = x_ptr + row * stride_xm
         rs = 1.0
         if ROW_SCALE:
@@ -123,18 +155,12 @@ if triton is not None:
             xs, div = _x_scale(x_row, xs_ptr + expert * stride_xse, rs, K, ROW_SCALE, QUANT, BLOCK_K)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # per-lane partial sums, reduced once at the end
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             k_ok = ks < K
-            x = _load_x(x_row + ks, k_ok, rs, ROW_SCALE)
-            if QUANT:
-                x = _quantize(x, div)
-            mask = col_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_gate + ks[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
-            acc_g += w * x[None, :]
-            if SWIGLU:
-                w = tl.load(w_up + ks[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
-                acc_u += w * x[None, :]
+            w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
+            acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
         ws_g, ws_u = 1.0, 1.0
         if QUANT:  # per output row dequantization multipliers (per expert when GATHER)
             ws_g = tl.load(ws_ptr + expert * stride_wse + cols, mask=col_ok, other=0.0)
@@ -145,9 +171,11 @@ if triton is not None:
 
     @triton.jit
     def _quantize_kernel(x_ptr, rs_ptr, xs_ptr, q_ptr, scale_ptr, stride_xm, K: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+                         ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Program (row): the row's FP8 activation and scale, as the GEMV prologue derives them, stored
         once for the 16-row tl.dot kernel: there every program would redo 16 rows of IEEE divisions."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         row = tl.program_id(0)
         x_row = x_ptr + row * stride_xm
         rs = 1.0
@@ -161,11 +189,33 @@ if triton is not None:
         tl.store(scale_ptr + row, xs)
 
     @triton.jit
+    def _load_wt(w_gate, w_up, ks, mask, stride_wk, SWIGLU: tl.constexpr):
+        """One K chunk of W^T as stored: (BLOCK_K, BLOCK_N) gate columns (and up columns)."""
+        b_g = tl.load(w_gate + ks[:, None] * stride_wk, mask=mask, other=0.0)
+        b_u = b_g
+        if SWIGLU:
+            b_u = tl.load(w_up + ks[:, None] * stride_wk, mask=mask, other=0.0)
+        return b_g, b_u
+
+    @triton.jit
+    def _dot_chunk(acc_g, acc_u, b_g, b_u, x_rows, ks, mask, rs, ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr):
+        """acc += x chunk (BLOCK_M, BLOCK_K) @ W^T chunk, operands in DOT_DTYPE (exact), float32 sums."""
+        a = _load_x(x_rows + ks[None, :], mask, rs, ROW_SCALE)
+        a = a.to(DOT_DTYPE)  # exact: x's own dtype, or e4m3 values into bf16
+        acc_g = tl.dot(a, b_g.to(DOT_DTYPE), acc_g, input_precision="ieee")
+        if SWIGLU:
+            acc_u = tl.dot(a, b_u.to(DOT_DTYPE), acc_u, input_precision="ieee")
+        return acc_g, acc_u
+
+    @triton.jit
     def _dot_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT, stride_xm, stride_wn, stride_wk,
                     stride_om, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr):
         """Program (n tile): out[:M, tile] = f(x @ W[tile].T) on 16-row tiles; W read once for all rows.
-        FP8 (QUANT): x comes quantized by `_quantize_kernel`, row scales applied, with its scales (M,)."""
+        FP8 (QUANT): x comes quantized by `_quantize_kernel`, row scales applied, with its scales (M,).
+        With PDL the first K chunk of W is in flight before the wait for the kernel that wrote x."""
         rows = tl.arange(0, BLOCK_M)
         row_ok = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,6 +223,11 @@ if triton is not None:
         x_rows = x_ptr + rows[:, None] * stride_xm  # (BLOCK_M, 1)
         w_gate = w_ptr + cols.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N): W^T tiles
         w_up = w_gate + N_OUT * stride_wn
+        ks = tl.arange(0, BLOCK_K)  # the first K chunk
+        k_ok = ks < K
+        b_g, b_u = _load_wt(w_gate, w_up, ks, k_ok[:, None] & col_ok[None, :], stride_wk, SWIGLU)
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         rs = tl.full((BLOCK_M, 1), 1.0, tl.float32)
         if ROW_SCALE:
             rs = tl.load(rs_ptr + rows, mask=row_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
@@ -181,17 +236,14 @@ if triton is not None:
             xs = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[:, None]  # (BLOCK_M, 1)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc_g, acc_u = _dot_chunk(acc_g, acc_u, b_g, b_u, x_rows, ks, row_ok[:, None] & k_ok[None, :], rs,
+                                  ROW_SCALE, SWIGLU, DOT_DTYPE)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            a = _load_x(x_rows + ks[None, :], row_ok[:, None] & k_ok[None, :], rs, ROW_SCALE)
-            a = a.to(DOT_DTYPE)  # (BLOCK_M, BLOCK_K), exact: x's own dtype, or e4m3 values into bf16
-            mask = k_ok[:, None] & col_ok[None, :]
-            b = tl.load(w_gate + ks[:, None] * stride_wk, mask=mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N)
-            acc_g = tl.dot(a, b, acc_g, input_precision="ieee")
-            if SWIGLU:
-                b = tl.load(w_up + ks[:, None] * stride_wk, mask=mask, other=0.0).to(DOT_DTYPE)
-                acc_u = tl.dot(a, b, acc_u, input_precision="ieee")
+            b_g, b_u = _load_wt(w_gate, w_up, ks, k_ok[:, None] & col_ok[None, :], stride_wk, SWIGLU)
+            acc_g, acc_u = _dot_chunk(acc_g, acc_u, b_g, b_u, x_rows, ks, row_ok[:, None] & k_ok[None, :], rs,
+                                      ROW_SCALE, SWIGLU, DOT_DTYPE)
         ws_g, ws_u = 1.0, 1.0
         if QUANT:
             ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]  # (1, BLOCK_N)
@@ -334,7 +386,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     rs = x if row_scale is None else row_scale  # unused pointers get x (never read)
     xs, ws = (act_quant if quant == 1 else x), (weight_scale if quant else x)
     flags = dict(ROW_SCALE=row_scale is not None, QUANT=quant, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x))
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
     if gemv:
         per_expert_xs = quant == 1 and act_quant.numel() > 1  # (E,) static scales
@@ -349,7 +401,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
             xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
             _quantize_kernel[(m,)](x, rs, act_quant if quant == 1 else x, x_q, xs, x.stride(0), K=k,
                                    ROW_SCALE=row_scale is not None, QUANT=quant,
-                                   BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4)
+                                   BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
             x, flags["ROW_SCALE"] = x_q, False
         _dot_kernel[(tiles,)](
             x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
-from collectives.triton_support import INTERPRETED, tl, triton
+from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,6 +44,8 @@ MAX_PAIRS = 1024  # (head, pair) elements of one program: 16 heads of 128
 
 if triton is not None:
     from triton.language.extra import libdevice
+
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
 
@@ -109,10 +111,12 @@ if triton is not None:
             n_new, max_len, eps, floor_scale, attn_scale,
             N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
             HEADS_BLOCK: tl.constexpr, USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr,
-            USE_TEMPERATURE: tl.constexpr, FP8_CACHE: tl.constexpr):
+            USE_TEMPERATURE: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr):
         """Program (token, block of heads), token = b * T + t. Of the row's heads, [0, N_HEADS) are q heads
         (written to q), the next N_KV_HEADS k heads, the last N_KV_HEADS v heads (both written to cache
-        slot start[b] + t)."""
+        slot start[b] + t). With PDL: waits for the QKV GEMV before anything else."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         token = tl.program_id(0)
         io = qkv_ptr.dtype.element_ty
         n_all: tl.constexpr = N_HEADS + 2 * N_KV_HEADS
@@ -211,7 +215,7 @@ def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, start: torch.Tens
         v_scale if fp8 else v_cache, n_new, k_cache.shape[2], float(eps), float(floor_scale), float(attn_scale),
         N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, HALF=half, HEADS_BLOCK=heads_block,
         USE_ROPE=bool(use_rope), USE_QK_NORM=bool(use_qk_norm), USE_TEMPERATURE=temperature is not None,
-        FP8_CACHE=fp8, num_warps=min(4, max(1, heads_block * half // 256)), enable_fp_fusion=False)
+        FP8_CACHE=fp8, num_warps=min(4, max(1, heads_block * half // 256)), enable_fp_fusion=False, **pdl_kwargs(qkv))
     return q
 
 

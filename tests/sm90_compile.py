@@ -1,0 +1,108 @@
+"""Compiles the decode kernels for an H100/H200 (sm90) on a machine without a GPU, and reports
+where programmatic-dependent-launch instructions and global loads sit in each kernel's PTX.
+
+Why: Triton's interpreter (how the CPU tests run the kernels) never traces the `PDL` branches, so
+without this a typo in them would first show on a lent GPU. Triton compiles for a named target
+without a device when its driver is replaced by a stand-in that names the target; kernels are then
+compiled (`warmup`) and never launched: outputs are garbage, only the binaries matter.
+
+Run as a script (it must start with TRITON_INTERPRET unset): prints one JSON line per compiled
+kernel with its name, launch_pdl, the counts of griddepcontrol.wait / .launch_dependents, and
+the number of global loads issued before the wait.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+class _Sm90Driver:
+    """Just enough of Triton's driver for compiling: the target, device 0, stream 0."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _install() -> list:
+    """Compile-only launches against the stand-in driver; returns the list compiled kernels go to."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+    driver.set_active(_Sm90Driver())
+    compiled, original = [], JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, bool(kwargs.get("launch_pdl", False)), kernel))
+        return kernel
+    JITFunction.run = run
+    return compiled
+
+
+def _summary(name: str, pdl: bool, kernel) -> dict:
+    lines = kernel.asm["ptx"].splitlines()
+    waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    loads_before = sum("ld.global" in line for line in lines[:waits[0]]) if waits else 0
+    return {"kernel": name, "launch_pdl": pdl, "waits": len(waits),
+            "launch_dependents": sum("griddepcontrol.launch_dependents" in line for line in lines),
+            "loads_before_wait": loads_before}
+
+
+def _decode_kernels() -> None:
+    """Every decode kernel of the fused path once, at medium's shapes (bf16 and FP8)."""
+    from collectives import triton_support
+    from model.kernels import decode_attention, linear_small_m as lsm, qkv_rope
+    triton_support.use_pdl = lambda x: True  # CPU tensors stand in for CUDA ones
+    lsm.available = qkv_rope.available = lambda x: True
+    x1, x4 = torch.randn(1, 2048, dtype=torch.bfloat16), torch.randn(4, 2048, dtype=torch.bfloat16)
+    w = torch.randn(4096, 2048, dtype=torch.bfloat16)
+    experts = torch.randn(4, 4096, 2048, dtype=torch.bfloat16)
+    wq, ws = w.to(FP8), torch.ones(4096)
+    lsm.linear_small_m(x1, w)
+    lsm.linear_small_m(x1, experts, expert_ids=torch.zeros(1, dtype=torch.int32), row_scale=torch.ones(1),
+                       swiglu=True)
+    lsm.linear_small_m(x1, wq, weight_scale=ws, act_quant="token")
+    lsm.linear_small_m(x4, wq, weight_scale=ws, act_quant="token", swiglu=True)  # pre-pass + tl.dot
+    heads, kv_heads, dim, slots = 16, 8, 128, 1024
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * dim, dtype=torch.bfloat16)
+    k_cache = torch.zeros(1, kv_heads, slots, dim, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    pos, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    q = qkv_rope.qkv_rope_cache(qkv, pos, start, k_cache, v_cache, n_heads=heads, n_kv_heads=kv_heads,
+                                head_dim=dim, inv_freq=torch.ones(dim // 2), use_rope=True, use_qk_norm=False,
+                                eps=1e-5, temperature=(8192.0, 0.1))
+    decode_attention.decode_attention(q, k_cache, v_cache, start, pos, scale=dim ** -0.5, chunk_size=8192)
+
+
+def main() -> int:
+    try:
+        compiled = _install()
+    except (ImportError, AttributeError, TypeError) as exc:  # another Triton's internals: nothing compiled
+        print(f"SETUP-FAILED: {type(exc).__name__}: {exc}")
+        return 3
+    _decode_kernels()
+    for name, pdl, kernel in compiled:
+        print(json.dumps(_summary(name, pdl, kernel)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
