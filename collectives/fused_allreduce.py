@@ -31,8 +31,14 @@ bumps its counter every launch (programs past the last row too), so all programs
 agree on the launch's epoch, and data and flags alternate between two parities. Safe because a
 rank that writes launch n's data into a peer has finished launch n-1, which waited for that peer's
 flag of n-1, posted after the peer finished launch n-2, the last user of that parity (launches on
-one rank are ordered on one stream). A wait that outlasts timeout_ns gives up and ORs the missing
+one rank are ordered one after another: one stream, or streams that wait on each other; never
+with programmatic dependent launch). A wait that outlasts timeout_ns gives up and ORs the missing
 ranks' bits into a status word (`FusedAllReduce.missing_ranks`); nothing hangs forever.
+
+Memory ordering (what the interpreter cannot check; the 2-GPU tests do): pushes are plain
+vectorized stores to peer memory; a CTA barrier, then thread 0's atomic exchange with release
+semantics at system scope publishes them; readers spin on acquire atomics at system scope, then
+read the slots with .cg loads (L2, where NVLink writes land). No NVLink multicast.
 """
 from __future__ import annotations
 

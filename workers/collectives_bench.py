@@ -78,6 +78,8 @@ def time_case(comm: Communicator, run, mode: str, ops: int, samples: int) -> lis
             align()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    if hasattr(comm, "fused") and comm.fused.missing_ranks():  # fail now, not after every sample timed out
+        raise RuntimeError(f"rank {comm.rank}: the fused kernel timed out waiting for ranks {comm.fused.missing_ranks()}")
     if mode == "graph":
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
