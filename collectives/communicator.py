@@ -98,8 +98,69 @@ class Communicator(ABC):
         back, _ = self.all_to_all(y, recv_counts)
         return back
 
+    # --- MoE dispatch / combine at static shapes (collectives/moe_all_to_all.py: the GPU kernels) ---
+    device_dispatch: bool = False  # True: dispatch_static / combine_static run on the device, no host sync
+
+    def dispatch_static(self, x: torch.Tensor, dest_rank: torch.Tensor,
+                        expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoE dispatch whose shapes do not depend on the routing. x (M, H): this rank's routed rows
+        (the same M on every rank); dest_rank (M,): the rank row i goes to, -1 for a row that goes
+        nowhere (padding); expert_ids (M,): each row's expert. Returns recv_x (world*M, H) and
+        recv_ids (world*M,) in expert_ids' dtype: slot s*M + i holds row i of rank s and its expert
+        id where that row came here, zeros and -1 elsewhere (padding: experts and combine skip it).
+        This reference runs two all_to_alls with the counts on the host; `device_dispatch`
+        backends run kernels with no host sync."""
+        world, m = self.world_size, _check_static(x, dest_rank, expert_ids, self.world_size)
+        sent = dest_rank >= 0
+        order = torch.argsort(torch.where(sent, dest_rank, world), stable=True)  # by destination, unsent last
+        send_counts = torch.bincount(dest_rank[sent], minlength=world).tolist()
+        order = order[: sum(send_counts)]
+        meta = torch.stack([order, expert_ids[order].long()], dim=1)  # (n, 2): source row index, expert id
+        rows, recv_counts = self.all_to_all(x[order], send_counts)
+        recv_meta, _ = self.all_to_all(meta, send_counts)
+        source = torch.repeat_interleave(torch.arange(world, device=x.device),
+                                         torch.tensor(recv_counts, device=x.device))
+        slot = source * m + recv_meta[:, 0]  # (n_received,)
+        recv_x = x.new_zeros(world * m, x.shape[1])
+        recv_x[slot] = rows
+        recv_ids = torch.full((world * m,), -1, dtype=expert_ids.dtype, device=x.device)
+        recv_ids[slot] = recv_meta[:, 1].to(expert_ids.dtype)
+        return recv_x, recv_ids
+
+    def combine_static(self, y: torch.Tensor, recv_ids: torch.Tensor, dest_rank: torch.Tensor) -> torch.Tensor:
+        """The inverse of dispatch_static. y (world*M, H): the expert outputs of the received slots;
+        recv_ids: dispatch_static's (slots with -1 are ignored); dest_rank (M,): what this rank
+        dispatched. Returns (M, H): row i is y's slot [this rank, i] on rank dest_rank[i], zeros
+        for rows that went nowhere."""
+        world, m = self.world_size, dest_rank.shape[0] if dest_rank.dim() == 1 else -1
+        if y.dim() != 2 or y.shape[0] != world * m or recv_ids.shape != (world * m,):
+            raise ValueError(f"combine_static: y must be (world*M, H) and recv_ids (world*M,) for M = {m} rows "
+                             f"(dest_rank's) on {world} ranks, got {tuple(y.shape)} and {tuple(recv_ids.shape)}")
+        filled = torch.nonzero(recv_ids >= 0)[:, 0]  # ascending: grouped by source rank, then row
+        back, _ = self.all_to_all(y[filled], torch.bincount(filled // m, minlength=world).tolist())
+        sent = dest_rank >= 0
+        order = torch.argsort(torch.where(sent, dest_rank, world), stable=True)[: int(sent.sum())]
+        out = y.new_zeros(m, y.shape[1])
+        out[order] = back  # each destination returns its rows in the order they were sent
+        return out
+
     def close(self) -> None:
         """Releases the backend's resources (idempotent)."""
+
+
+def _check_static(x: torch.Tensor, dest_rank: torch.Tensor, expert_ids: torch.Tensor, world: int) -> int:
+    """dispatch_static's arguments, checked (a host sync: the reference path has them anyway). Returns M."""
+    if x.dim() != 2:
+        raise ValueError(f"dispatch_static: x must be (M, H) rows, got shape {tuple(x.shape)}")
+    m = x.shape[0]
+    for name, t in (("dest_rank", dest_rank), ("expert_ids", expert_ids)):
+        if t.shape != (m,) or t.dtype not in (torch.int32, torch.int64) or t.device != x.device:
+            raise ValueError(f"dispatch_static: {name} must be an int32/int64 ({m},) tensor on {x.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if m and not bool(((dest_rank >= -1) & (dest_rank < world)).all()):
+        raise ValueError(f"dispatch_static: dest_rank holds ranks outside -1..{world - 1}: "
+                         f"{sorted(set(dest_rank.tolist()) - set(range(-1, world)))}")
+    return m
 
 
 class SingleRankCommunicator(Communicator):
