@@ -25,7 +25,7 @@ from workers.step_bench import RANDOM_PRESETS, STEPS
 
 PRESETS = ("embedded", *RANDOM_PRESETS)
 MODES = ("graph", "eager-triton", "eager-torch")
-COMMS = ("nccl",)  # GPU backends a TP run can use
+COMMS = ("symm", "nccl")  # GPU backends a TP run can use
 
 
 def add_bench_parser(sub) -> None:
@@ -37,7 +37,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU of this host")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout at --tp > 1")
-    p.add_argument("--comm", default="nccl", help=f"collective backend at --tp > 1: {', '.join(COMMS)}")
+    p.add_argument("--comm", default="symm", help=f"collective backend at --tp > 1: {', '.join(COMMS)}")
     p.add_argument("--steps", default="decode,verify", help=f"comma-separated: {', '.join(STEPS)}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--context", type=int, default=512, help="keys every step attends to")

@@ -67,8 +67,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="decode-step kernels: fused Triton kernels or the torch reference ops (auto: triton on cuda)")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="replay decode steps from CUDA graphs (auto: where possible on cuda; on: error if not)")
-    p.add_argument("--comm", default=None, choices=["shm", "gloo", "nccl"],
-                   help="data-plane backend (default: shm on cpu, nccl on cuda)")
+    p.add_argument("--comm", default=None, choices=["shm", "gloo", "nccl", "symm"],
+                   help="data-plane backend (default: shm on cpu; on cuda symm for ranks on one host, nccl across hosts)")
     p.add_argument("--hardware", default="b200", choices=["b200", "h200", "h100"],
                    help="the GPU each rank stands for")
     p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
@@ -158,9 +158,17 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
+def default_comm(device: str, world_size: int, ray_address: str | None) -> str:
+    """shm for CPU actors; on GPUs the fused peer-memory collectives (symm) when the node starts
+    on this host, NCCL when it joins a cluster (its ranks may span hosts)."""
+    if device != "cuda":
+        return "shm"
+    return "symm" if world_size > 1 and ray_address is None else "nccl"
+
+
 def run_generate(args) -> int:
     model_dir = Path(args.model) if args.model else ensure_default_model()
-    comm = args.comm or ("nccl" if args.device == "cuda" else "shm")
+    comm = args.comm or default_comm(args.device, args.world_size, args.ray_address)
     draft_path, spec = spec_settings(args, model_given=args.model is not None)
     if args.trace:
         prepare_trace_dir(args.trace)

@@ -117,9 +117,9 @@ def test_static_step_never_reads_the_device(models, monkeypatch):
 @pytest.mark.parametrize("settings,message", [
     ({"device": "cpu", "kernels": "triton"}, "--kernels triton needs --device cuda"),
     ({"device": "cpu", "cuda_graphs": "on"}, "--cuda-graphs on needs --device cuda"),
-    ({"device": "cuda", "comm": "nccl", "world_size": 2, "cuda_graphs": "on"}, "world size 1"),
     ({"device": "cuda", "comm": "gloo", "world_size": 1, "cuda_graphs": "on", "kernels": "torch"}, "fused kernels"),
     ({"kernels": "cutlass"}, "kernels must be one of"),
+    ({"device": "cpu", "comm": "symm"}, "--comm symm needs --device cuda"),
 ])
 def test_kernel_and_graph_settings_are_checked(settings, message):
     from model.config import ConfigError
@@ -128,10 +128,10 @@ def test_kernel_and_graph_settings_are_checked(settings, message):
         RunConfig(model_path="m", **settings)
 
 
-def test_kernels_default_to_the_fused_path_on_one_gpu_only():
+def test_kernels_default_to_the_fused_path_on_gpus_only():
     from workers.run_config import RunConfig
     assert RunConfig("m", device="cuda", comm="gloo", world_size=1).model_kernels == "triton"
-    assert RunConfig("m", device="cuda", comm="nccl", world_size=2).model_kernels == "torch"
+    assert RunConfig("m", device="cuda", comm="symm", world_size=2).model_kernels == "triton"
     assert RunConfig("m", device="cpu", world_size=1).model_kernels == "torch"
     assert RunConfig("m", device="cpu").engine_graphs == "off"
 

@@ -12,7 +12,7 @@ from model.config import ConfigError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 FP8_SCHEMES = ("auto", "per-tensor", "channel", "block")  # auto: the checkpoint's, else channel
 KV_DTYPES = ("auto", "fp8")  # auto: the compute dtype
-COMM_BACKENDS = ("shm", "gloo", "nccl")
+COMM_BACKENDS = ("shm", "gloo", "nccl", "symm")  # symm: fused collectives over GPU peer memory, one host
 DEVICES = ("cpu", "cuda")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -52,8 +52,8 @@ class RunConfig:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.comm not in COMM_BACKENDS:
             raise ConfigError(f"comm backend must be one of {COMM_BACKENDS}, got {self.comm!r}")
-        if self.comm == "nccl" and self.device != "cuda":
-            raise ConfigError("--comm nccl needs --device cuda")
+        if self.comm in ("nccl", "symm") and self.device != "cuda":
+            raise ConfigError(f"--comm {self.comm} needs --device cuda")
         if self.comm == "shm" and self.device != "cpu":
             raise ConfigError("--comm shm is for CPU actors (use nccl with --device cuda)")
         if not isinstance(self.world_size, int) or self.world_size < 1:
@@ -72,8 +72,6 @@ class RunConfig:
         if self.device != "cuda" and (self.cuda_graphs == "on" or self.kernels == "triton"):
             flag = "--cuda-graphs on" if self.cuda_graphs == "on" else "--kernels triton"
             raise ConfigError(f"{flag} needs --device cuda")
-        if self.cuda_graphs == "on" and self.world_size > 1:
-            raise ConfigError(f"--cuda-graphs on captures one GPU's steps (world size 1), got world size {self.world_size}")
         if self.cuda_graphs == "on" and self.kernels == "torch":
             raise ConfigError("--cuda-graphs on needs the fused kernels (--kernels auto or triton), not --kernels torch")
         if self.emulate_node is not None:
@@ -98,11 +96,10 @@ class RunConfig:
 
     @property
     def model_kernels(self) -> str:
-        """What the model is built with. auto: the fused kernels on one GPU (where they and their
-        CUDA graphs were measured against the torch ops); several GPUs keep the torch ops until the
-        fused kernels have run there beside NCCL (--kernels triton asks for them anyway)."""
+        """What the model is built with. auto: the fused kernels on GPUs (any world size: each rank
+        runs them at its shard's shapes, and CUDA graphs need them), the torch ops on CPU actors."""
         if self.kernels == "auto":
-            return "triton" if self.device == "cuda" and self.world_size == 1 else "torch"
+            return "triton" if self.device == "cuda" else "torch"
         return self.kernels
 
     @property
