@@ -120,33 +120,14 @@ def main() -> None:
 
 
 def gpu_main(args) -> None:
-    import datetime
-    import json
-    import tempfile
-
-    from workers.collectives_bench import bench_rank, table, two_shot_from
-    if torch.cuda.device_count() < args.world:
-        sys.exit(f"--world {args.world} needs {args.world} GPUs; this machine has {torch.cuda.device_count()}")
-    settings = {"tokens": [int(t) for t in args.tokens.split(",")], "modes": args.modes.split(","),
-                "samples": args.samples, "ops": args.ops, "dtype": "bfloat16"}
-    with tempfile.TemporaryDirectory() as scratch:
-        settings["rows_path"] = str(Path(scratch) / "rows.json")
-        run_world(args.world, bench_rank, settings, timeout_s=900.0, backend=args.comm, device="cuda")
-        rows = json.loads(Path(settings["rows_path"]).read_text())
-    from collectives.fused_allreduce import TWO_SHOT_MIN_BYTES
-    print(f"machine: {args.world} x {torch.cuda.get_device_name()}; comm {args.comm}; {args.samples} samples of "
-          f"{args.ops} calls; slowest rank's median")
-    print(table(rows))
-    won = two_shot_from(rows)
-    print(f"two-shot beat one-shot (ar_rmsnorm, graph) from {won} tokens" if won else
-          "two-shot never beat one-shot (ar_rmsnorm, graph)",
-          f"(TWO_SHOT_MIN_BYTES now {TWO_SHOT_MIN_BYTES} = {TWO_SHOT_MIN_BYTES // (2 * 5120)} bf16 tokens of 5120)")
-    if args.out:
-        payload = {"machine": f"{args.world} x {torch.cuda.get_device_name()}", "date": datetime.date.today().isoformat(),
-                   "command": "python " + " ".join(sys.argv), "results": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        print("saved", args.out)
+    """GPU mode is `dgx-emu bench collectives` (launch/bench_collectives.py); kept here for old commands."""
+    from cluster.node import UserError
+    from launch.bench_collectives import run_collectives
+    args.tp = args.world
+    try:
+        sys.exit(run_collectives(args))
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

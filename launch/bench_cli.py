@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from cluster.node import UserError
+from launch.bench_collectives import add_collectives_parser, run_collectives
 from model.embedded import ensure_default_model
 from workers.step_bench import RANDOM_PRESETS, STEPS
 
@@ -44,6 +45,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--iters", type=int, default=300, help="timed steps per measurement (eager: a tenth)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel trace of graph decode steps")
+    add_collectives_parser(bsub)
 
 
 def _choices(text: str, allowed, what: str) -> list[str]:
@@ -80,6 +82,8 @@ def _check_gpus(tp: int, comm: str) -> None:
 
 
 def run_bench(args) -> int:
+    if args.bench_command == "collectives":
+        return run_collectives(args)
     import torch
 
     from workers.step_bench import measure_all

@@ -1,0 +1,70 @@
+"""`dgx-emu bench collectives`: a TP step's collectives on this host's GPUs, fused kernel next to NCCL.
+
+    dgx-emu bench collectives --tp 2 [--tokens 1,4,16,128] [--modes graph,eager] [--out FILE.json]
+
+One process per GPU (cluster/procs.run_world) joined by the symm backend, which also holds the
+NCCL group, so the fused kernels and NCCL are timed in the same run, on the same buffers' shapes
+(workers/collectives_bench.py says what each row times). Prints one table, the slowest rank's
+median and p90 per call, and where two-shot starts to beat one-shot.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from cluster.node import UserError
+
+
+def add_collectives_parser(bsub) -> None:
+    p = bsub.add_parser("collectives", help="fused AllReduce+RMSNorm, all-reduce, all-gather: symm kernels vs NCCL")
+    p.add_argument("--tp", type=int, default=2, help="GPUs of this host, one process each")
+    p.add_argument("--tokens", default="1,4,16,128", help="comma-separated rows per call (hidden 5120, bf16)")
+    p.add_argument("--modes", default="graph,eager", help="graph (replayed CUDA graph) and/or eager")
+    p.add_argument("--samples", type=int, default=100, help="timed samples per case")
+    p.add_argument("--ops", type=int, default=20, help="back-to-back calls per sample")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _settings(args) -> dict:
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t]
+    except ValueError:
+        raise UserError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    modes = [m for m in args.modes.split(",") if m]
+    if not tokens or min(tokens) < 1 or not modes or set(modes) - {"graph", "eager"}:
+        raise UserError("--tokens must be integers >= 1 and --modes graph and/or eager")
+    if args.samples < 5 or args.ops < 1:
+        raise UserError("--samples must be >= 5 and --ops >= 1")
+    return {"tokens": tokens, "modes": modes, "samples": args.samples, "ops": args.ops, "dtype": "bfloat16"}
+
+
+def run_collectives(args) -> int:
+    import torch
+
+    from cluster.procs import run_world
+    from collectives.fused_allreduce import TWO_SHOT_MIN_BYTES
+    from workers.collectives_bench import HIDDEN, bench_rank, table, two_shot_from
+    settings = _settings(args)
+    if not torch.cuda.is_available() or torch.cuda.device_count() < max(args.tp, 2):
+        raise UserError(f"bench collectives needs --tp >= 2 GPUs of one host; this one has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as scratch:
+        settings["rows_path"] = str(Path(scratch) / "rows.json")
+        run_world(args.tp, bench_rank, settings, timeout_s=900.0, backend="symm", device="cuda")
+        rows = json.loads(Path(settings["rows_path"]).read_text())
+    machine = f"{args.tp} x {torch.cuda.get_device_name()}"
+    print(f"machine: {machine}; {args.samples} samples of {args.ops} calls; slowest rank's median / p90")
+    print(table(rows))
+    won = two_shot_from(rows)
+    print(f"two-shot beat one-shot (ar_rmsnorm, graph) from {won} tokens" if won else
+          "two-shot never beat one-shot (ar_rmsnorm, graph)",
+          f"(TWO_SHOT_MIN_BYTES now {TWO_SHOT_MIN_BYTES} = {TWO_SHOT_MIN_BYTES // (2 * HIDDEN)} bf16 tokens of {HIDDEN})")
+    if args.out:
+        payload = {"machine": machine, "date": datetime.date.today().isoformat(),
+                   "command": "dgx-emu " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "results": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2))
+    return 0
