@@ -12,7 +12,7 @@ DGX="python -m launch"
 STAGE=${STAGE:-all}
 if [[ $STAGE == all || $STAGE == tests ]]; then
   echo "== GPU tests"
-  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_fused_allreduce.py \
+  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_fused_allreduce.py \
       tests/test_tp_gpu.py tests/test_spec_cuda_graphs.py tests/test_cuda_graphs.py tests/test_gpu_stamps.py \
       tests/test_kernel_fused_norm.py} 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
 fi
