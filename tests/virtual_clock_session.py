@@ -1,0 +1,82 @@
+"""What each rank of tests/test_virtual_clock.py's 2-rank session runs (spawned processes import
+this module, which keeps their imports to the worker and the walk)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import load_model_config
+from model.sampling import SamplingParams
+from collectives.clocked import ClockedCommunicator
+from workers.cost_model import Collective, Op
+from workers.emulate import estimate_step, shape_only_model
+from workers.engine import Request
+from workers.run_config import RunConfig
+from workers.virtual_clock import VirtualClock
+from workers.worker import Worker
+
+NODE = "dgx-b200"
+PROMPTS = ((0, 5, 9, 300, 17), (0, 7, 44, 2, 101))  # equal lengths: every row reads the same keys
+NEW_TOKENS = 4
+LATE_S = 1e-3  # how much later rank 1 reaches the exercise's collectives, in virtual time
+
+
+def _walk_ops(ckpt: str, clock: VirtualClock, steps: int) -> dict[int, list[Op]]:
+    """The shape-only walk of each step of the run: rank 0's meta model, the same batch, new tokens,
+    keys and, per MoE layer, the number of experts the run's router chose (what the walk takes as input)."""
+    meta = shape_only_model(load_model_config(ckpt), clock.world, "tp", "fp32")
+    batch, prompt = len(PROMPTS), len(PROMPTS[0])
+    walked = {}
+    for step in range(steps):
+        experts = [read for s, _, read in sorted(clock.routing) if s == step]
+        tokens = prompt if step == 0 else 1
+        walked[step] = estimate_step(meta, clock.node, batch, tokens, prompt + step, experts, kv_element_bytes=4,
+                                     last_only=step == 0).ops
+    return walked
+
+
+def _late_rank_exercise(comm) -> torch.Tensor:
+    """Rank 1 charges LATE_S of extra work, then both ranks all-reduce and all-to-all uneven rows
+    through a ClockedCommunicator. Returns (arrival, transfer, end, sum ok) of both ranks' two calls."""
+    clock = VirtualClock(NODE, comm.rank, comm.world_size)
+    clocked = ClockedCommunicator(comm, comm, clock)
+    if comm.rank == 1:
+        clock.charge(Op("made late", "kernel", "attention", LATE_S), -1)
+    rows = []
+    x = torch.full((4, 64), float(comm.rank + 1))
+    arrival = clock.now_s
+    summed = clocked.all_reduce(x)
+    transfer = clock.cost.collective(Collective("all_reduce", "", "", x.nbytes))[0].seconds
+    rows.append([arrival, transfer, clock.now_s, float(torch.equal(summed, torch.full((4, 64), 3.0)))])
+    send = torch.ones(2 + 6 * comm.rank, 64)  # rank 0 sends 2 rows, rank 1 sends 8: uneven transfers
+    arrival = clock.now_s
+    clocked.all_to_all(send, [send.shape[0] // 2, send.shape[0] - send.shape[0] // 2])
+    transfer = clock.cost.collective(Collective("all_to_all", "", "", send.nbytes))[0].seconds
+    rows.append([arrival, transfer, clock.now_s, 1.0])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def session_rank(comm, ckpt: str, trace_dir: str) -> dict[str, torch.Tensor]:
+    run = RunConfig(ckpt, world_size=comm.world_size, comm="gloo", emulate_node=NODE, trace_dir=trace_dir)
+    worker = Worker(comm.rank, run, comm)
+    worker.load()
+    worker.clock.ops = []  # keep every op charged from here on
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
+    _, stats = worker.generate([Request(p, params, str(i)) for i, p in enumerate(PROMPTS)])
+    clock = worker.clock
+    walked = _walk_ops(ckpt, clock, 1 + len(stats.modeled["step_s"]))
+    real_steps, walk_steps = [stats.modeled["ttft_s"], *stats.modeled["step_s"]], []
+    for step, walk in walked.items():
+        real = [op for s, _, op in clock.ops if s == step]
+        assert [(o.name, o.kind, o.part, o.bytes) for o in real] == [(o.name, o.kind, o.part, o.bytes) for o in walk], \
+            f"rank {comm.rank} step {step}: the run's ops differ from the walk's"
+        for r, w in zip(real, walk):
+            assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
+        walk_steps.append(sum(op.seconds for op in walk))
+    exercise = _late_rank_exercise(comm)  # the raw communicator the worker wraps
+    both = comm.all_gather(exercise[None], dim=0)  # (world, 2 calls, 4)
+    worker.close()  # flushes both traces
+    return {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
+            "walk_steps": torch.tensor(walk_steps, dtype=torch.float64),
+            "ops": torch.tensor(len(clock.ops)), "exercise": both}
