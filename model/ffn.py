@@ -12,7 +12,14 @@ down [E, I, H], at this rank's slice ("tp": every expert, I split; "ep": E/world
 Expert-parallel dispatch: every rank holds the same (replicated) normed tokens after the
 all-reduce, so rank r dispatches only its contiguous share of the tokens; the results come back
 to r, which places them in its partial sum. The decoder's all-reduce then both sums the shared
-expert's partials and gathers the routed outputs: no token is computed twice.
+expert's partials and gathers the routed outputs: no token is computed twice. Two ways to move
+the rows, the same results:
+  * dynamic (prefill, CPU backends): rows grouped by owner, `comm.dispatch` / `comm.combine`,
+    all-to-alls whose counts go through the host; experts see only real rows;
+  * static (a communicator with `device_dispatch`, at most EP_STATIC_MAX_ROWS rows a rank, i.e.
+    decode): every rank sends ceil(N / world) * k rows (padding rows go nowhere),
+    `comm.dispatch_static` / `combine_static` keep every shape independent of the routing (world x
+    rows slots, padding slots zero), so the layer has no host sync and is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from torch import nn
 from collectives.communicator import Communicator
 from model.config import ModelConfig
 from model.parallel import ShardLayout
+
+EP_STATIC_MAX_ROWS = 16  # routed rows a rank dispatches on the static path (decode steps route fewer)
 
 
 class MLP(nn.Module):
@@ -115,8 +124,21 @@ class MoE(nn.Module):
             partial.index_add_(0, token, self.experts(routed_in, expert_ids.reshape(-1)))
         return partial.view_as(x)
 
+    def static_dispatch_applies(self, n_tokens: int) -> bool:
+        """True when the expert-parallel rows of `n_tokens` tokens take the static path: the
+        communicator runs dispatch_static / combine_static on the device (no host sync) and this
+        rank sends at most EP_STATIC_MAX_ROWS rows."""
+        share = -(-n_tokens // self.comm.world_size)
+        return bool(getattr(self.comm, "device_dispatch", False)) and share * self.top_k <= EP_STATIC_MAX_ROWS
+
     def _routed_expert_parallel(self, flat: torch.Tensor, expert_ids: torch.Tensor,
                                 scores: torch.Tensor) -> torch.Tensor:
+        if self.static_dispatch_applies(flat.shape[0]):
+            return self.routed_static(flat, expert_ids, scores)
+        return self.routed_dynamic(flat, expert_ids, scores)
+
+    def routed_dynamic(self, flat: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the routed rows through dispatch / combine (counts on the host)."""
         world, rank = self.comm.world_size, self.comm.rank
         n_tokens = flat.shape[0]
         share = -(-n_tokens // world)
@@ -133,3 +155,42 @@ class MoE(nn.Module):
         routed = torch.zeros_like(flat)
         routed.index_add_(0, token[order], back)
         return routed
+
+    def routed_static(self, flat: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor,
+                      run_experts=None) -> torch.Tensor:
+        """routed_dynamic's result with shapes that do not depend on the routing (no host sync in
+        the collectives). run_experts(rows (R, H), local expert ids (R,)) -> (R, H): the routed
+        experts over every received slot, e.g. the fused path's gathered GEMVs (padding rows are
+        zero, so an expert maps them to zero, and the combine ignores them anyway). Default: the
+        torch experts over the filled slots only (they read their counts on the host anyway), so
+        every expert GEMM sees the rows routed_dynamic's does, in the same order: the same bits."""
+        world, rank, k = self.comm.world_size, self.comm.rank, self.top_k
+        n_tokens = flat.shape[0]
+        share = -(-n_tokens // world)
+        mine = rank * share + torch.arange(share, device=flat.device)  # (S,) this rank's tokens; >= N: padding
+        real = (mine < n_tokens).repeat_interleave(k)  # (M,) M = S * k
+        mine = mine.clamp(max=n_tokens - 1)
+        token = mine.repeat_interleave(k)  # (M,)
+        experts = expert_ids[mine].reshape(-1)  # (M,)
+        dest = torch.where(real, experts // self.experts_per_rank, -1)
+        routed_in = flat[token] * scores[mine].reshape(-1, 1)  # (M, H): input scaled by score
+        recv_x, recv_ids = self.comm.dispatch_static(routed_in, dest, experts)  # (world*M, H), (world*M,)
+        if run_experts is not None:
+            recv_y = run_experts(recv_x, local_expert_ids(recv_ids, self.expert_start))  # (world*M, H)
+        else:
+            filled = torch.nonzero(recv_ids >= 0)[:, 0]  # slots s*M + i: by source, then row, as dispatch orders
+            y = self.experts(recv_x[filled], recv_ids[filled] - self.expert_start)
+            recv_y = y.new_zeros(recv_x.shape[0], y.shape[1]).index_copy_(0, filled, y)  # (world*M, H)
+        back = self.comm.combine_static(recv_y, recv_ids, dest)  # (M, H), zeros where dest is -1
+        routed = torch.zeros_like(flat)
+        routed.index_add_(0, token, back.to(flat.dtype))
+        return routed
+
+
+def local_expert_ids(recv_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
+    """The local expert of each received slot (recv_ids - expert_start). Padding slots (-1) take
+    the first filled slot's expert, so a gathered GEMM reads no extra expert's weights for them
+    (expert 0 when nothing came)."""
+    filled = recv_ids >= 0
+    first = recv_ids[torch.argmax(filled.to(torch.int32))]  # 0-d: the first filled slot's id, on the device
+    return (torch.where(filled, recv_ids, first) - expert_start).clamp_(min=0)
