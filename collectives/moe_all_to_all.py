@@ -43,7 +43,7 @@ from collectives.fused_allreduce import ALIGN, FINISH, PUSH
 from collectives.triton_support import tl, triton
 
 PROGRAMS = 32
-DEFAULT_MAX_ROWS = 128  # rows one rank may send per call (decode routes <= 16; the benchmark 128)
+DEFAULT_MAX_ROWS = 64  # rows one rank may send per call (the EP decode path sends <= 16; the benchmark sizes its own)
 DEFAULT_MAX_HIDDEN = 8192
 ALL_PHASES = PUSH | FINISH
 ID_DTYPES = (torch.int32, torch.int64)

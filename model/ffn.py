@@ -192,5 +192,5 @@ def local_expert_ids(recv_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
     the first filled slot's expert, so a gathered GEMM reads no extra expert's weights for them
     (expert 0 when nothing came)."""
     filled = recv_ids >= 0
-    first = recv_ids[torch.argmax(filled.to(torch.int32))]  # 0-d: the first filled slot's id, on the device
+    first = recv_ids.gather(0, torch.argmax(filled.to(torch.int32)).reshape(1))  # (1,): never read on the host
     return (torch.where(filled, recv_ids, first) - expert_start).clamp_(min=0)

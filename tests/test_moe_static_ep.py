@@ -107,6 +107,43 @@ def test_padding_slots_take_a_filled_slots_expert():
     assert local_expert_ids(torch.full((4,), -1), 12).tolist() == [0, 0, 0, 0]
 
 
+def _gathered_torch_experts(experts):
+    """Expert GEMMs over every slot that never read the device (each row gathers its expert's weights)."""
+    def run(rows, local):
+        gate, up = torch.bmm(rows[:, None, :], experts.gate_up_proj[local])[:, 0].chunk(2, dim=-1)  # (R, I) each
+        return torch.bmm((torch.nn.functional.silu(gate) * up)[:, None, :], experts.down_proj[local])[:, 0]
+    return run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run under Triton's interpreter (no GPU)")
+def test_static_path_on_the_kernels_never_reads_the_device(monkeypatch):
+    """World of one, the dispatch / combine kernels under the interpreter: the static path (routing,
+    padding, dispatch, experts, combine, scatter) calls no .item(), .tolist(), int() or bool() on a
+    tensor, and equals the dynamic path."""
+    pytest.importorskip("triton")
+    from collectives.moe_all_to_all import DeviceDispatch, MoeAllToAll, MoeLayout
+
+    class OneRankKernels(DeviceDispatch, SingleRankCommunicator):
+        def __init__(self):
+            super().__init__()
+            layout = MoeLayout(1, max_rows=16, max_hidden=256, programs=4)
+            self.buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            self.moe = MoeAllToAll(0, layout, [self.buffer.data_ptr()], "cpu")
+    moe = _moe(OneRankKernels())
+    flat = torch.randn(5, moe.router.in_features, generator=torch.Generator().manual_seed(3))
+    ids, scores = moe.route(flat)
+    want = moe.routed_dynamic(flat, ids, scores)
+    calls = []
+    for name in ("item", "tolist", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    got = moe.routed_static(flat, ids, scores, run_experts=_gathered_torch_experts(moe.experts))
+    monkeypatch.undo()
+    assert calls == [], f"the static path read device values back: {calls}"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # --- the whole model: static EP at world 2 equals the unsharded model ---------------------------
 PROMPT_LENGTHS = (12, 5, 9)
 
