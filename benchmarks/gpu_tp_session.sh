@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # One device call for the multi-GPU work (issue 15) on nvidia-h200-x2: checks first, then timings; results under $OUT.
 # Run from the repo root with .device/raysite.tar.xz (../shared/device/make-ray-bundle.sh) carried.
-# HEAD_ONLY=1 (default) runs the committed tree: the copy's uncommitted edits are stashed first.
+# With .device/head.tar.gz (`git archive HEAD | gzip > .device/head.tar.gz`, carried too) it runs that
+# committed tree, not the working copy (whose .git on the device may be older than the checkout).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT" /tmp/site
-[[ ${HEAD_ONLY:-1} == 1 ]] && git stash -u -q 2>/dev/null; git log --oneline -1
-tar xJf .device/raysite.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+tar xJf .device/raysite.tar.xz -C /tmp/site
+if [[ -f .device/head.tar.gz ]]; then
+  mkdir -p /tmp/head && tar xzf .device/head.tar.gz -C /tmp/head && cp -r .device /tmp/head/ && cd /tmp/head
+  echo "running the archived HEAD: $(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null)"
+fi
+export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_USAGE_STATS_ENABLED=0
 DGX="python -m launch"
 STAGE=${STAGE:-all}
