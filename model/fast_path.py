@@ -10,8 +10,9 @@ sub-layer is a handful of kernels:
   attention   FC_QKV GEMV -> RoPE + QK-norm + temperature + KV-cache write -> split-KV attention
               over the static cache (length / chunk / tree mask computed in the kernel) -> o_proj GEMV
   dense MLP   FC13 GEMV with SwiGLU in its epilogue -> FC2 GEMV
-  MoE         router + top-k on the device -> gathered FC13+SwiGLU and FC2 GEMVs that read ONLY the
-              routed experts' weights (expert ids stay on the device) + the shared expert
+  MoE         router GEMV + top-1 + sigmoid (one kernel) -> shared and routed FC13+SwiGLU (one
+              launch) -> shared and routed FC2 + their sum (one launch); the routed GEMVs read ONLY
+              the routed experts' weights (expert ids stay on the device)
   LM head     GEMV over this rank's vocabulary slice
 
 FP8 modules (tensor and channel schemes) run the same GEMV on e4m3 weights, quantizing the
@@ -40,6 +41,11 @@ MAX_TOKENS = 16  # rows (batch x new tokens) the small-M kernels take
 def _kernels():
     from model.kernels import decode_attention, linear_small_m, qkv_rope
     return linear_small_m, decode_attention, qkv_rope
+
+
+def _moe_kernels():
+    from model.kernels import moe_decode
+    return moe_decode
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -114,16 +120,35 @@ def _expert_args(experts: nn.Module, which: str) -> dict | None:
             "act_quant": "token", "out_dtype": experts.out_dtype}
 
 
+def route(block: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE.route on the device: (expert ids (N, k), scores (N, k)). Top-1 with a plain router is one
+    kernel (router GEMV + top-1 + sigmoid); other routers take the torch ops."""
+    router = block.router
+    if block.top_k == 1 and type(router) is nn.Linear and router.bias is None:
+        ids, scores = _moe_kernels().route_top1(flat, router.weight)  # (N,) each
+        return ids[:, None], scores[:, None]
+    return block.route(flat)
+
+
 def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward (tensor-parallel experts) with the routing kept on the device."""
+    """MoE.forward (tensor-parallel experts) with the routing kept on the device. Top-1 routing with
+    shared and routed experts of one weight dtype is three launches: the router, the shared and
+    routed FC13 + SwiGLU as one, the shared and routed FC2 and their sum as one."""
     gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
     if block.expert_parallel or gate_up is None or down is None:
         return block(x)
     linear_small_m, _, _ = _kernels()
+    moe_decode = _moe_kernels()
     flat = x.reshape(-1, x.shape[-1])  # (N, H)
-    expert_ids, scores = block.route(flat)  # (N, k) each, on the device
-    partial = feed_forward(block.shared_expert, flat)
+    expert_ids, scores = route(block, flat)  # (N, k) each, on the device
     top_k = expert_ids.shape[1]
+    shared = block.shared_expert
+    shared_gate_up, shared_down = _linear_args(shared.gate_up_proj), _linear_args(shared.down_proj)
+    if top_k == 1 and moe_decode.pair_applies(shared_gate_up, gate_up) and moe_decode.pair_applies(shared_down, down):
+        ids, row_scale = expert_ids[:, 0], scores[:, 0]  # (N,) unit-stride views
+        hidden_shared, hidden_routed = moe_decode.dual_gate_up(flat, shared_gate_up, gate_up, ids, row_scale)
+        return moe_decode.dual_down(hidden_shared, hidden_routed, shared_down, down, ids).view_as(x)
+    partial = feed_forward(shared, flat)
     rows = flat if top_k == 1 else flat.repeat_interleave(top_k, dim=0)  # (N*k, H)
     ids, row_scale = expert_ids.reshape(-1), scores.reshape(-1)
     hidden = linear_small_m.linear_small_m(rows, expert_ids=ids, row_scale=row_scale, swiglu=True, **gate_up)

@@ -90,6 +90,26 @@ def _decode_kernels() -> None:
                                 head_dim=dim, inv_freq=torch.ones(dim // 2), use_rope=True, use_qk_norm=False,
                                 eps=1e-5, temperature=(8192.0, 0.1))
     decode_attention.decode_attention(q, k_cache, v_cache, start, pos, scale=dim ** -0.5, chunk_size=8192)
+    _moe_kernels(x1)
+
+
+def _moe_kernels(x1: torch.Tensor) -> None:
+    """Router (one expert block per row, then several: the atomic reduction) and the MoE pairs."""
+    from model.kernels import moe_decode
+    moe_decode._scratch = lambda device: (torch.zeros(16, dtype=torch.int64), torch.zeros(16, dtype=torch.int32))
+    moe_decode.route_top1(x1, torch.randn(16, 2048, dtype=torch.bfloat16))
+    ids, scores = moe_decode.route_top1(x1, torch.randn(128, 2048, dtype=torch.bfloat16), block_e=4)
+    for fp8 in (False, True):
+        shared = {"weight": torch.randn(4096, 2048, dtype=torch.bfloat16)}
+        routed = {"weight": torch.randn(16, 4096, 2048, dtype=torch.bfloat16)}
+        shared_down = {"weight": torch.randn(2048, 2048, dtype=torch.bfloat16)}
+        routed_down = {"weight": torch.randn(16, 2048, 2048, dtype=torch.bfloat16)}
+        if fp8:
+            for args in (shared, routed, shared_down, routed_down):
+                args.update(weight=args["weight"].to(FP8), weight_scale=torch.ones(args["weight"].shape[:-1]),
+                            act_quant="token", out_dtype=torch.bfloat16)
+        h_s, h_r = moe_decode.dual_gate_up(x1, shared, routed, ids, scores)
+        moe_decode.dual_down(h_s, h_r, shared_down, routed_down, ids)
 
 
 def main() -> int:

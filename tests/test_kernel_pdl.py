@@ -61,13 +61,17 @@ def test_kernels_compile_for_sm90_with_pdl():
     kernels = [json.loads(line) for line in run.stdout.splitlines()]
     names = {k["kernel"] for k in kernels}
     assert names == {"_gemv_kernel", "_quantize_kernel", "_dot_kernel", "_qkv_rope_cache_kernel",
-                     "_split_kernel", "_merge_kernel"}, names
+                     "_split_kernel", "_merge_kernel", "_router_kernel", "_pair_kernel"}, names
+    pairs = [k for k in kernels if k["kernel"] == "_pair_kernel"]  # FC13 pair, FC2 pair; bf16, then FP8
     for k in kernels:
-        assert k["launch_pdl"] and k["waits"] == 1 and k["launch_dependents"] == 1, k
+        # the FC13 pair's shared and routed programs take different branches, each with its wait
+        waits = 2 if k in pairs[0::2] else 1
+        assert k["launch_pdl"] and k["waits"] == waits and k["launch_dependents"] == waits, k
     dense_gemv, gathered_gemv, fp8_gemv = [k for k in kernels if k["kernel"] == "_gemv_kernel"]
     assert dense_gemv["loads_before_wait"] >= 1 and fp8_gemv["loads_before_wait"] >= 1
     assert gathered_gemv["loads_before_wait"] == 0  # its weight address needs the ids written just before
     assert next(k for k in kernels if k["kernel"] == "_dot_kernel")["loads_before_wait"] >= 1
+    assert all(k["loads_before_wait"] >= 1 for k in kernels if k["kernel"] in ("_router_kernel", "_pair_kernel"))
 
 
 def _chain(gen_seed: int = 0):

@@ -122,6 +122,32 @@ if triton is not None:
         return acc_g, acc_u
 
     @triton.jit
+    def _gemv_tile(x_row, rs, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N_OUT, stride_wk,
+                   K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """f(x_row @ W[tile].T) in float32 for one (row, n tile), the first K chunk of W (w_g, w_u)
+        already loaded: x scale (QUANT 1: static at xs_ptr; 2: dynamic), float32 sums over K, FP8
+        scales (ws_ptr: this weight's per-row scales) and SwiGLU."""
+        xs, div = 1.0, 1.0
+        if QUANT:
+            xs, div = _x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # per-lane partial sums, reduced once at the end
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, ks < K, rs, div, ROW_SCALE, QUANT, SWIGLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            k_ok = ks < K
+            w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
+            acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
+        ws_g, ws_u = 1.0, 1.0
+        if QUANT:  # per output row dequantization multipliers
+            ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
+            if SWIGLU:
+                ws_u = tl.load(ws_ptr + N_OUT + cols, mask=col_ok, other=0.0)
+        return _epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs, ws_g, ws_u, QUANT, SWIGLU)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT,
                      stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_wse, stride_om,
                      K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
@@ -150,23 +176,8 @@ if triton is not None:
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xs, div = 1.0, 1.0
-        if QUANT:  # static (per expert when stride_xse != 0) or dynamic per row
-            xs, div = _x_scale(x_row, xs_ptr + expert * stride_xse, rs, K, ROW_SCALE, QUANT, BLOCK_K)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # per-lane partial sums, reduced once at the end
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            k_ok = ks < K
-            w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
-            acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
-        ws_g, ws_u = 1.0, 1.0
-        if QUANT:  # per output row dequantization multipliers (per expert when GATHER)
-            ws_g = tl.load(ws_ptr + expert * stride_wse + cols, mask=col_ok, other=0.0)
-            if SWIGLU:
-                ws_u = tl.load(ws_ptr + expert * stride_wse + N_OUT + cols, mask=col_ok, other=0.0)
-        y = _epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs, ws_g, ws_u, QUANT, SWIGLU)
+        y = _gemv_tile(x_row, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse, w_gate, w_up, w_g, w_u,
+                       cols, col_ok, N_OUT, stride_wk, K, ROW_SCALE, QUANT, SWIGLU, BLOCK_N, BLOCK_K)
         tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
