@@ -1,24 +1,21 @@
-"""The virtual clock's communicator: each collective also settles when it ends in modeled time.
+"""The virtual clock's communicator: the ranks settle when each collective ends in modeled time.
 
 A rank's virtual clock (workers/virtual_clock.py) says when the rank would reach a collective on
 the emulated node and what the transfer would take there. A collective cannot end before its last
-participant arrives, so every call made through this wrapper is followed by ONE small all-gather
-of (modeled arrival, modeled transfer) over the ranks, and on every rank the collective ends at
+participant arrives, so on every rank it ends at
 
     max(arrival over ranks) + max(transfer over ranks)
 
 (the slowest rank's transfer bounds an uneven all-to-all; even collectives have one transfer).
-The exchange is a separate call on the *untraced* communicator beside the real one, not a change
-to the real call's tensors: the model still makes one visible call per sub-layer, the measured
-trace shows exactly those calls, and every byte still moves through collectives/. Protocol:
+The ranks learn each other's modeled times through `exchange_times`: ONE all-gather of a small
+float64 vector on the *untraced* communicator, beside the real calls, never inside them. Within a
+decode step the clock batches: each rank sends its step's start, and per collective the modeled
+work since the previous one and its transfer, once, at the step's end, and every rank replays the
+same max/plus recurrence (a collective outside a step is settled on its own, at once). So the
+model still makes one visible call per sub-layer, the measured trace shows exactly those calls,
+every byte still moves through collectives/, and the clock costs one extra all-gather per step.
 
-    arrival_s, transfer_s = clock.arrive(call, args)   # the local ops before the call are charged
-    out = the wrapped call, unchanged
-    clock.depart(call, args, out, arrival_s, end_s, record)
-
-Without --emulate-node no wrapper exists, so the untouched path costs nothing. With it, a
-collective costs one extra 16-byte all-gather per rank (benchmarks/virtual_clock_overhead.py
-measures it); on a GPU that exchange also reads the times back, so emulated steps run eagerly.
+Without --emulate-node no wrapper exists: the untouched path costs nothing.
 """
 from __future__ import annotations
 
@@ -32,13 +29,14 @@ CLOCKED = ("all_reduce", "allreduce_add_rmsnorm", "all_gather", "all_to_all", "d
 
 
 class ClockedCommunicator:
-    """Wraps `inner` (the communicator the model uses, traced or not); `exchange` carries the
-    modeled times (the raw communicator, so the exchange is never traced or delayed)."""
+    """Wraps `inner` (the communicator the model uses, traced or not); `raw` carries the modeled
+    times (the communicator under any tracer or delay, so the exchange is never traced or delayed)."""
 
-    def __init__(self, inner: Communicator, exchange: Communicator, clock, device: str | torch.device = "cpu") -> None:
-        self.inner, self.exchange, self.clock = inner, exchange, clock
+    def __init__(self, inner: Communicator, raw: Communicator, clock, device: str | torch.device = "cpu") -> None:
+        self.inner, self.raw, self.clock = inner, raw, clock
         self.rank, self.world_size, self.backend = inner.rank, inner.world_size, inner.backend
         self.device = torch.device(device)
+        clock.exchange = self.exchange_times
         for name in CLOCKED:
             setattr(self, name, self._clocked(name))
 
@@ -46,22 +44,20 @@ class ClockedCommunicator:
         clock = self.clock
 
         def clocked(*args, **kwargs):
-            arrival, transfer = clock.arrive(call, args)
+            clock.arrive(call, args)
             out = getattr(self.inner, call)(*args, **kwargs)  # looked up per call: a paused tracer swaps its methods
-            end = self.release(arrival, transfer, args)
-            clock.depart(call, args, out, arrival, end, describe_call(self, call, args, out) if clock.recording else None)
+            clock.depart(describe_call(self, call, args, out) if clock.recording else None)
             return out
         clocked.__name__ = clocked.__qualname__ = call
         return clocked
 
-    def release(self, arrival_s: float, transfer_s: float, args: tuple = ()) -> float:
-        """The modeled end of a collective: the last arrival plus the slowest transfer."""
+    def exchange_times(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (the same length on every rank), in rank order."""
         if self.world_size == 1:
-            return arrival_s + transfer_s
-        device = args[0].device if args and isinstance(args[0], torch.Tensor) else self.device
-        mine = torch.tensor([[arrival_s, transfer_s]], dtype=torch.float64, device=device)
-        last, slowest = self.exchange.all_gather(mine, dim=0).max(dim=0).values.tolist()  # over (world, 2)
-        return last + slowest
+            return [list(values)]
+        with torch.inference_mode():  # always: the shm backend caches its views in the mode it first made them
+            mine = torch.tensor([values], dtype=torch.float64, device=self.device)
+            return self.raw.all_gather(mine, dim=0).tolist()  # (world, len(values))
 
     def close(self) -> None:
         self.inner.close()

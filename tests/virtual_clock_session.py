@@ -38,23 +38,27 @@ def _walk_ops(ckpt: str, clock: VirtualClock, steps: int) -> dict[int, list[Op]]
 
 def _late_rank_exercise(comm) -> torch.Tensor:
     """Rank 1 charges LATE_S of extra work, then both ranks all-reduce and all-to-all uneven rows
-    through a ClockedCommunicator. Returns (arrival, transfer, end, sum ok) of both ranks' two calls."""
-    clock = VirtualClock(NODE, comm.rank, comm.world_size)
+    through a ClockedCommunicator: once outside a step (each call settled at once), once inside a
+    step (settled at its end). Returns (arrival, transfer, end, result ok) of the four calls."""
+    clock = VirtualClock(NODE, comm.rank, comm.world_size, keep_ops=True)
     clocked = ClockedCommunicator(comm, comm, clock)
-    if comm.rank == 1:
-        clock.charge(Op("made late", "kernel", "attention", LATE_S), -1)
-    rows = []
-    x = torch.full((4, 64), float(comm.rank + 1))
-    arrival = clock.now_s
-    summed = clocked.all_reduce(x)
-    transfer = clock.cost.collective(Collective("all_reduce", "", "", x.nbytes))[0].seconds
-    rows.append([arrival, transfer, clock.now_s, float(torch.equal(summed, torch.full((4, 64), 3.0)))])
-    send = torch.ones(2 + 6 * comm.rank, 64)  # rank 0 sends 2 rows, rank 1 sends 8: uneven transfers
-    arrival = clock.now_s
-    clocked.all_to_all(send, [send.shape[0] // 2, send.shape[0] - send.shape[0] // 2])
-    transfer = clock.cost.collective(Collective("all_to_all", "", "", send.nbytes))[0].seconds
-    rows.append([arrival, transfer, clock.now_s, 1.0])
-    return torch.tensor(rows, dtype=torch.float64)
+    transfers, results = [], []
+    for in_step in (False, True):
+        if in_step:
+            clock.step_begin(0, [])
+        if comm.rank == 1:
+            clock.charge(Op("made late", "kernel", "attention", LATE_S), -1)
+        x = torch.full((4, 64), float(comm.rank + 1))
+        results.append(float(torch.equal(clocked.all_reduce(x), torch.full((4, 64), 3.0))))
+        transfers.append(clock.cost.collective(Collective("all_reduce", "", "", x.nbytes))[0].seconds)
+        send = torch.ones(2 + 6 * comm.rank, 64)  # rank 0 sends 2 rows, rank 1 sends 8: uneven transfers
+        received, _ = clocked.all_to_all(send, [send.shape[0] // 2, send.shape[0] - send.shape[0] // 2])
+        results.append(float(received.shape[0] == 1 + 4))
+        transfers.append(clock.cost.collective(Collective("all_to_all", "", "", send.nbytes))[0].seconds)
+        if in_step:
+            clock.step_end(0)
+    return torch.tensor([[arrival, transfer, end, ok] for (_, _, arrival, end), transfer, ok
+                         in zip(clock.settled, transfers, results)], dtype=torch.float64)
 
 
 def session_rank(comm, ckpt: str, trace_dir: str) -> dict[str, torch.Tensor]:
@@ -75,7 +79,7 @@ def session_rank(comm, ckpt: str, trace_dir: str) -> dict[str, torch.Tensor]:
             assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
         walk_steps.append(sum(op.seconds for op in walk))
     exercise = _late_rank_exercise(comm)  # the raw communicator the worker wraps
-    both = comm.all_gather(exercise[None], dim=0)  # (world, 2 calls, 4)
+    both = comm.all_gather(exercise[None], dim=0)  # (world, 4 calls, 4)
     worker.close()  # flushes both traces
     return {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
             "walk_steps": torch.tensor(walk_steps, dtype=torch.float64),

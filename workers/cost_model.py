@@ -68,6 +68,13 @@ class CostModel:
 
     def __init__(self, node, world: int) -> None:
         self.node, self.world = node, world
+        self._memo: dict = {}  # (op name, module, rows) -> Op: a real run builds the same plans every step
+
+    def bytes_of(self, module: torch.nn.Module) -> int:
+        key = ("bytes", id(module))
+        if key not in self._memo:
+            self._memo[key] = module_bytes(module)
+        return self._memo[key]
 
     # --- local ops -------------------------------------------------------------------------
     def gemv(self, name: str, part: str, nbytes: int, fp8: bool, rows: int, flops: float = 0.0,
@@ -79,11 +86,33 @@ class CostModel:
         return Op(name, "gemv", part, max(streamed, computed), nbytes)
 
     def linear(self, name: str, part: str, module: torch.nn.Module, rows: int) -> Op:
-        weight = module.weight
-        return self.gemv(name, part, module_bytes(module), weight.dtype == FP8, rows, 2.0 * rows * weight.numel())
+        key = (name, id(module), rows)
+        op = self._memo.get(key)
+        if op is None:
+            weight = module.weight
+            op = self._memo[key] = self.gemv(name, part, module_bytes(module), weight.dtype == FP8, rows,
+                                              2.0 * rows * weight.numel())
+        return op
+
+    def routed_experts(self, experts: torch.nn.Module, read: int, rows: int) -> list[Op]:
+        """The gathered FC13+SwiGLU and FC2 GEMVs over `read` routed experts' weights (and scales)."""
+        key = ("routed", id(experts), read, rows)
+        if key not in self._memo:
+            ops, fp8 = [], experts.gate_up_proj.dtype == FP8
+            for which in ("gate_up_proj", "down_proj"):
+                per_expert = [p[0] for n, p in experts.named_parameters() if n.startswith(which)]
+                nbytes = read * sum(p.numel() * p.element_size() for p in per_expert)
+                flops = 2.0 * rows * getattr(experts, which)[0].numel()
+                ops.append(self.gemv(f"routed {which} x{read}", "moe", nbytes, fp8, rows, flops, gathered=True))
+            self._memo[key] = ops
+        return self._memo[key]
 
     def kernel(self, name: str, part: str, kind: str, count: int = 1, nbytes: int = 0) -> Op:
-        return Op(name, "kernel", part, count * self.node.kernel_s[kind], nbytes)
+        key = (name, part, kind, count, nbytes)
+        op = self._memo.get(key)
+        if op is None:
+            op = self._memo[key] = Op(name, "kernel", part, count * self.node.kernel_s[kind], nbytes)
+        return op
 
     def attention(self, name: str, part: str, queries: int, keys: int, heads: int, kv_heads: int,
                   head_dim: int, kv_element_bytes: int) -> list[Op]:
@@ -106,6 +135,13 @@ class CostModel:
         n = self.world
         if n == 1:
             return []
+        ops = self._memo.get(c)
+        if ops is None:
+            ops = self._memo[c] = self._collective(c)
+        return ops
+
+    def _collective(self, c: Collective) -> list[Op]:
+        n = self.world
         m, latency, bw = c.message_bytes, self.node.allreduce_latency_s, self.node.nvlink_bytes_per_s_one_way
         if c.call in ("all_reduce", "allreduce_add_rmsnorm"):
             one_shot = latency + (n - 1) * m / bw
@@ -181,7 +217,7 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int, experts_read: in
     all-to-all of this rank's share of the rows (model/ffn.py: each rank dispatches its own)."""
     experts, hidden = block.experts, block.router.weight.shape[1]
     plan: list[PlanItem] = [
-        cost.kernel("router", "moe", "router_gemv", nbytes=module_bytes(block.router)),  # cuBLAS: its measured time
+        cost.kernel("router", "moe", "router_gemv", nbytes=cost.bytes_of(block.router)),  # cuBLAS: its measured time
         cost.kernel("top-k", "moe", "topk"), cost.kernel("scores", "moe", "elementwise", 2),
         cost.linear("shared fc13 + swiglu", "moe", block.shared_expert.gate_up_proj, rows),
         cost.linear("shared fc2", "moe", block.shared_expert.down_proj, rows)]
@@ -192,13 +228,7 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int, experts_read: in
 
     def routed() -> list[Op]:
         read = experts_read() if callable(experts_read) else experts_read
-        ops, fp8 = [], experts.gate_up_proj.dtype == FP8
-        for which in ("gate_up_proj", "down_proj") if read else ():
-            per_expert = [p[0] for n, p in experts.named_parameters() if n.startswith(which)]
-            nbytes = read * sum(p.numel() * p.element_size() for p in per_expert)
-            flops = 2.0 * routed_rows * getattr(experts, which)[0].numel()
-            ops.append(cost.gemv(f"routed {which} x{read}", "moe", nbytes, fp8, routed_rows, flops, gathered=True))
-        return ops
+        return cost.routed_experts(experts, read, routed_rows) if read else []
     plan.append(routed)
     if block.expert_parallel:
         plan.append(Collective("combine", "combine", "moe", routed_rows * hidden * act_bytes))

@@ -42,14 +42,18 @@ class VirtualClock:
             node = node_spec(node)
         self.node, self.rank, self.world = node, rank, world_size
         self.cost = CostModel(node, world_size)
-        self.now_s = 0.0
+        self.exchange = lambda values: [list(values)]  # collectives/clocked.py installs the ranks' exchange
+        self.now_s = 0.0  # inside a step: ignoring the waits for other ranks until the step is settled
         self.queue: deque = deque()  # (layer, plan item) not yet charged
-        self.layer, self.step, self.step_start = -1, -1, 0.0
+        self.layer, self.step, self.step_start, self.in_step = -1, -1, 0.0, False
         self.experts_read: dict[int, int] = {}  # MoE layer -> routed experts this rank read in the running forward
         self.shape = None  # (batch, new tokens, keys read summed over rows, KV element bytes) of the running forward
         self.ops: list[tuple[int, int, Op]] | None = [] if keep_ops else None  # (step, layer, op)
         self.routing: list[tuple[int, int, int]] = []  # (step, layer, experts read), with keep_ops
+        self.settled: list[tuple[int, str, float, float]] = []  # (step, call, arrival, end), with keep_ops
         self.step_seconds: list[float] = []
+        self.step_colls: list[tuple[float, float]] = []  # this step's (arrival, transfer), not yet settled
+        self.events: list[tuple] = []  # this step's spans and collective rows, in unsettled time
         self.span: list | None = None  # the modeled stage being coalesced: [name, layer, t0, t1]
         self.seq = 0
         self.pending: tuple | None = None  # the collective between arrive() and depart()
@@ -79,8 +83,9 @@ class VirtualClock:
 
     def _close_span(self) -> None:
         if self.span is not None and self.recording:
-            name, layer, t0, t1 = self.span
-            self.recorder.add_span((name, layer, self.step, round(t0 * 1e9), round(t1 * 1e9)))
+            self.events.append(("span", len(self.step_colls), *self.span))
+            if not self.in_step:
+                self._emit([0.0], [])
         self.span = None
 
     def _charge_until_collective(self) -> tuple[int, Collective] | None:
@@ -105,7 +110,7 @@ class VirtualClock:
                              f"({planned[1].name}) but the run never made that call")
 
     # --- collectives (called by collectives/clocked.py) ----------------------------------------
-    def arrive(self, call: str, args: tuple) -> tuple[float, float]:
+    def arrive(self, call: str, args: tuple) -> None:
         planned = self._charge_until_collective()
         if planned is not None and planned[1].call != call:
             raise ClockError(f"rank {self.rank}: layer {planned[0]}'s plan has {planned[1].call} "
@@ -116,30 +121,75 @@ class VirtualClock:
             layer, name, part = self.layer, call, "head"
         ops = self.cost.collective(Collective(call, name, part, self.cost.message_bytes(call, args)))
         self._close_span()
-        self.pending = (layer, ops)
-        return self.now_s, sum(op.seconds for op in ops)
+        self.pending = (call, layer, ops, self.now_s, sum(op.seconds for op in ops))
 
-    def depart(self, call: str, args: tuple, out, arrival_s: float, end_s: float, record: tuple | None) -> None:
-        layer, ops = self.pending
+    def depart(self, record: tuple | None) -> None:
+        """After the real call: inside a step the collective ends, for now, after this rank's own
+        transfer (the step's end settles the waits); outside one it is settled at once."""
+        call, layer, ops, arrival, transfer = self.pending
         if self.ops is not None:
             self.ops += [(self.step, layer, op) for op in ops]
-        self.now_s = end_s
         self.seq += 1
-        if record is not None:
-            op_name, sent, dtype, received = record
-            self.recorder.add_collective((op_name, list(range(self.world)), self.seq, sent, dtype, layer, self.step,
-                                          round(arrival_s * 1e9), round(end_s * 1e9), received))
+        self.events.append(("coll", len(self.step_colls), call, layer, self.seq, arrival, record))
+        self.step_colls.append((arrival, transfer))
+        self.now_s = arrival + transfer
+        if not self.in_step:
+            self._settle(arrival)
+
+    # --- settling: every rank's modeled times, one exchange per step ----------------------------
+    def _settle(self, start: float) -> None:
+        """Each collective of the step ends at the last arrival plus the slowest transfer; every
+        event after it moves by what this rank waited. One exchange of (start, then per collective
+        the work since the previous one and its transfer) carries what the recurrence needs."""
+        mine, previous_end = [start], start
+        for arrival, transfer in self.step_colls:
+            mine += [arrival - previous_end, transfer]
+            previous_end = arrival + transfer
+        rows = self.exchange(mine) if self.step_colls else [mine]
+        ready, shifts, ends = [row[0] for row in rows], [0.0], []
+        for k, (arrival, transfer) in enumerate(self.step_colls):
+            last = max(t + row[1 + 2 * k] for t, row in zip(ready, rows))
+            end = last + max(row[2 + 2 * k] for row in rows)
+            ends.append(end)
+            shifts.append(end - (arrival + transfer))
+            ready = [end] * len(rows)
+        self._emit(shifts, ends)
+        self.now_s += shifts[-1]
+        self.step_colls = []
+
+    def _emit(self, shifts: list[float], ends: list[float]) -> None:
+        """The step's spans and collective rows at their settled times (to the trace, and to
+        `settled` with keep_ops)."""
+        ns = lambda t: round(t * 1e9)  # noqa: E731
+        for event in self.events:
+            if event[0] == "span":
+                _, segment, name, layer, t0, t1 = event
+                if self.recording:
+                    self.recorder.add_span((name, layer, self.step, ns(t0 + shifts[segment]), ns(t1 + shifts[segment])))
+                continue
+            _, k, call, layer, seq, arrival, record = event
+            arrival += shifts[k]
+            if self.ops is not None:
+                self.settled.append((self.step, call, arrival, ends[k]))
+            if record is not None and self.recording:
+                op_name, sent, dtype, received = record
+                self.recorder.add_collective((op_name, list(range(self.world)), seq, sent, dtype, layer, self.step,
+                                              ns(arrival), ns(ends[k]), received))
+        self.events = []
 
     # --- steps (the engine's recorder calls, through ClockedSteps) -----------------------------
     def step_begin(self, step: int, requests: list[str]) -> None:
         self.flush()
-        self.step, self.step_start, self.layer = step, self.now_s, -1
+        self._close_span()
+        self.step, self.step_start, self.layer, self.in_step = step, self.now_s, -1, True
         if self.recording:
             self.recorder.step_begin(step, requests)
 
     def step_end(self, tokens: int, **fields) -> None:
         self.flush()
         self._close_span()
+        self._settle(self.step_start)
+        self.in_step = False
         self.step_seconds.append(self.now_s - self.step_start)
         if self.recording:
             self.recorder.step_end(tokens, **fields)
@@ -209,13 +259,13 @@ class VirtualClock:
     def _routed(self, layer: int, original):
         def route(x):
             expert_ids, scores = original(x)
-            self.experts_read[layer] = int(expert_ids.unique().numel())
+            self.experts_read[layer] = len(set(expert_ids.flatten().tolist()))  # a handful of ids: faster than unique()
             return expert_ids, scores
         return route
 
     def _local_experts(self, layer: int, original):
         def forward(x, local_expert):
-            self.experts_read[layer] = int(local_expert.unique().numel())
+            self.experts_read[layer] = len(set(local_expert.tolist()))
             return original(x, local_expert)
         return forward
 
