@@ -31,6 +31,9 @@ fused kernel's argument, per kernel: a rank writing launch n into a peer's parit
 finished launch n - 1, which waited for that peer's flag of n - 1, posted after the peer finished
 launch n - 2. Triton's interpreter runs programs one after another, so the CPU test runs PUSH on
 every simulated rank, then FINISH. Every rank must make the same calls with the same M and H.
+A destination outside -1..world-1 goes nowhere here (checking would read the device); the
+reference refuses it. `DeviceDispatch` is the mixin that puts the kernels behind a Communicator's
+dispatch_static / combine_static.
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ if triton is not None:
     DISPATCHED, COMBINED = tl.constexpr(0), tl.constexpr(1)  # the two kinds of flag
 
     @triton.jit
-    def _flag_index(kind, parity, pid, PROGRAMS: tl.constexpr, WORLD: tl.constexpr):
-        return ((kind * 2 + parity) * PROGRAMS + pid) * WORLD  # + source rank
+    def _flag_index(KIND: tl.constexpr, parity, pid, PROGRAMS: tl.constexpr, WORLD: tl.constexpr):
+        return ((KIND * 2 + parity) * PROGRAMS + pid) * WORLD  # + source rank
 
     @triton.jit
     def _dispatch_kernel(x_ptr, dest_ptr, ids_ptr, recv_x_ptr, recv_ids_ptr,
