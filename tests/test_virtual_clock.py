@@ -25,9 +25,12 @@ from launch.cli import main
 from model.config import tiny
 from model.embedded import random_state_dict, write_checkpoint
 from tests.virtual_clock_session import LATE_S, NEW_TOKENS, NODE, session_rank
+from model.sampling import SamplingParams
 from workers.cost_model import Collective, Op
+from workers.engine import Request
 from workers.run_config import RunConfig
 from workers.virtual_clock import ClockError, VirtualClock
+from workers.worker import Worker
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,27 @@ def test_a_plan_the_run_does_not_follow_is_an_error():
     clock.follow([Collective("all_reduce", "embedding all-reduce", "embed", 12)])
     with pytest.raises(ClockError, match="never made that call"):
         clock.step_end(1)
+
+
+def test_no_clock_means_no_wrapper_and_pausing_tracing_keeps_the_clock(ckpt, tmp_path):
+    """Without --emulate-node the worker's communicator and modules are the untouched ones (the
+    clock costs nothing); with it and tracing, pausing and resuming tracing re-lays the trace's
+    marks without dropping the clock's, and the clock keeps counting every step."""
+    raw = SingleRankCommunicator()
+    plain = Worker(0, RunConfig(str(ckpt), world_size=1), raw)
+    plain.load()
+    shadowed = lambda w: ["forward" in m.__dict__ or "route" in m.__dict__ for m in w.model.modules()]  # noqa: E731
+    assert plain.clock is None and plain.comm is raw and not any(shadowed(plain))
+    run = RunConfig(str(ckpt), world_size=1, emulate_node=NODE, trace_dir=str(tmp_path / "trace"))
+    clocked = Worker(0, run, SingleRankCommunicator())
+    clocked.load()
+    request = [Request((0, 5, 9), SamplingParams(max_new_tokens=3, stop_on_eos=False))]
+    first = clocked.generate(request)[1].modeled
+    for on in (False, True):
+        clocked.set_tracing(on)
+        again = clocked.generate(request)[1].modeled
+        assert again["step_s"] == pytest.approx(first["step_s"], rel=1e-12) and again["ttft_s"] > 0
+    clocked.close()
 
 
 def test_generate_json_and_trace_commands_report_both(ckpt, tmp_path, capsys):
