@@ -1,5 +1,6 @@
-"""What each rank of tests/test_virtual_clock.py's 2-rank session runs (spawned processes import
-this module, which keeps their imports to the worker and the walk)."""
+"""What each rank of the virtual-clock sessions runs (tests/test_virtual_clock.py on CPU ranks,
+tests/test_virtual_clock_gpu.py on GPUs; spawned processes import this module, which keeps their
+imports to the worker and the walk)."""
 from __future__ import annotations
 
 import math
@@ -22,36 +23,37 @@ NEW_TOKENS = 4
 LATE_S = 1e-3  # how much later rank 1 reaches the exercise's collectives, in virtual time
 
 
-def _walk_ops(ckpt: str, clock: VirtualClock, steps: int) -> dict[int, list[Op]]:
+def _walk_ops(ckpt: str, clock: VirtualClock, steps: int, dtype: str) -> dict[int, list[Op]]:
     """The shape-only walk of each step of the run: rank 0's meta model, the same batch, new tokens,
     keys and, per MoE layer, the number of experts the run's router chose (what the walk takes as input)."""
-    meta = shape_only_model(load_model_config(ckpt), clock.world, "tp", "fp32")
+    meta = shape_only_model(load_model_config(ckpt), clock.world, "tp", dtype)
+    kv_bytes = 4 if dtype == "fp32" else 2
     batch, prompt = len(PROMPTS), len(PROMPTS[0])
     walked = {}
     for step in range(steps):
         experts = [read for s, _, read in sorted(clock.routing) if s == step]
         tokens = prompt if step == 0 else 1
-        walked[step] = estimate_step(meta, clock.node, batch, tokens, prompt + step, experts, kv_element_bytes=4,
+        walked[step] = estimate_step(meta, clock.node, batch, tokens, prompt + step, experts, kv_element_bytes=kv_bytes,
                                      last_only=step == 0).ops
     return walked
 
 
-def _late_rank_exercise(comm) -> torch.Tensor:
+def _late_rank_exercise(comm, device: str) -> torch.Tensor:
     """Rank 1 charges LATE_S of extra work, then both ranks all-reduce and all-to-all uneven rows
     through a ClockedCommunicator: once outside a step (each call settled at once), once inside a
     step (settled at its end). Returns (arrival, transfer, end, result ok) of the four calls."""
     clock = VirtualClock(NODE, comm.rank, comm.world_size, keep_ops=True)
-    clocked = ClockedCommunicator(comm, comm, clock)
+    clocked = ClockedCommunicator(comm, comm, clock, device)
     transfers, results = [], []
     for in_step in (False, True):
         if in_step:
             clock.step_begin(0, [])
         if comm.rank == 1:
             clock.charge(Op("made late", "kernel", "attention", LATE_S), -1)
-        x = torch.full((4, 64), float(comm.rank + 1))
-        results.append(float(torch.equal(clocked.all_reduce(x), torch.full((4, 64), 3.0))))
+        x = torch.full((4, 64), float(comm.rank + 1), device=device)
+        results.append(float(torch.equal(clocked.all_reduce(x), torch.full_like(x, 3.0))))
         transfers.append(clock.cost.collective(Collective("all_reduce", "", "", x.nbytes))[0].seconds)
-        send = torch.ones(2 + 6 * comm.rank, 64)  # rank 0 sends 2 rows, rank 1 sends 8: uneven transfers
+        send = torch.ones(2 + 6 * comm.rank, 64, device=device)  # rank 0 sends 2 rows, rank 1 sends 8: uneven transfers
         received, _ = clocked.all_to_all(send, [send.shape[0] // 2, send.shape[0] - send.shape[0] // 2])
         results.append(float(received.shape[0] == 1 + 4))
         transfers.append(clock.cost.collective(Collective("all_to_all", "", "", send.nbytes))[0].seconds)
@@ -61,15 +63,19 @@ def _late_rank_exercise(comm) -> torch.Tensor:
                          in zip(clock.settled, transfers, results)], dtype=torch.float64)
 
 
-def session_rank(comm, ckpt: str, trace_dir: str) -> dict[str, torch.Tensor]:
-    run = RunConfig(ckpt, world_size=comm.world_size, comm="gloo", emulate_node=NODE, trace_dir=trace_dir)
+def session_rank(comm, ckpt: str, trace_dir: str, device: str = "cpu", dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """A traced, emulated generate of PROMPTS; every rank checks its clock against the walk op by
+    op; then (two ranks) the late-rank exercise. Returns step times, the op count and the exercise."""
+    backend = "gloo" if device == "cpu" else "nccl"
+    run = RunConfig(ckpt, world_size=comm.world_size, comm=backend, device=device, dtype=dtype, emulate_node=NODE,
+                    trace_dir=trace_dir)
     worker = Worker(comm.rank, run, comm)
     worker.load()
     worker.clock.ops = []  # keep every op charged from here on
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
     _, stats = worker.generate([Request(p, params, str(i)) for i, p in enumerate(PROMPTS)])
     clock = worker.clock
-    walked = _walk_ops(ckpt, clock, 1 + len(stats.modeled["step_s"]))
+    walked = _walk_ops(ckpt, clock, 1 + len(stats.modeled["step_s"]), dtype)
     real_steps, walk_steps = [stats.modeled["ttft_s"], *stats.modeled["step_s"]], []
     for step, walk in walked.items():
         real = [op for s, _, op in clock.ops if s == step]
@@ -78,9 +84,10 @@ def session_rank(comm, ckpt: str, trace_dir: str) -> dict[str, torch.Tensor]:
         for r, w in zip(real, walk):
             assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
         walk_steps.append(sum(op.seconds for op in walk))
-    exercise = _late_rank_exercise(comm)  # the raw communicator the worker wraps
-    both = comm.all_gather(exercise[None], dim=0)  # (world, 4 calls, 4)
+    out = {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
+           "walk_steps": torch.tensor(walk_steps, dtype=torch.float64), "ops": torch.tensor(len(clock.ops))}
+    if comm.world_size > 1:
+        exercise = _late_rank_exercise(comm, device)  # on the raw communicator the worker wraps
+        out["exercise"] = comm.all_gather(exercise.to(device)[None], dim=0).cpu()  # (world, 4 calls, 4)
     worker.close()  # flushes both traces
-    return {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
-            "walk_steps": torch.tensor(walk_steps, dtype=torch.float64),
-            "ops": torch.tensor(len(clock.ops)), "exercise": both}
+    return out
