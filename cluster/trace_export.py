@@ -45,7 +45,8 @@ def _rank_events(trace: Trace, pid, label: str, sort_base: int, shift: int) -> l
     events = []
     for rank, rt in sorted(trace.ranks.items()):
         events.append({"name": "process_name", "ph": "M", "pid": pid(rank), "args": {"name": f"rank {rank}{label}"}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": pid(rank), "args": {"sort_index": sort_base + rank}})
+        events.append({"name": "process_sort_index", "ph": "M", "pid": pid(rank),
+                       "args": {"sort_index": sort_base + rank}})
         for tid, name in ((COMPUTE_TID, "compute"), (COMM_TID, "communication")):
             events.append({"name": "thread_name", "ph": "M", "pid": pid(rank), "tid": tid, "args": {"name": name}})
         for s in rt.steps:
@@ -62,7 +63,8 @@ def _rank_events(trace: Trace, pid, label: str, sort_base: int, shift: int) -> l
                     "group": list(inst.group), "layer": r["l"], "step": r["s"], "wait_us": _us(release - r["t0"])}
             events.append(_slice(inst.op, "collective", pid(rank), COMM_TID, r["t0"] + shift, r["t1"] + shift, args))
             if release > r["t0"]:
-                events.append(_slice("wait", "wait", pid(rank), COMM_TID, r["t0"] + shift, min(release, r["t1"]) + shift))
+                events.append(_slice("wait", "wait", pid(rank), COMM_TID, r["t0"] + shift,
+                                     min(release, r["t1"]) + shift))
         src = inst.last_rank
         for rank, r in inst.per_rank.items():
             if rank == src:

@@ -5,7 +5,8 @@
 
 Builds rank 0's model on the meta device and costs its step op by op on the node's measured or
 sourced constants (workers/emulate.py, cluster/nodes/*.json). Prints the step time split by part of
-the model and by kind of op, and tokens/s per user and per node.
+the model and by kind of op, and tokens/s per user and per node. The same cost model gives a real
+run a virtual clock per rank: `dgx-emu generate --emulate-node dgx-b200` (emulated_summary below).
 """
 from __future__ import annotations
 

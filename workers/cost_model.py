@@ -20,8 +20,10 @@ checks.
     all-gather  latency + (n - 1) x one rank's message / bandwidth
     all-to-all  latency + (n - 1) / n x this rank's rows / bandwidth (MoE dispatch and combine)
 
-with the constants of the node file (cluster/nodes/*.json), each naming its source. A world of one
-has no collective cost, but its plans keep the calls (the model still makes them).
+with the constants of the node file (cluster/nodes/*.json), each naming its source. The compute
+bound uses the datasheet's dense peak with no efficiency factor, so a prefill-sized step is a lower
+bound; the two-shot all-reduce assumes the measured one-shot latency per phase. A world of one has
+no collective cost, but its plans keep the calls (the model still makes them).
 """
 from __future__ import annotations
 
@@ -182,12 +184,14 @@ def embed_plan(cost: CostModel, model, batch: int, tokens: int) -> list[PlanItem
     rows, sharded = batch * tokens, not model.embed_tokens.owns_every_id
     return [cost.kernel("positions + slots", "embed", "elementwise", 4),
             cost.kernel("embedding", "embed", "elementwise", 8 if sharded else 1),  # a gather; sharded: masked
-            Collective("all_reduce", "embedding all-reduce", "embed", rows * model.cfg.hidden_size * activation_bytes(model)),
+            Collective("all_reduce", "embedding all-reduce", "embed",
+                       rows * model.cfg.hidden_size * activation_bytes(model)),
             cost.kernel("first rmsnorm", "embed", "elementwise", 8)]
 
 
 def _norm_collective(cost: CostModel, name: str, part: str, message: int) -> list[PlanItem]:
-    return [Collective("allreduce_add_rmsnorm", name, part, message), cost.kernel(name + " add+rmsnorm", part, "add_rmsnorm")]
+    return [Collective("allreduce_add_rmsnorm", name, part, message),
+            cost.kernel(name + " add+rmsnorm", part, "add_rmsnorm")]
 
 
 def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, keys: int, kv_element_bytes: int,
@@ -207,11 +211,13 @@ def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, 
     if layer.is_moe:
         plan += moe_plan(cost, ffn, rows, act_bytes, experts_read)
         return plan + _norm_collective(cost, "moe all-reduce", "moe", message)
-    plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows), cost.linear("fc2", "dense", ffn.down_proj, rows)]
+    plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows),
+             cost.linear("fc2", "dense", ffn.down_proj, rows)]
     return plan + _norm_collective(cost, "mlp all-reduce", "dense", message)
 
 
-def moe_plan(cost: CostModel, block, rows: int, act_bytes: int, experts_read: int | Callable[[], int]) -> list[PlanItem]:
+def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
+             experts_read: int | Callable[[], int]) -> list[PlanItem]:
     """Router, top-k and scores, the shared expert, then the routed experts: tensor-parallel, a
     slice of every routed expert; expert-parallel, whole experts between a dispatch and a combine
     all-to-all of this rank's share of the rows (model/ffn.py: each rank dispatches its own)."""

@@ -10,15 +10,19 @@ the cache, the routed experts the router actually chose), and the clock follows 
     reached, by which time a MoE layer's routing is known);
   * each planned collective is met by the real communicator call it stands for (a different call
     is an error: the plan no longer describes the run). Its transfer is costed from the real
-    call's tensors, and collectives/clocked.py ends it on every rank at the last modeled arrival
-    plus the transfer, so a rank with more modeled work makes the others wait in virtual time.
+    call's tensors, and it ends on every rank at the last modeled arrival plus the slowest
+    transfer, so a rank with more modeled work makes the others wait in virtual time. Until a
+    step ends the clock runs as if nobody waited; at the step's end the ranks exchange their
+    times once (collectives/clocked.py) and every rank replays the same recurrence (`_settle`).
 
 So a real run and the walk can only disagree if they see different ops; tests/test_virtual_clock.py
 holds a real run's clock equal to the walk's prediction. The wrappers exist only with
---emulate-node: without it nothing here runs. With --trace the modeled timeline goes to
-`<trace dir>/modeled/rank<r>.msgpack`, in the measured trace's format (collectives/trace.py), so
-the trace tools show both. Not costed yet: the EAGLE-3 draft's forwards (RunConfig refuses
-speculative decoding with --emulate-node).
+--emulate-node: without it nothing here runs. With it a step pays for its plans in Python, one
+exchange, and on a GPU a read-back of the cache lengths per forward and of the routing per MoE
+layer (emulated steps run eagerly anyway; benchmarks/virtual_clock_overhead.py measures the cost).
+With --trace the modeled timeline goes to `<trace dir>/modeled/rank<r>.msgpack`, in the measured
+trace's format (collectives/trace.py), so the trace tools show both. Not costed yet: the EAGLE-3
+draft's forwards (RunConfig refuses speculative decoding with --emulate-node).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ class ClockError(RuntimeError):
 
 class VirtualClock:
     def __init__(self, node, rank: int, world_size: int, trace_dir: str | None = None, keep_ops: bool = False) -> None:
-        """node: a cluster.hardware.NodeSpec, or its name or file. keep_ops: keep every charged op (tests compare them)."""
+        """node: a cluster.hardware.NodeSpec, or its name or file. keep_ops: keep every charged op
+        and settled collective (tests compare them)."""
         if isinstance(node, str):
             from cluster.hardware import node_spec  # pure data, the node files (as workers/emulate.py reads them)
             node = node_spec(node)
@@ -195,7 +200,8 @@ class VirtualClock:
             self.recorder.step_end(tokens, **fields)
 
     def take_stats(self) -> dict:
-        """The modeled times of the steps since the last call: step 0 (prefill and first token), then each decode step."""
+        """The modeled times of the steps since the last call: step 0 (prefill and first token),
+        then each decode step."""
         steps, self.step_seconds = self.step_seconds, []
         return {"node": self.node.name, "ttft_s": steps[0] if steps else None, "step_s": steps[1:],
                 "total_s": sum(steps)}
@@ -217,7 +223,8 @@ class VirtualClock:
                                    self._layer_forward(model, layer, i, original)))
             block = layer.feed_forward
             if layer.is_moe and block.expert_parallel:  # the experts this rank computes, after the dispatch
-                handles.append(_Shadow(block.experts, "forward", lambda original, i=i: self._local_experts(i, original)))
+                handles.append(_Shadow(block.experts, "forward",
+                                       lambda original, i=i: self._local_experts(i, original)))
             elif layer.is_moe:  # slices of every expert the step's tokens chose
                 handles.append(_Shadow(block, "route", lambda original, i=i: self._routed(i, original)))
         return handles
