@@ -45,7 +45,8 @@ GPU_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
 
 def bind_gpu() -> int:
     """Makes this actor's GPU (the one Ray assigned it) the current device. Ray is told not to
-    narrow CUDA_VISIBLE_DEVICES (GPU_ENV), so every actor sees every GPU of its host: peer access
+    narrow CUDA_VISIBLE_DEVICES (GPU_ENV: in the driver's environment before a local Ray starts, and
+    in each GPU actor's runtime_env), so every actor sees every GPU of its host: peer access
     and symmetric memory need that (with one visible GPU each, torch refuses "allocations from
     overlapping devices"), and a rank must therefore pick its own device explicitly."""
     import torch
@@ -155,6 +156,8 @@ class RayNode:
             if address:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             else:
+                if self.run.device == "cuda":  # read by the raylet and its workers: set before Ray starts
+                    os.environ.update(GPU_ENV)
                 self._start_local_ray(world, dashboard)
                 self.started_ray = True
         bundle = {"CPU": 1, "GPU": 1} if self.run.device == "cuda" else {"CPU": 1}

@@ -316,24 +316,16 @@ class SymmetricMoeAllToAll(MoeAllToAll):
     once every rank's buffer is zero, so no kernel can signal into a buffer not yet cleared."""
 
     def __init__(self, group, layout: MoeLayout | None = None, timeout_s: float = 120.0) -> None:
-        import torch.distributed as dist
-        import torch.distributed._symmetric_memory as symm_mem
+        from collectives.symm_buffer import map_symmetric
         layout = layout or MoeLayout(group.world_size)
-        device = group.device
-        self.buffer = symm_mem.empty(layout.nbytes, dtype=torch.uint8, device=device)
-        self.buffer.zero_()
-        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD)
-        # the tensor may sit inside a larger (pooled) allocation: every rank says where its starts
-        offset = torch.tensor([self.buffer.data_ptr() - self.handle.buffer_ptrs[group.rank]], device=device)
-        offsets = group.all_gather(offset).tolist()  # (world,)
-        super().__init__(group.rank, layout, [b + o for b, o in zip(self.handle.buffer_ptrs, offsets)], device,
-                         timeout_s)
-        torch.cuda.synchronize(device)
+        self.mapped = map_symmetric(layout.nbytes, group)
+        super().__init__(group.rank, layout, self.mapped.bases, group.device, timeout_s)
+        torch.cuda.synchronize(group.device)
         group.barrier()
 
     def close(self) -> None:
         """Drops the buffer; call after a barrier (no peer pushes into it any more)."""
-        self.handle = self.buffer = None
+        self.mapped = None
 
 
 class DeviceDispatch:

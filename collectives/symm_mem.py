@@ -27,13 +27,15 @@ A fused wait that times out (a peer out of step or dead) is reported by the next
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from collectives import fused_norm
 from collectives.communicator import Communicator, add_rmsnorm
 from collectives.fused_allreduce import FusedAllReduce, Layout
+from collectives.moe_all_to_all import DeviceDispatch, MoeLayout, SymmetricMoeAllToAll
+from collectives.symm_buffer import map_symmetric
 from collectives.torch_dist import TorchDistCommunicator
 
+GATHER_BY_SUM = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CAPACITY = 128 * 8192  # values per message through the fused kernel (4 bytes each reserved)
 
 
@@ -47,13 +49,12 @@ def cuda_device(device: torch.device | str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
-class SymmMemCommunicator(Communicator):
+class SymmMemCommunicator(DeviceDispatch, Communicator):
     backend = "symm"
     graph_capturable = True
 
     def __init__(self, rank: int, world_size: int, store, timeout_s: float = 120.0,
                  device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
         self.rank, self.world_size = rank, world_size
         self.device = cuda_device(device)
         if self.device.index != torch.cuda.current_device():
@@ -61,14 +62,9 @@ class SymmMemCommunicator(Communicator):
                              f"{torch.cuda.current_device()}; call torch.cuda.set_device first")
         self.nccl = TorchDistCommunicator(rank, world_size, store, "nccl", timeout_s, self.device)
         self.layout = Layout(world_size, capacity)
-        self.buffer = symm_mem.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
-        self.buffer.zero_()
-        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD)
-        # the tensor may sit inside a larger (pooled) allocation: every rank says where its starts
-        offset = torch.tensor([self.buffer.data_ptr() - self.handle.buffer_ptrs[rank]], device=self.device)
-        offsets = self.nccl.all_gather(offset).tolist()  # (world,)
-        bases = [base + off for base, off in zip(self.handle.buffer_ptrs, offsets)]
-        self.fused = FusedAllReduce(rank, self.layout, bases, self.device, timeout_s)
+        self.mapped = map_symmetric(self.layout.nbytes, self.nccl)
+        self.fused = FusedAllReduce(rank, self.layout, self.mapped.bases, self.device, timeout_s)
+        self.moe = SymmetricMoeAllToAll(self.nccl, MoeLayout(world_size), timeout_s)
         torch.cuda.synchronize(self.device)
         self.nccl.barrier()  # every rank's flags are zero before any rank's kernel signals into them
         self._open = True
@@ -98,7 +94,15 @@ class SymmMemCommunicator(Communicator):
         return add_rmsnorm(self.nccl.all_reduce(partial), residual, weight, eps, quant_scale)
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return self.nccl.all_gather(x, dim)
+        """Small float tensors (the LM head's (max, id) pairs) as ONE fused all-reduce of zero-padded
+        slots: rank r's slot holds x, the others 0, and x + 0 = x exactly, so the sum is the gather
+        (a -0.0 comes back as +0.0). Everything else through NCCL."""
+        slots = x.new_zeros((self.world_size, *x.shape)) if x.dtype in GATHER_BY_SUM else None
+        if slots is None or not self.fused_all_reduce_takes(slots):
+            return self.nccl.all_gather(x, dim)
+        slots[self.rank] = x
+        gathered = self.fused.all_reduce(slots)  # (world, *x.shape)
+        return torch.cat(gathered.unbind(0), dim=dim)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         return self.nccl.all_to_all(x, send_counts)
@@ -109,7 +113,7 @@ class SymmMemCommunicator(Communicator):
     def barrier(self) -> None:
         """NCCL barrier; then raises if a fused wait of this rank ever gave up (reads the device)."""
         self.nccl.barrier()
-        missing = self.fused.missing_ranks()
+        missing = sorted(set(self.fused.missing_ranks()) | set(self.moe.missing_ranks()))
         if missing:
             raise RuntimeError(f"rank {self.rank}: the fused all-reduce gave up waiting for rank(s) {missing} "
                                "(timed out); the ranks' collectives are out of step")
@@ -120,5 +124,6 @@ class SymmMemCommunicator(Communicator):
         self._open = False
         torch.cuda.synchronize(self.device)
         self.nccl.barrier()  # no peer pushes into this buffer any more
-        del self.fused, self.handle, self.buffer
+        self.moe.close()
+        del self.fused, self.mapped, self.moe
         self.nccl.close()

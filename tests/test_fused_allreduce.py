@@ -379,3 +379,19 @@ def test_bench_table_and_the_two_shot_crossover():
     assert two_shot_from(rows[:2]) is None
     lines = table(rows).splitlines()
     assert len(lines) == 3 and lines[1].split()[:3] == ["ar_rmsnorm", "graph", "16"] and "25.0" in lines[1]
+
+
+def _gathers(comm, calls: int) -> dict[str, torch.Tensor]:
+    """all_gather of small float tensors (the fused sum of zero-padded slots) vs NCCL's, bitwise."""
+    wrong = torch.zeros((), dtype=torch.long, device=comm.device)
+    for call in range(calls):
+        for dtype, shape, dim in ((torch.float32, (1, 3, 2), 0), (torch.bfloat16, (4, 7), 1)):
+            x = torch.randn(shape, device=comm.device).to(dtype) * (comm.rank + 1 + call)
+            wrong += int(not torch.equal(comm.all_gather(x, dim), comm.nccl.all_gather(x, dim)))
+    return {"wrong": comm.nccl.all_reduce(wrong).cpu()}
+
+
+@gpu_world
+def test_gpu_small_all_gather_by_fused_sum_equals_nccl():
+    from cluster.procs import run_world
+    assert int(run_world(2, _gathers, 20, backend="symm", device="cuda", timeout_s=300)["wrong"]) == 0
