@@ -46,7 +46,7 @@ class ClockedCommunicator:
         def clocked(*args, **kwargs):
             clock.arrive(call, args)
             out = getattr(self.inner, call)(*args, **kwargs)  # looked up per call: a paused tracer swaps its methods
-            clock.depart(describe_call(self, call, args, out) if clock.recording else None)
+            clock.depart(out, describe_call(self, call, args, out) if clock.recording else None)
             return out
         clocked.__name__ = clocked.__qualname__ = call
         return clocked

@@ -55,6 +55,15 @@ def test_real_run_clock_equals_the_shape_only_walk(session):
     assert out["real_steps"][0] > out["real_steps"][1]  # the prefill reads more than a decode step
 
 
+def test_expert_parallel_run_clocks_its_all_to_alls_and_the_experts_it_computed(session):
+    out, _ = session
+    layers = int(out["ep_moe_layers"])
+    assert out["ep_all_to_alls"].tolist() == [[layers, layers]] * NEW_TOKENS  # a dispatch and a combine per MoE layer
+    read = out["ep_experts_read"]
+    assert len(read) == layers * NEW_TOKENS and int(read.max()) <= int(out["ep_experts_per_rank"])
+    assert (out["ep_steps"] > 0).all()
+
+
 def test_a_collective_ends_at_the_last_arrival_plus_the_transfer_on_every_rank(session):
     exercise = session[0]["exercise"]  # (rank, call, [arrival, transfer, end, result ok])
     assert exercise.shape == (2, 4, 4)  # all-reduce, all-to-all; settled at once, then at a step's end

@@ -3,6 +3,7 @@ tests/test_virtual_clock_gpu.py on GPUs; spawned processes import this module, w
 imports to the worker and the walk)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -63,6 +64,23 @@ def _late_rank_exercise(comm, device: str) -> torch.Tensor:
                          in zip(clock.settled, transfers, results)], dtype=torch.float64)
 
 
+def _expert_parallel(comm, run: RunConfig, params: SamplingParams) -> dict[str, torch.Tensor]:
+    """The same generate with expert-parallel MoE: per step, each MoE layer's dispatch and combine
+    all-to-alls in the clock, and the experts this rank computed (whole experts: at most its own)."""
+    worker = Worker(comm.rank, dataclasses.replace(run, moe_mode="ep", trace_dir=None), comm)
+    worker.load()
+    worker.clock.ops = []
+    _, stats = worker.generate([Request(p, params, str(i)) for i, p in enumerate(PROMPTS)])
+    moe_layers = sum(layer.is_moe for layer in worker.model.layers)
+    per_step = [[op.name for s, _, op in worker.clock.ops if s == step and op.kind == "collective"]
+                for step in range(1 + len(stats.modeled["step_s"]))]
+    return {"ep_all_to_alls": torch.tensor([[names.count("dispatch"), names.count("combine")] for names in per_step]),
+            "ep_moe_layers": torch.tensor(moe_layers),
+            "ep_experts_read": torch.tensor([read for _, _, read in worker.clock.routing]),
+            "ep_experts_per_rank": torch.tensor(worker.shard.experts_per_rank),
+            "ep_steps": torch.tensor([stats.modeled["ttft_s"], *stats.modeled["step_s"]], dtype=torch.float64)}
+
+
 def session_rank(comm, ckpt: str, trace_dir: str, device: str = "cpu", dtype: str = "fp32") -> dict[str, torch.Tensor]:
     """A traced, emulated generate of PROMPTS; every rank checks its clock against the walk op by
     op; then (two ranks) the late-rank exercise. Returns step times, the op count and the exercise."""
@@ -87,6 +105,7 @@ def session_rank(comm, ckpt: str, trace_dir: str, device: str = "cpu", dtype: st
     out = {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
            "walk_steps": torch.tensor(walk_steps, dtype=torch.float64), "ops": torch.tensor(len(clock.ops))}
     if comm.world_size > 1:
+        out.update(_expert_parallel(comm, run, params))
         exercise = _late_rank_exercise(comm, device)  # on the raw communicator the worker wraps
         out["exercise"] = comm.all_gather(exercise.to(device)[None], dim=0).cpu()  # (world, 4 calls, 4)
     worker.close()  # flushes both traces

@@ -62,6 +62,7 @@ class VirtualClock:
         self.span: list | None = None  # the modeled stage being coalesced: [name, layer, t0, t1]
         self.seq = 0
         self.pending: tuple | None = None  # the collective between arrive() and depart()
+        self.route_after: tuple | None = None  # (layer, MoE) whose input the next fused all-reduce returns
         self.recorder = None
         if trace_dir:
             self.recorder = TraceRecorder(Path(trace_dir) / MODELED_DIR, rank, world_size, f"modeled:{node.name}",
@@ -128,10 +129,12 @@ class VirtualClock:
         self._close_span()
         self.pending = (call, layer, ops, self.now_s, sum(op.seconds for op in ops))
 
-    def depart(self, record: tuple | None) -> None:
+    def depart(self, out, record: tuple | None) -> None:
         """After the real call: inside a step the collective ends, for now, after this rank's own
         transfer (the step's end settles the waits); outside one it is settled at once."""
         call, layer, ops, arrival, transfer = self.pending
+        if self.route_after is not None and call == "allreduce_add_rmsnorm":
+            self._route(*self.route_after, out[0])
         if self.ops is not None:
             self.ops += [(self.step, layer, op) for op in ops]
         self.seq += 1
@@ -216,17 +219,16 @@ class VirtualClock:
 
     # --- the wrappers that feed the clock the model's calls --------------------------------------
     def instrument(self, model) -> list:
-        """Wraps the model's forward, each decoder layer's, and each MoE's routing; returns handles."""
+        """Wraps the model's forward, each decoder layer's and each expert-parallel MoE's experts
+        (the experts this rank computes, after the dispatch); returns handles."""
         handles = [_Shadow(model, "forward", lambda original: self._model_forward(model, original))]
         for i, layer in enumerate(model.layers):
             handles.append(_Shadow(layer, "forward", lambda original, i=i, layer=layer:
                                    self._layer_forward(model, layer, i, original)))
             block = layer.feed_forward
-            if layer.is_moe and block.expert_parallel:  # the experts this rank computes, after the dispatch
+            if layer.is_moe and block.expert_parallel:
                 handles.append(_Shadow(block.experts, "forward",
                                        lambda original, i=i: self._local_experts(i, original)))
-            elif layer.is_moe:  # slices of every expert the step's tokens chose
-                handles.append(_Shadow(block, "route", lambda original, i=i: self._routed(i, original)))
         return handles
 
     def _model_forward(self, model, original):
@@ -251,6 +253,8 @@ class VirtualClock:
             batch, tokens, keys, kv_bytes = self.shape
             read = (lambda: self._experts_of(index)) if layer.is_moe else 0
             self.follow(layer_plan(self.cost, layer, act, batch, tokens, keys, kv_bytes, read), layer=index)
+            if layer.is_moe and not layer.feed_forward.expert_parallel:
+                self.route_after = (index, layer.feed_forward)  # its input: the next collective's output
             return original(*args, **kwargs)
         return forward
 
@@ -263,12 +267,13 @@ class VirtualClock:
             self.routing.append((self.step, layer, read))
         return read
 
-    def _routed(self, layer: int, original):
-        def route(x):
-            expert_ids, scores = original(x)
-            self.experts_read[layer] = len(set(expert_ids.flatten().tolist()))  # a handful of ids: faster than unique()
-            return expert_ids, scores
-        return route
+    def _route(self, layer: int, block, normed) -> None:
+        """Tensor-parallel experts: the distinct experts the MoE's input routes to, from the module's
+        own router on the collective's output (the fused path routes inside a kernel the clock
+        cannot see; the two agree but for exact ties)."""
+        self.route_after = None
+        expert_ids, _ = block.route(normed.reshape(-1, normed.shape[-1]))  # (N, k)
+        self.experts_read[layer] = len(set(expert_ids.flatten().tolist()))  # a handful of ids: faster than unique()
 
     def _local_experts(self, layer: int, original):
         def forward(x, local_expert):
