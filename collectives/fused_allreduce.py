@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collectives import fused_norm
+from collectives import fused_norm, gpu_stamps
 from collectives.triton_support import INTERPRETED, tl, triton
 
 PUSH, SCATTER, FINISH = 1, 2, 4
@@ -59,6 +59,7 @@ ALIGN = 256  # bytes; every region starts 16-byte aligned (vector loads and stor
 
 if triton is not None:
     from collectives.fused_norm import _round, rmsnorm_row
+    from collectives.gpu_stamps import write_stamp
 
     PUSHED, REDUCED = tl.constexpr(0), tl.constexpr(1)  # the two kinds of flag
     INTERPRETED_SPIN_NS = tl.constexpr(1_000_000)  # under the interpreter a spin counts as 1 ms (it has no clock)
@@ -144,9 +145,15 @@ if triton is not None:
             rows, numel, slot_elems, eps, timeout_ns,
             RANK: tl.constexpr, WORLD: tl.constexpr, WORLD_POW2: tl.constexpr, PROGRAMS: tl.constexpr,
             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr,
-            QUANT: tl.constexpr, TWO_SHOT: tl.constexpr, PHASES: tl.constexpr):
-        """See the module docstring. x, residual, out, new_residual: (rows, HIDDEN) flat, numel values."""
+            QUANT: tl.constexpr, TWO_SHOT: tl.constexpr, PHASES: tl.constexpr,
+            stamps_ptr, stamp_slot, STAMP: tl.constexpr):
+        """See the module docstring. x, residual, out, new_residual: (rows, HIDDEN) flat, numel values.
+        With STAMP, program 0 writes GPU times to stamps_ptr[stamp_slot + 0, 1, 2]: its start, the
+        moment every peer's data had arrived (its wait ended), and its end (collectives/gpu_stamps.py)."""
         pid = tl.program_id(0)
+        if STAMP:
+            if pid == 0:
+                write_stamp(stamps_ptr, stamp_slot)
         epoch = tl.load(counter_ptr + pid) + 1
         parity = epoch & 1
         io = x_ptr.dtype.element_ty
@@ -192,6 +199,9 @@ if triton is not None:
                 kind = REDUCED if TWO_SHOT else PUSHED
                 _wait(flag_table, kind * kind_stride + flag_set, epoch, status_ptr, timeout_ns, RANK, WORLD,
                       WORLD_POW2)
+                if STAMP:
+                    if pid == 0:
+                        write_stamp(stamps_ptr, stamp_slot + 1)
                 gathered = _region(gather_table, RANK, io) + parity * slot_elems
                 row = pid
                 while row < rows:
@@ -209,6 +219,9 @@ if triton is not None:
                     row += PROGRAMS
         if (PHASES & 4) != 0:
             tl.store(counter_ptr + pid, epoch)
+            if STAMP:
+                if pid == 0:
+                    write_stamp(stamps_ptr, stamp_slot + 2)
 
 
 def _aligned(nbytes: int) -> int:
@@ -329,6 +342,7 @@ class FusedAllReduce:
             return
         block = triton.next_power_of_2(hidden)
         norm_dtype = torch.promote_types(x.dtype, weight.dtype) if norm else x.dtype
+        stamps, stamp_slot = gpu_stamps.triple("allreduce_add_rmsnorm" if norm else "all_reduce")
         _fused_allreduce_kernel[(self.layout.programs,)](
             x, residual if norm else x, weight if norm else x, quant_scale if quant_scale is not None else x,
             out, new_residual if norm else out,
@@ -338,6 +352,7 @@ class FusedAllReduce:
             PROGRAMS=self.layout.programs, HIDDEN=hidden, BLOCK=block, NORM=norm,
             NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
             TWO_SHOT=algorithm == "two-shot", PHASES=phases,
+            stamps_ptr=stamps if stamps is not None else self.counters, stamp_slot=stamp_slot, STAMP=stamps is not None,
             num_warps=fused_norm.num_warps(block), enable_fp_fusion=False)
 
     def missing_ranks(self) -> list[int]:

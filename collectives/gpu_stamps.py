@@ -122,9 +122,21 @@ def stamping(ledger: StampLedger):
         _ACTIVE.remove(ledger)
 
 
-def slots(name: str, layer=None) -> tuple[torch.Tensor | None, int, int]:
+def slots(name: str) -> tuple[torch.Tensor | None, int, int]:
     """For a kernel wrapper: (stamp buffer or None, begin slot, end slot) of one call of `name`."""
     ledger = active()
     if ledger is None:
         return None, 0, 0
-    return ledger.stamps, ledger.take(("begin", name, layer)), ledger.take(("end", name, layer))
+    return ledger.stamps, ledger.take(("begin", name)), ledger.take(("end", name))
+
+
+def triple(name: str) -> tuple[torch.Tensor | None, int]:
+    """For a collective kernel: (stamp buffer or None, first of three consecutive slots: begin,
+    arrived (every peer's data was there), end)."""
+    ledger = active()
+    if ledger is None:
+        return None, 0
+    first = ledger.take(("begin", name))
+    ledger.take(("arrived", name))
+    ledger.take(("end", name))
+    return ledger.stamps, first

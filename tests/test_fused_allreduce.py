@@ -395,3 +395,24 @@ def _gathers(comm, calls: int) -> dict[str, torch.Tensor]:
 def test_gpu_small_all_gather_by_fused_sum_equals_nccl():
     from cluster.procs import run_world
     assert int(run_world(2, _gathers, 20, backend="symm", device="cuda", timeout_s=300)["wrong"]) == 0
+
+
+@cpu_only
+def test_the_fused_kernel_stamps_begin_arrival_and_end_while_a_ledger_is_active():
+    """Same bits with stamps; each launch of the FINISH phase writes its three slots (interpreter
+    stand-in time: slot x 1000), and nothing is taken with no ledger active."""
+    from collectives import gpu_stamps
+    sim = SimulatedWorld(2)
+    parts, residual, weight = inputs(2, 3, 80, torch.float32, seed=5)
+    plain = sim.norm(parts, residual, weight)
+    ledger = gpu_stamps.StampLedger("cpu", capacity=16)
+    outs = [(torch.empty_like(residual), torch.empty_like(residual)) for _ in sim.ranks]
+    for r, rank in enumerate(sim.ranks):
+        rank.launch(parts[r], outs[r][0], residual, weight, 1e-5, None, outs[r][1], "one-shot", PUSH)
+    for r, rank in enumerate(sim.ranks):
+        with gpu_stamps.stamping(ledger):
+            rank.launch(parts[r], outs[r][0], residual, weight, 1e-5, None, outs[r][1], "one-shot", FINISH)
+    assert all(torch.equal(a, b) for out, ref in zip(outs, plain) for a, b in zip(out, ref))
+    kinds = [label[0] for label, _ in ledger.read()]
+    assert kinds == ["begin", "arrived", "end"] * 2
+    assert [t for _, t in ledger.read()] == [slot * 1000 for slot in range(6)]
