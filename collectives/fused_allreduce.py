@@ -342,7 +342,7 @@ class FusedAllReduce:
             return
         block = triton.next_power_of_2(hidden)
         norm_dtype = torch.promote_types(x.dtype, weight.dtype) if norm else x.dtype
-        stamps, stamp_slot = gpu_stamps.triple("allreduce_add_rmsnorm" if norm else "all_reduce")
+        stamps, stamp_slot = gpu_stamps.triple("allreduce_add_rmsnorm" if norm else "all_reduce", x)
         _fused_allreduce_kernel[(self.layout.programs,)](
             x, residual if norm else x, weight if norm else x, quant_scale if quant_scale is not None else x,
             out, new_residual if norm else out,

@@ -154,7 +154,7 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     if rows == 0:
         return normed, new_residual
     block = triton.next_power_of_2(hidden)
-    stamps, begin, end = gpu_stamps.slots("add_rmsnorm")
+    stamps, begin, end = gpu_stamps.slots("allreduce_add_rmsnorm", partial)
     _add_rmsnorm_kernel[(rows,)](
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,

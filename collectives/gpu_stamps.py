@@ -122,21 +122,22 @@ def stamping(ledger: StampLedger):
         _ACTIVE.remove(ledger)
 
 
-def slots(name: str) -> tuple[torch.Tensor | None, int, int]:
-    """For a kernel wrapper: (stamp buffer or None, begin slot, end slot) of one call of `name`."""
+def slots(name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
+    """For a kernel wrapper: (stamp buffer or None, begin slot, end slot) of one call of `name` on
+    `x` (its bytes and dtype go into the labels, as a traced collective records them)."""
     ledger = active()
     if ledger is None:
         return None, 0, 0
-    return ledger.stamps, ledger.take(("begin", name)), ledger.take(("end", name))
+    return ledger.stamps, ledger.take(("begin", name, x.nbytes, x.dtype)), ledger.take(("end", name, x.nbytes, x.dtype))
 
 
-def triple(name: str) -> tuple[torch.Tensor | None, int]:
+def triple(name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     """For a collective kernel: (stamp buffer or None, first of three consecutive slots: begin,
     arrived (every peer's data was there), end)."""
     ledger = active()
     if ledger is None:
         return None, 0
-    first = ledger.take(("begin", name))
-    ledger.take(("arrived", name))
-    ledger.take(("end", name))
+    first = ledger.take(("begin", name, x.nbytes, x.dtype))
+    ledger.take(("arrived", name, x.nbytes, x.dtype))
+    ledger.take(("end", name, x.nbytes, x.dtype))
     return ledger.stamps, first

@@ -180,6 +180,19 @@ class TraceRecorder:
         if len(self.coll_rows) // COLL_WIDTH + len(self.span_rows) // SPAN_WIDTH + len(self.steps) >= self.flush_every:
             self.flush()
 
+    def add_resolved(self, step: dict, coll_rows: list, span_rows: list) -> None:
+        """A step whose times are already CLOCK_MONOTONIC ns (a graph-replayed step, timed by the
+        GPU stamps of workers/graph_trace.py): flat rows of COLL_FIELDS / SPAN_FIELDS and the step's
+        map, appended after any rows still holding CUDA events are resolved."""
+        if self.cuda_clock and self.unresolved != (len(self.coll_rows), len(self.span_rows), len(self.steps)):
+            self._resolve_events()
+        self.add_collective(coll_rows)
+        self.add_span(span_rows)
+        self.steps.append(step)
+        self.unresolved = (len(self.coll_rows), len(self.span_rows), len(self.steps))
+        if len(self.coll_rows) // COLL_WIDTH + len(self.span_rows) // SPAN_WIDTH + len(self.steps) >= self.flush_every:
+            self.flush()
+
     def flush(self) -> None:
         """Packs the buffered rows as one batch and empties the buffers (in place: the hot path
         holds their `extend`). Dtypes become names and each (op, bytes) its algorithm here."""

@@ -28,7 +28,8 @@ def test_stamped_kernel_computes_the_same_and_labels_its_slots():
     for a, b in zip(plain + plain, first + second):
         assert torch.equal(a, b)
     read = ledger.read()
-    assert [label for label, _ in read] == [("begin", "add_rmsnorm"), ("end", "add_rmsnorm")] * 2
+    op = ("allreduce_add_rmsnorm", partial.nbytes, partial.dtype)
+    assert [label for label, _ in read] == [("begin", *op), ("end", *op)] * 2
     times = [t for _, t in read]
     assert times == sorted(times) and times[0] < times[-1]
     fused_norm.add_rmsnorm(partial, residual, weight, eps)  # no ledger active: no slot taken

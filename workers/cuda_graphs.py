@@ -27,11 +27,13 @@ creates its communicators lazily, which must not happen inside a capture).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable
 
 import torch
 
+from collectives import gpu_stamps
 from collectives.communicator import Communicator
 from model.attention import KVCache
 from model.fast_path import MAX_TOKENS, graph_blocker
@@ -54,6 +56,8 @@ def cache_slots(needed: int, max_context: int) -> int:
 def comm_blocker(comm: Communicator) -> str | None:
     """Why `comm`'s collectives cannot be captured in a CUDA graph, or None when they can: one
     rank, NCCL through torch.distributed, or a backend that sets `graph_capturable = True`."""
+    while hasattr(comm, "inner"):  # a tracer (paused while graphs are captured) or another wrapper
+        comm = comm.inner
     if comm.world_size == 1 or getattr(comm, "graph_capturable", False):
         return None
     from collectives.torch_dist import TorchDistCommunicator
@@ -64,25 +68,36 @@ def comm_blocker(comm: Communicator) -> str | None:
 
 
 def capture(step: Callable[[], object], reset: Callable[[], None], device: torch.device, world_size: int,
-            generators: tuple[torch.Generator, ...] = ()) -> tuple[torch.cuda.CUDAGraph, object]:
+            generators: tuple[torch.Generator, ...] = (), ledger=None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Runs `step` WARMUP_STEPS times on a side stream (every kernel compiled and tuned, every
     NCCL communicator created, outside the capture), calling reset() after each, then captures
     one call. Returns the graph and what the captured call returned (its static outputs).
     generators: device generators the step draws from; registered, so each replay advances them.
+    ledger: a collectives.gpu_stamps.StampLedger: the captured step stamps GPU times into it (its
+    fused norm / all-reduce kernels, and a stamp before and after the step); the slots it took are
+    the last ones of the ledger after this call.
     Every rank must capture the same steps in the same order (see the module docstring)."""
+    stamping = (lambda: gpu_stamps.stamping(ledger)) if ledger is not None else contextlib.nullcontext
+    first_slot = len(ledger.labels) if ledger is not None else 0
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+    with torch.cuda.stream(stream), stamping():  # warm-up off the default stream, as capture requires
         for _ in range(WARMUP_STEPS):
             step()
             reset()
+    if ledger is not None:
+        ledger.rewind(first_slot)  # the warm-up compiled the stamping kernels; its slots are not kept
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     for generator in generators:
         graph.register_generator_state(generator)
     # several ranks: another thread (NCCL's watchdog) may query events while this one captures
-    with torch.cuda.graph(graph, capture_error_mode="thread_local" if world_size > 1 else "global"):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local" if world_size > 1 else "global"), stamping():
+        if ledger is not None:
+            ledger.stamp(("step", "begin"))
         outputs = step()
+        if ledger is not None:
+            ledger.stamp(("step", "end"))
     reset()
     return graph, outputs
 
@@ -92,7 +107,7 @@ class DecodeGraph:
     token choice: greedy in the step graph, sampled in a second graph (captured at the first
     batch that samples)."""
 
-    def __init__(self, model: Llama4, cache: KVCache, n_tokens: int = 1) -> None:
+    def __init__(self, model: Llama4, cache: KVCache, n_tokens: int = 1, ledger=None) -> None:
         if cache.batch * n_tokens > MAX_TOKENS:
             raise ValueError(f"a graph step takes at most {MAX_TOKENS} rows x tokens, got "
                              f"{cache.batch} x {n_tokens}")
@@ -103,9 +118,14 @@ class DecodeGraph:
         self.next_ids = torch.zeros(cache.batch, dtype=torch.long, device=device)  # (B,) the step's choice
         self.sampler = DeviceSampler(cache.batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, device)
         saved = cache.lengths.clone()
+        self.ledger, first_slot = ledger, len(ledger.labels) if ledger is not None else 0
         # the warm-up's KV writes sit past every row's length once the lengths are restored
         self.graph, self.logits = capture(self._step, lambda: cache.lengths.copy_(saved), device,
-                                          model.comm.world_size)  # logits: (B, T, V_r)
+                                          model.comm.world_size, ledger=ledger)  # logits: (B, T, V_r)
+        # traced: the step's GPU stamps (ledger slots from first_slot on), copied out after each replay
+        self.stamp_slots = slice(first_slot, len(ledger.labels)) if ledger is not None else None
+        self._host_stamps = [torch.empty(len(ledger.labels) - first_slot, dtype=torch.int64, pin_memory=True)
+                             for _ in range(2)] if ledger is not None else None
         self.sample_graph = None
         self.sampling = False
         # the ids of two replays in flight, read back without stalling the stream
@@ -161,6 +181,8 @@ class DecodeGraph:
         if self.sampling:
             self.sample_graph.replay()
         slot, self._slot = self._slot, self._slot ^ 1
+        if self.ledger is not None:  # before the ids: reading them means the stamps are here too
+            self._host_stamps[slot].copy_(self.ledger.stamps[self.stamp_slots], non_blocking=True)
         self._host_ids[slot].copy_(self.next_ids, non_blocking=True)
         self._copied[slot].record()
         return slot
@@ -168,7 +190,13 @@ class DecodeGraph:
     def read(self, slot: int) -> list[int]:
         """The ids of the step `launch` returned `slot` for (waits for that step only)."""
         self._copied[slot].synchronize()
+        self.last_read = slot
         return self._host_ids[slot].tolist()
+
+    def stamps(self) -> list[tuple[tuple, int]]:
+        """(label, GPU ns) of the traced step last `read` (a graph captured with a ledger)."""
+        labels = self.ledger.labels[self.stamp_slots]
+        return list(zip(labels, self._host_stamps[self.last_read].tolist()))
 
 
 class GraphPool:
@@ -189,9 +217,10 @@ class GraphPool:
         return graph
 
 
-def decode_graphs(model: Llama4, kv_dtype: torch.dtype | None) -> GraphPool:
-    """Decode graphs by (batch rows, cache slots); `decode_graph` hands one out for a batch."""
-    return GraphPool(lambda key: DecodeGraph(model, model.new_cache(key[0], key[1], kv_dtype)))
+def decode_graphs(model: Llama4, kv_dtype: torch.dtype | None, ledger=None) -> GraphPool:
+    """Decode graphs by (batch rows, cache slots); `decode_graph` hands one out for a batch.
+    ledger: traced graphs stamp their steps' GPU times into it (workers/graph_trace.py)."""
+    return GraphPool(lambda key: DecodeGraph(model, model.new_cache(key[0], key[1], kv_dtype), ledger=ledger))
 
 
 def decode_graph(pool: GraphPool, batch: int, needed_slots: int, max_context: int) -> DecodeGraph:

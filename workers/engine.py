@@ -66,8 +66,10 @@ def validate_requests(requests: list[Request], vocab_size: int, max_context: int
 class Engine:
     def __init__(self, model: Llama4, max_context: int | None = None, recorder=None,
                  kv_dtype: torch.dtype | None = None, draft=None, cuda_graphs: str = "off",
-                 device_sampling: bool | None = None) -> None:
+                 device_sampling: bool | None = None, graph_trace=None) -> None:
         """recorder: a collectives.trace.TraceRecorder when tracing, else None (no cost).
+        graph_trace: a workers.graph_trace.GraphTrace: traced plain decoding still replays graphs,
+        timed by GPU stamps (without it, traced steps run eagerly).
         kv_dtype: the KV cache's dtype (None: the model's; float8_e4m3fn: an FP8 cache).
         draft: an EAGLE-3 draft (model.eagle3.Eagle3Draft) on the same ranks, for speculative decoding.
         cuda_graphs: "on" (decode steps, and speculative draft and verify steps, replay CUDA graphs;
@@ -81,6 +83,8 @@ class Engine:
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.graphs = None  # workers.cuda_graphs.GraphPool of decode graphs, made at the first graphed batch
+        self.traced_graphs = None  # ... of decode graphs that stamp their GPU times (graph_trace)
+        self.graph_trace = graph_trace
         self.spec_graphs = None  # ... of speculative steps (workers/spec_graphs.py)
         self.draft = draft
         self.kv_dtype = kv_dtype
@@ -127,20 +131,24 @@ class Engine:
             return next_tokens(logits[:, -1], shard.vocab_start, self.cfg.vocab_size, self.model.comm,
                                [r.params for r in requests], generators)
 
-    def _graph_reason(self, rows: int) -> str | None:
+    def _tracing(self) -> bool:
+        return not isinstance(self.recorder, NullRecorder)
+
+    def _graph_reason(self, rows: int, speculative: bool = False) -> str | None:
         """Why a step of `rows` rows x tokens cannot be captured, or None when it can."""
         from workers.cuda_graphs import model_blocker
-        if not isinstance(self.recorder, NullRecorder):
-            return "tracing times each collective on the host; traced steps run eagerly"
+        if self._tracing() and (self.graph_trace is None or speculative):
+            return ("tracing times each collective on the host; traced steps run eagerly" if self.graph_trace is None
+                    else "traced speculative steps run eagerly (GPU stamps trace plain decode graphs only)")
         if rows > MAX_GRAPH_ROWS:
             return f"a step of {rows} rows x tokens is over the {MAX_GRAPH_ROWS} a graph step takes"
         return model_blocker(self.model)
 
-    def _graphs_for(self, rows: int) -> bool:
+    def _graphs_for(self, rows: int, speculative: bool = False) -> bool:
         """Whether steps of `rows` rows x tokens replay graphs (cuda_graphs "on": they must)."""
         if self.cuda_graphs == "off":
             return False
-        reason = self._graph_reason(rows)
+        reason = self._graph_reason(rows, speculative)
         if reason is not None and self.cuda_graphs == "on":
             raise RequestError(f"--cuda-graphs on: {reason}")
         return reason is None
@@ -151,6 +159,11 @@ class Engine:
         if not self._graphs_for(batch):
             return None
         from workers.cuda_graphs import decode_graph, decode_graphs
+        if self._tracing():  # captured with the host tracing paused, stamping into the trace's ledger
+            with self.graph_trace.capturing() as ledger:
+                if self.traced_graphs is None:
+                    self.traced_graphs = decode_graphs(self.model, self.kv_dtype, ledger)
+                return decode_graph(self.traced_graphs, batch, needed_slots, self.max_context)
         if self.graphs is None:
             self.graphs = decode_graphs(self.model, self.kv_dtype)
         return decode_graph(self.graphs, batch, needed_slots, self.max_context)
@@ -158,7 +171,7 @@ class Engine:
     def _spec_graph(self, decoder, batch: int, needed_slots: int):
         """The speculative steps' graphs for this batch (workers/spec_graphs.py), or None (eager):
         the verify step takes batch x (tokens + 1) rows."""
-        if not self._graphs_for(batch * (decoder.spec.shape[2] + 1)):
+        if not self._graphs_for(batch * (decoder.spec.shape[2] + 1), speculative=True):
             return None
         from workers.spec_graphs import spec_graph, spec_graphs
         if self.spec_graphs is None:
@@ -234,7 +247,15 @@ class Engine:
         pick = self._picker(graph, requests)
         done = commit(0, pick(logits).tolist())
         if not done and graph is not None:
-            self._graph_steps(graph, out, finish, commit)
+            traced = graph.ledger is not None and self._tracing()
+            if traced:  # the steps' ends come from the graph's GPU stamps
+                from workers.graph_trace import GraphStepRecorder
+                host_recorder, self.recorder = self.recorder, GraphStepRecorder(self.graph_trace, graph, 1, request_ids)
+            try:
+                self._graph_steps(graph, out, finish, commit)
+            finally:
+                if traced:
+                    self.recorder = host_recorder
         step = 0
         while not done and not all(finish):
             step += 1

@@ -62,7 +62,8 @@ class Worker:
             self.draft, draft_read = load_draft(self.run.draft_path, self.model)
             read += draft_read
         self.engine = Engine(self.model, self.run.max_context, self._engine_recorder(self.recorder),
-                             kv_dtype=self.run.kv_torch_dtype, draft=self.draft, cuda_graphs=self.run.engine_graphs)
+                             kv_dtype=self.run.kv_torch_dtype, draft=self.draft, cuda_graphs=self.run.engine_graphs,
+                             graph_trace=self._graph_trace())
         self.load_s = time.perf_counter() - start
         weights = self.model.weight_bytes() + (self.draft.weight_bytes() if self.draft is not None else 0)
         report = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "weights_bytes": weights,
@@ -89,6 +90,21 @@ class Worker:
             mark.remove()
         self.clock_marks = self.clock.instrument(self.model) if self.clock is not None else []
         self.stage_marks = instrument(self.model, self.recorder) if tracing else []
+
+    def _graph_trace(self):
+        """Traced GPU ranks (no virtual clock) keep replaying decode graphs, timed by GPU stamps."""
+        if self.recorder is None or self.device.type != "cuda" or self.clock is not None or self.run.engine_graphs == "off":
+            return None
+        from workers.graph_trace import GraphTrace
+
+        def pause() -> None:
+            self.tracer.set_enabled(False)
+            self._mark(False)
+
+        def resume() -> None:
+            self.tracer.set_enabled(True)
+            self._mark(True)
+        return GraphTrace(self.recorder, self.tracer, self.model, pause, resume)
 
     def _engine_recorder(self, recorder):
         return ClockedSteps(recorder, self.clock) if self.clock is not None else recorder
