@@ -247,7 +247,7 @@ class Engine:
         pick = self._picker(graph, requests)
         done = commit(0, pick(logits).tolist())
         if not done and graph is not None:
-            traced = graph.ledger is not None and self._tracing()
+            traced = getattr(graph, "ledger", None) is not None and self._tracing()
             if traced:  # the steps' ends come from the graph's GPU stamps
                 from workers.graph_trace import GraphStepRecorder
                 host_recorder, self.recorder = self.recorder, GraphStepRecorder(self.graph_trace, graph, 1, request_ids)
