@@ -17,6 +17,12 @@ Bytes = weights (+ FP8 scales) + x + out.
 
     python benchmarks/gemv_bench.py --out gemv_h200.json     # the table, ~60 s on an H200
     python benchmarks/gemv_bench.py --sweep 60 --dtypes fp8  # tile configs on the key cases instead
+    python benchmarks/gemv_bench.py --variants 300 --out v.json  # the GEMV variants (gemv_variants.py)
+    python benchmarks/gemv_bench.py --pdl-ab --out t.json    # the table, ours also with PDL off
+
+PDL (programmatic dependent launch, collectives/triton_support.py) is on by default where the GPU
+has it; back-to-back calls in one graph then overlap one call's tail with the next one's first
+weight loads, as in the decode step. --pdl-ab adds a column timed with it off.
 """
 from __future__ import annotations
 
@@ -246,12 +252,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     p.add_argument("--sweep", type=float, default=0, metavar="SECONDS",
                    help="instead of the table: sweep tile configs on a few key cases for about SECONDS")
+    p.add_argument("--variants", type=float, default=0, metavar="SECONDS",
+                   help="instead of the table: time every GEMV variant of benchmarks/gemv_variants.py (at most "
+                        "SECONDS), printing %% of copy bandwidth per variant")
+    p.add_argument("--pdl-ab", action="store_true", help="the table also times ours with PDL off")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     copy = copy_tb_s()
     print(f"copy bandwidth: {copy:.2f} TB/s (2 GiB device-to-device, read + write)", flush=True)
+    if args.variants:
+        return _variants(args, copy)
     todo = [(info, make) for info, make in cases(args) if not args.sweep or is_key(info)]
     results, rows, swept = [], [], []
     for info, make in todo:
@@ -262,11 +274,15 @@ def main(argv=None) -> int:
         res = {**info, "bytes": case["bytes"], "ours_us": t_ours, "torch_us": t_torch, "ours_tb_s": tb[0],
                "torch_tb_s": tb[1], "ours_pct_copy": 100 * tb[0] / copy, "torch_pct_copy": 100 * tb[1] / copy,
                "ours_eager_us": eager_us(ours(case)), "rel_err": err}
+        if args.pdl_ab:
+            res["ours_no_pdl_us"] = _without_pdl(lambda: bench(ours(case), case["calls"]))
         results.append(res)
         rows.append([info["kind"] + (" swiglu" if info.get("swiglu") else ""), info["dtype"], info["M"],
                      f"{info['N']}x{info['K']}", f"{case['bytes'] / 1e6:.1f}", f"{t_ours:.1f}", f"{t_torch:.1f}",
                      f"{tb[0]:.2f}", f"{tb[1]:.2f}", f"{res['ours_pct_copy']:.0f}", f"{res['torch_pct_copy']:.0f}",
                      f"{res['ours_eager_us']:.0f}", f"{err:.1e}"])
+        if args.pdl_ab:
+            rows[-1].insert(6, f"{res['ours_no_pdl_us']:.1f}")
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         if args.sweep:
             best = sweep(info, case, args.sweep / len(todo))
@@ -275,15 +291,51 @@ def main(argv=None) -> int:
         del case
         torch.cuda.empty_cache()
     print()
-    print_table(["case", "dtype", "M", "NxK", "MB", "ours us", "torch us", "ours TB/s", "torch TB/s",
-                 "ours %copy", "torch %copy", "eager us", "rel err"], rows)
+    print_table(["case", "dtype", "M", "NxK", "MB", "ours us"] + (["no-PDL us"] if args.pdl_ab else [])
+                + ["torch us", "ours TB/s", "torch TB/s", "ours %copy", "torch %copy", "eager us", "rel err"], rows)
     if args.out:
         payload = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "command": " ".join(sys.argv), "copy_tb_s": copy, "results": results, "sweep": swept}
+                   "command": " ".join(sys.argv), "copy_tb_s": copy, "pdl": _pdl_state(), "results": results,
+                   "sweep": swept}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def _without_pdl(fn):
+    from collectives import triton_support
+    before, triton_support.PDL_ENABLED = triton_support.PDL_ENABLED, False
+    try:
+        return fn()
+    finally:
+        triton_support.PDL_ENABLED = before
+
+
+def _variants(args, copy: float) -> int:
+    """--variants: every GEMV variant of every case of gemv_variants.py, best first per case."""
+    from benchmarks import gemv_variants
+    records = gemv_variants.run(args.variants, copy, sys.modules[__name__])
+    best = gemv_variants.best(records)
+    print("\nbest per case:")
+    print_table(["case", "dtype", "M", "NxK", "best", "us", "%copy", "heuristic us", "heuristic %copy"],
+                [[b["kind"], b["dtype"], b["M"], f"{b['N']}x{b['K']}", b["variant"], f"{b['us']:.2f}",
+                  f"{b['pct_copy']:.0f}", f"{b.get('heuristic_us', float('nan')):.2f}",
+                  f"{b.get('heuristic_pct_copy', float('nan')):.0f}"] for b in best])
+    if args.out:
+        payload = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "command": " ".join(sys.argv), "copy_tb_s": copy, "pdl": _pdl_state(), "variants": records,
+                   "best": best}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _pdl_state() -> bool:
+    import torch as _torch
+    from collectives import triton_support
+    return triton_support.use_pdl(_torch.zeros(1, device="cuda"))
 
 
 if __name__ == "__main__":

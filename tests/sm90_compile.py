@@ -8,7 +8,8 @@ compiled (`warmup`) and never launched: outputs are garbage, only the binaries m
 
 Run as a script (it must start with TRITON_INTERPRET unset): prints one JSON line per compiled
 kernel with its name, launch_pdl, the counts of griddepcontrol.wait / .launch_dependents, and
-the number of global loads issued before the wait.
+the number of global loads issued before the wait. `sm90_compile.py variants` compiles the GEMV
+variants of the benchmark sweep instead of the decode path's kernels.
 """
 from __future__ import annotations
 
@@ -112,13 +113,34 @@ def _moe_kernels(x1: torch.Tensor) -> None:
         moe_decode.dual_down(h_s, h_r, shared_down, routed_down, ids)
 
 
+def _variant_kernels() -> None:
+    """The GEMV variants benchmarks/gemv_bench.py --variants sweeps (FP8 conversions, split-K, fp16 dots)."""
+    from collectives import triton_support
+    from model.kernels import linear_small_m as lsm
+    triton_support.use_pdl = lambda x: True
+    lsm.available = lambda x: True
+    lsm._counters = lambda device, n: torch.zeros(n, dtype=torch.int32)
+    x1, x4 = torch.randn(1, 2048, dtype=torch.bfloat16), torch.randn(4, 2048, dtype=torch.bfloat16)
+    wq, ws = torch.randn(4096, 2048).to(FP8), torch.ones(4096)
+    experts, experts_scale = torch.randn(4, 4096, 2048).to(FP8), torch.ones(4, 4096)
+    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"SPLIT_K": 2}, {"CVT": "words", "SPLIT_K": 4, "num_stages": 2},
+                {"PREQUANT": True}, {"PREQUANT": True, "CVT": "bits"}):
+        lsm.linear_small_m(x1, wq, weight_scale=ws, act_quant="token", config=cfg)
+        lsm.linear_small_m(x1, experts, expert_ids=torch.zeros(1, dtype=torch.int32), weight_scale=experts_scale,
+                           act_quant="token", swiglu=True, config=cfg)
+    lsm.linear_small_m(x4, wq, weight_scale=ws, act_quant="token", config={"DOT_F16": True})
+
+
 def main() -> int:
     try:
         compiled = _install()
     except (ImportError, AttributeError, TypeError) as exc:  # another Triton's internals: nothing compiled
         print(f"SETUP-FAILED: {type(exc).__name__}: {exc}")
         return 3
-    _decode_kernels()
+    if sys.argv[1:] == ["variants"]:
+        _variant_kernels()
+    else:
+        _decode_kernels()
     for name, pdl, kernel in compiled:
         print(json.dumps(_summary(name, pdl, kernel)))
     return 0

@@ -266,3 +266,130 @@ def test_gpu_realistic_shapes(m):
     w_q, w_scale = _fp8_weight(gen, (16,), 2048, 5120)
     _both(x, w_q, 2e-5, expert_ids=ids, weight_scale=w_scale, act_quant="token", swiglu=True,
           out_dtype=torch.float32)
+
+
+def _every_e4m3_weight(gen, n, k):
+    """(N, K) e4m3 weights holding every finite byte (subnormals, +-0, +-448) in random places."""
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)  # 254 values
+    picks = finite[torch.randint(0, finite.numel(), (n, k), generator=gen)]
+    picks[0, :finite.numel()] = finite[: min(k, finite.numel())]
+    w_q = picks.view(FP8)
+    return w_q.to(DEVICE), (torch.rand(n, generator=gen) + 0.5).to(DEVICE)
+
+
+@pytest.mark.parametrize("m,swiglu", [(1, False), (3, True)])
+def test_fp8_cvt_variants(m, swiglu):
+    """CVT 'bits' (integer e4m3 -> float32 bits, x scaled by 2^119) gives CVT 'cvt''s bits exactly;
+    CVT 'words' (four bytes per int32) equals the reference to float32 summation order; every
+    finite e4m3 byte, subnormals included, is in the weights."""
+    gen = torch.Generator().manual_seed(m)
+    w_q, w_scale = _every_e4m3_weight(gen, 48, 256)
+    x = _exact_fp8_rows(gen, m, 256, torch.bfloat16, [(i % 4) - 7 for i in range(m)])
+    for act in ("token", torch.tensor(2.0 ** -8, device=DEVICE)):
+        kw = dict(weight_scale=w_scale, act_quant=act, swiglu=swiglu, out_dtype=torch.float32)
+        base = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64}, **kw)
+        _check(base, reference_linear_small_m(x, w_q, **kw), 1e-5)
+        bits = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": "bits"}, **kw)
+        assert torch.equal(bits, base)
+        words = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": "words"}, **kw)
+        _check(words, reference_linear_small_m(x, w_q, **kw), 1e-5)
+        for cvt in ("cvt", "bits"):  # x quantized by the pre-pass kernel: the same bytes, the same sums
+            pre = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": cvt,
+                                                 "PREQUANT": True}, **kw)
+            assert torch.equal(pre, base)
+
+
+def test_fp8_cvt_variants_gathered():
+    gen = torch.Generator().manual_seed(21)
+    w_q, w_scale = _fp8_weight(gen, (3,), 40, 128)  # (E, N, K)
+    ids = torch.tensor([2, 0, 2], device=DEVICE)
+    x = _exact_fp8_rows(gen, 3, 128, torch.bfloat16, [-6, -9, -5])
+    kw = dict(expert_ids=ids, weight_scale=w_scale, act_quant="token", swiglu=True, out_dtype=torch.float32)
+    want = reference_linear_small_m(x, w_q, **kw)
+    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"PREQUANT": True}, {"CVT": "words", "PREQUANT": True}):
+        _check(linear_small_m(x, w_q, config={**cfg, "BLOCK_N": 8, "BLOCK_K": 32}, **kw), want, 1e-5)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k(split_k):
+    """K cut among programs, the last one per tile reducing in split order: dense / gathered /
+    SwiGLU / FP8; deterministic; its arrival counters end at zero."""
+    gen = torch.Generator().manual_seed(split_k)
+    x, w = _randn(gen, 3, 200), _randn(gen, 40, 200)
+    cfg = {"gemv": True, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}
+    got = linear_small_m(x, w, config=cfg)
+    _check(got, reference_linear_small_m(x, w), 1e-5)
+    assert torch.equal(got, linear_small_m(x, w, config=cfg))
+    _check(linear_small_m(x, w, swiglu=True, config=cfg), reference_linear_small_m(x, w, swiglu=True), 1e-5)
+    w3, ids = _randn(gen, 3, 40, 200), torch.tensor([1, 1, 0], device=DEVICE)
+    score = _scores(gen, 3, torch.float32)
+    kw = dict(expert_ids=ids, row_scale=score, swiglu=True)
+    _check(linear_small_m(x, w3, config=cfg, **kw), reference_linear_small_m(x, w3, **kw), 1e-5)
+    w_q, w_scale = _fp8_weight(gen, (), 40, 256)
+    xq = _exact_fp8_rows(gen, 3, 256, torch.float32, [-4, -6, -2])
+    kw = dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32)
+    for cvt in ("cvt", "words"):
+        _check(linear_small_m(xq, w_q, config={**cfg, "CVT": cvt}, **kw), reference_linear_small_m(xq, w_q, **kw),
+               1e-5)
+    assert not lsm._COUNTERS[torch.device(DEVICE) if DEVICE == "cpu" else x.device].any()
+
+
+def test_variant_configs_are_checked():
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    w_q, w_scale = w.to(FP8), torch.ones(6, device=DEVICE)
+    with pytest.raises(ValueError, match="CVT must be one of"):
+        linear_small_m(x, w_q, weight_scale=w_scale, act_quant="token", config={"gemv": True, "CVT": "fast"})
+    with pytest.raises(ValueError, match="FP8 weights in the GEMV path only"):
+        linear_small_m(x, w, config={"gemv": True, "CVT": "bits"})
+    with pytest.raises(ValueError, match="K % 4 == 0"):
+        linear_small_m(x[:, :6], w_q[:, :6], weight_scale=w_scale, act_quant="token",
+                       config={"gemv": True, "CVT": "words"})
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        linear_small_m(x, w, config={"gemv": False, "SPLIT_K": 2})
+    w3, ids = torch.randn(3, 6, 8, device=DEVICE).to(FP8), torch.tensor([0, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="PREQUANT"):
+        linear_small_m(x, w3, expert_ids=ids, weight_scale=torch.ones(3, 6, device=DEVICE),
+                       act_quant=torch.ones(3, device=DEVICE), config={"PREQUANT": True})
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_variants_random_activations(m):
+    """Every GEMV variant of the benchmark sweep on random bf16 activations at a Llama 4 shard shape:
+    the reference's bytes (in-kernel quantization rounds as torch does) to float32 summation order."""
+    gen = torch.Generator().manual_seed(m)
+    w_q, w_scale = _fp8_weight(gen, (), 2048, 5120)
+    x = _randn(gen, m, 5120, dtype=torch.bfloat16)
+    kw = dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32)
+    want = reference_linear_small_m(x, w_q, **kw)
+    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"SPLIT_K": 4}, {"PREQUANT": True},
+                {"CVT": "words", "PREQUANT": True, "SPLIT_K": 2}, {"gemv": False, "DOT_F16": True}):
+        _check(linear_small_m(x, w_q, config={"gemv": True, **cfg}, **kw), want, 2e-5)
+
+
+def test_benchmark_variants_compute_the_reference():
+    """Every variant benchmarks/gemv_variants.py times on a GPU, on a small shape of each of its
+    cases: accepted by linear_small_m and equal to the reference (so a GPU sweep measures only
+    variants that are right, and none fails on a config error)."""
+    from benchmarks import gemv_variants
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for kind, dtype, m, _, _ in gemv_variants.CASES:
+        if (kind, dtype, m) in seen:
+            continue
+        seen.add((kind, dtype, m))
+        if dtype == "bf16":
+            x, w, kw = _randn(gen, m, 64), _randn(gen, 24, 64), {}
+        elif kind == "experts":
+            w, scale = _fp8_weight(gen, (3,), 32, 64)
+            x = _exact_fp8_rows(gen, m, 64, torch.bfloat16, [-6] * m)
+            kw = dict(expert_ids=torch.arange(m, device=DEVICE) % 3, weight_scale=scale, act_quant="token",
+                      swiglu=True, out_dtype=torch.float32)
+        else:
+            w, scale = _fp8_weight(gen, (), 24, 64)
+            x = _exact_fp8_rows(gen, m, 64, torch.bfloat16, [-6] * m)
+            kw = dict(weight_scale=scale, act_quant="token", out_dtype=torch.float32)
+        want = reference_linear_small_m(x, w, **kw)
+        for name, cfg in gemv_variants.variants(kind, dtype, m):
+            cfg = {k: (min(v, 32) if k == "BLOCK_K" else v) for k, v in cfg.items()}  # the interpreter's pace
+            _check(linear_small_m(x, w, config=cfg, **kw), want, 1e-5)

@@ -127,3 +127,16 @@ def test_gpu_same_bits_with_and_without_pdl(monkeypatch):
     for off, on in zip(results[False], results[True]):
         assert torch.equal(off, on)
     assert torch.equal(results[True][0], results[True][1])  # graph replay == eager
+
+
+def test_gemv_variants_compile_for_sm90():
+    """The variants benchmarks/gemv_bench.py --variants sweeps (FP8 conversions, split-K, pre-pass
+    quantization, fp16 dots) compile for sm90, each with its one wait and trigger."""
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), "variants"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode == 3 and "SETUP-FAILED" in run.stdout:
+        pytest.skip(f"this Triton cannot compile without a GPU here: {run.stdout.strip()}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = [json.loads(line) for line in run.stdout.splitlines()]
+    assert sum(k["kernel"] == "_gemv_kernel" for k in kernels) == 12
+    assert all(k["waits"] == 1 and k["launch_dependents"] == 1 for k in kernels), kernels

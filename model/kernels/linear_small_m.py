@@ -40,124 +40,62 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from collectives.communicator import FP8_MAX, quantize_fp8
+from collectives.communicator import quantize_fp8
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
+from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M = 16
-MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
 SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against them
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT")
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
-
-    FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
-
-    @triton.jit
-    def _load_x(ptrs, mask, rs, ROW_SCALE: tl.constexpr):
-        """x as float32; with ROW_SCALE, x * score rounded to x's dtype first (ffn.py's torch op)."""
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        if ROW_SCALE:
-            x = (x.to(tl.float32) * rs).to(x.dtype)  # product of two x-dtype values: one rounding
-        return x.to(tl.float32)
+    from model.kernels import gemv_math as gm
 
     @triton.jit
-    def _quantize(x, scale):
-        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8), returned as float32."""
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
-        return q.to(tl.float8e4nv).to(tl.float32)
-
-    @triton.jit
-    def _x_scale(x_row, xs_ptr, rs, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-        """(scale, divisor) of one row's FP8 activation. QUANT 1: the static scale at xs_ptr; 2: max(amax,
-        1e-12) * float32(1/448), model/fp8.py's dynamic scale. An all-zero row quantizes to zeros with
-        any divisor: it divides by 1, not by 2e-15, which sends IEEE division down its slow path
-        (inferred: zero padding rows made an earlier dot kernel slower at M = 4 than at M = 16)."""
-        if QUANT == 1:
-            xs = tl.load(xs_ptr)
-            div = xs
-        else:
-            amax = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                amax = tl.maximum(amax, tl.abs(_load_x(x_row + ks, ks < K, rs, ROW_SCALE)))
-            row_amax = tl.max(amax, axis=0)
-            xs = tl.maximum(row_amax, MIN_AMAX_C) * INV_FP8_MAX_C
-            div = tl.where(row_amax > 0, xs, 1.0)
-        return xs, div
-
-    @triton.jit
-    def _epilogue(g, u, xs, ws_g, ws_u, QUANT: tl.constexpr, SWIGLU: tl.constexpr):
-        """float32 sums -> output values: FP8 scales ((sum * x_scale) * w_scale), then SwiGLU."""
-        if QUANT:
-            g = g * xs * ws_g
-            if SWIGLU:
-                u = u * xs * ws_u
+    def _split_k_finish(g, u, xs, part_ptr, count_ptr, ws_ptr, out_ptr, row, tile, split, cols, col_ok, M, N_OUT,
+                        stride_om, QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr,
+                        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Publishes this split's float32 sums; the last split of the (row, tile) to arrive (an atomic
+        counter, reset after) adds all splits in split order (deterministic) and writes the output.
+        part: (SPLIT_K, M, 2 N_OUT) float32 scratch; count: one int32 per (row, tile), zero between calls."""
+        slot = (split * M + row) * (2 * N_OUT)
+        tl.store(part_ptr + slot + cols, g, mask=col_ok)
         if SWIGLU:
-            g = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up, float32
-        return g
+            tl.store(part_ptr + slot + N_OUT + cols, u, mask=col_ok)
+        tl.debug_barrier()  # every thread's partial stored before the (release) count
+        counter = count_ptr + row * (tl.num_programs(0) // M) + tile
+        if tl.atomic_add(counter, 1) == SPLIT_K - 1:
+            g = tl.zeros((BLOCK_N,), tl.float32)
+            u = tl.zeros((BLOCK_N,), tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                base = part_ptr + (s * M + row) * (2 * N_OUT)
+                g += tl.load(base + cols, mask=col_ok, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote
+                if SWIGLU:
+                    u += tl.load(base + N_OUT + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            y = gm.finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
+            tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
-    def _load_w(w_gate, w_up, ks, mask, stride_wk, SWIGLU: tl.constexpr):
-        """One K chunk of the weight tile(s) as stored: (BLOCK_N, BLOCK_K) gate rows (and up rows)."""
-        w_g = tl.load(w_gate + ks[None, :] * stride_wk, mask=mask, other=0.0)
-        w_u = w_g
-        if SWIGLU:
-            w_u = tl.load(w_up + ks[None, :] * stride_wk, mask=mask, other=0.0)
-        return w_g, w_u
-
-    @triton.jit
-    def _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE: tl.constexpr,
-                   QUANT: tl.constexpr, SWIGLU: tl.constexpr):
-        """acc += W chunk * x chunk (broadcast over the tile's rows), float32."""
-        x = _load_x(x_row + ks, k_ok, rs, ROW_SCALE)
-        if QUANT:
-            x = _quantize(x, div)
-        acc_g += w_g.to(tl.float32) * x[None, :]
-        if SWIGLU:
-            acc_u += w_u.to(tl.float32) * x[None, :]
-        return acc_g, acc_u
-
-    @triton.jit
-    def _gemv_tile(x_row, rs, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N_OUT, stride_wk,
-                   K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """f(x_row @ W[tile].T) in float32 for one (row, n tile), the first K chunk of W (w_g, w_u)
-        already loaded: x scale (QUANT 1: static at xs_ptr; 2: dynamic), float32 sums over K, FP8
-        scales (ws_ptr: this weight's per-row scales) and SwiGLU."""
-        xs, div = 1.0, 1.0
-        if QUANT:
-            xs, div = _x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # per-lane partial sums, reduced once at the end
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        ks = tl.arange(0, BLOCK_K)
-        acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, ks < K, rs, div, ROW_SCALE, QUANT, SWIGLU)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            k_ok = ks < K
-            w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
-            acc_g, acc_u = _fma_chunk(acc_g, acc_u, w_g, w_u, x_row, ks, k_ok, rs, div, ROW_SCALE, QUANT, SWIGLU)
-        ws_g, ws_u = 1.0, 1.0
-        if QUANT:  # per output row dequantization multipliers
-            ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
-            if SWIGLU:
-                ws_u = tl.load(ws_ptr + N_OUT + cols, mask=col_ok, other=0.0)
-        return _epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs, ws_g, ws_u, QUANT, SWIGLU)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, M, N_OUT,
-                     stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_wse, stride_om,
+    def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT,
+                     stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_xsm, stride_wse, stride_om,
                      K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """Program (row, n tile): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if GATHER.
-        QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale (FP8 weights).
-        Rows vary fastest, so rows that share a weight tile run side by side and share it in L2.
-        With PDL the first K chunk of a dense weight is in flight before the wait for the kernel
-        that wrote x (a gathered one waits first: the kernel before wrote the expert ids)."""
+                     SWIGLU: tl.constexpr, CVT: tl.constexpr, SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, n tile, K split): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if
+        GATHER, over K in [split * K_SPAN, + K_SPAN) (all of K unless SPLIT_K > 1).
+        QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale, 3 x quantized by a pre-pass
+        (e4m3, scales (M,) at xs_ptr) (FP8 weights); CVT: how
+        FP8 weights become float32 (gemv_math.py). Rows vary fastest, so rows that share a weight tile
+        run side by side and share it in L2. With PDL the first K chunk of a dense weight is in flight
+        before the wait for the kernel that wrote x (a gathered one waits first: the kernel before
+        wrote the expert ids)."""
         row, tile = tl.program_id(0) % M, tl.program_id(0) // M
+        split = tl.program_id(1)
+        k_lo = split * K_SPAN
         expert = 0
         if GATHER:
             pdl_wait(PDL)
@@ -166,9 +104,7 @@ if triton is not None:
         col_ok = cols < N_OUT
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
-        ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,) the first K chunk
-        k_ok = ks < K
-        w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & k_ok[None, :], stride_wk, SWIGLU)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo, K, SWIGLU, CVT, BLOCK_K)
         if not GATHER:
             pdl_wait(PDL)
         pdl_launch_dependents(PDL)
@@ -176,9 +112,15 @@ if triton is not None:
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        y = _gemv_tile(x_row, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse, w_gate, w_up, w_g, w_u,
-                       cols, col_ok, N_OUT, stride_wk, K, ROW_SCALE, QUANT, SWIGLU, BLOCK_N, BLOCK_K)
-        tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+        g, u, xs = gm.gemv_sums(x_row, rs, xs_ptr + expert * stride_xse + row * stride_xsm, w_gate, w_up, w_g, w_u, col_ok, stride_wk,
+                                k_lo, K, K_SPAN, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
+        ws_row = ws_ptr + expert * stride_wse
+        if SPLIT_K == 1:
+            y = gm.finish(g, u, xs, ws_row, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
+            tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            _split_k_finish(g, u, xs, part_ptr, count_ptr, ws_row, out_ptr, row, tile, split, cols, col_ok, M,
+                            N_OUT, stride_om, QUANT, SWIGLU, CVT, SPLIT_K, BLOCK_N)
 
     @triton.jit
     def _quantize_kernel(x_ptr, rs_ptr, xs_ptr, q_ptr, scale_ptr, stride_xm, K: tl.constexpr,
@@ -192,10 +134,10 @@ if triton is not None:
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xs, div = _x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+        xs, div = gm.x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            q = _quantize(_load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
+            q = gm.quantize(gm.load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
             tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
         tl.store(scale_ptr + row, xs)
 
@@ -212,8 +154,8 @@ if triton is not None:
     def _dot_chunk(acc_g, acc_u, b_g, b_u, x_rows, ks, mask, rs, ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
                    DOT_DTYPE: tl.constexpr):
         """acc += x chunk (BLOCK_M, BLOCK_K) @ W^T chunk, operands in DOT_DTYPE (exact), float32 sums."""
-        a = _load_x(x_rows + ks[None, :], mask, rs, ROW_SCALE)
-        a = a.to(DOT_DTYPE)  # exact: x's own dtype, or e4m3 values into bf16
+        a = gm.load_x(x_rows + ks[None, :], mask, rs, ROW_SCALE)
+        a = a.to(DOT_DTYPE)  # exact: x's own dtype, or e4m3 values into bf16 / fp16
         acc_g = tl.dot(a, b_g.to(DOT_DTYPE), acc_g, input_precision="ieee")
         if SWIGLU:
             acc_u = tl.dot(a, b_u.to(DOT_DTYPE), acc_u, input_precision="ieee")
@@ -260,7 +202,7 @@ if triton is not None:
             ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]  # (1, BLOCK_N)
             if SWIGLU:
                 ws_u = tl.load(ws_ptr + N_OUT + cols, mask=col_ok, other=0.0)[None, :]
-        y = _epilogue(acc_g, acc_u, xs, ws_g, ws_u, QUANT, SWIGLU)
+        y = gm.epilogue(acc_g, acc_u, xs, ws_g, ws_u, QUANT, SWIGLU)
         out = out_ptr + rows[:, None] * stride_om + cols[None, :]
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -354,12 +296,14 @@ def _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, ou
     return m, n, out_dtype, gather
 
 
-def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype):
-    """tl.dot operand type that holds both operands exactly (the interpreter computes in float32)."""
+def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, f16: bool = False):
+    """tl.dot operand type that holds both operands exactly (the interpreter computes in float32).
+    FP8 weights: bf16 (default), or fp16 with `f16` (e4m3 -> fp16 is one packed cvt on Hopper; e4m3
+    values and their float32 products are exact in both)."""
     if INTERPRETED:
         return tl.float32
     if w_dtype == FP8:
-        return tl.bfloat16  # quantized x and e4m3 weights: bf16 holds every e4m3 value exactly
+        return tl.float16 if f16 else tl.bfloat16
     if x_dtype == w_dtype != torch.float32:
         return tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16
     return tl.float32  # float32 or mixed operands: IEEE float32 products (input_precision="ieee")
@@ -367,6 +311,38 @@ def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype):
 
 def _alloc_out(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty((m, n), dtype=dtype, device=device)  # tests poison it (NaN) to see every element written
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 split-K arrival counters, zero (each call's last program resets its own), per device;
+    grown outside CUDA graph capture only."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("linear_small_m: a split-K launch this large must run once before CUDA graph capture")
+        _COUNTERS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
+
+
+def _variant(cfg: dict, weight: torch.Tensor, k: int, gemv: bool) -> tuple[int, int]:
+    """(CVT mode, SPLIT_K) of a config, refused where they do not apply."""
+    cvt = cfg.get("CVT", "cvt")
+    cvt = CVT_MODES.get(cvt, cvt) if isinstance(cvt, str) else cvt
+    split_k = int(cfg.get("SPLIT_K", 1))
+    if cvt not in CVT_MODES.values():
+        raise ValueError(f"linear_small_m: CVT must be one of {sorted(CVT_MODES)}, got {cfg.get('CVT')!r}")
+    if cvt and (weight.dtype != FP8 or not gemv):
+        raise ValueError("linear_small_m: CVT 'bits' / 'words' convert FP8 weights in the GEMV path only")
+    if cvt == 2 and (k % 4 or weight.stride(-1) != 1 or any(st % 4 for st in weight.stride()[:-1])
+                     or weight.storage_offset() % 4):
+        raise ValueError(f"linear_small_m: CVT 'words' reads int32 words of a K-contiguous weight with K % 4 == 0, "
+                         f"got K = {k}, strides {weight.stride()}")
+    if split_k < 1 or split_k > 1 and not gemv:
+        raise ValueError(f"linear_small_m: SPLIT_K must be >= 1, and > 1 only in the GEMV path, got {split_k}")
+    return cvt, split_k
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
@@ -380,8 +356,13 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     would sync), any strides; float32/bf16/fp16, or float8_e4m3fn with weight_scale (N,) / (E, N)
     float32 and act_quant "token" (dynamic per row) or a float32 scalar tensor ((E,) per expert
     allowed). row_scale: (M,), x row m times row_scale[m] rounded to x's dtype first.
-    config: overrides of `_config`'s BLOCK_N / BLOCK_K / num_warps / num_stages, and "gemv": True
-    to run dense M > 1 as per-row GEMV programs (benchmark sweeps)."""
+    config: overrides of `_config`'s BLOCK_N / BLOCK_K / num_warps / num_stages; "gemv": True to
+    run dense M > 1 as per-row GEMV programs; GEMV variants (benchmarks/gemv_bench.py --variants):
+    "CVT" ("cvt", "bits", "words": how FP8 weights become float32, gemv_math.py) and "SPLIT_K"
+    (K cut in that many programs per output tile, reduced in a fixed order by the last to finish);
+    "PREQUANT": True to quantize an FP8 GEMV's activation in a pre-pass kernel (as the 16-row dot
+    always does) rather than in every program; "DOT_F16": True to run the FP8 16-row tl.dot on
+    fp16 operands (default bf16)."""
     m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
     if not available(x):
         raise ValueError(f"linear_small_m: needs Triton and a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
@@ -392,6 +373,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
     cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **(config or {})}
+    cvt, split_k = _variant(cfg, weight, k, gemv)
     out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
     quant = 0 if weight.dtype != FP8 else 2 if isinstance(act_quant, str) else 1
     rs = x if row_scale is None else row_scale  # unused pointers get x (never read)
@@ -399,24 +381,37 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     flags = dict(ROW_SCALE=row_scale is not None, QUANT=quant, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x))
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    prequant = quant and (not gemv or cfg.get("PREQUANT", False))
+    per_expert_xs = quant == 1 and act_quant.numel() > 1  # (E,) static scales
+    if prequant:  # FP8: quantize x once (row scale applied), not in every program
+        if per_expert_xs:
+            raise ValueError("linear_small_m: PREQUANT takes one static scale or 'token', not per-expert scales")
+        x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
+        xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
+        _quantize_kernel[(m,)](x, rs, act_quant if quant == 1 else x, x_q, xs, x.stride(0), K=k,
+                               ROW_SCALE=row_scale is not None, QUANT=quant,
+                               BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
+        x, flags["ROW_SCALE"] = x_q, False
+        if gemv:
+            flags["QUANT"] = 3
     if gemv:
-        per_expert_xs = quant == 1 and act_quant.numel() > 1  # (E,) static scales
-        _gemv_kernel[(m * tiles,)](
-            x, weight, expert_ids if gather else x, rs, xs, ws, out, m, n_out,
-            x.stride(0), weight.stride(0) if gather else 0, weight.stride(-2), weight.stride(-1),
-            act_quant.stride(0) if per_expert_xs else 0, weight_scale.stride(0) if quant and gather else 0,
-            out.stride(0), K=k, GATHER=gather, **flags)
+        split_k = min(split_k, triton.cdiv(k, cfg["BLOCK_K"]))  # no split without a chunk of K
+        k_span = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        part = x if split_k == 1 else torch.empty((split_k, m, 2 * n_out), dtype=torch.float32, device=x.device)
+        count = x if split_k == 1 else _counters(x.device, m * tiles)
+        words = 4 if cvt == 2 else 1  # CVT 'words': the weight as int32 words, its strides in words
+        w = weight.view(torch.int32) if cvt == 2 else weight
+        _gemv_kernel[(m * tiles, split_k)](
+            x, w, expert_ids if gather else x, rs, xs, ws, out, part, count, m, n_out,
+            x.stride(0), weight.stride(0) // words if gather else 0, weight.stride(-2) // words,
+            1 if cvt == 2 else weight.stride(-1), act_quant.stride(0) if per_expert_xs else 0,
+            1 if prequant else 0, weight_scale.stride(0) if quant and gather else 0, out.stride(0), K=k,
+            GATHER=gather, CVT=cvt, SPLIT_K=split_k, K_SPAN=k_span, **flags)
     else:
-        if quant:  # FP8: quantize x once (row scale applied), not in every program of the dot kernel
-            x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
-            xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
-            _quantize_kernel[(m,)](x, rs, act_quant if quant == 1 else x, x_q, xs, x.stride(0), K=k,
-                                   ROW_SCALE=row_scale is not None, QUANT=quant,
-                                   BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
-            x, flags["ROW_SCALE"] = x_q, False
+        dot_dtype = _dot_dtype(x.dtype, weight.dtype, bool(cfg.get("DOT_F16", False)))
         _dot_kernel[(tiles,)](
             x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),
-            out.stride(0), K=k, DOT_DTYPE=_dot_dtype(x.dtype, weight.dtype), BLOCK_M=MAX_M, **flags)
+            out.stride(0), K=k, DOT_DTYPE=dot_dtype, BLOCK_M=MAX_M, **flags)
     return out
 
 

@@ -25,7 +25,7 @@ the row (an atomic counter) unpacks the winner, writes it and resets the slot an
 next call. That state is a small per-device buffer made at the first call (never inside a CUDA
 graph capture: the capture's warm-up makes it); calls on one device must not run concurrently.
 
-The expert GEMV math is linear_small_m's (`_gemv_tile`: in-kernel FP8 activation quantization,
+The expert GEMV math is linear_small_m's (gemv_math.py's `gemv_tile`: in-kernel FP8 activation quantization,
 float32 sums, SwiGLU epilogue), so each result equals that function's for the same operands.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ EMPTY_KEY = -(2 ** 63)
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
-    from model.kernels.linear_small_m import _gemv_tile, _load_w
+    from model.kernels import gemv_math as gm
     from model.kernels.qkv_rope import _round
 
     EMPTY_KEY_C = tl.constexpr(EMPTY_KEY)
@@ -77,7 +77,7 @@ if triton is not None:
         e_ok = experts < E
         w_rows = w_ptr + experts.to(tl.int64)[:, None] * stride_we  # (BLOCK_E, 1)
         ks = tl.arange(0, BLOCK_K)
-        w, _ = _load_w(w_rows, w_rows, ks, e_ok[:, None] & (ks < K)[None, :], 1, False)  # the router weight:
+        w, _ = gm.load_w(w_rows, w_rows, ks, e_ok[:, None] & (ks < K)[None, :], 1, False)  # the router weight:
         pdl_wait(PDL)  # no kernel writes it, so it is read before the wait for x
         pdl_launch_dependents(PDL)
         acc = tl.zeros((BLOCK_E, BLOCK_K), tl.float32)
@@ -115,12 +115,11 @@ if triton is not None:
         col_ok = cols < N
         w_gate = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        ks = tl.arange(0, BLOCK_K)
-        w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & (ks < K)[None, :], 1, SWIGLU)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, 0, BLOCK_K)
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
-        y = _gemv_tile(x_ptr + row * stride_xm, 1.0, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N, 1,
-                       K, False, QUANT, SWIGLU, BLOCK_N, BLOCK_K)
+        y = gm.gemv_tile(x_ptr + row * stride_xm, 1.0, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N, 1,
+                         K, False, QUANT, SWIGLU, 0, BLOCK_N, BLOCK_K)
         return y, cols, col_ok
 
     @triton.jit
@@ -133,13 +132,13 @@ if triton is not None:
         col_ok = cols < N
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        ks = tl.arange(0, BLOCK_K)
-        w_g, w_u = _load_w(w_gate, w_up, ks, col_ok[:, None] & (ks < K)[None, :], 1, SWIGLU)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, 0, BLOCK_K)
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        return _gemv_tile(x_ptr + row * stride_xm, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse,
-                          w_gate, w_up, w_g, w_u, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, BLOCK_N, BLOCK_K)
+        return gm.gemv_tile(x_ptr + row * stride_xm, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse,
+                            w_gate, w_up, w_g, w_u, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, 0, BLOCK_N,
+                            BLOCK_K)
 
     @triton.jit
     def _pair_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, ids_ptr, rs_ptr, xsa_ptr, xsb_ptr, wsa_ptr, wsb_ptr,

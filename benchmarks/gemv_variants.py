@@ -1,0 +1,106 @@
+"""The GEMV variants `gemv_bench.py --variants` times, each case against its copy bandwidth.
+
+Why: an FP8 decode GEMV on an H200 reached 21-71% of copy bandwidth (bf16: 46-105%), and which of
+the candidate fixes pays can only be measured: converting e4m3 by integer ops instead of two
+cvt instructions per byte (CVT "bits" / "words", model/kernels/gemv_math.py), quantizing x once
+in a pre-pass kernel instead of in every program (PREQUANT), cutting K among programs (SPLIT_K),
+fp16 instead of bf16 tensor-core operands for the 16-row dot (DOT_F16), and the tile / warp /
+stage knobs around the heuristic's choice. One run times every variant of every case (one GPU,
+a few minutes; the case list is what the medium and Maverick decode steps run) and prints, per
+case, each variant's time and % of copy bandwidth, best first, so the defaults in
+`linear_small_m._config` can be set from one run. Variants that fail to compile are listed as such.
+"""
+from __future__ import annotations
+
+import time
+
+# (kind, dtype, M, N, K): dense weights or out-major FP8 experts (128 of them, SwiGLU)
+CASES = [("dense", "fp8", 1, 4096, 2048), ("dense", "fp8", 1, 8192, 2048), ("dense", "fp8", 1, 2048, 4096),
+         ("dense", "fp8", 1, 4096, 5120), ("dense", "fp8", 1, 32768, 2048), ("dense", "fp8", 4, 4096, 5120),
+         ("dense", "fp8", 16, 4096, 5120), ("experts", "fp8", 1, 2048, 5120), ("experts", "fp8", 4, 2048, 5120),
+         ("dense", "bf16", 1, 4096, 2048), ("dense", "bf16", 1, 2048, 2048), ("dense", "bf16", 1, 8192, 2048)]
+
+FP8_GEMV = [("heuristic", {}), ("bits", {"CVT": "bits"}), ("words", {"CVT": "words"}),
+            ("prequant", {"PREQUANT": True}), ("prequant bits", {"PREQUANT": True, "CVT": "bits"}),
+            ("prequant words", {"PREQUANT": True, "CVT": "words"}), ("split2", {"SPLIT_K": 2}),
+            ("split4", {"SPLIT_K": 4}), ("words split2", {"CVT": "words", "SPLIT_K": 2}),
+            ("prequant words split2", {"PREQUANT": True, "CVT": "words", "SPLIT_K": 2}),
+            ("stages2", {"num_stages": 2}), ("words stages2", {"CVT": "words", "num_stages": 2}),
+            ("bn4", {"BLOCK_N": 4}), ("bn8", {"BLOCK_N": 8}), ("bn32 bk256", {"BLOCK_N": 32, "BLOCK_K": 256}),
+            ("prequant bn4", {"PREQUANT": True, "BLOCK_N": 4}), ("prequant words bn8", {"PREQUANT": True,
+                                                                                      "CVT": "words", "BLOCK_N": 8}),
+            ("bk512", {"BLOCK_K": 512}), ("bk2048", {"BLOCK_K": 2048}), ("warps4", {"num_warps": 4}),
+            ("warps8", {"num_warps": 8})]
+FP8_DOT = [("dot bf16", {"gemv": False}), ("dot f16", {"gemv": False, "DOT_F16": True}),
+           ("dot f16 bn16", {"gemv": False, "DOT_F16": True, "BLOCK_N": 16}),
+           ("dot f16 bn64 bk256", {"gemv": False, "DOT_F16": True, "BLOCK_N": 64, "BLOCK_K": 256})]
+BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
+             ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),
+             ("stages2", {"num_stages": 2}), ("split2", {"SPLIT_K": 2})]
+
+
+def variants(kind: str, dtype: str, m: int) -> list[tuple[str, dict]]:
+    """Named config overrides for one case (on top of the heuristic's tiles)."""
+    if dtype == "bf16":
+        return BF16_GEMV
+    if kind == "experts":  # always the GEMV path (gathered rows)
+        return [v for v in FP8_GEMV if not v[0].startswith(("bn32", "bk2048"))]
+    if m == 1:
+        return FP8_GEMV + FP8_DOT
+    gemv = [(f"gemv {name}", {"gemv": True, **cfg}) for name, cfg in FP8_GEMV[:10]]
+    return [("heuristic (dot bf16)", {})] + FP8_DOT[1:] + gemv
+
+
+def _rel_error(case: dict, config: dict) -> float:
+    from model.kernels.linear_small_m import linear_small_m, reference_linear_small_m
+    got = linear_small_m(case["x"], case["w"], config=config, **case["kw"]).float()
+    ref = reference_linear_small_m(case["x"], case["w"], **case["kw"]).float()
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def run(seconds: float, copy_tb_s: float, gb) -> list[dict]:
+    """Times every variant of every case (until `seconds` run out). gb: the gemv_bench module
+    (its case builders, timing and call wrapper). Returns one record per (case, variant)."""
+    import torch
+    stop, records = time.perf_counter() + seconds, []
+    for kind, dtype, m, n, k in CASES:
+        if time.perf_counter() > stop:
+            print(f"variants: time is up before {kind} {dtype} M={m} {n}x{k}", flush=True)
+            break
+        case = (gb.dense_case(m, n, k, dtype) if kind == "dense"
+                else gb.expert_case(128, n, k, "k", m, True, dtype))
+        info = {"kind": kind + (" swiglu" if kind == "experts" else ""), "dtype": dtype, "M": m, "N": n, "K": k,
+                "bytes": case["bytes"]}
+        rows = []
+        for name, cfg in variants(kind, dtype, m):
+            try:
+                err = _rel_error(case, cfg)
+                us = gb.bench(gb.ours(case, cfg), case["calls"])
+                rows.append({**info, "variant": name, "config": cfg, "us": us, "rel_err": err,
+                             "pct_copy": 100 * case["bytes"] / us / 1e6 / copy_tb_s})
+            except Exception as exc:  # noqa: BLE001 - a variant the compiler refuses (shared memory, ...)
+                rows.append({**info, "variant": name, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:160]})
+        rows.sort(key=lambda r: r.get("us", float("inf")))
+        print(f"\n{kind} {dtype} M={m} {n}x{k} ({case['bytes'] / 1e6:.1f} MB)", flush=True)
+        for r in rows:
+            line = (f"  {r['variant']:<26} {r['us']:8.2f} us  {r['pct_copy']:5.1f}% copy  err {r['rel_err']:.1e}"
+                    if "us" in r else f"  {r['variant']:<26} failed: {r['error']}")
+            print(line, flush=True)
+        records += rows
+        del case
+        torch.cuda.empty_cache()
+    return records
+
+
+def best(records: list[dict]) -> list[dict]:
+    """The fastest variant of each case, with the heuristic's time beside it."""
+    out = {}
+    for r in records:
+        key = (r["kind"], r["dtype"], r["M"], r["N"], r["K"])
+        if "us" in r and (key not in out or r["us"] < out[key]["us"]):
+            out[key] = r
+    for r in records:
+        key = (r["kind"], r["dtype"], r["M"], r["N"], r["K"])
+        if r["variant"].startswith("heuristic") and "us" in r and key in out:
+            out[key] = {**out[key], "heuristic_us": r["us"], "heuristic_pct_copy": r["pct_copy"]}
+    return list(out.values())
