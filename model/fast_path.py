@@ -122,9 +122,11 @@ def _expert_args(experts: nn.Module, which: str) -> dict | None:
 
 def route(block: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE.route on the device: (expert ids (N, k), scores (N, k)). Top-1 with a plain router is one
-    kernel (router GEMV + top-1 + sigmoid); other routers take the torch ops."""
+    kernel (router GEMV + top-1 + sigmoid); other routers take the torch ops, and so does a router
+    with forward hooks (workers/step_bench.py counts routed experts through one), so they fire."""
     router = block.router
-    if block.top_k == 1 and type(router) is nn.Linear and router.bias is None:
+    hooked = bool(router._forward_hooks or router._forward_pre_hooks)
+    if block.top_k == 1 and type(router) is nn.Linear and router.bias is None and not hooked:
         ids, scores = _moe_kernels().route_top1(flat, router.weight)  # (N,) each
         return ids[:, None], scores[:, None]
     return block.route(flat)

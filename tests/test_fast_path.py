@@ -194,3 +194,22 @@ def test_decode_step_launches():
         assert counts[f"triton {kernel}"] == cfg.n_layers
     assert counts["triton _add_rmsnorm_kernel"] == 2 * cfg.n_layers
     assert not {"torch mm", "torch topk", "torch sigmoid", "torch addmm"} & set(counts), counts
+
+
+def test_hooked_router_runs_as_a_module(models):
+    """A forward hook on a router (workers/step_bench.py counts routed experts through one) still
+    fires on the fused path, and the step's logits are the same as without it."""
+    _, fused = models
+    ids = torch.randint(0, fused.cfg.vocab_size, (1, 1), generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    caches = [_prefilled(fused, 1, seed=6) for _ in range(2)]
+    plain = fused(ids, caches[0], static=True).logits
+    seen = []
+    moe = next(layer.feed_forward for layer in fused.layers if layer.is_moe)
+    hook = moe.router.register_forward_hook(lambda module, args, out: seen.append(out.argmax(-1)))
+    try:
+        hooked = fused(ids, caches[1], static=True).logits
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    err = (hooked - plain).abs().max().item() / plain.abs().max().item()
+    assert err < 2e-5, f"relative logit error {err}"
