@@ -31,7 +31,7 @@ import torch
 
 from collectives import gpu_stamps
 from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
-from collectives.triton_support import INTERPRETED, tl, triton
+from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,6 +39,7 @@ MAX_HIDDEN = 8192  # one row per program, held in registers
 
 if triton is not None:
     from collectives.gpu_stamps import write_stamp
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
     TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -80,9 +81,14 @@ if triton is not None:
     @triton.jit
     def _add_rmsnorm_kernel(partial_ptr, residual_ptr, weight_ptr, scale_ptr, normed_ptr, new_residual_ptr, eps,
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                            QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr):
+                            QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr,
+                            PDL: tl.constexpr = False):
         """Program `row`: s = residual + partial; normed = (s * rsqrt(mean(s^2) + eps)) * weight.
-        With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot]."""
+        With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot].
+        With PDL (programmatic dependent launch, triton_support.py) it waits for the kernel that
+        wrote the partial before anything else."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
         if STAMP:
             if row == 0:
@@ -159,7 +165,7 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
         stamps_ptr=stamps if stamps is not None else new_residual, begin_slot=begin, end_slot=end,
-        STAMP=stamps is not None, num_warps=num_warps(block), enable_fp_fusion=False)
+        STAMP=stamps is not None, num_warps=num_warps(block), enable_fp_fusion=False, **pdl_kwargs(residual))
     return normed, new_residual
 
 
