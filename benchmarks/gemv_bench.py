@@ -316,6 +316,7 @@ def _variants(args, copy: float) -> int:
     """--variants: every GEMV variant of every case of gemv_variants.py, best first per case."""
     from benchmarks import gemv_variants
     records = gemv_variants.run(args.variants, copy, sys.modules[__name__])
+    records += gemv_variants.run_router(copy, sys.modules[__name__])
     best = gemv_variants.best(records)
     print("\nbest per case:")
     print_table(["case", "dtype", "M", "NxK", "best", "us", "%copy", "heuristic us", "heuristic %copy"],

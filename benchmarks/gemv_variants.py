@@ -92,6 +92,39 @@ def run(seconds: float, copy_tb_s: float, gb) -> list[dict]:
     return records
 
 
+ROUTERS = [(1, 16, 2048, (16, 8, 4, 2)), (4, 16, 2048, (16, 4)), (1, 128, 5120, (8, 4, 2, 1))]  # (M, E, H, block_e)
+
+
+def run_router(copy_tb_s: float, gb) -> list[dict]:
+    """route_top1 per experts-per-program (block_e) at medium's and Maverick's router shapes, and the
+    torch ops it replaces (router GEMM, top-k, sigmoid, casts): router weights rotate through L2."""
+    import math
+
+    import torch
+    from model.kernels.moe_decode import route_top1
+    records = []
+    for m, n_experts, hidden, blocks in ROUTERS:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n_experts, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+        copies = [w] + [w.clone() for _ in range(min(2000, math.ceil(gb.ROTATE_BYTES / w.nbytes)) - 1)]
+        nbytes = w.nbytes + x.nbytes
+
+        def torch_route(nxt=gb.cycler(copies)):
+            logits, ids = torch.topk(x @ nxt().T, 1, dim=-1)
+            return ids, torch.sigmoid(logits.float()).to(x.dtype)
+        runs = [("torch mm+topk+sigmoid", None, torch_route)]
+        runs += [(f"block_e {b}", b, lambda b=b, nxt=gb.cycler(copies): route_top1(x, nxt(), block_e=b))
+                 for b in blocks]
+        print(f"\nrouter M={m} {n_experts}x{hidden} ({nbytes / 1e6:.2f} MB)", flush=True)
+        for name, block_e, fn in runs:
+            us = gb.bench(fn, len(copies))
+            records.append({"kind": "router", "dtype": "bf16", "M": m, "N": n_experts, "K": hidden, "variant": name,
+                            "config": {"block_e": block_e}, "us": us, "bytes": nbytes,
+                            "pct_copy": 100 * nbytes / us / 1e6 / copy_tb_s})
+            print(f"  {name:<26} {us:8.2f} us  {records[-1]['pct_copy']:5.1f}% copy", flush=True)
+    return records
+
+
 def best(records: list[dict]) -> list[dict]:
     """The fastest variant of each case, with the heuristic's time beside it."""
     out = {}
