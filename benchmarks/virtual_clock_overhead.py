@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import machine, median, percentile, print_table, save  # noqa: E402
+from cluster.hardware import emulated_node  # noqa: E402
 from cluster.procs import run_world  # noqa: E402
 from collectives.communicator import SingleRankCommunicator  # noqa: E402
 from model.embedded import ensure_default_model  # noqa: E402
@@ -43,7 +44,7 @@ def measure(comm, model_path: str, rounds: int, tokens: int) -> dict[str, torch.
     for name in NAMES:
         run = RunConfig(model_path, world_size=comm.world_size, comm="shm",
                         emulate_node=NODE if name == "clock" else None)
-        workers[name] = Worker(comm.rank, run, comm)
+        workers[name] = Worker(comm.rank, run, comm, node=emulated_node(run.emulate_node))
         workers[name].load()
     request = [Request((0, 300, 301, 302, 303), SamplingParams(max_new_tokens=tokens, stop_on_eos=False))]
     for worker in workers.values():

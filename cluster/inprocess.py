@@ -6,7 +6,7 @@ step through the model in a debugger. It offers the same interface as the Ray no
 from __future__ import annotations
 
 from cluster.clocks import estimate_offset, local_clock, write_clock_file
-from cluster.hardware import gpu_spec
+from cluster.hardware import emulated_node, gpu_spec
 from collectives.communicator import SingleRankCommunicator
 from workers.engine import Completion, GenerationStats, Request
 from workers.run_config import RunConfig
@@ -18,7 +18,8 @@ class InProcessNode:
         if run.world_size != 1:
             raise ValueError("InProcessNode runs world size 1 only")
         self.run = run
-        self.worker = Worker(0, run, SingleRankCommunicator(), gpu_spec(run.hardware).as_dict())
+        self.worker = Worker(0, run, SingleRankCommunicator(), gpu_spec(run.hardware).as_dict(),
+                             emulated_node(run.emulate_node))
         self.model_cfg = self.worker.model_cfg
 
     def load(self, progress=None) -> list[dict]:

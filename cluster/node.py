@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cluster.hardware import gpu_spec
+from cluster.hardware import emulated_node, gpu_spec
 from cluster.timeline import TraceError
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, load_model_config
@@ -62,6 +62,7 @@ def build_node(run: RunConfig, address: str | None = None, placement: str = "STR
     Supervisor that restarts the node after a rank failure when max_restarts > 0."""
     check_layout(run)
     gpu_spec(run.hardware)
+    emulated_node(run.emulate_node)  # an unknown name or a bad node file is refused here, before any actor
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     if run.world_size == 1 and address is None:

@@ -83,7 +83,7 @@ class RankActor:
         """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
         from collectives.factory import make_communicator
         from collectives.torch_dist import file_store, join_store
-        from cluster.hardware import gpu_spec
+        from cluster.hardware import emulated_node, gpu_spec
         from workers.worker import Worker
         if "file" in rendezvous:
             store = file_store(rendezvous["file"], self.run.world_size)
@@ -92,7 +92,8 @@ class RankActor:
                                              self.run.collective_timeout_s)
         self.comm = make_communicator(self.run.comm, self.rank, self.run.world_size, store, rendezvous["node_id"],
                                       self.run.collective_timeout_s, self.run.device)
-        self.worker = Worker(self.rank, self.run, self.comm, gpu_spec(self.run.hardware).as_dict())
+        self.worker = Worker(self.rank, self.run, self.comm, gpu_spec(self.run.hardware).as_dict(),
+                             emulated_node(self.run.emulate_node))
         return os.getpid()
 
     def load(self) -> bytes:
@@ -137,9 +138,11 @@ class RankActor:
 class RayNode:
     def __init__(self, run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
                  startup_timeout_s: float = 120.0, dashboard: bool = False) -> None:
+        from cluster.hardware import emulated_node
         from model.config import load_model_config
         self.run, self.timeout = run, startup_timeout_s
         self.model_cfg = load_model_config(run.model_path)
+        emulated_node(run.emulate_node)  # refused here, not in every actor (each resolves it again for its worker)
         self.actors, self.pg, self.started_ray, self.scratch = [], None, False, None
         self.clock_offsets: dict = {}
         self.node_id = uuid.uuid4().hex[:12]  # names this node's shared-memory segments

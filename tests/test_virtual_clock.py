@@ -104,7 +104,7 @@ def test_trace_has_measured_and_modeled_tracks(session, tmp_path):
 
 
 def test_a_plan_the_run_does_not_follow_is_an_error():
-    clock = VirtualClock(NODE, 0, 1)
+    clock = VirtualClock(node_spec(NODE), 0, 1)
     comm = ClockedCommunicator(SingleRankCommunicator(), SingleRankCommunicator(), clock)
     clock.follow([Op("gemv", "gemv", "attention", 1e-6), Collective("all_gather", "argmax all-gather", "head", 8)])
     with pytest.raises(ClockError, match="all_gather .* where the run calls all_reduce"):
@@ -124,7 +124,7 @@ def test_no_clock_means_no_wrapper_and_pausing_tracing_keeps_the_clock(ckpt, tmp
     shadowed = lambda w: ["forward" in m.__dict__ or "route" in m.__dict__ for m in w.model.modules()]  # noqa: E731
     assert plain.clock is None and plain.comm is raw and not any(shadowed(plain))
     run = RunConfig(str(ckpt), world_size=1, emulate_node=NODE, trace_dir=str(tmp_path / "trace"))
-    clocked = Worker(0, run, SingleRankCommunicator())
+    clocked = Worker(0, run, SingleRankCommunicator(), node=node_spec(NODE))
     clocked.load()
     request = [Request((0, 5, 9), SamplingParams(max_new_tokens=3, stop_on_eos=False))]
     first = clocked.generate(request)[1].modeled
@@ -163,3 +163,11 @@ def test_bad_emulate_node_values_exit_2_with_one_line(ckpt, tmp_path, capsys):
     with pytest.raises(ValueError, match="runs steps eagerly"):
         RunConfig(str(ckpt), device="cuda", comm="nccl", world_size=1, cuda_graphs="on", emulate_node=NODE)
     assert node_spec(NODE).name == "DGX B200"
+    # the node comes from above (cluster/hardware.py): a worker or clock left to resolve it is refused
+    run = RunConfig(str(ckpt), world_size=1, emulate_node=NODE)
+    with pytest.raises(ValueError, match="exactly when emulating"):
+        Worker(0, run, SingleRankCommunicator())
+    with pytest.raises(ValueError, match="exactly when emulating"):
+        Worker(0, RunConfig(str(ckpt), world_size=1), SingleRankCommunicator(), node=node_spec(NODE))
+    with pytest.raises(TypeError, match="needs a NodeSpec"):
+        VirtualClock(NODE, 0, 1)

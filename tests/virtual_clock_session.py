@@ -1,6 +1,6 @@
 """What each rank of the virtual-clock sessions runs (tests/test_virtual_clock.py on CPU ranks,
 tests/test_virtual_clock_gpu.py on GPUs; spawned processes import this module, which keeps their
-imports to the worker and the walk)."""
+imports to the worker, the walk and the node files' reader)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from cluster.hardware import node_spec
 from model.config import load_model_config
 from model.sampling import SamplingParams
 from collectives.clocked import ClockedCommunicator
@@ -43,7 +44,7 @@ def _late_rank_exercise(comm, device: str) -> torch.Tensor:
     """Rank 1 charges LATE_S of extra work, then both ranks all-reduce and all-to-all uneven rows
     through a ClockedCommunicator: once outside a step (each call settled at once), once inside a
     step (settled at its end). Returns (arrival, transfer, end, result ok) of the four calls."""
-    clock = VirtualClock(NODE, comm.rank, comm.world_size, keep_ops=True)
+    clock = VirtualClock(node_spec(NODE), comm.rank, comm.world_size, keep_ops=True)
     clocked = ClockedCommunicator(comm, comm, clock, device)
     transfers, results = [], []
     for in_step in (False, True):
@@ -67,7 +68,7 @@ def _late_rank_exercise(comm, device: str) -> torch.Tensor:
 def _expert_parallel(comm, run: RunConfig, params: SamplingParams) -> dict[str, torch.Tensor]:
     """The same generate with expert-parallel MoE: per step, each MoE layer's dispatch and combine
     all-to-alls in the clock, and the experts this rank computed (whole experts: at most its own)."""
-    worker = Worker(comm.rank, dataclasses.replace(run, moe_mode="ep", trace_dir=None), comm)
+    worker = Worker(comm.rank, dataclasses.replace(run, moe_mode="ep", trace_dir=None), comm, node=node_spec(NODE))
     worker.load()
     worker.clock.ops = []
     _, stats = worker.generate([Request(p, params, str(i)) for i, p in enumerate(PROMPTS)])
@@ -87,7 +88,7 @@ def session_rank(comm, ckpt: str, trace_dir: str, device: str = "cpu", dtype: st
     backend = "gloo" if device == "cpu" else "nccl"
     run = RunConfig(ckpt, world_size=comm.world_size, comm=backend, device=device, dtype=dtype, emulate_node=NODE,
                     trace_dir=trace_dir)
-    worker = Worker(comm.rank, run, comm)
+    worker = Worker(comm.rank, run, comm, node=node_spec(NODE))
     worker.load()
     worker.clock.ops = []  # keep every op charged from here on
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import torch
 
-from cluster.hardware import NodeSpec
 from collectives.communicator import Communicator
 from model.config import ModelConfig
 from model.fp8 import SCHEMES
@@ -32,6 +31,7 @@ from model.parallel import layout
 from workers.cost_model import (Collective, CostModel, Op, activation_bytes, embed_plan, flatten, head_plan,
                                 layer_plan, module_bytes)
 from workers.model_build import default_dtype
+from workers.node_spec import NodeSpec
 
 __all__ = ["Op", "StepEstimate", "module_bytes", "shape_only_model", "estimate_step", "estimate_draft_step",
            "Projection", "project", "memory_per_rank", "ShapeOnlyCommunicator"]

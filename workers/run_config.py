@@ -37,7 +37,8 @@ class RunConfig:
     delay_s: float = 0.0  # ...by this many seconds
     kernels: str = "auto"  # torch | triton | auto (triton on one GPU, else torch): model/fast_path.py
     cuda_graphs: str = "auto"  # on | off | auto (decode steps replay CUDA graphs where they can)
-    emulate_node: str | None = None  # a node name or JSON file: each rank keeps its virtual clock on it
+    emulate_node: str | None = None  # a node name or JSON file (cluster/hardware.py resolves it): each rank
+    # keeps its virtual clock on that node
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,8 +81,8 @@ class RunConfig:
             raise ConfigError(f"collective timeout must be > 0 s, got {self.collective_timeout_s}")
 
     def _check_emulation(self) -> None:
-        from cluster.hardware import node_spec  # pure data (the node files); refuses an unknown name or a bad file
-        node_spec(self.emulate_node)
+        """What emulation cannot be combined with. Whether the name or file is a node is checked where
+        the config is built and the node resolved (cluster/node.py build_node), before any actor starts."""
         if self.cuda_graphs == "on":
             raise ConfigError("--emulate-node runs steps eagerly (a replayed CUDA graph passes by the virtual clock); "
                               "drop --cuda-graphs on")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from collectives.trace import MODELED_DIR, TraceRecorder
 from workers.cost_model import STAGES, Collective, CostModel, Op, activation_bytes, embed_plan, head_plan, layer_plan
+from workers.node_spec import NodeSpec
 from workers.tracing import NullRecorder
 
 
@@ -39,12 +40,13 @@ class ClockError(RuntimeError):
 
 
 class VirtualClock:
-    def __init__(self, node, rank: int, world_size: int, trace_dir: str | None = None, keep_ops: bool = False) -> None:
-        """node: a cluster.hardware.NodeSpec, or its name or file. keep_ops: keep every charged op
-        and settled collective (tests compare them)."""
-        if isinstance(node, str):
-            from cluster.hardware import node_spec  # pure data, the node files (as workers/emulate.py reads them)
-            node = node_spec(node)
+    def __init__(self, node: NodeSpec, rank: int, world_size: int, trace_dir: str | None = None,
+                 keep_ops: bool = False) -> None:
+        """node: the emulated node, resolved from its name or file above workers/ (cluster.hardware.
+        node_spec). keep_ops: keep every charged op and settled collective (tests compare them)."""
+        if not isinstance(node, NodeSpec):
+            raise TypeError(f"VirtualClock needs a NodeSpec (cluster.hardware.node_spec resolves a name or file), "
+                            f"got {node!r}")
         self.node, self.rank, self.world = node, rank, world_size
         self.cost = CostModel(node, world_size)
         self.exchange = lambda values: [list(values)]  # collectives/clocked.py installs the ranks' exchange

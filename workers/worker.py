@@ -20,16 +20,23 @@ from collectives.faults import DelayedCommunicator
 from collectives.clocked import ClockedCommunicator
 from collectives.trace import TraceRecorder, TracingCommunicator
 from workers.model_build import build_model, default_dtype  # noqa: F401 (default_dtype: re-exported)
+from workers.node_spec import NodeSpec
 from workers.run_config import RunConfig
 from workers.tracing import NullRecorder, instrument
 from workers.virtual_clock import ClockedSteps, VirtualClock
 
 
 class Worker:
-    def __init__(self, rank: int, run: RunConfig, comm: Communicator, gpu: dict | None = None) -> None:
-        """gpu: the spec of the GPU this rank stands for (name, hbm_bytes, ...), from cluster/hardware."""
+    def __init__(self, rank: int, run: RunConfig, comm: Communicator, gpu: dict | None = None,
+                 node: NodeSpec | None = None) -> None:
+        """gpu: the spec of the GPU this rank stands for (name, hbm_bytes, ...). node: the node that
+        run.emulate_node names, resolved by the caller (cluster.hardware.emulated_node); given
+        exactly when run.emulate_node is set. Both come from above: workers/ never reads cluster/."""
         if comm.rank != rank or comm.world_size != run.world_size:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.world_size}, worker is {rank}/{run.world_size}")
+        if bool(run.emulate_node) != (node is not None):
+            raise ValueError(f"emulate_node is {run.emulate_node!r} but the worker was given node {node!r}: pass the "
+                             "NodeSpec it names (cluster.hardware.emulated_node) exactly when emulating")
         self.rank, self.run, self.gpu = rank, run, gpu or {}
         self.recorder, self.tracer, self.stage_marks = None, None, []
         self.clock, self.clock_marks = None, []
@@ -40,7 +47,7 @@ class Worker:
         if run.delay_rank == rank:  # outside the tracer: the trace sees this rank arrive late
             comm = DelayedCommunicator(comm, run.delay_s)
         if run.emulate_node:  # outermost: the exchange of modeled times goes through the raw communicator
-            self.clock = VirtualClock(run.emulate_node, rank, run.world_size, run.trace_dir)
+            self.clock = VirtualClock(node, rank, run.world_size, run.trace_dir)
             comm = ClockedCommunicator(comm, raw, self.clock, run.device)
         self.comm = comm
         torch.set_num_threads(run.threads_per_rank)
