@@ -4,7 +4,8 @@
 Cases sweep batch rows with different prefix lengths, GQA ratios, head dims, cache sizes, chunked
 attention with chunk boundaries inside the prefix, causal and tree step masks (siblings at equal
 positions), float32 / bfloat16 / float16 queries, FP8 caches, and forced split counts (1, 3, 8: some
-splits empty). Every cache slot at or past start + T holds NaN, so one read of it would poison the
+splits empty); the merge of the splits both fused into the split kernel (the default at these
+sizes) and as its own kernel. Every cache slot at or past start + T holds NaN, so one read of it would poison the
 output; torch.empty is patched to hand out NaN, so every output element and every scratch partial
 the merge reads must have been written. Without a GPU this runs in Triton's interpreter.
 """
@@ -101,6 +102,21 @@ def test_float32_matches_reference(index, poisoned_empty):
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index", [1, 2, 6])
+def test_separate_and_fused_merge(index, poisoned_empty):
+    """The merge as its own kernel and fused into the split kernel (the last split of each group
+    merges): both the reference; the fused merge's arrival counters are back at zero after."""
+    from model.kernels import decode_attention as da
+    batch, n_new, n_heads, n_kv, head_dim, s_max, chunk, n_splits, block_s, tree = CASES[index]
+    kernel_in, ref_in = _case(batch, n_new, n_heads, n_kv, head_dim, s_max, torch.float32, torch.float32,
+                              tree, seed=200 + index)
+    ref = reference_decode_attention(**ref_in, chunk_size=chunk)
+    for fused in (False, True):
+        out = decode_attention(**kernel_in, chunk_size=chunk, n_splits=n_splits, block_s=block_s, fused_merge=fused)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not da._COUNTERS[torch.device(DEVICE) if DEVICE == "cpu" else out.device].any()
 
 
 @pytest.mark.parametrize("dtype,cache_dtype,chunk,tree,n_splits,atol", [

@@ -48,6 +48,7 @@ CPU_SMS = 132  # without CUDA (the interpreter): plan as for an H200
 MAX_SPLITS = 128
 TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dims, 128 fp8 keys
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
+FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decode step: 16 KB; verify: 64 KB)
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -99,13 +100,15 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
-                      ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t, s_max, qk_scale, chunk,
-                      T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      count_ptr, out_ptr, ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t, s_max, qk_scale,
+                      chunk, T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr,
                       HAS_MASK: tl.constexpr, CHUNKED: tl.constexpr, FP8_CACHE: tl.constexpr,
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
-                      LOOP_WHILE: tl.constexpr, PDL: tl.constexpr):
-        """Program (b * HKV + h, split, row block): unnormalized partial attention of one split.
+                      LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, PDL: tl.constexpr):
+        """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
+        FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
+        count_ptr, reset after) merges all splits into out, and no merge kernel runs.
         With PDL: waits for the kernel that wrote q and the new keys before anything else."""
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
@@ -152,10 +155,44 @@ if triton is not None:
                     T, D, BLOCK_S, HAS_MASK, CHUNKED, FP8_CACHE, Q_DT, DOT_DT, PREC)
         if FP8_CACHE:  # sum_s p_s * (v_scale * v_fp8[s])
             acc = acc * tl.load(vs_ptr)
-        part = (bh * N_SPLITS + split) * (tl.num_programs(2) * BLOCK_R) + rows  # (BLOCK_R,) scratch rows
+        rows_pad = tl.num_programs(2) * BLOCK_R
+        part = (bh * N_SPLITS + split) * rows_pad + rows  # (BLOCK_R,) scratch rows
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
+        if FUSED_MERGE:
+            tl.debug_barrier()  # every thread's partials stored before the (release) count
+            counter = count_ptr + bh * tl.num_programs(2) + tl.program_id(2)
+            if tl.atomic_add(counter, 1) == N_SPLITS - 1:
+                _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T, GROUP, HKV, D, N_SPLITS,
+                            BLOCK_R)
+                tl.atomic_xchg(counter, 0)
+
+    @triton.jit
+    def _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T: tl.constexpr, GROUP: tl.constexpr,
+                    HKV: tl.constexpr, D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """out[rows] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, in split order;
+        the partials come from other programs (other SMs): loaded through L2 (.cg)."""
+        base = bh * N_SPLITS * rows_pad + rows  # (BLOCK_R,) scratch rows of split 0
+        m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        for i in range(N_SPLITS):
+            m_max = tl.maximum(m_max, tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
+                                              cache_modifier=".cg"))
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        d = tl.arange(0, D)
+        total = tl.zeros((BLOCK_R,), tl.float32)
+        o = tl.zeros((BLOCK_R, D), tl.float32)
+        for i in range(N_SPLITS):
+            w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
+                                cache_modifier=".cg") - m_ref)
+            total += w * tl.load(l_ptr + base + i * rows_pad, mask=row_ok, other=0.0, cache_modifier=".cg")
+            a = tl.load(acc_ptr + (base + i * rows_pad)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0,
+                        cache_modifier=".cg")
+            o += w[:, None] * a
+        o = o / tl.where(total == 0.0, 1.0, total)[:, None]
+        b, h, t, g = bh // HKV, bh % HKV, rows // GROUP, rows % GROUP
+        out_offs = ((b * T + t) * (HKV * GROUP) + h * GROUP + g)[:, None] * D + d[None, :]  # out: (B, T, Hq, D)
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, rows_pad,
@@ -259,9 +296,25 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, n_splits: int | None,
     return block_s, block_r, row_blocks, max(1, n_splits)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 arrival counters for the fused merge, zero between calls (the last program of each
+    group resets its own), per device; made or grown outside CUDA graph capture only."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_attention: run a step of this shape once before CUDA graph capture "
+                               "(the fused merge's counters are made outside the capture)")
+        _COUNTERS[device] = have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return have
+
+
 def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chunk_size: int | None = None,
                      step_mask: torch.Tensor | None = None, k_scale=None, v_scale=None,
-                     n_splits: int | None = None, block_s: int | None = None) -> torch.Tensor:
+                     n_splits: int | None = None, block_s: int | None = None,
+                     fused_merge: bool | None = None) -> torch.Tensor:
     """Attention of the T new tokens (already written at slots start[b] + t) over the cache.
 
     q: (B, T, Hq, D) float32/bf16/fp16, 1 <= T <= 16, D a power of two in 16..256, Hq a multiple of
@@ -269,8 +322,11 @@ def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chu
     k_scale, v_scale: float32 one-element tensors). start: (B,) int64, positions: (B, T) int64 (>= 0),
     step_mask: (B, T, T) bool or None (causal). q, start, positions and step_mask may be strided (an
     expanded mask is fine). The caller guarantees start + T <= S_max (slots past S_max are ignored,
-    never read). n_splits / block_s override the launch plan. Returns (B, T, Hq, D) in q.dtype, what
-    `reference_decode_attention` returns. No host sync: capturable in a CUDA graph.
+    never read). n_splits / block_s override the launch plan. fused_merge: the last split of each
+    group merges (one launch, not two); default when the merged partials are at most
+    FUSED_MERGE_BYTES (a decode step's few rows), as one program then reads them all. Returns
+    (B, T, Hq, D) in q.dtype, what `reference_decode_attention` returns. No host sync: capturable
+    in a CUDA graph.
     """
     if triton is None:
         raise RuntimeError("decode_attention needs Triton")
@@ -286,18 +342,24 @@ def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chu
     fp8_cache = k_cache.dtype == FP8
     mask = step_mask.view(torch.uint8) if step_mask is not None else positions[:, :, None]  # a placeholder
     scales = (k_scale, v_scale) if fp8_cache else (positions, positions)  # placeholders are never read
+    rows = n_new * (n_heads // n_kv_heads)
+    if fused_merge is None:
+        fused_merge = n_splits * rows * head_dim * 4 <= FUSED_MERGE_BYTES
+    count = _counters(q.device, batch * n_kv_heads * row_blocks) if fused_merge else m  # placeholder: never read
     fp32_dot = INTERPRETED or q.dtype == torch.float32
     q_dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     dot_dt = tl.float32 if fp32_dot else (tl.float16 if fp8_cache else q_dt)  # e4m3 -> fp16 is one cvt
     _split_kernel[(batch * n_kv_heads, n_splits, row_blocks)](
-        q, k_cache, v_cache, start, positions, mask, *scales, acc, m, l,
+        q, k_cache, v_cache, start, positions, mask, *scales, acc, m, l, count, out,
         start.stride(0), *q.stride(), *mask.stride(), *positions.stride(),
         s_max, scale * math.log2(math.e), chunk_size or 1,
         T=n_new, GROUP=n_heads // n_kv_heads, HKV=n_kv_heads, D=head_dim, BLOCK_R=block_r, BLOCK_S=block_s,
         N_SPLITS=n_splits, HAS_MASK=step_mask is not None, CHUNKED=chunk_size is not None, FP8_CACHE=fp8_cache,
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
-        CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED,
+        CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED, FUSED_MERGE=fused_merge,
         num_warps=8 if block_r * head_dim >= 8192 else 4, **pdl_kwargs(q))
+    if fused_merge:
+        return out
     splits_p2 = triton.next_power_of_2(n_splits)
     split_block = min(MERGE_TILE // head_dim, splits_p2)
     _merge_kernel[(batch * n_kv_heads, n_new * (n_heads // n_kv_heads))](
