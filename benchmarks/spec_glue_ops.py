@@ -64,7 +64,7 @@ class GlueCounter(TorchDispatchMode):
                 self.counts["launches"] += not func.is_view and name not in NO_KERNEL
                 self.counts["syncs"] += name == "_local_scalar_dense"
                 if self.sites:
-                    self.where[_site()] += 1
+                    self.where[_site() + " " + func.overloadpacket.__name__] += 1
         return out
 
     def note_sync(self) -> None:

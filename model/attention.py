@@ -112,8 +112,10 @@ class KVCache:
     def compact(self, start: torch.Tensor, keep: torch.Tensor, n_keep: torch.Tensor) -> None:
         """Keeps an accepted tree path: a verification step wrote its nodes at slots start[b] + j;
         slot start[b] + keep[b, i] moves to start[b] + i for i < n_keep[b], and the sequence ends
-        there. keep: (B, M) increasing offsets with keep[b, i] >= i (entries past n_keep[b] must be
-        i), so no slot is overwritten before it is read. Works on stored values, FP8 or not."""
+        there. keep: (B, M) offsets of slots the step wrote; entries past n_keep[b] are padding
+        (their moves land past the new length). Every layer gathers all its moved rows before it
+        writes any, so no slot is overwritten before it is read. Works on stored values, FP8 or
+        not. No host read: a CUDA graph captures it (workers/spec_graphs.py)."""
         rows = torch.arange(self.batch, device=keep.device)[:, None]  # (B, 1)
         src = start[:, None] + keep  # (B, M)
         dst = start[:, None] + torch.arange(keep.shape[1], device=keep.device)

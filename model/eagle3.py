@@ -276,7 +276,13 @@ class Eagle3Draft(nn.Module):
         self.t2d[target_ids] = True
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return draft_ids + self.d2t[draft_ids]
+        """Draft ids -> target ids: one gather from draft + d2t[draft], a table made again whenever
+        d2t changes (its version counter moves with every in-place write, a load's included)."""
+        key = (id(self.d2t), self.d2t._version, self.d2t.device)
+        if self.__dict__.get("_target_ids_key") != key:
+            self.__dict__["_target_ids"] = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+            self.__dict__["_target_ids_key"] = key
+        return self.__dict__["_target_ids"][draft_ids]
 
     def embed_and_feature(self, tokens: torch.Tensor, target_features: torch.Tensor | None,
                           hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

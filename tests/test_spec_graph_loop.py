@@ -3,10 +3,12 @@ CUDA graphs of workers/spec_graphs.py replay, with each step run on its buffers 
 replayed (StaticStep without capture; a CUDA graph only runs on a GPU: tests/test_spec_cuda_graphs.py).
 
 The embedded target and its shipped draft, fp32, rows with their own prompt lengths, budgets and
-EOS: through the graph path (static verify with the argmax inside the step, padded catch-up,
-one draft step per tree depth restoring the draft cache itself), speculative output must equal
-plain greedy token for token, for a chain and a tree, with drafts really accepted and every
-static step used. Sampled rows run on the graphs' logits and reproduce with their seeds.
+EOS: through the graph path, speculative output must equal plain greedy token for token, for a
+chain and a tree, with drafts really accepted: greedy batches on the one-graph step (tree growth,
+static verify, acceptance, compaction and catch-up in one function), batches that sample on the
+per-forward steps (static verify with the argmax inside the step, catch-up at the graph's width,
+one draft step per tree depth restoring the draft cache itself), each of them used. Sampled rows
+run on the graphs' logits and reproduce with their seeds.
 """
 from __future__ import annotations
 
@@ -62,15 +64,36 @@ def test_graph_path_equals_plain_greedy(pair, name):
     assert [c.finish_reason for c in got] == [c.finish_reason for c in plain]
     graphs = made[0]
     steps = stats.spec["steps"]
-    assert graphs.verify.calls == steps and graphs.catch_up.calls == steps - 1  # the first catch-up: the prompt
-    k, depth, _ = SPECS[name].shape
-    assert sorted(graphs.nodes) == [k * d for d in range(1, depth)]
-    assert all(step.calls == steps for step in graphs.nodes.values())
+    assert graphs.step.calls == steps and graphs._per_forward is None  # greedy: each step is the one-graph step
+    assert all(c.spec["one_graph_steps"] == c.spec["verify_steps"] for c in got)
     accepted = [c.spec["acceptance_length"] for c in got if c.spec["acceptance_length"] is not None]
     assert max(accepted) > 1.0, "no draft was accepted: the padded catch-up and the compaction went untested"
     eager, _ = Engine(model, draft=draft).generate(_requests(), spec=SPECS[name])
     eager_accepted = [c.spec["acceptance_length"] for c in eager if c.spec["acceptance_length"] is not None]
     assert accepted == pytest.approx(eager_accepted, abs=0.2)  # the draft drafts alike (static vs sliced cache)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_greedy_rows_beside_sampled_ones_on_per_forward_steps(pair, name):
+    """A batch that samples replays the forwards one by one, with the glue (and the sampled rows'
+    acceptance) between them: its greedy rows still decode exactly as plain greedy, every
+    per-forward step is used once per step, and the one-graph step never runs."""
+    model, draft = pair
+    greedy, requests = _requests(), _requests()
+    greedy[1] = Request(greedy[1].prompt_ids, SamplingParams(max_new_tokens=14, stop_on_eos=False), "1")
+    sampled = SamplingParams(temperature=0.8, top_k=40, seed=11, max_new_tokens=14, stop_on_eos=False)
+    requests[1] = Request(requests[1].prompt_ids, sampled, "1")
+    plain, _ = Engine(model).generate(greedy)
+    engine, made = _graph_engine(model, draft)
+    got, stats = engine.generate(requests, spec=SPECS[name])
+    assert [c.token_ids for i, c in enumerate(got) if i != 1] == [c.token_ids for i, c in enumerate(plain) if i != 1]
+    assert len(got[1].token_ids) == 14 and got[1].token_ids != plain[1].token_ids, "the sampled row decoded greedily"
+    graphs, steps = made[0], stats.spec["steps"]
+    assert graphs.step.calls == 0 and graphs.verify.calls == steps and graphs.catch_up.calls == steps
+    k, depth, _ = SPECS[name].shape
+    assert sorted(graphs.nodes) == [k * d for d in range(1, depth)]
+    assert all(step.calls == steps for step in graphs.nodes.values())
+    assert max(c.spec["acceptance_length"] for c in got if c.spec["acceptance_length"] is not None) > 1.0
 
 
 def test_sampled_rows_reproduce_on_the_graph_path(pair):

@@ -1,24 +1,30 @@
 """Speculative decoding with an EAGLE-3 draft: the per-rank loop every rank runs in lockstep.
 
-A batch is still ONE call: prefill, then `speculative_step` until every row is done. Each step
-  1. draft   the draft catches up on the target features of the tokens accepted last step (the
-             only rows it ever commits to its KV cache), then grows a chain or an EAGLE-2 tree;
+A batch is still ONE call: prefill (the target's, then the draft's catch-up on the prompt), then
+`speculative_step` until every row is done. Each step
+  1. draft   grows a chain or an EAGLE-2 tree from the root's draft logits and hidden state;
   2. verify  ONE target forward over root + nodes, with an ancestor mask and per-node positions,
              which also returns the aux features of every node;
-  3. accept  greedy acceptance or lossless rejection sampling (model/acceptance.py), per row;
-  4. commit  the accepted path's target KV rows are compacted into place, the rest forgotten,
-             and the path's features are queued for the draft's next catch-up.
+  3. accept  greedy acceptance on the device (model/spec_verdict.py); sampling rows by lossless
+             rejection sampling on the host (model/acceptance.py), written over their rows;
+  4. commit  the accepted path's target KV rows are compacted into place, the rest forgotten;
+  5. read    the host reads each row's kept count and new tokens: the step's one read;
+  6. catch up the draft reads the target features of the accepted tokens (the only rows it ever
+             commits to its KV cache), which gives the next root's draft logits and hidden state.
 Every row keeps its own accepted length; rows that finish ride along with zero new tokens. All
 choices are made identically on every rank (distributed top-k/argmax, seeded generators), so
 there is no driver round trip per step.
 
-With CUDA graphs (workers/spec_graphs.py, chosen by the engine) the verify step and the draft's
-forwards replay captured graphs over static buffers; the loop and its glue are the same.
+With CUDA graphs (workers/spec_graphs.py, chosen by the engine), a greedy batch runs each step as
+ONE graph replay (all six parts, the read being of its output), and a batch with sampling rows
+replays the forwards one by one with the glue between them eager, as without graphs.
 
 Metrics per request: acceptance length (1 + accepted drafts per verification step, averaged, as
 vLLM defines it), acceptance rate per draft position (fraction of steps whose position-i draft was
-accepted), draft and verify seconds, tokens/s. In a trace, every step record carries `accepted`
-(drafts kept per request) and `tokens`, inside the step's "draft" and "verify" spans.
+accepted), draft and verify seconds (a one-graph step is not split: its time counts as verify,
+and `one_graph_steps` says how many steps were so), tokens/s. In a trace, every step record
+carries `accepted` (drafts kept per request) and `tokens`, inside the step's "draft" and
+"verify" spans.
 """
 from __future__ import annotations
 
@@ -28,13 +34,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model.acceptance import accept_greedy, accept_sampled
+from model.acceptance import accept_sampled
 from model.config import ConfigError
 from model.draft_tree import Tree, TreeGrower
 from model.eagle3 import Eagle3Draft
 from model.llama4 import Llama4
 from model.sampling import distributed_argmax, filter_logits
 from model.spec import SpecConfig, resolve_layer_ids
+from model.spec_verdict import commit, greedy_verdict, with_host_rows
 from workers.engine import Completion, GenerationStats, Request
 from workers.spec_graphs import SpecGraphs, target_features
 
@@ -47,8 +54,10 @@ class RowStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     decode_s: float = 0.0
+    one_graph_steps: int = 0
 
-    def record(self, n_accepted: int, depth: int, draft_s: float, verify_s: float, step_s: float) -> None:
+    def record(self, n_accepted: int, depth: int, draft_s: float, verify_s: float, step_s: float,
+               one_graph: bool = False) -> None:
         if not self.per_position:
             self.per_position = [0] * depth
         self.steps += 1
@@ -58,12 +67,14 @@ class RowStats:
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.decode_s += step_s
+        self.one_graph_steps += one_graph
 
     def summary(self, new_tokens: int) -> dict:
         steps = max(self.steps, 1)
         return {"acceptance_length": 1.0 + self.accepted / steps if self.steps else None,
                 "acceptance_per_position": [n / steps for n in self.per_position] if self.steps else [],
                 "verify_steps": self.steps, "draft_s": self.draft_s, "verify_s": self.verify_s,
+                "one_graph_steps": self.one_graph_steps,
                 "tokens_per_s": (new_tokens - 1) / self.decode_s if self.decode_s > 0 and new_tokens > 1 else None}
 
 
@@ -72,10 +83,13 @@ class BatchState:
     cache: object  # the target's KVCache
     draft_cache: object
     root: torch.Tensor  # (B,) last accepted token, not yet in the target cache
-    pending_tokens: torch.Tensor  # (B, M) tokens the draft still has to read, row t pairs with
-    pending_features: torch.Tensor  # (B, M, n_aux*H) the target feature at the token before
-    pending_n: torch.Tensor  # (B,) real rows of the pending block (0: finished)
     active: list[bool]
+    active_rows: torch.Tensor  # (B,) 1 / 0 on the device: `uploaded`, the `active` of its last upload
+    uploaded: list[bool]
+    verify_rows: torch.Tensor  # (B,) rows each batch row adds in a verification step (0: finished)
+    root_logits: torch.Tensor | None = None  # (B, Vd_r) the draft's logits at the root (after catch-up)
+    root_hidden: torch.Tensor | None = None  # (B, H) the draft's pre-norm hidden state there
+    prompt_block: tuple | None = None  # tokens (B, P), features (B, P, F), n (B,): the draft's first catch-up
 
 
 class SpecDecoder:
@@ -93,6 +107,7 @@ class SpecDecoder:
         self.model, self.draft, self.spec, self.recorder = model, draft, spec, recorder
         self.aux_set = tuple(sorted(set(self.layer_ids)))
         self.graphs: SpecGraphs | None = None
+        self.sampled: list[int] = []  # batch rows that sample
 
     @property
     def margin(self) -> int:
@@ -107,6 +122,9 @@ class SpecDecoder:
         prompt as plain decoding does; every later token comes from a speculative step.
         graphs: this batch's CUDA graphs (their caches emptied), or None: eager steps."""
         self.graphs = graphs
+        self.sampled = [b for b, r in enumerate(requests) if not r.params.greedy]
+        if graphs is not None and self.sampled:
+            graphs.nodes  # noqa: B018 (the per-forward steps, captured before anything is timed)
         batch, device = len(requests), self.model.embed_tokens.weight.device
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         budget = [r.params.max_new_tokens for r in requests]
@@ -164,7 +182,7 @@ class SpecDecoder:
     def prefill(self, prompt: torch.Tensor, lengths: torch.Tensor, max_len: int,
                 kv_dtype) -> tuple[BatchState, torch.Tensor]:
         """Target prefill (B, P) -> (state, last-row logits). The first token comes from the caller's
-        plain sampling; `start` then sets it as the root."""
+        plain sampling; `start` then sets it as the root and runs the draft over the prompt."""
         if self.graphs is not None:
             cache, draft_cache = self.graphs.cache, self.graphs.draft_cache
         else:
@@ -173,102 +191,106 @@ class SpecDecoder:
         out = self.model(prompt, cache, n_new=lengths, aux_layers=self.aux_set)
         batch_rows = torch.arange(prompt.shape[0], device=prompt.device)
         logits = out.logits[batch_rows, lengths - 1][:, None]  # (B, 1, V_r)
-        state = BatchState(cache=cache, draft_cache=draft_cache,
-                           root=prompt[:, 0], pending_tokens=F.pad(prompt[:, 1:], (0, 1)),
-                           pending_features=self.features(out.aux_hidden), pending_n=lengths.clone(),
-                           active=[True] * prompt.shape[0])
+        active = [True] * prompt.shape[0]
+        state = BatchState(cache=cache, draft_cache=draft_cache, root=prompt[:, 0], active=active,
+                           active_rows=torch.ones_like(lengths), uploaded=list(active),
+                           verify_rows=torch.full_like(lengths, self.spec.shape[2] + 1),
+                           prompt_block=(F.pad(prompt[:, 1:], (0, 1)), self.features(out.aux_hidden), lengths.clone()))
         return state, logits
 
     def start(self, state: BatchState, first: torch.Tensor, lengths: torch.Tensor) -> None:
-        """first: (B,) the token sampled after the prompt: the root of step 1, and the last token the draft reads."""
+        """first: (B,) the token sampled after the prompt: the root of step 1, and the last token the
+        draft reads in its catch-up on the prompt (eager: a prompt has any length)."""
         state.root = first.clone()
-        state.pending_tokens[torch.arange(len(first), device=first.device), lengths - 1] = first
+        tokens, features, n = state.prompt_block
+        tokens[torch.arange(len(first), device=first.device), lengths - 1] = first
+        state.root_logits, state.root_hidden = self.catch_up(state, tokens, features, n, (n - 1).clamp(min=0),
+                                                             graph=False)
+        state.prompt_block = None
 
     def speculative_step(self, state: BatchState, requests, generators, stats: list[RowStats]) -> list[list[int]]:
         """One propose / verify / accept round for every row. Returns each row's new tokens."""
-        rows = torch.arange(len(requests), device=state.root.device)
+        if state.active != state.uploaded:  # a row finished: 0 new tokens from now on
+            state.active_rows = torch.tensor(state.active, dtype=torch.long, device=state.root.device)
+            state.verify_rows = state.active_rows * (self.spec.shape[2] + 1)
+            state.uploaded = list(state.active)
         t0 = time.perf_counter()
-        with self.recorder.span("draft"):  # 1. catch up on the target features of the last accepted tokens, grow
-            root_logits, root_hidden = self.catch_up(state, rows)  # (B, Vd_r), (B, H)
+        one_graph = self.graphs is not None and not self.sampled
+        if one_graph:
+            table = self.graphs.run_step(state).tolist()  # the step's one read
+            draft_s = 0.0
+        else:
+            table, draft_s = self.step_by_step(state, requests, generators)
+        step_s = time.perf_counter() - t0
+        new = []
+        for b, row in enumerate(table):  # row: kept rows n (root + path), then the path's tokens and the extra
+            if state.active[b]:
+                stats[b].record(row[0] - 1, self.spec.shape[1], draft_s, step_s - draft_s, step_s, one_graph)
+            new.append(row[1: 1 + row[0]] if state.active[b] else [])
+        return new
+
+    def step_by_step(self, state: BatchState, requests, generators) -> tuple[list[list[int]], float]:
+        """A step with the forwards one by one (eager, or replays of per-forward graphs). Returns the
+        read table (B rows of kept rows n, then tokens) and the seconds spent drafting."""
+        t0 = time.perf_counter()
+        with self.recorder.span("draft"):  # 1. grow the tree from the root
             grow_args = (self.draft, state.draft_cache, self.spec.shape, [r.params for r in requests], generators)
             grower = self.graphs.grower(*grow_args) if self.graphs is not None else TreeGrower(*grow_args)
-            tree = grower.grow(root_logits, root_hidden)
+            tree = grower.grow(state.root_logits, state.root_hidden)
         t1 = time.perf_counter()
         with self.recorder.span("verify"):  # 2. every node in ONE target forward: ancestor mask, per-node positions
             start = state.cache.lengths.clone()  # (B,)
             tokens, positions, mask = tree.verify_inputs(state.root, start)  # (B, N+1) x2, (B, N+1, N+1)
-            n_new = torch.tensor(state.active, device=tokens.device) * tokens.shape[1]  # (B,) 0: finished row
-            if self.graphs is not None:
-                logits, features, argmax = self.graphs.verify(tokens=tokens, positions=positions, mask=mask,
-                                                              n_new=n_new)
-            else:
-                out = self.model(tokens, state.cache, n_new=n_new, positions=positions, step_mask=mask,
-                                 aux_layers=self.aux_set)
-                logits, features, argmax = out.logits, self.features(out.aux_hidden), None  # (B, N+1, V_r), ...
-            accepted = self.accept(logits, tree, requests, generators, argmax)  # 3. per row: (path rows, extra token)
+            logits, features, argmax = self.verify(state, tree, tokens, positions, mask)
+            verdict = greedy_verdict(tree, argmax, self.spec.shape[1] + 1)  # 3. accept
+            if self.sampled:
+                decided = self.accept_sampled(logits, tree, requests, generators)
+                verdict = with_host_rows(verdict, self.sampled, decided, tree.tokens.shape[1])
+            pending = commit(state.cache, start, tokens, features, verdict, state.active_rows)  # 4.
+            table = torch.cat([pending.n[:, None], pending.tokens], dim=1).tolist()  # 5. the step's one read
         t2 = time.perf_counter()
-        self.commit(state, start, tokens, features, accepted)  # 4. KV and draft inputs
-        step_s, new = time.perf_counter() - t0, []
-        for b, (path, extra) in enumerate(accepted):
-            if state.active[b]:
-                stats[b].record(len(path), self.spec.shape[1], t1 - t0, t2 - t1, step_s)
-            new.append([int(t) for t in tokens[b, path].tolist()] + [extra] if state.active[b] else [])
-        return new
+        with self.recorder.span("draft"):  # 6. the draft reads the kept rows (eager: no wider than the longest)
+            width = max(1, max(row[0] for row in table)) if self.graphs is None else pending.tokens.shape[1]
+            state.root_logits, state.root_hidden = self.catch_up(state, pending.tokens[:, :width],
+                                                                 pending.features[:, :width], pending.n, pending.last)
+        state.root = pending.root
+        return table, (t1 - t0) + (time.perf_counter() - t2)
 
-    def catch_up(self, state: BatchState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draft reads the pending block (the tokens accepted last step, with their target
-        features). Returns the root's draft logits (B, Vd_r) and hidden state (B, H). A graph takes
-        blocks up to its width, padded; the prompt's block after the prefill runs eagerly."""
-        last = (state.pending_n - 1).clamp(min=0)  # (B,) the root's row in the pending block
-        pad = self.graphs.width - state.pending_tokens.shape[1] if self.graphs is not None else -1
+    def verify(self, state: BatchState, tree: Tree, tokens, positions, mask):
+        """-> logits (B, N+1, V_r), target features (B, N+1, F), the target's argmax (B, N+1)."""
+        n_new = state.verify_rows  # (B,) 0: a finished row
+        if self.graphs is not None:
+            inputs = {"tokens": tokens, "positions": positions, "n_new": n_new}
+            if not tree.chain:  # a chain's mask is causal, as the step's buffer has been since it was made
+                inputs["mask"] = mask
+            return self.graphs.verify(**inputs)
+        out = self.model(tokens, state.cache, n_new=n_new, positions=positions, step_mask=mask,
+                         aux_layers=self.aux_set)
+        argmax = distributed_argmax(out.logits.flatten(0, 1), self.model.shard.vocab_start, self.model.comm)
+        return out.logits, self.features(out.aux_hidden), argmax.view(tokens.shape)
+
+    def catch_up(self, state: BatchState, tokens, features, n_new, last, graph: bool = True):
+        """The draft reads a block: tokens (B, T), each row's target feature (B, T, F) paired with the
+        token after it, n_new (B,) real rows, last (B,) the root's row. Returns the root's draft
+        logits (B, Vd_r) and hidden state (B, H). A graph takes blocks up to its width, padded."""
+        pad = self.graphs.width - tokens.shape[1] if self.graphs is not None and graph else -1
         if pad >= 0:
-            return self.graphs.catch_up(tokens=F.pad(state.pending_tokens, (0, pad)),  # (B, W)
-                                        features=F.pad(state.pending_features, (0, 0, 0, pad)),  # (B, W, F)
-                                        n_new=state.pending_n, last=last)
-        out = self.draft(state.pending_tokens, state.draft_cache, target_features=state.pending_features,
-                         n_new=state.pending_n, logit_rows=last[:, None])
-        return out.logits[:, 0], out.hidden[rows, last]
+            return self.graphs.catch_up(tokens=F.pad(tokens, (0, pad)) if pad else tokens,  # (B, W)
+                                        features=F.pad(features, (0, 0, 0, pad)) if pad else features,  # (B, W, F)
+                                        n_new=n_new, last=last)
+        out = self.draft(tokens, state.draft_cache, target_features=features, n_new=n_new, logit_rows=last[:, None])
+        return out.logits[:, 0], out.hidden[torch.arange(len(last), device=last.device), last]
 
-    def commit(self, state: BatchState, start: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
-               accepted: list[tuple[list[int], int]]) -> None:
-        """Keeps root + accepted path of every active row: their target KV rows are compacted into
-        place, and the draft is queued to read them next step, each row's target feature paired
-        with the token after it (the last one with the target's extra token), at positions start.. ."""
-        device, batch = tokens.device, len(accepted)
-        n_keep = torch.tensor([len(path) + 1 if on else 0 for (path, _), on in zip(accepted, state.active)],
-                              device=device)  # (B,)
-        keep = torch.arange(int(n_keep.max().clamp(min=1)), device=device).repeat(batch, 1)  # (B, M) row offsets
-        for b, (path, _) in enumerate(accepted):
-            if state.active[b] and path:
-                keep[b, 1: len(path) + 1] = torch.tensor(path, device=device)
-        state.cache.compact(start, keep, n_keep)
-        extra = torch.tensor([token for _, token in accepted], device=device)  # (B,)
-        state.pending_tokens = tokens.gather(1, torch.cat([keep[:, 1:], keep[:, -1:]], dim=1))  # (B, M)
-        state.pending_tokens[torch.arange(batch, device=device), (n_keep - 1).clamp(min=0)] = extra
-        state.pending_features = features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))  # (B, M, F)
-        state.pending_n, state.root = n_keep, extra
-
-    def accept(self, local_logits: torch.Tensor, tree: Tree, requests, generators,
-               argmax: torch.Tensor | None = None) -> list[tuple[list[int], int]]:
-        """local_logits: (B, N+1, V_r); argmax: their global argmax (B, N+1) if already taken.
-        Greedy rows need only the distributed argmax; sampling rows gather the full distribution
-        at every node."""
-        batch, rows = local_logits.shape[:2]
-        shard, vocab = self.model.shard, self.model.cfg.vocab_size
-        if argmax is None:
-            argmax = distributed_argmax(local_logits.flatten(0, 1), shard.vocab_start, self.model.comm).view(batch, rows)
-        sampled = [b for b, r in enumerate(requests) if not r.params.greedy]
-        full = None  # (B_s, N+1, V) on the CPU, where the requests' seeded generators draw
-        if sampled:
-            full = self.model.comm.all_gather(local_logits[sampled], dim=-1)[..., :vocab].float().cpu()
-        tokens, parents, argmax = tree.tokens.tolist(), tree.parents.tolist(), argmax.tolist()
-        result = []
-        for b, request in enumerate(requests):
-            if request.params.greedy:
-                result.append(accept_greedy(argmax[b], tokens[b], parents[b]))
-                continue
-            probs = torch.softmax(filter_logits(full[sampled.index(b)], request.params), dim=-1)  # (N+1, V)
+    def accept_sampled(self, local_logits: torch.Tensor, tree: Tree, requests, generators) -> list[tuple[list[int], int]]:
+        """Lossless rejection sampling for the sampling rows, on the host: (accepted rows, extra
+        token) each. local_logits: (B, N+1, V_r); the full distribution is gathered at every node."""
+        vocab = self.model.cfg.vocab_size
+        # (B_s, N+1, V) on the CPU, where the requests' seeded generators draw
+        full = self.model.comm.all_gather(local_logits[self.sampled], dim=-1)[..., :vocab].float().cpu()
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        decided = []
+        for i, b in enumerate(self.sampled):
+            probs = torch.softmax(filter_logits(full[i], requests[b].params), dim=-1)  # (N+1, V)
             proposals = tree.proposals[b] if tree.proposals is not None else None
-            result.append(accept_sampled(probs, tokens[b], parents[b], proposals, generators[b]))
-        return result
-
+            decided.append(accept_sampled(probs, tokens[b], parents[b], proposals, generators[b]))
+        return decided
