@@ -133,6 +133,16 @@ def _variant_kernels() -> None:
         lsm.linear_small_m(x1, experts, expert_ids=torch.zeros(1, dtype=torch.int32), weight_scale=experts_scale,
                            act_quant="token", swiglu=True, config=cfg)
     lsm.linear_small_m(x4, wq, weight_scale=ws, act_quant="token", config={"DOT_F16": True})
+    from model.kernels import moe_decode
+    ids, scores = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)
+    fp8 = dict(act_quant="token", out_dtype=torch.bfloat16)
+    shared = {"weight": wq, "weight_scale": ws, **fp8}
+    routed = {"weight": experts, "weight_scale": experts_scale, **fp8}
+    down_s = {"weight": torch.randn(2048, 2048).to(FP8), "weight_scale": torch.ones(2048), **fp8}
+    down_r = {"weight": torch.randn(4, 2048, 2048).to(FP8), "weight_scale": torch.ones(4, 2048), **fp8}
+    for cvt in ("bits", "words"):
+        h_s, h_r = moe_decode.dual_gate_up(x1, shared, routed, ids, scores, config={"CVT": cvt})
+        moe_decode.dual_down(h_s, h_r, down_s, down_r, ids, config={"CVT": cvt})
 
 
 def main() -> int:

@@ -393,3 +393,25 @@ def test_benchmark_variants_compute_the_reference():
         for name, cfg in gemv_variants.variants(kind, dtype, m):
             cfg = {k: (min(v, 32) if k == "BLOCK_K" else v) for k, v in cfg.items()}  # the interpreter's pace
             _check(linear_small_m(x, w, config=cfg, **kw), want, 1e-5)
+
+
+def test_environment_overrides(monkeypatch):
+    """DGX_EMU_GEMV_FP8 / _BF16 ("KEY=VALUE,..."): parsed and checked, applied to calls without a
+    config (GEMV-path keys to the GEMV only), never to calls with one."""
+    monkeypatch.setenv("DGX_EMU_GEMV_FP8", "CVT=words, BLOCK_N=8,PREQUANT=1,DOT_F16=1")
+    assert lsm.env_overrides("DGX_EMU_GEMV_FP8") == {"CVT": "words", "BLOCK_N": 8, "PREQUANT": True, "DOT_F16": True}
+    for bad, message in (("BLOCK_M=4", "KEY=VALUE"), ("CVT", "KEY=VALUE"), ("BLOCK_N=wide", "takes an integer")):
+        monkeypatch.setenv("DGX_EMU_GEMV_FP8", bad)
+        with pytest.raises(ValueError, match=message):
+            lsm.env_overrides("DGX_EMU_GEMV_FP8")
+    gen = torch.Generator().manual_seed(2)
+    w_q, w_scale = _fp8_weight(gen, (), 24, 62)  # K = 62: CVT 'words' refuses it
+    x = _exact_fp8_rows(gen, 1, 62, torch.bfloat16, [-5])
+    kw = dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32)
+    monkeypatch.setitem(lsm.ENV_OVERRIDES, FP8, {"CVT": "words", "DOT_F16": True})
+    assert lsm.defaults(FP8, True) == {"CVT": "words"} and lsm.defaults(FP8, False) == {"DOT_F16": True}
+    with pytest.raises(ValueError, match="K % 4 == 0"):  # the override reached the call
+        linear_small_m(x, w_q, **kw)
+    _check(linear_small_m(x, w_q, config={}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-5)  # explicit: none
+    monkeypatch.setitem(lsm.ENV_OVERRIDES, FP8, {"CVT": "bits", "BLOCK_N": 4})
+    _check(linear_small_m(x, w_q, **kw), reference_linear_small_m(x, w_q, **kw), 1e-5)

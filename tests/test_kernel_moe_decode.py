@@ -252,3 +252,23 @@ def test_gpu_pair_medium_shapes(fp8):
         _close(got, want, rtol)
     h = tuple(t.to(torch.bfloat16) for t in h)
     _close(md.dual_down(*h, fc2_s, fc2_r, ids), md.reference_dual_down(*h, fc2_s, fc2_r, ids), rtol)
+
+
+@pytest.mark.parametrize("cvt", ["bits", "words"])
+def test_pair_fp8_conversion_variants(cvt):
+    """The pair kernels with CVT 'bits' / 'words' (gemv_math.py): the reference's results."""
+    gen = torch.Generator().manual_seed(9)
+    m, hidden, inter = 2, 64, 32
+    x = _exact_fp8_rows(gen, m, hidden, [-6, -8])
+    ids, scores = torch.tensor([1, 0], device=DEVICE), torch.tensor([0.5, 1.0], device=DEVICE)
+    fc13_s, fc13_r = _dense(gen, 2 * inter, hidden, fp8=True), _experts(gen, 2, 2 * inter, hidden, fp8=True)
+    cfg = {"CVT": cvt, "BLOCK_K": 32}
+    for got, want in zip(md.dual_gate_up(x, fc13_s, fc13_r, ids, scores, config=cfg),
+                         md.reference_dual_gate_up(x, fc13_s, fc13_r, ids, scores)):
+        _close(got, want)
+    h = _exact_fp8_rows(gen, m, inter, [-3, -4]), _exact_fp8_rows(gen, m, inter, [-1, -7])
+    fc2_s, fc2_r = _dense(gen, hidden, inter, fp8=True), _experts(gen, 2, hidden, inter, fp8=True)
+    _close(md.dual_down(*h, fc2_s, fc2_r, ids, config=cfg), md.reference_dual_down(*h, fc2_s, fc2_r, ids))
+    with pytest.raises(ValueError, match="FP8 weights only"):
+        md.dual_down(*h, {"weight": _randn(gen, hidden, inter)}, {"weight": _randn(gen, 2, hidden, inter)}, ids,
+                     config=cfg)

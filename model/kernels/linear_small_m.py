@@ -36,6 +36,7 @@ Numerics: float32 accumulation always; FP8 out = (sum q_x q_w) * x_scale * w_sca
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +214,35 @@ def available(x: torch.Tensor) -> bool:
 
 
 ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, FP8: 1}
+GEMV_ONLY = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT", "SPLIT_K", "PREQUANT")
+
+
+def env_overrides(name: str) -> dict:
+    """Config overrides from the environment, e.g. DGX_EMU_GEMV_FP8="CVT=words,BLOCK_N=8": how a
+    variant found by `gemv_bench.py --variants` is tried in a whole decode step without a code
+    change. They apply to calls without an explicit config: the tile keys, CVT, SPLIT_K and
+    PREQUANT to the GEMV path (M = 1, gathered experts; moe_decode's pair kernels take the tile
+    keys and CVT), DOT_F16 to the 16-row dot."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(name, "").split(","))):
+        key, sep, value = (t.strip() for t in item.partition("="))
+        if not sep or key not in CONFIG_KEYS or key == "gemv":
+            raise ValueError(f"{name}: items must be KEY=VALUE with KEY one of {CONFIG_KEYS[:2] + CONFIG_KEYS[2:4]} "
+                             f"or {CONFIG_KEYS[5:]}, got {item!r}")
+        try:
+            overrides[key] = value if key == "CVT" else bool(int(value)) if key in ("PREQUANT", "DOT_F16") \
+                else int(value)
+        except ValueError:
+            raise ValueError(f"{name}: {key} takes an integer, got {value!r}") from None
+    return overrides
+
+
+ENV_OVERRIDES = {FP8: env_overrides("DGX_EMU_GEMV_FP8"), torch.bfloat16: env_overrides("DGX_EMU_GEMV_BF16")}
+
+
+def defaults(dtype: torch.dtype, gemv: bool) -> dict:
+    """The environment's overrides (ENV_OVERRIDES) that apply to a call on `dtype` weights."""
+    return {k: v for k, v in ENV_OVERRIDES.get(dtype, {}).items() if (k in GEMV_ONLY) == gemv}
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,7 +402,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     k, n_out = x.shape[1], n // 2 if swiglu else n
     layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
-    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **(config or {})}
+    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu),
+           **(defaults(weight.dtype, gemv) if config is None else config)}
     cvt, split_k = _variant(cfg, weight, k, gemv)
     out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
     quant = 0 if weight.dtype != FP8 else 2 if isinstance(act_quant, str) else 1

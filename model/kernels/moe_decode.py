@@ -36,6 +36,7 @@ from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 from model.kernels import linear_small_m as lsm
 
 MAX_M = lsm.MAX_M
+PAIR_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT")
 ROUTER_TILE_BYTES = 65536  # router weight bytes per program
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 EMPTY_KEY = -(2 ** 63)
@@ -108,36 +109,36 @@ if triton is not None:
 
     @triton.jit
     def _dense_part(x_ptr, w_ptr, xs_ptr, ws_ptr, row, tile, N, stride_xm, stride_wn, K: tl.constexpr,
-                    QUANT: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr):
+                    QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """The shared expert's tile: its first weight chunk is read before the PDL wait."""
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_gate = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, 0, BLOCK_K)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K)
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
         y = gm.gemv_tile(x_ptr + row * stride_xm, 1.0, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N, 1,
-                         K, False, QUANT, SWIGLU, 0, BLOCK_N, BLOCK_K)
+                         K, False, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         return y, cols, col_ok
 
     @triton.jit
     def _routed_part(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, row, tile, N, stride_xm, stride_we, stride_wn,
                      stride_xse, stride_wse, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The routed expert's tile (after the PDL wait: the ids come from the router kernel)."""
         expert = tl.load(ids_ptr + row).to(tl.int64)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, 0, BLOCK_K)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K)
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
         return gm.gemv_tile(x_ptr + row * stride_xm, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse,
-                            w_gate, w_up, w_g, w_u, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, 0, BLOCK_N,
+                            w_gate, w_up, w_g, w_u, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N,
                             BLOCK_K)
 
     @triton.jit
@@ -145,8 +146,8 @@ if triton is not None:
                      outa_ptr, outb_ptr, M, NA, NB, stride_xam, stride_xbm, stride_wan, stride_wbe, stride_wbn,
                      stride_xse, stride_wse, stride_oam, stride_obm, KA: tl.constexpr, KB: tl.constexpr,
                      QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, ROW_SCALE: tl.constexpr,
-                     SWIGLU: tl.constexpr, SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+                     SWIGLU: tl.constexpr, SUM: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """SUM: program (row, tile) writes round(A) + round(B) to out_a. Otherwise the first
         M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
         A: x_a @ W_a.T (dense); B: (x_b * rs) @ W_b[ids[row]].T."""
@@ -155,17 +156,17 @@ if triton is not None:
         if SUM:
             row, tile = pid % M, pid // M
             ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, BLOCK_N, BLOCK_K, PDL)
+                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
                               stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                              BLOCK_N, BLOCK_K)
+                              CVT, BLOCK_N, BLOCK_K)
             io = outa_ptr.dtype.element_ty
             y = _round(_round(ya, io) + _round(yb, io), io)  # two module outputs, then torch's add
             tl.store(outa_ptr + row * stride_oam + cols, y.to(io), mask=col_ok)
         elif pid < M * tiles_a:
             row, tile = pid % M, pid // M
             ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, BLOCK_N, BLOCK_K, PDL)
+                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             tl.store(outa_ptr + row * stride_oam + cols, ya.to(outa_ptr.dtype.element_ty), mask=col_ok)
         else:
             pdl_wait(PDL)
@@ -173,7 +174,7 @@ if triton is not None:
             row, tile = (pid - M * tiles_a) % M, (pid - M * tiles_a) // M
             yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
                               stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                              BLOCK_N, BLOCK_K)
+                              CVT, BLOCK_N, BLOCK_K)
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             tl.store(outb_ptr + row * stride_obm + cols, yb.to(outb_ptr.dtype.element_ty), mask=cols < NB)
 
@@ -270,7 +271,18 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
     w_a, w_b = shared["weight"], routed["weight"]
     k_a, k_b = xa.shape[1], xb.shape[1]
     cfg = lsm._config(m, n_a if add else n_a + n_b, max(k_a, k_b), "k", w_a.dtype, True, swiglu)
-    cfg = {**cfg, **(config or {})}
+    cfg = {**cfg, **(lsm.defaults(w_a.dtype, True) if config is None else config)}
+    unknown = set(cfg) - set(PAIR_KEYS) - {"SPLIT_K", "PREQUANT"}  # those two stay single-launch GEMV variants
+    if unknown:
+        raise ValueError(f"moe_decode: unknown config keys {sorted(unknown)}; known: {PAIR_KEYS}")
+    cvt = lsm.CVT_MODES.get(cfg.get("CVT", "cvt"), cfg.get("CVT"))
+    if cvt not in lsm.CVT_MODES.values() or cvt and w_a.dtype != lsm.FP8:
+        raise ValueError(f"moe_decode: CVT must be one of {sorted(lsm.CVT_MODES)}, 'bits' / 'words' with FP8 "
+                         f"weights only, got {cfg.get('CVT')!r}")
+    if cvt == 2:  # the weights as int32 words (their strides then count words)
+        if k_a % 4 or k_b % 4 or any(st % 4 for st in w_a.stride()[:-1] + w_b.stride()[:-1]):
+            raise ValueError("moe_decode: CVT 'words' needs K % 4 == 0 and word-aligned weight rows")
+        w_a, w_b = w_a.view(torch.int32), w_b.view(torch.int32)
     out_a = lsm._alloc_out(m, n_a, dtype_a, xa.device)  # (M, N_A)
     out_b = out_a if add else lsm._alloc_out(m, n_b, dtype_b, xa.device)  # (M, N_B)
     act_b = routed.get("act_quant")
@@ -283,7 +295,8 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
         out_a, out_b, m, n_a, n_b, xa.stride(0), xb.stride(0), w_a.stride(0), w_b.stride(0), w_b.stride(1),
         act_b.stride(0) if per_expert else 0, routed["weight_scale"].stride(0) if quant_b else 0,
         out_a.stride(0), out_b.stride(0), KA=k_a, KB=k_b, QUANT_A=quant_a, QUANT_B=quant_b,
-        ROW_SCALE=row_scale is not None, SWIGLU=swiglu, SUM=add, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        ROW_SCALE=row_scale is not None, SWIGLU=swiglu, SUM=add, CVT=cvt, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(xa))
     return out_a if add else (out_a, out_b)
 
