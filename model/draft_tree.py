@@ -246,7 +246,8 @@ class TreeGrower:
             mask[:, nodes:nodes + k] = (mask.gather(1, parent_rows[:, :, None].expand(-1, -1, mask.shape[2]))
                                         | layout.eye[:, nodes:nodes + k])
             tokens = torch.cat([tokens, self.draft.to_target_ids(ids.gather(1, pick))], dim=1)
-            fed = torch.cat([fed, out.hidden[:, -k:]], dim=1)
+            parent_hidden = out.hidden.gather(1, parent_rows[:, :, None].expand(-1, -1, out.hidden.shape[-1]))
+            fed = torch.cat([fed, parent_hidden], dim=1)  # each new frontier node reads ITS parent's output
         return self._select(torch.cat(pool_scores, 1), torch.cat(pool_ids, 1), torch.cat(pool_parents, 1), layout)
 
     def _run_draft(self, tokens, hidden, positions, mask, start):
