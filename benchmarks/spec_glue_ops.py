@@ -18,6 +18,14 @@ for the eager path (no graphs: what a CPU run does) and the graph path (what a G
 one uncounted run (what a process builds once per tree shape is not a per-step cost).
 
     python benchmarks/spec_glue_ops.py [--tokens 60] [--detail]
+
+With --device cuda it times the real thing instead: the embedded model in --dtype (bf16 by
+default), CUDA graphs on, one greedy request of --tokens tokens, plain decoding and each spec
+setting; per setting the median step time, decode tokens/s, acceptance length, steps that were
+one graph replay, and synchronizing CUDA calls per speculative step (sync debug mode; the one
+read of the step's output table is 1):
+
+    python benchmarks/spec_glue_ops.py --device cuda [--dtype bf16] [--tokens 200]
 """
 from __future__ import annotations
 
@@ -162,11 +170,65 @@ def measure(model, draft, spec: SpecConfig, graphs: bool, tokens: int, sites: bo
     return row
 
 
+def gpu_times(dtype: str, tokens: int) -> None:
+    """Plain vs speculative decoding on CUDA graphs: step times, tokens/s and syncs per step."""
+    import statistics
+    import time
+    import warnings
+
+    from model.config import load_model_config
+    from model.eagle3_checkpoint import load_draft
+    from model.parallel import layout
+    from workers.model_build import build_model
+    from workers.run_config import RunConfig
+    from workers.speculative import SpecDecoder
+    path = default_target()
+    run = RunConfig(model_path=str(path), dtype=dtype, device="cuda", world_size=1, comm="gloo")
+    cfg = load_model_config(path)
+    model, _ = build_model(run, cfg, layout(cfg, 1, 0, "tp"), SingleRankCommunicator())
+    draft, _ = load_draft(shipped_draft(), model)
+    engine = Engine(model.eval(), kv_dtype=run.kv_torch_dtype, draft=draft, cuda_graphs="on")
+    request = [Request(tuple(range(300, 330)), SamplingParams(max_new_tokens=tokens, stop_on_eos=False))]
+    step, syncs = SpecDecoder.speculative_step, []
+
+    def counted(self, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    for name, spec in {"plain": None, **SPECS}.items():
+        engine.generate(request, spec=spec)  # captures
+        syncs.clear()
+        SpecDecoder.speculative_step = counted
+        try:
+            engine.generate(request, spec=spec)
+        finally:
+            SpecDecoder.speculative_step = step
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        done, stats = engine.generate(request, spec=spec)
+        wall = time.perf_counter() - begin
+        info = done[0].spec or {}
+        print(f"{name:18s} step {1e3 * statistics.median(stats.step_s):.3f} ms  "
+              f"{(len(done[0].token_ids) - 1) / sum(stats.step_s):.0f} tok/s (decode)  "
+              f"{len(done[0].token_ids) / wall:.0f} tok/s (wall)  acceptance {info.get('acceptance_length')}  "
+              f"one-graph steps {info.get('one_graph_steps')}/{info.get('verify_steps')}  "
+              f"syncs per step {statistics.mean(syncs) if syncs else '-'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--detail", action="store_true", help="per call site, ops per step")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bf16", help="--device cuda: the model's dtype")
     args = p.parse_args()
+    if args.device == "cuda":
+        return gpu_times(args.dtype, args.tokens)
     with torch_threads(1):
         model, draft = load_pair(SingleRankCommunicator(), str(default_target()), str(shipped_draft()))
         for name, spec in SPECS.items():

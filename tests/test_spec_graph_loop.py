@@ -7,7 +7,8 @@ EOS: through the graph path, speculative output must equal plain greedy token fo
 chain and a tree, with drafts really accepted: greedy batches on the one-graph step (tree growth,
 static verify, acceptance, compaction and catch-up in one function), batches that sample on the
 per-forward steps (static verify with the argmax inside the step, catch-up at the graph's width,
-one draft step per tree depth restoring the draft cache itself), each of them used. Sampled rows
+one draft step per tree depth restoring the draft cache itself), each of them used; and so at
+world size 2 (shared-memory collectives, the draft's top-k gathered inside the step). Sampled rows
 run on the graphs' logits and reproduce with their seeds.
 """
 from __future__ import annotations
@@ -106,6 +107,33 @@ def test_sampled_rows_reproduce_on_the_graph_path(pair):
     assert [len(c.token_ids) for c in first][1:] == [5, 11, 1] or any(c.finish_reason == "eos" for c in first)
     greedy, _ = engine.generate(_requests(), spec=SPECS["chain3"])
     assert [c.token_ids for c in first] != [c.token_ids for c in greedy], "sampling decoded greedily"
+
+
+def _world2_tokens(comm, target_path: str, draft_path: str) -> dict:
+    """Rank's tokens: plain greedy, and each spec on the graph path and eagerly (sharded draft top-k)."""
+    from tests.spec_reference import token_table
+    model, draft = load_pair(comm, target_path, draft_path)
+    plain, _ = Engine(model).generate(_requests())
+    out = {"plain": token_table(plain, 14)}
+    for name, spec in SPECS.items():
+        engine, _ = _graph_engine(model, draft)
+        out[name] = token_table(engine.generate(_requests(), spec=spec)[0], 14)
+        done, _ = Engine(model, draft=draft).generate(_requests(), spec=spec)
+        out[name + "/eager"] = token_table(done, 14)
+        out[name + "/al"] = torch.tensor([c.spec["acceptance_length"] or 0.0 for c in done])
+    return out
+
+
+def test_world2_graph_path_equals_plain_greedy():
+    """Tensor parallel over 2 ranks: the one-graph step gathers the draft's top-k across ranks
+    inside the step (and the target's argmax), and still decodes exactly as plain greedy."""
+    from cluster.procs import run_world
+    got = run_world(2, _world2_tokens, str(default_target()), str(shipped_draft()), backend="shm", timeout_s=300.0)
+    assert got, "rank 0 returned nothing"
+    for name in SPECS:
+        assert torch.equal(got[name], got["plain"]), f"{name}: the world-2 graph path differs from plain greedy"
+        assert torch.equal(got[name + "/eager"], got["plain"]), f"{name}: world-2 eager differs from plain greedy"
+        assert float(got[name + "/al"].max()) > 1.0
 
 
 def test_static_step_refuses_a_buffer_of_another_shape():
