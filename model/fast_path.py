@@ -7,8 +7,9 @@ almost nothing is computed. The torch ops spend their time elsewhere: ~20 launch
 of HBM bandwidth at M = 1, and an expert loop that reads the routing back to the host. Here a
 sub-layer is a handful of kernels:
 
-  attention   FC_QKV GEMV -> RoPE + QK-norm + temperature + KV-cache write -> split-KV attention
-              over the static cache (length / chunk / tree mask computed in the kernel) -> o_proj GEMV
+  attention   FC_QKV GEMV -> RoPE + QK-norm + temperature + KV-cache write and split-KV attention
+              over the static cache (length / chunk / tree mask computed in the kernel, the splits
+              merged by the last one) in one kernel at decode sizes -> o_proj GEMV
   dense MLP   FC13 GEMV with SwiGLU in its epilogue -> FC2 GEMV
   MoE         router GEMV + top-1 + sigmoid (one kernel) -> shared and routed FC13+SwiGLU (one
               launch) -> shared and routed FC2 + their sum (one launch); the routed GEMVs read ONLY
@@ -83,21 +84,18 @@ def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False) -> torch.Te
 
 def attention(attn, x: torch.Tensor, ctx, cache) -> torch.Tensor:
     """Attention.forward on the kernels. x: (B, T, H) normed. Returns the o_proj partial (B, T, H)."""
-    _, decode_attention, qkv_rope = _kernels()
+    _, decode_attention, _ = _kernels()
     batch, n_new, _ = x.shape
     layer = attn.layer
     k_scale, v_scale = cache.scales[layer]
     fp8_cache = cache.dtype == torch.float8_e4m3fn
     qkv = linear(attn.qkv_proj, x)  # (B, T, (Hq + 2 Hkv) D)
-    q = qkv_rope.qkv_rope_cache(
+    scales = dict(k_scale=k_scale if fp8_cache else None, v_scale=v_scale if fp8_cache else None)
+    out = decode_attention.rope_decode_attention(  # RoPE, QK-norm, temperature, KV write and attention
         qkv, ctx.positions, ctx.start, cache.k[layer], cache.v[layer], n_heads=attn.n_heads_per_rank,
         n_kv_heads=attn.n_kv_heads_per_rank, head_dim=attn.head_dim, inv_freq=ctx.inv_freq,
         use_rope=attn.use_rope, use_qk_norm=attn.use_qk_norm, eps=attn.eps, temperature=attn.temperature,
-        k_scale=k_scale if fp8_cache else None, v_scale=v_scale if fp8_cache else None)  # (B, T, Hq, D)
-    out = decode_attention.decode_attention(
-        q, cache.k[layer], cache.v[layer], ctx.start, ctx.positions, scale=attn.head_dim ** -0.5,
-        chunk_size=attn.chunk_size, step_mask=ctx.step_mask,
-        k_scale=k_scale if fp8_cache else None, v_scale=v_scale if fp8_cache else None)  # (B, T, Hq, D)
+        scale=attn.head_dim ** -0.5, chunk_size=attn.chunk_size, step_mask=ctx.step_mask, **scales)  # (B, T, Hq, D)
     return linear(attn.o_proj, out.reshape(batch, n_new, attn.n_heads_per_rank * attn.head_dim))
 
 

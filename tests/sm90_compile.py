@@ -92,6 +92,10 @@ def _decode_kernels() -> None:
                                 eps=1e-5, temperature=(8192.0, 0.1))
     decode_attention.decode_attention(q, k_cache, v_cache, start, pos, scale=dim ** -0.5, chunk_size=8192)
     decode_attention.decode_attention(q, k_cache, v_cache, start, pos, scale=dim ** -0.5, fused_merge=False)
+    decode_attention.rope_decode_attention(qkv, pos, start, k_cache, v_cache, n_heads=heads, n_kv_heads=kv_heads,
+                                           head_dim=dim, inv_freq=torch.ones(dim // 2), use_rope=True,
+                                           use_qk_norm=True, eps=1e-5, temperature=(8192.0, 0.1),
+                                           scale=dim ** -0.5, chunk_size=8192)
     _moe_kernels(x1)
     from collectives import fused_norm
     fused_norm.available = lambda x: True

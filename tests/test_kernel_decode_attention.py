@@ -224,3 +224,60 @@ def test_gpu_cuda_graph_replay_follows_start():
         kernel_in["positions"].copy_(kernel_in["start"][:, None] + torch.arange(4, device="cuda"))
         graph.replay()
         torch.testing.assert_close(out, decode_attention(**kernel_in), atol=0, rtol=0)
+
+
+ROPE_CASES = [  # (B, T, Hq, Hkv, D, starts, S_max, chunk, n_splits, block_s, tree, rope, qk_norm, temperature, dtype, cache)
+    (1, 1, 4, 2, 16, [20], 40, None, None, None, False, True, False, None, torch.float32, torch.float32),
+    (2, 4, 8, 2, 32, [14, 29], 96, 16, 8, 16, True, True, True, None, torch.float32, torch.float32),  # crossing splits
+    (2, 3, 4, 1, 16, [5, 40], 64, None, 3, 16, False, False, False, (8.0, 0.1), torch.float32, torch.float32),  # NoPE
+    (1, 4, 4, 2, 16, [30], 64, 16, 4, 16, False, True, True, None, torch.float32, FP8),
+    (2, 2, 4, 2, 16, [9, 31], 48, None, 2, 16, True, True, False, (4.0, 0.2), torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("index", range(len(ROPE_CASES)))
+def test_rope_fused_into_attention(index, poisoned_empty, monkeypatch):
+    """rope_decode_attention (one launch: each split program makes its q rows and writes the new keys
+    and values of its own slots) equals qkv_rope_cache + decode_attention: every cache byte, and the
+    output (bit for bit in the interpreter; compiled, to the float32 rounding of the softmax steps),
+    new tokens crossing split boundaries included."""
+    from model.kernels import qkv_rope
+    from model.kernels.decode_attention import rope_decode_attention
+    qkv_rope_cache = qkv_rope.qkv_rope_cache
+    (batch, n_new, n_heads, n_kv, head_dim, starts, s_max, chunk, n_splits, block_s, tree, use_rope, qk_norm,
+     temperature, dtype, cache_dtype) = ROPE_CASES[index]
+    gen = torch.Generator().manual_seed(300 + index)
+    start = torch.tensor(starts)
+    positions = start[:, None] + torch.arange(n_new)
+    step_mask = None
+    if tree:
+        depths, masks = zip(*(_tree(n_new, gen) for _ in range(batch)))
+        positions, step_mask = start[:, None] + torch.stack(depths), torch.stack(masks)
+    qkv = torch.randn(batch, n_new, (n_heads + 2 * n_kv) * head_dim, generator=gen).to(dtype)
+    cache = torch.randn(2, batch, n_kv, s_max, head_dim, generator=gen)
+    scales = {}
+    if cache_dtype == FP8:
+        cache = (cache / FP8_SCALE).clamp(-448, 448)
+        scales = dict(k_scale=torch.tensor(FP8_SCALE).to(DEVICE), v_scale=torch.tensor(FP8_SCALE).to(DEVICE))
+    cache = cache.to(cache_dtype).to(DEVICE)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    rope = dict(n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, inv_freq=inv_freq.to(DEVICE), use_rope=use_rope,
+                use_qk_norm=qk_norm, eps=1e-5, temperature=temperature)
+    args = [t.to(DEVICE) for t in (qkv, positions, start)]
+    mask = None if step_mask is None else step_mask.to(DEVICE)
+    attn = dict(scale=head_dim ** -0.5, chunk_size=chunk, step_mask=mask, n_splits=n_splits, block_s=block_s)
+    k_two, v_two = cache[0].clone(), cache[1].clone()
+    q = qkv_rope_cache(*args, k_two, v_two, **rope, **scales)
+    want = decode_attention(q, k_two, v_two, args[2], args[1], fused_merge=True, **attn, **scales)
+    k_one, v_one = cache[0].clone(), cache[1].clone()
+    monkeypatch.setattr(qkv_rope, "qkv_rope_cache", None)  # one launch: qkv_rope's kernel must not run
+    got = rope_decode_attention(*args, k_one, v_one, **rope, **attn, **scales)
+    assert got.dtype == dtype and not got.isnan().any()
+    if DEVICE == "cpu":  # the interpreter rounds every step alike
+        assert torch.equal(got, want)
+    else:  # compiled without FMA contraction (as qkv_rope): the softmax's float32 steps may round apart
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-6 if dtype == torch.float32 else 2 ** -7,
+                                   atol=1e-6)
+    for one, two in ((k_one, k_two), (v_one, v_two)):
+        assert torch.equal(one.view(torch.uint8) if one.dtype == FP8 else one,
+                           two.view(torch.uint8) if two.dtype == FP8 else two)

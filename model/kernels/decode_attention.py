@@ -52,6 +52,51 @@ FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decod
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
+    from model.kernels.qkv_rope import _store_kv, rope_qk_norm_temperature
+
+    @triton.jit
+    def _rope_q(qkv_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
+                T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, Q_DT: tl.constexpr,
+                USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr):
+        """The program's q rows (row = t * GROUP + g: head h * GROUP + g of token t) made from the fused
+        QKV projection as qkv_rope.py makes them: (BLOCK_R, D) in Q_DT, interleaved pairs."""
+        n_all: tl.constexpr = HKV * GROUP + 2 * HKV
+        half = tl.arange(0, D // 2)
+        src = qkv_ptr + ((b * T + t) * n_all + h * GROUP + rows % GROUP)[:, None] * D + 2 * half[None, :]
+        re = tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, D / 2)
+        im = tl.load(src + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.float32)[:, None]
+        every = rows[:, None] >= 0
+        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, half[None, :], every, ~every, eps, floor_scale,
+                                          attn_scale, Q_DT, D, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
+        return tl.reshape(tl.join(re, im), (re.shape[0], D)).to(Q_DT)  # (re, im) pairs back in place
+
+    @triton.jit
+    def _write_new_kv(qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
+                      sp_b, sp_t, eps, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr, Q_DT: tl.constexpr, FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr,
+                      USE_QK_NORM: tl.constexpr):
+        """Keys (RoPE, QK-norm) and values of the new tokens whose cache slots this split reads, written
+        there as qkv_rope.py writes them (a split's programs of other row blocks write the same bytes)."""
+        n_q: tl.constexpr = HKV * GROUP
+        tok = tl.arange(0, T_P2)[:, None]  # (T_P2, 1)
+        half = tl.arange(0, D // 2)[None, :]  # (1, D / 2)
+        slot = start + tok
+        mask = (tok < T) & (slot >= lo) & (slot < hi) & (half >= 0)  # (T_P2, D / 2), tensors only
+        row = (b * T + tok) * (n_q + 2 * HKV)
+        src = qkv_ptr + (row + n_q + h) * D + 2 * half
+        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + b * sp_b + tok * sp_t, mask=tok < T, other=0).to(tl.float32)
+        none = tok < 0
+        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, half, none, none, eps, 1.0, 0.0, Q_DT, D,
+                                          USE_ROPE, USE_QK_NORM, False)
+        dst = kv_base + slot * D + 2 * half
+        _store_kv(k_ptr + dst, ks_ptr, re, im, mask, FP8_CACHE)
+        src = qkv_ptr + (row + n_q + HKV + h) * D + 2 * half
+        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        _store_kv(v_ptr + dst, vs_ptr, re, im, mask, FP8_CACHE)
 
     @triton.jit
     def _load_kv(ptrs, ok, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
@@ -100,15 +145,20 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
-                      count_ptr, out_ptr, ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t, s_max, qk_scale,
-                      chunk, T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      count_ptr, out_ptr, inv_freq_ptr, ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t,
+                      s_max, qk_scale, chunk, eps, floor_scale, attn_scale,
+                      T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr,
                       HAS_MASK: tl.constexpr, CHUNKED: tl.constexpr, FP8_CACHE: tl.constexpr,
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
-                      LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, PDL: tl.constexpr):
+                      LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, ROPE_IN: tl.constexpr, T_P2: tl.constexpr,
+                      USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr,
+                      PDL: tl.constexpr):
         """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
         FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
-        count_ptr, reset after) merges all splits into out, and no merge kernel runs.
+        count_ptr, reset after) merges all splits into out, and no merge kernel runs. With ROPE_IN,
+        q_ptr is the fused QKV projection (B, T, (Hq + 2 Hkv) D): the program makes its q rows, and
+        the keys and values of the new tokens in its split, as qkv_rope.py does (no kernel of its own).
         With PDL: waits for the kernel that wrote q and the new keys before anything else."""
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
@@ -119,8 +169,12 @@ if triton is not None:
         row_ok = rows < T * GROUP
         t = rows // GROUP
         d = tl.arange(0, D)
-        q_offs = b * sq_b + t[:, None] * sq_t + (h * GROUP + rows % GROUP)[:, None] * sq_h + d[None, :] * sq_d
-        q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_R, D)
+        if ROPE_IN:
+            q = _rope_q(q_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
+                        T, GROUP, HKV, D, Q_DT, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
+        else:
+            q_offs = b * sq_b + t[:, None] * sq_t + (h * GROUP + rows % GROUP)[:, None] * sq_h + d[None, :] * sq_d
+            q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_R, D)
         if CLAMP_Q:  # bf16 q into an fp16 dot (FP8 cache): saturate instead of overflowing to inf
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
         q = q.to(DOT_DT)
@@ -137,6 +191,10 @@ if triton is not None:
         m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
         kv_base = bh * s_max * D
+        if ROPE_IN:  # the new keys this split reads: written, then read back by the loop below
+            _write_new_kv(q_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
+                          sp_b, sp_t, eps, T, T_P2, GROUP, HKV, D, Q_DT, FP8_CACHE, USE_ROPE, USE_QK_NORM)
+            tl.debug_barrier()  # this program's writes before its loads
         if FP8_CACHE:  # scores = q . (k_scale * k_fp8)
             qk_scale = qk_scale * tl.load(ks_ptr)
         if LOOP_WHILE:  # the interpreter cannot take tensor bounds in range()
@@ -331,9 +389,53 @@ def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chu
     if triton is None:
         raise RuntimeError("decode_attention needs Triton")
     _check_inputs(q, k_cache, v_cache, start, positions, chunk_size, step_mask, k_scale, v_scale)
+    plan = _plan(q, k_cache, n_splits, block_s)
+    return _attend(q, q, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale, plan,
+                   _fuse_merge(q, k_cache, plan[3]) if fused_merge is None else fused_merge, None)
+
+
+def _fuse_merge(q: torch.Tensor, k_cache: torch.Tensor, n_splits: int) -> bool:
+    """Default of fused_merge: the partials one program would merge are at most FUSED_MERGE_BYTES."""
+    rows = q.shape[1] * (q.shape[2] // k_cache.shape[1])
+    return n_splits * rows * q.shape[3] * 4 <= FUSED_MERGE_BYTES
+
+
+def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: int, n_kv_heads: int, head_dim: int,
+                          inv_freq, use_rope: bool, use_qk_norm: bool, eps: float,
+                          temperature: tuple[float, float] | None, scale: float, chunk_size: int | None = None,
+                          step_mask: torch.Tensor | None = None, k_scale=None, v_scale=None,
+                          n_splits: int | None = None, block_s: int | None = None) -> torch.Tensor:
+    """qkv_rope.qkv_rope_cache then decode_attention, in ONE launch where the merge fuses (a decode
+    step's few rows): each split program makes its q rows from qkv, and writes (then reads) the new
+    keys and values of its own slots. Same arguments as those two; the same cache bytes and q
+    (the same math, compiled as there: no FMA contraction; so the attention's own float32 steps may
+    round apart from decode_attention's by an ulp on a GPU). Otherwise the two (or three) launches."""
+    from model.kernels import qkv_rope
+    qkv_rope._check(qkv, positions, start, k_cache, v_cache, n_heads, n_kv_heads, head_dim, inv_freq, k_scale, v_scale)
+    q_view = qkv[..., :n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # (B, T, Hq, D) view for the checks
+    _check_inputs(q_view, k_cache, v_cache, start, positions, chunk_size, step_mask, k_scale, v_scale)
+    plan = _plan(q_view, k_cache, n_splits, block_s)
+    if not _fuse_merge(q_view, k_cache, plan[3]):
+        q = qkv_rope.qkv_rope_cache(qkv, positions, start, k_cache, v_cache, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                    head_dim=head_dim, inv_freq=inv_freq, use_rope=use_rope, use_qk_norm=use_qk_norm,
+                                    eps=eps, temperature=temperature, k_scale=k_scale, v_scale=v_scale)
+        return _attend(q, q, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale, plan,
+                       False, None)
+    floor_scale, attn_scale = temperature if temperature is not None else (1.0, 0.0)
+    rope = dict(inv_freq_ptr=inv_freq, eps=float(eps), floor_scale=float(floor_scale), attn_scale=float(attn_scale),
+                ROPE_IN=True, T_P2=triton.next_power_of_2(qkv.shape[1]), USE_ROPE=bool(use_rope),
+                USE_QK_NORM=bool(use_qk_norm), USE_TEMPERATURE=temperature is not None)
+    return _attend(qkv, q_view, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale,
+                   plan, True, rope)
+
+
+def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale, plan,
+            fused_merge: bool, rope: dict | None) -> torch.Tensor:
+    """Launches the split kernel (and the merge kernel unless fused_merge). q_src: q, or with `rope`
+    (the kernel's RoPE arguments) the fused QKV projection; q: a (B, T, Hq, D) tensor or view of it."""
     batch, n_new, n_heads, head_dim = q.shape
     n_kv_heads, s_max = k_cache.shape[1], k_cache.shape[2]
-    block_s, block_r, row_blocks, n_splits = _plan(q, k_cache, n_splits, block_s)
+    block_s, block_r, row_blocks, n_splits = plan
     rows_pad = row_blocks * block_r
     acc = torch.empty((batch * n_kv_heads, n_splits, rows_pad, head_dim), dtype=torch.float32, device=q.device)
     m = torch.empty((batch * n_kv_heads, n_splits, rows_pad), dtype=torch.float32, device=q.device)
@@ -342,22 +444,23 @@ def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chu
     fp8_cache = k_cache.dtype == FP8
     mask = step_mask.view(torch.uint8) if step_mask is not None else positions[:, :, None]  # a placeholder
     scales = (k_scale, v_scale) if fp8_cache else (positions, positions)  # placeholders are never read
-    rows = n_new * (n_heads // n_kv_heads)
-    if fused_merge is None:
-        fused_merge = n_splits * rows * head_dim * 4 <= FUSED_MERGE_BYTES
     count = _counters(q.device, batch * n_kv_heads * row_blocks) if fused_merge else m  # placeholder: never read
+    rope = rope or dict(inv_freq_ptr=positions, eps=0.0, floor_scale=1.0, attn_scale=0.0, ROPE_IN=False, T_P2=1,
+                        USE_ROPE=False, USE_QK_NORM=False, USE_TEMPERATURE=False)
     fp32_dot = INTERPRETED or q.dtype == torch.float32
     q_dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     dot_dt = tl.float32 if fp32_dot else (tl.float16 if fp8_cache else q_dt)  # e4m3 -> fp16 is one cvt
     _split_kernel[(batch * n_kv_heads, n_splits, row_blocks)](
-        q, k_cache, v_cache, start, positions, mask, *scales, acc, m, l, count, out,
+        q_src, k_cache, v_cache, start, positions, mask, *scales, acc, m, l, count, out, rope.pop("inv_freq_ptr"),
         start.stride(0), *q.stride(), *mask.stride(), *positions.stride(),
-        s_max, scale * math.log2(math.e), chunk_size or 1,
+        s_max, scale * math.log2(math.e), chunk_size or 1, rope.pop("eps"), rope.pop("floor_scale"),
+        rope.pop("attn_scale"),
         T=n_new, GROUP=n_heads // n_kv_heads, HKV=n_kv_heads, D=head_dim, BLOCK_R=block_r, BLOCK_S=block_s,
         N_SPLITS=n_splits, HAS_MASK=step_mask is not None, CHUNKED=chunk_size is not None, FP8_CACHE=fp8_cache,
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
         CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED, FUSED_MERGE=fused_merge,
-        num_warps=8 if block_r * head_dim >= 8192 else 4, **pdl_kwargs(q))
+        num_warps=8 if block_r * head_dim >= 8192 else 4, **rope, **pdl_kwargs(q),
+        enable_fp_fusion=not rope["ROPE_IN"])  # RoPE in: compiled as qkv_rope.py is, libdevice's cos / sin too
     if fused_merge:
         return out
     splits_p2 = triton.next_power_of_2(n_splits)

@@ -54,6 +54,10 @@ if triton is not None:
     # nearest-even by hand there, so a later store of the rounded value is exact.
     if INTERPRETED:
         @triton.jit
+        def _mul(a, b):
+            return a * b  # numpy rounds every product on its own
+
+        @triton.jit
         def _cos_sin(x):
             return tl.cos(x), tl.sin(x)
 
@@ -71,6 +75,14 @@ if triton is not None:
             else:
                 return x.to(DTYPE).to(tl.float32)
     else:  # libdevice's cosf / sinf / log1pf: the functions torch's CUDA kernels call
+        @triton.jit
+        def _mul(a, b):
+            """a * b rounded on its own (PTX mul.rn is never contracted into an FMA), so that the RoPE
+            math keeps torch's roundings inside kernels compiled with FMA contraction on."""
+            a, b = tl.broadcast(a, b)
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
         @triton.jit
         def _cos_sin(x):
             return libdevice.cos(x), libdevice.sin(x)
@@ -106,6 +118,28 @@ if triton is not None:
         tl.store(dst + 1, im.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, pair, is_q, is_v, eps, floor_scale, attn_scale,
+                                 IO: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr,
+                                 USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr):
+        """Heads as (rows, pairs) tiles of real / imaginary parts (float32), pos (float32) per row or
+        one for all: RoPE and QK-norm on q and k heads (not v: is_v), the temperature on q heads
+        (is_q), each stage rounded to IO where torch rounds (every product on its own: `_mul`)."""
+        if USE_ROPE:  # q and k: (re + i im) * (cos + i sin)
+            inv_freq = tl.load(inv_freq_ptr + pair, mask=pair < HEAD_DIM // 2, other=0.0)  # (1, HALF)
+            cos, sin = _cos_sin(pos * inv_freq)
+            re, im = (tl.where(is_v, re, _round(_mul(re, cos) - _mul(im, sin), IO)),
+                      tl.where(is_v, im, _round(_mul(re, sin) + _mul(im, cos), IO)))
+        if USE_QK_NORM:  # q and k: rms_norm(x, None, eps), float32 statistics, rounded to IO
+            sq = _mul(re, re) + _mul(im, im)
+            mean_sq = tl.math.div_rn(tl.sum(sq, axis=1), HEAD_DIM * 1.0)  # (rows,); masked lanes are 0
+            inv_rms = tl.math.rsqrt(mean_sq + eps)[:, None]
+            re, im = tl.where(is_v, re, _round(re * inv_rms, IO)), tl.where(is_v, im, _round(im * inv_rms, IO))
+        if USE_TEMPERATURE:  # q only: q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1
+            t = _mul(_log1p(tl.math.floor(tl.math.div_rn(pos + 1.0, floor_scale))), attn_scale) + 1.0
+            re, im = tl.where(is_q, _round(re * t, IO), re), tl.where(is_q, _round(im * t, IO), im)
+        return re, im
+
+    @triton.jit
     def _qkv_rope_cache_kernel(
             qkv_ptr, pos_ptr, start_ptr, inv_freq_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             n_new, max_len, eps, floor_scale, attn_scale,
@@ -130,18 +164,8 @@ if triton is not None:
         re = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # (HB, HALF)
         im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
         pos = tl.load(pos_ptr + token).to(tl.float32)
-        if USE_ROPE:  # q and k: (re + i im) * (cos + i sin), each product rounded on its own (no FMA)
-            inv_freq = tl.load(inv_freq_ptr + pair, mask=pair < HEAD_DIM // 2, other=0.0)  # (1, HALF)
-            cos, sin = _cos_sin(pos * inv_freq)
-            re, im = (tl.where(is_v, re, _round(re * cos - im * sin, io)),
-                      tl.where(is_v, im, _round(re * sin + im * cos, io)))
-        if USE_QK_NORM:  # q and k: rms_norm(x, None, eps), float32 statistics, rounded to io
-            mean_sq = tl.math.div_rn(tl.sum(re * re + im * im, axis=1), HEAD_DIM * 1.0)  # (HB,); masked lanes are 0
-            inv_rms = tl.math.rsqrt(mean_sq + eps)[:, None]
-            re, im = tl.where(is_v, re, _round(re * inv_rms, io)), tl.where(is_v, im, _round(im * inv_rms, io))
-        if USE_TEMPERATURE:  # q only: q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1
-            t = _log1p(tl.math.floor(tl.math.div_rn(pos + 1.0, floor_scale))) * attn_scale + 1.0
-            re, im = tl.where(is_q, _round(re * t, io), re), tl.where(is_q, _round(im * t, io), im)
+        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, pair, is_q, is_v, eps, floor_scale, attn_scale,
+                                          io, HEAD_DIM, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
         q_dst = q_ptr + (token * N_HEADS + head) * HEAD_DIM + 2 * pair  # (B, T, Hq, D)
         tl.store(q_dst, re.to(io), mask=mask & is_q)
         tl.store(q_dst + 1, im.to(io), mask=mask & is_q)
