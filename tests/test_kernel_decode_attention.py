@@ -281,3 +281,32 @@ def test_rope_fused_into_attention(index, poisoned_empty, monkeypatch):
     for one, two in ((k_one, k_two), (v_one, v_two)):
         assert torch.equal(one.view(torch.uint8) if one.dtype == FP8 else one,
                            two.view(torch.uint8) if two.dtype == FP8 else two)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+@pytest.mark.parametrize("n_new", [1, 4])
+def test_gpu_rope_fused_realistic(n_new, cache_dtype):
+    """medium's attention at context 512 (Hq 16, Hkv 8, D 128, bf16): the fused launch writes the
+    cache bytes qkv_rope writes and attends as decode_attention does."""
+    from model.kernels import qkv_rope
+    from model.kernels.decode_attention import rope_decode_attention
+    gen = torch.Generator().manual_seed(n_new)
+    start = torch.tensor([512], device="cuda")
+    positions = start[:, None] + torch.arange(n_new, device="cuda")
+    qkv = torch.randn(1, n_new, 32 * 128, generator=gen).to(torch.bfloat16).cuda()
+    cache = (torch.randn(2, 1, 8, 1024, 128, generator=gen) * (1 / FP8_SCALE if cache_dtype == FP8 else 1))
+    cache = cache.clamp(-448, 448).to(cache_dtype).cuda()
+    scales = dict(k_scale=torch.tensor(FP8_SCALE, device="cuda"), v_scale=torch.tensor(FP8_SCALE, device="cuda")) \
+        if cache_dtype == FP8 else {}
+    rope = dict(n_heads=16, n_kv_heads=8, head_dim=128, inv_freq=1.0 / (500000.0 ** (torch.arange(0, 128, 2).cuda()
+                / 128)), use_rope=True, use_qk_norm=False, eps=1e-5, temperature=None)
+    k_two, v_two = cache[0].clone(), cache[1].clone()
+    q = qkv_rope.qkv_rope_cache(qkv, positions, start, k_two, v_two, **rope, **scales)
+    want = decode_attention(q, k_two, v_two, start, positions, scale=128 ** -0.5, chunk_size=8192, **scales)
+    k_one, v_one = cache[0].clone(), cache[1].clone()
+    got = rope_decode_attention(qkv, positions, start, k_one, v_one, **rope, scale=128 ** -0.5, chunk_size=8192,
+                                **scales)
+    for one, two in ((k_one, k_two), (v_one, v_two)):
+        assert torch.equal(one.view(torch.uint8), two.view(torch.uint8))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
