@@ -123,6 +123,12 @@ def tree_layout(shape: tuple[int, int, int], batch: int, device: torch.device) -
         pool_depths=pool.repeat(batch, 1), chain=chain)
 
 
+def shape_tables(shape: tuple[int, int, int], batch: int, device: torch.device) -> tuple:
+    """Every per-shape table that growing a tree and verify_inputs read. A CUDA graph does not keep
+    alive what it read, so a graph that captured them holds this tuple."""
+    return tree_layout(shape, batch, device), _static(batch, shape[2], device)
+
+
 def draft_topk(local_logits: torch.Tensor, k: int, vocab_start: int, comm: Communicator):
     """local_logits: (M, Vd_r), this rank's slice of the draft vocabulary. Returns the global top-k
     log-probabilities and draft ids, (M, k) each, equal on all ranks: one small all-gather."""

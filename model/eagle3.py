@@ -276,13 +276,20 @@ class Eagle3Draft(nn.Module):
         self.t2d[target_ids] = True
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Draft ids -> target ids: one gather from draft + d2t[draft], a table made again whenever
-        d2t changes (its version counter moves with every in-place write, a load's included)."""
+        """Draft ids -> target ids: one gather from `target_id_table`."""
+        return self.target_id_table()[draft_ids]
+
+    def target_id_table(self) -> torch.Tensor:
+        """(Vd,) draft + d2t[draft], made again whenever d2t changes (its version counter moves
+        with every in-place write, a load's included). A CUDA graph that captured a lookup must
+        hold on to the table it read."""
+        if self.d2t.is_inference():  # made in inference mode: no version counter, so no cached table
+            return self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
         key = (id(self.d2t), self.d2t._version, self.d2t.device)
         if self.__dict__.get("_target_ids_key") != key:
             self.__dict__["_target_ids"] = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
             self.__dict__["_target_ids_key"] = key
-        return self.__dict__["_target_ids"][draft_ids]
+        return self.__dict__["_target_ids"]
 
     def embed_and_feature(self, tokens: torch.Tensor, target_features: torch.Tensor | None,
                           hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,11 @@ def _rows(batch: int, width: int, n: int, device: torch.device) -> _Rows:
                  nodes=torch.arange(1, n + 1, device=device).repeat(batch, 1))
 
 
+def verdict_tables(batch: int, width: int, n: int, device: torch.device) -> _Rows:
+    """The fixed rows greedy_verdict reads (a CUDA graph that captured them holds on to them)."""
+    return _rows(batch, width, n, device)
+
+
 def greedy_verdict(tree: Tree, argmax: torch.Tensor, width: int) -> Verdict:
     """argmax: (B, N+1) the target's choice at the root and every node. width: W > the deepest
     path (depth + 1, the draft's catch-up block)."""

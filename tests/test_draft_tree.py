@@ -185,3 +185,20 @@ def test_commit_moves_the_kept_rows_into_place(make):
             assert torch.equal(pending.features[b, :kept], features[b, rows])
             assert int(pending.last[b]) == kept - 1
     assert torch.equal(pending.root, verdict.extra)
+
+
+def test_target_ids_follow_every_change_of_d2t():
+    """to_target_ids reads a cached table: it must follow d2t's in-place changes (a load, a new
+    draft vocabulary), and work for a draft made in inference mode (no version counter)."""
+    cfg = dataclasses.replace(tiny(96), hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16)
+    ids = torch.tensor([[0, 5, 47], [3, 3, 1]])
+    draft = random_draft(cfg, seed=5, draft_vocab=48)
+    assert torch.equal(draft.to_target_ids(ids), ids + draft.d2t[ids])
+    draft.set_draft_vocab(torch.arange(48) * 2)
+    assert torch.equal(draft.to_target_ids(ids), ids * 2)
+    with torch.no_grad():
+        draft.d2t.copy_(torch.arange(48) + 1)  # what loading a checkpoint does
+    assert torch.equal(draft.to_target_ids(ids), 2 * ids + 1)
+    with torch.inference_mode():
+        frozen = random_draft(cfg, seed=7, draft_vocab=48)
+    assert torch.equal(frozen.to_target_ids(ids), ids + frozen.d2t[ids])

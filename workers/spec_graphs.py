@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from model.draft_tree import TreeGrower, tree_layout
+from model.draft_tree import TreeGrower, shape_tables
 from model.eagle3 import DraftOutput, Eagle3Draft
 from model.llama4 import Llama4
 from model.sampling import SamplingParams, distributed_argmax
-from model.spec_verdict import commit, greedy_verdict
+from model.spec_verdict import commit, greedy_verdict, verdict_tables
 from workers.cuda_graphs import GraphPool, cache_slots, capture
 
 MAX_SPEC_GRAPHS = 2  # buckets kept alive (each holds a target and a draft KV cache)
@@ -89,7 +89,9 @@ class SpecGraphs:
         self.device, self.world = self.cache.lengths.device, model.comm.world_size
         self.rows = torch.arange(batch, device=self.device)  # (B,)
         self._per_forward: dict | None = None
-        tree_layout(self.shape, batch, self.device)  # built outside any capture
+        # the fixed tables the step reads, made outside any capture and held while its graph lives
+        self.tables = (*shape_tables(self.shape, batch, self.device),
+                       verdict_tables(batch, self.width, self.n_tokens, self.device), draft.target_id_table())
         head = draft.lm_head_weight()
         self.step = StaticStep(self._step, {
             "active": torch.ones(batch, dtype=torch.long, device=self.device),
@@ -146,7 +148,8 @@ class SpecGraphs:
 
             verify_rows = self.n_tokens + 1
             steps = {"verify": step(self._verify, {
-                "tokens": long(batch, verify_rows), "positions": torch.arange(verify_rows, device=device).repeat(batch, 1),
+                "tokens": long(batch, verify_rows),
+                "positions": torch.arange(verify_rows, device=device).repeat(batch, 1),
                 "mask": causal(verify_rows), "n_new": long(batch) + verify_rows})}
             features = draft.cfg.n_aux * draft.cfg.target_hidden_size
             steps["catch_up"] = step(self._catch_up, {

@@ -281,7 +281,8 @@ class SpecDecoder:
         out = self.draft(tokens, state.draft_cache, target_features=features, n_new=n_new, logit_rows=last[:, None])
         return out.logits[:, 0], out.hidden[torch.arange(len(last), device=last.device), last]
 
-    def accept_sampled(self, local_logits: torch.Tensor, tree: Tree, requests, generators) -> list[tuple[list[int], int]]:
+    def accept_sampled(self, local_logits: torch.Tensor, tree: Tree, requests,
+                       generators) -> list[tuple[list[int], int]]:
         """Lossless rejection sampling for the sampling rows, on the host: (accepted rows, extra
         token) each. local_logits: (B, N+1, V_r); the full distribution is gathered at every node."""
         vocab = self.model.cfg.vocab_size
