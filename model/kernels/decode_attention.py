@@ -52,51 +52,7 @@ FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decod
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
-    from model.kernels.qkv_rope import _store_kv, rope_qk_norm_temperature
-
-    @triton.jit
-    def _rope_q(qkv_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
-                T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, Q_DT: tl.constexpr,
-                USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr):
-        """The program's q rows (row = t * GROUP + g: head h * GROUP + g of token t) made from the fused
-        QKV projection as qkv_rope.py makes them: (BLOCK_R, D) in Q_DT, interleaved pairs."""
-        n_all: tl.constexpr = HKV * GROUP + 2 * HKV
-        half = tl.arange(0, D // 2)
-        src = qkv_ptr + ((b * T + t) * n_all + h * GROUP + rows % GROUP)[:, None] * D + 2 * half[None, :]
-        re = tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, D / 2)
-        im = tl.load(src + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.float32)[:, None]
-        every = rows[:, None] >= 0
-        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, half[None, :], every, ~every, eps, floor_scale,
-                                          attn_scale, Q_DT, D, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
-        return tl.reshape(tl.join(re, im), (re.shape[0], D)).to(Q_DT)  # (re, im) pairs back in place
-
-    @triton.jit
-    def _write_new_kv(qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
-                      sp_b, sp_t, eps, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
-                      D: tl.constexpr, Q_DT: tl.constexpr, FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr,
-                      USE_QK_NORM: tl.constexpr):
-        """Keys (RoPE, QK-norm) and values of the new tokens whose cache slots this split reads, written
-        there as qkv_rope.py writes them (a split's programs of other row blocks write the same bytes)."""
-        n_q: tl.constexpr = HKV * GROUP
-        tok = tl.arange(0, T_P2)[:, None]  # (T_P2, 1)
-        half = tl.arange(0, D // 2)[None, :]  # (1, D / 2)
-        slot = start + tok
-        mask = (tok < T) & (slot >= lo) & (slot < hi) & (half >= 0)  # (T_P2, D / 2), tensors only
-        row = (b * T + tok) * (n_q + 2 * HKV)
-        src = qkv_ptr + (row + n_q + h) * D + 2 * half
-        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + b * sp_b + tok * sp_t, mask=tok < T, other=0).to(tl.float32)
-        none = tok < 0
-        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, half, none, none, eps, 1.0, 0.0, Q_DT, D,
-                                          USE_ROPE, USE_QK_NORM, False)
-        dst = kv_base + slot * D + 2 * half
-        _store_kv(k_ptr + dst, ks_ptr, re, im, mask, FP8_CACHE)
-        src = qkv_ptr + (row + n_q + HKV + h) * D + 2 * half
-        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-        _store_kv(v_ptr + dst, vs_ptr, re, im, mask, FP8_CACHE)
+    from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
     def _load_kv(ptrs, ok, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
@@ -170,7 +126,7 @@ if triton is not None:
         t = rows // GROUP
         d = tl.arange(0, D)
         if ROPE_IN:
-            q = _rope_q(q_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
+            q = rope_q_rows(q_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
                         T, GROUP, HKV, D, Q_DT, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
         else:
             q_offs = b * sq_b + t[:, None] * sq_t + (h * GROUP + rows % GROUP)[:, None] * sq_h + d[None, :] * sq_d
@@ -192,7 +148,7 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
         kv_base = bh * s_max * D
         if ROPE_IN:  # the new keys this split reads: written, then read back by the loop below
-            _write_new_kv(q_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
+            write_new_kv(q_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
                           sp_b, sp_t, eps, T, T_P2, GROUP, HKV, D, Q_DT, FP8_CACHE, USE_ROPE, USE_QK_NORM)
             tl.debug_barrier()  # this program's writes before its loads
         if FP8_CACHE:  # scores = q . (k_scale * k_fp8)
