@@ -141,8 +141,8 @@ if triton is not None:
 
     @triton.jit
     def rope_q_rows(qkv_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
-                T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, Q_DT: tl.constexpr,
-                USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr):
+                    T: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, Q_DT: tl.constexpr,
+                    USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr):
         """For decode_attention's split kernel: its q rows (row = t * GROUP + g: head h * GROUP + g of
         token t) made from the fused QKV projection as this kernel makes them: (rows, D) in Q_DT."""
         n_all: tl.constexpr = HKV * GROUP + 2 * HKV
@@ -158,9 +158,9 @@ if triton is not None:
 
     @triton.jit
     def write_new_kv(qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
-                      sp_b, sp_t, eps, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
-                      D: tl.constexpr, Q_DT: tl.constexpr, FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr,
-                      USE_QK_NORM: tl.constexpr):
+                     sp_b, sp_t, eps, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
+                     D: tl.constexpr, Q_DT: tl.constexpr, FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr,
+                     USE_QK_NORM: tl.constexpr):
         """For decode_attention's split kernel: keys (RoPE, QK-norm) and values of the new tokens whose
         cache slots [lo, hi) its split reads, written there as this kernel writes them (the split's
         programs of other row blocks write the same bytes)."""
@@ -183,7 +183,6 @@ if triton is not None:
         re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
         _store_kv(v_ptr + dst, vs_ptr, re, im, mask, FP8_CACHE)
-
 
     @triton.jit
     def _qkv_rope_cache_kernel(
