@@ -62,14 +62,18 @@ def bind_gpu() -> int:
 
 
 class RankActor:
-    """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray)."""
+    """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray).
+
+    The actor is threaded (a poll runs beside a generation), and CUDA's current device belongs to
+    a thread, so every method that touches the GPU first binds this rank's GPU in the thread it
+    runs on (`_on_own_gpu`); binding once in __init__ left later calls on GPU 0, where the
+    symmetric-memory rendezvous of TP2 found both ranks."""
 
     def __init__(self, rank: int, run_msg: bytes) -> None:
         import torch
         self.rank, self.run = rank, unpack_run(run_msg)
         torch.set_num_threads(self.run.threads_per_rank)
-        if self.run.device == "cuda":
-            bind_gpu()
+        self.gpu_index = bind_gpu() if self.run.device == "cuda" else None
         self.store, self.worker, self.comm = None, None, None
         self.load_done, self.load_total = 0, 0
         self.stream: list = []
@@ -79,8 +83,14 @@ class RankActor:
         self.store = open_store(host, self.run.world_size, self.run.collective_timeout_s)
         return self.store.port
 
+    def _on_own_gpu(self) -> None:
+        if self.gpu_index is not None:
+            import torch
+            torch.cuda.set_device(self.gpu_index)
+
     def connect(self, rendezvous: dict) -> int:
         """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
+        self._on_own_gpu()
         from collectives.factory import make_communicator
         from collectives.torch_dist import file_store, join_store
         from cluster.hardware import emulated_node, gpu_spec
@@ -99,6 +109,7 @@ class RankActor:
     def load(self) -> bytes:
         def progress(done: int, total: int) -> None:
             self.load_done, self.load_total = done, total
+        self._on_own_gpu()
         return pack(self.worker.load(progress))
 
     def load_progress(self) -> tuple[int, int]:
@@ -107,6 +118,7 @@ class RankActor:
     def generate(self, requests_msg: bytes) -> bytes:
         requests, spec = unpack_batch(requests_msg)
         self.stream = []
+        self._on_own_gpu()
 
         def on_tokens(step: int, new: list[list[int]]) -> None:
             if self.rank == 0:
@@ -120,6 +132,7 @@ class RankActor:
         return pack_result(completions, stats, extra)
 
     def set_tracing(self, on: bool) -> None:
+        self._on_own_gpu()
         self.worker.set_tracing(on)
 
     def clock(self) -> tuple[int, str]:
@@ -131,6 +144,7 @@ class RankActor:
 
     def close(self) -> None:
         if self.worker is not None:
+            self._on_own_gpu()
             self.worker.close()
         self.worker = self.store = None
 

@@ -121,3 +121,29 @@ def test_ctrl_c_tears_the_node_down(checkpoint):
     finally:
         proc.kill()
     assert wait_until_gone() == []
+
+
+def test_a_gpu_rank_binds_its_gpu_in_the_thread_each_call_runs_on(monkeypatch):
+    """CUDA's current device is per thread and the actor is threaded: a call served by another
+    thread than __init__'s must still run on the rank's own GPU (TP2 once put both ranks on GPU 0)."""
+    import threading
+
+    import torch
+
+    import cluster.ray_node as ray_node
+    from workers.messages import pack_run
+    from workers.run_config import RunConfig
+    current = threading.local()
+    monkeypatch.setattr(ray_node, "bind_gpu", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: setattr(current, "device", index))
+    actor = ray_node.RankActor(1, pack_run(RunConfig("m", device="cuda", comm="nccl", world_size=2)))
+
+    class StubWorker:
+        def set_tracing(self, on):
+            seen.append(getattr(current, "device", None))
+    seen = []
+    actor.worker = StubWorker()
+    thread = threading.Thread(target=actor.set_tracing, args=(True,))
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == [1]
