@@ -58,16 +58,13 @@ def _time_us(comm, fn, calls_per_fn: int, iters: int, reps: int) -> tuple[float,
 
 
 def _graphed(fn, calls: int):
-    """A replay function of a CUDA graph holding `calls` calls of fn (warmed up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    """A replay function of a CUDA graph holding `calls` calls of fn (warm-ups on a side stream)."""
+    from workers.cuda_graphs import capture
+
+    def calls_of_fn() -> None:
         for _ in range(calls):
             fn()
+    graph, _ = capture(calls_of_fn, lambda: None, torch.device("cuda", torch.cuda.current_device()), world_size=2)
     return graph.replay
 
 

@@ -39,14 +39,8 @@ def _time_us(fn, iters: int = 50, reps: int = 15) -> tuple[float, float]:
 
 
 def _graphed(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    from workers.cuda_graphs import capture
+    graph, _ = capture(fn, lambda: None, torch.device("cuda", torch.cuda.current_device()), world_size=2)
     return graph.replay
 
 

@@ -26,11 +26,11 @@ import torch
 
 pytest.importorskip("triton")
 from collectives import fused_norm  # noqa: E402
+from tests.numerics import assert_within_2_ulps, ulps  # noqa: E402
 from collectives.communicator import add_rmsnorm  # noqa: E402
 from collectives.fused_allreduce import (AR_ROW, FINISH, PUSH, SCATTER, FusedAllReduce, Layout,  # noqa: E402
                                          TWO_SHOT_MIN_BYTES, algorithm_for)
 
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="the simulated world runs under Triton's interpreter (no GPU)")
 
@@ -81,16 +81,6 @@ def inputs(world, rows, hidden, dtype, seed):
     return parts, residual, weight
 
 
-def assert_close_ulps(actual, expected):
-    if expected.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-        return
-    _, exponent = torch.frexp(expected.float())
-    ulp = torch.ldexp(torch.ones_like(expected, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[expected.dtype])
-    err = (actual.float() - expected.float()).abs()
-    assert bool((err <= 2 * ulp).all()), f"more than 2 ulps off: {err.max().item()}"
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -102,7 +92,7 @@ def check_norm(outs, parts, residual, weight, eps=1e-5, scale=None):
         assert same_bits(new_residual, want_residual)
         assert same_bits(normed, want_normed)
     if scale is None:  # and the torch ops of Communicator.allreduce_add_rmsnorm, within their tolerance
-        assert_close_ulps(outs[0][0], add_rmsnorm(reduced, residual, weight, eps)[0])
+        assert_within_2_ulps(outs[0][0], add_rmsnorm(reduced, residual, weight, eps)[0])
 
 
 @cpu_only
@@ -230,9 +220,7 @@ HIDDEN = 5120
 
 def max_ulps(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest |actual - expected| in ulps of expected (bf16)."""
-    _, exponent = torch.frexp(expected.float())
-    ulp = torch.ldexp(torch.ones_like(expected, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[expected.dtype])
-    return float(((actual.float() - expected.float()).abs() / ulp).max())
+    return float(ulps(actual, expected).max())
 
 
 def _check_call(comm, partial, residual, weight, normed, new_residual, scale, tally):

@@ -21,12 +21,12 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from collectives import fused_norm  # noqa: E402
+from tests.numerics import assert_within_2_ulps  # noqa: E402
 from collectives.communicator import Communicator, SingleRankCommunicator, quantize_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 SHAPES = [(1, 256), (3, 5, 96), (16, 2048), (2, 1000), (4, 1)]
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
@@ -43,13 +43,7 @@ def _inputs(shape, dtype, weight_dtype, seed):
 def _assert_normed(actual, expected):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert not actual.isnan().any(), "an element was not written"
-    if expected.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-        return
-    _, exponent = torch.frexp(expected.float())
-    ulp = torch.ldexp(torch.ones_like(expected, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[expected.dtype])
-    err = (actual.float() - expected.float()).abs()
-    assert bool((err <= 2 * ulp).all()), f"more than 2 ulps off: {err.max().item()}"
+    assert_within_2_ulps(actual, expected)
 
 
 @pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),

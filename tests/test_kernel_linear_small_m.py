@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.numerics import poison_gemv_outputs, randn_on
+
 pytest.importorskip("triton")
 
 from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear  # noqa: E402
@@ -28,14 +30,11 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="in-kernel float32 -> e4m3 roundi
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Outputs start as NaN, so an element the kernel does not write fails the comparison."""
-    def alloc(m, n, dtype, device):
-        return torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(lsm, "_alloc_out", alloc)
+    poison_gemv_outputs(monkeypatch)
 
 
 def _randn(gen, *shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+    return randn_on(DEVICE, gen, *shape, dtype=dtype)
 
 
 def _weight(gen, lead, n, k, dtype, layout):

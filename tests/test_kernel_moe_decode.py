@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.numerics import poison_gemv_outputs, randn_on
+
 pytest.importorskip("triton")
 
-from model.kernels import linear_small_m as lsm  # noqa: E402
 from model.kernels import moe_decode as md  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -27,13 +28,11 @@ FP8 = torch.float8_e4m3fn
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    def alloc(m, n, dtype, device):
-        return torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(lsm, "_alloc_out", alloc)
+    poison_gemv_outputs(monkeypatch)
 
 
 def _randn(gen, *shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+    return randn_on(DEVICE, gen, *shape, dtype=dtype)
 
 
 def _route_module(weight: torch.Tensor):

@@ -25,6 +25,7 @@ from cluster.procs import run_world  # noqa: E402
 from collectives.communicator import SingleRankCommunicator  # noqa: E402
 from collectives.fused_allreduce import FINISH, PUSH  # noqa: E402
 from collectives.moe_all_to_all import MoeAllToAll, MoeLayout  # noqa: E402
+from workers.cuda_graphs import capture  # noqa: E402
 
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="the simulated world runs under Triton's interpreter (no GPU)")
@@ -281,14 +282,7 @@ def _gpu_kernels_equal_nccl(comm, calls: int, graph_replays: int):
     def step():
         recv_x, recv_ids = moe.dispatch(x, dest, ids)
         return recv_x, recv_ids, moe.combine(recv_x * 3 + rank, recv_ids, dest)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outs = step()
+    graph, outs = capture(step, lambda: None, x.device, world_size=2)  # warm-ups on a side stream, then one capture
     for replay in range(graph_replays):
         fresh = inputs(10_000 + replay, 16, 5120, torch.bfloat16)
         for static, new in zip((x, dest, ids), fresh):

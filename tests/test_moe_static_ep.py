@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cluster.procs import run_world
+from workers.cuda_graphs import capture
 from collectives.communicator import Communicator, SingleRankCommunicator
 from model.config import tiny
 from model.embedded import random_state_dict, write_checkpoint
@@ -220,14 +221,7 @@ def _gpu_moe_layer(comm, replays: int):
     def step():
         ids, scores = moe.route(flat)
         return moe.routed_static(flat, ids, scores, run_experts=gathered)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = step()
+    graph, out = capture(step, lambda: None, flat.device, world_size=2)  # warm-ups on a side stream, then one capture
     for replay in range(replays):
         flat.copy_(tokens(1000 + replay))
         graph.replay()
