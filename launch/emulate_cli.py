@@ -29,6 +29,9 @@ def add_emulate_parser(sub) -> None:
     p.add_argument("--moe", default="tp", choices=["tp", "ep"])
     p.add_argument("--dtype", default="fp8", choices=["bf16", "fp8"])
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--comm", default="symm", choices=["symm", "nccl"],
+                   help="the node's collectives: symm, the fused one-shot AllReduce(+RMSNorm) of GPUs on one host "
+                        "(the runtime's default; fitted at TP2, TP4/TP8 extrapolated), or nccl + a norm launch")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--context", type=int, default=1024, help="cached tokens each sequence attends to")
     p.add_argument("--draft-len", type=int, default=0, help="EAGLE-3 chain length (0: plain decoding)")
@@ -80,10 +83,10 @@ def run_emulate(args) -> int:
     except ValueError as e:
         raise UserError(f"{args.model} does not split {tp} ways: {e}") from None
     p = project(cfg, node, tp, args.moe, args.dtype, args.batch, args.context, args.draft_len,
-                args.acceptance_length or 1.0, kv_element_bytes=1 if args.kv_dtype == "fp8" else 2)
+                args.acceptance_length or 1.0, kv_element_bytes=1 if args.kv_dtype == "fp8" else 2, comm=args.comm)
     mode = f"EAGLE-3 chain {args.draft_len}, acceptance {args.acceptance_length}" if args.draft_len else "plain decoding"
     print(f"{cfg.name or args.model} on {node.name}: TP{tp}, MoE {args.moe}, {args.dtype}, batch {args.batch}, "
-          f"context {args.context}, {mode}")
+          f"context {args.context}, {mode}, {args.comm} collectives")
     print(f"step {p.step_s * 1e6:.0f} us ({p.breakdown['ops']} kernels and collectives per rank)")
     for title, parts in (("by part", p.breakdown["by_part"]), ("by kind", p.breakdown["by_kind"])):
         print(f"  {title}: " + ", ".join(f"{k} {v * 1e6:.0f} us ({v / p.step_s:.0%})" for k, v in
@@ -91,7 +94,7 @@ def run_emulate(args) -> int:
     print(f"{p.tokens_per_s_per_user:.0f} tokens/s per user, {p.tokens_per_s_per_node:.0f} per node "
           f"({p.replicas} replica(s) x batch {p.batch})")
     if args.json:
-        print(json.dumps({"model": args.model, "node": node.name, "tp": tp, "moe": args.moe, "dtype": args.dtype,
+        print(json.dumps({"model": args.model, "node": node.name, "tp": tp, "moe": args.moe, "dtype": args.dtype, "comm": args.comm,
                           "batch": args.batch, "context": args.context, "draft_len": args.draft_len,
                           "acceptance_length": args.acceptance_length, "step_time_s": p.step_s,
                           "tokens_per_s_per_user": p.tokens_per_s_per_user,

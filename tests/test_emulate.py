@@ -55,10 +55,11 @@ def test_walk_reads_the_bytes_of_the_real_step(dtype):
 
 
 def test_projection_speeds_up_with_speculation_and_a_faster_node():
-    cfg = maverick(n_layers=4)
-    plain = project(cfg, node_spec("h200"), 8, "tp", "fp8", 1, 1024)
-    spec = project(cfg, node_spec("h200"), 8, "tp", "fp8", 1, 1024, draft_len=3, acceptance_length=2.9)
-    b200 = project(cfg, node_spec("b200"), 8, "tp", "fp8", 1, 1024)
+    cfg = maverick(n_layers=16)  # with 4 layers and fused collectives, 3 draft steps cost more than 1.9 tokens save
+    model = shape_only_model(cfg, 8, "tp", "fp8")
+    plain = project(cfg, node_spec("h200"), 8, "tp", "fp8", 1, 1024, model=model)
+    spec = project(cfg, node_spec("h200"), 8, "tp", "fp8", 1, 1024, draft_len=3, acceptance_length=2.9, model=model)
+    b200 = project(cfg, node_spec("b200"), 8, "tp", "fp8", 1, 1024, model=model)
     assert spec.step_s > plain.step_s and spec.tokens_per_s_per_user > plain.tokens_per_s_per_user
     assert b200.step_s < plain.step_s
     assert sum(plain.breakdown["by_kind"].values()) == pytest.approx(plain.step_s)
@@ -67,16 +68,48 @@ def test_projection_speeds_up_with_speculation_and_a_faster_node():
 
 
 def test_predictions_stay_near_the_h200_measurements():
-    """The committed validation cases (benchmarks/emulator_validation.py): medium and
-    maverick-slice within 15%; the embedded model's tiny GEMVs are over-predicted (their fixed
-    cost comes from a fit on >= 4 MB weights) and are held to 50%."""
+    """The committed validation cases (benchmarks/emulator_validation.py), per group. Old TP1
+    (5df43eb's kernels): medium and maverick-slice within 15%; the embedded model's tiny GEMVs are
+    over-predicted (their fixed cost comes from a fit on >= 4 MB weights) and are held to 50%.
+    TP2 (fused symm collectives) within 20%. New TP1 (afb18b2's 76-launch step) within 30%: the
+    cost model still plans the older kernel set (separate RoPE, split-KV merge, cuBLAS router +
+    top-k, separate shared / routed GEMVs), so the kernel term over-predicts medium's decode, while
+    maverick-slice's verify is under-predicted (-20%: its measured step got slower than the old one)."""
     sys.path.insert(0, str(node_spec.__globals__["NODES_DIR"].parent.parent))
     from benchmarks.emulator_validation import validate
     rows = validate()
-    assert len(rows) >= 8
+    assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2"} and len(rows) >= 16
+    bounds = {"old TP1": 0.15, "new TP1": 0.30, "TP2": 0.20}
     for r in rows:
-        bound = 0.5 if r["case"].startswith("embedded") else 0.15
+        bound = 0.5 if r["case"].startswith("embedded") else bounds[r["group"]]
         assert abs(r["error"]) <= bound, r
+
+
+def test_fused_collective_is_one_op_fitted_to_the_tp2_measurements():
+    """symm: allreduce_add_rmsnorm is ONE op whose TP2 time is within 5% of every measured
+    symm-one-shot graph row; nccl: the collective plus the add+RMSNorm launch; TP8 extrapolated
+    above TP2 (the (n - 1) term)."""
+    from workers.cost_model import Collective, CostModel
+    node = node_spec("h200")
+    rows = json.loads((node_spec.__globals__["NODES_DIR"].parent.parent / "benchmarks" / "results" /
+                       "h200x2-collectives.json").read_text())["results"]
+    call_of = {"ar_rmsnorm": "allreduce_add_rmsnorm", "all_reduce": "all_reduce"}
+    measured = [r for r in rows if r["impl"] == "symm-one-shot" and r["mode"] == "graph"]
+    assert len(measured) == 8
+    for r in measured:
+        message = r["tokens"] * r["hidden"] * 2
+        (op,) = CostModel(node, 2, "symm").collective(Collective(call_of[r["op"]], "x", "attention", message))
+        assert op.seconds * 1e6 == pytest.approx(r["median_us"], rel=0.05), r
+        tp8 = CostModel(node, 8, "symm").collective(Collective(call_of[r["op"]], "x", "attention", message))[0]
+        assert tp8.seconds > op.seconds
+    meta = shape_only_model(preset("medium"), 2, "tp", "bf16")
+    symm = estimate_step(meta, node, 1, 1, 512, comm="symm")
+    nccl = estimate_step(meta, node, 1, 1, 512, comm="nccl")
+    norms = lambda est: [op for op in est.ops if op.name.endswith("add+rmsnorm")]  # noqa: E731
+    assert not norms(symm) and len(norms(nccl)) == 2 * len(meta.layers)
+    assert symm.seconds < nccl.seconds
+    with pytest.raises(ValueError, match="comm must be one of"):
+        CostModel(node, 2, "mpi")
 
 
 def test_emulate_command_json_and_errors():

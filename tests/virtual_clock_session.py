@@ -36,7 +36,7 @@ def _walk_ops(ckpt: str, clock: VirtualClock, steps: int, dtype: str) -> dict[in
         experts = [read for s, _, read in sorted(clock.routing) if s == step]
         tokens = prompt if step == 0 else 1
         walked[step] = estimate_step(meta, clock.node, batch, tokens, prompt + step, experts, kv_element_bytes=kv_bytes,
-                                     last_only=step == 0).ops
+                                     last_only=step == 0, comm=clock.cost.comm).ops
     return walked
 
 

@@ -15,9 +15,15 @@ checks.
     attention   max(fixed_s + KV bytes / (attention fraction x copy bandwidth), QK and PV flops / peak),
                 then the split-KV merge
     others      their measured per-launch time inside a CUDA graph
-    all-reduce  min(one-shot: latency + (n - 1) x message / one-way NVLink bandwidth,
-                    two-shot: 2 x latency + 2 (n - 1) / n x message / bandwidth)
-    all-gather  latency + (n - 1) x one rank's message / bandwidth
+    all-reduce  comm "symm" (GPU ranks on one host, the default): the fused one-shot kernel of
+                collectives/symm_mem.py, latency + (n - 1) x message / its fitted bandwidth, and
+                allreduce_add_rmsnorm is that ONE kernel (no separate norm launch); both fitted
+                at TP2 (node file symm_*), TP4 / TP8 EXTRAPOLATED by the (n - 1) term, not measured;
+                comm "nccl": min(one-shot: latency + (n - 1) x message / one-way NVLink bandwidth,
+                    two-shot: 2 x latency + 2 (n - 1) / n x message / bandwidth), plus the
+                add+RMSNorm kernel after it
+    all-gather  latency + (n - 1) x one rank's message / bandwidth (symm: the fused all-reduce of
+                n zero-padded slots, as collectives/symm_mem.py gathers the LM head's pairs)
     all-to-all  latency + (n - 1) / n x this rank's rows / bandwidth (MoE dispatch and combine)
 
 with the constants of the node file (cluster/nodes/*.json), each naming its source. The compute
@@ -57,7 +63,15 @@ class Collective:
     message_bytes: int
 
 
-PlanItem = Union[Op, Collective, Callable[[], list]]  # a callable: ops known only once the call has run
+PlanItem = Union[Op, Collective, Callable[[], list]]
+COMMS = ("symm", "nccl")  # how the emulated node all-reduces: the fused one-shot kernel, or NCCL + a norm launch
+
+
+def emulated_comm(run_comm: str) -> str:
+    """The emulated node's collectives for a real run's backend: NCCL when the run chose a
+    torch.distributed library (nccl, gloo), else the fused one-host kernel (symm, and shm: CPU
+    actors on one host stand for GPUs on one host, whose default is symm, launch/cli.py)."""
+    return "nccl" if run_comm in ("nccl", "gloo") else "symm"  # a callable: ops known only once the call has run
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -68,8 +82,10 @@ def module_bytes(module: torch.nn.Module) -> int:
 class CostModel:
     """The seconds of each op on `node` for one rank of a `world`-rank tensor-parallel group."""
 
-    def __init__(self, node, world: int) -> None:
-        self.node, self.world = node, world
+    def __init__(self, node, world: int, comm: str = "symm") -> None:
+        if comm not in COMMS:
+            raise ValueError(f"comm must be one of {COMMS}, got {comm!r}")
+        self.node, self.world, self.comm = node, world, comm
         self._memo: dict = {}  # (op name, module, rows) -> Op: a real run builds the same plans every step
 
     def bytes_of(self, module: torch.nn.Module) -> int:
@@ -142,8 +158,17 @@ class CostModel:
             ops = self._memo[c] = self._collective(c)
         return ops
 
+    @property
+    def fused_norm(self) -> bool:
+        """Whether allreduce_add_rmsnorm is one kernel (symm at several ranks) or a collective and a norm."""
+        return self.comm == "symm" and self.world > 1
+
     def _collective(self, c: Collective) -> list[Op]:
         n = self.world
+        if self.comm == "symm" and c.call in ("all_reduce", "allreduce_add_rmsnorm", "all_gather"):
+            fit = self.node.symm["allreduce_add_rmsnorm" if c.call == "allreduce_add_rmsnorm" else "all_reduce"]
+            m = c.message_bytes * (n if c.call == "all_gather" else 1)  # a gather: n slots, summed
+            return [Op(c.name, "collective", c.part, fit.latency_s + (n - 1) * m / fit.bytes_per_s, (n - 1) * m)]
         m, latency, bw = c.message_bytes, self.node.allreduce_latency_s, self.node.nvlink_bytes_per_s_one_way
         if c.call in ("all_reduce", "allreduce_add_rmsnorm"):
             one_shot = latency + (n - 1) * m / bw
@@ -164,6 +189,8 @@ class CostModel:
         """The all-reduce algorithm the model picks for a message (what modeled traces record)."""
         if call not in ("all_reduce", "allreduce_add_rmsnorm") or self.world == 1:
             return "modeled"
+        if self.comm == "symm":
+            return "modeled fused one-shot"
         n, latency, bw = self.world, self.node.allreduce_latency_s, self.node.nvlink_bytes_per_s_one_way
         one_shot = latency + (n - 1) * message_bytes / bw
         return "modeled one-shot" if one_shot <= 2 * latency + 2 * (n - 1) / n * message_bytes / bw \
@@ -189,9 +216,11 @@ def embed_plan(cost: CostModel, model, batch: int, tokens: int) -> list[PlanItem
             cost.kernel("first rmsnorm", "embed", "elementwise", 8)]
 
 
-def _norm_collective(cost: CostModel, name: str, part: str, message: int) -> list[PlanItem]:
-    return [Collective("allreduce_add_rmsnorm", name, part, message),
-            cost.kernel(name + " add+rmsnorm", part, "add_rmsnorm")]
+def norm_collective(cost: CostModel, name: str, part: str, message: int) -> list[PlanItem]:
+    """The AllReduce + residual add + RMSNorm: one fused kernel (symm, several ranks), else the
+    collective (none at one rank) and the add+RMSNorm launch."""
+    plan: list[PlanItem] = [Collective("allreduce_add_rmsnorm", name, part, message)]
+    return plan if cost.fused_norm else plan + [cost.kernel(name + " add+rmsnorm", part, "add_rmsnorm")]
 
 
 def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, keys: int, kv_element_bytes: int,
@@ -207,13 +236,13 @@ def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, 
         *cost.attention("attention", "attention", tokens, keys, attn.n_heads_per_rank, attn.n_kv_heads_per_rank,
                         attn.head_dim, kv_element_bytes),
         cost.linear("o_proj", "attention", attn.o_proj, rows),
-        *_norm_collective(cost, "attention all-reduce", "attention", message)]
+        *norm_collective(cost, "attention all-reduce", "attention", message)]
     if layer.is_moe:
         plan += moe_plan(cost, ffn, rows, act_bytes, experts_read)
-        return plan + _norm_collective(cost, "moe all-reduce", "moe", message)
+        return plan + norm_collective(cost, "moe all-reduce", "moe", message)
     plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows),
              cost.linear("fc2", "dense", ffn.down_proj, rows)]
-    return plan + _norm_collective(cost, "mlp all-reduce", "dense", message)
+    return plan + norm_collective(cost, "mlp all-reduce", "dense", message)
 
 
 def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,

@@ -29,7 +29,7 @@ from model.fp8_modules import all_fp8, to_fp8
 from model.llama4 import Llama4
 from model.parallel import layout
 from workers.cost_model import (Collective, CostModel, Op, activation_bytes, embed_plan, flatten, head_plan,
-                                layer_plan, module_bytes)
+                                layer_plan, module_bytes, norm_collective)
 from workers.model_build import default_dtype
 from workers.node_spec import NodeSpec
 
@@ -85,12 +85,13 @@ def experts_read(block, distinct: int, world: int) -> int:
 
 def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, context: int,
                   distinct_experts: int | Sequence[int] | None = None, kv_element_bytes: int = 2,
-                  last_only: bool = False) -> StepEstimate:
+                  last_only: bool = False, comm: str = "symm") -> StepEstimate:
     """One step of `tokens` new tokens for `batch` rows, each attending to `context` keys (its
     cache and its new tokens), on rank 0. distinct_experts: experts the step's tokens route to, one
     number for every MoE layer or one per MoE layer (default: every routed token its own expert).
-    last_only: the LM head reads only each row's last token (a prefill)."""
-    cost = CostModel(node, model.shard.parallel.world_size)
+    last_only: the LM head reads only each row's last token (a prefill). comm: the node's
+    collectives, "symm" (fused one-shot, one host) or "nccl" (workers/cost_model.py)."""
+    cost = CostModel(node, model.shard.parallel.world_size, comm)
     rows, act = batch * tokens, activation_bytes(model)
     moe_layers = [layer for layer in model.layers if layer.is_moe]
     if distinct_experts is None or isinstance(distinct_experts, int):
@@ -112,12 +113,12 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
 
 
 def estimate_draft_step(cfg: ModelConfig, node: NodeSpec, tp: int, batch: int, context: int,
-                        draft_vocab: int | None = None) -> StepEstimate:
+                        draft_vocab: int | None = None, comm: str = "symm") -> StepEstimate:
     """One EAGLE-3 draft step of one token per row, bf16, tensor-parallel like the target: fc
     (3H -> H), one decoder layer whose Q/K/V read [embedding | feature] (2H), its MLP (the target's
     dense width), the LM head over the draft vocabulary (default: the full one, as the record's
     Maverick draft), with the target's head shapes. Costed as the target's ops are."""
-    cost = CostModel(node, tp)
+    cost = CostModel(node, tp, comm)
     h, d = cfg.hidden_size, cfg.head_dim
     heads, kv_heads = cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp)
     vocab, mlp = (draft_vocab or cfg.vocab_size) // tp, cfg.intermediate_size_mlp // tp
@@ -128,11 +129,9 @@ def estimate_draft_step(cfg: ModelConfig, node: NodeSpec, tp: int, batch: int, c
             cost.kernel("draft rope + kv write", "draft", "qkv_rope"),
             *cost.attention("draft attention", "draft", 1, batch * context, heads, kv_heads, d, 2),
             gemv("draft o_proj", heads * d * h * 2),
-            Collective("allreduce_add_rmsnorm", "draft attention all-reduce", "draft", batch * h * 2),
-            cost.kernel("draft attention all-reduce add+rmsnorm", "draft", "add_rmsnorm"),
+            *norm_collective(cost, "draft attention all-reduce", "draft", batch * h * 2),
             gemv("draft fc13 + swiglu", 2 * h * mlp * 2), gemv("draft fc2", h * mlp * 2),
-            Collective("allreduce_add_rmsnorm", "draft mlp all-reduce", "draft", batch * h * 2),
-            cost.kernel("draft mlp all-reduce add+rmsnorm", "draft", "add_rmsnorm"),
+            *norm_collective(cost, "draft mlp all-reduce", "draft", batch * h * 2),
             gemv("draft lm head", vocab * h * 2),
             cost.kernel("draft argmax", "draft", "elementwise", 12)]
     if tp > 1:
@@ -168,16 +167,17 @@ def memory_per_rank(model: Llama4, batch: int, context: int, kv_element_bytes: i
 
 def project(cfg: ModelConfig, node: NodeSpec, tp: int, moe: str, dtype: str, batch: int, context: int,
             draft_len: int = 0, acceptance_length: float = 1.0, kv_element_bytes: int = 2,
-            model: Llama4 | None = None) -> Projection:
+            model: Llama4 | None = None, comm: str = "symm") -> Projection:
     """Plain decoding (draft_len 0) or EAGLE-3 chain decoding: per step one verification of
     draft_len + 1 tokens per row and draft_len draft steps, yielding acceptance_length tokens.
-    model: the shape-only model of (cfg, tp, moe, dtype) when the caller already built it."""
+    model: the shape-only model of (cfg, tp, moe, dtype) when the caller already built it.
+    comm: "symm" (the fused one-shot collectives of GPUs on one host, the default) or "nccl"."""
     model = model or shape_only_model(cfg, tp, moe, dtype)
     tokens = draft_len + 1
-    est = estimate_step(model, node, batch, tokens, context, kv_element_bytes=kv_element_bytes)
+    est = estimate_step(model, node, batch, tokens, context, kv_element_bytes=kv_element_bytes, comm=comm)
     ops = list(est.ops)
     if draft_len:
-        draft = estimate_draft_step(cfg, node, tp, batch, context)
+        draft = estimate_draft_step(cfg, node, tp, batch, context, comm=comm)
         ops += draft.ops * draft_len
     total = StepEstimate(ops)
     breakdown = {"by_part": total.by("part"), "by_kind": total.by("kind"), "ops": len(ops),

@@ -34,6 +34,14 @@ class GemvFit:
 
 
 @dataclass(frozen=True)
+class LinkFit:
+    """A collective kernel's time at two ranks: latency_s + message bytes / bytes_per_s."""
+
+    latency_s: float
+    bytes_per_s: float
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     gpus_per_node: int
@@ -43,8 +51,9 @@ class NodeSpec:
     kernel_s: dict  # kernel kind -> seconds per launch inside a CUDA graph
     attention_bandwidth_fraction: float
     eager_launch_s: float
-    allreduce_latency_s: float
+    allreduce_latency_s: float  # NCCL's, inside a CUDA graph
     sources: dict
+    symm: dict  # "all_reduce" / "allreduce_add_rmsnorm" -> LinkFit of the fused one-shot (collectives/symm_mem.py)
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -64,4 +73,6 @@ class NodeSpec:
         return cls(raw["name"], int(raw["gpus_per_node"]), spec, spec.hbm_bytes_per_s * float(cal["copy_fraction"]),
                    gemv, {kind: float(s) for kind, s in cal["kernel_s"].items()},
                    float(cal["attention_bandwidth_fraction"]), float(cal["eager_launch_s"]),
-                   float(cal["allreduce_latency_s"]), dict(raw.get("sources", {})))
+                   float(cal["allreduce_latency_s"]), dict(raw.get("sources", {})),
+                   {call: LinkFit(float(cal[f"symm_{key}_latency_s"]), float(cal[f"symm_{key}_bytes_per_s"]))
+                    for call, key in (("all_reduce", "allreduce"), ("allreduce_add_rmsnorm", "ar_rmsnorm"))})

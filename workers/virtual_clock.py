@@ -41,14 +41,15 @@ class ClockError(RuntimeError):
 
 class VirtualClock:
     def __init__(self, node: NodeSpec, rank: int, world_size: int, trace_dir: str | None = None,
-                 keep_ops: bool = False) -> None:
+                 keep_ops: bool = False, comm: str = "symm") -> None:
         """node: the emulated node, resolved from its name or file above workers/ (cluster.hardware.
-        node_spec). keep_ops: keep every charged op and settled collective (tests compare them)."""
+        node_spec). keep_ops: keep every charged op and settled collective (tests compare them).
+        comm: the emulated node's collectives (cost_model.emulated_comm of the run's backend)."""
         if not isinstance(node, NodeSpec):
             raise TypeError(f"VirtualClock needs a NodeSpec (cluster.hardware.node_spec resolves a name or file), "
                             f"got {node!r}")
         self.node, self.rank, self.world = node, rank, world_size
-        self.cost = CostModel(node, world_size)
+        self.cost = CostModel(node, world_size, comm)
         self.exchange = lambda values: [list(values)]  # collectives/clocked.py installs the ranks' exchange
         self.now_s = 0.0  # inside a step: ignoring the waits for other ranks until the step is settled
         self.queue: deque = deque()  # (layer, plan item) not yet charged

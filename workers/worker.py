@@ -15,6 +15,7 @@ from model.config import load_model_config
 from model.eagle3_checkpoint import load_draft
 from model.llama4 import Llama4
 from model.parallel import ShardLayout, layout
+from workers.cost_model import emulated_comm
 from workers.engine import Completion, Engine, GenerationStats, Request
 from collectives.faults import DelayedCommunicator
 from collectives.clocked import ClockedCommunicator
@@ -47,7 +48,7 @@ class Worker:
         if run.delay_rank == rank:  # outside the tracer: the trace sees this rank arrive late
             comm = DelayedCommunicator(comm, run.delay_s)
         if run.emulate_node:  # outermost: the exchange of modeled times goes through the raw communicator
-            self.clock = VirtualClock(node, rank, run.world_size, run.trace_dir)
+            self.clock = VirtualClock(node, rank, run.world_size, run.trace_dir, comm=emulated_comm(run.comm))
             comm = ClockedCommunicator(comm, raw, self.clock, run.device)
         self.comm = comm
         torch.set_num_threads(run.threads_per_rank)
