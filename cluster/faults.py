@@ -18,7 +18,10 @@ from __future__ import annotations
 import re
 import time
 
-import ray
+
+
+class NodeStartError(RuntimeError):
+    """The node could not be brought up (Ray did not start, or the ranks could not be placed)."""
 
 
 class RankFailure(RuntimeError):
@@ -40,6 +43,7 @@ def _root_rank(message: str) -> int | None:
 
 
 def diagnose(done: list, rank_of: dict) -> RankFailure | None:
+    import ray  # here, not at import: the CLI's commands that start no node never load Ray
     """done: finished ObjectRefs; rank_of: ObjectRef -> rank. Returns the failure to report, or None."""
     dead, blamed, errors = [], [], []
     for ref in done:

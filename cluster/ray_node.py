@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.clocks import estimate_offset, write_clock_file
 from cluster.interrupts import deferred_interrupts, raise_if_interrupted
-from cluster.faults import RankFailure, diagnose
+from cluster.faults import NodeStartError, RankFailure, diagnose  # noqa: F401 (NodeStartError: re-exported)
 from collectives.factory import shm_name
 from collectives.shm_sync import sweep_segments
 from workers.engine import Completion, GenerationStats, Request
@@ -32,10 +32,6 @@ from workers.messages import pack, pack_batch, pack_result, pack_run, unpack, un
 from workers.run_config import RunConfig
 
 LOCAL_HOST = "127.0.0.1"
-
-
-class NodeStartError(RuntimeError):
-    """The node could not be brought up (Ray did not start, or the ranks could not be placed)."""
 
 
 GPU_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",

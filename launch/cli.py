@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 from cluster.node import USER_ERRORS, UserError, build_node
-from cluster.faults import RankFailure
+from cluster.faults import NodeStartError, RankFailure
 from cluster.interrupts import install_interrupt_handler
-from cluster.ray_node import NodeStartError
 from cluster.timeline import TraceError
 from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
                              spec_summary)
