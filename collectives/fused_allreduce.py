@@ -224,6 +224,22 @@ if triton is not None:
                     write_stamp(stamps_ptr, stamp_slot + 2)
 
 
+def peer_tables(rank: int, world: int, bases: list[int], device, what: str):
+    """Checks every rank's buffer address (one per rank, 16-byte aligned; Triton present) and returns
+    table(offset): the (world,) int64 device tensor of one region's address on every rank, which the
+    kernels index by rank (shared by the fused all-reduce and the MoE all-to-all)."""
+    if len(bases) != world or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} and {len(bases)} buffer addresses do not fit a world of {world}")
+    if any(base % 16 for base in bases):
+        raise ValueError(f"every buffer of {what} must start 16-byte aligned")
+    if triton is None:
+        raise RuntimeError(f"{what} needs Triton")
+
+    def table(offset: int) -> torch.Tensor:
+        return torch.tensor([base + offset for base in bases], dtype=torch.int64, device=device)
+    return table
+
+
 def _aligned(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
@@ -278,16 +294,8 @@ class FusedAllReduce:
 
     def __init__(self, rank: int, layout: Layout, bases: list[int], device: torch.device | str,
                  timeout_s: float = 120.0) -> None:
-        if len(bases) != layout.world or not 0 <= rank < layout.world:
-            raise ValueError(f"rank {rank} and {len(bases)} buffer addresses do not fit a world of {layout.world}")
-        if any(base % 16 for base in bases):
-            raise ValueError("every symmetric buffer must start 16-byte aligned")
-        if triton is None:
-            raise RuntimeError("the fused all-reduce needs Triton")
+        table = peer_tables(rank, layout.world, bases, device, "the fused all-reduce")
         self.rank, self.layout, self.device = rank, layout, torch.device(device)
-
-        def table(offset: int) -> torch.Tensor:  # (world,) int64 addresses of one region on every rank
-            return torch.tensor([base + offset for base in bases], dtype=torch.int64, device=self.device)
         self.flag_table, self.data_table, self.gather_table = table(0), table(layout.data_offset), table(layout.gather_offset)
         self.counters = torch.zeros(layout.programs, dtype=torch.int32, device=self.device)  # epochs, per program
         self.status = torch.zeros(1, dtype=torch.int32, device=self.device)  # bits of ranks a wait gave up on

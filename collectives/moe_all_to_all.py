@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from collectives import fused_norm
-from collectives.fused_allreduce import ALIGN, FINISH, PUSH
+from collectives.fused_allreduce import ALIGN, FINISH, PUSH, peer_tables
 from collectives.triton_support import tl, triton
 
 PROGRAMS = 32
@@ -204,16 +204,8 @@ class MoeAllToAll:
 
     def __init__(self, rank: int, layout: MoeLayout, bases: list[int], device: torch.device | str,
                  timeout_s: float = 120.0) -> None:
-        if len(bases) != layout.world or not 0 <= rank < layout.world:
-            raise ValueError(f"rank {rank} and {len(bases)} buffer addresses do not fit a world of {layout.world}")
-        if any(base % 16 for base in bases):
-            raise ValueError("every MoE buffer must start 16-byte aligned")
-        if triton is None:
-            raise RuntimeError("the MoE all-to-all kernels need Triton")
+        table = peer_tables(rank, layout.world, bases, device, "the MoE all-to-all")
         self.rank, self.layout, self.device = rank, layout, torch.device(device)
-
-        def table(offset: int) -> torch.Tensor:  # (world,) int64 addresses of one region on every rank
-            return torch.tensor([base + offset for base in bases], dtype=torch.int64, device=self.device)
         self.flag_table, self.id_table = table(0), table(layout.ids_offset)
         self.data_table, self.combine_table = table(layout.data_offset), table(layout.combine_offset)
         self.dispatch_epochs = torch.zeros(layout.programs, dtype=torch.int32, device=self.device)
