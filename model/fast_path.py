@@ -20,8 +20,10 @@ FP8 modules (tensor and channel schemes) run the same GEMV on e4m3 weights, quan
 activation inside the kernel's prologue, so an FP8 layer reads half the bytes in the same number of
 launches. The residual add + RMSNorm between sub-layers is the collective's (one kernel,
 collectives/fused_norm.py). Anything the kernels do not cover (more than MAX_TOKENS rows, CPU
-tensors without Triton's interpreter, block-scaled FP8, expert parallelism, static per-expert
-input scales) takes the module's own forward: the reference ops.
+tensors without Triton's interpreter, block-scaled FP8, expert parallelism over a communicator
+that counts on the host, static per-expert input scales) takes the module's own forward: the
+reference ops. Expert parallelism over a device-dispatching communicator (the symm backend) runs
+the gathered expert GEMVs on the received slots between its dispatch and combine kernels.
 
 Nothing here reads a device value on the host, so a step of these kernels is capturable in a CUDA
 graph (workers/cuda_graphs.py captures it). tests/test_fast_path.py holds every path equal to the
@@ -135,11 +137,13 @@ def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     shared and routed experts of one weight dtype is three launches: the router, the shared and
     routed FC13 + SwiGLU as one, the shared and routed FC2 and their sum as one."""
     gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
-    if block.expert_parallel or gate_up is None or down is None:
+    if gate_up is None or down is None:
         return block(x)
     linear_small_m, _, _ = _kernels()
     moe_decode = _moe_kernels()
     flat = x.reshape(-1, x.shape[-1])  # (N, H)
+    if block.expert_parallel:
+        return moe_expert_parallel(block, flat, gate_up, down).view_as(x)
     expert_ids, scores = route(block, flat)  # (N, k) each, on the device
     top_k = expert_ids.shape[1]
     shared = block.shared_expert
@@ -160,6 +164,24 @@ def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return partial.view_as(x)
 
 
+def moe_expert_parallel(block: nn.Module, flat: torch.Tensor, gate_up: dict, down: dict) -> torch.Tensor:
+    """MoE.forward with the experts split over the ranks: flat (N, H) -> this rank's partial sum (N, H).
+    On a communicator that dispatches on the device (`block.static_dispatch_applies`), the routed rows
+    go through dispatch_static / combine_static and the received slots through the gathered expert
+    GEMVs (their inputs arrive scaled by the router score), so nothing is read back to the host and
+    the step is capturable; otherwise the module's own routed path (counts on the host)."""
+    if not block.static_dispatch_applies(flat.shape[0]):
+        return block(flat)
+    linear_small_m, _, _ = _kernels()
+    expert_ids, scores = route(block, flat)  # (N, k) each, on the device
+
+    def run_experts(rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:  # (R, H), (R,) -> (R, H)
+        hidden = linear_small_m.linear_small_m(rows, expert_ids=local_ids, swiglu=True, **gate_up)
+        return linear_small_m.linear_small_m(hidden, expert_ids=local_ids, **down)
+
+    return feed_forward(block.shared_expert, flat) + block.routed_static(flat, expert_ids, scores, run_experts)
+
+
 def lm_head(weight: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
     """normed (B, R, H) @ weight (V_r, H).T on the GEMV kernel."""
     linear_small_m, _, _ = _kernels()
@@ -174,8 +196,8 @@ def graph_blocker(model: nn.Module) -> str | None:
         return "the model runs the torch ops (--kernels torch); graphs need the fused kernels"
     for name, module in model.named_modules():
         if hasattr(module, "router"):
-            if module.expert_parallel:
-                return f"{name}: expert-parallel MoE (its all-to-all counts go through the host)"
+            if module.expert_parallel and not getattr(module.comm, "device_dispatch", False):
+                return f"{name}: expert-parallel MoE over {module.comm.backend} (its all-to-all counts go through the host)"
             if _expert_args(module.experts, "gate_up_proj") is None:
                 return f"{name}: FP8 experts with {module.experts.scheme} scales have no graph kernel yet"
         elif isinstance(module, Fp8Linear) and _linear_args(module) is None:

@@ -120,7 +120,7 @@ def test_a_greedy_speculative_step_reads_the_host_once():
     on = Engine(model, kv_dtype=kv_dtype, draft=draft, cuda_graphs="on")
     requests = _requests(6, dataclasses.replace(GREEDY, max_new_tokens=64), rows=1)
     on.generate(requests, spec=SPECS["chain3"])  # captures
-    step, syncs, seconds = SpecDecoder.speculative_step, [], []
+    step, syncs, sites, seconds = SpecDecoder.speculative_step, [], [], []
 
     def counted(self, *args, **kwargs):
         with warnings.catch_warnings(record=True) as caught:
@@ -132,14 +132,16 @@ def test_a_greedy_speculative_step_reads_the_host_once():
             finally:
                 seconds.append(time.perf_counter() - begin)
                 torch.cuda.set_sync_debug_mode("default")
-                syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+                where = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+                syncs.append(len(where))
+                sites.append(where)
     SpecDecoder.speculative_step = counted
     try:
         done, _ = on.generate(requests, spec=SPECS["chain3"])
     finally:
         SpecDecoder.speculative_step = step
     assert done[0].spec["one_graph_steps"] == done[0].spec["verify_steps"] == len(syncs) > 5
-    assert syncs == [1] * len(syncs), f"host syncs per step: {syncs}"
+    assert syncs == [1] * len(syncs), f"host syncs per step: {syncs}; where, by step: {sites[:3]}"
     median = sorted(seconds)[len(seconds) // 2]
     assert median < 2e-3, f"median speculative step {1e3 * median:.2f} ms: the host is in the way again"
 

@@ -143,8 +143,16 @@ class SpecGraphs:
             def causal(n: int) -> torch.Tensor:  # warm-up masks: every row sees itself (no empty softmax)
                 return torch.ones(n, n, dtype=torch.bool, device=device).tril().repeat(batch, 1, 1)
 
+            # made at first use, over caches that may hold a batch: the warm-ups' writes sit past every
+            # row's length, and each warm-up's lengths are put back as they were (not emptied)
+            saved = self.cache.lengths.clone(), self.draft_cache.lengths.clone()
+
+            def restore() -> None:
+                self.cache.lengths.copy_(saved[0])
+                self.draft_cache.lengths.copy_(saved[1])
+
             def step(fn, inputs):
-                return StaticStep(fn, inputs, self.empty, self.capture_it, self.world)
+                return StaticStep(fn, inputs, restore, self.capture_it, self.world)
 
             verify_rows = self.n_tokens + 1
             steps = {"verify": step(self._verify, {

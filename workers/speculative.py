@@ -201,7 +201,7 @@ class SpecDecoder:
     def start(self, state: BatchState, first: torch.Tensor, lengths: torch.Tensor) -> None:
         """first: (B,) the token sampled after the prompt: the root of step 1, and the last token the
         draft reads in its catch-up on the prompt (eager: a prompt has any length)."""
-        state.root = first.clone()
+        state.root = first.to(lengths.device, copy=True)  # picked on the host: uploaded here, not inside step 1
         tokens, features, n = state.prompt_block
         tokens[torch.arange(len(first), device=first.device), lengths - 1] = first
         state.root_logits, state.root_hidden = self.catch_up(state, tokens, features, n, (n - 1).clamp(min=0),

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sourced at the start of a device call (`source benchmarks/device_prelude.sh; step ...; finish`): unpacks the
+# Ray bundle (.device/raysite.tar.xz, ../shared/device/make-ray-bundle.sh) and, when carried, runs the committed
+# tree in .device/head.tar.gz (`git archive HEAD | gzip`) rather than the working copy, whose .git on the
+# device may be older than the checkout. `step NAME SECONDS CMD...` runs one bounded step, logs all of its
+# output, and prints its last lines; `finish` packs the logs (a device call brings back at most 8 files).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT/logs" /tmp/site
+tar xJf .device/raysite.tar.xz -C /tmp/site
+if [[ -f .device/head.tar.gz ]]; then
+  rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .device/head.tar.gz -C /tmp/head && cp -r .device /tmp/head/ && cd /tmp/head
+  echo "running the archived HEAD $(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null)"
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+       NVSHMEM_DISABLE_NVLS=1 RAY_USAGE_STATS_ENABLED=0
+DGX="python -m launch"
+L="$OUT/logs"
+step() {  # step NAME SECONDS CMD...: at most SECONDS; all output in logs/NAME.txt; prints its tail
+  local name=$1 seconds=$2; shift 2
+  local t0=$SECONDS
+  timeout -s INT -k 15 "$seconds" bash -c "$*" > "$L/$name.txt" 2>&1; local rc=$?
+  echo "== $name (rc $rc, $((SECONDS - t0)) s)"; tail -${TAIL:-12} "$L/$name.txt" | grep -v '^SKIPPED' | cut -c1-220
+}
+finish() { tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$L"; echo "done"; }
