@@ -30,7 +30,7 @@ from workers.emulate import module_bytes
 from workers.model_build import default_dtype
 
 RANDOM_PRESETS = {"medium": lambda: preset("medium"), "maverick-slice": lambda: maverick(n_layers=4)}
-STEPS = {"decode": 1, "verify": 4}  # new tokens per row: one; a chain of 3 drafts + its root
+STEPS = {"decode": 1, "verify": 4, "verify16": 16}  # new tokens per row: one; a chain of 3 drafts + its root; a 15-node tree + its root
 
 
 @dataclass(frozen=True)
