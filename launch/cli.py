@@ -15,17 +15,15 @@ from cluster.node import USER_ERRORS, UserError, build_node
 from cluster.faults import NodeStartError, RankFailure
 from cluster.interrupts import install_interrupt_handler
 from cluster.timeline import TraceError
-from launch.spec_cli import (add_spec_args, add_train_draft_parser, check_spec, run_train_draft, spec_settings,
-                             spec_summary)
+from launch.run_args import add_runtime_args, node_settings
+from launch.spec_cli import add_train_draft_parser, check_spec, run_train_draft, spec_summary
 from launch.bench_cli import add_bench_parser, run_bench
 from launch.drill_cli import add_drill_parser, run_drill
 from launch.emulate_cli import add_emulate_parser, emulated_summary, format_emulated, run_emulate
-from launch.trace_cli import add_trace_parser, finish_trace_dir, prepare_trace_dir, run_trace
-from model.embedded import ensure_default_model
+from launch.trace_cli import add_trace_parser, finish_trace_dir, run_trace
 from model.sampling import SamplingParams
 from model.tokenizer import StreamDecoder, Tokenizer
 from workers.engine import Request
-from workers.run_config import RunConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,54 +39,17 @@ def _parse_ids(text: str) -> tuple[int, ...]:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (HF Llama 4); default: the embedded model")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate all --max-new-tokens even past the end-of-sequence token (benchmarks)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp8"],
-                   help="fp8: FP8 (e4m3) GEMMs, BF16 around them; an FP8 checkpoint loads as is, "
-                        "a BF16/FP32 one is quantized at load")
-    p.add_argument("--fp8-scheme", default="auto", choices=["auto", "per-tensor", "channel", "block"],
-                   help="FP8 scales: per-tensor (static), channel (per-token activations) or block (128x128); "
-                        "auto: the checkpoint's, else channel")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"],
-                   help="KV cache: the compute dtype (auto) or FP8 with per-tensor scales")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=8, help="virtual GPUs, one Ray actor each (1: in-process)")
-    p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                   help="decode-step kernels: fused Triton kernels or the torch reference ops (auto: triton on cuda)")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                   help="replay decode steps from CUDA graphs (auto: where possible on cuda; on: error if not)")
-    p.add_argument("--comm", default=None, choices=["shm", "gloo", "nccl", "symm"],
-                   help="data-plane backend (default: shm on cpu; on cuda symm for ranks on one host, nccl across hosts)")
-    p.add_argument("--hardware", default="b200", choices=["b200", "h200", "h100"],
-                   help="the GPU each rank stands for")
-    p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--placement", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
-                   help="placement-group strategy for the ranks")
-    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
-    p.add_argument("--trace", metavar="DIR", default=None,
-                   help="record per-rank communication timelines into DIR (see `dgx-emu trace`)")
-    p.add_argument("--emulate-node", metavar="NODE", default=None,
-                   help="give each rank a virtual clock of NODE (dgx-b200, hgx-h200, hgx-h100 or a node JSON file): "
-                        "--json reports the modeled step time and tokens/s beside the measured ones, --trace "
-                        "writes the modeled timeline beside the measured one (steps run eagerly)")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="after a rank failure, restart the node and rerun the batch up to N times")
-    p.add_argument("--collective-timeout", type=float, default=120.0,
-                   help="seconds a rank waits in a collective before naming the ranks that never came")
-    p.add_argument("--inject-delay", metavar="RANK:SECONDS", default=None,
-                   help="fault injection: RANK arrives SECONDS late at every collective")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
-    add_spec_args(p)
+    add_runtime_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,16 +82,6 @@ def _requests(args, model_dir: Path, cfg) -> tuple[list[Request], Tokenizer | No
     return [Request(p, params, str(i)) for i, p in enumerate(prompts)], tokenizer
 
 
-def _delay(text: str | None) -> dict:
-    if text is None:
-        return {}
-    try:
-        rank, seconds = text.split(":")
-        return {"delay_rank": int(rank), "delay_s": float(seconds)}
-    except ValueError:
-        raise UserError(f"--inject-delay must look like RANK:SECONDS, got {text!r}") from None
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -157,27 +108,10 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
-def default_comm(device: str, world_size: int, ray_address: str | None) -> str:
-    """shm for CPU actors; on GPUs the fused peer-memory collectives (symm) when the node starts
-    on this host, NCCL when it joins a cluster (its ranks may span hosts)."""
-    if device != "cuda":
-        return "shm"
-    return "symm" if world_size > 1 and ray_address is None else "nccl"
-
-
 def run_generate(args) -> int:
-    model_dir = Path(args.model) if args.model else ensure_default_model()
-    comm = args.comm or default_comm(args.device, args.world_size, args.ray_address)
-    draft_path, spec = spec_settings(args, model_given=args.model is not None)
-    if args.trace:
-        prepare_trace_dir(args.trace)
-    run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
-                    moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
-                    hardware=args.hardware, trace_dir=args.trace, fp8_scheme=args.fp8_scheme,
-                    kv_dtype=args.kv_dtype, draft_path=draft_path, kernels=args.kernels,
-                    cuda_graphs=args.cuda_graphs, emulate_node=args.emulate_node, **_delay(args.inject_delay))
-    with build_node(run, address=args.ray_address, placement=args.placement, dashboard=args.dashboard,
-                    max_restarts=args.max_restarts) as node:
+    settings = node_settings(args)
+    model_dir, draft_path, spec = settings.model_dir, settings.draft_path, settings.spec
+    with build_node(settings.run, **settings.build_kwargs) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
         check_spec(spec, draft_path, model_dir, node.model_cfg)
