@@ -1,4 +1,11 @@
-"""Builds the Communicator a run asks for. The only place that maps a backend name to a class."""
+"""Builds the Communicator a run asks for. The only place that maps a backend name to a class.
+
+`hosts` (the host of every rank, as cluster/ found it after placement) decides the shape of the
+data plane: "shm" over ranks of one host is the flat shared-memory backend; over several hosts it
+becomes hierarchical (collectives/hierarchical.py: shared memory within each host, gloo between
+one leader per host). gloo and NCCL are flat whatever the layout (NCCL itself keeps the traffic
+within a host on NVLink / peer memory); symm needs one host, which cluster/ checks before any
+rank starts."""
 from __future__ import annotations
 
 import os
@@ -16,16 +23,28 @@ def shm_name(node_id: str, group: str = "world") -> str:
 
 
 def make_communicator(backend: str, rank: int, world_size: int, store, node_id: str, timeout_s: float,
-                      device: str = "cpu", wait: str | None = None) -> Communicator:
+                      device: str = "cpu", wait: str | None = None, hosts: list | None = None) -> Communicator:
     """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else hybrid). The shm small-message
-    algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto)."""
+    algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto).
+    hosts: the host label of every rank (None: all on one host)."""
     wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "hybrid")
+    if hosts is not None and len(hosts) != world_size:
+        raise ValueError(f"hosts names {len(hosts)} ranks, the world has {world_size}")
+    spans_hosts = hosts is not None and len(set(hosts)) > 1
+    if backend == "symm" and spans_hosts:
+        raise ValueError(f"the symm backend needs every rank on one host; the ranks are on {len(set(hosts))} hosts "
+                         "(use nccl)")
     if backend == "shm":
-        from collectives.shm import ShmCommunicator
         if wait not in WAIT_STRATEGIES:
             raise ValueError(f"wait strategy must be one of {WAIT_STRATEGIES}, got {wait!r}")
+        small_algorithm = os.environ.get("DGX_EMU_SHM_ALGO", "auto")
+        if spans_hosts:
+            from collectives.hierarchical import HierarchicalCommunicator
+            return HierarchicalCommunicator(rank, world_size, store, shm_name(node_id, "hier"), hosts, timeout_s,
+                                            wait=wait, small_algorithm=small_algorithm)
+        from collectives.shm import ShmCommunicator
         return ShmCommunicator(rank, world_size, store, shm_name(node_id), timeout_s, wait=wait,
-                               small_algorithm=os.environ.get("DGX_EMU_SHM_ALGO", "auto"))
+                               small_algorithm=small_algorithm)
     if backend in ("gloo", "nccl"):
         from collectives.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, store, backend, timeout_s, device)
