@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cluster.node import UserError
 from launch.bench_collectives import add_collectives_parser, run_collectives
+from launch.bench_serve import add_bench_serve_parser, run_bench_serve
 from model.embedded import ensure_default_model
 from workers.step_bench import RANDOM_PRESETS, STEPS
 
@@ -30,7 +31,7 @@ COMMS = ("symm", "nccl")  # GPU backends a TP run can use
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="time GPU steps against their memory floor")
+    bench = sub.add_parser("bench", help="time GPU steps against their memory floor; load a running server")
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=type(bench))
     p = bsub.add_parser("decode", help="decode / verify steps of one GPU: CUDA graph vs eager, vs the HBM floor")
     p.add_argument("--model", default="embedded", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
@@ -46,6 +47,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel trace of graph decode steps")
     add_collectives_parser(bsub)
+    add_bench_serve_parser(bsub)
 
 
 def _choices(text: str, allowed, what: str) -> list[str]:
@@ -84,6 +86,8 @@ def _check_gpus(tp: int, comm: str) -> None:
 def run_bench(args) -> int:
     if args.bench_command == "collectives":
         return run_collectives(args)
+    if args.bench_command == "serve":
+        return run_bench_serve(args)
     import torch
 
     from workers.step_bench import measure_all

@@ -16,6 +16,7 @@ from cluster.faults import NodeStartError, RankFailure
 from cluster.interrupts import install_interrupt_handler
 from cluster.timeline import TraceError
 from launch.run_args import add_runtime_args, node_settings
+from launch.serve_cli import add_serve_parser, run_serve
 from launch.spec_cli import add_train_draft_parser, check_spec, run_train_draft, spec_summary
 from launch.bench_cli import add_bench_parser, run_bench
 from launch.drill_cli import add_drill_parser, run_drill
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="dgx-emu", description="Eight Ray actors as the GPUs of a DGX B200 node.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     add_generate_args(sub.add_parser("generate", help="generate text from a Llama 4 model"))
+    add_serve_parser(sub)
     add_trace_parser(sub)
     add_train_draft_parser(sub)
     add_drill_parser(sub)
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "trace":
             return run_trace(args)
         if args.command == "train-draft":
