@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from collectives import fused_norm, gpu_stamps
-from collectives.triton_support import INTERPRETED, tl, triton
+from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 PUSH, SCATTER, FINISH = 1, 2, 4
 ONE_SHOT_PHASES, TWO_SHOT_PHASES = PUSH | FINISH, PUSH | SCATTER | FINISH
@@ -60,6 +60,7 @@ ALIGN = 256  # bytes; every region starts 16-byte aligned (vector loads and stor
 if triton is not None:
     from collectives.fused_norm import _round, rmsnorm_row
     from collectives.gpu_stamps import write_stamp
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     PUSHED, REDUCED = tl.constexpr(0), tl.constexpr(1)  # the two kinds of flag
     INTERPRETED_SPIN_NS = tl.constexpr(1_000_000)  # under the interpreter a spin counts as 1 ms (it has no clock)
@@ -146,10 +147,15 @@ if triton is not None:
             RANK: tl.constexpr, WORLD: tl.constexpr, WORLD_POW2: tl.constexpr, PROGRAMS: tl.constexpr,
             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr,
             QUANT: tl.constexpr, TWO_SHOT: tl.constexpr, PHASES: tl.constexpr,
-            stamps_ptr, stamp_slot, STAMP: tl.constexpr):
+            stamps_ptr, stamp_slot, STAMP: tl.constexpr, PDL: tl.constexpr = False):
         """See the module docstring. x, residual, out, new_residual: (rows, HIDDEN) flat, numel values.
         With STAMP, program 0 writes GPU times to stamps_ptr[stamp_slot + 0, 1, 2]: its start, the
-        moment every peer's data had arrived (its wait ended), and its end (collectives/gpu_stamps.py)."""
+        moment every peer's data had arrived (its wait ended), and its end (collectives/gpu_stamps.py).
+        With PDL it waits for the kernel that wrote x, then lets the next kernel launch: that kernel
+        (a GEMV) streams its first weight tiles while this one waits on its peers, and waits for
+        this one to complete before it reads anything this one writes (triton_support.py)."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         pid = tl.program_id(0)
         if STAMP:
             if pid == 0:
@@ -361,7 +367,7 @@ class FusedAllReduce:
             NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
             TWO_SHOT=algorithm == "two-shot", PHASES=phases,
             stamps_ptr=stamps if stamps is not None else self.counters, stamp_slot=stamp_slot, STAMP=stamps is not None,
-            num_warps=fused_norm.num_warps(block), enable_fp_fusion=False)
+            num_warps=fused_norm.num_warps(block), enable_fp_fusion=False, **pdl_kwargs(x))
 
     def missing_ranks(self) -> list[int]:
         """Ranks some wait of this rank gave up on (timeout); reads the device (a host sync)."""
