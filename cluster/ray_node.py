@@ -180,7 +180,7 @@ class RayNode:
         except ray.exceptions.GetTimeoutError:
             raise NodeStartError(f"could not place {world} ranks ({bundle} each, {placement}) within "
                                f"{self.timeout:.0f} s: the cluster lacks the resources") from None
-        actor_cls = ray.remote(max_concurrency=2)(RankActor)
+        actor_cls = ray.remote(max_concurrency=4)(RankActor)  # serving: loop, poll, push
         gpus = 1 if self.run.device == "cuda" else 0
         msg = pack_run(self.run)
         env = {"runtime_env": {"env_vars": GPU_ENV}} if gpus else {}

@@ -32,6 +32,12 @@ from model.config import ModelConfig
 from model.parallel import ShardLayout
 
 EP_STATIC_MAX_ROWS = 16  # routed rows a rank dispatches on the static path (decode steps route fewer)
+# Batch invariance on CPU: MKL's fp32 GEMM takes another kernel for fewer than 4 rows, whose rows
+# round differently from the same rows in a larger GEMM (measured: rows of M = 1..3 agree with each
+# other, rows of every M >= 4 agree with each other, the two groups differ in the last bits). An
+# expert's row count depends on what the OTHER tokens of a batch chose, so without padding a row's
+# output would depend on its batch; small groups are zero-padded to 4 rows (workers/batch_engine.py).
+MIN_GEMM_ROWS = 4
 
 
 class MLP(nn.Module):
@@ -81,8 +87,11 @@ class Experts(nn.Module):
                 continue
             rows = order[offset: offset + count]
             offset += count
-            gate, up = (x[rows] @ self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n, I_r) each
-            out[rows] = (F.silu(gate) * up) @ self.down_proj[expert]
+            routed = x[rows]  # (n, H)
+            if count < MIN_GEMM_ROWS and not x.is_cuda:  # zero rows up to the GEMM kernel all counts take
+                routed = F.pad(routed, (0, 0, 0, MIN_GEMM_ROWS - count))  # (max(n, 4), H)
+            gate, up = (routed @ self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n', I_r) each
+            out[rows] = ((F.silu(gate) * up) @ self.down_proj[expert])[:count]
         return out
 
 

@@ -1,0 +1,193 @@
+"""Continuous batching on one rank: a fixed set of slots in one KV cache, rows joining and leaving
+between steps. Every rank runs the same engine in lockstep on the same commands (workers/serve_loop.py
+hands them out), so every choice below is made identically everywhere, as in workers/engine.py.
+
+A step is
+  1. decode:  ONE forward over every row of the cache, one token for each running row (the others,
+              free slots and rows still in prefill, take n_new = 0 and ride along);
+  2. prefill: joining rows, oldest first, each fed its next chunk of at most `prefill_chunk` prompt
+              tokens, while the step's budget of `prefill_chunk` tokens lasts (the first joining row
+              always gets its chunk). A long prompt therefore delays the running rows by at most
+              one chunk's forward per step. The chunk that ends a prompt gives the row its first token.
+Rows that finish (EOS, budget) or are retired leave their slot at once; a new row resets its
+slot's length to 0 and overwrites the old keys as it goes.
+
+Batch invariance (fp32 on CPU actors): a row's logits are the same BITS whatever else is in the
+batch, so its greedy tokens are the same alone or among others. What it takes, each measured:
+  * every row is computed in every decode step (free slots included), so the dense GEMMs always
+    see the same number of rows (>= MIN_ROWS): MKL's fp32 GEMM gives a row other bits below 4 rows;
+  * prefill runs each row in its own forward (a one-row view of the cache) with chunk boundaries
+    fixed by the row's own prompt (0, C, 2C...), never shared with another row;
+  * the MoE's per-expert GEMMs pad small groups to 4 rows (model/ffn.py MIN_GEMM_ROWS);
+  * attention reads a number of key slots that is a multiple of KEY_BLOCK: torch's CPU attention
+    rounds differently when the key count's tail is not a whole vector (a key count of 100 vs 101
+    changes a row's output; any multiple of 8 gives the same bits). The eager step reads up to the
+    longest row, so the engine keeps one extra "ruler" row whose length it sets before each step
+    to make that count a multiple of KEY_BLOCK.
+Against workers.engine run alone (one full-prompt prefill, one-row decode GEMMs) the tokens agree
+but the bits need not: that engine's decode takes the small-GEMM kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attention import KVCache
+from model.llama4 import Llama4
+from model.sampling import SamplingParams, next_tokens
+from workers.engine import RequestError
+
+KEY_BLOCK = 64  # attention key counts are rounded up to this (a multiple of any CPU vector width)
+MIN_ROWS = 4  # rows in every decode forward: MKL's fp32 GEMM keeps one kernel from 4 rows up
+IDLE = SamplingParams()  # settings of rows with nothing to decode (greedy: they draw nothing)
+
+
+def round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def row_view(cache: KVCache, row: int) -> KVCache:
+    """A one-row KVCache sharing `cache`'s storage: a forward on it writes row `row`'s keys,
+    values and length in place (basic slicing keeps views)."""
+    view = KVCache.__new__(KVCache)
+    view.k = [t[row: row + 1] for t in cache.k]  # (1, Hkv, S, D) each
+    view.v = [t[row: row + 1] for t in cache.v]
+    view.lengths = cache.lengths[row: row + 1]  # (1,)
+    view.max_len, view.dtype, view.scales = cache.max_len, cache.dtype, cache.scales
+    return view
+
+
+@dataclass
+class Row:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    prefilled: int = 0  # prompt tokens already in the cache
+    out: list[int] = field(default_factory=list)
+    finish: str | None = None  # "eos", "length" once done
+
+    @property
+    def length(self) -> int:
+        """Cache slots this row holds (prompt so far, then every generated token but the last)."""
+        return self.prefilled + max(len(self.out) - 1, 0)
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    slot: int
+    request_id: str
+    tokens: list[int]  # new tokens this step
+    finish: str | None  # "eos" / "length" when the row ended this step (its slot is free again)
+
+
+class BatchEngine:
+    def __init__(self, model: Llama4, max_batch: int, max_context: int, prefill_chunk: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        if max_batch < 1 or prefill_chunk < 1 or max_context < 2:
+            raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
+                             f"max_context ({max_context}) >= 2")
+        self.model, self.cfg = model, model.cfg
+        self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
+        self.n_rows = max(max_batch + 1, MIN_ROWS)  # slots, then spare rows; the last is the ruler
+        self.ruler = self.n_rows - 1
+        self.cache = model.new_cache(self.n_rows, round_up(max_context + 1, KEY_BLOCK), kv_dtype)
+        self.rows: list[Row | None] = [None] * max_batch
+        self.joining: list[int] = []  # slots still in prefill, oldest first
+        self.device = model.embed_tokens.weight.device
+        self.steps = 0
+
+    # --- the slot table -------------------------------------------------------------------------
+    def add(self, slot: int, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """A request takes slot `slot` (free); its prefill starts at the next step."""
+        if not 0 <= slot < self.max_batch or self.rows[slot] is not None:
+            raise RequestError(f"request {request_id}: slot {slot} is not a free slot of {self.max_batch}")
+        if not prompt_ids or len(prompt_ids) + params.max_new_tokens > self.max_context:
+            raise RequestError(f"request {request_id}: prompt of {len(prompt_ids)} tokens + {params.max_new_tokens} "
+                               f"new does not fit the context of {self.max_context}")
+        seed = params.seed if params.seed is not None else 0
+        self.rows[slot] = Row(request_id, list(prompt_ids), params, torch.Generator().manual_seed(seed))
+        self.cache.lengths[slot] = 0
+        self.joining.append(slot)
+
+    def retire(self, slot: int) -> Row | None:
+        """Frees a slot (a cancelled request); returns the row it held, or None if it was free."""
+        row = self.rows[slot] if 0 <= slot < self.max_batch else None
+        if row is not None:
+            self.rows[slot] = None
+            if slot in self.joining:
+                self.joining.remove(slot)
+            self.cache.lengths[slot] = 0
+        return row
+
+    @property
+    def busy(self) -> bool:
+        return any(row is not None for row in self.rows)
+
+    @property
+    def running(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RowEvent]:
+        """Decode one token for every running row, then prefill joining rows within the budget."""
+        events = self._decode()
+        events += self._prefill()
+        self.steps += 1
+        return events
+
+    def _decoding(self) -> list[int]:
+        return [s for s, row in enumerate(self.rows) if row is not None and row.out]
+
+    def _decode(self) -> list[RowEvent]:
+        slots = self._decoding()
+        if not slots:
+            return []
+        ids = torch.zeros(self.n_rows, 1, dtype=torch.long)  # (R, 1)
+        n_new = torch.zeros(self.n_rows, dtype=torch.long)  # (R,)
+        params, generators = [IDLE] * self.n_rows, [None] * self.n_rows
+        for s in slots:
+            row = self.rows[s]
+            ids[s, 0], n_new[s], params[s], generators[s] = row.out[-1], 1, row.params, row.generator
+        longest = max(row.length for row in self.rows if row is not None)
+        self.cache.lengths[self.ruler] = round_up(longest + 1, KEY_BLOCK) - 1  # keys read: a whole block
+        logits = self.model(ids.to(self.device), self.cache, n_new=n_new.to(self.device)).logits  # (R, 1, V_r)
+        tokens = self._pick(logits[:, -1], params, generators)
+        return [self._emit(s, tokens[s]) for s in slots]
+
+    def _prefill(self) -> list[RowEvent]:
+        events, budget = [], self.prefill_chunk
+        for slot in list(self.joining):
+            row = self.rows[slot]
+            chunk = row.prompt[row.prefilled: row.prefilled + self.prefill_chunk]
+            if len(chunk) > budget and budget < self.prefill_chunk:
+                break  # the next row's chunk waits for the next step (its boundaries never move)
+            budget -= len(chunk)
+            tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, C)
+            logits = self.model(tokens, row_view(self.cache, slot), last_only=True).logits  # (1, 1, V_r)
+            row.prefilled += len(chunk)
+            if row.prefilled == len(row.prompt):
+                self.joining.remove(slot)
+                first = self._pick(logits[:, -1], [row.params], [row.generator])[0]
+                events.append(self._emit(slot, first))
+            if budget <= 0:
+                break
+        return events
+
+    def _pick(self, local_logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:
+        shard = self.model.shard
+        return next_tokens(local_logits, shard.vocab_start, self.cfg.vocab_size, self.model.comm,
+                           params, generators).tolist()
+
+    def _emit(self, slot: int, token: int) -> RowEvent:
+        """Appends a row's new token, ends the row if it is done (freeing the slot)."""
+        row = self.rows[slot]
+        row.out.append(token)
+        if row.params.stop_on_eos and token in self.cfg.eos_token_ids:
+            row.finish = "eos"
+        elif len(row.out) >= row.params.max_new_tokens:
+            row.finish = "length"
+        if row.finish:
+            self.retire(slot)
+        return RowEvent(slot, row.request_id, [token], row.finish)
