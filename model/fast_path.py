@@ -54,8 +54,14 @@ def _moe_kernels():
 def applies(x: torch.Tensor) -> bool:
     """x: (B, T, ...) a step's activations. True when this step runs on the fused kernels: at most
     MAX_TOKENS rows, on CUDA (or on CPU tensors under Triton's interpreter, for tests)."""
-    rows = x.shape[0] * x.shape[1]
-    return rows <= MAX_TOKENS and triton is not None and (x.is_cuda or INTERPRETED)
+    return fits(x.shape[0] * x.shape[1]) and triton is not None and (x.is_cuda or INTERPRETED)
+
+
+def fits(rows: int) -> bool:
+    """True when a step of `rows` rows (batch x new tokens) is small enough for the fused kernels:
+    the size half of `applies`. The emulator's launch plans (workers/launch_plan.py) ask it, for the
+    GPU they emulate, so plan and code cannot disagree on which path a step takes."""
+    return rows <= MAX_TOKENS
 
 
 def _linear_args(module: nn.Module) -> dict | None:
@@ -126,29 +132,53 @@ def route(block: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     with forward hooks (workers/step_bench.py counts routed experts through one), so they fire."""
     router = block.router
     hooked = bool(router._forward_hooks or router._forward_pre_hooks)
-    if block.top_k == 1 and type(router) is nn.Linear and router.bias is None and not hooked:
+    if routes_in_one_kernel(block) and not hooked:
         ids, scores = _moe_kernels().route_top1(flat, router.weight)  # (N,) each
         return ids[:, None], scores[:, None]
     return block.route(flat)
+
+
+def routes_in_one_kernel(block: nn.Module) -> bool:
+    """Does `route` take the one router kernel for `block` (top-1, a plain bias-free router)?"""
+    router = block.router
+    return block.top_k == 1 and type(router) is nn.Linear and router.bias is None
+
+
+def moe_path(block: nn.Module) -> str:
+    """Which launches `moe` makes for `block` at decode sizes: "module" (its own forward: FP8
+    experts without a kernel), "expert_parallel" (moe_expert_parallel), "pair" (the router, then the
+    shared and routed experts in two pair launches) or "separate" (shared and routed GEMVs apart).
+    The emulator's launch plans ask it too."""
+    gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
+    if gate_up is None or down is None:
+        return "module"
+    if block.expert_parallel:
+        return "expert_parallel"
+    shared = block.shared_expert
+    if (block.top_k == 1 and _moe_kernels().pair_applies(_linear_args(shared.gate_up_proj), gate_up)
+            and _moe_kernels().pair_applies(_linear_args(shared.down_proj), down)):
+        return "pair"
+    return "separate"
 
 
 def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MoE.forward (tensor-parallel experts) with the routing kept on the device. Top-1 routing with
     shared and routed experts of one weight dtype is three launches: the router, the shared and
     routed FC13 + SwiGLU as one, the shared and routed FC2 and their sum as one."""
-    gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
-    if gate_up is None or down is None:
+    path = moe_path(block)
+    if path == "module":
         return block(x)
+    gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
     linear_small_m, _, _ = _kernels()
     moe_decode = _moe_kernels()
     flat = x.reshape(-1, x.shape[-1])  # (N, H)
-    if block.expert_parallel:
+    if path == "expert_parallel":
         return moe_expert_parallel(block, flat, gate_up, down).view_as(x)
     expert_ids, scores = route(block, flat)  # (N, k) each, on the device
     top_k = expert_ids.shape[1]
     shared = block.shared_expert
-    shared_gate_up, shared_down = _linear_args(shared.gate_up_proj), _linear_args(shared.down_proj)
-    if top_k == 1 and moe_decode.pair_applies(shared_gate_up, gate_up) and moe_decode.pair_applies(shared_down, down):
+    if path == "pair":  # top-1
+        shared_gate_up, shared_down = _linear_args(shared.gate_up_proj), _linear_args(shared.down_proj)
         ids, row_scale = expert_ids[:, 0], scores[:, 0]  # (N,) unit-stride views
         hidden_shared, hidden_routed = moe_decode.dual_gate_up(flat, shared_gate_up, gate_up, ids, row_scale)
         return moe_decode.dual_down(hidden_shared, hidden_routed, shared_down, down, ids).view_as(x)
@@ -180,6 +210,40 @@ def moe_expert_parallel(block: nn.Module, flat: torch.Tensor, gate_up: dict, dow
         return linear_small_m.linear_small_m(hidden, expert_ids=local_ids, **down)
 
     return feed_forward(block.shared_expert, flat) + block.routed_static(flat, expert_ids, scores, run_experts)
+
+
+def step_head(model: nn.Module, token_ids: torch.Tensor, cache, n_new: torch.Tensor | None,
+              positions: torch.Tensor | None, step_mask: torch.Tensor | None, static: bool):
+    """The start of Llama4.forward on the kernels: (normed, residual, step context), or None when the
+    embedding kernel does not take this model (then the torch ops run). One launch at a world of one
+    (model/kernels/embed_norm.py: embedding gather, the first RMSNorm, positions, the cache length
+    snapshot the layers read as `start`, and cache.lengths advanced by n_new, all at once); at
+    several ranks the embedding's partial sums go through the communicator's allreduce_add_rmsnorm
+    with no residual (the sum is the residual). The context carries no slots, masks or RoPE tables:
+    the attention kernels compute those from positions and start. Validates the step's size as
+    build_step_context does, before anything runs (a dynamic step reads the longest length)."""
+    from model.attention import StepContext
+    from model.kernels import embed_norm
+    embed, norm = model.embed_tokens, model.layers[0].input_layernorm
+    if not embed_norm.available(token_ids, embed.weight) or norm.weight.dtype not in embed_norm.DTYPES:
+        return None
+    n_tokens = token_ids.shape[1]
+    if static and n_tokens > cache.max_len:
+        raise ValueError(f"step of {n_tokens} tokens for a cache of {cache.max_len} slots")
+    n_keys = cache.max_len if static else int(cache.lengths.max()) + n_tokens  # dynamic: a host sync, as there
+    if n_keys > cache.max_len:
+        raise ValueError(f"step needs {n_keys} cache slots but the cache holds {cache.max_len}")
+    one_rank = model.comm.world_size == 1
+    head = embed_norm.embed_norm(token_ids, embed.weight, vocab_start=embed.vocab_start, vocab_valid=embed.vocab_valid,
+                                 norm_weight=norm.weight if one_rank else None, eps=norm.eps, lengths=cache.lengths,
+                                 n_new=n_new, positions=positions)
+    if one_rank:  # a world of one owns every id: the rows are the residual (its all-reduce is the identity)
+        normed, residual = head.normed, head.rows
+    else:
+        normed, residual = model.comm.allreduce_add_rmsnorm(head.rows, None, norm.weight, norm.eps)
+    ctx = StepContext(slots=None, cos=None, sin=None, masks={}, temperature=None, n_keys=n_keys,
+                      positions=head.positions, start=head.start, step_mask=step_mask, inv_freq=model.inv_freq)
+    return normed, residual, ctx
 
 
 def lm_head(weight: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
