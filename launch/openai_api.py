@@ -112,10 +112,10 @@ class OpenAIServer:
         return JSONResponse(self.model_card())
 
     async def health(self, request: Request) -> Response:
-        try:
-            stats = self.backend.metrics()
-        except NodeUnavailable as e:
-            return error_response(ApiError(503, f"the node is unavailable: {e}", None, "node_unavailable"))
+        stats = self.backend.metrics()
+        state = stats.get("state", "up")
+        if state != "up":
+            return error_response(ApiError(503, f"the node is {state}", None, "node_unavailable"))
         return JSONResponse({"status": "ok", "running": stats.get("running"), "queue_length": stats.get("queue_length")})
 
     async def prometheus(self, request: Request) -> Response:

@@ -7,15 +7,19 @@ Start-up order, so that every user error costs no node start: the flags are chec
 address is bound (a port in use or a bad host is refused here, with exit code 2), the
 checkpoint's config, layout, tokenizer and chat template are read; only then do the ranks start
 and load. When the server accepts requests it prints one line with its address (with --port 0,
-the port the system picked), which scripts and tests wait for. Ctrl-C (or SIGTERM) stops
-accepting, gives open requests a few seconds, closes the scheduler, then the node.
+the port the system picked), which scripts and tests wait for. Ctrl-C or SIGTERM stops
+accepting, gives open requests a few seconds, closes the scheduler and with it the node, and
+exits with 130 or 143.
 
 BackgroundServer runs the same uvicorn server in a thread, for tests and tools that serve and
 call in one process.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import signal
 import socket
 import sys
 import threading
@@ -116,6 +120,23 @@ class BackgroundServer:
             raise RuntimeError(f"the HTTP server did not stop within {timeout_s} s")
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again; by default that kills
+    the process before the scheduler and the node are closed. This makes it a SystemExit (code
+    143) that runs the cleanup on its way out."""
+    def exit_143(signum, frame):
+        raise SystemExit(128 + signum)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _check_flags(args) -> None:
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                                ("--prefill-chunk", args.prefill_chunk, 1)):
@@ -147,47 +168,60 @@ def served_model(model_dir: Path, model_cfg, max_context: int | None, name: str 
                        max_context=max_context or model_cfg.max_position_embeddings, created=int(time.time()))
 
 
-def run_serve(args) -> int:
+def start_backend(args):
+    """Everything before HTTP: the node started and loaded, a Scheduler over it, the served model.
+    Returns (scheduler, served, options); the scheduler owns the node (close() shuts it down)."""
     from cluster.scheduler import Scheduler
-    from launch.openai_api import ServeOptions, create_app
+    from launch.openai_api import ServeOptions
     from model.config import load_model_config
+
+    settings = node_settings(args)
+    run = settings.run
+    served = served_model(settings.model_dir, load_model_config(settings.model_dir), run.max_context,
+                          args.served_model_name)
+    build = {**settings.build_kwargs, "max_restarts": 0}  # the scheduler restarts: it knows the requests
+    node = build_node(run, **build)
+    try:
+        check_spec(settings.spec, settings.draft_path, settings.model_dir, node.model_cfg)
+        reports = node.load()
+        print(f"loaded {run.world_size} rank(s) in {max(r['load_s'] for r in reports):.1f} s", file=sys.stderr)
+        kwargs = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                      max_restarts=args.max_restarts, make_node=lambda: build_node(run, **build))
+        try:
+            scheduler = Scheduler(node, spec=settings.spec, **kwargs)
+        except NotImplementedError as e:  # the scheduler cannot batch speculative decoding (yet): say so
+            print(f"warning: {e}; serving with plain decoding (the draft stays loaded)", file=sys.stderr)
+            scheduler = Scheduler(node, spec=None, **kwargs)
+    except BaseException:
+        node.shutdown()
+        raise
+    served = dataclasses.replace(served, max_context=scheduler.max_context)
+    options = ServeOptions(api_key=args.api_key, token_timeout_s=args.token_timeout,
+                           default_chat_max_tokens=args.max_chat_tokens)
+    return scheduler, served, options
+
+
+def run_serve(args) -> int:
+    from launch.openai_api import create_app
 
     _check_flags(args)
     sock = bind_socket(args.host, args.port)
     try:
-        settings = node_settings(args)
-        run = settings.run
-        served = served_model(settings.model_dir, load_model_config(settings.model_dir), run.max_context,
-                              args.served_model_name)
-        build = {**settings.build_kwargs, "max_restarts": 0}  # the scheduler restarts (it knows the requests)
-
-        def make_node():
-            node = build_node(run, **build)
-            node.load()
-            return node
-
-        node = build_node(run, **build)
-        try:
-            check_spec(settings.spec, settings.draft_path, settings.model_dir, node.model_cfg)
-            reports = node.load()
-            print(f"loaded {run.world_size} rank(s) in {max(r['load_s'] for r in reports):.1f} s", file=sys.stderr)
-            scheduler = Scheduler(node, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  prefill_chunk=args.prefill_chunk, spec=settings.spec,
-                                  max_restarts=args.max_restarts, make_node=make_node)
-            try:
-                options = ServeOptions(api_key=args.api_key, token_timeout_s=args.token_timeout,
-                                       default_chat_max_tokens=args.max_chat_tokens)
-                app = create_app(scheduler, served, options)
-                ready = (f"serving {served.name} at {url_of(sock)}/v1 (world size {run.world_size}, "
-                         f"max batch {args.max_batch}, chat template: {served.chat_template.origin})")
-                _uvicorn_server(app, args.log_level, on_ready=lambda: print(ready, flush=True)).run(sockets=[sock])
-            finally:
-                scheduler.close()
-        finally:
-            node.shutdown()
-    finally:
+        scheduler, served, options = start_backend(args)
+    except BaseException:
         sock.close()
-    if args.trace:
-        traced = finish_trace_dir(args.trace)
-        print(f"trace: {traced['dir']} (dgx-emu trace summary {traced['dir']})", file=sys.stderr)
+        raise
+    try:
+        ready = (f"serving {served.name} at {url_of(sock)}/v1 (world size {args.world_size}, "
+                 f"max batch {args.max_batch}, chat template: {served.chat_template.origin})")
+        server = _uvicorn_server(create_app(scheduler, served, options), args.log_level,
+                                 on_ready=lambda: print(ready, flush=True))
+        with _sigterm_exits():
+            server.run(sockets=[sock])
+    finally:  # also after Ctrl-C / SIGTERM
+        scheduler.close()
+        sock.close()
+        if args.trace:  # the ranks wrote their timelines when the node closed
+            traced = finish_trace_dir(args.trace)
+            print(f"trace: {traced['dir']} (dgx-emu trace summary {traced['dir']})", file=sys.stderr)
     return 0

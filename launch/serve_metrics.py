@@ -8,8 +8,8 @@ Two sources:
     over any window.
   * the scheduler's own state, read at scrape time from `backend.metrics()`: queue length,
     running requests, completed requests, its tokens/s and acceptance length, and its own TTFT /
-    inter-token latency summaries. A number becomes a gauge; a {"p50": .., "p99": ..} mapping
-    becomes a gauge per quantile; None (nothing measured yet) is left out.
+    inter-token latency samples. A number becomes a gauge; a list of recent samples, or a
+    {"p50": .., "p99": ..} mapping, becomes a gauge per quantile; None (nothing yet) is left out.
 
 Each app has its own CollectorRegistry, so several servers in one process (tests, replicas) do
 not collide in prometheus_client's global registry.
@@ -29,9 +29,13 @@ SCHEDULER_GAUGES = {
     "completed": ("completed_requests", "requests the scheduler has finished since it started"),
     "tokens_per_s": ("tokens_per_second", "generated tokens per second over the scheduler's recent window"),
     "acceptance_length": ("acceptance_length", "speculative decoding: tokens accepted per verify step (mean)"),
-    "ttft_s": ("scheduler_ttft_seconds", "time to first token as the scheduler measures it"),
-    "itl_s": ("scheduler_inter_token_latency_seconds", "inter-token latency as the scheduler measures it"),
+    "failed": ("failed_requests", "requests the scheduler ended with an error (a rank failed, it closed)"),
+    "cancelled": ("cancelled_requests", "requests cancelled (clients that left, stop strings)"),
+    "restarts": ("node_restarts", "times the scheduler restarted the node after a failure"),
+    "ttft_s": ("scheduler_ttft_seconds", "time to first token at the driver (submit -> first token), recent requests"),
+    "itl_s": ("scheduler_inter_token_latency_seconds", "inter-token latency at the driver, recent tokens"),
 }
+QUANTILES = (0.5, 0.9, 0.99)
 
 
 class _SchedulerCollector:
@@ -47,6 +51,8 @@ class _SchedulerCollector:
         stats = self.backend.metrics()
         for key, (name, doc) in SCHEDULER_GAUGES.items():
             value = stats.get(key)
+            if isinstance(value, (list, tuple)):  # recent samples: their quantiles
+                value = _quantiles(value) if value else None
             if isinstance(value, dict):
                 family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["quantile"])
                 for label, v in value.items():
@@ -55,6 +61,11 @@ class _SchedulerCollector:
                 yield family
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+
+
+def _quantiles(samples) -> dict:
+    ordered = sorted(samples)
+    return {f"p{q * 100:g}": ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] for q in QUANTILES}
 
 
 def _quantile_label(key: str) -> str:
