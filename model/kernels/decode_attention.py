@@ -356,6 +356,14 @@ def _fuse_merge(q: torch.Tensor, k_cache: torch.Tensor, n_splits: int) -> bool:
     return n_splits * rows * q.shape[3] * 4 <= FUSED_MERGE_BYTES
 
 
+def merge_fuses(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Does a call at these shapes (q (B, T, Hq, D), k_cache (B, Hkv, S, D); meta tensors will do)
+    merge its splits in the attention launch itself, with the default plan? rope_decode_attention
+    is then ONE launch, else three (qkv_rope, the splits, the merge). The emulator's launch plans
+    (workers/launch_plan.py) ask this."""
+    return _fuse_merge(q, k_cache, _plan(q, k_cache, None, None)[3])
+
+
 def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: int, n_kv_heads: int, head_dim: int,
                           inv_freq, use_rope: bool, use_qk_norm: bool, eps: float,
                           temperature: tuple[float, float] | None, scale: float, chunk_size: int | None = None,
