@@ -193,10 +193,10 @@ class DecodeGraph:
         self.last_read = slot
         return self._host_ids[slot].tolist()
 
-    def stamps(self) -> list[tuple[tuple, int]]:
-        """(label, GPU ns) of the traced step last `read` (a graph captured with a ledger)."""
-        labels = self.ledger.labels[self.stamp_slots]
-        return list(zip(labels, self._host_stamps[self.last_read].tolist()))
+    def stamp_values(self) -> tuple[list[tuple], list[int]]:
+        """The labels and GPU ns of the traced step last `read` (a graph captured with a ledger);
+        the values are a copy (the pinned buffer is reused two launches later)."""
+        return self.ledger.labels[self.stamp_slots], self._host_stamps[self.last_read].tolist()
 
 
 class GraphPool:

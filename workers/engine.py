@@ -255,6 +255,7 @@ class Engine:
                 self._graph_steps(graph, out, finish, commit)
             finally:
                 if traced:
+                    self.graph_trace.drain()
                     self.recorder = host_recorder
         step = 0
         while not done and not all(finish):

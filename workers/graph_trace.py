@@ -17,7 +17,10 @@ graph is captured, not silently mislabeled.
 
 What it costs: a register read and a store per fused kernel, two one-thread stamp kernels per
 step and one small device-to-host copy, measured by `dgx-emu bench decode` style A/B runs (see
-the README). With NCCL as the backend the stamps cover only the local norm kernel after NCCL's
+the README). The host keeps each step's raw stamps (one copy of ~50 integers) and turns them into
+rows only when the decode loop ends (or every DRAIN_EVERY steps): building ~250 row fields per step
+in Python while the next replays wait on the host cost more than the stamps themselves. Every rank
+drains at the same steps, so the group's sequence numbers stay aligned. With NCCL as the backend the stamps cover only the local norm kernel after NCCL's
 all-reduce, so the all-reduce's time shows in the stage before it.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 from collectives.gpu_stamps import StampLedger
 
 LEDGER_SLOTS = 16384
+DRAIN_EVERY = 512  # traced steps kept raw before they become rows (a long generation stays bounded)
 
 
 class StampError(RuntimeError):
@@ -77,6 +81,7 @@ class GraphTrace:
         self.clock_bracket_ns = self.ledger.calibrate()
         self.requests: list[str] = []
         self.step = 0
+        self.pending: list[tuple] = []  # (labels, stamp values, step, requests, tokens, fields) not yet rows
 
     @contextlib.contextmanager
     def capturing(self):
@@ -88,11 +93,21 @@ class GraphTrace:
             self.resume()
 
     def record_step(self, graph, tokens: int, **fields) -> None:
-        """The rows of the replay `graph.read` returned last, as step `self.step`."""
-        coll, spans, (t0, t1) = stamp_rows(graph.stamps(), self.stage_names, self.tracer.group,
-                                           self.tracer.next_seq, self.step, self.ledger.offset_ns)
-        self.recorder.add_resolved({"s": self.step, "r": self.requests, "tokens": tokens, "graph": True, **fields,
-                                    "t0": t0, "t1": t1}, coll, spans)
+        """Keeps the stamps of the replay `graph.read` returned last, as step `self.step`; they
+        become rows at the next `drain` (the decode loop's end, or after DRAIN_EVERY steps)."""
+        labels, values = graph.stamp_values()
+        self.pending.append((labels, values, self.step, self.requests, tokens, fields))
+        if len(self.pending) >= DRAIN_EVERY:
+            self.drain()
+
+    def drain(self) -> None:
+        """The kept steps' rows, in step order, handed to the recorder."""
+        pending, self.pending = self.pending, []
+        for labels, values, step, requests, tokens, fields in pending:
+            coll, spans, (t0, t1) = stamp_rows(list(zip(labels, values)), self.stage_names, self.tracer.group,
+                                               self.tracer.next_seq, step, self.ledger.offset_ns)
+            self.recorder.add_resolved({"s": step, "r": requests, "tokens": tokens, "graph": True, **fields,
+                                        "t0": t0, "t1": t1}, coll, spans)
 
 
 class GraphStepRecorder:
