@@ -54,8 +54,8 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or step_timeout_s <= 0 or max_restarts < 0:
             raise ValueError(f"bad scheduler settings: max_batch={max_batch} max_queue={max_queue} "
                              f"prefill_chunk={prefill_chunk} step_timeout_s={step_timeout_s} max_restarts={max_restarts}")
-        if spec is not None:
-            raise NotImplementedError("speculative decoding under continuous batching is not built yet")
+        if spec is not None and not node.run.draft_path:
+            raise ValueError("speculative decoding needs a node started with an EAGLE-3 draft (RunConfig.draft_path)")
         if max_restarts and make_node is None:
             raise ValueError("max_restarts > 0 needs make_node (how to build a fresh node)")
         self.node, self.make_node, self.max_restarts = node, make_node, max_restarts
@@ -75,6 +75,7 @@ class Scheduler:
         self.itl: deque[float] = deque(maxlen=HISTORY)
         self.recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 10 s
         self.tokens_total = 0
+        self.acceptance: deque[tuple[float, int]] = deque(maxlen=HISTORY)  # (acceptance length, steps) per request
         self.rank_stats: dict = {}
         self.started = time.monotonic()
         self._open()
@@ -83,7 +84,8 @@ class Scheduler:
 
     # --- the session with the node ------------------------------------------------------------
     def _open(self) -> None:
-        config = {"max_batch": self.max_batch, "max_context": self.max_context, "prefill_chunk": self.prefill_chunk}
+        config = {"max_batch": self.max_batch, "max_context": self.max_context, "prefill_chunk": self.prefill_chunk,
+                  "spec": asdict(self.spec) if self.spec is not None else None}
         self.session, self.seq, self.since, self.last_progress = open_session(self.node, config), 0, 0, time.monotonic()
 
     def _push(self, commands: list[dict]) -> None:
@@ -174,6 +176,10 @@ class Scheduler:
                 if handle is None or handle.request_id != event["id"]:
                     continue  # a late event of a request already ended here
                 finish = FINISH[event["finish"]] if event["finish"] else None
+                if event.get("spec"):
+                    handle.spec = event["spec"]
+                    if event["spec"].get("acceptance_length") is not None:
+                        self.acceptance.append((event["spec"]["acceptance_length"], event["spec"]["verify_steps"]))
                 self._count(handle, len(event["tokens"]), now)
                 if finish:
                     self.slots[event["slot"]] = None
@@ -261,9 +267,14 @@ class Scheduler:
                     "failed": self.failed, "cancelled": self.cancelled, "tokens_total": self.tokens_total,
                     "ttft_s": list(self.ttft), "itl_s": list(self.itl),
                     "tokens_per_s": sum(n for _, n in self.recent_tokens) / window,
-                    "acceptance_length": None, "steps": steps, "restarts": self.restarts,
+                    "acceptance_length": self._acceptance_length(), "steps": steps, "restarts": self.restarts,
                     "control_overhead_per_step_s": stats.get("control_s", 0.0) / steps if steps else None,
                     "step_s": stats.get("step_s", 0.0) / steps if steps else None}
+
+    def _acceptance_length(self) -> float | None:
+        """Speculative decoding: tokens per verification step over recent requests (None: no spec)."""
+        steps = sum(n for _, n in self.acceptance)
+        return sum(length * n for length, n in self.acceptance) / steps if steps else None
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stops the loop, fails what is still queued or running, shuts the node down."""

@@ -80,25 +80,39 @@ class RowEvent:
     request_id: str
     tokens: list[int]  # new tokens this step
     finish: str | None  # "eos" / "length" when the row ended this step (its slot is free again)
+    spec: dict | None = None  # speculative decoding: the row's acceptance metrics, when it ended
 
 
 class BatchEngine:
     def __init__(self, model: Llama4, max_batch: int, max_context: int, prefill_chunk: int,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, draft=None, spec=None) -> None:
+        """spec: a model.spec.SpecConfig to decode speculatively with `draft` (an EAGLE-3 draft on
+        the same ranks), each row accepting its own number of drafts (workers/batch_spec.py)."""
         if max_batch < 1 or prefill_chunk < 1 or max_context < 2:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
                              f"max_context ({max_context}) >= 2")
+        if spec is not None and draft is None:
+            raise RequestError("speculative decoding was asked for, but no EAGLE-3 draft is loaded")
         self.model, self.cfg = model, model.cfg
         self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
         self.n_rows = max(max_batch + 1, MIN_ROWS)  # slots, then spare rows; the last is the ruler
         self.ruler = self.n_rows - 1
-        self.cache = model.new_cache(self.n_rows, round_up(max_context + 1, KEY_BLOCK), kv_dtype)
+        self.spec_rows = None
+        slots = round_up(max_context + 1, KEY_BLOCK)  # per row: the longest request, a ruler step's keys
+        if spec is not None:
+            from workers.batch_spec import SpecRows  # it builds on this module's row_view
+            self.spec_rows = SpecRows(model, draft, spec, self.n_rows, slots, kv_dtype)
+            self.cache = self.spec_rows.cache
+        else:
+            self.cache = model.new_cache(self.n_rows, slots, kv_dtype)
         self.rows: list[Row | None] = [None] * max_batch
         self.joining: list[int] = []  # slots still in prefill, oldest first
         self.device = model.embed_tokens.weight.device
         self.steps = 0
+        self.logits_hook = None  # hook(request_id, local logits (V_r,)) for every token chosen: tests read the bits
 
     # --- the slot table -------------------------------------------------------------------------
+    @torch.inference_mode()
     def add(self, slot: int, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """A request takes slot `slot` (free); its prefill starts at the next step."""
         if not 0 <= slot < self.max_batch or self.rows[slot] is not None:
@@ -109,8 +123,11 @@ class BatchEngine:
         seed = params.seed if params.seed is not None else 0
         self.rows[slot] = Row(request_id, list(prompt_ids), params, torch.Generator().manual_seed(seed))
         self.cache.lengths[slot] = 0
+        if self.spec_rows is not None:
+            self.spec_rows.join(slot)
         self.joining.append(slot)
 
+    @torch.inference_mode()
     def retire(self, slot: int) -> Row | None:
         """Frees a slot (a cancelled request); returns the row it held, or None if it was free."""
         row = self.rows[slot] if 0 <= slot < self.max_batch else None
@@ -130,6 +147,7 @@ class BatchEngine:
         return sum(row is not None for row in self.rows)
 
     # --- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RowEvent]:
         """Decode one token for every running row, then prefill joining rows within the budget."""
         events = self._decode()
@@ -144,33 +162,48 @@ class BatchEngine:
         slots = self._decoding()
         if not slots:
             return []
-        ids = torch.zeros(self.n_rows, 1, dtype=torch.long)  # (R, 1)
-        n_new = torch.zeros(self.n_rows, dtype=torch.long)  # (R,)
         params, generators = [IDLE] * self.n_rows, [None] * self.n_rows
         for s in slots:
-            row = self.rows[s]
-            ids[s, 0], n_new[s], params[s], generators[s] = row.out[-1], 1, row.params, row.generator
+            params[s], generators[s] = self.rows[s].params, self.rows[s].generator
+        if self.spec_rows is not None:
+            accepted = self.spec_rows.step(params, generators, slots)  # each row its own count
+            return [self._emit(s, accepted[s]) for s in slots]
+        ids = torch.zeros(self.n_rows, 1, dtype=torch.long)  # (R, 1)
+        n_new = torch.zeros(self.n_rows, dtype=torch.long)  # (R,)
+        for s in slots:
+            ids[s, 0], n_new[s] = self.rows[s].out[-1], 1
         longest = max(row.length for row in self.rows if row is not None)
         self.cache.lengths[self.ruler] = round_up(longest + 1, KEY_BLOCK) - 1  # keys read: a whole block
         logits = self.model(ids.to(self.device), self.cache, n_new=n_new.to(self.device)).logits  # (R, 1, V_r)
         tokens = self._pick(logits[:, -1], params, generators)
-        return [self._emit(s, tokens[s]) for s in slots]
+        for s in slots if self.logits_hook else ():
+            self.logits_hook(self.rows[s].request_id, logits[s, -1])
+        return [self._emit(s, [tokens[s]]) for s in slots]
 
     def _prefill(self) -> list[RowEvent]:
         events, budget = [], self.prefill_chunk
+        aux = self.spec_rows.aux_layers if self.spec_rows is not None else ()
         for slot in list(self.joining):
             row = self.rows[slot]
-            chunk = row.prompt[row.prefilled: row.prefilled + self.prefill_chunk]
+            start = row.prefilled
+            chunk = row.prompt[start: start + self.prefill_chunk]
             if len(chunk) > budget and budget < self.prefill_chunk:
                 break  # the next row's chunk waits for the next step (its boundaries never move)
             budget -= len(chunk)
             tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, C)
-            logits = self.model(tokens, row_view(self.cache, slot), last_only=True).logits  # (1, 1, V_r)
+            out = self.model(tokens, row_view(self.cache, slot), last_only=True, aux_layers=aux)
             row.prefilled += len(chunk)
-            if row.prefilled == len(row.prompt):
+            done = row.prefilled == len(row.prompt)
+            following = row.prompt[row.prefilled] if not done else None
+            if done:
                 self.joining.remove(slot)
-                first = self._pick(logits[:, -1], [row.params], [row.generator])[0]
-                events.append(self._emit(slot, first))
+                following = self._pick(out.logits[:, -1], [row.params], [row.generator])[0]
+                if self.logits_hook:
+                    self.logits_hook(row.request_id, out.logits[0, -1])
+            if self.spec_rows is not None:  # the draft reads the chunk's (feature, next token) pairs
+                self.spec_rows.prefill_chunk(slot, chunk, out.aux_hidden, following)
+            if done:
+                events.append(self._emit(slot, [following]))
             if budget <= 0:
                 break
         return events
@@ -180,14 +213,19 @@ class BatchEngine:
         return next_tokens(local_logits, shard.vocab_start, self.cfg.vocab_size, self.model.comm,
                            params, generators).tolist()
 
-    def _emit(self, slot: int, token: int) -> RowEvent:
-        """Appends a row's new token, ends the row if it is done (freeing the slot)."""
-        row = self.rows[slot]
-        row.out.append(token)
-        if row.params.stop_on_eos and token in self.cfg.eos_token_ids:
-            row.finish = "eos"
-        elif len(row.out) >= row.params.max_new_tokens:
-            row.finish = "length"
+    def _emit(self, slot: int, tokens: list[int]) -> RowEvent:
+        """Appends a row's new tokens up to its end (EOS, budget), freeing the slot if it ended."""
+        row, kept = self.rows[slot], []
+        for token in tokens:
+            kept.append(token)
+            row.out.append(token)
+            if row.params.stop_on_eos and token in self.cfg.eos_token_ids:
+                row.finish = "eos"
+            elif len(row.out) >= row.params.max_new_tokens:
+                row.finish = "length"
+            if row.finish:
+                break
+        spec = self.spec_rows.summary(slot, len(row.out)) if self.spec_rows is not None and row.finish else None
         if row.finish:
             self.retire(slot)
-        return RowEvent(slot, row.request_id, [token], row.finish)
+        return RowEvent(slot, row.request_id, kept, row.finish, spec)

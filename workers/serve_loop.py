@@ -26,6 +26,7 @@ import torch
 
 from collectives.communicator import Communicator
 from model.sampling import SamplingParams
+from model.spec import SpecConfig
 from workers.batch_engine import BatchEngine
 from workers.messages import pack, unpack
 
@@ -144,7 +145,8 @@ class ServeLoop:
                 rows = self.engine.step()
                 self.step_s += time.perf_counter() - start
                 self.steps += 1
-                events += [{"id": e.request_id, "slot": e.slot, "tokens": e.tokens, "finish": e.finish} for e in rows]
+                events += [{"id": e.request_id, "slot": e.slot, "tokens": e.tokens, "finish": e.finish,
+                            **({"spec": e.spec} if e.spec else {})} for e in rows]
             if self.mailbox is not None and (events or self.steps % 16 == 0):
                 self.mailbox.emit(events, self.stats())
         if self.mailbox is not None:
@@ -154,11 +156,13 @@ class ServeLoop:
 
 def run_serve(worker, config: dict, mailbox: Mailbox | None) -> dict:
     """One serving session on this rank (a loaded workers.worker.Worker): builds the batch engine
-    from `config` (max_batch, max_context, prefill_chunk, heartbeat_s) and loops until stopped."""
+    from `config` (max_batch, max_context, prefill_chunk, spec: a SpecConfig as a dict or None,
+    heartbeat_s) and loops until stopped."""
     if worker.model is None:
         raise RuntimeError(f"rank {worker.rank}: serving before the model is loaded")
+    spec = SpecConfig(**config["spec"]) if config.get("spec") else None
     engine = BatchEngine(worker.model, config["max_batch"], config["max_context"], config["prefill_chunk"],
-                         kv_dtype=worker.run.kv_torch_dtype)
+                         kv_dtype=worker.run.kv_torch_dtype, draft=getattr(worker, "draft", None), spec=spec)
     try:
         return ServeLoop(engine, worker.comm, mailbox, config.get("heartbeat_s", 0.25)).run()
     except BaseException:
