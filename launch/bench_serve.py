@@ -54,11 +54,11 @@ def add_bench_serve_parser(bsub) -> None:
 def heldout_prompts(count: int, chars: int) -> list[str]:
     """`count` distinct passages of the held-out text, each cut to at most `chars` at a space."""
     paragraphs = [" ".join(p.split()) for p in heldout_text().split("\n\n")]
-    passages = [p for p in paragraphs if len(p) >= chars // 2]
-    if not passages:
+    cut = [p[:chars].rsplit(" ", 1)[0] if len(p) > chars else p for p in paragraphs]
+    prose = [p for p in cut if len(p) >= chars // 2 and sum(c.isalpha() for c in p) >= len(p) // 2]  # no rulers
+    if not prose:
         raise UserError(f"--prompt-chars {chars}: the held-out text has no passage that long")
-    cut = [p[:chars].rsplit(" ", 1)[0] if len(p) > chars else p for p in passages]
-    return [cut[i % len(cut)] for i in range(count)]
+    return [prose[i % len(prose)] for i in range(count)]
 
 
 @dataclass
