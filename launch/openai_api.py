@@ -39,7 +39,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cluster.scheduler import NodeUnavailable, QueueFull
-from launch.openai_schema import ApiError, ChatRequest, CompletionRequest, validation_error
+from launch.openai_schema import (ApiError, ChatAnswer, ChatRequest, CompletionAnswer, CompletionRequest,
+                                  validation_error)
 from launch.serve_metrics import ServeMetrics
 from launch.serve_text import ChatTemplate, ChatTemplateError, TextStream
 from model.sampling import SamplingError, SamplingParams
@@ -309,53 +310,3 @@ async def _unless_disconnected(request: Request, coroutine):
     finally:
         if not task.done():
             task.cancel()
-
-
-class _Answer:
-    """The JSON shapes of one request's answer: whole, or as stream chunks."""
-    object_name = chunk_name = ""
-
-    def __init__(self, request_id: str, model: str, prompt_tokens: int) -> None:
-        self.id, self.model, self.prompt_tokens, self.created = request_id, model, prompt_tokens, int(time.time())
-
-    def _head(self, name: str) -> dict:
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model}
-
-    def usage(self, tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
-                "total_tokens": self.prompt_tokens + tokens}
-
-    def whole(self, text: str, finish: str, tokens: int) -> dict:
-        return {**self._head(self.object_name), "choices": [self.choice(text, finish)], "usage": self.usage(tokens)}
-
-    def usage_chunk(self, tokens: int) -> dict:
-        return {**self._head(self.chunk_name), "choices": [], "usage": self.usage(tokens)}
-
-    def first_chunk(self) -> dict | None:
-        return None
-
-
-class CompletionAnswer(_Answer):
-    object_name = chunk_name = "text_completion"
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def chunk(self, delta: str, finish: str | None) -> dict:
-        return {**self._head(self.chunk_name), "choices": [self.choice(delta, finish)]}
-
-
-class ChatAnswer(_Answer):
-    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-
-    def first_chunk(self) -> dict:  # OpenAI streams the role first
-        return self.chunk(None, None, role=True)
-
-    def chunk(self, delta: str | None, finish: str | None, role: bool = False) -> dict:
-        piece = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-        return {**self._head(self.chunk_name),
-                "choices": [{"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}]}

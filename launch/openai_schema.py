@@ -1,4 +1,5 @@
-"""The OpenAI request bodies `dgx-emu serve` accepts, and its errors in OpenAI's error format.
+"""The OpenAI request bodies `dgx-emu serve` accepts, the answers it sends (whole or as stream
+chunks), and its errors in OpenAI's error format.
 
 The models are strict pydantic models: a field of the wrong type is refused rather than coerced
 ("0.5" is not a temperature, true is not a max_tokens), and a field the API does not know is
@@ -12,6 +13,7 @@ for benchmarks). The `openai` client sends them through `extra_body`.
 """
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -155,3 +157,57 @@ def validation_error(errors: list[dict]) -> ApiError:
     messages = sorted({e["msg"] for e in same})
     return ApiError(400, f"invalid '{'.'.join(loc) if len(same) == 1 else param}': {'; or '.join(messages)}",
                     param, "invalid_type" if "type" in first["type"] else "invalid_value")
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------
+
+class Answer:
+    """The JSON shapes of one request's answer: whole, or as stream chunks."""
+    object_name = chunk_name = ""
+
+    def __init__(self, request_id: str, model: str, prompt_tokens: int) -> None:
+        self.id, self.model, self.prompt_tokens, self.created = request_id, model, prompt_tokens, int(time.time())
+
+    def _head(self, name: str) -> dict:
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model}
+
+    def usage(self, tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
+                "total_tokens": self.prompt_tokens + tokens}
+
+    def whole(self, text: str, finish: str, tokens: int) -> dict:
+        return {**self._head(self.object_name), "choices": [self.choice(text, finish)], "usage": self.usage(tokens)}
+
+    def usage_chunk(self, tokens: int) -> dict:
+        return {**self._head(self.chunk_name), "choices": [], "usage": self.usage(tokens)}
+
+    def first_chunk(self) -> dict | None:
+        return None
+
+
+class CompletionAnswer(Answer):
+    object_name = chunk_name = "text_completion"
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk(self, delta: str, finish: str | None) -> dict:
+        return {**self._head(self.chunk_name), "choices": [self.choice(delta, finish)]}
+
+
+class ChatAnswer(Answer):
+    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def first_chunk(self) -> dict:  # OpenAI streams the role first
+        return self.chunk(None, None, role=True)
+
+    def chunk(self, delta: str | None, finish: str | None, role: bool = False) -> dict:
+        piece = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+        return {**self._head(self.chunk_name),
+                "choices": [{"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}]}
