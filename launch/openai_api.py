@@ -64,7 +64,9 @@ class ServedModel:
 @dataclass(frozen=True)
 class ServeOptions:
     api_key: str | None = None
-    token_timeout_s: float = 120.0  # longest wait for a request's next token event before it is failed (503)
+    # Safety nets behind the scheduler's own stall detection; a request that waits longer fails with 503.
+    first_token_timeout_s: float = 600.0  # submit -> first event (includes the wait in the queue)
+    token_timeout_s: float = 120.0  # between events of a running request
     default_chat_max_tokens: int | None = None  # None: the rest of the context
 
 
@@ -195,13 +197,13 @@ class OpenAIServer:
         tokens, last = 0, started
         try:
             while True:
+                wait = self.options.token_timeout_s if tokens else self.options.first_token_timeout_s
                 try:
-                    event = await asyncio.wait_for(events.__anext__(), self.options.token_timeout_s)
+                    event = await asyncio.wait_for(events.__anext__(), wait)
                 except StopAsyncIteration:
                     raise ApiError(503, "the request's stream ended without finishing", None, "node_unavailable")
                 except TimeoutError:
-                    raise ApiError(503, f"no token for {self.options.token_timeout_s:.0f} s: the node stalled",
-                                   None, "node_timeout")
+                    raise ApiError(503, f"no token for {wait:.0f} s: the node stalled", None, "node_timeout")
                 if event.error:
                     raise ApiError(503, f"the node failed while serving this request: {event.error}", None,
                                    "node_unavailable")

@@ -50,7 +50,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-chat-tokens", type=int, default=None,
                    help="chat completions without max_tokens stop after this many (default: the rest of the context)")
     g.add_argument("--token-timeout", type=float, default=120.0,
-                   help="seconds a request waits for its next token before it fails with 503")
+                   help="seconds a running request waits for its next token before it fails with 503")
+    g.add_argument("--queue-timeout", type=float, default=600.0,
+                   help="seconds a request waits for its first token (queue included) before it fails with 503")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
     add_runtime_args(p)
@@ -144,8 +146,9 @@ def _check_flags(args) -> None:
             raise UserError(f"{flag} must be >= {least}, got {value}")
     if args.max_chat_tokens is not None and args.max_chat_tokens < 1:
         raise UserError(f"--max-chat-tokens must be >= 1, got {args.max_chat_tokens}")
-    if not args.token_timeout > 0:
-        raise UserError(f"--token-timeout must be > 0 s, got {args.token_timeout}")
+    for flag, value in (("--token-timeout", args.token_timeout), ("--queue-timeout", args.queue_timeout)):
+        if not value > 0:
+            raise UserError(f"{flag} must be > 0 s, got {value}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key is empty")
 
@@ -197,6 +200,7 @@ def start_backend(args):
         raise
     served = dataclasses.replace(served, max_context=scheduler.max_context)
     options = ServeOptions(api_key=args.api_key, token_timeout_s=args.token_timeout,
+                           first_token_timeout_s=args.queue_timeout,
                            default_chat_max_tokens=args.max_chat_tokens)
     return scheduler, served, options
 

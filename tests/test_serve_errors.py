@@ -185,3 +185,19 @@ def test_command_line_mistakes_exit_2_with_one_line(capsys):
             out, err = capsys.readouterr()
             lines = err.strip().splitlines()
             assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (argv, err)
+
+
+def test_a_request_that_waits_too_long_fails_with_503_and_leaves_the_queue():
+    """--queue-timeout bounds the wait for a first token (here: stuck behind a long request)."""
+    with serving("--max-batch", "1", "--queue-timeout", "1") as s:
+        client = s.client()
+        running = client.completions.create(model=MODEL, prompt="a", max_tokens=3000, stream=True,
+                                            extra_body={"ignore_eos": True})
+        next(iter(running))
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model=MODEL, prompt="b", max_tokens=2)
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "node_timeout"
+        assert "no token for 1 s" in caught.value.body["message"]
+        assert wait_for(lambda: s.scheduler.metrics()["queue_length"] == 0, 10, "the queue to empty")
+        running.close()
+        s.wait_idle()
