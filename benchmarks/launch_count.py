@@ -11,9 +11,13 @@ interpreter's own tensor traffic is hidden from the mode while a kernel runs. Th
 `Llama4.forward(static=True)` of one token for one row (what workers/cuda_graphs.py captures,
 before its argmax and feedback copies), on a model with the preset's layer structure (layer
 count, MoE / dense and RoPE / NoPE pattern, attention features) but tiny widths: launches do not
-depend on widths.
+depend on widths. `--draft` counts one EAGLE-3 draft forward instead (`Eagle3Draft.forward(static=True)`,
+one row, on the torch ops and on the fused kernels), the two kinds a chain-3 speculative step runs
+(workers/spec_graphs.py): the catch-up (4 tokens with target features, one row's logits) and a
+depth step (2 drafted tokens with the draft's own hidden states, a step mask, the last row's logits).
 
     TRITON_INTERPRET=1 python benchmarks/launch_count.py [--model medium] [--dtype bf16 fp8] [--detail]
+    TRITON_INTERPRET=1 python benchmarks/launch_count.py --draft [--detail]
 """
 from __future__ import annotations
 
@@ -111,13 +115,62 @@ def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20) 
     return counts
 
 
+def draft_launches(step: str = "catch_up", kernels: str = "triton", context: int = 20) -> Counter:
+    """Launches of one static draft forward (1 row, bf16, tiny widths) over `context` cached keys:
+    step "catch_up" or "depth" (module docstring), on `kernels` ("torch" / "triton")."""
+    from collectives.communicator import SingleRankCommunicator
+    from model.eagle3 import Eagle3Config, Eagle3Draft, SharedTargetParts, draft_layout
+    from model.llama4 import VocabEmbedding
+    from model.parallel import layout
+    cfg = Eagle3Config(hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=32,
+                       vocab_size=64, draft_vocab_size=48, target_hidden_size=32)
+    gen = torch.Generator().manual_seed(0)
+    target = dataclasses.replace(cfg.attention_config(), vocab_size=cfg.vocab_size)  # as wide as the draft
+    embed = VocabEmbedding(layout(target), cfg.hidden_size)  # the target's embedding
+    draft = Eagle3Draft(cfg, draft_layout(cfg, 1, 0), SingleRankCommunicator(), SharedTargetParts(embed), kernels)
+    for param in list(draft.parameters()) + [embed.weight]:
+        param.data.copy_(torch.randn(param.shape, generator=gen) * 0.05 + (1.0 if param.dim() == 1 else 0.0))
+    draft, embed = draft.to(torch.bfloat16).eval(), embed.to(torch.bfloat16)
+    cache = draft.new_cache(1, context + 8)
+    features = cfg.n_aux * cfg.target_hidden_size
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=gen)
+    draft(prompt, cache, target_features=torch.randn(1, context, features, generator=gen).bfloat16())  # history
+    rows = 4 if step == "catch_up" else 2
+    tokens = torch.randint(0, cfg.vocab_size, (1, rows), generator=gen)
+    if step == "catch_up":
+        inputs = dict(target_features=torch.randn(1, rows, features, generator=gen).bfloat16(),
+                      n_new=torch.full((1,), rows), logit_rows=torch.zeros(1, 1, dtype=torch.long))
+    else:
+        inputs = dict(hidden=torch.randn(1, rows, cfg.hidden_size, generator=gen).bfloat16(),
+                      positions=torch.arange(context, context + rows)[None],
+                      step_mask=torch.ones(1, rows, rows, dtype=torch.bool).tril(),
+                      logit_rows=torch.full((1, 1), rows - 1))
+    counts: Counter = Counter()
+    forward = type(draft).forward.__wrapped__  # without inference mode (see step_launches)
+    with torch.no_grad(), _gpu_norm():
+        saved = cache.lengths.clone()
+        forward(draft, tokens, cache, static=True, **inputs)  # warm-up, as before a graph capture
+        cache.lengths.copy_(saved)
+        with count_launches(counts):
+            forward(draft, tokens, cache, static=True, **inputs)
+    return counts
+
+
 @contextmanager
 def _gpu_norm():
-    """The residual add + RMSNorm as a GPU runs it: collectives/fused_norm.py's one kernel (the
-    communicator takes it for CUDA tensors only; the interpreter runs it on CPU tensors)."""
+    """The residual add + RMSNorm as a GPU runs it: collectives/fused_norm.py's one kernel where the
+    communicator takes it on CUDA tensors (contiguous rows of one dtype), the torch ops elsewhere;
+    the interpreter runs the kernel on CPU tensors."""
     from collectives import communicator, fused_norm
     original = communicator.add_rmsnorm
-    communicator.add_rmsnorm = fused_norm.add_rmsnorm
+
+    def as_on_cuda(reduced, residual, weight, eps, quant_scale=None):
+        if fused_norm.available(reduced) and (residual is None or (
+                residual.is_contiguous() and residual.shape == reduced.shape and residual.dtype == reduced.dtype)):
+            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
+        return original(reduced, residual, weight, eps, quant_scale)
+
+    communicator.add_rmsnorm = as_on_cuda
     try:
         yield
     finally:
@@ -129,16 +182,25 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="medium", choices=["medium", "maverick-slice"])
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     p.add_argument("--detail", action="store_true", help="launches per kernel / op")
+    p.add_argument("--draft", action="store_true", help="an EAGLE-3 draft forward, torch ops vs fused kernels")
     args = p.parse_args(argv)
+    if args.draft:
+        for step in ("catch_up", "depth"):
+            for kernels in ("torch", "triton"):
+                _report(f"draft {step} ({kernels})", "draft forward", draft_launches(step, kernels), args.detail)
+        return 0
     for dtype in args.dtype:
-        counts = step_launches(args.model, dtype)
-        triton_n = sum(v for k, v in counts.items() if k.startswith("triton"))
-        print(f"{args.model} {dtype}: {sum(counts.values())} launches per decode step "
-              f"({triton_n} Triton, {sum(counts.values()) - triton_n} torch)")
-        if args.detail:
-            for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                print(f"  {n:4d}  {key}")
+        _report(f"{args.model} {dtype}", "decode step", step_launches(args.model, dtype), args.detail)
     return 0
+
+
+def _report(name: str, what: str, counts: Counter, detail: bool) -> None:
+    triton_n = sum(v for k, v in counts.items() if k.startswith("triton"))
+    print(f"{name}: {sum(counts.values())} launches per {what} ({triton_n} Triton, "
+          f"{sum(counts.values()) - triton_n} torch)")
+    if detail:
+        for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {n:4d}  {key}")
 
 
 if __name__ == "__main__":

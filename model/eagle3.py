@@ -36,8 +36,9 @@ from torch import nn
 from collectives.communicator import Communicator
 from model.attention import KVCache, StepContext, build_step_context, rope_inv_freq
 from model.config import ConfigError, ModelConfig, RopeScaling, _get, _int_list, _rope_from_hf
+from model import fast_path
 from model.ffn import MLP
-from model.llama4 import RMSNorm, VocabEmbedding
+from model.llama4 import KERNELS, RMSNorm, VocabEmbedding
 from model.parallel import ShardLayout, layout
 
 
@@ -167,10 +168,14 @@ def draft_layout(cfg: Eagle3Config, world_size: int, rank: int) -> ShardLayout:
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama (rotate-half) RoPE. x: (B, T, heads, D); cos/sin: (B, T, D/2)."""
+    """Llama (rotate-half) RoPE: pair i is (x[i], x[i + D/2]). x: (B, T, heads, D); cos/sin: (B, T, D/2).
+    The rotated pair i comes out at (2i, 2i + 1), the fused kernels' interleaved order, so the draft's
+    KV cache holds the same keys on either path (model/eagle3_fast_path.py); q and k meet only in
+    dot products, which one permutation of both leaves unchanged."""
     first, second = x.float().chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x)
+    rotated = torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-1)  # (B, T, heads, D/2, 2)
+    return rotated.flatten(-2).type_as(x)
 
 
 class DraftAttention(nn.Module):
@@ -241,9 +246,15 @@ class DraftOutput:
 
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: Eagle3Config, shard: ShardLayout, comm: Communicator, target: SharedTargetParts) -> None:
+    def __init__(self, cfg: Eagle3Config, shard: ShardLayout, comm: Communicator, target: SharedTargetParts,
+                 kernels: str = "torch") -> None:
+        """kernels: "torch" (reference ops) or "triton" (fused kernels for forwards of up to
+        fast_path.MAX_TOKENS rows on CUDA or Triton's interpreter: model/eagle3_fast_path.py);
+        load_draft gives the draft its target's choice."""
         super().__init__()
-        self.cfg, self.shard, self.comm, self.target = cfg, shard, comm, target
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        self.cfg, self.shard, self.comm, self.target, self.kernels = cfg, shard, comm, target, kernels
         self.eps = cfg.rms_norm_eps
         fc_in = cfg.n_aux * cfg.target_hidden_size
         self.fc_cols = shard.rank_slice(fc_in, fc_in // shard.parallel.world_size)
@@ -260,8 +271,21 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))  # target ids in the draft vocab
         self.register_buffer("inv_freq", rope_inv_freq(shard.model), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype) casts floating buffers too; RoPE's inverse frequencies stay float32 (a bf16
+        one puts a position of a few thousand radians off), as the target's do."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.shard.model).to(self.inv_freq.device)
+        return self
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.target.lm_head_weight if self.lm_head is None else self.lm_head.weight
+
+    def forget_kernel_copies(self) -> None:
+        """Drops what the fused path derived from the weights (eagle3_fast_path.rotary_qkv_weight), after
+        a load that wrote them through `.data` (which moves no version counter)."""
+        self.__dict__.pop("_rotary_qkv", None)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         weight = self.fc.weight
@@ -292,13 +316,14 @@ class Eagle3Draft(nn.Module):
         return self.__dict__["_target_ids"]
 
     def embed_and_feature(self, tokens: torch.Tensor, target_features: torch.Tensor | None,
-                          hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          hidden: torch.Tensor | None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings and features (B, T, H) each, replicated: ONE all-reduce completes both
-        the vocab-parallel embedding and, for target features, the row-parallel fc."""
+        the vocab-parallel embedding and, for target features, the row-parallel fc (fused: its GEMV)."""
         embed_partial = self.target.embed(tokens)  # (B, T, H) this rank's vocab rows only
         if target_features is None:
             return self.comm.all_reduce(embed_partial), hidden
-        fc_partial = self.fc(target_features[..., self.fc_cols].to(self.fc.weight.dtype))  # (B, T, H)
+        fc_in = target_features[..., self.fc_cols].to(self.fc.weight.dtype)
+        fc_partial = fast_path.linear(self.fc, fc_in) if fused else self.fc(fc_in)  # (B, T, H)
         both = self.comm.all_reduce(torch.cat([embed_partial, fc_partial], dim=-1))  # (B, T, 2H)
         return both.split(self.cfg.hidden_size, dim=-1)
 
@@ -313,7 +338,10 @@ class Eagle3Draft(nn.Module):
         return self.comm.allreduce_add_rmsnorm(layer.mlp(h), residual, self.norm.weight, self.eps)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        logits = normed @ self.lm_head_weight().t()  # (B, R, Vd_r)
+        return self.mask_padded_vocab(normed @ self.lm_head_weight().t())  # (B, R, Vd_r)
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf (in place) on this rank's padding columns past the draft vocabulary, if it has any."""
         if self.shard.vocab_valid_per_rank < self.shard.vocab_per_rank:
             logits[..., self.shard.vocab_valid_per_rank:] = float("-inf")
         return logits
@@ -326,8 +354,15 @@ class Eagle3Draft(nn.Module):
         """tokens: (B, T); target_features (B, T, n_aux*H_t) OR hidden (B, T, H) (the draft's own).
         logit_rows: (B, R) rows to compute logits for (default all). Advances cache.lengths by n_new.
         static: attend over the whole cache buffer with a length mask, reading nothing back to the
-        host (a CUDA graph captures it: workers/spec_graphs.py)."""
+        host (a CUDA graph captures it: workers/spec_graphs.py). With kernels="triton", a forward of
+        up to fast_path.MAX_TOKENS rows runs on the fused kernels (model/eagle3_fast_path.py)."""
         batch, n_tokens = tokens.shape
+        if self.kernels == "triton" and fast_path.applies(tokens[..., None]):
+            from model import eagle3_fast_path
+            fused = eagle3_fast_path.forward(self, tokens, cache, target_features, hidden, n_new, positions,
+                                             step_mask, logit_rows, static)
+            if fused is not None:
+                return DraftOutput(logits=fused[0], hidden=fused[1])
         if n_new is None:
             n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=tokens.device)
         if positions is None:

@@ -110,18 +110,20 @@ def load_draft_shard(draft: Eagle3Draft, path: str | Path) -> int:
                 owned[dest].data[cut.dest].copy_(piece)
                 nbytes += piece.numel() * piece.element_size()
     _check_vocab_map(draft, "t2d" in files, path)
+    draft.forget_kernel_copies()  # written through .data, which moves no version counter
     return nbytes
 
 
-def load_draft(path: str | Path, target) -> tuple[Eagle3Draft, int]:
+def load_draft(path: str | Path, target, kernels: str | None = None) -> tuple[Eagle3Draft, int]:
     """Builds this rank's shard of the draft at `path` beside `target` (a Llama4: same ranks,
-    communicator, device and dtype) and reads its slices. Returns (draft, bytes read)."""
+    communicator, device and dtype) and reads its slices. kernels: "torch" / "triton", default the
+    target's. Returns (draft, bytes read)."""
     cfg = read_draft_config(path, target.cfg)
     shard = draft_layout(cfg, target.shard.parallel.world_size, target.shard.parallel.rank)
     weight = target.embed_tokens.weight
     shared = SharedTargetParts(target.embed_tokens, None if cfg.has_lm_head else target.lm_head_weight())
     with torch.device(weight.device):
-        draft = Eagle3Draft(cfg, shard, target.comm, shared).to(weight.dtype)
+        draft = Eagle3Draft(cfg, shard, target.comm, shared, kernels or target.kernels).to(weight.dtype)
     return draft.eval(), load_draft_shard(draft, path)
 
 
