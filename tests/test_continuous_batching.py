@@ -191,3 +191,43 @@ def test_eagle3_rows_accept_their_own_drafts_and_match_plain_greedy(reference, s
     lengths = [h.spec["acceptance_length"] for h in handles]
     assert all(1.0 <= a <= spec.shape[1] + 1 for a in lengths) and len(set(lengths)) > 1  # each row its own
     assert metrics["acceptance_length"] > 1.0
+
+
+def test_world2_killed_rank_fails_its_requests_and_a_restart_serves_again(reference):
+    """Ray, 2 CPU actors: outputs equal the engine alone; SIGKILL rank 1 mid-decode -> every request
+    in flight ends with an error naming rank 1 (none hangs), the scheduler rebuilds the node
+    (max_restarts=1) and serves a new request, whose output is again the engine's alone."""
+    from cluster.node import build_node
+    run = RunConfig(MODEL, world_size=2, max_context=MAX_CONTEXT, collective_timeout_s=20.0)
+    node = build_node(run)
+    try:
+        node.load()
+    except BaseException:
+        node.shutdown()
+        raise
+    with Scheduler(node, max_batch=4, prefill_chunk=16, max_restarts=1, make_node=lambda: build_node(run)) as sched2:
+        first = [sched2.submit(_prompt(n, 80 + n), _params(8)) for n in (3, 25, 50)]
+        assert [h.result(120) for h in first] == [reference(list(h.prompt), h.params) for h in first]
+        doomed = [sched2.submit(_prompt(6, 90 + i), _params(200)) for i in range(2)]
+        for h in doomed:
+            _wait_tokens(h, 2)
+        killed_at = time.monotonic()
+        os.kill(sched2.node.node_pids()[1], signal.SIGKILL)
+        for h in doomed:
+            with pytest.raises(RuntimeError, match="rank 1 failed"):
+                h.result(30)
+        assert time.monotonic() - killed_at < 30
+        deadline, refused = time.monotonic() + 180, 0
+        while sched2.metrics()["state"] != "up":
+            assert time.monotonic() < deadline and sched2.metrics()["state"] == "restarting", sched2.metrics()
+            try:
+                sched2.submit([1, 2, 3], _params(2)).cancel()
+            except NodeUnavailable as e:
+                refused += 1
+                assert "restarting" in str(e) and "rank 1 failed" in str(e)
+            time.sleep(0.2)
+        assert refused > 0  # while the node was rebuilt, new requests were told so
+        again = sched2.submit(_prompt(12, 99), _params(10))
+        assert again.result(120) == reference(list(again.prompt), again.params)
+        metrics = sched2.metrics()
+        assert metrics["restarts"] == 1 and metrics["failed"] == 2

@@ -3,8 +3,9 @@ between steps. Every rank runs the same engine in lockstep on the same commands 
 hands them out), so every choice below is made identically everywhere, as in workers/engine.py.
 
 A step is
-  1. decode:  ONE forward over every row of the cache, one token for each running row (the others,
-              free slots and rows still in prefill, take n_new = 0 and ride along);
+  1. decode:  ONE forward over the rows up to the highest busy slot (plus one free row, see below),
+              one token for each running row (the others, free slots and rows still in prefill,
+              take n_new = 0 and ride along; the driver fills the lowest free slot first);
   2. prefill: joining rows, oldest first, each fed its next chunk of at most `prefill_chunk` prompt
               tokens, while the step's budget of `prefill_chunk` tokens lasts (the first joining row
               always gets its chunk). A long prompt therefore delays the running rows by at most
@@ -14,16 +15,17 @@ slot's length to 0 and overwrites the old keys as it goes.
 
 Batch invariance (fp32 on CPU actors): a row's logits are the same BITS whatever else is in the
 batch, so its greedy tokens are the same alone or among others. What it takes, each measured:
-  * every row is computed in every decode step (free slots included), so the dense GEMMs always
-    see the same number of rows (>= MIN_ROWS): MKL's fp32 GEMM gives a row other bits below 4 rows;
+  * a decode forward has at least MIN_ROWS rows (free ones if need be): MKL's fp32 GEMM gives a
+    row other bits below 4 rows, and the same bits for any count from 4 up (measured: 4..256);
   * prefill runs each row in its own forward (a one-row view of the cache) with chunk boundaries
     fixed by the row's own prompt (0, C, 2C...), never shared with another row;
   * the MoE's per-expert GEMMs pad small groups to 4 rows (model/ffn.py MIN_GEMM_ROWS);
   * attention reads a number of key slots that is a multiple of KEY_BLOCK: torch's CPU attention
     rounds differently when the key count's tail is not a whole vector (a key count of 100 vs 101
     changes a row's output; any multiple of 8 gives the same bits). The eager step reads up to the
-    longest row, so the engine keeps one extra "ruler" row whose length it sets before each step
-    to make that count a multiple of KEY_BLOCK.
+    longest row, so a free row of the step (the "ruler", one past the highest busy slot; the
+    cache has one row more than there are slots) gets the length that makes it a whole block.
+Speculative steps (workers/batch_spec.py) run over every row and make no such promise.
 Against workers.engine run alone (one full-prompt prefill, one-row decode GEMMs) the tokens agree
 but the bits need not: that engine's decode takes the small-GEMM kernel.
 """
@@ -47,13 +49,13 @@ def round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def row_view(cache: KVCache, row: int) -> KVCache:
-    """A one-row KVCache sharing `cache`'s storage: a forward on it writes row `row`'s keys,
-    values and length in place (basic slicing keeps views)."""
+def row_view(cache: KVCache, row: int, n_rows: int = 1) -> KVCache:
+    """Rows [row, row + n_rows) of `cache` as a KVCache sharing its storage: a forward on it writes
+    those rows' keys, values and lengths in place (basic slicing keeps views)."""
     view = KVCache.__new__(KVCache)
-    view.k = [t[row: row + 1] for t in cache.k]  # (1, Hkv, S, D) each
-    view.v = [t[row: row + 1] for t in cache.v]
-    view.lengths = cache.lengths[row: row + 1]  # (1,)
+    view.k = [t[row: row + n_rows] for t in cache.k]  # (n_rows, Hkv, S, D) each
+    view.v = [t[row: row + n_rows] for t in cache.v]
+    view.lengths = cache.lengths[row: row + n_rows]  # (n_rows,)
     view.max_len, view.dtype, view.scales = cache.max_len, cache.dtype, cache.scales
     return view
 
@@ -95,8 +97,7 @@ class BatchEngine:
             raise RequestError("speculative decoding was asked for, but no EAGLE-3 draft is loaded")
         self.model, self.cfg = model, model.cfg
         self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
-        self.n_rows = max(max_batch + 1, MIN_ROWS)  # slots, then spare rows; the last is the ruler
-        self.ruler = self.n_rows - 1
+        self.n_rows = max(max_batch + 1, MIN_ROWS)  # the slots, then spare rows (a free row is the ruler)
         self.spec_rows = None
         slots = round_up(max_context + 1, KEY_BLOCK)  # per row: the longest request, a ruler step's keys
         if spec is not None:
@@ -168,14 +169,21 @@ class BatchEngine:
         if self.spec_rows is not None:
             accepted = self.spec_rows.step(params, generators, slots)  # each row its own count
             return [self._emit(s, accepted[s]) for s in slots]
-        ids = torch.zeros(self.n_rows, 1, dtype=torch.long)  # (R, 1)
-        n_new = torch.zeros(self.n_rows, dtype=torch.long)  # (R,)
+        # rows [0, n): every busy slot (the driver fills the lowest free slot first), then a free
+        # row as the ruler; at least MIN_ROWS, so the GEMMs keep their kernel whatever n is
+        busy = max(s for s, row in enumerate(self.rows) if row is not None)
+        n = max(busy + 2, MIN_ROWS)
+        ruler = n - 1
+        ids = torch.zeros(n, 1, dtype=torch.long)  # (n, 1)
+        n_new = torch.zeros(n, dtype=torch.long)  # (n,)
         for s in slots:
             ids[s, 0], n_new[s] = self.rows[s].out[-1], 1
         longest = max(row.length for row in self.rows if row is not None)
-        self.cache.lengths[self.ruler] = round_up(longest + 1, KEY_BLOCK) - 1  # keys read: a whole block
-        logits = self.model(ids.to(self.device), self.cache, n_new=n_new.to(self.device)).logits  # (R, 1, V_r)
-        tokens = self._pick(logits[:, -1], params, generators)
+        self.cache.lengths[ruler] = round_up(longest + 1, KEY_BLOCK) - 1  # keys read: a whole block
+        view = row_view(self.cache, 0, n)
+        logits = self.model(ids.to(self.device), view, n_new=n_new.to(self.device)).logits  # (n, 1, V_r)
+        self.cache.lengths[ruler] = 0
+        tokens = self._pick(logits[:, -1], params[:n], generators[:n])
         for s in slots if self.logits_hook else ():
             self.logits_hook(self.rows[s].request_id, logits[s, -1])
         return [self._emit(s, [tokens[s]]) for s in slots]
