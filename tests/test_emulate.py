@@ -15,7 +15,7 @@ import torch
 
 from cluster.hardware import node_spec
 from model.config import ConfigError, maverick, preset
-from workers.emulate import estimate_step, project, shape_only_model
+from workers.emulate import estimate_step, module_bytes, project, shape_only_model
 from workers.step_bench import step_bytes
 
 
@@ -68,21 +68,21 @@ def test_projection_speeds_up_with_speculation_and_a_faster_node():
 
 
 def test_predictions_stay_near_the_h200_measurements():
-    """The committed validation cases (benchmarks/emulator_validation.py), per group. Old TP1
-    (5df43eb's kernels): medium and maverick-slice within 15%; the embedded model's tiny GEMVs are
-    over-predicted (their fixed cost comes from a fit on >= 4 MB weights) and are held to 50%.
-    TP2 (fused symm collectives) within 20%. New TP1 (afb18b2's 76-launch step) within 30%: the
-    cost model still plans the older kernel set (separate RoPE, split-KV merge, cuBLAS router +
-    top-k, separate shared / routed GEMVs), so the kernel term over-predicts medium's decode, while
-    maverick-slice's verify is under-predicted (-20%: its measured step got slower than the old one)."""
+    """The committed validation cases (benchmarks/emulator_validation.py). The current-kernel rows
+    (new TP1: afb18b2 / 0f037de; TP2: afb18b2 over the symm collectives) meet the issue's targets:
+    median |error| <= 10% and worst <= 25%, over all of them and per group. The old TP1 rows
+    measured an older kernel set (no PDL, 101 launches a medium step) than the one the launch plan
+    mirrors, so they are reported, not held to the targets: their medium rows are all slower than
+    the current plan predicts."""
     sys.path.insert(0, str(node_spec.__globals__["NODES_DIR"].parent.parent))
-    from benchmarks.emulator_validation import validate
+    from benchmarks.emulator_validation import CURRENT, group_errors, validate
     rows = validate()
-    assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2"} and len(rows) >= 16
-    bounds = {"old TP1": 0.15, "new TP1": 0.30, "TP2": 0.20}
-    for r in rows:
-        bound = 0.5 if r["case"].startswith("embedded") else bounds[r["group"]]
-        assert abs(r["error"]) <= bound, r
+    assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2"} and len(rows) >= 18
+    groups = group_errors(rows)
+    for group in (*CURRENT, "current kernels"):
+        assert groups[group]["median_abs_error"] <= 0.10 and groups[group]["worst_abs_error"] <= 0.25, groups
+    assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
+    assert all(r["error"] < 0 for r in rows if r["group"] == "old TP1" and r["case"].startswith("medium"))
 
 
 def test_fused_collective_is_one_op_fitted_to_the_tp2_measurements():
@@ -141,9 +141,11 @@ def test_expert_parallel_adds_all_to_alls_and_reads_whole_experts():
     ep_layout = estimate_step(shape_only_model(cfg, 8, "ep", "fp8"), node, 1, 1, 512)
     assert not [op for op in tp_layout.ops if op.name in ("dispatch", "combine")]
     assert len([op for op in ep_layout.ops if op.name in ("dispatch", "combine")]) == 2 * len(cfg.moe_layers)
-    routed = [op.bytes for op in ep_layout.ops if op.name.startswith("routed")]
-    sliced = [op.bytes for op in tp_layout.ops if op.name.startswith("routed")]
-    assert routed[0] == 8 * sliced[0]  # one whole expert against an eighth of one
+    whole = [op.bytes for op in ep_layout.ops if op.name.startswith("routed gate_up_proj")]
+    pairs = [op.bytes for op in tp_layout.ops if op.name.startswith("shared + routed gate_up_proj")]
+    shared = module_bytes(shape_only_model(cfg, 8, "tp", "fp8").layers[1].feed_forward.shared_expert.gate_up_proj)
+    assert len(whole) == len(pairs) == len(cfg.moe_layers)
+    assert whole[0] == 8 * (pairs[0] - shared)  # one whole expert against an eighth of one (beside the shared one)
 
 
 def test_sweep_writes_its_table_and_plot(tmp_path):

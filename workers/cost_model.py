@@ -1,20 +1,30 @@
 """What one rank's work costs on a node: ONE cost model for the shape-only walk and for the
 virtual clock of real runs.
 
-A module call becomes a *plan*: the kernels it launches in the GPU decode path's order
-(model/fast_path.py), each an `Op` with its modeled seconds, and the communicator calls between
-them, each a `Collective` (which call, and the bytes its cost depends on). The shape-only walk
-(workers/emulate.py) lays the plans of a step end to end; a real run (workers/virtual_clock.py)
-builds the same plans from the same modules as they execute and advances a per-rank clock through
-them, each `Collective` met by the real communicator call it stands for. Both read every number
-from here, so they can only disagree if they see different ops, which tests/test_virtual_clock.py
-checks.
+A module call becomes a *plan* (workers/launch_plan.py: the kernels the GPU decode path launches,
+in order, decided by the code's own predicates): each kernel an `Op` with its modeled seconds and
+its launch count, and the communicator calls between them, each a `Collective` (which call, and the
+bytes its cost depends on). The shape-only walk (workers/emulate.py) lays the plans of a step end to
+end; a real run (workers/virtual_clock.py) builds the same plans from the same modules as they
+execute and advances a per-rank clock through them, each `Collective` met by the real communicator
+call it stands for. Both read every number from here, so they can only disagree if they see
+different ops, which tests/test_virtual_clock.py checks.
+
+An op's seconds are its COST TO THE STEP inside a graph replay, not its own duration: decode
+kernels launch with programmatic dependent launch (PDL), so a GEMV starts while the kernel before
+it finishes and streams its weights meanwhile. The per-kind constants are therefore fitted to the
+time from a kernel's start to the next kernel's start in a trace of graph-replayed steps
+(benchmarks/kernel_fit.py; the node file names the trace), and they sum to the step:
 
     GEMV        max(fixed_s + weight bytes / (bandwidth_fraction x achievable copy bandwidth),
                     2 x rows x weights / datasheet peak)            (the peak only binds for prefill)
-    attention   max(fixed_s + KV bytes / (attention fraction x copy bandwidth), QK and PV flops / peak),
-                then the split-KV merge
-    others      their measured per-launch time inside a CUDA graph
+    MoE pair    the shared and routed experts in one launch: the GEMV's fixed cost once, the shared
+                bytes at the rows' bandwidth, the routed bytes at one row per expert's
+    attention   max(attention_s + KV bytes / (attention fraction x copy bandwidth), QK and PV flops
+                / peak): ONE kernel (RoPE + KV write + split-KV + fused merge) where the merge
+                fuses, else qkv_rope, the splits and the merge
+    argmax      a one-block torch reduction: a launch + its vocabulary slice x a per-element time
+    others      their per-launch constant (kernel_s)
     all-reduce  comm "symm" (GPU ranks on one host, the default): the fused one-shot kernel of
                 collectives/symm_mem.py, latency + (n - 1) x message / its fitted bandwidth, and
                 allreduce_add_rmsnorm is that ONE kernel (no separate norm launch); both fitted
@@ -24,7 +34,8 @@ checks.
                 add+RMSNorm kernel after it
     all-gather  latency + (n - 1) x one rank's message / bandwidth (symm: the fused all-reduce of
                 n zero-padded slots, as collectives/symm_mem.py gathers the LM head's pairs)
-    all-to-all  latency + (n - 1) / n x this rank's rows / bandwidth (MoE dispatch and combine)
+    all-to-all  MoE dispatch / combine: symm, the device kernels' TP2 fit (latency + rows / bandwidth);
+                else latency + (n - 1) / n x this rank's rows / bandwidth
 
 with the constants of the node file (cluster/nodes/*.json), each naming its source. The compute
 bound uses the datasheet's dense peak with no efficiency factor, so a prefill-sized step is a lower
@@ -50,6 +61,7 @@ class Op:
     part: str  # embed | attention | dense | moe | head | draft
     seconds: float
     bytes: int = 0
+    launches: int = 1  # kernel launches the op stands for (a collective: its one kernel)
 
 
 @dataclass(frozen=True)
@@ -112,16 +124,23 @@ class CostModel:
                                               2.0 * rows * weight.numel())
         return op
 
+    def expert_bytes(self, experts: torch.nn.Module, which: str) -> int:
+        """Bytes of ONE routed expert's `which` ("gate_up_proj" / "down_proj"), its scales included."""
+        key = ("expert bytes", id(experts), which)
+        if key not in self._memo:
+            per_expert = [p[0] for n, p in experts.named_parameters() if n.startswith(which)]
+            self._memo[key] = sum(p.numel() * p.element_size() for p in per_expert)
+        return self._memo[key]
+
     def routed_experts(self, experts: torch.nn.Module, read: int, rows: int) -> list[Op]:
         """The gathered FC13+SwiGLU and FC2 GEMVs over `read` routed experts' weights (and scales)."""
         key = ("routed", id(experts), read, rows)
         if key not in self._memo:
             ops, fp8 = [], experts.gate_up_proj.dtype == FP8
             for which in ("gate_up_proj", "down_proj"):
-                per_expert = [p[0] for n, p in experts.named_parameters() if n.startswith(which)]
-                nbytes = read * sum(p.numel() * p.element_size() for p in per_expert)
                 flops = 2.0 * rows * getattr(experts, which)[0].numel()
-                ops.append(self.gemv(f"routed {which} x{read}", "moe", nbytes, fp8, rows, flops, gathered=True))
+                ops.append(self.gemv(f"routed {which} x{read}", "moe", read * self.expert_bytes(experts, which), fp8,
+                                     rows, flops, gathered=True))
             self._memo[key] = ops
         return self._memo[key]
 
@@ -129,17 +148,42 @@ class CostModel:
         key = (name, part, kind, count, nbytes)
         op = self._memo.get(key)
         if op is None:
-            op = self._memo[key] = Op(name, "kernel", part, count * self.node.kernel_s[kind], nbytes)
+            op = self._memo[key] = Op(name, "kernel", part, count * self.node.kernel_s[kind], nbytes, count)
         return op
 
+    def pair(self, name: str, shared_bytes: int, routed_bytes: int, fp8: bool, rows: int, flops: float) -> Op:
+        """A MoE pair launch (model/kernels/moe_decode.py): the shared expert over `rows` rows and
+        the routed experts (one row each) in one kernel, its fixed cost paid once."""
+        node = self.node
+        fit = node.gemv[("fp8" if fp8 else "bf16") + ("_m1" if rows == 1 else "_m16")]
+        routed_fit = node.gemv["fp8_m1" if fp8 else "bf16_m1"]
+        streamed = (fit.fixed_s + shared_bytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
+                    + routed_bytes / (routed_fit.bandwidth_fraction * node.copy_bytes_per_s))
+        computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
+        return Op(name, "gemv", "moe", max(streamed, computed), shared_bytes + routed_bytes)
+
+    def router(self, nbytes: int) -> Op:
+        """The fused router launch (GEMV + top-1 + sigmoid): its constant + its weight bytes."""
+        return Op("router", "kernel", "moe", self.node.kernel_s["router"] + nbytes / self.node.copy_bytes_per_s, nbytes)
+
+    def argmax(self, name: str, part: str, elements: int) -> Op:
+        """torch's argmax / max over one row of `elements`: one block, linear in the row."""
+        ks = self.node.kernel_s
+        return Op(name, "kernel", part, ks["elementwise"] + elements * ks["argmax_per_element"], 0)
+
     def attention(self, name: str, part: str, queries: int, keys: int, heads: int, kv_heads: int,
-                  head_dim: int, kv_element_bytes: int) -> list[Op]:
-        """queries: new tokens per row; keys: keys read, summed over the rows."""
+                  head_dim: int, kv_element_bytes: int, fused: bool = True) -> list[Op]:
+        """queries: new tokens per row; keys: keys read, summed over the rows. fused: RoPE, the KV
+        write, the splits and their merge in one launch (else qkv_rope, the splits, the merge)."""
         node = self.node
         kv = 2 * keys * kv_heads * head_dim * kv_element_bytes
-        streamed = node.kernel_s["attention_split"] + kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s)
+        fixed = node.kernel_s["attention" if fused else "attention_split"]
+        streamed = fixed + kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s)
         computed = 4.0 * queries * keys * heads * head_dim / node.gpu.bf16_flops
-        return [Op(name, "attention", part, max(streamed, computed), kv),
+        split = Op(name, "attention", part, max(streamed, computed), kv)
+        if fused:
+            return [split]
+        return [self.kernel(name + " rope + kv write", part, "qkv_rope"), split,
                 self.kernel(name + " merge", part, "attention_merge")]
 
     # --- collectives ------------------------------------------------------------------------
@@ -169,6 +213,9 @@ class CostModel:
             fit = self.node.symm["allreduce_add_rmsnorm" if c.call == "allreduce_add_rmsnorm" else "all_reduce"]
             m = c.message_bytes * (n if c.call == "all_gather" else 1)  # a gather: n slots, summed
             return [Op(c.name, "collective", c.part, fit.latency_s + (n - 1) * m / fit.bytes_per_s, (n - 1) * m)]
+        if self.comm == "symm" and c.call in ("dispatch", "combine") and c.call in self.node.symm:
+            fit, moved = self.node.symm[c.call], c.message_bytes * (n - 1) // n  # fitted at TP2: its rows / bandwidth
+            return [Op(c.name, "collective", c.part, fit.latency_s + c.message_bytes / fit.bytes_per_s, moved)]
         m, latency, bw = c.message_bytes, self.node.allreduce_latency_s, self.node.nvlink_bytes_per_s_one_way
         if c.call in ("all_reduce", "allreduce_add_rmsnorm"):
             one_shot = latency + (n - 1) * m / bw
@@ -195,103 +242,3 @@ class CostModel:
         one_shot = latency + (n - 1) * message_bytes / bw
         return "modeled one-shot" if one_shot <= 2 * latency + 2 * (n - 1) / n * message_bytes / bw \
             else "modeled two-shot"
-
-
-# ---------------------------------------------------------------------------------------------
-# Plans: one per module call, built from the module's own shapes
-# ---------------------------------------------------------------------------------------------
-def activation_bytes(model) -> int:
-    """Bytes of one activation element: the embedding's dtype (bf16 for bf16 and fp8 models)."""
-    return model.embed_tokens.weight.element_size()
-
-
-def embed_plan(cost: CostModel, model, batch: int, tokens: int) -> list[PlanItem]:
-    """Positions and cache slots, the vocab-parallel embedding, its all-reduce, the first RMSNorm
-    (launch counts: the torch ops of llama4.py on this path)."""
-    rows, sharded = batch * tokens, not model.embed_tokens.owns_every_id
-    return [cost.kernel("positions + slots", "embed", "elementwise", 4),
-            cost.kernel("embedding", "embed", "elementwise", 8 if sharded else 1),  # a gather; sharded: masked
-            Collective("all_reduce", "embedding all-reduce", "embed",
-                       rows * model.cfg.hidden_size * activation_bytes(model)),
-            cost.kernel("first rmsnorm", "embed", "elementwise", 8)]
-
-
-def norm_collective(cost: CostModel, name: str, part: str, message: int) -> list[PlanItem]:
-    """The AllReduce + residual add + RMSNorm: one fused kernel (symm, several ranks), else the
-    collective (none at one rank) and the add+RMSNorm launch."""
-    plan: list[PlanItem] = [Collective("allreduce_add_rmsnorm", name, part, message)]
-    return plan if cost.fused_norm else plan + [cost.kernel(name + " add+rmsnorm", part, "add_rmsnorm")]
-
-
-def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, keys: int, kv_element_bytes: int,
-               experts_read: int | Callable[[], int]) -> list[PlanItem]:
-    """One decoder layer: attention, its fused AllReduce+RMSNorm, the MLP or MoE, another one.
-    keys: keys read by attention, summed over the rows; experts_read: routed experts whose weights
-    this rank reads (a callable when the real routing decides it)."""
-    attn, ffn, rows = layer.self_attn, layer.feed_forward, batch * tokens
-    message = rows * layer.input_layernorm.weight.shape[0] * act_bytes  # (rows, H) partial sums
-    plan: list[PlanItem] = [
-        cost.linear("qkv_proj", "attention", attn.qkv_proj, rows),
-        cost.kernel("rope + kv write", "attention", "qkv_rope"),
-        *cost.attention("attention", "attention", tokens, keys, attn.n_heads_per_rank, attn.n_kv_heads_per_rank,
-                        attn.head_dim, kv_element_bytes),
-        cost.linear("o_proj", "attention", attn.o_proj, rows),
-        *norm_collective(cost, "attention all-reduce", "attention", message)]
-    if layer.is_moe:
-        plan += moe_plan(cost, ffn, rows, act_bytes, experts_read)
-        return plan + norm_collective(cost, "moe all-reduce", "moe", message)
-    plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows),
-             cost.linear("fc2", "dense", ffn.down_proj, rows)]
-    return plan + norm_collective(cost, "mlp all-reduce", "dense", message)
-
-
-def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
-             experts_read: int | Callable[[], int]) -> list[PlanItem]:
-    """Router, top-k and scores, the shared expert, then the routed experts: tensor-parallel, a
-    slice of every routed expert; expert-parallel, whole experts between a dispatch and a combine
-    all-to-all of this rank's share of the rows (model/ffn.py: each rank dispatches its own)."""
-    experts, hidden = block.experts, block.router.weight.shape[1]
-    plan: list[PlanItem] = [
-        cost.kernel("router", "moe", "router_gemv", nbytes=cost.bytes_of(block.router)),  # cuBLAS: its measured time
-        cost.kernel("top-k", "moe", "topk"), cost.kernel("scores", "moe", "elementwise", 2),
-        cost.linear("shared fc13 + swiglu", "moe", block.shared_expert.gate_up_proj, rows),
-        cost.linear("shared fc2", "moe", block.shared_expert.down_proj, rows)]
-    routed_rows = rows * block.top_k
-    if block.expert_parallel:
-        routed_rows = -(-rows // cost.world) * block.top_k
-        plan.append(Collective("dispatch", "dispatch", "moe", routed_rows * hidden * act_bytes))
-
-    def routed() -> list[Op]:
-        read = experts_read() if callable(experts_read) else experts_read
-        return cost.routed_experts(experts, read, routed_rows) if read else []
-    plan.append(routed)
-    if block.expert_parallel:
-        plan.append(Collective("combine", "combine", "moe", routed_rows * hidden * act_bytes))
-    return plan + [cost.kernel("shared + routed", "moe", "elementwise")]
-
-
-def head_plan(cost: CostModel, model, head_rows: int, picked_rows: int) -> list[PlanItem]:
-    """The LM head over `head_rows` rows, the argmax of `picked_rows` (+ vocab offset, cache
-    lengths, the graph's feedback copy); sharded, the pairwise argmax's all-gather of fp32 (max, id)."""
-    head = model.lm_head_weight()
-    sharded = cost.world > 1
-    plan: list[PlanItem] = [
-        cost.gemv("lm head", "head", head.numel() * head.element_size(), head.dtype == FP8, head_rows,
-                  2.0 * head_rows * head.numel()),
-        cost.kernel("argmax + cache lengths", "head", "elementwise", 13 if sharded else 4)]
-    if sharded:
-        plan.append(Collective("all_gather", "argmax all-gather", "head", picked_rows * 2 * 4))
-    return plan
-
-
-def flatten(cost: CostModel, plan: list[PlanItem]) -> list[Op]:
-    """A plan's ops as the walk counts them: collectives costed from their planned bytes."""
-    ops: list[Op] = []
-    for item in plan:
-        if isinstance(item, Op):
-            ops.append(item)
-        elif isinstance(item, Collective):
-            ops += cost.collective(item)
-        else:
-            ops += item()
-    return ops

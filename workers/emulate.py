@@ -1,23 +1,23 @@
 """Shape-only emulation: what one rank's decode step would take on a node, op by op, with no weights.
 
 The model is built on the `meta` device at rank 0's shard shapes (the same ShardLayout, FP8 swap
-and parameter dtypes as a real run, so no size is restated here) and the plans of its modules
-(workers/cost_model.py: the kernels of the GPU decode path, model/fast_path.py, in launch order,
-and the collectives between them) are laid end to end: per attention sub-layer the FC_QKV GEMV,
-RoPE + KV write, split-KV attention and its merge, o_proj and the AllReduce+RMSNorm; per dense MLP
-FC13+SwiGLU and FC2; per MoE the router, top-k, the shared expert and the routed experts (only
-`distinct_experts` of them are read); the LM head and the argmax. All ranks of a tensor-parallel
+and parameter dtypes as a GPU run, so no size is restated here) and the launch plans of its modules
+(workers/launch_plan.py: the kernels the GPU path launches, in order, chosen by the code's own
+predicates, and the collectives between them) are laid end to end: for a decode or verify step the
+fused path (per attention sub-layer the QKV GEMV, ONE attention kernel, o_proj and the
+AllReduce+RMSNorm; per MoE the router kernel and two shared + routed pair launches), for a prefill
+the torch ops; the LM head, the greedy pick and the graph's copies. All ranks of a tensor-parallel
 step do the same work, so rank 0's time is the step's.
 
 The costs are the cost model's, the same that advance the per-rank virtual clock of a real run
 (`generate --emulate-node`, workers/virtual_clock.py): the walk is that clock's prediction without
-running anything. Expert parallelism (`moe="ep"`) is costed as the GPU path would run it with
-graph-ready collectives (the runtime itself runs it eagerly today): whole experts, a dispatch and a
-combine all-to-all of this rank's share of the rows.
+running anything. Expert parallelism (`moe="ep"`) is costed as the GPU path runs it over the symm
+backend: whole experts, a dispatch and a combine kernel of this rank's share of the rows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -25,15 +25,16 @@ import torch
 from collectives.communicator import Communicator
 from model.config import ModelConfig
 from model.fp8 import SCHEMES
-from model.fp8_modules import all_fp8, to_fp8
+from model.fp8_modules import all_fp8, fp8_targets, to_fp8
 from model.llama4 import Llama4
 from model.parallel import layout
-from workers.cost_model import (Collective, CostModel, Op, activation_bytes, embed_plan, flatten, head_plan,
-                                layer_plan, module_bytes, norm_collective)
+from workers.cost_model import Collective, CostModel, Op, module_bytes
+from workers.launch_plan import (activation_bytes, embed_plan, flatten, head_plan, layer_plan, merge_fuses,
+                                 norm_collective, pick_plan)
 from workers.model_build import default_dtype
 from workers.node_spec import NodeSpec
 
-__all__ = ["Op", "StepEstimate", "module_bytes", "shape_only_model", "estimate_step", "estimate_draft_step",
+__all__ = ["Op", "StepEstimate", "module_bytes", "shape_only_model", "gpu_twin", "estimate_step", "estimate_draft_step",
            "Projection", "project", "memory_per_rank", "ShapeOnlyCommunicator"]
 
 
@@ -75,6 +76,17 @@ def shape_only_model(cfg: ModelConfig, tp: int, moe: str, dtype: str) -> Llama4:
     return model
 
 
+def gpu_twin(model: Llama4) -> Llama4:
+    """`model` as a GPU run would build it, on the meta device: the fused kernels' layouts (out-major
+    experts), the same shard shapes, dtype and FP8 schemes, module by module. The virtual clock
+    plans a real run (CPU actors: the torch build) from its twin's modules, so both walk one plan."""
+    with torch.device("meta"), default_dtype(model.embed_tokens.weight.dtype):
+        twin = Llama4(model.cfg, model.shard, ShapeOnlyCommunicator(model.shard.parallel.world_size), kernels="triton")
+    schemes = {path: model.get_submodule(path).scheme for path in fp8_targets(model)
+               if hasattr(model.get_submodule(path), "scheme")}
+    return to_fp8(twin, schemes) if schemes else twin
+
+
 def experts_read(block, distinct: int, world: int) -> int:
     """Routed experts whose weights a rank reads when a step's tokens route to `distinct` experts:
     a slice of each (tensor-parallel), or whole experts, the slowest rank ceil(distinct / world)
@@ -108,34 +120,37 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
             block, count = layer.feed_forward, counts_of[id(layer)]
             read = experts_read(block, rows * block.top_k if count is None else count, cost.world)
         plan += layer_plan(cost, layer, act, batch, tokens, batch * context, kv_element_bytes, read)
-    head_rows = batch if last_only else rows
-    return StepEstimate(flatten(cost, plan + head_plan(cost, model, head_rows, head_rows)))
+    return StepEstimate(flatten(cost, plan + head_plan(cost, model, batch, tokens, last_only)))
 
 
 def estimate_draft_step(cfg: ModelConfig, node: NodeSpec, tp: int, batch: int, context: int,
                         draft_vocab: int | None = None, comm: str = "symm") -> StepEstimate:
-    """One EAGLE-3 draft step of one token per row, bf16, tensor-parallel like the target: fc
-    (3H -> H), one decoder layer whose Q/K/V read [embedding | feature] (2H), its MLP (the target's
+    """One EAGLE-3 draft step of one token per row, bf16, tensor-parallel like the target, on the
+    draft's fused path (model/eagle3_fast_path.py): fc (3H -> H) GEMV (at several ranks the
+    embedding and the fc partials meet in one all-reduce), the prologue kernel (norms, concat,
+    positions), one decoder layer whose Q/K/V read [embedding | feature] (2H), its MLP (the target's
     dense width), the LM head over the draft vocabulary (default: the full one, as the record's
-    Maverick draft), with the target's head shapes. Costed as the target's ops are."""
+    Maverick draft), the greedy pick; the target's head shapes. Costed as the target's ops are; the
+    prologue kernel as the add+RMSNorm kernel (both one small Triton norm launch; not traced)."""
     cost = CostModel(node, tp, comm)
     h, d = cfg.hidden_size, cfg.head_dim
     heads, kv_heads = cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp)
-    vocab, mlp = (draft_vocab or cfg.vocab_size) // tp, cfg.intermediate_size_mlp // tp
+    vocab, mlp = -(-(draft_vocab or cfg.vocab_size) // tp), cfg.intermediate_size_mlp // tp
     gemv = lambda name, nbytes: cost.gemv(name, "draft", nbytes, False, batch, float(batch * nbytes))  # noqa: E731
-    plan = [gemv("draft fc", 3 * h * h * 2),
-            cost.kernel("draft norms + concat", "draft", "elementwise", 4),
+    attn = SimpleNamespace(n_heads_per_rank=heads, n_kv_heads_per_rank=kv_heads, head_dim=d)
+    embed = [] if tp == 1 else [cost.kernel("draft embedding", "draft", "gather"),
+                                cost.kernel("draft embedding mask + concat", "draft", "elementwise", 8),
+                                Collective("all_reduce", "draft embedding + fc all-reduce", "draft", batch * 2 * h * 2)]
+    plan = [gemv("draft fc", 3 * h * h * 2), *embed,
+            cost.kernel("draft prologue", "draft", "add_rmsnorm"),
             gemv("draft qkv_proj", 2 * h * (heads + 2 * kv_heads) * d * 2),
-            cost.kernel("draft rope + kv write", "draft", "qkv_rope"),
-            *cost.attention("draft attention", "draft", 1, batch * context, heads, kv_heads, d, 2),
+            *cost.attention("draft attention", "draft", 1, batch * context, heads, kv_heads, d, 2,
+                            fused=merge_fuses(cost, attn, batch, 1, batch * context, 2)),
             gemv("draft o_proj", heads * d * h * 2),
             *norm_collective(cost, "draft attention all-reduce", "draft", batch * h * 2),
             gemv("draft fc13 + swiglu", 2 * h * mlp * 2), gemv("draft fc2", h * mlp * 2),
             *norm_collective(cost, "draft mlp all-reduce", "draft", batch * h * 2),
-            gemv("draft lm head", vocab * h * 2),
-            cost.kernel("draft argmax", "draft", "elementwise", 12)]
-    if tp > 1:
-        plan.append(Collective("all_gather", "draft argmax all-gather", "draft", batch * 2 * 4))
+            gemv("draft lm head", vocab * h * 2), *pick_plan(cost, vocab, batch, "draft")]
     return StepEstimate(flatten(cost, plan))
 
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+SYMM_FITS = (("all_reduce", "allreduce"), ("allreduce_add_rmsnorm", "ar_rmsnorm"), ("dispatch", "dispatch"),
+             ("combine", "combine"))  # communicator call -> the node file's symm_<key>_latency_s / _bytes_per_s
+REQUIRED_SYMM = ("allreduce", "ar_rmsnorm")
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
@@ -53,7 +58,8 @@ class NodeSpec:
     eager_launch_s: float
     allreduce_latency_s: float  # NCCL's, inside a CUDA graph
     sources: dict
-    symm: dict  # "all_reduce" / "allreduce_add_rmsnorm" -> LinkFit of the fused one-shot (collectives/symm_mem.py)
+    symm: dict  # call -> LinkFit: the fused one-shot all-reduce(s) (collectives/symm_mem.py), the MoE
+    # dispatch / combine kernels (collectives/moe_all_to_all.py) where the file has them
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -75,4 +81,4 @@ class NodeSpec:
                    float(cal["attention_bandwidth_fraction"]), float(cal["eager_launch_s"]),
                    float(cal["allreduce_latency_s"]), dict(raw.get("sources", {})),
                    {call: LinkFit(float(cal[f"symm_{key}_latency_s"]), float(cal[f"symm_{key}_bytes_per_s"]))
-                    for call, key in (("all_reduce", "allreduce"), ("allreduce_add_rmsnorm", "ar_rmsnorm"))})
+                    for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal})

@@ -2,8 +2,9 @@
 emulated node (`generate --emulate-node dgx-b200`), rank by rank.
 
 The clock runs the shape-only walk's cost model (workers/cost_model.py) alongside the real
-computation. As each module runs, a wrapper around its `forward` asks the cost model for the plan
-of that call, built from the module itself and the call's real shapes (rows, new tokens, keys in
+computation. As each module runs, a wrapper around its `forward` asks for the launch plan of that
+call (workers/launch_plan.py), built from the module as a GPU run builds it (its meta twin,
+emulate.gpu_twin: a CPU run's torch build lays its experts out otherwise) and the call's real shapes (rows, new tokens, keys in
 the cache, the routed experts the router actually chose), and the clock follows it:
 
   * local ops advance the clock by their modeled seconds (charged when the next collective is
@@ -30,7 +31,9 @@ from collections import deque
 from pathlib import Path
 
 from collectives.trace import MODELED_DIR, TraceRecorder
-from workers.cost_model import STAGES, Collective, CostModel, Op, activation_bytes, embed_plan, head_plan, layer_plan
+from workers.cost_model import STAGES, Collective, CostModel, Op
+from workers.emulate import gpu_twin
+from workers.launch_plan import activation_bytes, embed_plan, head_plan, layer_plan
 from workers.node_spec import NodeSpec
 from workers.tracing import NullRecorder
 
@@ -224,10 +227,11 @@ class VirtualClock:
     def instrument(self, model) -> list:
         """Wraps the model's forward, each decoder layer's and each expert-parallel MoE's experts
         (the experts this rank computes, after the dispatch); returns handles."""
-        handles = [_Shadow(model, "forward", lambda original: self._model_forward(model, original))]
+        twin = gpu_twin(model)  # the plans are the GPU build's (this run may be the torch build)
+        handles = [_Shadow(model, "forward", lambda original: self._model_forward(twin, original))]
         for i, layer in enumerate(model.layers):
             handles.append(_Shadow(layer, "forward", lambda original, i=i, layer=layer:
-                                   self._layer_forward(model, layer, i, original)))
+                                   self._layer_forward(twin, layer, i, original)))
             block = layer.feed_forward
             if layer.is_moe and block.expert_parallel:
                 handles.append(_Shadow(block.experts, "forward",
@@ -243,19 +247,19 @@ class VirtualClock:
             self.follow(embed_plan(self.cost, model, batch, tokens))
             out = original(token_ids, cache, **kwargs)
             self.layer = -1
-            head_rows = batch if kwargs.get("last_only") else batch * tokens
-            self.follow(head_plan(self.cost, model, head_rows, head_rows))
+            self.follow(head_plan(self.cost, model, batch, tokens, bool(kwargs.get("last_only"))))
             return out
         return forward
 
-    def _layer_forward(self, model, layer, index: int, original):
-        act = activation_bytes(model)
+    def _layer_forward(self, twin, layer, index: int, original):
+        """layer: the run's module (its routing is read); its plan is the GPU twin's layer's."""
+        act, planned = activation_bytes(twin), twin.layers[index]
 
         def forward(*args, **kwargs):
             self.layer = index
             batch, tokens, keys, kv_bytes = self.shape
             read = (lambda: self._experts_of(index)) if layer.is_moe else 0
-            self.follow(layer_plan(self.cost, layer, act, batch, tokens, keys, kv_bytes, read), layer=index)
+            self.follow(layer_plan(self.cost, planned, act, batch, tokens, keys, kv_bytes, read), layer=index)
             if layer.is_moe and not layer.feed_forward.expert_parallel:
                 self.route_after = (index, layer.feed_forward)  # its input: the next collective's output
             return original(*args, **kwargs)

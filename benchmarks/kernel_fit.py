@@ -1,0 +1,124 @@
+"""The emulator's per-launch constants, fitted from a kernel trace of graph-replayed decode steps.
+
+Why not each kernel's own duration: the decode kernels launch with programmatic dependent launch
+(PDL), so a kernel starts while the one before it finishes (a GEMV streams its weights meanwhile).
+In the H200 trace of the medium step the attention kernel runs 10 us but the o_proj GEMV starts
+1.1 us after it; a router kernel runs 5.5 us but costs the step 1.4 us. What a kernel costs the
+step is the time from its start to the NEXT kernel's start (that includes the idle launch gap
+where the next one starts after it ended; the step's last activity: its own duration), and those
+advances sum to the step exactly. So each constant here is, per kernel kind, the mean over the
+kind's launches in a step of the median advance (over the profiled replays) at that position:
+
+    elementwise   torch's small elementwise ops (prologue and epilogue)
+    gather        the embedding's index kernel;  row_reduce: the first RMSNorm's mean
+    add_rmsnorm   the residual add + RMSNorm kernel (collectives/fused_norm.py)
+    router        the MoE router kernel (GEMV + top-1 + sigmoid)
+    copy          the graph's device-to-device copies (memcpy nodes)
+    argmax_per_element   torch's one-block argmax: (advance - elementwise) / vocabulary
+    attention     the fused attention kernel's fixed cost: its advance + the o_proj GEMV's after it
+                  (which waits for it) - the o_proj GEMV's modeled time - its KV bytes' time
+
+Also the symm MoE dispatch / combine kernels' latency + bytes / bandwidth, least squares over the
+TP2 graph rows of h200x2-moe-dispatch.json. tests/test_launch_plan.py holds the node file's values
+equal to what this derives.
+
+    python benchmarks/kernel_fit.py [--trace benchmarks/results/profiles/h200-medium-bf16-0f037de-trace.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TRACE = Path(__file__).resolve().parent / "results" / "profiles" / "h200-medium-bf16-0f037de-trace.json"
+DISPATCH = Path(__file__).resolve().parent / "results" / "h200x2-moe-dispatch.json"
+CONTEXT = 512  # the traced step's keys per layer (dgx-emu bench decode's default)
+
+
+def kind(name: str) -> str:
+    """A traced kernel's kind, from its (truncated) name."""
+    if name.startswith("_"):
+        return name.strip("_").removesuffix("_kernel")  # gemv, pair, split, add_rmsnorm, router
+    if "memcpy" in name:
+        return "copy"
+    if "native::Arg" in name:  # ReduceOp<..., ArgMaxOps<...>>, cut short
+        return "argmax"
+    if "MeanOps" in name:
+        return "row_reduce"
+    if "index_elementwise_kernel" in name:
+        return "gather"
+    return "elementwise"
+
+
+def steps(kernels: list[dict]) -> list[list[dict]]:
+    """The trace cut into its replays: the shortest period with which the kernel names repeat."""
+    names = [k["name"] for k in kernels]
+    n = len(names)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and names[p:] == names[:n - p])
+    return [kernels[i:i + period] for i in range(0, n, period)]
+
+
+def advances(step: list[dict]) -> list[float]:
+    """Start to the next start (the last activity: its own duration), microseconds."""
+    return [b["start_us"] - a["start_us"] for a, b in zip(step, step[1:])] + [step[-1]["dur_us"]]
+
+
+def fit(trace: Path = TRACE) -> dict[str, float]:
+    """The per-launch constants (seconds; argmax_per_element: seconds per logit)."""
+    from cluster.hardware import node_spec
+    from model.config import preset
+    from workers.cost_model import CostModel
+    from workers.emulate import shape_only_model
+
+    replays = steps(json.loads(trace.read_text())["kernels"])
+    per_position = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
+    kinds = [kind(k["name"]) for k in replays[0]]
+    by_kind = defaultdict(list)
+    for i, (k, adv) in enumerate(zip(kinds, per_position)):
+        if k == "split":  # the attention kernel and the GEMV that waits for it
+            by_kind["attention_pair"].append(adv + per_position[i + 1])
+        by_kind[k].append(adv)
+    mean = {k: statistics.mean(v) * 1e-6 for k, v in by_kind.items()}
+    model = shape_only_model(preset("medium"), 1, "tp", "bf16")  # the traced model
+    node, attn = node_spec("hgx-h200"), model.layers[0].self_attn
+    o_proj = CostModel(node, 1).linear("o_proj", "attention", attn.o_proj, 1).seconds
+    kv = 2 * CONTEXT * attn.n_kv_heads_per_rank * attn.head_dim * 2
+    vocab = model.shard.vocab_per_rank
+    return {"elementwise": mean["elementwise"], "gather": mean["gather"], "row_reduce": mean["row_reduce"],
+            "add_rmsnorm": mean["add_rmsnorm"], "router": mean["router"] - model.layers[1].feed_forward.router.weight.nbytes
+            / node.copy_bytes_per_s, "copy": mean["copy"],
+            "argmax_per_element": (mean["argmax"] - mean["elementwise"]) / vocab,
+            "attention": mean["attention_pair"] - o_proj - kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s)}
+
+
+def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
+    """call -> (latency s, bytes/s) of the symm dispatch / combine graph rows (message: one rank's rows)."""
+    data = json.loads(path.read_text())
+    out = {}
+    for call in ("dispatch", "combine"):
+        rows = [r for r in data["results"] if r["name"] == f"{call}-symm-graph"]
+        xs = [r["tokens"] * data["hidden"] * 2 for r in rows]  # bf16 rows
+        ys = [r["median_us"] * 1e-6 for r in rows]
+        slope, intercept = statistics.linear_regression(xs, ys)
+        out[call] = (intercept, 1.0 / slope)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", type=Path, default=TRACE)
+    args = p.parse_args(argv)
+    for name, value in fit(args.trace).items():
+        print(f"{name:20s} {value:.4g}")
+    for call, (latency, bandwidth) in fit_dispatch().items():
+        print(f"symm_{call}: latency {latency:.4g} s, {bandwidth:.4g} B/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
