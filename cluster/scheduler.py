@@ -59,6 +59,7 @@ class Scheduler:
         if max_restarts and make_node is None:
             raise ValueError("max_restarts > 0 needs make_node (how to build a fresh node)")
         self.node, self.make_node, self.max_restarts = node, make_node, max_restarts
+        self.node_down = False
         self.cfg = node.model_cfg
         limit = node.run.max_context or self.cfg.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
@@ -226,11 +227,13 @@ class Scheduler:
             self.queue.popleft()._deliver(TokenEvent((), None, error=error))
 
     def _teardown(self) -> None:
+        """Kills the failed node's ranks and shuts it down (once)."""
+        node, self.node_down = self.node, True
         try:
             self.session.abort()
         finally:
             try:
-                self.node.shutdown()
+                node.shutdown()
             except Exception:
                 pass
 
@@ -248,7 +251,7 @@ class Scheduler:
             if self.state == "closed":
                 node.shutdown()
                 return
-            self.node = node
+            self.node, self.node_down = node, False
             self._open()
             self.state, self.down_reason = "up", ""
             self._admit()
@@ -269,7 +272,8 @@ class Scheduler:
                     "tokens_per_s": sum(n for _, n in self.recent_tokens) / window,
                     "acceptance_length": self._acceptance_length(), "steps": steps, "restarts": self.restarts,
                     "control_overhead_per_step_s": stats.get("control_s", 0.0) / steps if steps else None,
-                    "step_s": stats.get("step_s", 0.0) / steps if steps else None}
+                    "step_s": stats.get("step_s", 0.0) / steps if steps else None,
+                    "control_s_total": stats.get("control_s", 0.0), "step_s_total": stats.get("step_s", 0.0)}
 
     def _acceptance_length(self) -> float | None:
         """Speculative decoding: tokens per verification step over recent requests (None: no spec)."""
@@ -286,13 +290,16 @@ class Scheduler:
             self._fail_queued("the scheduler was closed")
             session, seq = self.session, self.seq
             self.seq += 1
-        self.pump.join(timeout_s)
+        self.pump.join(timeout_s)  # it finishes a restart under way (which then shuts its new node down)
+        if self.node_down:
+            return
         try:
             if was_up:
                 self.rank_stats = session.stop(seq, timeout_s)[0] or self.rank_stats
         except Exception:
             session.abort()
         finally:
+            self.node_down = True
             self.node.shutdown()
 
     def __enter__(self):

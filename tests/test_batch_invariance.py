@@ -57,10 +57,12 @@ def _run(engine: BatchEngine, requests, max_rows: int, join_every: int) -> tuple
     return logits, tokens
 
 
-def invariance_case(comm, model_dir: str) -> dict[str, torch.Tensor]:
+def invariance_case(comm, model_dir: str, device: str = "cpu", dtype: str = "fp32") -> dict[str, torch.Tensor]:
     """On every rank: each request alone (one engine, slots reused), then all of them together
-    (staggered joins, 8 slots). Rank 0 returns both logit stacks per request and the tokens."""
-    run = RunConfig(model_dir, world_size=comm.world_size, max_context=MAX_CONTEXT)
+    (staggered joins, 8 slots). Rank 0 returns both logit stacks per request and the tokens.
+    (benchmarks/batch_invariance.py runs it on GPUs and in other dtypes, to measure.)"""
+    run = RunConfig(model_dir, world_size=comm.world_size, max_context=MAX_CONTEXT, device=device, dtype=dtype,
+                    comm="shm" if device == "cpu" else "nccl")
     worker = Worker(comm.rank, run, comm)
     worker.load()
     engine = BatchEngine(worker.model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=16)
