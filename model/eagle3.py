@@ -272,8 +272,8 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(shard.model), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        """Module.to(dtype) casts floating buffers too; RoPE's inverse frequencies stay float32 (a bf16
-        one puts a position of a few thousand radians off), as the target's do."""
+        """Module.to(dtype) casts floating buffers too; RoPE's inverse frequencies stay float32, as the
+        target's do (bf16 rounds them by up to 2^-9: at position 3000 a phase is then radians off)."""
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
             self.inv_freq = rope_inv_freq(self.shard.model).to(self.inv_freq.device)
