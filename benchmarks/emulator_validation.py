@@ -10,8 +10,9 @@ hgx-h200 node file at the same model, dtype, step, context, TP size and collecti
   * TP2: `h200x2-decode-*-tp2.json` (afb18b2, two H200s over the fused symm collectives).
 The targets (median |error| <= 10%, worst <= 25%) are over the current-kernel rows (new TP1 and
 TP2). Routed experts per MoE layer are taken as min(tokens, experts) (the bench's random tokens
-nearly always route to distinct experts). Each row also carries the prediction split by op kind and
-the modeled launches. Writes results/emulator-validation-h200.json and prints the table with the
+nearly always route to distinct experts). Each row is planned as the code it measured ran where the
+code has since changed the step's prologue or pick (measured_code: did that commit have the
+embedding and argmax kernels?), and carries the prediction split by op kind and the modeled launches. Writes results/emulator-validation-h200.json and prints the table with the
 median and worst |error| of each group.
 
     python benchmarks/emulator_validation.py
@@ -32,14 +33,25 @@ from benchmarks.common import RESULTS, print_table  # noqa: E402
 from cluster.hardware import node_spec  # noqa: E402
 from launch.emulate_cli import _model_config  # noqa: E402
 from workers.emulate import estimate_step, shape_only_model  # noqa: E402
+from workers.launch_plan import CodePaths  # noqa: E402
 
 
-COMMIT = re.compile(r"-[0-9a-f]{7}$")  # a result file named after the commit it measured
+COMMIT = re.compile(r"-([0-9a-f]{7})$")  # a result file named after the commit it measured
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
           ("TP2", lambda p: p.match("h200x2-decode-*-tp2.json")))
+GROUP_COMMIT = {"old TP1": "5df43eb", "new TP1": "afb18b2", "TP2": "afb18b2"}  # unless the file names one
 CURRENT = ("new TP1", "TP2")  # the groups that measured the kernels the emulator plans
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measured_code(commit: str) -> CodePaths:
+    """The prologue and pick of the step `commit` ran: did that commit have the embedding and
+    argmax kernels (git; without a repository: no)? The plan is then of the code that was measured."""
+    def had(path: str) -> bool:
+        return subprocess.run(["git", "cat-file", "-e", f"{commit}:{path}"], cwd=ROOT, capture_output=True).returncode == 0
+    return CodePaths(step_head=had("model/kernels/embed_norm.py"), argmax=had("model/kernels/argmax.py"))
 
 
 def validate(node_name: str = "hgx-h200") -> list[dict]:
@@ -56,9 +68,13 @@ def validate(node_name: str = "hgx-h200") -> list[dict]:
 def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
     comm = "nccl" if r.get("comm") == "nccl" else "symm"  # "none" at TP1: no collective either way
     model = shape_only_model(_model_config(r["model"]), r["tp"], "tp", r["dtype"])
-    est = estimate_step(model, node, 1, r["tokens"], r["context"], comm=comm)
+    named = COMMIT.search(path.stem)
+    commit = named.group(1) if named else GROUP_COMMIT[group]
+    paths = measured_code(commit)
+    est = estimate_step(model, node, 1, r["tokens"], r["context"], comm=comm, paths=paths)
     return {"group": group, "case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
             "comm": r.get("comm", "none"), "measured_in": f"{path.name} ({data['date']})",
+            "measured_commit": commit, "planned_as": {"step_head_kernel": paths.step_head, "argmax_kernel": paths.argmax},
             "measured_us": r["median_us"], "predicted_us": round(est.seconds * 1e6, 1),
             "error": round(est.seconds * 1e6 / r["median_us"] - 1, 4),
             "predicted_split_us": {k: round(v * 1e6, 1) for k, v in est.by("kind").items()},

@@ -23,7 +23,8 @@ time from a kernel's start to the next kernel's start in a trace of graph-replay
     attention   max(attention_s + KV bytes / (attention fraction x copy bandwidth), QK and PV flops
                 / peak): ONE kernel (RoPE + KV write + split-KV + fused merge) where the merge
                 fuses, else qkv_rope, the splits and the merge
-    argmax      a one-block torch reduction: a launch + its vocabulary slice x a per-element time
+    argmax      torch's: a one-block reduction, a launch + its vocabulary slice x a per-element time;
+                model/kernels/argmax.py's (not traced yet): a small Triton launch + the logits' bytes
     others      their per-launch constant (kernel_s)
     all-reduce  comm "symm" (GPU ranks on one host, the default): the fused one-shot kernel of
                 collectives/symm_mem.py, latency + (n - 1) x message / its fitted bandwidth, and
@@ -73,6 +74,7 @@ class Collective:
     name: str
     part: str
     message_bytes: int
+    accepts: tuple = ()  # other calls a real run may make for it (a CPU run's torch path), costed as `call`
 
 
 PlanItem = Union[Op, Collective, Callable[[], list]]
@@ -170,6 +172,12 @@ class CostModel:
         """torch's argmax / max over one row of `elements`: one block, linear in the row."""
         ks = self.node.kernel_s
         return Op(name, "kernel", part, ks["elementwise"] + elements * ks["argmax_per_element"], 0)
+
+    def argmax_kernel(self, name: str, part: str, logit_bytes: int) -> Op:
+        """model/kernels/argmax.py: one wide launch over the logits. Not traced yet: costed as a small
+        Triton kernel (the add+RMSNorm's per-launch cost) + the logits at copy bandwidth."""
+        ks = self.node.kernel_s
+        return Op(name, "kernel", part, ks["add_rmsnorm"] + logit_bytes / self.node.copy_bytes_per_s, 0)
 
     def attention(self, name: str, part: str, queries: int, keys: int, heads: int, kv_heads: int,
                   head_dim: int, kv_element_bytes: int, fused: bool = True) -> list[Op]:

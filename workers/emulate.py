@@ -29,8 +29,8 @@ from model.fp8_modules import all_fp8, fp8_targets, to_fp8
 from model.llama4 import Llama4
 from model.parallel import layout
 from workers.cost_model import Collective, CostModel, Op, module_bytes
-from workers.launch_plan import (activation_bytes, embed_plan, flatten, head_plan, layer_plan, merge_fuses,
-                                 norm_collective, pick_plan)
+from workers.launch_plan import (CURRENT_CODE, CodePaths, activation_bytes, embed_plan, flatten, head_plan,
+                                 layer_plan, merge_fuses, norm_collective, pick_plan)
 from workers.model_build import default_dtype
 from workers.node_spec import NodeSpec
 
@@ -97,12 +97,13 @@ def experts_read(block, distinct: int, world: int) -> int:
 
 def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, context: int,
                   distinct_experts: int | Sequence[int] | None = None, kv_element_bytes: int = 2,
-                  last_only: bool = False, comm: str = "symm") -> StepEstimate:
+                  last_only: bool = False, comm: str = "symm", paths: CodePaths = CURRENT_CODE) -> StepEstimate:
     """One step of `tokens` new tokens for `batch` rows, each attending to `context` keys (its
     cache and its new tokens), on rank 0. distinct_experts: experts the step's tokens route to, one
     number for every MoE layer or one per MoE layer (default: every routed token its own expert).
     last_only: the LM head reads only each row's last token (a prefill). comm: the node's
-    collectives, "symm" (fused one-shot, one host) or "nccl" (workers/cost_model.py)."""
+    collectives, "symm" (fused one-shot, one host) or "nccl" (workers/cost_model.py). paths: the
+    prologue and pick of an older commit's step (launch_plan.CodePaths; default: this checkout's)."""
     cost = CostModel(node, model.shard.parallel.world_size, comm)
     rows, act = batch * tokens, activation_bytes(model)
     moe_layers = [layer for layer in model.layers if layer.is_moe]
@@ -113,14 +114,14 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
     else:
         raise ValueError(f"{len(distinct_experts)} expert counts for {len(moe_layers)} MoE layers")
     counts_of = {id(layer): count for layer, count in zip(moe_layers, counts)}
-    plan = embed_plan(cost, model, batch, tokens)
+    plan = embed_plan(cost, model, batch, tokens, paths)
     for layer in model.layers:
         read = 0
         if layer.is_moe:
             block, count = layer.feed_forward, counts_of[id(layer)]
             read = experts_read(block, rows * block.top_k if count is None else count, cost.world)
         plan += layer_plan(cost, layer, act, batch, tokens, batch * context, kv_element_bytes, read)
-    return StepEstimate(flatten(cost, plan + head_plan(cost, model, batch, tokens, last_only)))
+    return StepEstimate(flatten(cost, plan + head_plan(cost, model, batch, tokens, last_only, paths)))
 
 
 def estimate_draft_step(cfg: ModelConfig, node: NodeSpec, tp: int, batch: int, context: int,

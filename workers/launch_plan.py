@@ -28,6 +28,7 @@ counted under Triton's interpreter with benchmarks/launch_count.py's counter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,9 +41,23 @@ from workers.cost_model import FP8, Collective, CostModel, Op, PlanItem
 EMBED_TORCH_OPS = 4  # positions = lengths + arange, slots = start + arange
 SHARDED_EMBED_OPS = 7  # VocabEmbedding beside its gather: the id shift, ownership mask and zeroing
 RMSNORM_TORCH_OPS = 7  # collectives.communicator.rms_norm beside its mean: casts, square, eps, rsqrt, scale
-EP_GLUE_BEFORE, EP_GLUE_AFTER = 12, 3  # MoE.routed_static around dispatch / combine (+ the shared sum)
-GATHER_OPS_BEFORE, GATHER_OPS_AFTER = 4, 5  # sampling.distributed_argmax around its all-gather (+ its max, argmax)
+EP_GLUE = (13, 7, 3)  # MoE.routed_static's torch ops: before dispatch, local expert ids, after combine (+ the sum)
+GATHER_OPS_BEFORE, GATHER_OPS_AFTER = 4, 6  # sampling.distributed_argmax's torch ops around its all-gather
 KV_DTYPES = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
+
+
+@dataclass(frozen=True)
+class CodePaths:
+    """Which prologue and pick a step takes where the code has a choice the checkout's own history
+    settles: None (the default) asks this checkout's code; True / False plans the step of a commit
+    from before or after a kernel existed (benchmarks/emulator_validation.py plans each measured
+    commit's step so: a measurement of older code is compared with the plan of that code)."""
+
+    step_head: bool | None = None  # the embedding kernel (model/kernels/embed_norm.py) opens the fused step
+    argmax: bool | None = None  # the greedy pick's argmax kernel (model/kernels/argmax.py)
+
+
+CURRENT_CODE = CodePaths()
 
 
 def fused(rows: int) -> bool:
@@ -55,16 +70,41 @@ def activation_bytes(model) -> int:
     return model.embed_tokens.weight.element_size()
 
 
-def embed_plan(cost: CostModel, model, batch: int, tokens: int) -> list[PlanItem]:
-    """Positions and cache slots, the vocab-parallel embedding, its all-reduce, the first RMSNorm
-    (the torch ops of Llama4.forward)."""
+def head_in_one_kernel(model, rows: int, paths: CodePaths = CURRENT_CODE) -> bool:
+    """Does the step open with fast_path.step_head's ONE embedding kernel (gather, first RMSNorm,
+    positions, cache lengths) on the GPU? On the fused path where model/kernels/embed_norm.py takes
+    the embedding (its dtype and width) and the first norm's dtype, as embed_norm.available and
+    step_head test them (their device test aside: the emulated node is a GPU)."""
+    if not fused(rows) or paths.step_head is False:
+        return False
+    try:
+        from model.kernels import embed_norm
+    except ImportError:  # a checkout from before the kernel
+        return False
+    weight, norm = model.embed_tokens.weight, model.layers[0].input_layernorm.weight
+    return (weight.dtype in embed_norm.DTYPES and 1 <= weight.shape[1] <= embed_norm.MAX_HIDDEN
+            and norm.dtype in embed_norm.DTYPES)
+
+
+def embed_plan(cost: CostModel, model, batch: int, tokens: int, paths: CodePaths = CURRENT_CODE) -> list[PlanItem]:
+    """Positions and cache slots, the vocab-parallel embedding, its all-reduce, the first RMSNorm:
+    the embedding kernel (at several ranks then the fused all-reduce + RMSNorm of its partial rows),
+    else the torch ops of Llama4.forward."""
     rows, sharded = batch * tokens, not model.embed_tokens.owns_every_id
-    plan: list[PlanItem] = [cost.kernel("positions + slots", "embed", "elementwise", EMBED_TORCH_OPS),
-                            cost.kernel("embedding", "embed", "gather")]
+    message = rows * model.cfg.hidden_size * activation_bytes(model)
+    if head_in_one_kernel(model, rows, paths):
+        plan: list[PlanItem] = [cost.kernel("embedding + rmsnorm + positions", "embed", "gather")]
+        if cost.world == 1:
+            return plan
+        # a CPU run (the torch prologue) all-reduces the same rows, then norms them on its own
+        collective = Collective("allreduce_add_rmsnorm", "embedding all-reduce + rmsnorm", "embed", message,
+                                accepts=("all_reduce",))
+        return plan + [collective] + ([] if cost.fused_norm else [cost.kernel("first rmsnorm", "embed", "add_rmsnorm")])
+    plan = [cost.kernel("positions + slots", "embed", "elementwise", EMBED_TORCH_OPS),
+            cost.kernel("embedding", "embed", "gather")]
     if sharded:
         plan.append(cost.kernel("embedding mask", "embed", "elementwise", SHARDED_EMBED_OPS))
-    return plan + [Collective("all_reduce", "embedding all-reduce", "embed",
-                              rows * model.cfg.hidden_size * activation_bytes(model)),
+    return plan + [Collective("all_reduce", "embedding all-reduce", "embed", message),
                    cost.kernel("first rmsnorm", "embed", "elementwise", RMSNORM_TORCH_OPS),
                    cost.kernel("first rmsnorm mean", "embed", "row_reduce")]
 
@@ -157,11 +197,13 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
         return plan
     routed_rows = -(-rows // cost.world) * block.top_k  # M: this rank's share of the routed rows
     hidden = block.router.weight.shape[1]
-    return plan + [cost.kernel("routing glue", "moe", "elementwise", EP_GLUE_BEFORE),
+    before, local_ids, after = EP_GLUE
+    return plan + [cost.kernel("routing glue", "moe", "elementwise", before),
                    Collective("dispatch", "dispatch", "moe", routed_rows * hidden * act_bytes),
+                   cost.kernel("local expert ids", "moe", "elementwise", local_ids),
                    lambda: cost.routed_experts(experts, _read(experts_read), cost.world * routed_rows),
                    Collective("combine", "combine", "moe", routed_rows * hidden * act_bytes),
-                   cost.kernel("combine glue + shared sum", "moe", "elementwise", EP_GLUE_AFTER)]
+                   cost.kernel("combine glue + shared sum", "moe", "elementwise", after)]
 
 
 def pair_ops(cost: CostModel, block, rows: int, read: int) -> list[Op]:
@@ -205,34 +247,59 @@ def torch_moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
     return plan + [cost.kernel("shared + routed", "moe", "elementwise")]
 
 
-def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool = False) -> list[PlanItem]:
-    """After the layers: the cache lengths, the LM head over every row (or each row's last, a
-    prefill), the vocabulary padding's mask, the greedy pick of each row's last logits and, in a
-    graph's decode step, the copies of the choice (workers/cuda_graphs.py: DecodeGraph._choose)."""
+def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool = False,
+              paths: CodePaths = CURRENT_CODE) -> list[PlanItem]:
+    """After the layers: the cache lengths (unless the embedding kernel advanced them), the LM head
+    over every row (or each row's last, a prefill), the vocabulary padding's mask, the greedy pick
+    of each row's last logits and, in a graph's decode step, the copies of the choice
+    (workers/cuda_graphs.py: DecodeGraph._choose)."""
     head, shard = model.lm_head_weight(), model.shard
-    head_rows = batch if last_only else batch * tokens
-    plan: list[PlanItem] = [cost.kernel("cache lengths", "head", "elementwise")]
+    rows = batch * tokens
+    head_rows = batch if last_only else rows
+    plan: list[PlanItem] = ([] if head_in_one_kernel(model, rows, paths)
+                            else [cost.kernel("cache lengths", "head", "elementwise")])
     if last_only:
         plan.append(cost.kernel("last rows", "head", "elementwise", 3))
     plan.append(cost.gemv("lm head", "head", head.numel() * head.element_size(), head.dtype == FP8, head_rows,
                           2.0 * head_rows * head.numel()))
     if shard.vocab_per_rank * shard.parallel.world_size > model.cfg.vocab_size:  # the last rank's padding:
         plan.append(cost.kernel("vocab padding", "head", "elementwise"))  # the step waits for that rank
-    plan += pick_plan(cost, shard.vocab_per_rank, batch, "head")
-    if fused(batch * tokens) and not last_only:
+    plan += pick_plan(cost, shard.vocab_per_rank, batch, "head", activation_bytes(model),
+                      argmax_in_one_kernel(model, paths))
+    if fused(rows) and not last_only:
         plan.append(cost.kernel("feedback copies", "head", "copy", 2 if tokens == 1 else 1))
     return plan
 
 
-def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str) -> list[PlanItem]:
+def argmax_in_one_kernel(model, paths: CodePaths = CURRENT_CODE) -> bool:
+    """Does sampling.distributed_argmax take model/kernels/argmax.py on the GPU? Its default where
+    the kernel takes the logits (their dtype: the activations')."""
+    if paths.argmax is False:
+        return False
+    try:
+        from model.kernels import argmax
+    except ImportError:  # a checkout from before the kernel
+        return False
+    return model.embed_tokens.weight.dtype in argmax.DTYPES
+
+
+def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str, logit_bytes: int = 2,
+              kernel: bool = True) -> list[PlanItem]:
     """sampling.distributed_argmax over `batch` rows: one rank, the argmax and the vocabulary
-    offset; several, each rank's (max, id) pair, their all-gather of fp32, the winner."""
+    offset (ONE launch of the argmax kernel); several, each rank's (max, id) pair, their
+    all-gather of fp32, the winner. kernel False: torch's one-block argmax and its elementwise ops."""
+    logits = batch * vocab_per_rank * logit_bytes
+    if kernel:
+        local = [cost.argmax_kernel("argmax" if cost.world == 1 else "local max + id", part, logits)]
+    elif cost.world == 1:
+        local = [cost.argmax("argmax", part, vocab_per_rank), cost.kernel("vocab offset", part, "elementwise")]
+    else:
+        local = [cost.argmax("local max", part, vocab_per_rank),
+                 cost.kernel("pair", part, "elementwise", GATHER_OPS_BEFORE)]
     if cost.world == 1:
-        return [cost.argmax("argmax", part, vocab_per_rank), cost.kernel("vocab offset", part, "elementwise")]
-    return [cost.argmax("local max", part, vocab_per_rank),
-            cost.kernel("pair", part, "elementwise", GATHER_OPS_BEFORE),
-            Collective("all_gather", "argmax all-gather", part, batch * 2 * 4),
-            cost.kernel("winner", part, "elementwise", GATHER_OPS_AFTER)]
+        return local
+    return local + [Collective("all_gather", "argmax all-gather", part, batch * 2 * 4),
+                    cost.kernel("winner", part, "elementwise", GATHER_OPS_AFTER)]
 
 
 def flatten(cost: CostModel, plan: list[PlanItem]) -> list[Op]:

@@ -124,14 +124,14 @@ class VirtualClock:
     # --- collectives (called by collectives/clocked.py) ----------------------------------------
     def arrive(self, call: str, args: tuple) -> None:
         planned = self._charge_until_collective()
-        if planned is not None and planned[1].call != call:
+        if planned is not None and call not in (planned[1].call, *planned[1].accepts):
             raise ClockError(f"rank {self.rank}: layer {planned[0]}'s plan has {planned[1].call} "
                              f"({planned[1].name}) where the run calls {call}")
-        if planned is not None:
-            layer, name, part = planned[0], planned[1].name, planned[1].part
+        if planned is not None:  # costed as the emulated GPU makes the call
+            layer, name, part, costed = planned[0], planned[1].name, planned[1].part, planned[1].call
         else:  # a call no plan has (sampling's gather of full logits): costed all the same
-            layer, name, part = self.layer, call, "head"
-        ops = self.cost.collective(Collective(call, name, part, self.cost.message_bytes(call, args)))
+            layer, name, part, costed = self.layer, call, "head", call
+        ops = self.cost.collective(Collective(costed, name, part, self.cost.message_bytes(call, args)))
         self._close_span()
         self.pending = (call, layer, ops, self.now_s, sum(op.seconds for op in ops))
 

@@ -1,0 +1,172 @@
+"""The emulator's launch plans launch what the code launches.
+
+A decode step's modeled cost is mostly per launch (workers/launch_plan.py), so the plan must not
+drift from the code again (it modeled 101 launches where the medium step made 79). Here the real
+graph step (Llama4.forward(static=True), the greedy pick and the feedback copies: DecodeGraph's own
+_step on a stand-in without CUDA) runs under Triton's interpreter on a model with medium's layer
+structure (dense and MoE layers, RoPE and NoPE) at tiny widths, its launches counted with
+benchmarks/launch_count.py's counter, and must equal the launches of the emulator's plan of the same
+step on the same model: at one rank (decode and verify, bf16 and FP8), and at two ranks over a
+communicator whose every collective is one kernel, as the symm backend's are (tensor-parallel MoE,
+and expert-parallel MoE through the device dispatch / combine). Also: the node file's per-launch
+constants are those benchmarks/kernel_fit.py derives from the committed H200 trace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+from collections import Counter
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from benchmarks.launch_count import _gpu_norm, count_launches, small_config
+from cluster.hardware import node_spec
+from collectives.communicator import Communicator, add_rmsnorm
+from model.sampling import DeviceSampler
+from workers.cuda_graphs import DecodeGraph
+from workers.emulate import estimate_step
+from workers.step_bench import random_model
+
+CONTEXT = 6  # keys already in the cache
+
+
+def four_layer_medium():
+    """medium's layer pattern (dense, MoE, dense, MoE-NoPE) at tiny widths."""
+    cfg = small_config("medium")
+    return dataclasses.replace(cfg, n_layers=4, moe_layers=(1, 3), rope_layers=cfg.rope_layers[:4])
+
+
+class FusedCollectives(Communicator):
+    """Rank 0 of a world of two whose collectives are each ONE kernel, as the symm backend's:
+    counted as one launch, computed (as if the other rank held zeros) with the counter muted."""
+
+    backend, device_dispatch = "counted", True
+
+    def __init__(self) -> None:
+        self.rank, self.world_size, self.counts = 0, 2, Counter()  # real_launches points counts at its own
+
+    def _one_kernel(self, call: str, run):
+        self.counts[f"comm {call}"] += 1
+        with _disable_current_modes():
+            return run()
+
+    def all_reduce(self, x):
+        return self._one_kernel("all_reduce", x.clone)
+
+    def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
+        return self._one_kernel("allreduce_add_rmsnorm", lambda: add_rmsnorm(partial, residual, weight, eps, quant_scale))
+
+    def all_gather(self, x, dim=0):
+        return self._one_kernel("all_gather", lambda: torch.cat([x, x], dim=dim))
+
+    def dispatch_static(self, x, dest_rank, expert_ids):
+        def run():  # rank 0's own rows in slots [0, M); nothing came from rank 1
+            m = x.shape[0]
+            recv_x, recv_ids = x.new_zeros(2 * m, x.shape[1]), torch.full((2 * m,), -1, dtype=expert_ids.dtype)
+            recv_x[:m], recv_ids[:m] = x, torch.where(dest_rank == 0, expert_ids, -1)
+            return recv_x, recv_ids
+        return self._one_kernel("dispatch", run)
+
+    def combine_static(self, y, recv_ids, dest_rank):
+        return self._one_kernel("combine", lambda: y[: dest_rank.shape[0]].clone())
+
+    def all_to_all(self, x, send_counts):
+        raise AssertionError("the static expert-parallel path makes no host-counted all-to-all")
+
+    broadcast = barrier = all_to_all
+
+
+def real_launches(model, tokens: int) -> Counter:
+    """Launches of one graph step of `tokens` new tokens for one row: DecodeGraph._step (forward,
+    greedy pick, feedback copies) run on a stand-in for the graph object, after one warm-up (as
+    before a capture: kernel scratch is made outside it)."""
+    cache = model.new_cache(1, CONTEXT + 8)
+    cache.lengths.fill_(CONTEXT)
+    step = SimpleNamespace(model=model, cache=cache, tokens=torch.zeros(1, tokens, dtype=torch.long),
+                           n_new=torch.full((1,), tokens, dtype=torch.long), next_ids=torch.zeros(1, dtype=torch.long),
+                           sampler=DeviceSampler(1, model.shard.vocab_start, model.cfg.vocab_size, model.comm, "cpu"))
+    step._choose = lambda ids: DecodeGraph._choose(step, ids)
+    forward = type(model).forward
+    counts: Counter = Counter()
+    with torch.no_grad(), _gpu_norm(), _gpu_argmax(), _without_inference_mode(model, forward):
+        for counted in (False, True):
+            cache.lengths.fill_(CONTEXT)
+            if hasattr(model.comm, "counts"):
+                model.comm.counts = counts if counted else Counter()
+            if counted:
+                with count_launches(counts):
+                    DecodeGraph._step(step)
+            else:
+                DecodeGraph._step(step)
+    return counts
+
+
+@contextmanager
+def _gpu_argmax():
+    """The greedy pick as a GPU makes it: sampling.distributed_argmax takes its argmax kernel on CUDA
+    tensors by default; here, under the interpreter, on CPU ones too."""
+    from model import sampling
+    original = sampling.distributed_argmax
+    if "kernel" in inspect.signature(original).parameters:
+        sampling.distributed_argmax = functools.partial(original, kernel=True)
+    try:
+        yield
+    finally:
+        sampling.distributed_argmax = original
+
+
+class _without_inference_mode:
+    """Llama4.forward runs under inference mode, which hides some ops (casts) from the counter."""
+
+    def __init__(self, model, forward) -> None:
+        self.model, self.forward = model, forward
+
+    def __enter__(self):
+        self.model.forward = self.forward.__wrapped__.__get__(self.model)
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def modeled_launches(model, tokens: int, comm: str = "symm") -> int:
+    est = estimate_step(model, node_spec("h200"), 1, tokens, CONTEXT + tokens, distinct_experts=1, comm=comm)
+    return sum(op.launches for op in est.ops)
+
+
+@pytest.mark.parametrize("dtype,tokens", [("bf16", 1), ("bf16", 4), ("fp8", 1)])
+def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
+    model = random_model(four_layer_medium(), dtype, "triton", device="cpu")
+    counts = real_launches(model, tokens)
+    assert sum(counts.values()) == modeled_launches(model, tokens), counts
+
+
+@pytest.mark.parametrize("moe", ["tp", "ep"])
+def test_two_rank_plan_launches_what_the_step_launches(moe):
+    model = random_model(four_layer_medium(), "bf16", "triton", device="cpu", comm=FusedCollectives(), moe_mode=moe)
+    launched = real_launches(model, 1)
+    assert launched["comm dispatch"] == (2 if moe == "ep" else 0)
+    assert sum(launched.values()) == modeled_launches(model, 1), launched
+
+
+def test_node_constants_are_the_trace_fit():
+    """cluster/nodes/hgx-h200.json's per-launch constants == benchmarks/kernel_fit.py's fit of the
+    committed H200 trace (3 significant digits), and the other nodes reuse them, saying so."""
+    from benchmarks.kernel_fit import fit, fit_dispatch
+    h200 = node_spec("h200")
+    for kind, value in fit().items():
+        assert h200.kernel_s[kind] == pytest.approx(value, rel=5e-3), kind
+    for call, (latency, bandwidth) in fit_dispatch().items():
+        assert h200.symm[call].latency_s == pytest.approx(latency, rel=5e-3)
+        assert h200.symm[call].bytes_per_s == pytest.approx(bandwidth, rel=5e-3)
+    for other in ("b200", "h100"):
+        node = node_spec(other)
+        assert node.kernel_s == h200.kernel_s and "REUSED" in node.sources["kernel_s"]
+        assert node.gpu.hbm_bytes_per_s != h200.gpu.hbm_bytes_per_s  # its own datasheet
+    raw = json.loads((node_spec.__globals__["NODES_DIR"] / "hgx-h200.json").read_text())
+    assert "kernel_fit.py" in raw["sources"]["kernel_s"] and "0f037de-trace.json" in raw["sources"]["kernel_s"]
