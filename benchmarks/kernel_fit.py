@@ -109,10 +109,50 @@ def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
     return out
 
 
+def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16", tokens: int = 1,
+            context: int = CONTEXT, node_name: str = "hgx-h200") -> list[tuple[str, str, float, float]]:
+    """The trace's launches beside the emulator's plan of the same step, one to one: (plan op,
+    traced kernel, measured advance us, modeled us), an op of n launches split evenly. The plan is
+    of the commit the trace names in its file name (launch_plan.CodePaths via the validation's
+    measured_code). Raises if the launch counts differ."""
+    from benchmarks.emulator_validation import COMMIT, measured_code
+    from cluster.hardware import node_spec
+    from launch.emulate_cli import _model_config
+    from workers.emulate import estimate_step, shape_only_model
+
+    replays = steps(json.loads(trace.read_text())["kernels"])
+    measured = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
+    named = COMMIT.search(trace.stem.removesuffix("-trace"))
+    paths = measured_code(named.group(1)) if named else None
+    model = shape_only_model(_model_config(model_name), 1, "tp", dtype)
+    est = estimate_step(model, node_spec(node_name), 1, tokens, context, **({"paths": paths} if paths else {}))
+    planned = [(op.name, op.seconds / op.launches) for op in est.ops for _ in range(op.launches)]
+    if len(planned) != len(measured):
+        raise ValueError(f"the plan has {len(planned)} launches, the trace {len(measured)} a replay")
+    return [(name, kernel["name"][:40], adv, seconds * 1e6)
+            for (name, seconds), kernel, adv in zip(planned, replays[0], measured)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", type=Path, default=TRACE)
+    p.add_argument("--compare", nargs=3, metavar=("MODEL", "DTYPE", "TOKENS"),
+                   help="instead: the trace's launches beside the plan of that step, summed per plan op")
     args = p.parse_args(argv)
+    if args.compare:
+        model_name, dtype, tokens = args.compare
+        totals: dict[str, list[float]] = {}
+        for name, _, adv, modeled in compare(args.trace, model_name, dtype, int(tokens)):
+            row = totals.setdefault(name, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += adv
+            row[2] += modeled
+        print(f"{'plan op':40s} {'launches':>8s} {'traced us':>10s} {'modeled us':>10s}")
+        for name, (n, adv, modeled) in totals.items():
+            print(f"{name:40s} {n:8d} {adv:10.1f} {modeled:10.1f}")
+        print(f"{'step':40s} {sum(r[0] for r in totals.values()):8d} {sum(r[1] for r in totals.values()):10.1f} "
+              f"{sum(r[2] for r in totals.values()):10.1f}")
+        return 0
     for name, value in fit(args.trace).items():
         print(f"{name:20s} {value:.4g}")
     for call, (latency, bandwidth) in fit_dispatch().items():

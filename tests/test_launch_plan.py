@@ -9,7 +9,9 @@ benchmarks/launch_count.py's counter, and must equal the launches of the emulato
 step on the same model: at one rank (decode and verify, bf16 and FP8), and at two ranks over a
 communicator whose every collective is one kernel, as the symm backend's are (tensor-parallel MoE,
 and expert-parallel MoE through the device dispatch / combine). Also: the node file's per-launch
-constants are those benchmarks/kernel_fit.py derives from the committed H200 trace.
+constants are those benchmarks/kernel_fit.py derives from the committed H200 trace, that trace's
+kernels line up one to one with the plan of the commit it traced, and (GPU only) a graph-replayed
+step's kernels number what this checkout's plan launches.
 """
 from __future__ import annotations
 
@@ -170,3 +172,29 @@ def test_node_constants_are_the_trace_fit():
         assert node.gpu.hbm_bytes_per_s != h200.gpu.hbm_bytes_per_s  # its own datasheet
     raw = json.loads((node_spec.__globals__["NODES_DIR"] / "hgx-h200.json").read_text())
     assert "kernel_fit.py" in raw["sources"]["kernel_s"] and "0f037de-trace.json" in raw["sources"]["kernel_s"]
+
+
+def test_the_plan_of_the_traced_step_has_its_launches_and_time():
+    """The committed H200 trace (medium bf16 decode at 0f037de) against the plan of that commit's
+    step (benchmarks/kernel_fit.py --compare): one planned launch per traced kernel, and the step
+    within 2% of the traced replay (the constants were fitted to it; the GEMVs were not)."""
+    from benchmarks.kernel_fit import compare
+    rows = compare()
+    traced, modeled = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    assert len(rows) == 79 and modeled == pytest.approx(traced, rel=0.02)
+    assert [r[0] for r in rows if r[1] == "_split_kernel"] == ["attention"] * 8  # launch for launch
+    assert [r[0] for r in rows if r[1] == "_router_kernel"] == ["router"] * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: a profiled CUDA graph")
+def test_gpu_step_launches_what_the_plan_launches():
+    """On a GPU: the kernels of a graph-replayed medium decode and verify step (benchmarks/step_trace.py)
+    number what this checkout's plan launches."""
+    from benchmarks.step_trace import REPLAYS, trace_steps
+    from model.config import preset
+    from workers.emulate import shape_only_model
+    model = shape_only_model(preset("medium"), 1, "tp", "bf16")
+    for tokens in (1, 4):
+        kernels = trace_steps("medium", "bf16", tokens, 512)
+        planned = estimate_step(model, node_spec("h200"), 1, tokens, 512)
+        assert len(kernels) == REPLAYS * sum(op.launches for op in planned.ops), [k["name"][:40] for k in kernels]

@@ -40,7 +40,7 @@ from workers.cost_model import FP8, Collective, CostModel, Op, PlanItem
 
 EMBED_TORCH_OPS = 4  # positions = lengths + arange, slots = start + arange
 SHARDED_EMBED_OPS = 7  # VocabEmbedding beside its gather: the id shift, ownership mask and zeroing
-RMSNORM_TORCH_OPS = 7  # collectives.communicator.rms_norm beside its mean: casts, square, eps, rsqrt, scale
+RMSNORM_TORCH_OPS = (2, 5)  # collectives.communicator.rms_norm around its mean: cast, square | eps, rsqrt, scale, cast, weight
 EP_GLUE = (13, 7, 3)  # MoE.routed_static's torch ops: before dispatch, local expert ids, after combine (+ the sum)
 GATHER_OPS_BEFORE, GATHER_OPS_AFTER = 4, 6  # sampling.distributed_argmax's torch ops around its all-gather
 KV_DTYPES = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
@@ -104,9 +104,11 @@ def embed_plan(cost: CostModel, model, batch: int, tokens: int, paths: CodePaths
             cost.kernel("embedding", "embed", "gather")]
     if sharded:
         plan.append(cost.kernel("embedding mask", "embed", "elementwise", SHARDED_EMBED_OPS))
+    before, after = RMSNORM_TORCH_OPS
     return plan + [Collective("all_reduce", "embedding all-reduce", "embed", message),
-                   cost.kernel("first rmsnorm", "embed", "elementwise", RMSNORM_TORCH_OPS),
-                   cost.kernel("first rmsnorm mean", "embed", "row_reduce")]
+                   cost.kernel("first rmsnorm", "embed", "elementwise", before),
+                   cost.kernel("first rmsnorm mean", "embed", "row_reduce"),
+                   cost.kernel("first rmsnorm scale", "embed", "elementwise", after)]
 
 
 def norm_collective(cost: CostModel, name: str, part: str, message: int) -> list[PlanItem]:
