@@ -39,13 +39,14 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                 quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local half of allreduce_add_rmsnorm: (RMSNorm(residual + reduced) * weight [as FP8 with
-    quant_scale], residual + reduced). One kernel on CUDA, torch ops elsewhere."""
+    quant_scale], residual + reduced); residual None: (RMSNorm(reduced) * weight, reduced). One kernel
+    on CUDA, torch ops elsewhere."""
     if reduced.is_cuda:
         from collectives import fused_norm
-        if (fused_norm.available(reduced) and residual.is_contiguous() and residual.shape == reduced.shape
-                and residual.dtype == reduced.dtype):
+        if fused_norm.available(reduced) and (residual is None or (
+                residual.is_contiguous() and residual.shape == reduced.shape and residual.dtype == reduced.dtype)):
             return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
-    new_residual = residual + reduced
+    new_residual = reduced if residual is None else residual + reduced
     normed = rms_norm(new_residual, weight, eps)
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
 
@@ -78,11 +79,12 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Returns once every rank has entered."""
 
-    def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                               eps: float, quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial)).
         With `quant_scale`, the normed output comes back as float8_e4m3fn (normed / quant_scale,
-        saturated), ready for the next FP8 GEMM; the residual stays in its own dtype."""
+        saturated), ready for the next FP8 GEMM; the residual stays in its own dtype. residual None
+        (a step's first norm: the embedding's partial sums): the sum itself is the new residual."""
         return add_rmsnorm(self.all_reduce(partial), residual, weight, eps, quant_scale)
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor,

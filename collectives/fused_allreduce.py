@@ -125,14 +125,18 @@ if triton is not None:
 
     @triton.jit
     def _finish_row(acc, offs, cols, mask, residual_ptr, weight_ptr, scale_ptr, out_ptr, new_residual_ptr, eps,
-                    HIDDEN: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, QUANT: tl.constexpr):
+                    HIDDEN: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, QUANT: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr):
         """acc: the fp32 rank-order sum of one row. Stores the reduced row (plain), or normed and the
-        new residual (norm), exactly as all_reduce then collectives.communicator.add_rmsnorm would."""
+        new residual (norm), exactly as all_reduce then collectives.communicator.add_rmsnorm would
+        (without HAS_RESIDUAL the reduced row is the new residual: a step's first norm)."""
         io = new_residual_ptr.dtype.element_ty
         reduced = _round(acc, io)  # what an all-reduce returning the dtype holds
         if NORM:
-            r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            s = _round(r + reduced, io)
+            s = reduced
+            if HAS_RESIDUAL:
+                r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                s = _round(r + reduced, io)
             tl.store(new_residual_ptr + offs, s.to(io), mask=mask)
             y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -147,7 +151,8 @@ if triton is not None:
             RANK: tl.constexpr, WORLD: tl.constexpr, WORLD_POW2: tl.constexpr, PROGRAMS: tl.constexpr,
             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr,
             QUANT: tl.constexpr, TWO_SHOT: tl.constexpr, PHASES: tl.constexpr,
-            stamps_ptr, stamp_slot, STAMP: tl.constexpr, PDL: tl.constexpr = False):
+            stamps_ptr, stamp_slot, STAMP: tl.constexpr, PDL: tl.constexpr = False,
+            HAS_RESIDUAL: tl.constexpr = True):
         """See the module docstring. x, residual, out, new_residual: (rows, HIDDEN) flat, numel values.
         With STAMP, program 0 writes GPU times to stamps_ptr[stamp_slot + 0, 1, 2]: its start, the
         moment every peer's data had arrived (its wait ended), and its end (collectives/gpu_stamps.py).
@@ -221,7 +226,7 @@ if triton is not None:
                             acc += tl.load(my_slots + src * slot_elems + offs, mask=mask, other=0.0,
                                            cache_modifier=".cg").to(tl.float32)
                     _finish_row(acc, offs, cols, mask, residual_ptr, weight_ptr, scale_ptr, out_ptr,
-                                new_residual_ptr, eps, HIDDEN, NORM, NORM_DTYPE, QUANT)
+                                new_residual_ptr, eps, HIDDEN, NORM, NORM_DTYPE, QUANT, HAS_RESIDUAL)
                     row += PROGRAMS
         if (PHASES & 4) != 0:
             tl.store(counter_ptr + pid, epoch)
@@ -319,15 +324,16 @@ class FusedAllReduce:
         self.launch(x, out, algorithm=algorithm or algorithm_for(x.numel() * x.element_size()))
         return out
 
-    def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                              quant_scale: torch.Tensor | None = None,
+    def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                              eps: float, quant_scale: torch.Tensor | None = None,
                               algorithm: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Communicator.allreduce_add_rmsnorm in one launch: (normed [FP8 with quant_scale], new residual)."""
+        """Communicator.allreduce_add_rmsnorm in one launch: (normed [FP8 with quant_scale], new residual);
+        residual None: the sum is the new residual."""
         fused_norm._check(partial, residual, weight, quant_scale)
-        norm_dtype = torch.promote_types(residual.dtype, weight.dtype)
-        normed = torch.empty(residual.shape, dtype=fused_norm.FP8 if quant_scale is not None else norm_dtype,
-                             device=residual.device)
-        new_residual = torch.empty_like(residual)
+        norm_dtype = torch.promote_types(partial.dtype, weight.dtype)
+        normed = torch.empty(partial.shape, dtype=fused_norm.FP8 if quant_scale is not None else norm_dtype,
+                             device=partial.device)
+        new_residual = torch.empty_like(partial)
         algorithm = algorithm or algorithm_for(partial.numel() * partial.element_size())
         self.launch(partial, normed, residual, weight, eps, quant_scale, new_residual, algorithm)
         return normed, new_residual
@@ -335,9 +341,9 @@ class FusedAllReduce:
     def launch(self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None,
                weight: torch.Tensor | None = None, eps: float = 0.0, quant_scale: torch.Tensor | None = None,
                new_residual: torch.Tensor | None = None, algorithm: str = "one-shot", phases: int | None = None) -> None:
-        """One kernel launch. Plain all-reduce (residual None): out = sum of x. Norm: out = normed,
-        new_residual = residual + sum. phases: the bits of PUSH/SCATTER/FINISH to run (default all
-        of the algorithm's; the CPU test runs them one at a time over every rank)."""
+        """One kernel launch. Plain all-reduce (weight None): out = sum of x. Norm: out = normed,
+        new_residual = residual + sum (residual None: the sum). phases: the bits of PUSH/SCATTER/FINISH
+        to run (default all of the algorithm's; the CPU test runs them one at a time over every rank)."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if not self.fits(x):
@@ -347,8 +353,9 @@ class FusedAllReduce:
         phases = all_phases if phases is None else phases
         if phases == 0 or phases & ~all_phases:
             raise ValueError(f"phases {phases} are not a subset of {algorithm}'s {all_phases}")
-        norm = residual is not None
-        if norm and (new_residual is None or weight is None or not 1 <= x.shape[-1] <= fused_norm.MAX_HIDDEN):
+        norm = weight is not None
+        if (norm or residual is not None) and (new_residual is None or weight is None
+                                               or not 1 <= x.shape[-1] <= fused_norm.MAX_HIDDEN):
             raise ValueError(f"the norm needs weight, new_residual and a hidden size of 1..{fused_norm.MAX_HIDDEN}")
         hidden = x.shape[-1] if norm else AR_ROW
         rows = triton.cdiv(x.numel(), hidden)
@@ -358,7 +365,8 @@ class FusedAllReduce:
         norm_dtype = torch.promote_types(x.dtype, weight.dtype) if norm else x.dtype
         stamps, stamp_slot = gpu_stamps.triple("allreduce_add_rmsnorm" if norm else "all_reduce", x)
         _fused_allreduce_kernel[(self.layout.programs,)](
-            x, residual if norm else x, weight if norm else x, quant_scale if quant_scale is not None else x,
+            x, residual if residual is not None else x, weight if norm else x,
+            quant_scale if quant_scale is not None else x,
             out, new_residual if norm else out,
             self.flag_table, self.data_table, self.gather_table, self.counters, self.status,
             rows, x.numel(), self.layout.slot_bytes // x.element_size(), float(eps), self.timeout_ns,
@@ -367,7 +375,8 @@ class FusedAllReduce:
             NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
             TWO_SHOT=algorithm == "two-shot", PHASES=phases,
             stamps_ptr=stamps if stamps is not None else self.counters, stamp_slot=stamp_slot, STAMP=stamps is not None,
-            num_warps=fused_norm.num_warps(block), enable_fp_fusion=False, **pdl_kwargs(x))
+            HAS_RESIDUAL=residual is not None, num_warps=fused_norm.num_warps(block), enable_fp_fusion=False,
+            **pdl_kwargs(x))
 
     def missing_ranks(self) -> list[int]:
         """Ranks some wait of this rank gave up on (timeout); reads the device (a host sync)."""

@@ -82,8 +82,9 @@ if triton is not None:
     def _add_rmsnorm_kernel(partial_ptr, residual_ptr, weight_ptr, scale_ptr, normed_ptr, new_residual_ptr, eps,
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
                             QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr,
-                            PDL: tl.constexpr = False):
-        """Program `row`: s = residual + partial; normed = (s * rsqrt(mean(s^2) + eps)) * weight.
+                            PDL: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = True):
+        """Program `row`: s = residual + partial (without HAS_RESIDUAL: s = partial, and no residual is
+        stored: the partial is the new residual); normed = (s * rsqrt(mean(s^2) + eps)) * weight.
         With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot].
         With PDL (programmatic dependent launch, triton_support.py) it waits for the kernel that
         wrote the partial before anything else."""
@@ -98,9 +99,11 @@ if triton is not None:
         io = residual_ptr.dtype.element_ty
         # The new residual, in the dtype: the row is loaded once and stays in registers
         p = tl.load(partial_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-        r = tl.load(residual_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        s = _round(r + p, io)
-        tl.store(new_residual_ptr + row * HIDDEN + cols, s.to(io), mask=mask)
+        s = p
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _round(r + p, io)
+            tl.store(new_residual_ptr + row * HIDDEN + cols, s.to(io), mask=mask)
         y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
         if STAMP:
@@ -122,7 +125,9 @@ def available(x: torch.Tensor) -> bool:
 
 
 def _check(partial, residual, weight, quant_scale) -> None:
-    """Raises ValueError naming the argument at fault, before anything runs."""
+    """Raises ValueError naming the argument at fault, before anything runs. residual None: the
+    partial stands in for it (there is no residual to add)."""
+    residual = partial if residual is None else residual
     if partial.shape != residual.shape or partial.dtype != residual.dtype:
         raise ValueError(f"partial and residual must match, got {partial.dtype} {tuple(partial.shape)} and "
                          f"{residual.dtype} {tuple(residual.shape)}")
@@ -148,14 +153,17 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     """partial, residual: contiguous (..., H), one float32/bf16/fp16 dtype, H <= 8192; weight (H,).
     Returns (normed, residual + partial): normed = RMSNorm(residual + partial) * weight in the
     promoted dtype, or float8_e4m3fn (normed / quant_scale, saturated) when quant_scale, a float32
-    scalar tensor, is given. New tensors; the inputs are not modified."""
+    scalar tensor, is given. New tensors; the inputs are not modified. residual None: no residual
+    (a step's first norm, of the embedding): returns (RMSNorm(partial) * weight, partial itself)."""
     _check(partial, residual, weight, quant_scale)
-    if not available(residual):
-        raise ValueError(f"add_rmsnorm needs Triton and a CUDA tensor (or Triton's interpreter), got {residual.device}")
+    if not available(partial):
+        raise ValueError(f"add_rmsnorm needs Triton and a CUDA tensor (or Triton's interpreter), got {partial.device}")
+    has_residual = residual is not None
+    residual = residual if has_residual else partial
     hidden = residual.shape[-1]
     norm_dtype = torch.promote_types(residual.dtype, weight.dtype)
     normed = torch.empty(residual.shape, dtype=FP8 if quant_scale is not None else norm_dtype, device=residual.device)
-    new_residual = torch.empty_like(residual)
+    new_residual = torch.empty_like(residual) if has_residual else partial
     rows = residual.numel() // hidden
     if rows == 0:
         return normed, new_residual
@@ -165,7 +173,8 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
         stamps_ptr=stamps if stamps is not None else new_residual, begin_slot=begin, end_slot=end,
-        STAMP=stamps is not None, num_warps=num_warps(block), enable_fp_fusion=False, **pdl_kwargs(residual))
+        STAMP=stamps is not None, HAS_RESIDUAL=has_residual, num_warps=num_warps(block), enable_fp_fusion=False,
+        **pdl_kwargs(residual))
     return normed, new_residual
 
 
@@ -173,6 +182,6 @@ def reference_add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight:
                           quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Communicator.allreduce_add_rmsnorm for a world of one, in plain torch (the test oracle)."""
     _check(partial, residual, weight, quant_scale)
-    new_residual = residual + partial
+    new_residual = partial if residual is None else residual + partial
     normed = rms_norm(new_residual, weight, eps)
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from collectives.communicator import Communicator, quantize_fp8, rms_norm
+from collectives.communicator import Communicator, add_rmsnorm, quantize_fp8, rms_norm
 from collectives.shm_sync import FlagBoard, Segment
 
 FLAG_A, FLAG_B = 0, 1  # input posted / two-shot chunk or reduce-once result posted (words 13-15: bells)
@@ -171,6 +171,8 @@ class ShmCommunicator(Communicator):
         return self._reduce(x, None, None, 0.0, None)[0]
 
     def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
+        if residual is None:  # no residual (a step's first norm): here residual None means a plain all-reduce
+            return add_rmsnorm(self.all_reduce(partial), None, weight, eps, quant_scale)
         return self._reduce(partial, residual, weight, eps, quant_scale)
 
     def _reduce(self, x, residual, weight, eps, quant_scale):

@@ -77,8 +77,8 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
         """True when allreduce_add_rmsnorm runs as one fused launch (the shapes it takes, above)."""
         return (self.fused_all_reduce_takes(partial) and partial.dim() >= 1
                 and 1 <= partial.shape[-1] <= fused_norm.MAX_HIDDEN
-                and residual.shape == partial.shape and residual.dtype == partial.dtype
-                and residual.device == partial.device and residual.is_contiguous()
+                and (residual is None or (residual.shape == partial.shape and residual.dtype == partial.dtype
+                                          and residual.device == partial.device and residual.is_contiguous()))
                 and weight.shape == (partial.shape[-1],) and weight.dtype in fused_norm.DTYPES
                 and weight.device == partial.device and weight.is_contiguous()
                 and (quant_scale is None or (quant_scale.numel() == 1 and quant_scale.dtype == torch.float32

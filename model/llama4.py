@@ -133,15 +133,21 @@ class Llama4(nn.Module):
         if batch != cache.batch:
             raise ValueError(f"batch of {batch} rows for a cache of {cache.batch}")
         device = token_ids.device
-        if n_new is None:
-            n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=device)
-        if positions is None:
-            positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
         fused = self.kernels == "triton" and fast_path.applies(token_ids[..., None])
-        ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask, static=static,
-                                 torch_tables=not fused)
-        residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
-        normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
+        # fused: one kernel embeds, norms, makes positions and advances cache.lengths (the layers read
+        # the snapshot ctx.start); None where it does not apply
+        head = fast_path.step_head(self, token_ids, cache, n_new, positions, step_mask, static) if fused else None
+        if head is not None:
+            normed, residual, ctx = head
+        else:
+            if n_new is None:
+                n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=device)
+            if positions is None:
+                positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
+            ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask, static=static,
+                                     torch_tables=not fused)
+            residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
+            normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []
         for i, layer in enumerate(self.layers):  # no device work between layers: each starts where the last ended
             last = i + 1 == len(self.layers)
@@ -150,9 +156,11 @@ class Llama4(nn.Module):
             normed, residual = layer(normed, residual, ctx, cache, next_norm, next_quant)
             if i in aux_layers:
                 aux.append(residual)
-        cache.lengths += n_new
+        if head is None:
+            cache.lengths += n_new
         if last_only:
-            normed = normed[torch.arange(batch, device=device), n_new - 1][:, None]  # (B, 1, H)
+            normed = (normed[:, -1:] if n_new is None  # every row's last token: a view
+                      else normed[torch.arange(batch, device=device), n_new - 1][:, None])  # (B, 1, H)
         logits = (fast_path.lm_head(self.lm_head_weight(), normed) if fused
                   else normed @ self.lm_head_weight().t())  # (B, R, vocab_per_rank)
         if self.shard.vocab_valid_per_rank < self.shard.vocab_per_rank:

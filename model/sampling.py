@@ -66,12 +66,25 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def distributed_argmax(local_logits: torch.Tensor, vocab_start: int, comm: Communicator) -> torch.Tensor:
-    """local_logits: (B, V_r) this rank's slice. Returns the global argmax ids (B,), equal on all ranks."""
-    if comm.world_size == 1:  # one launch instead of a dozen (a decode step's tail on a GPU)
+def distributed_argmax(local_logits: torch.Tensor, vocab_start: int, comm: Communicator, *,
+                       kernel: bool | None = None) -> torch.Tensor:
+    """local_logits: (B, V_r) this rank's slice. Returns the global argmax ids (B,), equal on all ranks.
+    kernel: the local part (argmax + vocab_start, or the (max, id) pair) as ONE launch of
+    model/kernels/argmax.py, which picks exactly what torch.argmax picks; default: on CUDA tensors
+    it takes (a decode step's tail: torch's argmax is one 512-thread block over the whole row, and
+    the offset another launch). True also runs it under Triton's interpreter (tests); False: torch."""
+    from model.kernels import argmax as argmax_kernel
+    if kernel is None:
+        kernel = local_logits.is_cuda and argmax_kernel.available(local_logits)
+    if comm.world_size == 1:
+        if kernel:
+            return argmax_kernel.argmax(local_logits, offset=vocab_start)
         return local_logits.argmax(dim=-1) + vocab_start
-    local_max, local_idx = local_logits.float().max(dim=-1)  # (B,)
-    pair = torch.stack((local_max, (local_idx + vocab_start).float()), dim=-1)  # ids < 2^24: exact in fp32
+    if kernel:
+        pair = argmax_kernel.max_argmax(local_logits, offset=vocab_start)  # (B, 2)
+    else:
+        local_max, local_idx = local_logits.float().max(dim=-1)  # (B,)
+        pair = torch.stack((local_max, (local_idx + vocab_start).float()), dim=-1)  # ids < 2^24: exact in fp32
     pairs = comm.all_gather(pair[None], dim=0)  # (world, B, 2)
     values, ids = pairs[..., 0], pairs[..., 1]
     best_rank = (values == values.max(dim=0).values).int().argmax(dim=0)  # first rank holding the max

@@ -28,9 +28,11 @@ def _collectives(comm, dtype_name: str) -> dict[str, torch.Tensor]:
     residual = torch.randn(4, 6, generator=torch.Generator().manual_seed(7)).to(dtype)
     weight = torch.linspace(0.5, 1.5, 6).to(dtype)
     normed, new_residual = comm.allreduce_add_rmsnorm(x, residual, weight, 1e-5)
+    first_normed, first_residual = comm.allreduce_add_rmsnorm(x, None, weight, 1e-5)  # no residual: a step's first norm
     comm.barrier()
     out = {"sum": comm.all_reduce(x), "gather0": comm.all_gather(x, dim=0), "gather1": comm.all_gather(x, dim=1),
-           "bcast": comm.broadcast(x, src=2), "normed": normed, "residual": new_residual}
+           "bcast": comm.broadcast(x, src=2), "normed": normed, "residual": new_residual,
+           "first_normed": first_normed, "first_residual": first_residual}
     # Each rank checks what it received itself; rank 0's results come back to the test.
     expected_rows = [torch.arange(_send_counts(src)[comm.rank] * 2, dtype=torch.float32).view(-1, 2)
                      + 100 * src + 2 * sum(_send_counts(src)[: comm.rank]) for src in range(WORLD)]
@@ -55,3 +57,5 @@ def test_collectives_match_their_definitions(backend):
         ref_residual = residual + got["sum"]
         assert torch.equal(got["residual"], ref_residual)
         assert torch.equal(got["normed"], rms_norm(ref_residual, torch.linspace(0.5, 1.5, 6).to(dtype), 1e-5))
+        assert torch.equal(got["first_residual"], got["sum"])  # residual None: the sum is the new residual
+        assert torch.equal(got["first_normed"], rms_norm(got["sum"], torch.linspace(0.5, 1.5, 6).to(dtype), 1e-5))

@@ -49,9 +49,10 @@ class SimulatedWorld:
 
     def norm(self, parts, residual, weight, eps=1e-5, scale=None, algorithm="one-shot", order=None):
         """Every rank's (normed, new_residual); phases over all ranks, ranks in `order`."""
-        dtype = torch.float8_e4m3fn if scale is not None else torch.promote_types(residual.dtype, weight.dtype)
-        outs = [(torch.full(residual.shape, float("nan"), dtype=torch.float32).to(dtype),
-                 torch.full_like(residual, float("nan"))) for _ in self.ranks]
+        like = parts[0] if residual is None else residual  # residual None: the sum is the new residual
+        dtype = torch.float8_e4m3fn if scale is not None else torch.promote_types(like.dtype, weight.dtype)
+        outs = [(torch.full(like.shape, float("nan"), dtype=torch.float32).to(dtype),
+                 torch.full_like(like, float("nan"))) for _ in self.ranks]
         for phase in self.phases(algorithm):
             for r in order or range(len(self.ranks)):
                 self.ranks[r].launch(parts[r], outs[r][0], residual, weight, eps, scale, outs[r][1], algorithm, phase)
@@ -107,6 +108,19 @@ def test_consecutive_calls_match_the_rank_order_reference(algorithm, world, dtyp
         check_norm(sim.norm(parts, residual, weight, algorithm=algorithm), parts, residual, weight)
     assert all(torch.equal(r.counters, torch.full_like(r.counters, 4)) for r in sim.ranks)  # one epoch per call
     assert all(r.missing_ranks() == [] for r in sim.ranks)
+
+
+@cpu_only
+@pytest.mark.parametrize("algorithm", ["one-shot", "two-shot"])
+def test_no_residual(algorithm):
+    """residual None (a step's first norm, of the embedding's partial rows): the rank-order sum is
+    the new residual and normed is the one-GPU kernel's norm of it, on every rank."""
+    sim = SimulatedWorld(3)
+    for call, rows in enumerate([2, 5]):
+        parts, _, weight = inputs(3, rows, 80, torch.bfloat16, seed=70 + call)
+        outs = sim.norm(parts, None, weight, algorithm=algorithm)
+        check_norm(outs, parts, None, weight)
+        assert same_bits(outs[0][1], rank_order_sum(parts))
 
 
 @cpu_only

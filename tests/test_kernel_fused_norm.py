@@ -57,6 +57,23 @@ def test_matches_reference(dtype, weight_dtype):
         _assert_normed(normed, ref_normed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_residual(dtype):
+    """residual None (a step's first norm): the partial itself is the new residual, and normed is
+    what the kernel makes of the partial added onto zeros, bit for bit (randn has no -0.0)."""
+    for seed, shape in enumerate(SHAPES):
+        partial, _, weight = _inputs(shape, dtype, dtype, 20 + seed)
+        normed, new_residual = fused_norm.add_rmsnorm(partial, None, weight, 1e-5)
+        assert new_residual is partial
+        assert torch.equal(normed, fused_norm.add_rmsnorm(partial, torch.zeros_like(partial), weight, 1e-5)[0])
+        ref_normed, ref_residual = fused_norm.reference_add_rmsnorm(partial, None, weight, 1e-5)
+        assert ref_residual is partial
+        _assert_normed(normed, ref_normed)
+    composed = SingleRankCommunicator().allreduce_add_rmsnorm(partial, None, weight, 1e-5)
+    assert composed[1] is partial
+    _assert_normed(composed[0], ref_normed)
+
+
 def test_the_communicator_routes_here():
     """allreduce_add_rmsnorm of a world of one: this kernel's bytes on CUDA tensors, the reference's
     (its torch ops) elsewhere."""
