@@ -48,6 +48,35 @@ def run_level(scheduler: Scheduler, concurrency: int, tokens: int) -> dict:
             "step_s": (after["step_s_total"] - before["step_s_total"]) / max(steps, 1)}
 
 
+def loop_without_ray(comm, model_dir: str, concurrency: int, tokens: int, max_batch: int) -> dict:
+    """The ranks' serve loop as local processes (cluster/procs.py, no Ray): rank 0 is also the
+    driver (a thread pushing joins and a stop into its mailbox). Rank 0 returns its loop's stats."""
+    import threading
+
+    import torch
+
+    from workers.run_config import RunConfig as Run
+    from workers.serve_loop import Mailbox, run_serve
+    from workers.worker import Worker
+    worker = Worker(comm.rank, Run(model_dir, world_size=comm.world_size, max_context=512), comm)
+    worker.load()
+    mailbox = Mailbox() if comm.rank == 0 else None
+    config = {"max_batch": max_batch, "max_context": 512, "prefill_chunk": 64}
+    if mailbox is not None:
+        def drive() -> None:
+            params = {"max_new_tokens": tokens, "stop_on_eos": False}
+            mailbox.push(0, [{"op": "join", "slot": i, "id": str(i), "prompt": p, "params": params}
+                             for i, p in enumerate(prompts(concurrency))])
+            since, done = 0, 0
+            while done < concurrency:
+                reply = mailbox.poll(since, 1.0)
+                since, done = reply["next"], done + sum(1 for e in reply["events"] if e["finish"])
+            mailbox.push(1, [{"op": "stop"}])
+        threading.Thread(target=drive, daemon=True).start()
+    stats = run_serve(worker, config, mailbox)
+    return {k: torch.tensor(float(stats[k])) for k in ("steps", "control_s", "step_s")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world-size", type=int, default=8)
@@ -56,7 +85,18 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--spec", choices=("chain3", "tree"), default=None)
+    p.add_argument("--no-ray", action="store_true", help="only the ranks' loop, as local processes: "
+                   "the control overhead per step without the driver")
     args = p.parse_args()
+    if args.no_ray:
+        from cluster.procs import run_world
+        for c in (1, args.concurrency):
+            out = run_world(args.world_size, loop_without_ray, str(default_model_dir()), c, args.tokens, args.max_batch,
+                            backend="shm")
+            steps = float(out["steps"])
+            print(f"world {args.world_size}, {c} streams: {steps:.0f} steps, step {float(out['step_s']) / steps * 1e3:.1f} ms, "
+                  f"control {float(out['control_s']) / steps * 1e6:.0f} us/step")
+        return
     spec = {"chain3": SpecConfig(draft_len=3), "tree": SpecConfig(tree=True), None: None}[args.spec]
     comm = "shm" if args.device == "cpu" else "nccl"
     run = RunConfig(str(default_model_dir()), world_size=args.world_size, device=args.device, comm=comm,

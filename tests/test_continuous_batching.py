@@ -231,3 +231,45 @@ def test_world2_killed_rank_fails_its_requests_and_a_restart_serves_again(refere
         assert again.result(120) == reference(list(again.prompt), again.params)
         metrics = sched2.metrics()
         assert metrics["restarts"] == 1 and metrics["failed"] == 2
+
+
+def serve_loop_world(comm, model_dir: str, prompts: list[list[int]], tokens: int) -> dict:
+    """Every rank runs the serve loop (local processes, no Ray); rank 0's thread is the driver:
+    one push with every join (its msgpack is over the 1 KiB header: a second broadcast), then stop."""
+    import threading
+
+    from workers.serve_loop import Mailbox, run_serve
+    from workers.worker import Worker
+    worker = Worker(comm.rank, RunConfig(model_dir, world_size=comm.world_size, max_context=1024), comm)
+    worker.load()
+    mailbox = Mailbox() if comm.rank == 0 else None
+    out: dict[str, list[int]] = {}
+    if mailbox is not None:
+        def drive() -> None:
+            params = {"max_new_tokens": tokens, "stop_on_eos": False}
+            mailbox.push(0, [{"op": "join", "slot": i, "id": str(i), "prompt": p, "params": params}
+                             for i, p in enumerate(prompts)])
+            since, done = 0, 0
+            while done < len(prompts):
+                reply = mailbox.poll(since, 1.0)
+                for event in reply["events"]:
+                    out.setdefault(event["id"], []).extend(event["tokens"])
+                    done += event["finish"] is not None
+                since = reply["next"]
+            mailbox.push(1, [{"op": "stop"}])
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+    stats = run_serve(worker, {"max_batch": 4, "max_context": 1024, "prefill_chunk": 64}, mailbox)
+    if mailbox is not None:
+        driver.join(10)
+        return {**{f"tokens.{k}": torch.tensor(v) for k, v in out.items()}, "steps": torch.tensor(stats["steps"])}
+    return None
+
+
+def test_world2_serve_loop_over_shared_memory_matches_engine_alone(reference):
+    from cluster.procs import run_world
+    prompts = [_prompt(600, 100), _prompt(3, 101), _prompt(70, 102)]  # ~1.3 KiB of commands in one step
+    out = run_world(2, serve_loop_world, MODEL, prompts, 6, backend="shm", timeout_s=60)
+    for i, prompt in enumerate(prompts):
+        assert out[f"tokens.{i}"].tolist() == reference(prompt, _params(6)), i
+    assert int(out["steps"]) >= 600 // 64  # the long prompt took one chunk per step

@@ -7,7 +7,8 @@ Control path (DESIGN.md "Control plane vs data plane"):
   driver <--poll-- rank 0's Mailbox
 The driver pushes commands (join / cancel / stop) into rank 0's mailbox with small calls; rank 0
 drains them between steps and broadcasts the list to the other ranks through the communicator
-(an int64 length, then the msgpack bytes when there are any): the ranks never talk through Ray.
+(one fixed 1 KiB message: the length and the msgpack bytes, plus a second broadcast for what does not
+fit): the ranks never talk through Ray.
 Every rank applies the same commands in the same order, then runs the same step. Rank 0 appends
 the step's new tokens to its outbox, which the driver long-polls. With nothing to do, rank 0
 waits for a command at most `heartbeat_s` before it broadcasts an empty list, so the other ranks
@@ -29,6 +30,8 @@ from model.sampling import SamplingParams
 from model.spec import SpecConfig
 from workers.batch_engine import BatchEngine
 from workers.messages import pack, unpack
+
+HEADER_BYTES = 1024  # the per-step command broadcast: an int64 length, then the msgpack bytes that fit
 
 
 class Mailbox:
@@ -97,21 +100,38 @@ class ServeLoop:
 
     def _exchange(self) -> list[dict]:
         """Rank 0's new commands, on every rank (the same list everywhere)."""
-        payload = b""
+        payload, start = b"", time.perf_counter()
         if self.mailbox is not None:
             wait = 0.0 if self.engine.busy else self.heartbeat_s
             commands = self.mailbox.take(wait)
             payload = pack(commands) if commands else b""
-        start = time.perf_counter()
+            if wait:  # an idle wait for work is not overhead
+                start = time.perf_counter()
         if self.comm.world_size > 1:
-            size = self.comm.broadcast(torch.tensor([len(payload)], dtype=torch.long))  # (1,)
-            n = int(size[0])
-            if n:
-                buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(n, dtype=torch.uint8)
-                payload = self.comm.broadcast(buf).numpy().tobytes()
+            payload = self._broadcast(payload)
         commands = unpack(payload) if payload else []
         self.control_s += time.perf_counter() - start
         return commands
+
+    def _broadcast(self, payload: bytes) -> bytes:
+        """Rank 0's payload on every rank: one broadcast of a fixed header (length + the first bytes),
+        a second one only for what does not fit (a batch of long prompts). On the engine's device
+        (NCCL broadcasts device tensors)."""
+        fits = HEADER_BYTES - 8
+        header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+        if self.mailbox is not None:
+            header[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+            if payload:
+                head = payload[:fits]
+                header[8: 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        header = self.comm.broadcast(header.to(self.engine.device)).cpu()  # (HEADER_BYTES,)
+        size = int(header[:8].view(torch.int64)[0])
+        data = header[8: 8 + min(size, fits)].numpy().tobytes()
+        if size > fits:
+            rest = (torch.frombuffer(bytearray(payload[fits:]), dtype=torch.uint8) if self.mailbox is not None
+                    else torch.empty(size - fits, dtype=torch.uint8))
+            data += self.comm.broadcast(rest.to(self.engine.device)).cpu().numpy().tobytes()
+        return data
 
     def _apply(self, commands: list[dict]) -> tuple[list, bool]:
         """Applies join / cancel commands; returns rank 0's events for them and whether to stop."""
