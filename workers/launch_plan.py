@@ -8,17 +8,22 @@ path a call takes is ASKED of the code, never restated here: model/fast_path.py'
 kernels or the torch ops), moe_path(block) and routes_in_one_kernel(block), and decode_attention's
 own split plan (whether the merge fuses into the attention launch). The emulated node is a GPU, so
 the fused path's device condition holds there whatever this host runs; the modules asked are those
-of a GPU build (workers/emulate.py: shape_only_model, gpu_twin).
+of a GPU build (workers/emulate.py: shape_only_model, gpu_twin). One exception: whether the
+embedding and argmax kernels take a model is their dtype / width test, restated here, because their
+`available` mixes it with the device test (a meta or CPU tensor fails that on this host).
 
   fused step (rows <= fast_path.MAX_TOKENS: decode, verify)
-    prologue   positions and cache slots, the embedding gather, the first RMSNorm (torch ops)
+    prologue   ONE embedding kernel (gather, first RMSNorm, positions, cache lengths; at several
+               ranks its rows then go through the fused all-reduce + RMSNorm), or before that kernel
+               (CodePaths) the torch ops: positions and slots, the gather, the RMSNorm's seven ops
     attention  QKV GEMV -> ONE attention kernel (RoPE + KV write + split-KV + fused merge) -> o_proj
                GEMV -> AllReduce + add + RMSNorm (one kernel; at one rank the add + RMSNorm)
     dense      FC13 + SwiGLU GEMV -> FC2 GEMV -> the same collective
     MoE        router kernel (GEMV + top-1 + sigmoid) -> shared + routed FC13 pair -> shared + routed
                FC2 pair and their sum; expert-parallel (symm): router, shared FC13 and FC2, the
                routing glue, dispatch, the gathered routed GEMVs over every received slot, combine
-    epilogue   cache lengths, LM head GEMV, the greedy pick, the graph's feedback copies
+    epilogue   LM head GEMV, the greedy pick (ONE argmax kernel; several ranks: its (max, id) pair,
+               the all-gather and torch's choice of the winner), the graph's feedback copies
   torch step (prefill sizes): the module forwards, costed as before the fused path existed (qkv_rope,
     split + merge attention, cuBLAS router + top-k, separate shared and routed GEMVs and their sum)
 
