@@ -5,12 +5,14 @@ same seed) in subgroups of every size 1..8, so the property test costs one proce
 Each case checks on every rank: all_reduce == the fp32 sum of all inputs (cast once), the fused
 allreduce_add_rmsnorm == the reference composition bit for bit, every rank got identical bits,
 and the one-shot / reduce-once / two-shot / chunked paths all appear (each case runs on a
-one-shot group and on a reduce-once group of its size).
+one-shot group and on a reduce-once group of its size). The large-message world (two-shot and
+chunked paths) also serves the check that no segment outlives its world.
 """
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from collectives.communicator import quantize_fp8, rms_norm
@@ -83,14 +85,21 @@ def _large(comm) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_two_shot_and_chunked_messages():
+@pytest.fixture(scope="module")
+def large_world():
+    """One 4-rank world of large messages; the shared-memory names before and after it ran."""
+    before = set(os.listdir("/dev/shm"))
     got = run_world(4, _large, backend="shm")
+    return got, before, set(os.listdir("/dev/shm"))
+
+
+def test_two_shot_and_chunked_messages(large_world):
+    got, _, _ = large_world
     for rows in (64, 600):
         expected = sum(_input(r, (rows, 5120), torch.float32, rows) for r in range(4))
         assert torch.allclose(got[f"sum{rows}"], expected, atol=1e-4)
 
 
-def test_no_segments_left_behind():
-    before = set(os.listdir("/dev/shm"))
-    run_world(4, _large, backend="shm")
-    assert {n for n in os.listdir("/dev/shm") if n.startswith("dgxemu-")} - before == set()
+def test_no_segments_left_behind(large_world):
+    _, before, after = large_world
+    assert {n for n in after if n.startswith("dgxemu-")} - before == set()
