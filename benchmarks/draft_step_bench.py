@@ -34,7 +34,7 @@ def _models(dtype: str):
     from workers.model_build import build_model
     from workers.run_config import RunConfig
     path = ensure_default_model()
-    run = RunConfig(model_path=str(path), dtype=dtype, device="cuda", world_size=1, kernels="triton")
+    run = RunConfig(model_path=str(path), dtype=dtype, device="cuda", world_size=1, kernels="triton", comm="nccl")
     cfg = load_model_config(path)
     model, _ = build_model(run, cfg, layout(cfg, 1, 0, "tp"), SingleRankCommunicator())
     return {kernels: load_draft(default_draft_dir(), model, kernels=kernels)[0] for kernels in ("torch", "triton")}
