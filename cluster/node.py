@@ -57,9 +57,12 @@ def _attach_validate(node):
 
 
 def build_node(run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
-               dashboard: bool = False, max_restarts: int = 0):
+               dashboard: bool = False, max_restarts: int = 0, comm_auto: bool = False,
+               target_node: str | None = None):
     """World size 1 runs in-process (no Ray); larger worlds start one Ray actor per rank, under a
-    Supervisor that restarts the node after a rank failure when max_restarts > 0."""
+    Supervisor that restarts the node after a rank failure when max_restarts > 0.
+    comm_auto: run.comm is the default, so it may follow where Ray places the ranks (cluster/placement.py).
+    target_node: the Ray node id the ranks should go to where it has room (replicas: cluster/replicas.py)."""
     check_layout(run)
     gpu_spec(run.hardware)
     emulated_node(run.emulate_node)  # an unknown name or a bad node file is refused here, before any actor
@@ -71,7 +74,8 @@ def build_node(run: RunConfig, address: str | None = None, placement: str = "STR
     from cluster.ray_node import RayNode
 
     def make():
-        return _attach_validate(RayNode(run, address=address, placement=placement, dashboard=dashboard))
+        return _attach_validate(RayNode(run, address=address, placement=placement, dashboard=dashboard,
+                                        comm_auto=comm_auto, target_node=target_node))
 
     if max_restarts == 0:
         return make()

@@ -19,11 +19,13 @@ import time
 import uuid
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.clocks import estimate_offset, write_clock_file
 from cluster.interrupts import deferred_interrupts, raise_if_interrupted
+from cluster.node import UserError
+from cluster.placement import check_fits, data_plane, describe
 from cluster.faults import NodeStartError, RankFailure, diagnose  # noqa: F401 (NodeStartError: re-exported)
 from collectives.factory import shm_name
 from collectives.shm_sync import sweep_segments
@@ -85,8 +87,13 @@ class RankActor:
             torch.cuda.set_device(self.gpu_index)
 
     def connect(self, rendezvous: dict) -> int:
-        """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts."""
+        """rendezvous: {"file": path} for one host, or {"host": ip, "port": n} across hosts; "hosts":
+        the Ray node id each rank's bundle was placed on (the data plane follows it)."""
         self._on_own_gpu()
+        hosts = rendezvous["hosts"]
+        if hosts[self.rank] != ray.get_runtime_context().get_node_id():
+            raise RuntimeError(f"rank {self.rank} runs on Ray node {ray.get_runtime_context().get_node_id()}, "
+                               f"but its bundle was placed on {hosts[self.rank]}")
         from collectives.factory import make_communicator
         from collectives.torch_dist import file_store, join_store
         from cluster.hardware import emulated_node, gpu_spec
@@ -97,7 +104,7 @@ class RankActor:
             store = self.store or join_store(rendezvous["host"], rendezvous["port"], self.run.world_size,
                                              self.run.collective_timeout_s)
         self.comm = make_communicator(self.run.comm, self.rank, self.run.world_size, store, rendezvous["node_id"],
-                                      self.run.collective_timeout_s, self.run.device)
+                                      self.run.collective_timeout_s, self.run.device, hosts=hosts)
         self.worker = Worker(self.rank, self.run, self.comm, gpu_spec(self.run.hardware).as_dict(),
                              emulated_node(self.run.emulate_node))
         return os.getpid()
@@ -138,6 +145,10 @@ class RankActor:
     def poll(self, since: int) -> bytes:
         return pack(self.stream[since:])
 
+    def comm_calls(self) -> dict:
+        """Calls per operation that took the several-host (hierarchical) path; {} for a flat backend."""
+        return dict(getattr(self.comm, "hierarchical_calls", {}))
+
     def close(self) -> None:
         if self.worker is not None:
             self._on_own_gpu()
@@ -147,10 +158,15 @@ class RankActor:
 
 class RayNode:
     def __init__(self, run: RunConfig, address: str | None = None, placement: str = "STRICT_PACK",
-                 startup_timeout_s: float = 120.0, dashboard: bool = False) -> None:
+                 startup_timeout_s: float = 120.0, dashboard: bool = False, comm_auto: bool = False,
+                 target_node: str | None = None) -> None:
+        """comm_auto: run.comm is a default, not the user's choice: it may follow where the ranks land
+        (cluster/placement.py). Layouts the cluster cannot hold are refused before any actor starts.
+        target_node: a Ray node id this node's ranks should go to if it has room (STRICT_PACK only;
+        replicas use it to take one host each, cluster/replicas.py)."""
         from cluster.hardware import emulated_node
         from model.config import load_model_config
-        self.run, self.timeout = run, startup_timeout_s
+        self.run, self.timeout, self.comm_auto, self.target_node = run, startup_timeout_s, comm_auto, target_node
         self.model_cfg = load_model_config(run.model_path)
         emulated_node(run.emulate_node)  # refused here, not in every actor (each resolves it again for its worker)
         self.actors, self.pg, self.started_ray, self.scratch = [], None, False, None
@@ -167,19 +183,26 @@ class RayNode:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             if address:
-                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+                self.join(address)
             else:
                 if self.run.device == "cuda":  # read by the raylet and its workers: set before Ray starts
                     os.environ.update(GPU_ENV)
                 self._start_local_ray(world, dashboard)
                 self.started_ray = True
         bundle = {"CPU": 1, "GPU": 1} if self.run.device == "cuda" else {"CPU": 1}
-        self.pg = placement_group([bundle] * world, strategy=placement)
+        if not self.started_ray:  # a cluster of unknown shape: a layout it can never hold is refused now
+            check_fits(ray.nodes(), bundle, world, placement)
+        hint = {"_soft_target_node_id": self.target_node} if self.target_node and placement == "STRICT_PACK" else {}
+        self.pg = placement_group([bundle] * world, strategy=placement, **hint)
         try:
             ray.get(self.pg.ready(), timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
             raise NodeStartError(f"could not place {world} ranks ({bundle} each, {placement}) within "
                                f"{self.timeout:.0f} s: the cluster lacks the resources") from None
+        placed = placement_group_table(self.pg)["bundles_to_node_id"]
+        self.hosts = [placed[r] for r in range(world)]  # Ray node id of every rank: the data plane follows it
+        self.run = data_plane(self.run, self.hosts, self.comm_auto)  # refuses a backend the hosts cannot carry
+        self.layout = describe(self.hosts, self.run.comm)
         actor_cls = ray.remote(max_concurrency=4)(RankActor)  # serving: loop, poll, push
         gpus = 1 if self.run.device == "cuda" else 0
         msg = pack_run(self.run)
@@ -192,12 +215,10 @@ class RayNode:
             self.scratch = tempfile.mkdtemp(prefix="dgx-emu-node-")
             rendezvous = {"file": os.path.join(self.scratch, "store")}
         else:
-            if self.run.comm == "shm":
-                raise ValueError("--comm shm needs every rank on one host; with --ray-address use --comm gloo")
             host = ray.get(self.actors[0].__ray_call__.remote(lambda self: ray.util.get_node_ip_address()),
                            timeout=self.timeout)
             rendezvous = {"host": host, "port": ray.get(self.actors[0].open_store.remote(host), timeout=self.timeout)}
-        rendezvous["node_id"] = self.node_id
+        rendezvous["node_id"], rendezvous["hosts"] = self.node_id, self.hosts
         self.pids = ray.get([a.connect.remote(rendezvous) for a in self.actors], timeout=self.timeout)
         self.clock_offsets = {"start": self.measure_clocks()}
 
@@ -205,6 +226,15 @@ class RayNode:
         """Each rank's clock offset against the driver's (see cluster/clocks.py)."""
         return [{"rank": r, **estimate_offset(lambda a=a: ray.get(a.clock.remote(), timeout=self.timeout))}
                 for r, a in enumerate(self.actors)]
+
+    @staticmethod
+    def join(address: str) -> None:
+        """Connects this process to the Ray cluster at `address` ("auto": the one `ray start` left here)."""
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except ConnectionError as e:  # nothing to join there: the flag is at fault
+            raise UserError(f"--ray-address {address}: {e}") from None
 
     @staticmethod
     def _start_local_ray(world: int, dashboard: bool, attempts: int = 2) -> None:
@@ -215,7 +245,8 @@ class RayNode:
         before giving up with one clear error."""
         for attempt in range(1, attempts + 1):
             try:
-                ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
+                ray.init(address="local",  # a new instance even where `ray start` left a cluster to join
+                         num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
                          _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False)
                 return
             except Exception as e:  # Ray raises a bare Exception for a startup timeout
@@ -276,12 +307,16 @@ class RayNode:
         memory = [{"rank": e["rank"], "weights_bytes": e["weights_bytes"], "kv_cache_bytes": e["kv_cache_bytes"]}
                   for _, _, e in results]
         info = {"memory_per_rank": memory, "control_overhead_s": wall - busiest,
-                "control_overhead_per_step_s": (wall - busiest) / steps}
+                "control_overhead_per_step_s": (wall - busiest) / steps, "placement": self.layout}
         return completions, stats, info
 
     def set_tracing(self, on: bool) -> None:
         """Pauses or resumes tracing on every rank (the node must have been started with a trace directory)."""
         ray.get([a.set_tracing.remote(on) for a in self.actors], timeout=self.timeout)
+
+    def comm_calls(self) -> list[dict]:
+        """Per rank, the calls that took the several-host (hierarchical) path, by operation."""
+        return ray.get([a.comm_calls.remote() for a in self.actors], timeout=self.timeout)
 
     def node_pids(self) -> list[int]:
         """The process id of every rank, in rank order."""

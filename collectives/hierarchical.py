@@ -23,6 +23,12 @@ a single message per host over the network, instead of a network exchange among 
       shared memory, rows for other hosts through one gloo all-to-all of the whole world.
   barrier: the world's gloo barrier (it names the ranks that never came).
 
+Inference mode: the shm backend caches typed views of its segments, made in whatever mode the
+first call ran in, and a tensor made in inference mode cannot be written outside it. The model
+calls some collectives inside torch.inference_mode (the forward) and some outside (sampling), and
+here one shm call (the host broadcast, its empty placeholder included) serves both, so every call
+runs with inference mode off: the views are ordinary tensors, writable in either mode.
+
 Hosts are labels (Ray node ids in cluster/): any two ranks with the same label share memory. The
 ranks of a host need not be contiguous (Ray's SPREAD alternates them). Every rank must make the
 same calls in the same order, as for every backend. `hierarchical_calls` counts, per operation,
@@ -31,6 +37,7 @@ the calls that went through this path (tests read it to see the layout reached t
 from __future__ import annotations
 
 import datetime
+import functools
 from collections import Counter
 
 import torch
@@ -47,6 +54,15 @@ def host_groups(hosts: list) -> list[list[int]]:
     for rank, host in enumerate(hosts):
         groups.setdefault(host, []).append(rank)
     return list(groups.values())
+
+
+def _outside_inference_mode(call):
+    """Runs a collective with inference mode (and autograd) off: see the module docstring."""
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return call(*args, **kwargs)
+    return wrapped
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -117,14 +133,17 @@ class HierarchicalCommunicator(Communicator):
         return self._host_broadcast(total)
 
     # --- collectives ------------------------------------------------------------------------
+    @_outside_inference_mode
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         self.hierarchical_calls["all_reduce"] += 1
         return self._reduce(x)
 
+    @_outside_inference_mode
     def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
         self.hierarchical_calls["allreduce_add_rmsnorm"] += 1
         return add_rmsnorm(self._reduce(partial), residual, weight, eps, quant_scale)
 
+    @_outside_inference_mode
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         self.hierarchical_calls["all_gather"] += 1
         x = x.contiguous()
@@ -140,6 +159,7 @@ class HierarchicalCommunicator(Communicator):
         rows = self._host_broadcast(rows)  # (world, *x.shape), rank order
         return torch.cat(rows.unbind(0), dim=dim)
 
+    @_outside_inference_mode
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.hierarchical_calls["broadcast"] += 1
         src_host = self.host_of[src]
@@ -153,6 +173,7 @@ class HierarchicalCommunicator(Communicator):
             out = self._host_broadcast(out)
         return out
 
+    @_outside_inference_mode
     def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         self.hierarchical_calls["all_to_all"] += 1
         if len(send_counts) != self.world_size or sum(send_counts) != x.shape[0]:
@@ -173,6 +194,7 @@ class HierarchicalCommunicator(Communicator):
         counts = [p.shape[0] for p in parts]
         return torch.cat(parts), counts
 
+    @_outside_inference_mode
     def barrier(self) -> None:
         self.hierarchical_calls["barrier"] += 1
         self.world.barrier()

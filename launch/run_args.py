@@ -60,11 +60,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_comm(device: str, world_size: int, ray_address: str | None) -> str:
-    """shm for CPU actors; on GPUs the fused peer-memory collectives (symm) when the node starts
-    on this host, NCCL when it joins a cluster (its ranks may span hosts)."""
+    """shm for CPU actors; on GPUs the fused peer-memory collectives (symm). Where a joined cluster
+    places the ranks on several hosts, the node makes shm hierarchical and turns this default symm
+    into NCCL (cluster/placement.py); ray_address is kept for callers that pass it."""
     if device != "cuda":
         return "shm"
-    return "symm" if world_size > 1 and ray_address is None else "nccl"
+    return "symm" if world_size > 1 else "nccl"
 
 
 def _delay(text: str | None) -> dict:
@@ -102,5 +103,5 @@ def node_settings(args) -> NodeSettings:
                     cuda_graphs=args.cuda_graphs, emulate_node=args.emulate_node,
                     collective_timeout_s=args.collective_timeout, **_delay(args.inject_delay))
     build = {"address": args.ray_address, "placement": args.placement, "dashboard": args.dashboard,
-             "max_restarts": args.max_restarts}
+             "max_restarts": args.max_restarts, "comm_auto": args.comm is None}
     return NodeSettings(run, model_dir, draft_path, spec, build)

@@ -84,9 +84,21 @@ def _data_movement(comm, world: int) -> None:
     comm.barrier()
 
 
+def _both_modes(comm, world: int) -> None:
+    """The model reduces inside inference mode and gathers for sampling outside it: the same
+    shared-memory buffers serve both (a rank once failed on writing a view made in the other mode)."""
+    for inference in (True, False, True, False):
+        with torch.inference_mode(inference):
+            x = _x(comm.rank, (2, 4), integers=True)
+            assert torch.equal(comm.all_reduce(x), sum(_x(r, (2, 4), integers=True) for r in range(world)))
+            assert torch.equal(comm.all_gather(x), torch.cat([_x(r, (2, 4), integers=True) for r in range(world)]))
+            assert torch.equal(comm.broadcast(x, world - 1), _x(world - 1, (2, 4), integers=True))
+
+
 def _check_world(comm) -> dict[str, torch.Tensor]:
     assert isinstance(comm, HierarchicalCommunicator), type(comm)
     world = comm.world_size
+    _both_modes(comm, world)
     _reductions(comm, world)
     _data_movement(comm, world)
     calls = comm.hierarchical_calls
