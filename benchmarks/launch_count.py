@@ -7,16 +7,19 @@ it can be counted without a GPU: the fused path runs on CPU tensors under Triton
 Counted: every Triton kernel launch (a patched `run` of the interpreter's or the compiler's kernel
 objects) and every torch operator that would be a kernel on a GPU, seen by a TorchDispatchMode:
 all aten ops except views and allocations (`empty*`), which launch nothing. The Triton
-interpreter's own tensor traffic is hidden from the mode while a kernel runs. The step is
-`Llama4.forward(static=True)` of one token for one row (what workers/cuda_graphs.py captures,
-before its argmax and feedback copies), on a model with the preset's layer structure (layer
-count, MoE / dense and RoPE / NoPE pattern, attention features) but tiny widths: launches do not
-depend on widths. `--draft` counts one EAGLE-3 draft forward instead (`Eagle3Draft.forward(static=True)`,
+interpreter's own tensor traffic is hidden from the mode while a kernel runs. The step is what
+workers/cuda_graphs.py captures for one row: `DecodeGraph._step`, i.e. `Llama4.forward(static=True)`
+of 1 new token (decode) or 4 (verify) with the graph's n_new, then the greedy pick (on a GPU the
+distributed argmax's kernel, counted as such here) and the copies of the chosen ids; on a model
+with the preset's layer structure (layer count, MoE / dense and RoPE / NoPE pattern, attention
+features) but tiny widths: launches do not depend on widths. `--draft` counts one EAGLE-3 draft
+forward instead (`Eagle3Draft.forward(static=True)`,
 one row, on the torch ops and on the fused kernels), the two kinds a chain-3 speculative step runs
 (workers/spec_graphs.py): the catch-up (4 tokens with target features, one row's logits) and a
 depth step (2 drafted tokens with the draft's own hidden states, a step mask, the last row's logits).
 
-    TRITON_INTERPRET=1 python benchmarks/launch_count.py [--model medium] [--dtype bf16 fp8] [--detail]
+    TRITON_INTERPRET=1 python benchmarks/launch_count.py [--model medium] [--dtype bf16 fp8] [--steps decode verify]
+                                                         [--detail]
     TRITON_INTERPRET=1 python benchmarks/launch_count.py --draft [--detail]
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+STEPS = {"decode": 1, "verify": 4}  # new tokens per row, as `dgx-emu bench decode` names its steps
 
 
 class _AtenCounter(TorchDispatchMode):
@@ -96,23 +100,52 @@ def small_config(name: str):
                                attention_chunk_size=min(cfg.attention_chunk_size or 64, 64))
 
 
-def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20) -> Counter:
-    """Launches of one static decode step (1 row, 1 token) over `context` cached keys."""
+def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20, tokens: int = 1) -> Counter:
+    """Launches of one captured graph step (1 row, `tokens` new tokens) over `context` cached keys."""
     from workers.step_bench import random_model
     model = random_model(small_config(name), dtype, "triton", device="cpu")
     cache = model.new_cache(1, context + 8)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     model(prompt, cache)  # history (a prefill of more than 16 tokens runs the torch ops)
     counts: Counter = Counter()
-    token = torch.zeros(1, 1, dtype=torch.long)
-    forward = type(model).forward.__wrapped__  # without inference mode, under which the dispatch mode
-    with torch.no_grad(), _gpu_norm():  # misses some ops (casts)
+    step = _graph_step(model, cache, tokens)
+    with torch.no_grad(), _gpu_norm(), _gpu_pick():
         saved = cache.lengths.clone()
-        forward(model, token, cache, static=True)  # warm-up, as before a graph capture (kernel scratch made)
+        step()  # warm-up, as before a graph capture (kernel scratch made)
         cache.lengths.copy_(saved)
         with count_launches(counts):
-            forward(model, token, cache, static=True)
+            step()
     return counts
+
+
+def _graph_step(model, cache, tokens: int):
+    """workers/cuda_graphs.py's DecodeGraph._step on CPU tensors: its buffers, not its capture."""
+    from model.sampling import DeviceSampler
+    from workers.cuda_graphs import DecodeGraph
+    graph = DecodeGraph.__new__(DecodeGraph)
+    graph.cache = cache
+    graph.tokens = torch.zeros(cache.batch, tokens, dtype=torch.long)  # (B, T)
+    graph.n_new = torch.full((cache.batch,), tokens, dtype=torch.long)  # (B,)
+    graph.next_ids = torch.zeros(cache.batch, dtype=torch.long)  # (B,)
+    graph.sampler = DeviceSampler(cache.batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, "cpu")
+    forward = type(model).forward.__wrapped__  # without inference mode, under which the dispatch mode
+    graph.model = lambda *args, **kwargs: forward(model, *args, **kwargs)  # misses some ops (casts)
+    return graph._step
+
+
+@contextmanager
+def _gpu_pick():
+    """The greedy pick as a GPU runs it: distributed_argmax's kernel (its default on CUDA tensors;
+    the interpreter runs it on CPU tensors). Code without that kernel keeps its torch ops."""
+    import inspect
+    from model import sampling
+    original = sampling.distributed_argmax
+    if "kernel" in inspect.signature(original).parameters:
+        sampling.distributed_argmax = lambda *args, **kwargs: original(*args, **{"kernel": True, **kwargs})
+    try:
+        yield
+    finally:
+        sampling.distributed_argmax = original
 
 
 def draft_launches(step: str = "catch_up", kernels: str = "triton", context: int = 20) -> Counter:
@@ -181,6 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="medium", choices=["medium", "maverick-slice"])
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS), help="decode: 1 token, verify: 4")
     p.add_argument("--detail", action="store_true", help="launches per kernel / op")
     p.add_argument("--draft", action="store_true", help="an EAGLE-3 draft forward, torch ops vs fused kernels")
     args = p.parse_args(argv)
@@ -189,8 +223,10 @@ def main(argv=None) -> int:
             for kernels in ("torch", "triton"):
                 _report(f"draft {step} ({kernels})", "draft forward", draft_launches(step, kernels), args.detail)
         return 0
-    for dtype in args.dtype:
-        _report(f"{args.model} {dtype}", "decode step", step_launches(args.model, dtype), args.detail)
+    for step in args.steps:
+        for dtype in args.dtype:
+            _report(f"{args.model} {dtype} {step}", "graph step", step_launches(args.model, dtype, tokens=STEPS[step]),
+                    args.detail)
     return 0
 
 

@@ -67,18 +67,29 @@ class SamplingParams:
 
 
 def distributed_argmax(local_logits: torch.Tensor, vocab_start: int, comm: Communicator, *,
-                       kernel: bool | None = None) -> torch.Tensor:
+                       kernel: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """local_logits: (B, V_r) this rank's slice. Returns the global argmax ids (B,), equal on all ranks.
     kernel: the local part (argmax + vocab_start, or the (max, id) pair) as ONE launch of
     model/kernels/argmax.py, which picks exactly what torch.argmax picks; default: on CUDA tensors
     it takes (a decode step's tail: torch's argmax is one 512-thread block over the whole row, and
-    the offset another launch). True also runs it under Triton's interpreter (tests); False: torch."""
+    the offset another launch). True also runs it under Triton's interpreter (tests); False: torch.
+    out: an int64 (B,) tensor the ids are written into (and returned): at one rank on the kernel,
+    its own store, so a graph's token buffer needs no copy; otherwise one copy."""
     from model.kernels import argmax as argmax_kernel
     if kernel is None:
         kernel = local_logits.is_cuda and argmax_kernel.available(local_logits)
+    if comm.world_size == 1 and kernel:
+        return argmax_kernel.argmax(local_logits, offset=vocab_start, out=out)
+    ids = _argmax_ids(local_logits, vocab_start, comm, kernel)
+    return ids if out is None else out.copy_(ids)
+
+
+def _argmax_ids(local_logits: torch.Tensor, vocab_start: int, comm: Communicator,
+                              kernel: bool) -> torch.Tensor:
+    """distributed_argmax's ids (but at one rank on the kernel): torch's argmax at one rank; else
+    the local (max, id) pair (kernel or torch), its all-gather and the first rank holding the max."""
+    from model.kernels import argmax as argmax_kernel
     if comm.world_size == 1:
-        if kernel:
-            return argmax_kernel.argmax(local_logits, offset=vocab_start)
         return local_logits.argmax(dim=-1) + vocab_start
     if kernel:
         pair = argmax_kernel.max_argmax(local_logits, offset=vocab_start)  # (B, 2)

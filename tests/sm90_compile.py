@@ -100,6 +100,22 @@ def _decode_kernels() -> None:
     from collectives import fused_norm
     fused_norm.available = lambda x: True
     fused_norm.add_rmsnorm(x1, x1, torch.ones(2048, dtype=torch.bfloat16), 1e-5)
+    fused_norm.add_rmsnorm(x1, None, torch.ones(2048, dtype=torch.bfloat16), 1e-5)  # no residual
+    _head_and_pick_kernels()
+
+
+def _head_and_pick_kernels() -> None:
+    """The step's head (embedding + first RMSNorm + positions and lengths) and its greedy pick (the
+    argmax, then its (max, id) pair), at medium's widths."""
+    from model.kernels import argmax, embed_norm
+    embed_norm.available = lambda token_ids, weight: True
+    argmax.available = lambda logits: True
+    weight, norm_weight = torch.randn(32768, 2048, dtype=torch.bfloat16), torch.ones(2048, dtype=torch.bfloat16)
+    one = torch.ones(1, dtype=torch.long)
+    embed_norm.embed_norm(one[:, None], weight, norm_weight=norm_weight, lengths=one.clone(), n_new=one)
+    logits = torch.randn(1, 32768, dtype=torch.bfloat16)
+    argmax.argmax(logits)
+    argmax.max_argmax(logits)
 
 
 def _moe_kernels(x1: torch.Tensor) -> None:

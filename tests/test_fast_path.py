@@ -3,8 +3,10 @@
 Two models with the same weights, one on the torch ops and one on the kernels (on CPU the kernels
 run in Triton's interpreter, fp32), take the same prefill and then decode steps of 1 token and
 verify steps of 4 tokens with a causal chain and with a tree mask, over a KV cache of random
-history: logits must agree to fp32 rounding, caches must hold the same keys and values, and the
-static step (whole cache buffer, no host sync) must equal the dynamic one. The `tiny` shape has
+history: logits must agree to fp32 rounding, caches must hold the same keys and values, the cache
+lengths must advance by each row's n_new (a row may be finished: 0), the greedy pick on the argmax
+kernel must be torch's, and the static step (whole cache buffer, no host sync) must equal the
+dynamic one. The `tiny` shape has
 every feature: dense and MoE layers, chunked RoPE layers with a chunk the prompt crosses, a NoPE
 layer with temperature tuning, QK-norm and GQA. GPU-only: graph replay equals eager for 128
 greedy tokens, in bf16 and in FP8.
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from collectives.communicator import SingleRankCommunicator
+from model.sampling import distributed_argmax
 from model.checkpoint import load_shard
 from model.config import load_model_config, tiny
 from model.embedded import random_state_dict, write_checkpoint
@@ -79,11 +82,16 @@ def test_kernels_equal_reference_ops(models, n_new, tree, static):
     positions = caches[0].lengths[:, None] + (torch.tensor([0, 1, 1, 2][:n_new], device=DEVICE) if tree
                                               else torch.arange(n_new, device=DEVICE))
     step_mask = _tree_mask(batch, n_new) if tree else None
-    out = [m(ids, c, positions=positions, step_mask=step_mask, static=static).logits
+    active = torch.tensor([n_new, n_new - 1], device=DEVICE)  # the second row stops early (n_new as graphs pass it)
+    before = caches[1].lengths.clone()
+    out = [m(ids, c, positions=positions, step_mask=step_mask, static=static, n_new=active).logits
            for m, c in zip(models, caches)]
     err = (out[1] - out[0]).abs().max().item() / out[0].abs().max().item()
     assert err < 2e-5, f"relative logit error {err}"
-    assert torch.equal(caches[0].lengths, caches[1].lengths)
+    assert torch.equal(caches[0].lengths, caches[1].lengths) and torch.equal(caches[1].lengths, before + active)
+    # the greedy pick as a GPU step makes it (the argmax kernel; the interpreter here) = torch's choice
+    picked = distributed_argmax(out[1][:, -1], 0, SingleRankCommunicator(), kernel=True)
+    assert torch.equal(picked, out[1][:, -1].argmax(-1)) and torch.equal(picked, out[0][:, -1].argmax(-1))
     for k_ref, k_fast in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         written = int(caches[0].lengths.max())
         ref, fast = k_ref[:, :, :written], k_fast[:, :, :written]
@@ -179,14 +187,17 @@ def test_gpu_decode_step_same_bits_with_and_without_pdl(models, monkeypatch):
 
 
 def test_decode_step_launches():
-    """Kernel launches of one fused decode step with medium's layer structure (counted on the CPU,
-    benchmarks/launch_count.py): per layer the attention's three kernels (QKV GEMV; RoPE + cache write
+    """Kernel launches of one fused decode graph step with medium's layer structure (counted on the
+    CPU, benchmarks/launch_count.py): ONE kernel before the first layer (embedding, first RMSNorm,
+    positions, cache lengths); per layer the attention's three kernels (QKV GEMV; RoPE + cache write
     + split-KV attention + merge; o_proj GEMV), a dense MLP's two GEMVs or the MoE's three launches
-    (router, FC13 pair, FC2 pair), the two add + RMSNorm kernels; no torch router GEMM, top-k or
-    sigmoid."""
+    (router, FC13 pair, FC2 pair), the two add + RMSNorm kernels; the LM head GEMV and ONE argmax
+    kernel; no torch router GEMM, top-k or sigmoid, and no torch op but the graph's two copies of
+    the chosen ids."""
     from benchmarks.launch_count import small_config, step_launches
     cfg = small_config("medium")
     counts = step_launches("medium", "bf16")
+    assert counts["triton _embed_norm_kernel"] == 1 and counts["triton _argmax_kernel"] == 1
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layers - n_moe
     assert counts["triton _router_kernel"] == n_moe and counts["triton _pair_kernel"] == 2 * n_moe
@@ -195,6 +206,7 @@ def test_decode_step_launches():
     assert "triton _merge_kernel" not in counts and "triton _qkv_rope_cache_kernel" not in counts
     assert counts["triton _add_rmsnorm_kernel"] == 2 * cfg.n_layers
     assert not {"torch mm", "torch topk", "torch sigmoid", "torch addmm"} & set(counts), counts
+    assert {k: n for k, n in counts.items() if k.startswith("torch")} == {"torch copy_": 2}, counts
 
 
 def test_hooked_router_runs_as_a_module(models):

@@ -86,6 +86,23 @@ def test_valid_columns_only():
     assert none[:, 0].eq(float("-inf")).all() and none[:, 1].eq(5).all()
 
 
+def test_out_buffer():
+    """`out`: the ids land in a given (strided) int64 buffer, e.g. a decode graph's token column, and
+    distributed_argmax returns that buffer whichever path it takes."""
+    gen = torch.Generator().manual_seed(6)
+    logits = _logits(gen, 3, 300, torch.float32, "ties")
+    tokens = torch.full((3, 2), -1, dtype=torch.long, device=DEVICE)  # (B, T): column 0 is strided
+    got = am.argmax(logits, offset=4, out=tokens[:, 0], block=64)
+    assert got.data_ptr() == tokens.data_ptr() and torch.equal(tokens[:, 0], logits.argmax(-1) + 4)
+    assert bool((tokens[:, 1] == -1).all())
+    for kernel in (True, False):
+        out = torch.zeros(3, dtype=torch.long, device=DEVICE)
+        assert distributed_argmax(logits, 4, SingleRankCommunicator(), kernel=kernel, out=out) is out
+        assert torch.equal(out, logits.argmax(-1) + 4)
+    with pytest.raises(ValueError, match="out must be an int64"):
+        am.argmax(logits, out=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+
+
 def test_strided_rows():
     """The decode graph passes logits[:, -1] of (B, T, V): rows T * V apart."""
     gen = torch.Generator().manual_seed(4)
@@ -124,6 +141,9 @@ def test_distributed_argmax_on_the_kernel(dtype):
         got = distributed_argmax(halves[rank], 300 * rank, comm, kernel=True)
         assert torch.equal(got, want)  # row 3's NaN is rank 0's: both ranks pick it
         assert torch.equal(got, distributed_argmax(halves[rank], 300 * rank, comm, kernel=False))
+        out = torch.zeros(4, dtype=torch.long, device=DEVICE)
+        assert distributed_argmax(halves[rank], 300 * rank, comm, kernel=True, out=out) is out
+        assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("bad,message", [

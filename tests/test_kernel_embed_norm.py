@@ -16,11 +16,14 @@ rows and tokens. GPU-only: medium's width in a CUDA graph, replayed over new ids
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 from collectives import fused_norm  # noqa: E402
+from collectives.communicator import Communicator, rms_norm  # noqa: E402
 from model.kernels import embed_norm as en  # noqa: E402
 from tests.numerics import assert_within_2_ulps  # noqa: E402
 
@@ -77,8 +80,8 @@ def test_step_bookkeeping(n_new_kind, given_positions):
     weight, norm_weight = _weights(gen, 64, 48, torch.float32, torch.float32)
     ids = _ids(gen, batch, n_tokens, 0, 64)
     lengths = torch.randint(0, 1000, (batch,), generator=gen).to(DEVICE)
-    n_new = {"none": None, "int64": torch.randint(0, n_tokens + 1, (batch,), generator=gen).to(DEVICE),
-             "int32_strided": torch.randint(0, n_tokens + 1, (batch, 2), generator=gen).int().to(DEVICE)[:, 1]}[n_new_kind]
+    counts = torch.randint(0, n_tokens + 1, (batch, 2), generator=gen).to(DEVICE)  # (B, 2): column 1 is strided
+    n_new = {"none": None, "int64": counts[:, 0].contiguous(), "int32_strided": counts.int()[:, 1]}[n_new_kind]
     positions = (lengths[:, None] + torch.tensor([0, 1, 1, 2, 3], device=DEVICE)) if given_positions else None
     ours, theirs = lengths.clone(), lengths.clone()
     got = en.embed_norm(ids, weight, norm_weight=norm_weight, lengths=ours, n_new=n_new, positions=positions)
@@ -91,6 +94,48 @@ def test_step_bookkeeping(n_new_kind, given_positions):
         assert got.positions is positions
     assert torch.equal(got.rows, want.rows)
     assert_within_2_ulps(got.normed, want.normed)
+
+
+class _TwoRanks(Communicator):
+    """Rank 0 of two in one process: all_reduce adds the other rank's precomputed partial."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.rank, self.world_size, self.other, self.calls = 0, 2, other, []
+
+    def all_reduce(self, x):
+        self.calls.append("all_reduce")
+        return x + self.other
+
+    def allreduce_add_rmsnorm(self, partial, residual, weight, eps, quant_scale=None):
+        self.calls.append(("allreduce_add_rmsnorm", residual))
+        return super().allreduce_add_rmsnorm(partial, residual, weight, eps, quant_scale)
+
+    all_gather = all_to_all = broadcast = barrier = None
+
+
+def test_step_head_of_two_ranks():
+    """fast_path.step_head on rank 0 of two: its slice's rows (no norm in the kernel) go through ONE
+    allreduce_add_rmsnorm with no residual; the residual is the whole embedding, normed its RMSNorm,
+    and the context carries the snapshot of the lengths, which advanced."""
+    from model import fast_path
+    from model.attention import KVCache
+    gen = torch.Generator().manual_seed(16)
+    weight, norm_weight = _weights(gen, 200, 64, torch.float32, torch.float32)  # the whole vocabulary
+    ids = _ids(gen, 2, 3, 0, 200)
+    other = en.reference_embed_norm(ids, weight[100:], vocab_start=100).rows  # rank 1's partial
+    comm = _TwoRanks(other)
+    layer = SimpleNamespace(input_layernorm=SimpleNamespace(weight=norm_weight, eps=1e-5))
+    model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=weight[:100], vocab_start=0, vocab_valid=100),
+                            layers=[layer], comm=comm, inv_freq=torch.ones(4, device=DEVICE))
+    cache = KVCache(1, 2, 32, 1, 8, torch.float32, DEVICE)
+    cache.lengths.copy_(torch.tensor([3, 7]))
+    normed, residual, ctx = fast_path.step_head(model, ids, cache, None, None, None, static=True)
+    assert comm.calls == [("allreduce_add_rmsnorm", None), "all_reduce"]
+    assert torch.equal(residual, weight[ids])
+    assert_within_2_ulps(normed, rms_norm(weight[ids], norm_weight, 1e-5))
+    assert torch.equal(ctx.start, torch.tensor([3, 7], device=DEVICE)) and torch.equal(cache.lengths, ctx.start + 3)
+    assert torch.equal(ctx.positions, ctx.start[:, None] + torch.arange(3, device=DEVICE))
+    assert ctx.n_keys == 32 and ctx.inv_freq is model.inv_freq
 
 
 @pytest.mark.parametrize("call,message", [

@@ -176,13 +176,19 @@ def _launch(logits: torch.Tensor, out: torch.Tensor, n_cols: int, offset: int, p
 
 
 def argmax(logits: torch.Tensor, *, valid: int | None = None, offset: int = 0, block: int = BLOCK,
-           max_programs: int = MAX_PROGRAMS) -> torch.Tensor:
+           max_programs: int = MAX_PROGRAMS, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V), unit stride along V (rows may be strided). Returns (B,) int64:
     logits[:, :valid].argmax(-1) + offset, torch.argmax's choice exactly (module docstring: ties,
-    NaN, -inf, valid = 0). block: columns a program reads per step; max_programs: programs per row
-    at most, each looping over several blocks when the row needs more (tests make both small)."""
+    NaN, -inf, valid = 0), written into `out` when given (an int64 (B,) tensor, any stride: a graph's
+    token buffer, with no copy after). block: columns a program reads per step; max_programs:
+    programs per row at most, each looping over several blocks when the row needs more (tests make
+    both small)."""
     n_cols = _check(logits, valid, block, max_programs)
-    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # (B,)
+    if out is None:
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # (B,)
+    elif out.shape != logits.shape[:1] or out.dtype != torch.int64 or out.device != logits.device:
+        raise ValueError(f"argmax: out must be an int64 ({logits.shape[0]},) tensor on {logits.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     _launch(logits, out, n_cols, int(offset), False, block, max_programs)
     return out
 

@@ -120,7 +120,8 @@ def _check(token_ids, weight, norm_weight, lengths, n_new, positions) -> None:
                          f"{tuple(norm_weight.shape)}")
     if lengths is None and (n_new is not None or positions is not None):
         raise ValueError("embed_norm: n_new and positions go with lengths (the step's bookkeeping)")
-    if lengths is not None and (lengths.shape != (batch,) or lengths.dtype != torch.int64 or not lengths.is_contiguous()):
+    if lengths is not None and (lengths.shape != (batch,) or lengths.dtype != torch.int64
+                                or not lengths.is_contiguous()):
         raise ValueError(f"embed_norm: lengths must be a contiguous int64 ({batch},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
     if n_new is not None and (n_new.shape != (batch,) or n_new.dtype not in (torch.int32, torch.int64)):
