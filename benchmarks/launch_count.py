@@ -13,9 +13,8 @@ of 1 new token (decode) or 4 (verify) with the graph's n_new, then the greedy pi
 distributed argmax's kernel, counted as such here) and the copies of the chosen ids; on a model
 with the preset's layer structure (layer count, MoE / dense and RoPE / NoPE pattern, attention
 features) but tiny widths: launches do not depend on widths. `--draft` counts one EAGLE-3 draft
-forward instead (`Eagle3Draft.forward(static=True)`,
-one row, on the torch ops and on the fused kernels), the two kinds a chain-3 speculative step runs
-(workers/spec_graphs.py): the catch-up (4 tokens with target features, one row's logits) and a
+forward instead (`Eagle3Draft.forward(static=True)`, one row, on the torch ops and on the fused
+kernels), the two kinds a chain-3 speculative step runs (workers/spec_graphs.py): the catch-up (4 tokens with target features, one row's logits) and a
 depth step (2 drafted tokens with the draft's own hidden states, a step mask, the last row's logits).
 
     TRITON_INTERPRET=1 python benchmarks/launch_count.py [--model medium] [--dtype bf16 fp8] [--steps decode verify]

@@ -110,16 +110,22 @@ def test_static_step_equals_dynamic_step(models):
 
 
 def test_static_step_never_reads_the_device(models, monkeypatch):
-    """A captured step must not read a device value on the host: no .item(), int() or .tolist()."""
-    _, fused = models
-    cache = _prefilled(fused, 1, seed=8)
+    """A captured step must not read a device value on the host: no .item(), int() or .tolist().
+    The step (2 tokens, no n_new, the last row's logits only) still equals the reference ops'."""
+    reference, fused = models
+    caches = [_prefilled(m, 1, seed=8) for m in models]
+    ids = torch.tensor([[5, 9]], device=DEVICE)
     calls = []
     for name in ("item", "tolist", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
-    fused(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache, static=True)
+    got = fused(ids, caches[1], static=True, last_only=True).logits
     monkeypatch.undo()
     assert calls == [], f"the static step read device values back: {calls}"
+    want = reference(ids, caches[0], static=True, last_only=True).logits
+    assert got.shape == want.shape == (1, 1, reference.shard.vocab_per_rank)
+    assert (got - want).abs().max() <= 2e-5 * want.abs().max()
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
 
 
 @pytest.mark.parametrize("settings,message", [
