@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from benchmarks.launch_count import _gpu_norm, count_launches, small_config
 from cluster.hardware import node_spec
 from collectives.communicator import Communicator, add_rmsnorm
+from collectives.triton_support import INTERPRETED
 from model.sampling import DeviceSampler
 from workers.cuda_graphs import DecodeGraph
 from workers.emulate import estimate_step
@@ -37,6 +38,10 @@ from workers.step_bench import random_model
 
 CONTEXT = 6  # keys already in the cache
 
+
+
+INTERPRETER_ONLY = pytest.mark.skipif(not INTERPRETED, reason="counts the kernels that CPU tensors launch under "
+                                      "Triton's interpreter (on a GPU: test_gpu_step_launches_what_the_plan_launches)")
 
 def four_layer_medium():
     """medium's layer pattern (dense, MoE, dense, MoE-NoPE) at tiny widths."""
@@ -141,6 +146,7 @@ def modeled_launches(model, tokens: int, comm: str = "symm") -> int:
     return sum(op.launches for op in est.ops)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype,tokens", [("bf16", 1), ("bf16", 4), ("fp8", 1)])
 def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
     model = random_model(four_layer_medium(), dtype, "triton", device="cpu")
@@ -148,6 +154,7 @@ def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
     assert sum(counts.values()) == modeled_launches(model, tokens), counts
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("moe", ["tp", "ep"])
 def test_two_rank_plan_launches_what_the_step_launches(moe):
     model = random_model(four_layer_medium(), "bf16", "triton", device="cpu", comm=FusedCollectives(), moe_mode=moe)
