@@ -193,6 +193,41 @@ def test_eagle3_rows_accept_their_own_drafts_and_match_plain_greedy(reference, s
     assert metrics["acceptance_length"] > 1.0
 
 
+def test_a_failing_rank_fails_its_requests_and_a_restart_serves_again(reference, monkeypatch):
+    """World 1, fault injected in the loop (its engine raises mid-decode): the in-flight requests
+    end with the error, queued ones wait, the scheduler builds a new node and serves them."""
+    real_step, calls = BatchEngine.step, {"n": 0}
+
+    def failing_step(engine):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected fault")
+        return real_step(engine)
+    monkeypatch.setattr(BatchEngine, "step", failing_step)
+
+    def make():
+        return InProcessNode(RunConfig(MODEL, world_size=1, max_context=MAX_CONTEXT))
+    node = make()
+    node.load()
+    with Scheduler(node, max_batch=1, max_restarts=1, make_node=make) as scheduler:
+        running = scheduler.submit(_prompt(5, 110), _params(20))
+        queued = scheduler.submit(_prompt(7, 111), _params(6))
+        with pytest.raises(RuntimeError, match="rank 0 failed: RuntimeError: injected fault"):
+            running.result(30)
+        assert queued.result(60) == reference(list(queued.prompt), queued.params)  # on the new node
+        metrics = scheduler.metrics()
+        assert metrics["restarts"] == 1 and metrics["failed"] == 1 and metrics["state"] == "up"
+        calls["n"] = 0  # a second fault: no restart is left
+        running = scheduler.submit(_prompt(5, 112), _params(20))
+        queued = scheduler.submit(_prompt(7, 113), _params(6))
+        with pytest.raises(RuntimeError, match="injected fault"):
+            running.result(30)
+        with pytest.raises(RuntimeError, match="the node is down"):
+            queued.result(30)
+        with pytest.raises(NodeUnavailable, match="down"):
+            scheduler.submit([1], _params(1))
+
+
 def test_world2_killed_rank_fails_its_requests_and_a_restart_serves_again(reference):
     """Ray, 2 CPU actors: outputs equal the engine alone; SIGKILL rank 1 mid-decode -> every request
     in flight ends with an error naming rank 1 (none hangs), the scheduler rebuilds the node
