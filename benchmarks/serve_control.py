@@ -42,7 +42,8 @@ def run_level(scheduler: Scheduler, concurrency: int, tokens: int) -> dict:
     spec = [h.spec["acceptance_length"] for h in handles if h.spec.get("acceptance_length")]
     return {"concurrency": concurrency, "tokens": concurrency * tokens, "wall_s": wall,
             "tokens_per_s": concurrency * tokens / wall, "per_stream_tokens_per_s": tokens / wall,
-            "ttft_p50_s": median([h.ttft_s for h in handles]), "itl_p50_s": median(itl), "itl_p99_s": percentile(itl, 0.99),
+            "ttft_p50_s": median([h.ttft_s for h in handles]), "itl_p50_s": median(itl),
+            "itl_p99_s": percentile(itl, 0.99),
             "rank0_steps": steps, "acceptance_length": median(spec) if spec else None,
             "control_per_step_s": (after["control_s_total"] - before["control_s_total"]) / max(steps, 1),
             "step_s": (after["step_s_total"] - before["step_s_total"]) / max(steps, 1)}
@@ -94,7 +95,8 @@ def main() -> None:
             out = run_world(args.world_size, loop_without_ray, str(default_model_dir()), c, args.tokens, args.max_batch,
                             backend="shm")
             steps = float(out["steps"])
-            print(f"world {args.world_size}, {c} streams: {steps:.0f} steps, step {float(out['step_s']) / steps * 1e3:.1f} ms, "
+            step_ms = float(out["step_s"]) / steps * 1e3
+            print(f"world {args.world_size}, {c} streams: {steps:.0f} steps, step {step_ms:.1f} ms, "
                   f"control {float(out['control_s']) / steps * 1e6:.0f} us/step")
         return
     spec = {"chain3": SpecConfig(draft_len=3), "tree": SpecConfig(tree=True), None: None}[args.spec]

@@ -53,7 +53,8 @@ class Scheduler:
             node = node.node
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or step_timeout_s <= 0 or max_restarts < 0:
             raise ValueError(f"bad scheduler settings: max_batch={max_batch} max_queue={max_queue} "
-                             f"prefill_chunk={prefill_chunk} step_timeout_s={step_timeout_s} max_restarts={max_restarts}")
+                             f"prefill_chunk={prefill_chunk} step_timeout_s={step_timeout_s} "
+                             f"max_restarts={max_restarts}")
         if spec is not None and not node.run.draft_path:
             raise ValueError("speculative decoding needs a node started with an EAGLE-3 draft (RunConfig.draft_path)")
         if max_restarts and make_node is None:
@@ -106,8 +107,9 @@ class Scheduler:
         validate_requests([Request(prompt, params, request_id)], self.cfg.vocab_size, self.max_context)
         with self.lock:
             if self.state != "up":
-                raise NodeUnavailable(f"the node is {self.state}" + (f": {self.down_reason}" if self.down_reason else ""))
-            if len(self.queue) >= self.max_queue:
+                reason = f": {self.down_reason}" if self.down_reason else ""
+                raise NodeUnavailable(f"the node is {self.state}{reason}")
+            if None not in self.slots and len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are already waiting (max_queue {self.max_queue})")
             handle = RequestHandle(request_id, prompt, params, self)
             self.queue.append(handle)

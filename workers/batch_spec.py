@@ -49,7 +49,7 @@ class SpecRows:
         self.stats[slot] = RowStats()
         self.pending.pop(slot, None)
 
-    def prefill_chunk(self, slot: int, chunk: list[int], aux_hidden: list[torch.Tensor], next_token: int | None) -> None:
+    def prefill_chunk(self, slot: int, chunk: list[int], aux_hidden: list[torch.Tensor], next_token: int) -> None:
         """After the target's forward over `chunk` (aux_hidden from it): the draft reads the chunk's
         pairs (feature t, token t+1). next_token: the prompt token after the chunk, or the first
         generated token after the last chunk (which then becomes the row's root)."""
