@@ -290,8 +290,12 @@ class Layout:
         return self.gather_offset + 2 * self.slot_bytes  # gather slots: [parity]
 
 
-def algorithm_for(nbytes: int) -> str:
-    return "two-shot" if nbytes >= TWO_SHOT_MIN_BYTES else "one-shot"
+def algorithm_for(nbytes: int, world: int) -> str:
+    """One-shot, or two-shot for messages of TWO_SHOT_MIN_BYTES and more on more than two ranks. At
+    two ranks both move the same bytes per rank and two-shot waits one more round: it lost at every
+    size measured on 2 x H200 (1-128 tokens x 5120 bf16, up to 1.3 MB: 15.7 vs 12.8 us at 128 tokens,
+    benchmarks/results/h200x2-collectives.json). Above two ranks the threshold is not measured yet."""
+    return "two-shot" if world > 2 and nbytes >= TWO_SHOT_MIN_BYTES else "one-shot"
 
 
 class FusedAllReduce:
@@ -321,7 +325,7 @@ class FusedAllReduce:
     def all_reduce(self, x: torch.Tensor, algorithm: str | None = None) -> torch.Tensor:
         """The rank-order sum of every rank's x, in x's dtype (same bits on every rank)."""
         out = torch.empty_like(x)
-        self.launch(x, out, algorithm=algorithm or algorithm_for(x.numel() * x.element_size()))
+        self.launch(x, out, algorithm=algorithm or algorithm_for(x.numel() * x.element_size(), self.layout.world))
         return out
 
     def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -334,7 +338,7 @@ class FusedAllReduce:
         normed = torch.empty(partial.shape, dtype=fused_norm.FP8 if quant_scale is not None else norm_dtype,
                              device=partial.device)
         new_residual = torch.empty_like(partial)
-        algorithm = algorithm or algorithm_for(partial.numel() * partial.element_size())
+        algorithm = algorithm or algorithm_for(partial.numel() * partial.element_size(), self.layout.world)
         self.launch(partial, normed, residual, weight, eps, quant_scale, new_residual, algorithm)
         return normed, new_residual
 

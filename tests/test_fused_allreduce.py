@@ -200,7 +200,8 @@ def test_layout_is_aligned_and_the_threshold_picks_two_shot():
     layout = Layout(8, 16 * 5120)
     assert layout.data_offset % 256 == 0 and layout.gather_offset % 256 == 0
     assert layout.nbytes == layout.gather_offset + 2 * layout.slot_bytes >= (2 * 8 + 2) * 4 * 16 * 5120
-    assert algorithm_for(TWO_SHOT_MIN_BYTES - 1) == "one-shot" and algorithm_for(TWO_SHOT_MIN_BYTES) == "two-shot"
+    assert algorithm_for(TWO_SHOT_MIN_BYTES - 1, 4) == "one-shot" and algorithm_for(TWO_SHOT_MIN_BYTES, 4) == "two-shot"
+    assert algorithm_for(64 * TWO_SHOT_MIN_BYTES, 2) == "one-shot"  # two ranks: two-shot never won
 
 
 @cpu_only
