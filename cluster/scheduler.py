@@ -43,10 +43,11 @@ class NodeUnavailable(Exception):
 class Scheduler:
     def __init__(self, node, *, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
                  spec=None, max_restarts: int = 0, make_node=None, step_timeout_s: float = 60.0,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, log=None) -> None:
         """node: a LOADED node from cluster.node.build_node (a Supervisor is unwrapped: its
         make_node and max_restarts apply unless given here). max_context: the longest prompt +
-        max_new_tokens a request may ask for (default: the run's --max-context, else the model's)."""
+        max_new_tokens a request may ask for (default: the run's --max-context, else the model's).
+        log: called with a line when the node fails and is restarted (default: nothing)."""
         if getattr(node, "node", None) is not None and hasattr(node, "make_node"):  # a cluster.faults.Supervisor
             make_node = make_node or node.make_node
             max_restarts = max_restarts or node.max_restarts
@@ -60,7 +61,7 @@ class Scheduler:
         if max_restarts and make_node is None:
             raise ValueError("max_restarts > 0 needs make_node (how to build a fresh node)")
         self.node, self.make_node, self.max_restarts = node, make_node, max_restarts
-        self.node_down = False
+        self.node_down, self.log = False, log or (lambda line: None)
         self.cfg = node.model_cfg
         limit = node.run.max_context or self.cfg.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
@@ -241,6 +242,8 @@ class Scheduler:
 
     def _restart(self) -> None:
         self.restarts += 1
+        self.log(f"{self.down_reason}; restarting the node ({self.restarts}/{self.max_restarts})")
+        start = time.monotonic()
         try:
             node = self.make_node()
             node.load()
@@ -248,7 +251,10 @@ class Scheduler:
             with self.lock:
                 self.state, self.down_reason = "down", f"restart {self.restarts} failed: {type(e).__name__}: {e}"
                 self._fail_queued(self.down_reason)
+            self.log(self.down_reason)
             return
+        self.failures[-1]["restart_s"] = time.monotonic() - start
+        self.log(f"the node is back after {self.failures[-1]['restart_s']:.1f} s")
         with self.lock:
             if self.state == "closed":
                 node.shutdown()
