@@ -35,6 +35,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_head(tmp: str, cpus: int, env: dict, attempts: int = 3) -> subprocess.Popen:
+    """`ray start --head --block` under RAY_TMPDIR=tmp; on a loaded host the raylet can miss Ray's
+    fixed start-up window, so a head that exits before writing its address is started again."""
+    for attempt in range(1, attempts + 1):
+        head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", str(cpus), "--port",
+                                 str(_free_port()), "--temp-dir", tmp, "--include-dashboard=false",
+                                 "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not (Path(tmp) / "ray_current_cluster").is_file():
+            if head.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        else:
+            return head
+        stop_head(head)
+    raise RuntimeError(f"ray start --head did not come up ({attempts} attempts)")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` (its reaper takes the raylet, the GCS and the workers down),
+    then SIGKILL to whatever of its process group is left (it was started in a session of its own)."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait(timeout=10)
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _generate(argv: list[str], env: dict) -> dict:
     done = subprocess.run([sys.executable, "-m", "launch", "generate", *argv, "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -54,27 +88,15 @@ def main() -> None:
               "--world-size", str(args.world_size)]
     tmp = tempfile.mkdtemp(prefix="cj", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", str(args.cluster_cpus),
-                             "--port", str(_free_port()), "--temp-dir", tmp, "--include-dashboard=false",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     runs: dict[str, list[dict]] = {"local": [], "--ray-address auto": [], "--ray-address auto --comm gloo": []}
+    head = start_head(tmp, args.cluster_cpus, env)
     try:
-        deadline = time.monotonic() + 180
-        while not (Path(tmp) / "ray_current_cluster").is_file():
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("ray start --head did not come up")
-            time.sleep(0.5)
         for _ in range(args.repeats):
             runs["local"].append(_generate(common, env))
             runs["--ray-address auto"].append(_generate(common + ["--ray-address", "auto"], env))
         runs["--ray-address auto --comm gloo"].append(_generate(common + ["--ray-address", "auto", "--comm", "gloo"], env))
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        finally:
-            head.kill()
+        stop_head(head)
     reference = runs["local"][0]["token_ids"]
     rows, report = [], {"machine": machine(), "argv": common, "modes": {}}
     for mode, results in runs.items():

@@ -59,6 +59,22 @@ def bind_gpu() -> int:
     return index
 
 
+def probe_gcs(address: str, timeout_s: float = 10.0) -> None:
+    """Raises ConnectionError unless something answers at the cluster's GCS address: ray.init waits
+    minutes for a GCS that is not there. "auto" is resolved as Ray resolves it (RAY_ADDRESS, then
+    the address `ray start` left in its temp dir); a form it cannot resolve is left to ray.init."""
+    import socket
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    if address.startswith("ray://"):
+        return
+    resolved = canonicalize_bootstrap_address_or_die(address)  # ConnectionError: no cluster found
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"no Ray cluster answers at {resolved} ({e})") from None
+
+
 class RankActor:
     """The Ray-side shell of one Worker (the Worker itself knows nothing of Ray).
 
@@ -232,6 +248,7 @@ class RayNode:
         """Connects this process to the Ray cluster at `address` ("auto": the one `ray start` left here)."""
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
+            probe_gcs(address)
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except ConnectionError as e:  # nothing to join there: the flag is at fault
             raise UserError(f"--ray-address {address}: {e}") from None

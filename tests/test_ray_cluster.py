@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from benchmarks.cluster_join import start_head, stop_head
 from cluster.drills import snapshot
 from cluster.inprocess import InProcessNode
 from cluster.node import UserError
@@ -64,12 +63,6 @@ def _wait_gone(pids, timeout_s: float = 30.0) -> list[int]:
     while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(root: int) -> set[int]:
@@ -180,24 +173,14 @@ def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     argv = ["generate", "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--ignore-eos", "--no-spec", "--json"]
     local = subprocess.Popen([sys.executable, "-m", "launch", *argv, "--world-size", "1"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
-                             "--temp-dir", tmp, "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     before = snapshot()["shm"]
+    head = start_head(tmp, 2, env)
     try:
-        deadline = time.monotonic() + 120
-        while not (Path(tmp) / "ray_current_cluster").is_file():
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
         joined = subprocess.run([sys.executable, "-m", "launch", *argv, "--world-size", "2", "--ray-address", "auto"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         cluster_pids = _descendants(head.pid) | {head.pid}
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the reaper takes the raylet, the GCS and the workers down
-        try:
-            head.wait(timeout=60)
-        finally:
-            head.kill()
+        stop_head(head)
         local_out, local_err = local.communicate(timeout=300)
     assert joined.returncode == 0, joined.stderr[-2000:]
     assert local.returncode == 0, local_err[-2000:]
