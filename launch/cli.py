@@ -110,10 +110,17 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
+def _start_node(settings, replicas: int):
+    if replicas != 1:  # N copies of the node, the prompts split over them (cluster/replica_batch.py)
+        from cluster.replica_batch import ReplicaNodes
+        return ReplicaNodes.start(settings.run, replicas, settings.build_kwargs)
+    return build_node(settings.run, **settings.build_kwargs)
+
+
 def run_generate(args) -> int:
     settings = node_settings(args)
     model_dir, draft_path, spec = settings.model_dir, settings.draft_path, settings.spec
-    with build_node(settings.run, **settings.build_kwargs) as node:
+    with _start_node(settings, args.replicas) as node:
         requests, tokenizer = _requests(args, model_dir, node.model_cfg)
         node.validate(requests)
         check_spec(spec, draft_path, model_dir, node.model_cfg)

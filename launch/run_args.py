@@ -43,6 +43,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--placement", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
                    help="placement-group strategy for the ranks")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="copies of the node, each placed by Ray (one per host where the cluster has several): "
+                        "serve spreads requests over them (least loaded first), generate splits its prompts")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="record per-rank communication timelines into DIR (see `dgx-emu trace`)")

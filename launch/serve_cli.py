@@ -183,6 +183,15 @@ def start_backend(args):
     served = served_model(settings.model_dir, load_model_config(settings.model_dir), run.max_context,
                           args.served_model_name)
     build = {**settings.build_kwargs, "max_restarts": 0}  # the scheduler restarts: it knows the requests
+    if args.replicas != 1:  # N copies of the node behind this endpoint (cluster/replicas.py)
+        from cluster.replicas import start_replicas
+        check_spec(settings.spec, settings.draft_path, settings.model_dir, load_model_config(settings.model_dir))
+        scheduler = start_replicas(run, args.replicas, build, dict(
+            max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+            max_restarts=args.max_restarts, spec=settings.spec), log=lambda line: print(line, file=sys.stderr))
+        return scheduler, dataclasses.replace(served, max_context=scheduler.max_context), ServeOptions(
+            api_key=args.api_key, token_timeout_s=args.token_timeout, first_token_timeout_s=args.queue_timeout,
+            default_chat_max_tokens=args.max_chat_tokens)
     node = build_node(run, **build)
     try:
         check_spec(settings.spec, settings.draft_path, settings.model_dir, node.model_cfg)
