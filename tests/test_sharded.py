@@ -4,6 +4,7 @@ The test model (the `tiny` preset with a vocabulary that no world size divides) 
 dense layers, chunked RoPE layers and a NoPE layer, a chunk smaller than the longest prompt, and
 2 KV heads, fewer than 4 or 8 ranks. A batch of 3 prompts of different lengths runs through
 (a) one full forward, compared as fp32 logits within 1e-4, and (b) 64 greedy tokens each.
+Each world size starts its processes once and runs both MoE modes on them.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from workers.engine import Engine, Request
 
 PROMPT_LENGTHS = (70, 45, 9)  # the first spans two 64-token chunks
 NEW_TOKENS = 64
+MOE_MODES = ("tp", "ep")
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,20 @@ def _run_model(comm, path: str, moe_mode: str, device: str = "cpu") -> dict[str,
     return {"logits": logits, "tokens": torch.tensor([c.token_ids for c in done])}
 
 
+def _run_both_modes(comm, path: str) -> dict[str, torch.Tensor]:
+    """_run_model with the MoE in tp, then in ep, on one world; keys 'mode/logits', 'mode/tokens'."""
+    return {f"{mode}/{key}": value for mode in MOE_MODES for key, value in _run_model(comm, path, mode).items()}
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     return _run_model(SingleRankCommunicator(), str(checkpoint), "tp")
+
+
+@pytest.fixture(scope="module", params=[2, 4, 8], ids=lambda world: f"world{world}")
+def sharded(request, checkpoint):
+    """Both MoE modes of one world size, from one set of processes (their start-up is most of the cost)."""
+    return run_world(request.param, _run_both_modes, str(checkpoint))
 
 
 def test_reference_is_not_degenerate(reference):
@@ -65,10 +78,9 @@ def test_reference_is_not_degenerate(reference):
         assert len(set(row.tolist())) >= 8
 
 
-@pytest.mark.parametrize("moe_mode", ["tp", "ep"])
-@pytest.mark.parametrize("world", [2, 4, 8])
-def test_sharded_matches_unsharded(checkpoint, reference, world, moe_mode):
-    got = run_world(world, _run_model, str(checkpoint), moe_mode)
+@pytest.mark.parametrize("moe_mode", MOE_MODES)
+def test_sharded_matches_unsharded(sharded, reference, moe_mode):
+    got = {key: sharded[f"{moe_mode}/{key}"] for key in ("logits", "tokens")}
     for b, n in enumerate(PROMPT_LENGTHS):  # padded rows past each prompt's length are garbage
         diff = (got["logits"][b, :n] - reference["logits"][b, :n]).abs().max().item()
         assert diff < 1e-4, f"row {b}: max abs logit difference {diff}"
