@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from cluster.timeline import Trace, TraceError  # noqa: E402
+from cluster.timeline import Trace, TraceError
 
 STAGE_COLORS = {"embed": "#72B7B2", "attention": "#4C78A8", "moe": "#54A24B", "mlp": "#88D27A",
                 "lm_head": "#B279A2", "sampling": "#9D9D9D", "draft": "#F58518", "verify": "#E45756"}
@@ -73,6 +67,12 @@ def _draw(ax, trace: Trace, lo: int, hi: int, title: str) -> set[str]:
 def plot_timeline(trace: Trace, out: str | Path, steps: tuple[int, int] | None = None) -> Path:
     """The measured lanes; with a modeled timeline (--emulate-node), its lanes below, each panel
     on its own time axis (a CPU run's milliseconds against the node's microseconds)."""
+    import matplotlib  # here, not at module level: every `dgx-emu` command imports this module (~1 s)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     lo, hi = _window(trace, steps)
     panels = [(trace, f"measured, steps {lo}..{hi}: compute (top half of each lane) and communication (bottom)")]
     if trace.modeled is not None:
