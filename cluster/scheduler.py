@@ -170,9 +170,10 @@ class Scheduler:
 
     def _deliver(self, reply: dict) -> None:
         now = time.monotonic()
+        stepped = reply["stats"].get("steps", 0) != self.rank_stats.get("steps", 0)  # a long prefill emits nothing
         self.rank_stats = reply["stats"] or self.rank_stats
         with self.lock:
-            if reply["events"] or not any(h is not None for h in self.slots):
+            if reply["events"] or stepped or not any(h is not None for h in self.slots):
                 self.last_progress = now
             self.since = reply["next"]
             for event in reply["events"]:
