@@ -16,6 +16,26 @@ try:  # CUDA builds of torch bring Triton; CPU builds do not
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
+class ArrivalCounters:
+    """int32 arrival counters per device for kernels whose last-arriving program finishes the work
+    (split-K sums, merges of split partials) and resets its own counter, so they are zero between
+    calls. They are made or grown outside CUDA graph capture only (a graph holds their address)."""
+
+    def __init__(self, who: str, minimum: int) -> None:
+        self.who, self.minimum = who, minimum
+        self.by_device: dict = {}
+
+    def __call__(self, device, n: int):
+        import torch
+        have = self.by_device.get(device)
+        if have is None or have.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{self.who}: run a call of this shape once before CUDA graph capture "
+                                   "(its arrival counters are made outside the capture)")
+            self.by_device[device] = have = torch.zeros(max(n, self.minimum), dtype=torch.int32, device=device)
+        return have
+
+
 if triton is not None:
     @triton.jit
     def _probe():

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import torch
 
-from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024  # columns a program reads per step: 8 per thread with 4 warps (16-byte loads of bf16)
 MAX_PROGRAMS = 256  # programs per row at most (~2 per SM of an H200); longer rows loop
 NO_INDEX = 2 ** 31 - 1  # index of masked lanes: loses every tie against a real column
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -142,16 +141,8 @@ def _check(logits: torch.Tensor, valid: int | None, block: int, max_programs: in
     return logits.shape[1] if valid is None else valid
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 arrival counters, zero between calls (each row's last program resets its own), per
-    device; made or grown outside CUDA graph capture only."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("argmax: run a call with this many rows once before CUDA graph capture "
-                               "(its arrival counters are made outside the capture)")
-        _COUNTERS[device] = have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return have
+_counters = ArrivalCounters("argmax", 64)  # per device; see triton_support.ArrivalCounters
+_COUNTERS = _counters.by_device
 
 
 def _launch(logits: torch.Tensor, out: torch.Tensor, n_cols: int, offset: int, pair: bool, block: int,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from model.fp8 import fp8_values
 
-from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -310,19 +310,10 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, n_splits: int | None,
     return block_s, block_r, row_blocks, max(1, n_splits)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 arrival counters for the fused merge, zero between calls (the last program of each
-    group resets its own), per device; made or grown outside CUDA graph capture only."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_attention: run a step of this shape once before CUDA graph capture "
-                               "(the fused merge's counters are made outside the capture)")
-        _COUNTERS[device] = have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return have
+_counters = ArrivalCounters("decode_attention", 1024)  # per device; see triton_support.ArrivalCounters
+_COUNTERS = _counters.by_device
 
 
 def decode_attention(q, k_cache, v_cache, start, positions, *, scale: float, chunk_size: int | None = None,

@@ -36,6 +36,7 @@ MAX_HIDDEN = fused_norm.MAX_HIDDEN
 if triton is not None:
     from collectives.fused_norm import TL_DTYPES, rmsnorm_row
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
+    from model.kernels.embed_norm import _step_bookkeeping
 
     @triton.jit
     def _prologue_kernel(ids_ptr, embed_ptr, feat_ptr, w_in_ptr, w_hidden_ptr, x_ptr, res_ptr, lengths_ptr,
@@ -59,7 +60,8 @@ if triton is not None:
             token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
             owned = (token >= 0) & (token < vocab_valid)
             src = embed_ptr + tl.where(owned, token, 0) * stride_eb
-            e = tl.load(src + cols, mask=mask & owned, other=0.0)
+            e = tl.load(src + cols, mask=mask, other=0.0)
+            e = tl.where(owned, e, tl.zeros_like(e))  # +0.0 outside this rank's slice (row 0 was read instead)
         else:
             e = tl.load(embed_ptr + b * stride_eb + t * stride_et + cols, mask=mask, other=0.0)
         f = tl.load(feat_ptr + b * stride_fb + t * stride_ft + cols, mask=mask, other=0.0)
@@ -73,16 +75,9 @@ if triton is not None:
         if RESIDUAL:
             kept = f_normed if RESIDUAL_NORMED else f.to(tl.float32)
             tl.store(res_ptr + row * HIDDEN + cols, kept.to(res_ptr.dtype.element_ty), mask=mask)
-        if t == 0:  # row b's bookkeeping, by one program only
-            start = tl.load(lengths_ptr + b)
-            if POSITIONS:
-                ts = tl.arange(0, T_P2)
-                tl.store(positions_ptr + b * T + ts, start + ts, mask=ts < T)
-            tl.store(start_ptr + b, start)
-            n_new = T
-            if HAS_N_NEW:
-                n_new = tl.load(n_new_ptr + b * stride_n).to(tl.int64)
-            tl.store(lengths_ptr + b, start + n_new)
+        if t == 0:  # row b's bookkeeping, by one program only (as the target's step head does it)
+            _step_bookkeeping(lengths_ptr, n_new_ptr, positions_ptr, start_ptr, b, stride_n, T, T_P2, HAS_N_NEW,
+                              POSITIONS)
 
 
 class DraftHead(NamedTuple):

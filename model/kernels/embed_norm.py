@@ -75,7 +75,8 @@ if triton is not None:
         local = tl.where(owned, local, 0)
         cols = tl.arange(0, BLOCK)
         mask = cols < HIDDEN
-        x = tl.load(weight_ptr + local * stride_wv + cols, mask=mask & owned, other=0.0)  # (BLOCK,) the row's dtype
+        x = tl.load(weight_ptr + local * stride_wv + cols, mask=mask, other=0.0)  # (BLOCK,) the row's dtype
+        x = tl.where(owned, x, tl.zeros_like(x))  # +0.0 outside this rank's slice (row 0 was read instead)
         tl.store(rows_ptr + row * HIDDEN + cols, x, mask=mask)
         if NORM:
             io = weight_ptr.dtype.element_ty

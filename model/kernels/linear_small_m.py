@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from collectives.communicator import quantize_fp8
-from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
 
 FP8 = torch.float8_e4m3fn
@@ -343,18 +343,10 @@ def _alloc_out(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torc
     return torch.empty((m, n), dtype=dtype, device=device)  # tests poison it (NaN) to see every element written
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 split-K arrival counters, zero (each call's last program resets its own), per device;
-    grown outside CUDA graph capture only."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("linear_small_m: a split-K launch this large must run once before CUDA graph capture")
-        _COUNTERS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return have
+_counters = ArrivalCounters("linear_small_m (split-K)", 4096)  # per device; see triton_support.ArrivalCounters
+_COUNTERS = _counters.by_device
 
 
 def _variant(cfg: dict, weight: torch.Tensor, k: int, gemv: bool) -> tuple[int, int]:
