@@ -35,14 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(tmp: str, cpus: int, env: dict, attempts: int = 3) -> subprocess.Popen:
+def start_head(tmp: str, cpus: int, env: dict, attempts: int = 3, gpus: int | None = None) -> subprocess.Popen:
     """`ray start --head --block` under RAY_TMPDIR=tmp; on a loaded host the raylet can miss Ray's
     fixed start-up window, so a head that exits before writing its address is started again."""
     for attempt in range(1, attempts + 1):
-        head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", str(cpus), "--port",
-                                 str(_free_port()), "--temp-dir", tmp, "--include-dashboard=false",
-                                 "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        gpu_flags = ["--num-gpus", str(gpus)] if gpus is not None else []
+        head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",  # `ray`
+                                 "--num-cpus", str(cpus), "--port", str(_free_port()), "--temp-dir", tmp,
+                                 "--include-dashboard=false", "--disable-usage-stats", *gpu_flags],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 180
         while not (Path(tmp) / "ray_current_cluster").is_file():
             if head.poll() is not None or time.monotonic() > deadline:
