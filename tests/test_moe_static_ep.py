@@ -142,7 +142,9 @@ def test_static_path_on_the_kernels_never_reads_the_device(monkeypatch):
     got = moe.routed_static(flat, ids, scores, run_experts=_gathered_torch_experts(moe.experts))
     monkeypatch.undo()
     assert calls == [], f"the static path read device values back: {calls}"
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # fp32 rounding apart: the gathered GEMMs run one row each, the dynamic path's experts pad small
+    # groups to 4 rows (model/ffn.py MIN_GEMM_ROWS), and MKL rounds those two row counts differently
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _fast_path_vs_dynamic(comm, token_counts):
