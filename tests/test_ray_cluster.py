@@ -25,12 +25,13 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from benchmarks.cluster_join import start_head, stop_head
 from cluster.drills import snapshot
 from cluster.inprocess import InProcessNode
 from cluster.node import UserError
-from cluster.placement import check_fits, data_plane, describe
+from cluster.placement import check_fits, check_replicas_fit, data_plane, describe
 from cluster.ray_node import RayNode
 from collectives.factory import shm_name
 from model.embedded import ensure_default_model
@@ -178,10 +179,15 @@ def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     try:
         joined = subprocess.run([sys.executable, "-m", "launch", *argv, "--world-size", "2", "--ray-address", "auto"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        too_wide = subprocess.run([sys.executable, "-m", "launch", *argv, "--world-size", "4", "--ray-address", "auto"],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         cluster_pids = _descendants(head.pid) | {head.pid}
     finally:
         stop_head(head)
         local_out, local_err = local.communicate(timeout=300)
+    assert too_wide.returncode == 2 and too_wide.stderr.strip().splitlines() == [  # one line, before any actor
+        "error: --placement STRICT_PACK puts all 4 ranks (1 CPU each) on one Ray node, and the largest node of "
+        "this cluster holds 2"], too_wide.stderr[-2000:]
     assert joined.returncode == 0, joined.stderr[-2000:]
     assert local.returncode == 0, local_err[-2000:]
     mine, theirs = json.loads(joined.stdout.splitlines()[-1]), json.loads(local_out.splitlines()[-1])
@@ -190,6 +196,30 @@ def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     assert _wait_gone(cluster_pids, 60) == [], "processes of the `ray start` cluster outlived it"
     assert snapshot()["shm"] - before == set()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_ranks_joining_a_one_host_cluster_keep_the_fused_collectives():
+    """2 GPUs: `ray start --head` (with the no-narrowing GPU environment, as the README says), then
+    `generate --device cuda --world-size 2 --ray-address auto` picks symm as a local start does and
+    prints the local start's tokens."""
+    from cluster.ray_node import GPU_ENV
+    tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")
+    env = {**os.environ, **GPU_ENV, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = [sys.executable, "-m", "launch", "generate", "--device", "cuda", "--world-size", "2", "--prompt",
+            PROMPTS[1], "--max-new-tokens", "16", "--ignore-eos", "--no-spec", "--json"]
+    local = subprocess.run(argv, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True,
+                           text=True, timeout=600)
+    head = start_head(tmp, 4, env, gpus=2)
+    try:
+        joined = subprocess.run(argv + ["--ray-address", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        stop_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert local.returncode == 0 and joined.returncode == 0, (local.stderr[-2000:], joined.stderr[-2000:])
+    mine, theirs = json.loads(joined.stdout.splitlines()[-1]), json.loads(local.stdout.splitlines()[-1])
+    assert mine["placement"]["data_plane"] == "symm" and mine["token_ids"] == theirs["token_ids"]
 
 
 # --- the placement rules, without a cluster ---------------------------------------------------
@@ -205,6 +235,17 @@ def test_check_fits_refuses_what_no_state_of_the_cluster_could_hold():
         check_fits([NODE, NODE, {"Alive": False, "Resources": {"CPU": 64.0}}], {"CPU": 1}, 5, "SPREAD")
     with pytest.raises(UserError, match="GPU"):
         check_fits([NODE, NODE], {"CPU": 1, "GPU": 1}, 2, "PACK")
+
+
+def test_replicas_go_round_the_nodes_that_can_hold_them():
+    nodes = [{"Alive": True, "NodeID": n, "Resources": {"CPU": cpus}} for n, cpus in (("a", 8.0), ("b", 4.0), ("c", 1.0))]
+    assert check_replicas_fit(nodes, {"CPU": 1}, 4, 3, "STRICT_PACK") == ["a", "b", "a"]  # c holds none
+    assert check_replicas_fit(nodes, {"CPU": 1}, 2, 4, "STRICT_PACK") == ["a", "b", "a", "b"]
+    assert check_replicas_fit(nodes, {"CPU": 1}, 4, 3, "PACK") == [None] * 3  # spans nodes: no hint
+    with pytest.raises(UserError, match="4 replicas of 4 ranks .* hold 2, 1, 0 such replicas"):
+        check_replicas_fit(nodes, {"CPU": 1}, 4, 4, "STRICT_PACK")
+    with pytest.raises(UserError, match="3 replicas of 5 ranks .* hold 13 ranks in all"):
+        check_replicas_fit(nodes, {"CPU": 1}, 5, 3, "SPREAD")
 
 
 def test_the_data_plane_follows_the_hosts():
