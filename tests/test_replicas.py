@@ -188,21 +188,19 @@ def test_a_batch_is_split_over_replicas_and_a_failed_part_runs_again():
         ReplicaNodes([BatchStandIn(fails=True), BatchStandIn(fails=True)]).generate(_batch(3))
 
 
-def test_generate_with_replicas_prints_what_one_node_prints():
+def test_generate_with_replicas_prints_what_one_node_prints(capsys):
     """`generate --replicas 2` (world 1: two in-process nodes, no Ray) equals one node, prompt by prompt."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    argv = [sys.executable, "-m", "launch", "generate", "--world-size", "1", "--no-spec", "--max-new-tokens", "6",
-            "--ignore-eos", "--json", "--prompt", "The list", "--prompt", "def f(x):", "--prompt", "import os"]
-    root = Path(__file__).resolve().parent.parent
-    one, two = (subprocess.run(argv + extra, cwd=root, capture_output=True, text=True, timeout=300)
-                for extra in ([], ["--replicas", "2"]))
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
-    one_json, two_json = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
-    assert [c["token_ids"] for c in two_json["completions"]] == [c["token_ids"] for c in one_json["completions"]]
-    assert two_json["replicas"] == 2 and two_json["replica_failures"] == []
+    from launch.cli import main
+    argv = ["generate", "--world-size", "1", "--no-spec", "--max-new-tokens", "6", "--ignore-eos", "--json",
+            "--prompt", "The list", "--prompt", "def f(x):", "--prompt", "import os"]
+    summaries = []
+    for extra in ([], ["--replicas", "2"]):
+        assert main(argv + extra) == 0
+        summaries.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    one, two = summaries
+    assert [c["token_ids"] for c in two["completions"]] == [c["token_ids"] for c in one["completions"]]
+    assert two["replicas"] == 2 and two["replica_failures"] == []
 
 
 # --- two real replicas behind one endpoint ---------------------------------------------------
