@@ -249,9 +249,16 @@ class RayNode:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
             probe_gcs(address)
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except ConnectionError as e:  # nothing to join there: the flag is at fault
             raise UserError(f"--ray-address {address}: {e}") from None
+        for attempt in (1, 2):  # something answers: a failure now is the cluster's (an overloaded GCS)
+            try:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+                return
+            except ConnectionError as e:
+                ray.shutdown()
+                if attempt == 2:
+                    raise NodeStartError(f"could not join the Ray cluster at {address} (2 attempts): {e}") from None
 
     @staticmethod
     def _start_local_ray(world: int, dashboard: bool, attempts: int = 2) -> None:
