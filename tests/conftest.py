@@ -10,11 +10,19 @@ The tests' tensors are small, and on a 2-core machine whose other core is busy (
 a CLI subprocess, another job) every parallel op waits for a second thread that has no core: run
 on their own, the HF conformance tests took 185 s with 2 threads and 14 s with one (user CPU
 106 s -> 17 s), the tiny model's reference decode of tests/test_sharded.py 20-34 s -> 1.2-2 s.
+
+Processes that import Ray skip jsonschema's optional IRI grammar: see tests/stub_packages.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+STUB_PACKAGES = str(Path(__file__).resolve().parent / "stub_packages")
+os.environ["PYTHONPATH"] = os.pathsep.join([STUB_PACKAGES] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+sys.modules.setdefault("rfc3987_syntax", None)  # this process: `import rfc3987_syntax` raises ImportError
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
