@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -57,6 +58,32 @@ def bind_gpu() -> int:
                            "(is CUDA_VISIBLE_DEVICES narrowed outside Ray?)")
     torch.cuda.set_device(index)
     return index
+
+
+def child_pids() -> set[int]:
+    """The process ids of this process's children (empty where there is no /proc)."""
+    me, children = os.getpid(), set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        children.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return children
+
+
+def kill_new_children(before: set[int]) -> None:
+    """Kills (and reaps) the children started since `before`. A Ray start that fails (its raylet
+    missed Ray's start-up window) leaves the head processes it did start -- GCS, monitor, dashboard,
+    log monitor -- running until this process exits; on a loaded host every retry added more."""
+    for pid in child_pids() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def probe_gcs(address: str, timeout_s: float = 10.0) -> None:
@@ -190,6 +217,10 @@ class RayNode:
         self.node_id = uuid.uuid4().hex[:12]  # names this node's shared-memory segments
         try:
             self._start(address, placement, dashboard)
+        except ray.exceptions.RayError as e:  # Ray's own failure (an RPC timeout, a rank dying at start)
+            self.shutdown()
+            last = (str(e).strip().splitlines() or [""])[-1]  # a rank's error carries its traceback
+            raise NodeStartError(f"the node did not start: {type(e).__name__}: {last}") from None
         except BaseException:
             self.shutdown()
             raise
@@ -268,6 +299,7 @@ class RayNode:
         30 s to come up, which an overloaded host can miss: then it cleans up and tries once more
         before giving up with one clear error."""
         for attempt in range(1, attempts + 1):
+            before = child_pids()
             try:
                 ray.init(address="local",  # a new instance even where `ray start` left a cluster to join
                          num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
@@ -275,6 +307,7 @@ class RayNode:
                 return
             except Exception as e:  # Ray raises a bare Exception for a startup timeout
                 ray.shutdown()
+                kill_new_children(before)  # the failed attempt's GCS, monitor, dashboard...
                 if attempt == attempts:
                     raise NodeStartError(f"could not start a local Ray instance ({attempts} attempts): {e}") from None
 

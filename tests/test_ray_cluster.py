@@ -32,7 +32,7 @@ from cluster.drills import snapshot
 from cluster.inprocess import InProcessNode
 from cluster.node import UserError
 from cluster.placement import check_fits, check_replicas_fit, data_plane, describe
-from cluster.ray_node import RayNode
+from cluster.ray_node import RayNode, child_pids, kill_new_children
 from collectives.factory import shm_name
 from model.embedded import ensure_default_model
 from model.sampling import SamplingParams
@@ -124,13 +124,14 @@ def _start_cluster(attempts: int = 2):
     host can miss: then everything started is torn down and it is tried once more."""
     from ray.cluster_utils import Cluster
     for attempt in range(1, attempts + 1):
-        cluster = Cluster()
+        cluster, before = Cluster(), child_pids()
         try:
             cluster.add_node(num_cpus=2, include_dashboard=False)
             cluster.add_node(num_cpus=2)
             return cluster
         except Exception:
             cluster.shutdown()
+            kill_new_children(before)  # a node that failed to start is not the cluster's to stop
             if attempt == attempts:
                 raise
 
@@ -246,6 +247,22 @@ def test_replicas_go_round_the_nodes_that_can_hold_them():
         check_replicas_fit(nodes, {"CPU": 1}, 4, 4, "STRICT_PACK")
     with pytest.raises(UserError, match="3 replicas of 5 ranks .* hold 13 ranks in all"):
         check_replicas_fit(nodes, {"CPU": 1}, 5, 3, "SPREAD")
+
+
+def test_a_failed_start_leaves_no_children_behind():
+    """What RayNode does after a failed local Ray start: the children started since are killed
+    and reaped; older ones are left alone."""
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before = child_pids()
+        assert older.pid in before
+        strays = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+        kill_new_children(before)
+        assert all(not Path(f"/proc/{p.pid}").exists() for p in strays)  # killed and reaped: no zombie
+        assert older.poll() is None
+    finally:
+        older.kill()
+        older.wait()
 
 
 def test_the_data_plane_follows_the_hosts():
