@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,7 @@ def main() -> None:
         runs["--ray-address auto --comm gloo"].append(_generate(common + ["--ray-address", "auto", "--comm", "gloo"], env))
     finally:
         stop_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
     reference = runs["local"][0]["token_ids"]
     rows, report = [], {"machine": machine(), "argv": common, "modes": {}}
     for mode, results in runs.items():

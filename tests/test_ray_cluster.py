@@ -176,15 +176,18 @@ def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     local = subprocess.Popen([sys.executable, "-m", "launch", *argv, "--world-size", "1"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     before = snapshot()["shm"]
-    head = start_head(tmp, 2, env)
+    head = None
     try:
+        head = start_head(tmp, 2, env)
         joined = subprocess.run([sys.executable, "-m", "launch", *argv, "--world-size", "2", "--ray-address", "auto"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         too_wide = subprocess.run([sys.executable, "-m", "launch", *argv, "--world-size", "4", "--ray-address", "auto"],
                                   cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         cluster_pids = _descendants(head.pid) | {head.pid}
     finally:
-        stop_head(head)
+        if head is not None:
+            stop_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
         local_out, local_err = local.communicate(timeout=300)
     assert too_wide.returncode == 2 and too_wide.stderr.strip().splitlines() == [  # one line, before any actor
         "error: --placement STRICT_PACK puts all 4 ranks (1 CPU each) on one Ray node, and the largest node of "
@@ -196,7 +199,6 @@ def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     assert mine["placement"] == {"hosts": 1, "ranks_per_host": [[0, 1]], "data_plane": "shm"}
     assert _wait_gone(cluster_pids, 60) == [], "processes of the `ray start` cluster outlived it"
     assert snapshot()["shm"] - before == set()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -211,12 +213,14 @@ def test_gpu_ranks_joining_a_one_host_cluster_keep_the_fused_collectives():
             PROMPTS[1], "--max-new-tokens", "16", "--ignore-eos", "--no-spec", "--json"]
     local = subprocess.run(argv, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True,
                            text=True, timeout=600)
-    head = start_head(tmp, 4, env, gpus=2)
+    head = None
     try:
+        head = start_head(tmp, 4, env, gpus=2)
         joined = subprocess.run(argv + ["--ray-address", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
     finally:
-        stop_head(head)
+        if head is not None:
+            stop_head(head)
         shutil.rmtree(tmp, ignore_errors=True)
     assert local.returncode == 0 and joined.returncode == 0, (local.stderr[-2000:], joined.stderr[-2000:])
     mine, theirs = json.loads(joined.stdout.splitlines()[-1]), json.loads(local.stdout.splitlines()[-1])
