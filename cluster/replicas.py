@@ -235,6 +235,8 @@ def replica_makers(run, n: int, build_kwargs: dict) -> tuple[list, object]:
     from cluster.node import UserError, build_node
     if n < 1:
         raise UserError(f"--replicas must be >= 1, got {n}")
+    if n > 1 and run.trace_dir:  # every replica's rank r would write the same timeline file
+        raise UserError("--trace records one node; it cannot be combined with --replicas (yet)")
     targets, on_close = [None] * n, None
     if run.world_size > 1 or build_kwargs.get("address"):
         targets, on_close = _ray_for_replicas(run, n, build_kwargs)

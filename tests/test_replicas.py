@@ -188,6 +188,16 @@ def test_a_batch_is_split_over_replicas_and_a_failed_part_runs_again():
         ReplicaNodes([BatchStandIn(fails=True), BatchStandIn(fails=True)]).generate(_batch(3))
 
 
+def test_replica_flags_that_cannot_work_are_refused_before_any_node(tmp_path):
+    from cluster.node import UserError
+    from cluster.replicas import replica_makers
+    from workers.run_config import RunConfig
+    with pytest.raises(UserError, match="--replicas must be >= 1, got 0"):
+        replica_makers(RunConfig("m", world_size=2), 0, {})
+    with pytest.raises(UserError, match="--trace .* --replicas"):
+        replica_makers(RunConfig("m", world_size=2, trace_dir=str(tmp_path)), 2, {})
+
+
 def test_generate_with_replicas_prints_what_one_node_prints(capsys):
     """`generate --replicas 2` (world 1: two in-process nodes, no Ray) equals one node, prompt by prompt."""
     import json
