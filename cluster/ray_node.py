@@ -16,8 +16,10 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -84,6 +86,24 @@ def kill_new_children(before: set[int]) -> None:
             os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+_ray_owner: ThreadPoolExecutor | None = None
+
+
+def on_long_lived_thread(fn):
+    """Runs fn() on a thread that lives as long as this process, and returns its result. Ray starts
+    its head processes (GCS, raylet, ...) with PR_SET_PDEATHSIG, which Linux ties to the THREAD that
+    forked them: a local Ray started from a short-lived thread (the scheduler's pump restarting a
+    failed node) is SIGKILLed when that thread ends, and this process's next Ray call waits 60 s
+    for the dead GCS before Ray terminates the whole process. The main thread lives long enough;
+    any other caller hands the start to one idle worker thread kept for the purpose."""
+    global _ray_owner
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    if _ray_owner is None:
+        _ray_owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-owner")
+    return _ray_owner.submit(fn).result()
 
 
 def probe_gcs(address: str, timeout_s: float = 10.0) -> None:
@@ -301,9 +321,10 @@ class RayNode:
         for attempt in range(1, attempts + 1):
             before = child_pids()
             try:
-                ray.init(address="local",  # a new instance even where `ray start` left a cluster to join
-                         num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
-                         _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False)
+                on_long_lived_thread(lambda: ray.init(
+                    address="local",  # a new instance even where `ray start` left a cluster to join
+                    num_cpus=max(os.cpu_count() or 1, world), include_dashboard=dashboard,
+                    _node_ip_address=LOCAL_HOST, logging_level=logging.ERROR, log_to_driver=False))
                 return
             except Exception as e:  # Ray raises a bare Exception for a startup timeout
                 ray.shutdown()

@@ -279,3 +279,19 @@ def test_the_data_plane_follows_the_hosts():
     assert data_plane(gpu, two, comm_auto=True).comm == "nccl"
     with pytest.raises(UserError, match="--comm symm needs every rank on one host.* on 2 nodes"):
         data_plane(gpu, two, comm_auto=False)
+
+
+def test_a_ray_start_off_the_main_thread_runs_on_a_thread_that_outlives_the_caller():
+    """Ray's head processes die with the THREAD that forked them (PR_SET_PDEATHSIG): a restart from
+    the scheduler's pump thread must start Ray on a thread that is still alive after the pump ends."""
+    import threading
+
+    from cluster.ray_node import on_long_lived_thread
+    assert on_long_lived_thread(threading.current_thread) is threading.main_thread()
+    owners = []
+    for _ in range(2):
+        caller = threading.Thread(target=lambda: owners.append(on_long_lived_thread(threading.current_thread)))
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive()
+    assert owners[0] is owners[1] and owners[0].is_alive() and owners[0] is not threading.main_thread()
