@@ -4,7 +4,8 @@ Why: an FP8 decode GEMV on an H200 reached 21-71% of copy bandwidth (bf16: 46-10
 the candidate fixes pays can only be measured: converting e4m3 by integer ops instead of two
 cvt instructions per byte (CVT "bits" / "words", model/kernels/gemv_math.py), quantizing x once
 in a pre-pass kernel instead of in every program (PREQUANT), cutting K among programs (SPLIT_K),
-fp16 instead of bf16 tensor-core operands for the 16-row dot (DOT_F16), and the tile / warp /
+fp16 instead of bf16 tensor-core operands for the 16-row dot (DOT_F16), e4m3 x e4m3 on the tensor
+cores with the operands swapped (MMA, model/kernels/fp8_mma.py), and the tile / warp /
 stage knobs around the heuristic's choice. One run times every variant of every case (one GPU,
 a few minutes; the case list is what the medium and Maverick decode steps run) and prints, per
 case, each variant's time and % of copy bandwidth, best first, so the defaults in
@@ -15,7 +16,9 @@ from __future__ import annotations
 import time
 
 # (kind, dtype, M, N, K): dense weights or out-major FP8 experts (128 of them, SwiGLU)
-CASES = [("dense", "fp8", 1, 4096, 2048), ("dense", "fp8", 1, 8192, 2048), ("dense", "fp8", 1, 2048, 4096),
+CASES = [("dense", "fp8", 1, 4096, 2048), ("dense", "fp8", 1, 2048, 2048), ("dense", "fp8", 4, 4096, 2048),
+         ("dense", "fp8", 4, 8192, 2048), ("dense", "fp8", 16, 8192, 2048),
+         ("dense", "fp8", 1, 8192, 2048), ("dense", "fp8", 1, 2048, 4096),
          ("dense", "fp8", 1, 4096, 5120), ("dense", "fp8", 1, 32768, 2048), ("dense", "fp8", 4, 4096, 5120),
          ("dense", "fp8", 16, 4096, 5120), ("experts", "fp8", 1, 2048, 5120), ("experts", "fp8", 4, 2048, 5120),
          ("dense", "bf16", 1, 4096, 2048), ("dense", "bf16", 1, 2048, 2048), ("dense", "bf16", 1, 8192, 2048)]
@@ -34,6 +37,15 @@ FP8_GEMV = [("heuristic", {}), ("bits", {"CVT": "bits"}), ("words", {"CVT": "wor
 FP8_DOT = [("dot bf16", {"gemv": False}), ("dot f16", {"gemv": False, "DOT_F16": True}),
            ("dot f16 bn16", {"gemv": False, "DOT_F16": True, "BLOCK_N": 16}),
            ("dot f16 bn64 bk256", {"gemv": False, "DOT_F16": True, "BLOCK_N": 64, "BLOCK_K": 256})]
+MMA = [("mma", {"MMA": True}), ("mma split1", {"MMA": True, "SPLIT_K": 1}),
+       ("mma split2", {"MMA": True, "SPLIT_K": 2}), ("mma split4", {"MMA": True, "SPLIT_K": 4}),
+       ("mma split8", {"MMA": True, "SPLIT_K": 8}), ("mma bk128", {"MMA": True, "BLOCK_K": 128}),
+       ("mma bk512", {"MMA": True, "BLOCK_K": 512}), ("mma bn32", {"MMA": True, "BLOCK_N": 32}),
+       ("mma bn128", {"MMA": True, "BLOCK_N": 128}), ("mma bn16", {"MMA": True, "BLOCK_N": 16}),
+       ("mma stages2", {"MMA": True, "num_stages": 2}), ("mma stages3", {"MMA": True, "num_stages": 3}),
+       ("mma warps8", {"MMA": True, "num_warps": 8}),
+       ("mma bn32 bk512", {"MMA": True, "BLOCK_N": 32, "BLOCK_K": 512}),
+       ("mma bk512 split2", {"MMA": True, "BLOCK_K": 512, "SPLIT_K": 2})]
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),
              ("stages2", {"num_stages": 2}), ("split2", {"SPLIT_K": 2})]
@@ -46,9 +58,9 @@ def variants(kind: str, dtype: str, m: int) -> list[tuple[str, dict]]:
     if kind == "experts":  # always the GEMV path (gathered rows)
         return [v for v in FP8_GEMV if not v[0].startswith(("bn32", "bk2048"))]
     if m == 1:
-        return FP8_GEMV + FP8_DOT
-    gemv = [(f"gemv {name}", {"gemv": True, **cfg}) for name, cfg in FP8_GEMV[:10]]
-    return [("heuristic (dot bf16)", {})] + FP8_DOT[1:] + gemv
+        return FP8_GEMV[:8] + FP8_DOT + MMA
+    gemv = [(f"gemv {name}", {"gemv": True, **cfg}) for name, cfg in FP8_GEMV[:4]]
+    return [("heuristic (dot bf16)", {})] + FP8_DOT[1:] + gemv + MMA
 
 
 def _rel_error(case: dict, config: dict) -> float:

@@ -414,3 +414,50 @@ def test_environment_overrides(monkeypatch):
     _check(linear_small_m(x, w_q, config={}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-5)  # explicit: none
     monkeypatch.setitem(lsm.ENV_OVERRIDES, FP8, {"CVT": "bits", "BLOCK_N": 4})
     _check(linear_small_m(x, w_q, **kw), reference_linear_small_m(x, w_q, **kw), 1e-5)
+
+
+@pytest.mark.parametrize("m,swiglu,split_k", [(1, False, 1), (3, True, 2), (16, False, 3), (5, True, 1)])
+def test_fp8_tensor_core_path(m, swiglu, split_k):
+    """FP8 weights x FP8 activations on the tensor cores (fp8_mma.py, swap AB): every finite e4m3
+    weight byte, static and per-token scales, a zero row, score scaling, N not a multiple of the
+    tile, K cut into splits reduced in a fixed order (deterministic, counters back at zero)."""
+    gen = torch.Generator().manual_seed(m * 7 + split_k)
+    w_q, w_scale = _every_e4m3_weight(gen, 2 * 72 if swiglu else 72, 256)
+    x = _exact_fp8_rows(gen, m, 256, torch.bfloat16, [(i % 4) - 7 for i in range(m)])
+    if m > 2:
+        x[2] = 0.0
+    cfg = {"MMA": True, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": split_k}
+    for act in ("token", torch.tensor(2.0 ** -8, device=DEVICE)):
+        kw = dict(weight_scale=w_scale, act_quant=act, swiglu=swiglu, out_dtype=torch.float32)
+        got = linear_small_m(x, w_q, config=cfg, **kw)
+        _check(got, reference_linear_small_m(x, w_q, **kw), 1e-5)
+        assert torch.equal(got, linear_small_m(x, w_q, config=cfg, **kw))
+    score = torch.tensor([2.0 ** -(i % 3) for i in range(m)], device=DEVICE)
+    kw = dict(weight_scale=w_scale, act_quant="token", row_scale=score, swiglu=swiglu)
+    _check(linear_small_m(x, w_q, config=cfg, **kw), reference_linear_small_m(x, w_q, **kw), 2 ** -7)
+    assert not any(c.any() for c in lsm._COUNTERS.values())
+
+
+def test_fp8_tensor_core_path_refuses_what_it_does_not_take():
+    gen = torch.Generator().manual_seed(5)
+    w_q, w_scale = _fp8_weight(gen, (2,), 32, 64)
+    x = _exact_fp8_rows(gen, 2, 64, torch.bfloat16, [-6, -7])
+    with pytest.raises(ValueError, match="not experts"):
+        linear_small_m(x, w_q, expert_ids=torch.tensor([0, 1], device=DEVICE), weight_scale=w_scale,
+                       act_quant="token", config={"MMA": True})
+    w_n = _fp8_weight(gen, (), 64, 64)[0].T  # (N, K) view, N-contiguous
+    with pytest.raises(ValueError, match="K-contiguous"):
+        linear_small_m(x, w_n, weight_scale=torch.ones(64, device=DEVICE), act_quant="token", config={"MMA": True})
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_fp8_tensor_core_path_realistic_shapes(m):
+    """Random bf16 activations at Llama 4 shard shapes on the tensor cores: the same quantized bytes as
+    torch (the pre-pass), sums within the FP8 tensor cores' accumulation error of the float32 reference."""
+    gen = torch.Generator().manual_seed(m + 40)
+    x = _randn(gen, m, 5120, dtype=torch.bfloat16)
+    for n, swiglu in ((4096, False), (2 * 2048, True), (1000, False)):
+        w_q, w_scale = _fp8_weight(gen, (), n, 5120)
+        kw = dict(weight_scale=w_scale, act_quant="token", swiglu=swiglu, out_dtype=torch.float32)
+        _check(linear_small_m(x, w_q, config={"MMA": True}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-3)

@@ -43,13 +43,17 @@ import torch.nn.functional as F
 
 from collectives.communicator import quantize_fp8
 from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
+from model.kernels import fp8_mma
 from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M = 16
 SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against them
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
+MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
+FLAGS = ("PREQUANT", "DOT_F16", "MMA")
+MMA_DEFAULT = False  # dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -230,7 +234,7 @@ def env_overrides(name: str) -> dict:
             raise ValueError(f"{name}: items must be KEY=VALUE with KEY one of {CONFIG_KEYS[:2] + CONFIG_KEYS[2:4]} "
                              f"or {CONFIG_KEYS[5:]}, got {item!r}")
         try:
-            overrides[key] = value if key == "CVT" else bool(int(value)) if key in ("PREQUANT", "DOT_F16") \
+            overrides[key] = value if key == "CVT" else bool(int(value)) if key in FLAGS \
                 else int(value)
         except ValueError:
             raise ValueError(f"{name}: {key} takes an integer, got {value!r}") from None
@@ -393,9 +397,16 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         raise ValueError(f"linear_small_m: unknown config keys {sorted(unknown)}; known: {CONFIG_KEYS}")
     k, n_out = x.shape[1], n // 2 if swiglu else n
     layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
+    asked = ENV_OVERRIDES.get(weight.dtype, {}) if config is None else config
+    if weight.dtype == FP8 and not gather and asked.get("MMA", MMA_DEFAULT):
+        return _fp8_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out_dtype, layout,
+                                    {**fp8_mma.default_config(m, n_out, k, swiglu),
+                                     **{key: v for key, v in asked.items() if key in MMA_KEYS}})
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
     cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu),
            **(defaults(weight.dtype, gemv) if config is None else config)}
+    if cfg.pop("MMA", False):
+        raise ValueError("linear_small_m: MMA (FP8 on the tensor cores) takes dense FP8 weights, not experts")
     cvt, split_k = _variant(cfg, weight, k, gemv)
     out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
     quant = 0 if weight.dtype != FP8 else 2 if isinstance(act_quant, str) else 1
@@ -409,12 +420,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     if prequant:  # FP8: quantize x once (row scale applied), not in every program
         if per_expert_xs:
             raise ValueError("linear_small_m: PREQUANT takes one static scale or 'token', not per-expert scales")
-        x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
-        xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
-        _quantize_kernel[(m,)](x, rs, act_quant if quant == 1 else x, x_q, xs, x.stride(0), K=k,
-                               ROW_SCALE=row_scale is not None, QUANT=quant,
-                               BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
-        x, flags["ROW_SCALE"] = x_q, False
+        (x, xs), flags["ROW_SCALE"] = _prequantize(x, row_scale, act_quant), False
         if gemv:
             flags["QUANT"] = 3
     if gemv:
@@ -436,6 +442,32 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
             x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),
             out.stride(0), K=k, DOT_DTYPE=dot_dtype, BLOCK_M=MAX_M, **flags)
     return out
+
+
+def _prequantize(x: torch.Tensor, row_scale: torch.Tensor | None, act_quant) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (row scale applied) as e4m3 (M, K) and its float32 scales (M,), one program per row."""
+    m, k = x.shape
+    x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
+    xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
+    static = isinstance(act_quant, torch.Tensor)
+    _quantize_kernel[(m,)](x, x if row_scale is None else row_scale, act_quant if static else x, x_q, xs,
+                           x.stride(0), K=k, ROW_SCALE=row_scale is not None, QUANT=1 if static else 2,
+                           BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
+    return x_q, xs
+
+
+def _fp8_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out_dtype, layout, cfg):
+    """Dense FP8 on the tensor cores (fp8_mma.py): the activation quantized by the pre-pass, then one
+    swap-AB dot kernel."""
+    if layout != "k" or weight.stride(-1) != 1:
+        raise ValueError(f"linear_small_m: MMA reads a K-contiguous FP8 weight, got strides {weight.stride()}")
+    if isinstance(act_quant, torch.Tensor) and act_quant.numel() > 1:
+        raise ValueError("linear_small_m: MMA takes one static scale or 'token', not per-expert scales")
+    m, n = x.shape[0], weight.shape[0]
+    out = _alloc_out(m, n // 2 if swiglu else n, out_dtype, x.device)  # (M, N_out)
+    x_q, xs = _prequantize(x, row_scale, act_quant)
+    return fp8_mma.fp8_mma(x_q, xs, weight, weight_scale, out, _counters, swiglu=swiglu, config=cfg,
+                           launch=pdl_kwargs(x))
 
 
 def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
