@@ -75,6 +75,8 @@ class Collective:
     part: str
     message_bytes: int
     accepts: tuple = ()  # other calls a real run may make for it (a CPU run's torch path), costed as `call`
+    optional: bool = False  # a call only some runs make (a CPU run's torch path at one rank, where it costs
+    # nothing): the virtual clock lets a run pass it by
 
 
 PlanItem = Union[Op, Collective, Callable[[], list]]

@@ -12,12 +12,13 @@ step do the same work, so rank 0's time is the step's.
 The costs are the cost model's, the same that advance the per-rank virtual clock of a real run
 (`generate --emulate-node`, workers/virtual_clock.py): the walk is that clock's prediction without
 running anything. Expert parallelism (`moe="ep"`) is costed as the GPU path runs it over the symm
-backend: whole experts, a dispatch and a combine kernel of this rank's share of the rows.
+backend: whole experts, a dispatch and a combine kernel of this rank's share of the rows. A
+speculative step (estimate_spec_step) adds a shape-only EAGLE-3 draft beside the target: its
+growth, the verification and its catch-up, from workers/draft_plan.py's plans.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -28,14 +29,16 @@ from model.fp8 import SCHEMES
 from model.fp8_modules import all_fp8, fp8_targets, to_fp8
 from model.llama4 import Llama4
 from model.parallel import layout
-from workers.cost_model import Collective, CostModel, Op, module_bytes
-from workers.launch_plan import (CURRENT_CODE, CodePaths, activation_bytes, embed_plan, flatten, head_plan,
-                                 layer_plan, merge_fuses, norm_collective, pick_plan)
+from model.eagle3 import Eagle3Config, Eagle3Draft, SharedTargetParts, draft_layout
+from workers.cost_model import CostModel, Op, module_bytes
+from workers.draft_plan import catch_up_plan, draft_forward_plan, grow_plan
+from workers.launch_plan import CURRENT_CODE, CodePaths, activation_bytes, embed_plan, flatten, head_plan, layer_plan
 from workers.model_build import default_dtype
 from workers.node_spec import NodeSpec
 
 __all__ = ["Op", "StepEstimate", "module_bytes", "shape_only_model", "gpu_twin", "estimate_step", "estimate_draft_step",
-           "Projection", "project", "memory_per_rank", "ShapeOnlyCommunicator"]
+           "estimate_spec_step", "shape_only_draft", "default_draft_config", "target_plan", "Projection", "project",
+           "memory_per_rank", "ShapeOnlyCommunicator"]
 
 
 class ShapeOnlyCommunicator(Communicator):
@@ -105,6 +108,15 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
     collectives, "symm" (fused one-shot, one host) or "nccl" (workers/cost_model.py). paths: the
     prologue and pick of an older commit's step (launch_plan.CodePaths; default: this checkout's)."""
     cost = CostModel(node, model.shard.parallel.world_size, comm)
+    plan = target_plan(cost, model, batch, tokens, context, distinct_experts, kv_element_bytes, last_only, paths)
+    return StepEstimate(flatten(cost, plan))
+
+
+def target_plan(cost: CostModel, model: Llama4, batch: int, tokens: int, context: int,
+                distinct_experts: int | Sequence[int] | None = None, kv_element_bytes: int = 2,
+                last_only: bool = False, paths: CodePaths = CURRENT_CODE, verify: bool = False) -> list:
+    """The plan of estimate_step's target forward (verify: a speculative verification, whose pick
+    is of every row: launch_plan.head_plan)."""
     rows, act = batch * tokens, activation_bytes(model)
     moe_layers = [layer for layer in model.layers if layer.is_moe]
     if distinct_experts is None or isinstance(distinct_experts, int):
@@ -121,37 +133,57 @@ def estimate_step(model: Llama4, node: NodeSpec, batch: int, tokens: int, contex
             block, count = layer.feed_forward, counts_of[id(layer)]
             read = experts_read(block, rows * block.top_k if count is None else count, cost.world)
         plan += layer_plan(cost, layer, act, batch, tokens, batch * context, kv_element_bytes, read)
-    return StepEstimate(flatten(cost, plan + head_plan(cost, model, batch, tokens, last_only, paths)))
+    return plan + head_plan(cost, model, batch, tokens, last_only, paths, verify=verify)
+
+
+def default_draft_config(cfg: ModelConfig, draft_vocab: int | None = None) -> Eagle3Config:
+    """The EAGLE-3 draft a target gets when none is named: one Llama layer of the target's width,
+    heads and dense MLP width, drafting over `draft_vocab` tokens (default: the full vocabulary, as
+    the record's Maverick draft)."""
+    return Eagle3Config(hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                        head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size_mlp, vocab_size=cfg.vocab_size,
+                        draft_vocab_size=draft_vocab or cfg.vocab_size, target_hidden_size=cfg.hidden_size)
+
+
+def shape_only_draft(draft_cfg: Eagle3Config, model: Llama4) -> Eagle3Draft:
+    """The draft beside shape-only target `model` (rank 0 of its layout): meta, the target's
+    activation dtype (a bf16 draft beside an FP8 target), the target's embedding borrowed."""
+    tp = model.shard.parallel.world_size
+    with torch.device("meta"), default_dtype(model.embed_tokens.weight.dtype):
+        head = None if draft_cfg.has_lm_head else model.lm_head_weight()
+        return Eagle3Draft(draft_cfg, draft_layout(draft_cfg, tp, 0), ShapeOnlyCommunicator(tp),
+                           SharedTargetParts(model.embed_tokens, head), kernels="triton")
 
 
 def estimate_draft_step(cfg: ModelConfig, node: NodeSpec, tp: int, batch: int, context: int,
-                        draft_vocab: int | None = None, comm: str = "symm") -> StepEstimate:
-    """One EAGLE-3 draft step of one token per row, bf16, tensor-parallel like the target, on the
-    draft's fused path (model/eagle3_fast_path.py): fc (3H -> H) GEMV (at several ranks the
-    embedding and the fc partials meet in one all-reduce), the prologue kernel (norms, concat,
-    positions), one decoder layer whose Q/K/V read [embedding | feature] (2H), its MLP (the target's
-    dense width), the LM head over the draft vocabulary (default: the full one, as the record's
-    Maverick draft), the greedy pick; the target's head shapes. Costed as the target's ops are; the
-    prologue kernel as the add+RMSNorm kernel (both one small Triton norm launch; not traced)."""
+                        draft_vocab: int | None = None, comm: str = "symm", tokens: int = 1,
+                        features: bool = True, draft_cfg: Eagle3Config | None = None) -> StepEstimate:
+    """One EAGLE-3 draft forward of `tokens` new tokens per row over `context` cached keys, one
+    row's logits, rank 0 of a `tp`-way bf16 layout (workers/draft_plan.py says which launches):
+    features, a catch-up (fed the target's features) or else a depth (its own hidden states).
+    draft_cfg: the draft's architecture (default: default_draft_config(cfg, draft_vocab))."""
+    model = shape_only_model(cfg, tp, "tp", "bf16")
+    draft = shape_only_draft(draft_cfg or default_draft_config(cfg, draft_vocab), model)
     cost = CostModel(node, tp, comm)
-    h, d = cfg.hidden_size, cfg.head_dim
-    heads, kv_heads = cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp)
-    vocab, mlp = -(-(draft_vocab or cfg.vocab_size) // tp), cfg.intermediate_size_mlp // tp
-    gemv = lambda name, nbytes: cost.gemv(name, "draft", nbytes, False, batch, float(batch * nbytes))  # noqa: E731
-    attn = SimpleNamespace(n_heads_per_rank=heads, n_kv_heads_per_rank=kv_heads, head_dim=d)
-    embed = [] if tp == 1 else [cost.kernel("draft embedding", "draft", "gather"),
-                                cost.kernel("draft embedding mask + concat", "draft", "elementwise", 8),
-                                Collective("all_reduce", "draft embedding + fc all-reduce", "draft", batch * 2 * h * 2)]
-    plan = [gemv("draft fc", 3 * h * h * 2), *embed,
-            cost.kernel("draft prologue", "draft", "add_rmsnorm"),
-            gemv("draft qkv_proj", 2 * h * (heads + 2 * kv_heads) * d * 2),
-            *cost.attention("draft attention", "draft", 1, batch * context, heads, kv_heads, d, 2,
-                            fused=merge_fuses(cost, attn, batch, 1, batch * context, 2)),
-            gemv("draft o_proj", heads * d * h * 2),
-            *norm_collective(cost, "draft attention all-reduce", "draft", batch * h * 2),
-            gemv("draft fc13 + swiglu", 2 * h * mlp * 2), gemv("draft fc2", h * mlp * 2),
-            *norm_collective(cost, "draft mlp all-reduce", "draft", batch * h * 2),
-            gemv("draft lm head", vocab * h * 2), *pick_plan(cost, vocab, batch, "draft")]
+    plan = draft_forward_plan(cost, draft, batch, tokens, batch * (context + tokens), features, logit_rows=1)
+    return StepEstimate(flatten(cost, plan))
+
+
+def estimate_spec_step(model: Llama4, draft: Eagle3Draft, node: NodeSpec, batch: int, shape: tuple[int, int, int],
+                       context: int, catch_up: int | None = None, distinct_experts: int | Sequence[int] | None = None,
+                       kv_element_bytes: int = 2, comm: str = "symm") -> StepEstimate:
+    """One speculative step of tree shape (top_k, depth, tokens) (a chain: (1, n, n)) for `batch`
+    rows, each with `context` committed tokens (in the target's and the draft's cache) when it
+    begins: the draft's growth (workers/draft_plan.py grow_plan), the target's verification of root
+    + tokens (distinct_experts as in estimate_step), the draft's catch-up on `catch_up` rows a batch
+    row (default depth + 1: the GPU's one-graph step pads it to that width; an eager step reads the
+    longest accepted path + 1). The order is a real step's, which the virtual clock follows."""
+    cost = CostModel(node, model.shard.parallel.world_size, comm)
+    k, depth, n = shape
+    width = depth + 1 if catch_up is None else catch_up
+    plan = grow_plan(cost, draft, batch, shape, context)
+    plan += target_plan(cost, model, batch, n + 1, context + n + 1, distinct_experts, kv_element_bytes, verify=True)
+    plan += catch_up_plan(cost, draft, batch, width, batch * (context + width))
     return StepEstimate(flatten(cost, plan))
 
 
@@ -184,18 +216,19 @@ def memory_per_rank(model: Llama4, batch: int, context: int, kv_element_bytes: i
 def project(cfg: ModelConfig, node: NodeSpec, tp: int, moe: str, dtype: str, batch: int, context: int,
             draft_len: int = 0, acceptance_length: float = 1.0, kv_element_bytes: int = 2,
             model: Llama4 | None = None, comm: str = "symm") -> Projection:
-    """Plain decoding (draft_len 0) or EAGLE-3 chain decoding: per step one verification of
-    draft_len + 1 tokens per row and draft_len draft steps, yielding acceptance_length tokens.
+    """Plain decoding (draft_len 0) or EAGLE-3 chain decoding: per step the draft's root pick and
+    draft_len - 1 depth forwards, one verification of draft_len + 1 tokens per row and the draft's
+    catch-up (estimate_spec_step, the draft default_draft_config's), yielding acceptance_length tokens.
     model: the shape-only model of (cfg, tp, moe, dtype) when the caller already built it.
     comm: "symm" (the fused one-shot collectives of GPUs on one host, the default) or "nccl"."""
     model = model or shape_only_model(cfg, tp, moe, dtype)
-    tokens = draft_len + 1
-    est = estimate_step(model, node, batch, tokens, context, kv_element_bytes=kv_element_bytes, comm=comm)
-    ops = list(est.ops)
     if draft_len:
-        draft = estimate_draft_step(cfg, node, tp, batch, context, comm=comm)
-        ops += draft.ops * draft_len
-    total = StepEstimate(ops)
+        draft = shape_only_draft(default_draft_config(cfg), model)
+        total = estimate_spec_step(model, draft, node, batch, (1, draft_len, draft_len), context,
+                                   kv_element_bytes=kv_element_bytes, comm=comm)
+    else:
+        total = estimate_step(model, node, batch, 1, context, kv_element_bytes=kv_element_bytes, comm=comm)
+    ops = total.ops
     breakdown = {"by_part": total.by("part"), "by_kind": total.by("kind"), "ops": len(ops),
                  "memory_per_rank_bytes": memory_per_rank(model, batch, context, kv_element_bytes)}
     return Projection(total.seconds, acceptance_length if draft_len else 1.0, max(1, node.gpus_per_node // tp),

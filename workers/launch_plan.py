@@ -255,11 +255,13 @@ def torch_moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
 
 
 def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool = False,
-              paths: CodePaths = CURRENT_CODE) -> list[PlanItem]:
+              paths: CodePaths = CURRENT_CODE, verify: bool = False) -> list[PlanItem]:
     """After the layers: the cache lengths (unless the embedding kernel advanced them), the LM head
     over every row (or each row's last, a prefill), the vocabulary padding's mask, the greedy pick
     of each row's last logits and, in a graph's decode step, the copies of the choice
-    (workers/cuda_graphs.py: DecodeGraph._choose)."""
+    (workers/cuda_graphs.py: DecodeGraph._choose). verify: a speculative step's verification
+    (workers/speculative.py SpecDecoder.verify): the pick is of EVERY row's logits (the target's
+    choice at each node), and no decode graph's copies follow."""
     head, shard = model.lm_head_weight(), model.shard
     rows = batch * tokens
     head_rows = batch if last_only else rows
@@ -271,9 +273,9 @@ def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool =
                           2.0 * head_rows * head.numel()))
     if shard.vocab_per_rank * shard.parallel.world_size > model.cfg.vocab_size:  # the last rank's padding:
         plan.append(cost.kernel("vocab padding", "head", "elementwise"))  # the step waits for that rank
-    plan += pick_plan(cost, shard.vocab_per_rank, batch, "head", activation_bytes(model),
+    plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model),
                       argmax_in_one_kernel(model, paths))
-    if fused(rows) and not last_only:
+    if fused(rows) and not last_only and not verify:
         plan.append(cost.kernel("feedback copies", "head", "copy", 2 if tokens == 1 else 1))
     return plan
 

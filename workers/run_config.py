@@ -86,9 +86,6 @@ class RunConfig:
         if self.cuda_graphs == "on":
             raise ConfigError("--emulate-node runs steps eagerly (a replayed CUDA graph passes by the virtual clock); "
                               "drop --cuda-graphs on")
-        if self.draft_path:
-            raise ConfigError("--emulate-node does not cost the EAGLE-3 draft's forwards yet; "
-                              "emulate speculative decoding shape-only (dgx-emu emulate --draft-len)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

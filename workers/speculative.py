@@ -105,6 +105,9 @@ class SpecDecoder:
             raise ConfigError(f"tree top_k ({spec.shape[0]}) exceeds the draft vocabulary "
                               f"({draft.cfg.draft_vocab_size})")
         self.model, self.draft, self.spec, self.recorder = model, draft, spec, recorder
+        speculating = getattr(recorder, "speculating", None)  # the virtual clock's steps (--emulate-node)
+        if speculating is not None:  # cost this draft's forwards and picks (workers/virtual_clock.py)
+            speculating(draft, spec.shape)
         self.aux_set = tuple(sorted(set(self.layer_ids)))
         self.graphs: SpecGraphs | None = None
         self.sampled: list[int] = []  # batch rows that sample

@@ -22,16 +22,26 @@ holds a real run's clock equal to the walk's prediction. The wrappers exist only
 exchange, and on a GPU a read-back of the cache lengths per forward and of the routing per MoE
 layer (emulated steps run eagerly anyway; benchmarks/virtual_clock_overhead.py measures the cost).
 With --trace the modeled timeline goes to `<trace dir>/modeled/rank<r>.msgpack`, in the measured
-trace's format (collectives/trace.py), so the trace tools show both. Not costed yet: the EAGLE-3
-draft's forwards (RunConfig refuses speculative decoding with --emulate-node).
+trace's format (collectives/trace.py), so the trace tools show both.
+
+Speculative decoding (EAGLE-3): the SpecDecoder hands the clock its draft and tree shape
+(ClockedSteps.speculating), and the clock wraps the draft's forward too. Each speculative step then
+follows workers/draft_plan.py, as the walk's estimate_spec_step does: the root's pick (at the
+step's first "draft" span), each depth's draft forward and its pick, the target's verification
+(its forward inside the "verify" span: launch_plan.head_plan(verify=True), a pick of every row,
+with the ancestor mask costing nothing beyond the keys each row reads), and the catch-up forward.
+Not costed, here or in the walk: the acceptance and commit glue; a sampling row's gathers of full
+distributions are costed from the real call but planned nowhere.
 """
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from collectives.trace import MODELED_DIR, TraceRecorder
 from workers.cost_model import STAGES, Collective, CostModel, Op
+from workers.draft_plan import draft_forward_plan, draft_pick_plan
 from workers.emulate import gpu_twin
 from workers.launch_plan import activation_bytes, embed_plan, head_plan, layer_plan
 from workers.node_spec import NodeSpec
@@ -76,6 +86,11 @@ class VirtualClock:
                                           header={"timeline": "modeled", "node": node.name, "clock": "virtual_ns"})
             self.recorder.algorithm_of = self.cost.algorithm
         self.recording = self.recorder is not None
+        self.phase: str | None = None  # the engine's span the run is in ("draft", "verify", ...)
+        self.spec: tuple | None = None  # (draft, tree shape) of the speculative decoder, once it said so
+        self.draft_marks: list = []  # the wrappers of that draft's forward
+        self.batch, self.draft_spans = 0, 0  # the running step's rows; its "draft" spans so far
+        self.step_fields: list[tuple[int, dict]] = []  # (step, what its end reported), with keep_ops
 
     def now_ns(self) -> int:
         return round(self.now_s * 1e9)
@@ -117,6 +132,8 @@ class VirtualClock:
 
     def flush(self) -> None:
         planned = self._charge_until_collective()
+        while planned is not None and planned[1].optional:  # a call this run need not make
+            planned = self._charge_until_collective()
         if planned is not None:
             raise ClockError(f"rank {self.rank}: the plan of layer {planned[0]} has {planned[1].call} "
                              f"({planned[1].name}) but the run never made that call")
@@ -124,6 +141,8 @@ class VirtualClock:
     # --- collectives (called by collectives/clocked.py) ----------------------------------------
     def arrive(self, call: str, args: tuple) -> None:
         planned = self._charge_until_collective()
+        while planned is not None and planned[1].optional and call not in (planned[1].call, *planned[1].accepts):
+            planned = self._charge_until_collective()  # the run passed an optional call by
         if planned is not None and call not in (planned[1].call, *planned[1].accepts):
             raise ClockError(f"rank {self.rank}: layer {planned[0]}'s plan has {planned[1].call} "
                              f"({planned[1].name}) where the run calls {call}")
@@ -196,6 +215,7 @@ class VirtualClock:
         self.flush()
         self._close_span()
         self.step, self.step_start, self.layer, self.in_step = step, self.now_s, -1, True
+        self.batch, self.draft_spans = len(requests), 0
         if self.recording:
             self.recorder.step_begin(step, requests)
 
@@ -205,6 +225,8 @@ class VirtualClock:
         self._settle(self.step_start)
         self.in_step = False
         self.step_seconds.append(self.now_s - self.step_start)
+        if self.ops is not None:
+            self.step_fields.append((self.step, fields))
         if self.recording:
             self.recorder.step_end(tokens, **fields)
 
@@ -220,6 +242,9 @@ class VirtualClock:
         self.recording = on and self.recorder is not None
 
     def close(self) -> None:
+        for mark in self.draft_marks:
+            mark.remove()
+        self.draft_marks, self.spec = [], None
         if self.recorder is not None:
             self.recorder.close()
 
@@ -247,8 +272,48 @@ class VirtualClock:
             self.follow(embed_plan(self.cost, model, batch, tokens))
             out = original(token_ids, cache, **kwargs)
             self.layer = -1
-            self.follow(head_plan(self.cost, model, batch, tokens, bool(kwargs.get("last_only"))))
+            self.follow(head_plan(self.cost, model, batch, tokens, bool(kwargs.get("last_only")),
+                                  verify=self.phase == "verify"))
             return out
+        return forward
+
+    # --- speculative decoding: the draft's forwards and picks -------------------------------------
+    def speculating(self, draft, shape: tuple[int, int, int]) -> None:
+        """The speculative decoder's draft and tree shape (top_k, depth, tokens): its forward is
+        wrapped (once per draft; the draft is planned from itself: its modules have the GPU's shapes)."""
+        if self.spec is None or self.spec[0] is not draft:
+            for mark in self.draft_marks:
+                mark.remove()
+            self.draft_marks = [_Shadow(draft, "forward", lambda original: self._draft_forward(draft, original))]
+        self.spec = (draft, tuple(shape))
+
+    @contextmanager
+    def phase_of(self, name: str):
+        """The run inside the engine's span `name`. A step's first "draft" span grows the tree: it
+        opens with the draft's pick of the root's children (from the catch-up's logits)."""
+        previous, self.phase = self.phase, name
+        if name == "draft" and self.spec is not None and self.in_step:
+            if self.draft_spans == 0:
+                draft, (top_k, _, _) = self.spec
+                self.follow(draft_pick_plan(self.cost, draft, self.batch, top_k))
+            self.draft_spans += 1
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    def _draft_forward(self, draft, original):
+        def forward(tokens, cache, *, target_features=None, logit_rows=None, **kwargs):
+            batch, n = tokens.shape
+            keys = int(cache.lengths.sum()) + batch * n  # each row reads its cache and its new tokens
+            rows = n if logit_rows is None else logit_rows.shape[1]
+            plan = draft_forward_plan(self.cost, draft, batch, n, keys, target_features is not None, rows)
+            if target_features is None and self.spec is not None:  # a depth of the tree: its pick follows
+                top_k = self.spec[1][0]
+                plan += draft_pick_plan(self.cost, draft, batch * top_k, top_k)
+            self.layer = -1
+            self.follow(plan)
+            return original(tokens, cache, target_features=target_features, logit_rows=logit_rows, **kwargs)
         return forward
 
     def _layer_forward(self, twin, layer, index: int, original):
@@ -308,8 +373,14 @@ class ClockedSteps:
     def __init__(self, recorder, clock: VirtualClock) -> None:
         self.recorder, self.clock = recorder or NullRecorder(), clock
 
+    @contextmanager
     def span(self, name: str):
-        return self.recorder.span(name)
+        with self.recorder.span(name), self.clock.phase_of(name):
+            yield
+
+    def speculating(self, draft, shape: tuple[int, int, int]) -> None:
+        """workers/speculative.py's SpecDecoder: its draft and tree shape, for the clock."""
+        self.clock.speculating(draft, shape)
 
     def step_begin(self, step: int, requests: list[str]) -> None:
         self.clock.step_begin(step, requests)
