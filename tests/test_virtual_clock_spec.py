@@ -4,6 +4,7 @@ forwards and picks, the target's verification, the draft's catch-up; tests/spec_
 at one rank and at two, for a chain and a tree; the clock changes no token; the CLI runs it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from cluster.procs import run_world
 from collectives.communicator import SingleRankCommunicator
+from collectives.triton_support import INTERPRETED
 from launch.cli import main
 from tests.spec_clock_session import NEW_TOKENS, spec_rank
 
@@ -50,6 +52,33 @@ def test_a_draft_step_costs_more_than_nothing_and_more_with_depth():
     verify = estimate_step(model, node, 1, 4, 1024 + 4).seconds
     draft_part = sum(op.seconds for op in steps[2].ops if op.part == "draft")
     assert steps[2].seconds == pytest.approx(verify + draft_part, rel=0.05)  # verify + draft, no feedback copies
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="counts the kernels CPU tensors launch under Triton's interpreter")
+@pytest.mark.parametrize("step,tokens,features", [("catch_up", 4, True), ("depth", 2, False)])
+def test_draft_plan_launches_what_the_fused_draft_forward_launches(step, tokens, features):
+    """The plan of one fused draft forward has the launches benchmarks/launch_count.py counts in the
+    real one (the forwards benchmarks/draft_step_bench.py times on the H200)."""
+    from benchmarks.launch_count import draft_launches
+    from cluster.hardware import node_spec
+    from model.eagle3 import Eagle3Config, Eagle3Draft, SharedTargetParts, draft_layout
+    from model.llama4 import VocabEmbedding
+    from model.parallel import layout
+    from workers.cost_model import CostModel
+    from workers.draft_plan import draft_forward_plan
+    from workers.emulate import ShapeOnlyCommunicator
+    from workers.launch_plan import flatten
+    cfg = Eagle3Config(hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=32, vocab_size=64,
+                       draft_vocab_size=48, target_hidden_size=32)  # launch_count's draft
+    target = dataclasses.replace(cfg.attention_config(), vocab_size=cfg.vocab_size)
+    with torch.device("meta"):
+        embed = VocabEmbedding(layout(target), cfg.hidden_size).to(torch.bfloat16)
+        draft = Eagle3Draft(cfg, draft_layout(cfg, 1, 0), ShapeOnlyCommunicator(1), SharedTargetParts(embed),
+                            "triton").to(torch.bfloat16)
+    cost = CostModel(node_spec("h200"), 1)
+    plan = flatten(cost, draft_forward_plan(cost, draft, 1, tokens, 20 + tokens, features, logit_rows=1))
+    counted = draft_launches(step, "triton", context=20)
+    assert sum(op.launches for op in plan) == sum(counted.values()), (counted, [op.name for op in plan])
 
 
 def test_generate_with_spec_and_emulate_node_prints_modeled_times(capsys):
