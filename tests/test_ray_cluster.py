@@ -136,37 +136,6 @@ def _start_cluster(attempts: int = 2):
                 raise
 
 
-def test_two_hosts_take_the_hierarchical_path_and_match_one_host(two_hosts, model_dir, reference):
-    run = RunConfig(str(model_dir), world_size=4)  # comm shm, fp32: 2 hosts x 2 ranks on this 2-core machine
-    node = RayNode(run, address=two_hosts.address, placement="SPREAD", startup_timeout_s=90)
-    try:
-        assert node.layout["hosts"] == 2 and sorted(map(len, node.layout["ranks_per_host"])) == [2, 2], node.layout
-        pids = node.node_pids()
-        node.load()
-        completions, stats, info = node.generate(_requests(model_dir), timeout_s=300)
-        calls = node.comm_calls()
-    finally:
-        node.shutdown()
-    assert [c.token_ids for c in completions] == reference
-    assert info["placement"]["data_plane"] == "shm within a host, gloo between hosts"
-    fused_calls = 2 * node.model_cfg.n_layers * (1 + len(stats.step_s))  # 2 per layer, each forward
-    assert all(c.get("allreduce_add_rmsnorm", 0) >= fused_calls for c in calls), calls
-    assert len({json.dumps(c, sort_keys=True) for c in calls}) == 1, f"ranks made different calls: {calls}"
-    assert _wait_gone(pids) == []
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_name(node.node_id, ""))]
-
-
-def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_actor(two_hosts, model_dir):
-    before = len(ray.util.placement_group_table())
-    start = time.monotonic()
-    with pytest.raises(UserError, match="largest node of this cluster holds 2; .* use --placement PACK or SPREAD"):
-        RayNode(RunConfig(str(model_dir), world_size=4), address=two_hosts.address, placement="STRICT_PACK")
-    with pytest.raises(UserError, match="do not fit this Ray cluster"):
-        RayNode(RunConfig(str(model_dir), world_size=6), address=two_hosts.address, placement="PACK")
-    assert time.monotonic() - start < 10
-    assert len(ray.util.placement_group_table()) == before  # refused before placing, so before any actor
-
-
 def test_generate_joins_a_cluster_started_with_ray_start(model_dir):
     """The user's path: `ray start --head`, then `dgx-emu generate --ray-address auto`; then the
     cluster is stopped (its `ray start --block` process and everything under it)."""
@@ -295,3 +264,36 @@ def test_a_ray_start_off_the_main_thread_runs_on_a_thread_that_outlives_the_call
         caller.join(10)
         assert not caller.is_alive()
     assert owners[0] is owners[1] and owners[0].is_alive() and owners[0] is not threading.main_thread()
+
+
+# The two-host cluster (module fixture) lives from its first test to the end of this file: these come last,
+# so that no test above ever sees two clusters at once (`--ray-address auto` would have to pick one).
+def test_two_hosts_take_the_hierarchical_path_and_match_one_host(two_hosts, model_dir, reference):
+    run = RunConfig(str(model_dir), world_size=4)  # comm shm, fp32: 2 hosts x 2 ranks on this 2-core machine
+    node = RayNode(run, address=two_hosts.address, placement="SPREAD", startup_timeout_s=90)
+    try:
+        assert node.layout["hosts"] == 2 and sorted(map(len, node.layout["ranks_per_host"])) == [2, 2], node.layout
+        pids = node.node_pids()
+        node.load()
+        completions, stats, info = node.generate(_requests(model_dir), timeout_s=300)
+        calls = node.comm_calls()
+    finally:
+        node.shutdown()
+    assert [c.token_ids for c in completions] == reference
+    assert info["placement"]["data_plane"] == "shm within a host, gloo between hosts"
+    fused_calls = 2 * node.model_cfg.n_layers * (1 + len(stats.step_s))  # 2 per layer, each forward
+    assert all(c.get("allreduce_add_rmsnorm", 0) >= fused_calls for c in calls), calls
+    assert len({json.dumps(c, sort_keys=True) for c in calls}) == 1, f"ranks made different calls: {calls}"
+    assert _wait_gone(pids) == []
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_name(node.node_id, ""))]
+
+
+def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_actor(two_hosts, model_dir):
+    before = len(ray.util.placement_group_table())
+    start = time.monotonic()
+    with pytest.raises(UserError, match="largest node of this cluster holds 2; .* use --placement PACK or SPREAD"):
+        RayNode(RunConfig(str(model_dir), world_size=4), address=two_hosts.address, placement="STRICT_PACK")
+    with pytest.raises(UserError, match="do not fit this Ray cluster"):
+        RayNode(RunConfig(str(model_dir), world_size=6), address=two_hosts.address, placement="PACK")
+    assert time.monotonic() - start < 10
+    assert len(ray.util.placement_group_table()) == before  # refused before placing, so before any actor
