@@ -5,6 +5,7 @@ reported being the walk's inputs), and the same generate without the clock. Spaw
 import this module, which keeps their imports to the worker, the walk and the node files' reader."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -29,33 +30,33 @@ NEW_TOKENS = 10
 SHAPES = {"chain": SpecConfig(draft_len=3), "tree": SpecConfig(tree=True, top_k=2, depth=3, tree_tokens=4)}
 
 
-def _walk(clock, spec: SpecConfig, accepted: list[int]) -> list[list]:
+def _walk(clock, spec: SpecConfig, accepted: list[int], dtype: str) -> list[list]:
     """The walk's ops of each step: the prefill and the draft's catch-up on the prompt, then each
     speculative step at its context, catch-up width (accepted + 1) and the experts the run routed to."""
     cfg = load_model_config(default_model_dir())
-    meta = shape_only_model(cfg, clock.world, "tp", "fp32")
+    meta, kv = shape_only_model(cfg, clock.world, "tp", dtype), 4 if dtype == "fp32" else 2
     draft = shape_only_draft(read_draft_config(default_draft_dir(), cfg), meta)
     cost, prompt = CostModel(clock.node, clock.world, clock.cost.comm), len(PROMPT)
     experts = lambda step: [read for s, _, read in sorted(clock.routing) if s == step]  # noqa: E731
-    steps = [flatten(cost, target_plan(cost, meta, 1, prompt, prompt, experts(0), 4)
+    steps = [flatten(cost, target_plan(cost, meta, 1, prompt, prompt, experts(0), kv)
                      + catch_up_plan(cost, draft, 1, prompt, prompt))]
     context = prompt
     for step, kept in enumerate(accepted, start=1):
         steps.append(estimate_spec_step(meta, draft, clock.node, 1, spec.shape, context, catch_up=kept + 1,
-                                        distinct_experts=experts(step), kv_element_bytes=4, comm=clock.cost.comm).ops)
+                                        distinct_experts=experts(step), kv_element_bytes=kv, comm=clock.cost.comm).ops)
         context += kept + 1
     return steps
 
 
-def spec_rank(comm, which: str) -> dict[str, torch.Tensor]:
+def spec_rank(comm, which: str, device: str = "cpu", dtype: str = "fp32") -> dict[str, torch.Tensor]:
     """The same EAGLE-3 generate unclocked, then clocked (world = the communicator's), the clock
     checked against the walk step by step and op by op. Returns both token lists and the step times."""
     spec = SHAPES[which]
-    run = RunConfig(str(default_model_dir()), world_size=comm.world_size, comm="gloo", dtype="fp32",
+    backend = "gloo" if device == "cpu" else "nccl"
+    run = RunConfig(str(default_model_dir()), world_size=comm.world_size, comm=backend, device=device, dtype=dtype,
                     draft_path=str(default_draft_dir()), emulate_node=NODE)
     request = [Request(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False), "0")]
-    plain = Worker(comm.rank, RunConfig(str(default_model_dir()), world_size=comm.world_size, comm="gloo",
-                                        dtype="fp32", draft_path=str(default_draft_dir())), comm)
+    plain = Worker(comm.rank, dataclasses.replace(run, emulate_node=None), comm)  # on a GPU: its graphs
     plain.load()
     unclocked, _ = plain.generate(request, spec=spec)
     worker = Worker(comm.rank, run, comm, node=node_spec(NODE))
@@ -64,7 +65,7 @@ def spec_rank(comm, which: str) -> dict[str, torch.Tensor]:
     completions, stats = worker.generate(request, spec=spec)
     clock = worker.clock
     accepted = [fields["accepted"][0] for _, fields in clock.step_fields[1:]]
-    walked = _walk(clock, spec, accepted)
+    walked = _walk(clock, spec, accepted, dtype)
     assert len(walked) == 1 + len(stats.modeled["step_s"]), (len(walked), stats.modeled)
     walk_steps = []
     for step, walk in enumerate(walked):

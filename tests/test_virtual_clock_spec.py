@@ -36,6 +36,13 @@ def test_two_rank_spec_clock_equals_the_walk():
     _check(run_world(2, spec_rank, "chain"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_one_gpu_spec_clock_equals_the_walk():
+    """On a GPU the draft and the target take the fused kernels (the plans' own path, no optional
+    all-reduce made) and the unclocked run replays its one-graph steps: the same tokens."""
+    _check(spec_rank(SingleRankCommunicator(), "chain", "cuda", "bf16"))
+
+
 def test_a_draft_step_costs_more_than_nothing_and_more_with_depth():
     """The walk's step grows with the chain: each further depth is one more draft forward and pick."""
     from cluster.hardware import node_spec
