@@ -199,11 +199,7 @@ def start_backend(args):
         print(f"loaded {run.world_size} rank(s) in {max(r['load_s'] for r in reports):.1f} s", file=sys.stderr)
         kwargs = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       max_restarts=args.max_restarts, make_node=lambda: build_node(run, **build))
-        try:
-            scheduler = Scheduler(node, spec=settings.spec, **kwargs)
-        except NotImplementedError as e:  # the scheduler cannot batch speculative decoding (yet): say so
-            print(f"warning: {e}; serving with plain decoding (the draft stays loaded)", file=sys.stderr)
-            scheduler = Scheduler(node, spec=None, **kwargs)
+        scheduler = Scheduler(node, spec=settings.spec, **kwargs)  # EAGLE-3 rows batch (workers/batch_spec.py)
     except BaseException:
         node.shutdown()
         raise
