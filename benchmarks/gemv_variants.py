@@ -40,11 +40,10 @@ FP8_DOT = [("dot bf16", {"gemv": False}), ("dot f16", {"gemv": False, "DOT_F16":
 MMA = [("mma", {"MMA": True}), ("mma split1", {"MMA": True, "SPLIT_K": 1}),
        ("mma split2", {"MMA": True, "SPLIT_K": 2}), ("mma split4", {"MMA": True, "SPLIT_K": 4}),
        ("mma split8", {"MMA": True, "SPLIT_K": 8}), ("mma bk128", {"MMA": True, "BLOCK_K": 128}),
-       ("mma bk512", {"MMA": True, "BLOCK_K": 512}), ("mma bn32", {"MMA": True, "BLOCK_N": 32}),
-       ("mma bn128", {"MMA": True, "BLOCK_N": 128}), ("mma bn16", {"MMA": True, "BLOCK_N": 16}),
+       ("mma bk512", {"MMA": True, "BLOCK_K": 512}), ("mma bn32 (converts)", {"MMA": True, "BLOCK_N": 32}),
+       ("mma bn128", {"MMA": True, "BLOCK_N": 128}),
        ("mma stages2", {"MMA": True, "num_stages": 2}), ("mma stages3", {"MMA": True, "num_stages": 3}),
        ("mma warps8", {"MMA": True, "num_warps": 8}),
-       ("mma bn32 bk512", {"MMA": True, "BLOCK_N": 32, "BLOCK_K": 512}),
        ("mma bk512 split2", {"MMA": True, "BLOCK_K": 512, "SPLIT_K": 2})]
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),

@@ -64,7 +64,10 @@ def _summary(name: str, pdl: bool, kernel) -> dict:
     loads_before = sum("ld.global" in line for line in lines[:waits[0]]) if waits else 0
     return {"kernel": name, "launch_pdl": pdl, "waits": len(waits),
             "launch_dependents": sum("griddepcontrol.launch_dependents" in line for line in lines),
-            "loads_before_wait": loads_before}
+            "loads_before_wait": loads_before,
+            "wgmma_e4m3": sum("wgmma.mma_async" in line and "e4m3.e4m3" in line for line in lines),
+            "mma_e4m3": sum("mma.sync" in line and "e4m3.e4m3" in line for line in lines),
+            "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines)}
 
 
 def _decode_kernels() -> None:
@@ -153,6 +156,8 @@ def _variant_kernels() -> None:
         lsm.linear_small_m(x1, experts, expert_ids=torch.zeros(1, dtype=torch.int32), weight_scale=experts_scale,
                            act_quant="token", swiglu=True, config=cfg)
     lsm.linear_small_m(x4, wq, weight_scale=ws, act_quant="token", config={"DOT_F16": True})
+    for x, cfg in ((x1, {"MMA": True}), (x4, {"MMA": True, "SPLIT_K": 1, "BLOCK_N": 128})):  # FP8 tensor cores
+        lsm.linear_small_m(x, wq, weight_scale=ws, act_quant="token", swiglu=x is x4, config=cfg)
     from model.kernels import moe_decode
     ids, scores = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)
     fp8 = dict(act_quant="token", out_dtype=torch.bfloat16)

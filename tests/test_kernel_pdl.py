@@ -132,7 +132,8 @@ def test_gpu_same_bits_with_and_without_pdl(monkeypatch):
 
 def test_gemv_variants_compile_for_sm90():
     """The variants benchmarks/gemv_bench.py --variants sweeps (FP8 conversions, split-K, pre-pass
-    quantization, fp16 dots) compile for sm90, each with its one wait and trigger."""
+    quantization, fp16 dots, FP8 on the tensor cores) compile for sm90, each with its one wait and
+    trigger; the tensor-core kernel's PTX multiplies e4m3 by e4m3 (wgmma / mma) and converts none."""
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), "variants"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=600)
     if run.returncode == 3 and "SETUP-FAILED" in run.stdout:
@@ -140,6 +141,8 @@ def test_gemv_variants_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = [json.loads(line) for line in run.stdout.splitlines()]
     assert sum(k["kernel"] == "_gemv_kernel" for k in kernels) == 12
+    mma = [k for k in kernels if k["kernel"] == "_fp8_mma_kernel"]  # 64-row tiles, split K; 128-row, SwiGLU
+    assert len(mma) == 2 and all(k["wgmma_e4m3"] > 0 and k["cvt_e4m3"] == 0 for k in mma), mma  # nothing converted
     pairs = [k for k in kernels if k["kernel"] == "_pair_kernel"]  # FC13, FC2; 'bits', then 'words'
     assert len(pairs) == 4 and [k["waits"] for k in pairs] == [2, 1, 2, 1]
     assert all(k["waits"] == 1 and k["launch_dependents"] == 1 for k in kernels if k not in pairs), kernels

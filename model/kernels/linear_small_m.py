@@ -128,25 +128,6 @@ if triton is not None:
                             N_OUT, stride_om, QUANT, SWIGLU, CVT, SPLIT_K, BLOCK_N)
 
     @triton.jit
-    def _quantize_kernel(x_ptr, rs_ptr, xs_ptr, q_ptr, scale_ptr, stride_xm, K: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """Program (row): the row's FP8 activation and scale, as the GEMV prologue derives them, stored
-        once for the 16-row tl.dot kernel: there every program would redo 16 rows of IEEE divisions."""
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
-        row = tl.program_id(0)
-        x_row = x_ptr + row * stride_xm
-        rs = 1.0
-        if ROW_SCALE:
-            rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xs, div = gm.x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            q = gm.quantize(gm.load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
-            tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
-        tl.store(scale_ptr + row, xs)
-
-    @triton.jit
     def _load_wt(w_gate, w_up, ks, mask, stride_wk, SWIGLU: tl.constexpr):
         """One K chunk of W^T as stored: (BLOCK_K, BLOCK_N) gate columns (and up columns)."""
         b_g = tl.load(w_gate + ks[:, None] * stride_wk, mask=mask, other=0.0)
@@ -172,7 +153,7 @@ if triton is not None:
                     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PDL: tl.constexpr):
         """Program (n tile): out[:M, tile] = f(x @ W[tile].T) on 16-row tiles; W read once for all rows.
-        FP8 (QUANT): x comes quantized by `_quantize_kernel`, row scales applied, with its scales (M,).
+        FP8 (QUANT): x comes quantized by fp8_mma.prequantize, row scales applied, with its scales (M,).
         With PDL the first K chunk of W is in flight before the wait for the kernel that wrote x."""
         rows = tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -190,7 +171,7 @@ if triton is not None:
         if ROW_SCALE:
             rs = tl.load(rs_ptr + rows, mask=row_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
         xs = 1.0
-        if QUANT:  # x is already e4m3 (the _quantize_kernel pre-pass), with one scale per row
+        if QUANT:  # x is already e4m3 (fp8_mma.prequantize), with one scale per row
             xs = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[:, None]  # (BLOCK_M, 1)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -399,9 +380,10 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
     asked = ENV_OVERRIDES.get(weight.dtype, {}) if config is None else config
     if weight.dtype == FP8 and not gather and asked.get("MMA", MMA_DEFAULT):
-        return _fp8_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out_dtype, layout,
-                                    {**fp8_mma.default_config(m, n_out, k, swiglu),
-                                     **{key: v for key, v in asked.items() if key in MMA_KEYS}})
+        cfg = {**fp8_mma.default_config(m, n_out, k, swiglu), **{key: v for key, v in asked.items() if key in MMA_KEYS}}
+        out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
+        return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
+                                              cfg, _counters)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
     cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu),
            **(defaults(weight.dtype, gemv) if config is None else config)}
@@ -420,7 +402,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     if prequant:  # FP8: quantize x once (row scale applied), not in every program
         if per_expert_xs:
             raise ValueError("linear_small_m: PREQUANT takes one static scale or 'token', not per-expert scales")
-        (x, xs), flags["ROW_SCALE"] = _prequantize(x, row_scale, act_quant), False
+        (x, xs), flags["ROW_SCALE"] = fp8_mma.prequantize(x, row_scale, act_quant), False
         if gemv:
             flags["QUANT"] = 3
     if gemv:
@@ -442,32 +424,6 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
             x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),
             out.stride(0), K=k, DOT_DTYPE=dot_dtype, BLOCK_M=MAX_M, **flags)
     return out
-
-
-def _prequantize(x: torch.Tensor, row_scale: torch.Tensor | None, act_quant) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (row scale applied) as e4m3 (M, K) and its float32 scales (M,), one program per row."""
-    m, k = x.shape
-    x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
-    xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
-    static = isinstance(act_quant, torch.Tensor)
-    _quantize_kernel[(m,)](x, x if row_scale is None else row_scale, act_quant if static else x, x_q, xs,
-                           x.stride(0), K=k, ROW_SCALE=row_scale is not None, QUANT=1 if static else 2,
-                           BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
-    return x_q, xs
-
-
-def _fp8_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out_dtype, layout, cfg):
-    """Dense FP8 on the tensor cores (fp8_mma.py): the activation quantized by the pre-pass, then one
-    swap-AB dot kernel."""
-    if layout != "k" or weight.stride(-1) != 1:
-        raise ValueError(f"linear_small_m: MMA reads a K-contiguous FP8 weight, got strides {weight.stride()}")
-    if isinstance(act_quant, torch.Tensor) and act_quant.numel() > 1:
-        raise ValueError("linear_small_m: MMA takes one static scale or 'token', not per-expert scales")
-    m, n = x.shape[0], weight.shape[0]
-    out = _alloc_out(m, n // 2 if swiglu else n, out_dtype, x.device)  # (M, N_out)
-    x_q, xs = _prequantize(x, row_scale, act_quant)
-    return fp8_mma.fp8_mma(x_q, xs, weight, weight_scale, out, _counters, swiglu=swiglu, config=cfg,
-                           launch=pdl_kwargs(x))
 
 
 def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
