@@ -6,7 +6,6 @@ import this module, which keeps their imports to the worker, the walk and the no
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -23,6 +22,8 @@ from workers.engine import Request
 from workers.launch_plan import flatten
 from workers.run_config import RunConfig
 from workers.worker import Worker
+
+from tests.virtual_clock_session import ops_equal_the_walk
 
 NODE = "dgx-b200"
 PROMPT = (0, 340, 360, 357, 288, 290, 353, 371, 371, 357, 370, 372)  # the held-out text's first tokens
@@ -67,14 +68,7 @@ def spec_rank(comm, which: str, device: str = "cpu", dtype: str = "fp32") -> dic
     accepted = [fields["accepted"][0] for _, fields in clock.step_fields[1:]]
     walked = _walk(clock, spec, accepted, dtype)
     assert len(walked) == 1 + len(stats.modeled["step_s"]), (len(walked), stats.modeled)
-    walk_steps = []
-    for step, walk in enumerate(walked):
-        real = [op for s, _, op in clock.ops if s == step]
-        assert [(o.name, o.kind, o.part, o.bytes) for o in real] == [(o.name, o.kind, o.part, o.bytes) for o in walk], \
-            f"rank {comm.rank} step {step}: the run's ops differ from the walk's"
-        for r, w in zip(real, walk):
-            assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
-        walk_steps.append(sum(op.seconds for op in walk))
+    walk_steps = [ops_equal_the_walk(clock, step, walk, comm.rank) for step, walk in enumerate(walked)]
     draft_ops = sum(op.part == "draft" for _, _, op in clock.ops)
     worker.close()  # closes the communicator too: last
     return {"tokens": torch.tensor(completions[0].token_ids), "unclocked_tokens": torch.tensor(unclocked[0].token_ids),

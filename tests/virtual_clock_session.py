@@ -25,6 +25,17 @@ NEW_TOKENS = 4
 LATE_S = 1e-3  # how much later rank 1 reaches the exercise's collectives, in virtual time
 
 
+def ops_equal_the_walk(clock: VirtualClock, step: int, walk: list[Op], rank: int) -> float:
+    """Asserts the ops the run's clock charged in `step` are the walk's, op by op (names, kinds,
+    parts, bytes, seconds to 1e-12); returns the walk's seconds for that step."""
+    real = [op for s, _, op in clock.ops if s == step]
+    assert [(o.name, o.kind, o.part, o.bytes) for o in real] == [(o.name, o.kind, o.part, o.bytes) for o in walk], \
+        f"rank {rank} step {step}: the run's ops differ from the walk's"
+    for r, w in zip(real, walk):
+        assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
+    return sum(op.seconds for op in walk)
+
+
 def _walk_ops(ckpt: str, clock: VirtualClock, steps: int, dtype: str) -> dict[int, list[Op]]:
     """The shape-only walk of each step of the run: rank 0's meta model, the same batch, new tokens,
     keys and, per MoE layer, the number of experts the run's router chose (what the walk takes as input)."""
@@ -95,14 +106,8 @@ def session_rank(comm, ckpt: str, trace_dir: str, device: str = "cpu", dtype: st
     _, stats = worker.generate([Request(p, params, str(i)) for i, p in enumerate(PROMPTS)])
     clock = worker.clock
     walked = _walk_ops(ckpt, clock, 1 + len(stats.modeled["step_s"]), dtype)
-    real_steps, walk_steps = [stats.modeled["ttft_s"], *stats.modeled["step_s"]], []
-    for step, walk in walked.items():
-        real = [op for s, _, op in clock.ops if s == step]
-        assert [(o.name, o.kind, o.part, o.bytes) for o in real] == [(o.name, o.kind, o.part, o.bytes) for o in walk], \
-            f"rank {comm.rank} step {step}: the run's ops differ from the walk's"
-        for r, w in zip(real, walk):
-            assert math.isclose(r.seconds, w.seconds, rel_tol=1e-12), (step, r, w)
-        walk_steps.append(sum(op.seconds for op in walk))
+    real_steps = [stats.modeled["ttft_s"], *stats.modeled["step_s"]]
+    walk_steps = [ops_equal_the_walk(clock, step, walk, comm.rank) for step, walk in walked.items()]
     out = {"real_steps": torch.tensor(real_steps, dtype=torch.float64),
            "walk_steps": torch.tensor(walk_steps, dtype=torch.float64), "ops": torch.tensor(len(clock.ops))}
     if comm.world_size > 1:
