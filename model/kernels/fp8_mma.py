@@ -11,9 +11,9 @@ with narrower tiles Triton falls back to mma.sync and converts the e4m3 operands
 (tests/sm90_compile.py counts the wgmma and cvt instructions in the PTX).
 
 x arrives quantized (`prequantize`, a one-program-per-row pre-pass that linear_small_m's FP8 paths
-share: e4m3 rows and one float32 scale per row, bit-identical to model/fp8.py). Each program owns BLOCK_N output columns and a span of K;
-with SPLIT_K > 1 the last of a tile's programs to finish (an arrival counter) adds the splits'
-float32 partials in split order, so sums are deterministic. Each K chunk's dot starts from zero and
+share: e4m3 rows and one float32 scale per row, bit-identical to model/fp8.py). Each program owns
+BLOCK_N output columns and a span of K; with SPLIT_K > 1 the last of a tile's programs to finish
+(an arrival counter) adds the splits' float32 partials in split order, so sums are deterministic. Each K chunk's dot starts from zero and
 is added to the float32 accumulator in registers: Hopper's FP8 tensor-core sums keep ~14 mantissa
 bits inside an instruction (DeepSeek-V3 §3.3), and promoting every chunk bounds that (the
 reference is model/fp8.py's float32 emulated_gemm; tests compare within a tolerance, not bits).

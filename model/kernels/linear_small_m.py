@@ -117,7 +117,8 @@ if triton is not None:
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        g, u, xs = gm.gemv_sums(x_row, rs, xs_ptr + expert * stride_xse + row * stride_xsm, w_gate, w_up, w_g, w_u, col_ok, stride_wk,
+        xs_row = xs_ptr + expert * stride_xse + row * stride_xsm
+        g, u, xs = gm.gemv_sums(x_row, rs, xs_row, w_gate, w_up, w_g, w_u, col_ok, stride_wk,
                                 k_lo, K, K_SPAN, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         ws_row = ws_ptr + expert * stride_wse
         if SPLIT_K == 1:
@@ -256,7 +257,7 @@ def _config(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool 
         stage_bytes = (2 if swiglu else 1) * block_n * block_k * size + MAX_M * block_k * 2  # W tile(s) + x tile
         stages = max(1, min(4, (200 << 10) // stage_bytes))  # Hopper: 227 KB of shared memory per block
     if INTERPRETED and gemv:
-        block_n, block_k = max(block_n, 16), min(block_k, 256)  # numpy pays per program, not per element
+        block_n, block_k = max(block_n, 64), min(block_k, 256)  # numpy pays per program and @jit call
     return {"BLOCK_N": block_n, "BLOCK_K": max(16, min(block_k, triton.next_power_of_2(K))),
             "num_warps": warps, "num_stages": stages}
 
