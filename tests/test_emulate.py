@@ -74,11 +74,17 @@ def test_predictions_stay_near_the_h200_measurements():
     measured an older kernel set (no PDL, 101 launches a medium step) than the one the launch plan
     mirrors, so they are reported, not held to the targets: their medium rows are all slower than
     the current plan predicts. The EAGLE-3 draft forwards (h200-draft-step.json) are reported beside
-    them: their small GEMVs fall outside the GEMV fit's range (the validation file's notes)."""
+    them: their small GEMVs fall outside the GEMV fit's range (the validation file's notes). The TP2
+    collectives are rows too: the symm ones are calibration (the node file's symm constants were fitted
+    on them), the nccl ones validation; each kind has its own aggregate, calibration kept apart."""
     sys.path.insert(0, str(node_spec.__globals__["NODES_DIR"].parent.parent))
-    from benchmarks.emulator_validation import CURRENT, group_errors, validate
+    from benchmarks.emulator_validation import CALIBRATION, CURRENT, VALIDATION, group_errors, validate
     rows = validate()
-    assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2", "draft"} and len(rows) >= 20
+    assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2", "draft", "collectives"} and len(rows) >= 60
+    collectives = [r for r in rows if r["group"] == "collectives"]  # TP2: symm fitted on them, nccl not
+    assert all(r["tp"] == 2 and r["role"] == (CALIBRATION if r["comm"] == "symm" else VALIDATION) for r in collectives)
+    fitted = [r for r in collectives if "one-shot" in r["case"] or r["call"] in ("dispatch", "combine")]
+    assert len(fitted) == 16 and all(abs(r["error"]) < 0.15 for r in fitted)  # the fit reproduces its own data
     draft = {r["case"].split()[3]: r for r in rows if r["group"] == "draft"}  # reported beside, not held to targets
     assert sorted(draft) == ["catch_up", "depth"] and draft["catch_up"]["predicted_launches"] == 11
     assert draft["catch_up"]["predicted_us"] > draft["depth"]["predicted_us"] > 0  # the catch-up adds the fc GEMV
@@ -86,6 +92,8 @@ def test_predictions_stay_near_the_h200_measurements():
     for group in (*CURRENT, "current kernels"):
         assert groups[group]["median_abs_error"] <= 0.10 and groups[group]["worst_abs_error"] <= 0.25, groups
     assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
+    assert groups[f"collectives {VALIDATION}"]["cases"] + groups[f"collectives {CALIBRATION}"]["cases"] == len(collectives)
+    assert groups["whole table, validation rows only"]["cases"] == len(rows) - groups[f"collectives {CALIBRATION}"]["cases"]
     assert all(r["error"] < 0 for r in rows if r["group"] == "old TP1" and r["case"].startswith("medium"))
 
 
