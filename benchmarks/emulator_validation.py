@@ -135,7 +135,8 @@ def _collective_row(node, op: str, impl: str, tokens: int, tp: int, hidden: int,
     comm = "nccl" if impl == "nccl" else "symm"
     cost, call = CostModel(node, tp, comm), BENCH_CALLS[op]
     message = tokens * hidden * 2 * (tp if op == "nccl-padded" else 1)  # bf16; padded: `tokens` rows per rank
-    plan = norm_collective(cost, op, "bench", message) if op == "ar_rmsnorm" else [Collective(call, op, "bench", message)]
+    plan = (norm_collective(cost, op, "bench", message) if op == "ar_rmsnorm"
+            else [Collective(call, op, "bench", message)])
     ops = flatten(cost, plan)
     predicted = sum(o.seconds for o in ops) * 1e6
     return {"group": "collectives", "case": f"{op} {impl} {tokens} tok", "tp": tp, "comm": comm,

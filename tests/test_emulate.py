@@ -92,8 +92,9 @@ def test_predictions_stay_near_the_h200_measurements():
     for group in (*CURRENT, "current kernels"):
         assert groups[group]["median_abs_error"] <= 0.10 and groups[group]["worst_abs_error"] <= 0.25, groups
     assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
-    assert groups[f"collectives {VALIDATION}"]["cases"] + groups[f"collectives {CALIBRATION}"]["cases"] == len(collectives)
-    assert groups["whole table, validation rows only"]["cases"] == len(rows) - groups[f"collectives {CALIBRATION}"]["cases"]
+    validated, calibrated = (groups[f"collectives {role}"]["cases"] for role in (VALIDATION, CALIBRATION))
+    assert validated + calibrated == len(collectives)
+    assert groups["whole table, validation rows only"]["cases"] == len(rows) - calibrated
     assert all(r["error"] < 0 for r in rows if r["group"] == "old TP1" and r["case"].startswith("medium"))
 
 
