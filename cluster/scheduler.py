@@ -43,11 +43,13 @@ class NodeUnavailable(Exception):
 class Scheduler:
     def __init__(self, node, *, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
                  spec=None, max_restarts: int = 0, make_node=None, step_timeout_s: float = 60.0,
-                 max_context: int | None = None, log=None) -> None:
+                 max_context: int | None = None, log=None, spec_max_batch: int | None = None) -> None:
         """node: a LOADED node from cluster.node.build_node (a Supervisor is unwrapped: its
         make_node and max_restarts apply unless given here). max_context: the longest prompt +
         max_new_tokens a request may ask for (default: the run's --max-context, else the model's).
-        log: called with a line when the node fails and is restarted (default: nothing)."""
+        log: called with a line when the node fails and is restarted (default: nothing).
+        spec_max_batch: with spec, decode plainly once more requests than this decode at once, until
+        the batch empties (workers/batch_engine.py); None: always speculate."""
         if getattr(node, "node", None) is not None and hasattr(node, "make_node"):  # a cluster.faults.Supervisor
             make_node = make_node or node.make_node
             max_restarts = max_restarts or node.max_restarts
@@ -56,6 +58,8 @@ class Scheduler:
             raise ValueError(f"bad scheduler settings: max_batch={max_batch} max_queue={max_queue} "
                              f"prefill_chunk={prefill_chunk} step_timeout_s={step_timeout_s} "
                              f"max_restarts={max_restarts}")
+        if spec_max_batch is not None and (spec is None or spec_max_batch < 1):
+            raise ValueError(f"spec_max_batch={spec_max_batch} needs speculative decoding (spec) and must be >= 1")
         if spec is not None and not node.run.draft_path:
             raise ValueError("speculative decoding needs a node started with an EAGLE-3 draft (RunConfig.draft_path)")
         if max_restarts and make_node is None:
@@ -66,7 +70,7 @@ class Scheduler:
         limit = node.run.max_context or self.cfg.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.spec, self.step_timeout_s = spec, step_timeout_s
+        self.spec, self.spec_max_batch, self.step_timeout_s = spec, spec_max_batch, step_timeout_s
         self.lock = threading.RLock()
         self.queue: deque[RequestHandle] = deque()
         self.slots: list[RequestHandle | None] = [None] * max_batch
@@ -88,7 +92,7 @@ class Scheduler:
     # --- the session with the node ------------------------------------------------------------
     def _open(self) -> None:
         config = {"max_batch": self.max_batch, "max_context": self.max_context, "prefill_chunk": self.prefill_chunk,
-                  "spec": asdict(self.spec) if self.spec is not None else None}
+                  "spec": asdict(self.spec) if self.spec is not None else None, "spec_max_batch": self.spec_max_batch}
         self.session, self.seq, self.since, self.last_progress = open_session(self.node, config), 0, 0, time.monotonic()
 
     def _push(self, commands: list[dict]) -> None:

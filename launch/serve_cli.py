@@ -47,6 +47,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-batch", type=int, default=16, help="requests decoding at once")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     g.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled per step and request")
+    g.add_argument("--spec-max-batch", type=int, default=None, metavar="N",
+                   help="with EAGLE-3: decode plainly while more than N requests decode at once, until the batch "
+                        "empties (default: always speculate)")
     g.add_argument("--max-chat-tokens", type=int, default=None,
                    help="chat completions without max_tokens stop after this many (default: the rest of the context)")
     g.add_argument("--token-timeout", type=float, default=120.0,
@@ -141,7 +144,8 @@ def _sigterm_exits():
 
 def _check_flags(args) -> None:
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                               ("--prefill-chunk", args.prefill_chunk, 1)):
+                               ("--prefill-chunk", args.prefill_chunk, 1),
+                               ("--spec-max-batch", 1 if args.spec_max_batch is None else args.spec_max_batch, 1)):
         if value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
     if args.max_chat_tokens is not None and args.max_chat_tokens < 1:
@@ -179,6 +183,9 @@ def start_backend(args):
     from model.config import load_model_config
 
     settings = node_settings(args)
+    if args.spec_max_batch is not None and settings.spec is None:
+        raise UserError("--spec-max-batch switches speculative decoding off above a batch size; it needs a draft "
+                        "(drop --no-spec)")
     run = settings.run
     served = served_model(settings.model_dir, load_model_config(settings.model_dir), run.max_context,
                           args.served_model_name)
@@ -188,7 +195,8 @@ def start_backend(args):
         check_spec(settings.spec, settings.draft_path, settings.model_dir, load_model_config(settings.model_dir))
         scheduler = start_replicas(run, args.replicas, build, dict(
             max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-            max_restarts=args.max_restarts, spec=settings.spec), log=lambda line: print(line, file=sys.stderr))
+            max_restarts=args.max_restarts, spec=settings.spec, spec_max_batch=args.spec_max_batch),
+            log=lambda line: print(line, file=sys.stderr))
         return scheduler, dataclasses.replace(served, max_context=scheduler.max_context), ServeOptions(
             api_key=args.api_key, token_timeout_s=args.token_timeout, first_token_timeout_s=args.queue_timeout,
             default_chat_max_tokens=args.max_chat_tokens)
@@ -199,7 +207,7 @@ def start_backend(args):
         print(f"loaded {run.world_size} rank(s) in {max(r['load_s'] for r in reports):.1f} s", file=sys.stderr)
         kwargs = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       max_restarts=args.max_restarts, make_node=lambda: build_node(run, **build))
-        scheduler = Scheduler(node, spec=settings.spec, **kwargs)  # EAGLE-3 rows batch (workers/batch_spec.py)
+        scheduler = Scheduler(node, spec=settings.spec, spec_max_batch=args.spec_max_batch, **kwargs)
     except BaseException:
         node.shutdown()
         raise

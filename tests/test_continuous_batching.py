@@ -193,6 +193,28 @@ def test_eagle3_rows_accept_their_own_drafts_and_match_plain_greedy(reference, s
     assert metrics["acceptance_length"] > 1.0
 
 
+def test_eagle3_decodes_plainly_above_spec_max_batch_and_speculates_again_once_empty(reference):
+    """spec_max_batch=1: once two rows decode at once, every step is plain (greedy output unchanged:
+    the rows' target caches hold all but their last token either way) until the batch is empty; a
+    request that then runs alone drafts again."""
+    run = RunConfig(MODEL, world_size=1, max_context=MAX_CONTEXT, draft_path=str(default_draft_dir()))
+    node = InProcessNode(run)
+    node.load()
+    text = (default_model_dir() / "heldout.txt").read_bytes()
+    prompts = [list(text[i * 400: i * 400 + n]) for i, n in enumerate((30, 5, 60))]  # byte-level ids
+    with Scheduler(node, max_batch=3, prefill_chunk=64, spec=SpecConfig(draft_len=3), spec_max_batch=1) as sched:
+        together = [sched.submit(p, _params(16)) for p in prompts]
+        outputs = [h.result(120) for h in together]
+        alone = sched.submit(prompts[0], _params(16))
+        alone_out = alone.result(120)
+    assert outputs == [reference(p, _params(16)) for p in prompts] and alone_out == outputs[0]
+    plain_only = [h for h in together if h.spec["verify_steps"] == 0]
+    assert len(plain_only) >= 2 and all(h.spec["acceptance_length"] is None for h in plain_only)  # never drafted
+    assert alone.spec["verify_steps"] > 0 and alone.spec["acceptance_length"] > 1.0  # drafting again
+    with pytest.raises(ValueError, match="spec_max_batch=0"):
+        Scheduler(node, spec=SpecConfig(draft_len=3), spec_max_batch=0)
+
+
 def test_a_failing_rank_fails_its_requests_and_a_restart_serves_again(reference, monkeypatch):
     """World 1, fault injected in the loop (its engine raises mid-decode): the in-flight requests
     end with the error, queued ones wait, the scheduler builds a new node and serves them."""

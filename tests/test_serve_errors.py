@@ -176,6 +176,8 @@ def test_command_line_mistakes_exit_2_with_one_line(capsys):
             (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
             (["--model", "/no/such/dir", "--port", "0"], "/no/such/dir"),
             (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+            (["--spec-max-batch", "0"], "--spec-max-batch must be >= 1, got 0"),
+            (["--spec-max-batch", "4", "--no-spec", "--port", "0"], "--spec-max-batch switches speculative decoding off"),
             (["--colour", "red"], "unrecognized arguments: --colour red"),
             (["--port", "70000"], "--port must be in 0..65535, got 70000"),
             (["--host", "no-such-host.invalid", "--port", "0"], "--host no-such-host.invalid:"),

@@ -87,18 +87,24 @@ class RowEvent:
 
 class BatchEngine:
     def __init__(self, model: Llama4, max_batch: int, max_context: int, prefill_chunk: int,
-                 kv_dtype: torch.dtype | None = None, draft=None, spec=None) -> None:
+                 kv_dtype: torch.dtype | None = None, draft=None, spec=None, spec_max_batch: int | None = None) -> None:
         """spec: a model.spec.SpecConfig to decode speculatively with `draft` (an EAGLE-3 draft on
-        the same ranks), each row accepting its own number of drafts (workers/batch_spec.py)."""
-        if max_batch < 1 or prefill_chunk < 1 or max_context < 2:
-            raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
-                             f"max_context ({max_context}) >= 2")
+        the same ranks), each row accepting its own number of drafts (workers/batch_spec.py).
+        spec_max_batch: once more rows than this decode at once, the engine decodes plainly (every
+        row, one token a step) until it is empty, then speculates again -- at high batch a verify of
+        N+1 tokens a row costs more than the drafts it accepts save (vLLM's
+        speculative_disable_by_batch_size). None: always speculate."""
+        if max_batch < 1 or prefill_chunk < 1 or max_context < 2 or spec_max_batch is not None and spec_max_batch < 1:
+            raise ValueError(f"max_batch ({max_batch}), prefill_chunk ({prefill_chunk}) and spec_max_batch "
+                             f"({spec_max_batch}) must be >= 1, max_context ({max_context}) >= 2")
         if spec is not None and draft is None:
             raise RequestError("speculative decoding was asked for, but no EAGLE-3 draft is loaded")
         self.model, self.cfg = model, model.cfg
         self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
         self.n_rows = max(max_batch + 1, MIN_ROWS)  # the slots, then spare rows (a free row is the ruler)
-        self.spec_rows = None
+        self.spec_rows, self.spec_max_batch = None, spec_max_batch
+        self.speculating = spec is not None  # False from a step above spec_max_batch until the engine empties
+        self.plain_steps = 0  # decode steps taken plainly while a draft was loaded
         slots = round_up(max_context + 1, KEY_BLOCK)  # per row: the longest request, a ruler step's keys
         if spec is not None:
             from workers.batch_spec import SpecRows  # it builds on this module's row_view
@@ -137,6 +143,8 @@ class BatchEngine:
             if slot in self.joining:
                 self.joining.remove(slot)
             self.cache.lengths[slot] = 0
+            if self.spec_rows is not None and not self.busy:
+                self.speculating = True  # empty: every row that joins from now on drafts from its prefill
         return row
 
     @property
@@ -166,9 +174,12 @@ class BatchEngine:
         params, generators = [IDLE] * self.n_rows, [None] * self.n_rows
         for s in slots:
             params[s], generators[s] = self.rows[s].params, self.rows[s].generator
-        if self.spec_rows is not None:
+        if self.speculating and self.spec_max_batch is not None and len(slots) > self.spec_max_batch:
+            self.speculating = False  # the rows' target caches hold all but their last token, as a plain step wants
+        if self.spec_rows is not None and self.speculating:
             accepted = self.spec_rows.step(params, generators, slots)  # each row its own count
             return [self._emit(s, accepted[s]) for s in slots]
+        self.plain_steps += self.spec_rows is not None
         # rows [0, n): every busy slot (the driver fills the lowest free slot first), then a free
         # row as the ruler; at least MIN_ROWS, so the GEMMs keep their kernel whatever n is
         busy = max(s for s, row in enumerate(self.rows) if row is not None)
@@ -190,7 +201,8 @@ class BatchEngine:
 
     def _prefill(self) -> list[RowEvent]:
         events, budget = [], self.prefill_chunk
-        aux = self.spec_rows.aux_layers if self.spec_rows is not None else ()
+        drafting = self.spec_rows is not None and self.speculating
+        aux = self.spec_rows.aux_layers if drafting else ()
         for slot in list(self.joining):
             row = self.rows[slot]
             start = row.prefilled
@@ -208,7 +220,7 @@ class BatchEngine:
                 following = self._pick(out.logits[:, -1], [row.params], [row.generator])[0]
                 if self.logits_hook:
                     self.logits_hook(row.request_id, out.logits[0, -1])
-            if self.spec_rows is not None:  # the draft reads the chunk's (feature, next token) pairs
+            if drafting:  # the draft reads the chunk's (feature, next token) pairs
                 self.spec_rows.prefill_chunk(slot, chunk, out.aux_hidden, following)
             if done:
                 events.append(self._emit(slot, [following]))

@@ -177,12 +177,13 @@ class ServeLoop:
 def run_serve(worker, config: dict, mailbox: Mailbox | None) -> dict:
     """One serving session on this rank (a loaded workers.worker.Worker): builds the batch engine
     from `config` (max_batch, max_context, prefill_chunk, spec: a SpecConfig as a dict or None,
-    heartbeat_s) and loops until stopped."""
+    spec_max_batch, heartbeat_s) and loops until stopped."""
     if worker.model is None:
         raise RuntimeError(f"rank {worker.rank}: serving before the model is loaded")
     spec = SpecConfig(**config["spec"]) if config.get("spec") else None
     engine = BatchEngine(worker.model, config["max_batch"], config["max_context"], config["prefill_chunk"],
-                         kv_dtype=worker.run.kv_torch_dtype, draft=getattr(worker, "draft", None), spec=spec)
+                         kv_dtype=worker.run.kv_torch_dtype, draft=getattr(worker, "draft", None), spec=spec,
+                         spec_max_batch=config.get("spec_max_batch"))
     try:
         return ServeLoop(engine, worker.comm, mailbox, config.get("heartbeat_s", 0.25)).run()
     except BaseException:
