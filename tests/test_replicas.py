@@ -23,6 +23,7 @@ from cluster.faults import RankFailure
 from cluster.replicas import ReplicaSet
 from cluster.request_handle import RequestHandle, TokenEvent
 from cluster.scheduler import NodeUnavailable, QueueFull
+from collectives.shm_sync import process_alive
 from model.sampling import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=4, stop_on_eos=False)
@@ -214,14 +215,6 @@ def test_generate_with_replicas_prints_what_one_node_prints(capsys):
 
 
 # --- two real replicas behind one endpoint ---------------------------------------------------
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def two_replicas():
     import ray
@@ -231,7 +224,7 @@ def two_replicas():
         yield s
     assert not ray.is_initialized()  # the Ray started for the replicas stopped with them
     deadline = time.monotonic() + 30
-    while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in pids if process_alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive == [], "ranks of the replicas outlived the server"
 

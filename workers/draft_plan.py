@@ -86,7 +86,8 @@ def _embed(cost: CostModel, draft, rows: int, features: bool, fused: bool) -> li
 def _torch_norms(cost: CostModel) -> list[PlanItem]:
     """hidden_norm and input_layernorm as collectives.communicator.rms_norm's ops, and their concat."""
     before, after = RMSNORM_TORCH_OPS
-    one = [cost.kernel("draft rmsnorm", "draft", "elementwise", before), cost.kernel("draft rmsnorm mean", "draft", "row_reduce"),
+    one = [cost.kernel("draft rmsnorm", "draft", "elementwise", before),
+           cost.kernel("draft rmsnorm mean", "draft", "row_reduce"),
            cost.kernel("draft rmsnorm scale", "draft", "elementwise", after)]
     return one + one + [cost.kernel("draft norms concat", "draft", "copy")]
 
