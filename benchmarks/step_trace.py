@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 REPLAYS = 5
 
 
-def trace_steps(model_name: str, dtype: str, tokens: int, context: int) -> list[dict]:
-    """The kernels (cat "kernel" of torch.profiler's CUDA activity) of REPLAYS graph replays."""
+def trace_steps(model_name: str, dtype: str, tokens: int, context: int, copies: bool = False) -> list[dict]:
+    """The kernels (cat "kernel" of torch.profiler's CUDA activity) of REPLAYS graph replays; with
+    `copies` also the device copies (cat "gpu_memcpy": a same-dtype contiguous copy_ in the graph is
+    a memcpy node, no kernel), the REPLAYS resets of the cache lengths between replays among them."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -48,10 +50,12 @@ def trace_steps(model_name: str, dtype: str, tokens: int, context: int) -> list[
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    cats = ("kernel", "gpu_memcpy") if copies else ("kernel",)
+    kernels = sorted((e for e in events if e.get("cat") in cats), key=lambda e: e["ts"])
     t0 = kernels[0]["ts"]
     return [{"start_us": round(e["ts"] - t0, 3), "dur_us": round(e["dur"], 3), "name": e["name"][:120],
-             "grid": e.get("args", {}).get("grid"), "block": e.get("args", {}).get("block")} for e in kernels]
+             "grid": e.get("args", {}).get("grid"), "block": e.get("args", {}).get("block"),
+             **({"cat": e["cat"]} if copies else {})} for e in kernels]
 
 
 def main(argv=None) -> int:

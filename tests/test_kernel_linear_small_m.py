@@ -391,7 +391,10 @@ def test_benchmark_variants_compute_the_reference():
         want = reference_linear_small_m(x, w, **kw)
         for name, cfg in gemv_variants.variants(kind, dtype, m):
             cfg = {k: (min(v, 32) if k == "BLOCK_K" else v) for k, v in cfg.items()}  # the interpreter's pace
-            _check(linear_small_m(x, w, config=cfg, **kw), want, 1e-5)
+            # a GPU's FP8 tensor cores keep ~14 bits inside an instruction (measured on an H200: 1.6e-4
+            # of the largest output here), which the interpreter does not model: the bound of the MMA test below
+            rtol = 1e-3 if CUDA and cfg.get("MMA") else 1e-5
+            _check(linear_small_m(x, w, config=cfg, **kw), want, rtol)
 
 
 def test_environment_overrides(monkeypatch):

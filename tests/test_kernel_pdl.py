@@ -60,7 +60,7 @@ def test_kernels_compile_for_sm90_with_pdl():
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = [json.loads(line) for line in run.stdout.splitlines()]
     names = {k["kernel"] for k in kernels}
-    assert names == {"_gemv_kernel", "_quantize_kernel", "_dot_kernel", "_qkv_rope_cache_kernel",
+    assert names == {"_gemv_kernel", "_quantize_kernel", "_dot_kernel", "_fp8_mma_kernel", "_qkv_rope_cache_kernel",
                      "_split_kernel", "_merge_kernel", "_router_kernel", "_pair_kernel", "_add_rmsnorm_kernel",
                      "_embed_norm_kernel", "_argmax_kernel"}, names
     pairs = [k for k in kernels if k["kernel"] == "_pair_kernel"]  # FC13 pair, FC2 pair; bf16, then FP8

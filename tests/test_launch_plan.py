@@ -147,7 +147,7 @@ def modeled_launches(model, tokens: int, comm: str = "symm") -> int:
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("dtype,tokens", [("bf16", 1), ("bf16", 4), ("fp8", 1)])
+@pytest.mark.parametrize("dtype,tokens", [("bf16", 1), ("bf16", 4), ("fp8", 1), ("fp8", 4)])
 def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
     model = random_model(four_layer_medium(), dtype, "triton", device="cpu")
     counts = real_launches(model, tokens)
@@ -181,6 +181,17 @@ def test_node_constants_are_the_trace_fit():
     assert "kernel_fit.py" in raw["sources"]["kernel_s"] and "0f037de-trace.json" in raw["sources"]["kernel_s"]
 
 
+def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
+    """cluster/nodes/hgx-h200.json's GEMV fits == benchmarks/gemv_fit.py over the committed graph-timed
+    table (3 significant digits), and the table's source names the tool that measured it."""
+    from benchmarks.gemv_fit import TABLE, fit
+    h200 = node_spec("h200")
+    for name, values in fit().items():
+        assert h200.gemv[name].fixed_s == pytest.approx(values["fixed_s"], rel=5e-3), name
+        assert h200.gemv[name].bandwidth_fraction == pytest.approx(values["bandwidth_fraction"], rel=5e-3), name
+    assert "gemv_bench.py" in json.loads(TABLE.read_text())["command"]
+
+
 def test_the_plan_of_the_traced_step_has_its_launches_and_time():
     """The committed H200 trace (medium bf16 decode at 0f037de) against the plan of that commit's
     step (benchmarks/kernel_fit.py --compare): one planned launch per traced kernel, and the step
@@ -195,13 +206,17 @@ def test_the_plan_of_the_traced_step_has_its_launches_and_time():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: a profiled CUDA graph")
 def test_gpu_step_launches_what_the_plan_launches():
-    """On a GPU: the kernels of a graph-replayed medium decode and verify step (benchmarks/step_trace.py)
-    number what this checkout's plan launches."""
+    """On a GPU: the kernels and in-graph copies of a graph-replayed medium decode and verify step
+    (benchmarks/step_trace.py) number what this checkout's plan launches."""
     from benchmarks.step_trace import REPLAYS, trace_steps
     from model.config import preset
     from workers.emulate import shape_only_model
-    model = shape_only_model(preset("medium"), 1, "tp", "bf16")
-    for tokens in (1, 4):
-        kernels = trace_steps("medium", "bf16", tokens, 512)
-        planned = estimate_step(model, node_spec("h200"), 1, tokens, 512)
-        assert len(kernels) == REPLAYS * sum(op.launches for op in planned.ops), [k["name"][:40] for k in kernels]
+    for dtype in ("bf16", "fp8"):
+        model = shape_only_model(preset("medium"), 1, "tp", dtype)
+        for tokens in (1, 4):
+            events = trace_steps("medium", dtype, tokens, 512, copies=True)
+            launched = len(events) - REPLAYS  # less the cache-length resets between replays (memcpys)
+            planned = estimate_step(model, node_spec("h200"), 1, tokens, 512)
+            by_name = Counter(f"{e['cat']} {e['name'][:40]}" for e in events)
+            by_op = sum((Counter({op.name: op.launches}) for op in planned.ops), Counter())
+            assert launched == REPLAYS * sum(by_op.values()), (dtype, tokens, by_name, by_op)

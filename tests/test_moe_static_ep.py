@@ -257,7 +257,11 @@ def _gpu_moe_layer(comm, replays: int):
         ids, scores = moe.route(flat)
         want = moe.routed_static(flat, ids, scores, run_experts=gathered)  # eager, same kernels
         assert torch.equal(out, want), f"rank {comm.rank}: replay {replay} differs from the eager static path"
-        torch.testing.assert_close(out, moe.routed_dynamic(flat, ids, scores), rtol=2e-2, atol=2e-2)
+        # the gathered kernels round the SwiGLU hidden to bf16 once, torch's path after each op: both within
+        # bf16 rounding of the output's scale (the kernel tests' norm-wise bound; an elementwise 2e-2 failed
+        # on an H200 at one element of 2048, 0.0217 off at |y| ~ 0.06)
+        dynamic = moe.routed_dynamic(flat, ids, scores)
+        torch.testing.assert_close(out, dynamic, rtol=2e-2, atol=2e-2 * float(dynamic.abs().max()))
     comm.barrier()
     kernels.close()
     return {"ok": torch.ones(1)}

@@ -50,6 +50,8 @@ from typing import Callable, Union
 
 import torch
 
+from model.kernels import linear_small_m as small_m
+
 FP8 = torch.float8_e4m3fn
 STAGES = {"embed": "embed", "attention": "attention", "dense": "mlp", "moe": "moe", "head": "lm_head",
           "draft": "draft"}  # an op's part -> the stage name the measured trace uses
@@ -112,20 +114,25 @@ class CostModel:
 
     # --- local ops -------------------------------------------------------------------------
     def gemv(self, name: str, part: str, nbytes: int, fp8: bool, rows: int, flops: float = 0.0,
-             gathered: bool = False) -> Op:
+             gathered: bool = False, launches: int = 1) -> Op:
         node = self.node
         fit = node.gemv[("fp8" if fp8 else "bf16") + ("_m1" if rows == 1 or gathered else "_m16")]
         streamed = fit.fixed_s + nbytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
-        return Op(name, "gemv", part, max(streamed, computed), nbytes)
+        return Op(name, "gemv", part, max(streamed, computed), nbytes, launches)
 
     def linear(self, name: str, part: str, module: torch.nn.Module, rows: int) -> Op:
+        """A dense linear. An FP8 one that linear_small_m runs on the 16-row dot or the tensor cores
+        launches its activation's quantization pre-pass first: two launches, timed together by the
+        GEMV fit (benchmarks/gemv_fit.py fits the calls as they ship)."""
         key = (name, id(module), rows)
         op = self._memo.get(key)
         if op is None:
             weight = module.weight
-            op = self._memo[key] = self.gemv(name, part, module_bytes(module), weight.dtype == FP8, rows,
-                                              2.0 * rows * weight.numel())
+            fp8 = weight.dtype == FP8
+            prepass = fp8 and rows <= small_m.MAX_M and (rows > 1 or small_m.mma_default(rows, *weight.shape))
+            op = self._memo[key] = self.gemv(name, part, module_bytes(module), fp8, rows, 2.0 * rows * weight.numel(),
+                                              launches=2 if prepass else 1)
         return op
 
     def expert_bytes(self, experts: torch.nn.Module, which: str) -> int:

@@ -13,10 +13,13 @@ with narrower tiles Triton falls back to mma.sync and converts the e4m3 operands
 x arrives quantized (`prequantize`, a one-program-per-row pre-pass that linear_small_m's FP8 paths
 share: e4m3 rows and one float32 scale per row, bit-identical to model/fp8.py). Each program owns
 BLOCK_N output columns and a span of K; with SPLIT_K > 1 the last of a tile's programs to finish
-(an arrival counter) adds the splits' float32 partials in split order, so sums are deterministic. Each K chunk's dot starts from zero and
-is added to the float32 accumulator in registers: Hopper's FP8 tensor-core sums keep ~14 mantissa
-bits inside an instruction (DeepSeek-V3 §3.3), and promoting every chunk bounds that (the
-reference is model/fp8.py's float32 emulated_gemm; tests compare within a tolerance, not bits).
+(an arrival counter) adds the splits' float32 partials in split order, so sums are deterministic.
+Hopper's FP8 tensor-core sums keep ~14 mantissa bits inside the instruction chain (DeepSeek-V3 §3.3;
+on an H200 here a single k32 instruction is already 1.6e-4 of the largest output off), so the chain
+is cut every PROMOTE_K products: summed into a zeroed partial tile and added to the float32
+accumulator (Triton's max_num_imprecise_acc, explicit so that no fold of `acc += dot` into the dot
+can lengthen the chain; the reference is model/fp8.py's float32 emulated_gemm; tests compare within
+a tolerance, not bits).
 Epilogue as linear_small_m's: (sum * x_scale) * w_scale, then SwiGLU (gate | up, N/2 apart).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from collectives.triton_support import pdl_kwargs, tl, triton
 
 ROWS = 16  # activation rows of every dot (M <= 16, zero-padded)
+PROMOTE_K = 128  # FP8 products summed inside the tensor core before a float32 add (DeepSeek-V3's interval)
 FP8 = torch.float8_e4m3fn
 
 if triton is not None:
@@ -54,7 +58,7 @@ if triton is not None:
 
     @triton.jit
     def _span_sums(w_rows, xq_cols, col_ok, row_ok, k_lo, K: tl.constexpr, K_SPAN: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr):
         """(BLOCK_N, ROWS_C) float32: W[tile, k_lo : k_lo + K_SPAN] @ x_q[:, same]^T, one dot per chunk."""
         acc = tl.zeros((BLOCK_N, ROWS_C), tl.float32)
         for k0 in range(0, K_SPAN, BLOCK_K):
@@ -62,13 +66,16 @@ if triton is not None:
             k_ok = ks < K
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
             x = tl.load(xq_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_K, ROWS_C)
-            acc += tl.dot(w, x, out_dtype=tl.float32)  # a fresh sum per chunk, promoted to float32 here
+            # sm90's default is 2**30 imprecise products: every PROMOTE_K of them go to a zeroed partial
+            # tile, added to acc in float32 (CUTLASS / DeepGEMM's "promotion")
+            acc = tl.dot(w, x, acc, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE_K)
         return acc
 
     @triton.jit
     def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT, stride_wn,
                         stride_om, K: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-                        K_SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                        K_SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr,
+                        PDL: tl.constexpr):
         """Program (n tile, K split): out[:M, tile] = f(x_q @ W[tile].T * scales) over K in
         [split * K_SPAN, + K_SPAN). x_q: (M, K) e4m3 contiguous, xs: (M,) float32; W: (N, K) e4m3
         K-contiguous, ws: (N,) float32. part: (SPLIT_K, 2, ROWS_C, N_OUT) float32 scratch; count: one
@@ -83,10 +90,10 @@ if triton is not None:
         k_lo = split * K_SPAN
         pdl_wait(PDL)  # x_q comes from the pre-pass just before
         pdl_launch_dependents(PDL)
-        g = _span_sums(w_gate, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K)
+        g = _span_sums(w_gate, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K, PROMOTE_K)
         u = g
         if SWIGLU:
-            u = _span_sums(w_gate + N_OUT * stride_wn, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K)
+            u = _span_sums(w_gate + N_OUT * stride_wn, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K, PROMOTE_K)
         ok = col_ok[:, None] & row_ok[None, :]  # (BLOCK_N, ROWS_C)
         if SPLIT_K > 1:
             slot = part_ptr + split * (2 * ROWS_C * N_OUT) + rows[None, :] * N_OUT + cols[:, None]  # (BLOCK_N, ROWS_C)
@@ -151,6 +158,7 @@ def fp8_mma(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weig
     _fp8_mma_kernel[(tiles, split_k)](
         x_q, x_scale, weight, weight_scale, out, part, count, m, n_out, weight.stride(0), out.stride(0), K=k,
         SWIGLU=swiglu, SPLIT_K=split_k, K_SPAN=k_span, BLOCK_N=block_n, BLOCK_K=block_k,
+        PROMOTE_K=min(block_k, PROMOTE_K),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 4), **launch)
     return out
 

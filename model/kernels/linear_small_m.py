@@ -53,7 +53,16 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
-MMA_DEFAULT = False  # dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise
+MMA_MIN_BYTES_AT_M1 = 48 << 20  # one-row FP8 GEMVs of at least this many weight bytes go on the tensor cores
+
+
+def mma_default(m: int, n: int, k: int) -> bool:
+    """Dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise? Measured on an H200
+    (benchmarks/results/h200-gemv-variants-mma.json, graph-timed): from 2 rows up always (4 rows: 6.6
+    vs 9.6 us at 4096x2048, 13.1 vs 18.8 at 4096x5120; 16 rows: 8.3 vs 15.4 at 8192x2048); at one row
+    only for big weights (32768x2048: 20.3 vs 28.0 us; 8192x2048 even, 7.4 vs 7.5; 4096x5120 12.9 vs
+    8.5, 2048x2048 5.5 vs 3.2: the CUDA-core GEMV's shorter launch wins there)."""
+    return m > 1 or n * k >= MMA_MIN_BYTES_AT_M1
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -380,7 +389,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     k, n_out = x.shape[1], n // 2 if swiglu else n
     layout = "n" if weight.stride(-2) == 1 and weight.stride(-1) != 1 else "k"
     asked = ENV_OVERRIDES.get(weight.dtype, {}) if config is None else config
-    if weight.dtype == FP8 and not gather and asked.get("MMA", MMA_DEFAULT):
+    by_default = config is None and layout == "k" and mma_default(m, n, k)  # an explicit config says MMA itself
+    if weight.dtype == FP8 and not gather and asked.get("MMA", by_default):
         cfg = {**fp8_mma.default_config(m, n_out, k, swiglu), **{key: v for key, v in asked.items() if key in MMA_KEYS}}
         out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
