@@ -53,16 +53,17 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
-MMA_MIN_BYTES_AT_M1 = 48 << 20  # one-row FP8 GEMVs of at least this many weight bytes go on the tensor cores
+MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
 
 
 def mma_default(m: int, n: int, k: int) -> bool:
     """Dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise? Measured on an H200
     (benchmarks/results/h200-gemv-variants-mma.json, graph-timed): from 2 rows up always (4 rows: 6.6
     vs 9.6 us at 4096x2048, 13.1 vs 18.8 at 4096x5120; 16 rows: 8.3 vs 15.4 at 8192x2048); at one row
-    only for big weights (32768x2048: 20.3 vs 28.0 us; 8192x2048 even, 7.4 vs 7.5; 4096x5120 12.9 vs
-    8.5, 2048x2048 5.5 vs 3.2: the CUDA-core GEMV's shorter launch wins there)."""
-    return m > 1 or n * k >= MMA_MIN_BYTES_AT_M1
+    only for many 64-row tiles (32768x2048: 20.3 vs 28.0 us; 8192x2048 even, 7.4 vs 7.5; 4096x5120
+    12.9 vs 8.5 and 2048x2048 5.5 vs 3.2: there the CUDA-core GEMV's shorter launch wins). n: the
+    weight's output rows (gate and up both, for SwiGLU); k unused so far."""
+    return m > 1 or n >= MMA_MIN_N_AT_M1
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
