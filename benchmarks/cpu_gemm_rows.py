@@ -1,8 +1,9 @@
 """Does this CPU's fp32 GEMM give a row the same bits whatever the row count? The batch engine's
 batch invariance on CPU actors rests on it (workers/batch_engine.py MIN_ROWS, model/ffn.py
 MIN_GEMM_ROWS: measured on this project's AMD EPYC VM with MKL, a row's bits are the same for every
-count from 4 up). Other CPUs (an Intel host with AVX-512) pick other kernels by shape, so this probe
-checks it where it runs, at the embedded model's linear shapes (world sizes 1 and 2).
+count from 4 up). Other CPUs pick other kernels by shape (the lent GPU host's Intel CPU: rows change from 11 rows
+up), so this table shows it where it runs, at the embedded model's linear shapes (world sizes 1
+and 2); the batch engine asks the same question of its own GEMMs at start (workers/gemm_rows.py).
 
     python benchmarks/cpu_gemm_rows.py [--max-rows 16] [--out FILE.json]
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.config import load_model_config  # noqa: E402
 from model.embedded import default_model_dir  # noqa: E402
 from workers.batch_engine import MIN_ROWS  # noqa: E402
+from workers.gemm_rows import row_keeps_bits  # noqa: E402
 
 
 def linear_shapes(world: int) -> dict[str, tuple[int, int]]:
@@ -44,19 +46,11 @@ def linear_shapes(world: int) -> dict[str, tuple[int, int]]:
 
 def differing_counts(out_features: int, in_features: int, max_rows: int, gen: torch.Generator) -> list[int]:
     """Row counts M in 1..max_rows where one row's x @ W^T, at any of the M positions among other
-    rows, differs in bits from that row first in a MIN_ROWS-row GEMM."""
+    rows, differs in bits from that row first in a MIN_ROWS-row GEMM (workers/gemm_rows.py's probe)."""
     w = torch.randn(out_features, in_features, generator=gen)
-    x = torch.randn(max_rows, in_features, generator=gen)
-    want = F.linear(x[:MIN_ROWS], w)[0]
-    bad = []
-    for m in range(1, max_rows + 1):
-        for position in range(m):
-            rows = x[:m].clone()
-            rows[[0, position]] = rows[[position, 0]]  # the probed row (x[0]) at `position`
-            if not torch.equal(F.linear(rows, w)[position], want):
-                bad.append(m)
-                break
-    return bad
+    cpu = torch.device("cpu")
+    return [m for m in range(1, max_rows + 1)
+            if not row_keeps_bits(lambda x: F.linear(x, w), in_features, [MIN_ROWS, m], torch.float32, cpu)]
 
 
 def main(argv=None) -> int:

@@ -33,10 +33,11 @@ from model.parallel import ShardLayout
 
 EP_STATIC_MAX_ROWS = 16  # routed rows a rank dispatches on the static path (decode steps route fewer)
 # Batch invariance on CPU: MKL's fp32 GEMM takes another kernel for fewer than 4 rows, whose rows
-# round differently from the same rows in a larger GEMM (measured: rows of M = 1..3 agree with each
-# other, rows of every M >= 4 agree with each other, the two groups differ in the last bits). An
-# expert's row count depends on what the OTHER tokens of a batch chose, so without padding a row's
-# output would depend on its batch; small groups are zero-padded to 4 rows (workers/batch_engine.py).
+# round differently from the same rows in a larger GEMM (measured on this project's VM: rows of
+# M = 1..3 agree with each other, rows of every M >= 4 agree with each other). An expert's row count
+# depends on what the OTHER tokens of a batch chose, so without padding a row's output would depend
+# on its batch; small groups are zero-padded to Experts.gemm_rows rows: 4, or all the batch engine's
+# rows on a CPU whose larger counts round differently too (workers/gemm_rows.py asks the CPU).
 MIN_GEMM_ROWS = 4
 
 
@@ -75,6 +76,7 @@ class Experts(nn.Module):
 
         self.gate_up_proj = param(h, 2 * i)  # logical (E, H, 2I)
         self.down_proj = param(i, h)  # logical (E, I, H)
+        self.gemm_rows = MIN_GEMM_ROWS  # CPU: smaller expert groups are zero-padded to this many rows
 
     def forward(self, x: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """x: (M, H) rows, each for local expert `local_expert[m]`. Returns (M, H)."""
@@ -88,8 +90,8 @@ class Experts(nn.Module):
             rows = order[offset: offset + count]
             offset += count
             routed = x[rows]  # (n, H)
-            if count < MIN_GEMM_ROWS and not x.is_cuda:  # zero rows up to the GEMM kernel all counts take
-                routed = F.pad(routed, (0, 0, 0, MIN_GEMM_ROWS - count))  # (max(n, 4), H)
+            if count < self.gemm_rows and not x.is_cuda:  # zero rows up to the GEMM kernel all counts take
+                routed = F.pad(routed, (0, 0, 0, self.gemm_rows - count))  # (max(n, gemm_rows), H)
             gate, up = (routed @ self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n', I_r) each
             out[rows] = ((F.silu(gate) * up) @ self.down_proj[expert])[:count]
         return out

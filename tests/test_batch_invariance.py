@@ -96,6 +96,30 @@ def test_engine_rows_have_the_same_bits_alone_and_batched_world1():
     _check_same_bits(invariance_case(SingleRankCommunicator(), str(default_model_dir())))
 
 
+def test_the_row_probe_tells_a_count_dependent_op_from_a_row_wise_one():
+    """workers/gemm_rows.py: an op whose rows round by the row count is caught; a row-wise one passes."""
+    from workers.gemm_rows import row_keeps_bits
+    cpu = torch.device("cpu")
+    assert row_keeps_bits(lambda x: x * 3.0, 16, range(4, 10), torch.float32, cpu)
+    assert not row_keeps_bits(lambda x: x * (0.1 * len(x)) / (0.1 * len(x)), 16, range(4, 10), torch.float32, cpu)
+    by_position = lambda x: x + (torch.arange(len(x))[:, None] == 0) * 1e-3  # noqa: E731  row 0 differs
+    assert not row_keeps_bits(by_position, 16, range(4, 10), torch.float32, cpu)
+
+
+def test_engine_rows_have_the_same_bits_with_all_rows_in_every_forward(monkeypatch):
+    """The engine's choice on a CPU whose GEMM rows round by count (an Intel host's, see
+    workers/gemm_rows.py): every decode forward over all rows, expert groups padded to them; still
+    the same bits alone and batched."""
+    import workers.batch_engine as batch_engine
+    from model.ffn import Experts
+    monkeypatch.setattr(batch_engine, "decode_rows_policy", lambda model, lo, hi: batch_engine.FIXED)
+    seen = []
+    real_forward = Experts.forward
+    monkeypatch.setattr(Experts, "forward", lambda self, x, ids: seen.append(self.gemm_rows) or real_forward(self, x, ids))
+    _check_same_bits(invariance_case(SingleRankCommunicator(), str(default_model_dir())))
+    assert seen and set(seen) == {9}  # 8 slots + the ruler
+
+
 def test_engine_rows_have_the_same_bits_alone_and_batched_world2():
     _check_same_bits(run_world(2, invariance_case, str(default_model_dir()), backend="shm", timeout_s=60))
 

@@ -16,10 +16,14 @@ slot's length to 0 and overwrites the old keys as it goes.
 Batch invariance (fp32 on CPU actors): a row's logits are the same BITS whatever else is in the
 batch, so its greedy tokens are the same alone or among others. What it takes, each measured:
   * a decode forward has at least MIN_ROWS rows (free ones if need be): MKL's fp32 GEMM gives a
-    row other bits below 4 rows, and the same bits for any count from 4 up (measured: 4..256);
+    row other bits below 4 rows, and on this project's VM the same bits for any count from 4 up
+    (measured: 4..256). Not on every CPU (an Intel host's rows changed from 11 rows up), so the
+    engine asks its CPU at start (workers/gemm_rows.py) and, where counts differ, runs every decode
+    forward over all its rows;
   * prefill runs each row in its own forward (a one-row view of the cache) with chunk boundaries
     fixed by the row's own prompt (0, C, 2C...), never shared with another row;
-  * the MoE's per-expert GEMMs pad small groups to 4 rows (model/ffn.py MIN_GEMM_ROWS);
+  * the MoE's per-expert GEMMs pad small groups to 4 rows, or to all rows with the above
+    (model/ffn.py MIN_GEMM_ROWS, Experts.gemm_rows);
   * attention reads a number of key slots that is a multiple of KEY_BLOCK: torch's CPU attention
     rounds differently when the key count's tail is not a whole vector (a key count of 100 vs 101
     changes a row's output; any multiple of 8 gives the same bits). The eager step reads up to the
@@ -39,6 +43,7 @@ from model.attention import KVCache
 from model.llama4 import Llama4
 from model.sampling import SamplingParams, next_tokens
 from workers.engine import RequestError
+from workers.gemm_rows import FIXED, decode_rows_policy, pad_expert_groups
 
 KEY_BLOCK = 64  # attention key counts are rounded up to this (a multiple of any CPU vector width)
 MIN_ROWS = 4  # rows in every decode forward: MKL's fp32 GEMM keeps one kernel from 4 rows up
@@ -102,6 +107,11 @@ class BatchEngine:
         self.model, self.cfg = model, model.cfg
         self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
         self.n_rows = max(max_batch + 1, MIN_ROWS)  # the slots, then spare rows (a free row is the ruler)
+        self.device = model.embed_tokens.weight.device
+        # CPU: a decode forward's rows follow the busy slots where this CPU's GEMMs allow it, else are all rows
+        self.fixed_rows = self.device.type == "cpu" and decode_rows_policy(model, MIN_ROWS, self.n_rows) == FIXED
+        if self.fixed_rows:
+            pad_expert_groups(model, self.n_rows)
         self.spec_rows, self.spec_max_batch = None, spec_max_batch
         self.speculating = spec is not None  # False from a step above spec_max_batch until the engine empties
         self.plain_steps = 0  # decode steps taken plainly while a draft was loaded
@@ -114,7 +124,6 @@ class BatchEngine:
             self.cache = model.new_cache(self.n_rows, slots, kv_dtype)
         self.rows: list[Row | None] = [None] * max_batch
         self.joining: list[int] = []  # slots still in prefill, oldest first
-        self.device = model.embed_tokens.weight.device
         self.steps = 0
         self.logits_hook = None  # hook(request_id, local logits (V_r,)) for every token chosen: tests read the bits
 
@@ -183,7 +192,7 @@ class BatchEngine:
         # rows [0, n): every busy slot (the driver fills the lowest free slot first), then a free
         # row as the ruler; at least MIN_ROWS, so the GEMMs keep their kernel whatever n is
         busy = max(s for s, row in enumerate(self.rows) if row is not None)
-        n = max(busy + 2, MIN_ROWS)
+        n = self.n_rows if self.fixed_rows else max(busy + 2, MIN_ROWS)
         ruler = n - 1
         ids = torch.zeros(n, 1, dtype=torch.long)  # (n, 1)
         n_new = torch.zeros(n, dtype=torch.long)  # (n,)
