@@ -28,12 +28,14 @@ median and worst |error| of each group.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
 import statistics
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,7 +48,8 @@ from workers.emulate import estimate_draft_step, estimate_step, shape_only_model
 from workers.launch_plan import CodePaths, flatten, norm_collective  # noqa: E402
 
 
-COMMIT = re.compile(r"-([0-9a-f]{7})$")  # a result file named after the commit it measured
+COMMIT = re.compile(r"-([0-9a-f]{7})(?:-tp\d)?$")  # a result file named after the commit it measured
+MMA_DEFAULT_COMMIT = "60be190"  # FP8 linears on the tensor cores by default from this commit on
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
@@ -65,6 +68,33 @@ def measured_code(commit: str) -> CodePaths:
     return CodePaths(step_head=had("model/kernels/embed_norm.py"), argmax=had("model/kernels/argmax.py"))
 
 
+def ran_fp8_on_tensor_cores(commit: str) -> bool:
+    """Did `commit` put FP8 linears on the tensor cores by default (MMA_DEFAULT_COMMIT or later)?"""
+    return subprocess.run(["git", "merge-base", "--is-ancestor", MMA_DEFAULT_COMMIT, commit], cwd=ROOT,
+                          capture_output=True).returncode == 0
+
+
+@contextmanager
+def fp8_as_measured(node, commit: str, dtype: str):
+    """(`node`, planned) as the FP8 kernels `commit` ran: before MMA_DEFAULT_COMMIT a dense FP8 linear
+    took the CUDA-core GEMV at one row and the 16-row tl.dot (after the same pre-pass) above, so the
+    plan takes linear_small_m.mma_default as `m > 1` and the FP8 fits of h200-gemv-before-mma.json read
+    by rows (benchmarks/gemv_fit.py), as the node file had them then."""
+    if dtype != "fp8" or ran_fp8_on_tensor_cores(commit):
+        yield node
+        return
+    from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
+    from model.kernels import linear_small_m
+    from workers.node_spec import GemvFit
+    older = fit_table(TABLES_DIR / "h200-gemv-before-mma.json", ("fp8",), by_rows)
+    shipped = linear_small_m.mma_default
+    linear_small_m.mma_default = lambda m, n, k: m > 1
+    try:
+        yield dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
+    finally:
+        linear_small_m.mma_default = shipped
+
+
 def validate(node_name: str = "hgx-h200") -> list[dict]:
     node, rows = node_spec(node_name), []
     for group, member in GROUPS:
@@ -72,6 +102,8 @@ def validate(node_name: str = "hgx-h200") -> list[dict]:
             if not member(path) or path.stem.endswith("-run1"):
                 continue  # -run1: an earlier run of the same code; its graph rows agree with the kept ones
             data = json.loads(path.read_text())
+            if data.get("environment"):
+                continue  # measured under a kernel override (an A/B run), not the code as it ships
             rows += [_row(group, path, data, r, node) for r in data["results"] if r["name"].endswith("-graph")]
     return rows + draft_rows(node) + collective_rows(node)
 
@@ -153,10 +185,12 @@ def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
     named = COMMIT.search(path.stem)
     commit = named.group(1) if named else GROUP_COMMIT[group]
     paths = measured_code(commit)
-    est = estimate_step(model, node, 1, r["tokens"], r["context"], comm=comm, paths=paths)
+    with fp8_as_measured(node, commit, r["dtype"]) as measured_node:
+        est = estimate_step(model, measured_node, 1, r["tokens"], r["context"], comm=comm, paths=paths)
     return {"group": group, "case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
             "comm": r.get("comm", "none"), "measured_in": f"{path.name} ({data['date']})",
-            "measured_commit": commit, "planned_as": {"step_head_kernel": paths.step_head, "argmax_kernel": paths.argmax},
+            "measured_commit": commit, "planned_as": {"step_head_kernel": paths.step_head, "argmax_kernel": paths.argmax,
+                                                      "fp8_tensor_cores": ran_fp8_on_tensor_cores(commit)},
             "measured_us": r["median_us"], "predicted_us": round(est.seconds * 1e6, 1),
             "error": round(est.seconds * 1e6 / r["median_us"] - 1, 4),
             "predicted_split_us": {k: round(v * 1e6, 1) for k, v in est.by("kind").items()},

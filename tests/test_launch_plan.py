@@ -182,14 +182,17 @@ def test_node_constants_are_the_trace_fit():
 
 
 def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
-    """cluster/nodes/hgx-h200.json's GEMV fits == benchmarks/gemv_fit.py over the committed graph-timed
-    table (3 significant digits), and the table's source names the tool that measured it."""
-    from benchmarks.gemv_fit import TABLE, fit
-    h200 = node_spec("h200")
-    for name, values in fit().items():
-        assert h200.gemv[name].fixed_s == pytest.approx(values["fixed_s"], rel=5e-3), name
-        assert h200.gemv[name].bandwidth_fraction == pytest.approx(values["bandwidth_fraction"], rel=5e-3), name
-    assert "gemv_bench.py" in json.loads(TABLE.read_text())["command"]
+    """Every node file's GEMV fits == benchmarks/gemv_fit.py over the committed graph-timed tables
+    (3 significant digits), and each table's command names the tool that measured it."""
+    from benchmarks.gemv_fit import TABLES, fit
+    fits = fit()
+    assert set(fits) == {"bf16_m1", "bf16_m16", "fp8_m1", "fp8_m16"}
+    for node_name in ("h200", "b200", "h100"):
+        node = node_spec(node_name)
+        for name, values in fits.items():
+            assert node.gemv[name].fixed_s == pytest.approx(values["fixed_s"], rel=5e-3), (node_name, name)
+            assert node.gemv[name].bandwidth_fraction == pytest.approx(values["bandwidth_fraction"], rel=5e-3)
+    assert all("gemv_bench.py" in json.loads(table.read_text())["command"] for table in TABLES.values())
 
 
 def test_the_plan_of_the_traced_step_has_its_launches_and_time():

@@ -113,10 +113,18 @@ class CostModel:
         return self._memo[key]
 
     # --- local ops -------------------------------------------------------------------------
+    def gemv_fit(self, fp8: bool, rows: int, tensor_cores: bool = False):
+        """The node's GEMV fit of a call: BF16 by rows (one, or 2-16); FP8 by kernel: "fp8_m16" the
+        tensor cores (linear_small_m.mma_default), "fp8_m1" the CUDA-core GEMV kernels (one row,
+        the gathered experts, the MoE pair), as benchmarks/gemv_fit.py classes the measured calls."""
+        if fp8:
+            return self.node.gemv["fp8_m16" if tensor_cores else "fp8_m1"]
+        return self.node.gemv["bf16_m1" if rows == 1 else "bf16_m16"]
+
     def gemv(self, name: str, part: str, nbytes: int, fp8: bool, rows: int, flops: float = 0.0,
-             gathered: bool = False, launches: int = 1) -> Op:
+             gathered: bool = False, launches: int = 1, tensor_cores: bool = False) -> Op:
         node = self.node
-        fit = node.gemv[("fp8" if fp8 else "bf16") + ("_m1" if rows == 1 or gathered else "_m16")]
+        fit = self.gemv_fit(fp8, 1 if gathered else rows, tensor_cores)
         streamed = fit.fixed_s + nbytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
         return Op(name, "gemv", part, max(streamed, computed), nbytes, launches)
@@ -132,7 +140,7 @@ class CostModel:
             fp8 = weight.dtype == FP8
             prepass = fp8 and rows <= small_m.MAX_M and (rows > 1 or small_m.mma_default(rows, *weight.shape))
             op = self._memo[key] = self.gemv(name, part, module_bytes(module), fp8, rows, 2.0 * rows * weight.numel(),
-                                              launches=2 if prepass else 1)
+                                              launches=2 if prepass else 1, tensor_cores=fp8 and (rows > 1 or prepass))
         return op
 
     def expert_bytes(self, experts: torch.nn.Module, which: str) -> int:
@@ -166,8 +174,7 @@ class CostModel:
         """A MoE pair launch (model/kernels/moe_decode.py): the shared expert over `rows` rows and
         the routed experts (one row each) in one kernel, its fixed cost paid once."""
         node = self.node
-        fit = node.gemv[("fp8" if fp8 else "bf16") + ("_m1" if rows == 1 else "_m16")]
-        routed_fit = node.gemv["fp8_m1" if fp8 else "bf16_m1"]
+        fit, routed_fit = self.gemv_fit(fp8, rows), self.gemv_fit(fp8, 1)
         streamed = (fit.fixed_s + shared_bytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
                     + routed_bytes / (routed_fit.bandwidth_fraction * node.copy_bytes_per_s))
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
