@@ -6,8 +6,12 @@ hgx-h200 node file at the same model, dtype, step, context, TP size and collecti
     PDL, separate RoPE, attention merge, cuBLAS router + top-k, separate shared / routed GEMVs);
     the emulator plans the CURRENT kernels, so these rows are reported, not held to the targets;
   * new TP1: `h200x2-decode-*-tp1.json` (commit afb18b2's kernels) and `h200-decode-*-<commit>.json`
-    (the commit the file names, 0f037de: 79 launches a medium decode step);
-  * TP2: `h200x2-decode-*-tp2.json` (afb18b2, two H200s over the fused symm collectives);
+    (the commit the file names: 0f037de, 7a5ac81, db3640e);
+  * TP2: `h200x2-decode-*-tp2.json` (afb18b2, or the commit the name carries before `-tp2`; two H200s
+    over the fused symm collectives);
+Each FP8 row is planned with the FP8 kernels its commit ran (fp8_as_measured: before 60be190 no
+tensor cores, and the FP8 GEMV fits of h200-gemv-before-mma.json); rows measured under a kernel
+override (an `environment` in the file: A/B runs) are left out.
 and one group of EAGLE-3 draft forwards:
   * draft: `h200-draft-step.json` (benchmarks/draft_step_bench.py at edd0140: ONE fused draft
     forward of the embedded model's shipped draft, bf16, batch 1, 512 cached keys, replayed from a

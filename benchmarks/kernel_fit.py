@@ -96,6 +96,34 @@ def fit(trace: Path = TRACE) -> dict[str, float]:
             "attention": mean["attention_pair"] - o_proj - kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s)}
 
 
+PAIR_TRACES = {tokens: TRACE.parent / f"h200-maverick-slice-fp8-t{tokens}-db3640e-trace.json" for tokens in (1, 4)}
+
+
+def pair_layers(traces: dict[int, Path] = PAIR_TRACES) -> list[tuple[int, float, float]]:
+    """(tokens, traced seconds, modeled seconds) of each MoE layer's two FP8 pair launches
+    (model/kernels/moe_decode.py) in the maverick-slice step traces. Traced: the FC13 pair's advance
+    + the FC2 pair's + the add_rmsnorm's after them (it waits for the FC2 pair under PDL) less the
+    add_rmsnorm constant; modeled: the launch plan's two pair ops (workers/cost_model.py `pair`)."""
+    from cluster.hardware import node_spec
+    from launch.emulate_cli import _model_config
+    from workers.cost_model import CostModel
+    from workers.emulate import shape_only_model
+    from workers.launch_plan import pair_ops
+    model = shape_only_model(_model_config("maverick-slice"), 1, "tp", "fp8")
+    node = node_spec("hgx-h200")
+    cost, block = CostModel(node, 1), next(layer.feed_forward for layer in model.layers if layer.is_moe)
+    out = []
+    for tokens, trace in traces.items():
+        replays = steps(json.loads(trace.read_text())["kernels"])
+        per_position = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
+        names = [k["name"] for k in replays[0]]
+        modeled = sum(op.seconds for op in pair_ops(cost, block, tokens, tokens))
+        for i in (i for i, name in enumerate(names) if name == "_pair_kernel" and names[i + 1] == "_pair_kernel"):
+            assert names[i + 2] == "_add_rmsnorm_kernel", names[i:i + 3]
+            out.append((tokens, sum(per_position[i:i + 3]) * 1e-6 - node.kernel_s["add_rmsnorm"], modeled))
+    return out
+
+
 def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
     """call -> (latency s, bytes/s) of the symm dispatch / combine graph rows (message: one rank's rows)."""
     data = json.loads(path.read_text())

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import statistics
 from collections import Counter
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -193,6 +194,19 @@ def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
             assert node.gemv[name].fixed_s == pytest.approx(values["fixed_s"], rel=5e-3), (node_name, name)
             assert node.gemv[name].bandwidth_fraction == pytest.approx(values["bandwidth_fraction"], rel=5e-3)
     assert all("gemv_bench.py" in json.loads(table.read_text())["command"] for table in TABLES.values())
+
+
+def test_the_modeled_fp8_moe_pairs_are_near_the_traced_ones():
+    """The maverick-slice FP8 step traces (db3640e; 1 and 4 tokens): each MoE layer's two pair
+    launches against the plan's (benchmarks/kernel_fit.py pair_layers; nothing fitted on them): within
+    the issue's 25%. The 4-token pair costs ~3x the one-token pair (its shared expert's per-row work)."""
+    from benchmarks.kernel_fit import pair_layers
+    layers = pair_layers()
+    assert sorted({tokens for tokens, _, _ in layers}) == [1, 4] and len(layers) == 4
+    for tokens, traced, modeled in layers:
+        assert modeled == pytest.approx(traced, rel=0.25), (tokens, traced, modeled)
+    one, four = (statistics.mean(t for k, t, _ in layers if k == tokens) for tokens in (1, 4))
+    assert 2.5 < four / one < 4
 
 
 def test_the_plan_of_the_traced_step_has_its_launches_and_time():

@@ -175,7 +175,11 @@ class CostModel:
         the routed experts (one row each) in one kernel, its fixed cost paid once."""
         node = self.node
         fit, routed_fit = self.gemv_fit(fp8, rows), self.gemv_fit(fp8, 1)
-        streamed = (fit.fixed_s + shared_bytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
+        # the CUDA-core FP8 GEMV (the pair's shared expert) is bound by its per-row work, not its reads:
+        # M rows cost M one-row passes (H200, gemv_bench --variants: 4.0x at M = 4, 3.7x at M = 16 the
+        # one-row time at 8192x2048; the maverick-slice step traces: benchmarks/kernel_fit.py pair_layers)
+        passes = rows if fp8 else 1
+        streamed = (fit.fixed_s + passes * shared_bytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
                     + routed_bytes / (routed_fit.bandwidth_fraction * node.copy_bytes_per_s))
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
         return Op(name, "gemv", "moe", max(streamed, computed), shared_bytes + routed_bytes)
