@@ -144,11 +144,15 @@ def routes_in_one_kernel(block: nn.Module) -> bool:
     return block.top_k == 1 and type(router) is nn.Linear and router.bias is None
 
 
-def moe_path(block: nn.Module) -> str:
+SHARED_PASSES_BYTES = 64 << 20  # FP8 shared-expert bytes x extra rows from which "separate" beats "pair"
+
+
+def moe_path(block: nn.Module, rows: int = 1) -> str:
     """Which launches `moe` makes for `block` at decode sizes: "module" (its own forward: FP8
     experts without a kernel), "expert_parallel" (moe_expert_parallel), "pair" (the router, then the
-    shared and routed experts in two pair launches) or "separate" (shared and routed GEMVs apart).
-    The emulator's launch plans ask it too."""
+    shared and routed experts in two pair launches) or "separate" (shared and routed GEMVs apart;
+    also a big FP8 shared expert at `rows` > 1, see shared_on_tensor_cores). The emulator's launch
+    plans ask it too."""
     gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")
     if gate_up is None or down is None:
         return "module"
@@ -156,16 +160,29 @@ def moe_path(block: nn.Module) -> str:
         return "expert_parallel"
     shared = block.shared_expert
     if (block.top_k == 1 and _moe_kernels().pair_applies(_linear_args(shared.gate_up_proj), gate_up)
-            and _moe_kernels().pair_applies(_linear_args(shared.down_proj), down)):
+            and _moe_kernels().pair_applies(_linear_args(shared.down_proj), down)
+            and not shared_on_tensor_cores(shared, rows)):
         return "pair"
     return "separate"
+
+
+def shared_on_tensor_cores(shared: nn.Module, rows: int) -> bool:
+    """Does a big FP8 shared expert at `rows` > 1 rows go apart from the pair, onto the tensor cores?
+    The pair runs it on the CUDA-core FP8 GEMV, bound by per-row work: M rows cost M one-row passes
+    (traced on an H200: a maverick-slice MoE layer's pairs take 106 us at 1 token, 339 us at 4).
+    Apart, its FC13 and FC2 take linear_small_m's tensor-core path (a pass for any M <= 16) at ~5 more
+    launches (~12-15 us, ~50 MB at the GEMV's rate): worth it once the extra passes read 64 MB."""
+    weights = (shared.gate_up_proj.weight, shared.down_proj.weight)
+    if rows < 2 or any(w.dtype != torch.float8_e4m3fn for w in weights):
+        return False
+    return (rows - 1) * sum(w.numel() for w in weights) >= SHARED_PASSES_BYTES
 
 
 def moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MoE.forward (tensor-parallel experts) with the routing kept on the device. Top-1 routing with
     shared and routed experts of one weight dtype is three launches: the router, the shared and
     routed FC13 + SwiGLU as one, the shared and routed FC2 and their sum as one."""
-    path = moe_path(block)
+    path = moe_path(block, x.numel() // x.shape[-1])
     if path == "module":
         return block(x)
     gate_up, down = _expert_args(block.experts, "gate_up_proj"), _expert_args(block.experts, "down_proj")

@@ -156,6 +156,20 @@ def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
 
 
 @INTERPRETER_ONLY
+def test_plan_of_a_big_fp8_shared_expert_apart_launches_what_the_step_launches(monkeypatch):
+    """A 4-row FP8 step whose shared expert leaves the pair for the tensor cores (fast_path.
+    shared_on_tensor_cores, here for any size): the plan follows, launch for launch, no pair kernel."""
+    from model import fast_path
+    monkeypatch.setattr(fast_path, "SHARED_PASSES_BYTES", 0)
+    model = random_model(four_layer_medium(), "fp8", "triton", device="cpu")
+    counts = real_launches(model, 4)
+    assert counts["triton _pair_kernel"] == 0 and counts["triton _fp8_mma_kernel"] > 0
+    assert sum(counts.values()) == modeled_launches(model, 4), counts
+    one_row = real_launches(model, 1)  # one row: the pair stays
+    assert one_row["triton _pair_kernel"] == 4 and sum(one_row.values()) == modeled_launches(model, 1)
+
+
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("moe", ["tp", "ep"])
 def test_two_rank_plan_launches_what_the_step_launches(moe):
     model = random_model(four_layer_medium(), "bf16", "triton", device="cpu", comm=FusedCollectives(), moe_mode=moe)

@@ -186,7 +186,7 @@ def route_plan(cost: CostModel, block, rows: int) -> list[Op]:
 def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
              experts_read: int | Callable[[], int]) -> list[PlanItem]:
     """The MoE of a fused step, as fast_path.moe runs `block` (fast_path.moe_path says how)."""
-    path = fast_path.moe_path(block)
+    path = fast_path.moe_path(block, rows)
     if path == "module" or (path == "expert_parallel" and not expert_parallel_static(cost, block, rows)):
         return torch_moe_plan(cost, block, rows, act_bytes, experts_read)
     experts, shared = block.experts, block.shared_expert
