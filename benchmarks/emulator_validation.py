@@ -54,6 +54,7 @@ from workers.launch_plan import CodePaths, flatten, norm_collective  # noqa: E40
 
 COMMIT = re.compile(r"-([0-9a-f]{7})(?:-tp\d)?$")  # a result file named after the commit it measured
 MMA_DEFAULT_COMMIT = "60be190"  # FP8 linears on the tensor cores by default from this commit on
+SHARED_APART_COMMIT = "fef4287"  # a big FP8 shared expert leaves the MoE pair at 2+ rows from here on
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
@@ -72,31 +73,40 @@ def measured_code(commit: str) -> CodePaths:
     return CodePaths(step_head=had("model/kernels/embed_norm.py"), argmax=had("model/kernels/argmax.py"))
 
 
+def has(commit: str, change: str) -> bool:
+    """Does `commit` contain the commit `change` (git; without a repository: no)?"""
+    return subprocess.run(["git", "merge-base", "--is-ancestor", change, commit], cwd=ROOT,
+                          capture_output=True).returncode == 0
+
+
 def ran_fp8_on_tensor_cores(commit: str) -> bool:
     """Did `commit` put FP8 linears on the tensor cores by default (MMA_DEFAULT_COMMIT or later)?"""
-    return subprocess.run(["git", "merge-base", "--is-ancestor", MMA_DEFAULT_COMMIT, commit], cwd=ROOT,
-                          capture_output=True).returncode == 0
+    return has(commit, MMA_DEFAULT_COMMIT)
 
 
 @contextmanager
 def fp8_as_measured(node, commit: str, dtype: str):
-    """(`node`, planned) as the FP8 kernels `commit` ran: before MMA_DEFAULT_COMMIT a dense FP8 linear
-    took the CUDA-core GEMV at one row and the 16-row tl.dot (after the same pre-pass) above, so the
-    plan takes linear_small_m.mma_default as `m > 1` and the FP8 fits of h200-gemv-before-mma.json read
-    by rows (benchmarks/gemv_fit.py), as the node file had them then."""
-    if dtype != "fp8" or ran_fp8_on_tensor_cores(commit):
-        yield node
-        return
-    from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
+    """(`node`, planned) as the FP8 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
+    expert always ran in the pair (fast_path.SHARED_PASSES_BYTES as infinite). Before
+    MMA_DEFAULT_COMMIT a dense FP8 linear took the CUDA-core GEMV at one row and the 16-row tl.dot
+    (after the same pre-pass) above: linear_small_m.mma_default as `m > 1`, and the FP8 fits of
+    h200-gemv-before-mma.json read by rows (benchmarks/gemv_fit.py), as the node file had them then."""
+    from model import fast_path
     from model.kernels import linear_small_m
-    from workers.node_spec import GemvFit
-    older = fit_table(TABLES_DIR / "h200-gemv-before-mma.json", ("fp8",), by_rows)
-    shipped = linear_small_m.mma_default
-    linear_small_m.mma_default = lambda m, n, k: m > 1
+    shipped = linear_small_m.mma_default, fast_path.SHARED_PASSES_BYTES
+    measured = node
+    if dtype == "fp8" and not has(commit, SHARED_APART_COMMIT):
+        fast_path.SHARED_PASSES_BYTES = float("inf")
+    if dtype == "fp8" and not ran_fp8_on_tensor_cores(commit):
+        from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
+        from workers.node_spec import GemvFit
+        older = fit_table(TABLES_DIR / "h200-gemv-before-mma.json", ("fp8",), by_rows)
+        linear_small_m.mma_default = lambda m, n, k: m > 1
+        measured = dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
     try:
-        yield dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
+        yield measured
     finally:
-        linear_small_m.mma_default = shipped
+        linear_small_m.mma_default, fast_path.SHARED_PASSES_BYTES = shipped
 
 
 def validate(node_name: str = "hgx-h200") -> list[dict]:
@@ -194,7 +204,8 @@ def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
     return {"group": group, "case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
             "comm": r.get("comm", "none"), "measured_in": f"{path.name} ({data['date']})",
             "measured_commit": commit, "planned_as": {"step_head_kernel": paths.step_head, "argmax_kernel": paths.argmax,
-                                                      "fp8_tensor_cores": ran_fp8_on_tensor_cores(commit)},
+                                                      "fp8_tensor_cores": ran_fp8_on_tensor_cores(commit),
+                                                      "shared_expert_apart": has(commit, SHARED_APART_COMMIT)},
             "measured_us": r["median_us"], "predicted_us": round(est.seconds * 1e6, 1),
             "error": round(est.seconds * 1e6 / r["median_us"] - 1, 4),
             "predicted_split_us": {k: round(v * 1e6, 1) for k, v in est.by("kind").items()},
