@@ -6,8 +6,9 @@
 # Two calls, each under the 10-minute limit (run on nvidia-h200-x2 so that the two-GPU tests run too):
 #   PART=tests bash benchmarks/gpu_fp8_mma_session.sh     # the GPU tests that no lent GPU has run yet
 #   FP8_CFG="MMA=1" VARIANTS_S=150 bash benchmarks/gpu_fp8_mma_session.sh
-# Then set linear_small_m.MMA_DEFAULT (and fp8_mma.default_config's tiles) from the variants table and the
-# decode ratios, and commit the JSONs as benchmarks/results/h200-*.json.
+# Its run at 7a5ac81 set linear_small_m.mma_default (60be190, db3640e); results h200-gemv-variants-mma.json and
+# h200-decode-*-{ship,mma}-7a5ac81.json. Since then the tensor cores are the default from 2 rows up, so `mma`
+# rows force them at one row too.
 source benchmarks/device_prelude.sh
 if [[ "${PART:-bench}" == tests ]]; then
   for group in "tests/test_kernel_linear_small_m.py tests/test_kernel_pdl.py" \
