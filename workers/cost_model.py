@@ -138,9 +138,10 @@ class CostModel:
         if op is None:
             weight = module.weight
             fp8 = weight.dtype == FP8
-            prepass = fp8 and rows <= small_m.MAX_M and (rows > 1 or small_m.mma_default(rows, *weight.shape))
+            tensor_cores = fp8 and (rows > 1 or small_m.mma_default(rows, *weight.shape))  # or the 16-row dot
+            prepass = tensor_cores and rows <= small_m.MAX_M
             op = self._memo[key] = self.gemv(name, part, module_bytes(module), fp8, rows, 2.0 * rows * weight.numel(),
-                                              launches=2 if prepass else 1, tensor_cores=fp8 and (rows > 1 or prepass))
+                                              launches=2 if prepass else 1, tensor_cores=tensor_cores)
         return op
 
     def expert_bytes(self, experts: torch.nn.Module, which: str) -> int:

@@ -93,7 +93,8 @@ if triton is not None:
         g = _span_sums(w_gate, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K, PROMOTE_K)
         u = g
         if SWIGLU:
-            u = _span_sums(w_gate + N_OUT * stride_wn, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K, PROMOTE_K)
+            u = _span_sums(w_gate + N_OUT * stride_wn, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K,
+                           PROMOTE_K)
         ok = col_ok[:, None] & row_ok[None, :]  # (BLOCK_N, ROWS_C)
         if SPLIT_K > 1:
             slot = part_ptr + split * (2 * ROWS_C * N_OUT) + rows[None, :] * N_OUT + cols[:, None]  # (BLOCK_N, ROWS_C)
