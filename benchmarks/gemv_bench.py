@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", type=float, default=0, metavar="SECONDS",
                    help="instead of the table: time every GEMV variant of benchmarks/gemv_variants.py (at most "
                         "SECONDS), printing %% of copy bandwidth per variant")
+    p.add_argument("--cases", default="decode", choices=["decode", "deep-k"],
+                   help="--variants' case set: the medium / Maverick decode shapes, or Maverick's deep-K FP8 GEMVs")
     p.add_argument("--pdl-ab", action="store_true", help="the table also times ours with PDL off")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -315,8 +317,9 @@ def _without_pdl(fn):
 def _variants(args, copy: float) -> int:
     """--variants: every GEMV variant of every case of gemv_variants.py, best first per case."""
     from benchmarks import gemv_variants
-    records = gemv_variants.run(args.variants, copy, sys.modules[__name__])
-    records += gemv_variants.run_router(copy, sys.modules[__name__])
+    records = gemv_variants.run(args.variants, copy, sys.modules[__name__], args.cases)
+    if args.cases == "decode":
+        records += gemv_variants.run_router(copy, sys.modules[__name__])
     best = gemv_variants.best(records)
     print("\nbest per case:")
     print_table(["case", "dtype", "M", "NxK", "best", "us", "%copy", "heuristic us", "heuristic %copy"],

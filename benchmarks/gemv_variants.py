@@ -45,13 +45,34 @@ MMA = [("mma", {"MMA": True}), ("mma split1", {"MMA": True, "SPLIT_K": 1}),
        ("mma stages2", {"MMA": True, "num_stages": 2}), ("mma stages3", {"MMA": True, "num_stages": 3}),
        ("mma warps8", {"MMA": True, "num_warps": 8}),
        ("mma bk512 split2", {"MMA": True, "BLOCK_K": 512, "SPLIT_K": 2})]
+# Maverick's deep-K FP8 GEMVs (fc2 16384 / 8192 deep at TP1 / TP2, o_proj, qkv) and medium's deepest:
+# at TP2 the fc2 GEMV reads 84 MB in 60-80 us (25-33% of copy) inside the step, and split-K did not fix it
+CASES_DEEP_K = [("dense", "fp8", 1, 5120, 16384), ("dense", "fp8", 1, 5120, 8192), ("dense", "fp8", 1, 5120, 5120),
+                ("dense", "fp8", 1, 5120, 2560), ("dense", "fp8", 1, 7168, 5120), ("dense", "fp8", 1, 2048, 4096),
+                ("dense", "fp8", 1, 2048, 2048), ("dense", "fp8", 4, 5120, 16384), ("dense", "fp8", 4, 5120, 8192)]
+DEEP_K_GEMV = [("heuristic", {}), ("bn4", {"BLOCK_N": 4}), ("bn8", {"BLOCK_N": 8}), ("stages2", {"num_stages": 2}),
+               ("stages3", {"num_stages": 3}), ("bn4 stages2", {"BLOCK_N": 4, "num_stages": 2}),
+               ("bn8 stages2", {"BLOCK_N": 8, "num_stages": 2}), ("bn8 stages3", {"BLOCK_N": 8, "num_stages": 3}),
+               ("bn4 stages3", {"BLOCK_N": 4, "num_stages": 3}), ("bk2048", {"BLOCK_K": 2048}),
+               ("bn8 bk2048", {"BLOCK_N": 8, "BLOCK_K": 2048}), ("bk512", {"BLOCK_K": 512}),
+               ("bn8 bk512 stages3", {"BLOCK_N": 8, "BLOCK_K": 512, "num_stages": 3}),
+               ("bn4 bk512 stages3", {"BLOCK_N": 4, "BLOCK_K": 512, "num_stages": 3}),
+               ("warps4", {"num_warps": 4}), ("bn8 warps8", {"BLOCK_N": 8, "num_warps": 8}),
+               ("prequant", {"PREQUANT": True}), ("prequant bn8 stages2", {"PREQUANT": True, "BLOCK_N": 8,
+                                                                          "num_stages": 2}),
+               ("split2", {"SPLIT_K": 2}), ("split4", {"SPLIT_K": 4}), ("bn8 split2", {"BLOCK_N": 8, "SPLIT_K": 2}),
+               ("words", {"CVT": "words"})]
+CASE_SETS = {"decode": CASES, "deep-k": CASES_DEEP_K}
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),
              ("stages2", {"num_stages": 2}), ("split2", {"SPLIT_K": 2})]
 
 
-def variants(kind: str, dtype: str, m: int) -> list[tuple[str, dict]]:
+def variants(kind: str, dtype: str, m: int, case_set: str = "decode") -> list[tuple[str, dict]]:
     """Named config overrides for one case (on top of the heuristic's tiles)."""
+    if case_set == "deep-k":
+        gemv = DEEP_K_GEMV if m == 1 else [(f"gemv {name}", {"gemv": True, **cfg}) for name, cfg in DEEP_K_GEMV[:9]]
+        return gemv + MMA
     if dtype == "bf16":
         return BF16_GEMV
     if kind == "experts":  # always the GEMV path (gathered rows)
@@ -69,12 +90,12 @@ def _rel_error(case: dict, config: dict) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def run(seconds: float, copy_tb_s: float, gb) -> list[dict]:
-    """Times every variant of every case (until `seconds` run out). gb: the gemv_bench module
-    (its case builders, timing and call wrapper). Returns one record per (case, variant)."""
+def run(seconds: float, copy_tb_s: float, gb, case_set: str = "decode") -> list[dict]:
+    """Times every variant of every case of CASE_SETS[case_set] (until `seconds` run out). gb: the
+    gemv_bench module (its case builders, timing and call wrapper). Returns one record per (case, variant)."""
     import torch
     stop, records = time.perf_counter() + seconds, []
-    for kind, dtype, m, n, k in CASES:
+    for kind, dtype, m, n, k in CASE_SETS[case_set]:
         if time.perf_counter() > stop:
             print(f"variants: time is up before {kind} {dtype} M={m} {n}x{k}", flush=True)
             break
@@ -83,7 +104,7 @@ def run(seconds: float, copy_tb_s: float, gb) -> list[dict]:
         info = {"kind": kind + (" swiglu" if kind == "experts" else ""), "dtype": dtype, "M": m, "N": n, "K": k,
                 "bytes": case["bytes"]}
         rows = []
-        for name, cfg in variants(kind, dtype, m):
+        for name, cfg in variants(kind, dtype, m, case_set):
             try:
                 err = _rel_error(case, cfg)
                 us = gb.bench(gb.ours(case, cfg), case["calls"])
