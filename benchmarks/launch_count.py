@@ -43,9 +43,9 @@ STEPS = {"decode": 1, "verify": 4}  # new tokens per row, as `dgx-emu bench deco
 
 
 class _AtenCounter(TorchDispatchMode):
-    def __init__(self, counts: Counter) -> None:
+    def __init__(self, counts: Counter, order: list | None = None) -> None:
         super().__init__()
-        self.counts = counts
+        self.counts, self.order = counts, order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -53,6 +53,8 @@ class _AtenCounter(TorchDispatchMode):
         tensors = out if isinstance(out, (tuple, list)) else (out,)
         if not func.is_view and name not in NO_KERNEL and any(isinstance(t, torch.Tensor) for t in tensors):
             self.counts[f"torch {name}"] += 1
+            if self.order is not None:
+                self.order.append(f"torch {name}")
         return out
 
 
@@ -63,9 +65,10 @@ def _kernel_classes() -> list[type]:
 
 
 @contextmanager
-def count_launches(counts: Counter):
+def count_launches(counts: Counter, order: list | None = None):
     """Within the block, adds one to counts["triton <kernel>"] per Triton launch and to
-    counts["torch <op>"] per torch operator that launches a kernel on a GPU."""
+    counts["torch <op>"] per torch operator that launches a kernel on a GPU; `order` (a list)
+    also gets each launch's name, in launch order."""
     patched = []
 
     def wrap(cls):
@@ -74,7 +77,10 @@ def count_launches(counts: Counter):
         def run(self, *args, **kwargs):
             if kwargs.get("warmup"):
                 return original(self, *args, **kwargs)
-            counts[f"triton {self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+            name = f"triton {self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"
+            counts[name] += 1
+            if order is not None:
+                order.append(name)
             with _disable_current_modes():  # the interpreter's own copies are no launches
                 return original(self, *args, **kwargs)
         cls.run = run
@@ -83,7 +89,7 @@ def count_launches(counts: Counter):
     for cls in _kernel_classes():
         wrap(cls)
     try:
-        with _AtenCounter(counts):
+        with _AtenCounter(counts, order):
             yield counts
     finally:
         for cls, original in patched:
@@ -119,14 +125,9 @@ def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20, 
 
 def _graph_step(model, cache, tokens: int):
     """workers/cuda_graphs.py's DecodeGraph._step on CPU tensors: its buffers, not its capture."""
-    from model.sampling import DeviceSampler
     from workers.cuda_graphs import DecodeGraph
     graph = DecodeGraph.__new__(DecodeGraph)
-    graph.cache = cache
-    graph.tokens = torch.zeros(cache.batch, tokens, dtype=torch.long)  # (B, T)
-    graph.n_new = torch.full((cache.batch,), tokens, dtype=torch.long)  # (B,)
-    graph.next_ids = torch.zeros(cache.batch, dtype=torch.long)  # (B,)
-    graph.sampler = DeviceSampler(cache.batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, "cpu")
+    graph._buffers(model, cache, tokens)
     forward = type(model).forward.__wrapped__  # without inference mode, under which the dispatch mode
     graph.model = lambda *args, **kwargs: forward(model, *args, **kwargs)  # misses some ops (casts)
     return graph._step

@@ -5,7 +5,10 @@ events see nothing inside it, and a separate timestamp kernel costs a launch (~2
 as much as a small GEMV) per stamp. Instead, the kernels that already sit at the boundaries the
 trace cares about -- the fused add+RMSNorm and AllReduce+RMSNorm between sub-layers -- read the
 GPU's global nanosecond timer (%globaltimer) and store it into a slot of a device buffer when
-tracing is on: one register read and one 8-byte store per kernel, no extra launch.
+tracing is on: one register read and one 8-byte store per kernel, no extra launch. The step's
+own begin and end stamps come the same way, from its first kernel (the embedding's) and its last
+(the greedy argmax), when those are the fused kernels (`step_edge`); a one-thread stamp kernel
+stands in where they are not.
 
 A `StampLedger` owns that buffer. Slots are handed out in call order while the step is captured
 (or run eagerly) and each carries a label (what started or ended there), so after every replay
@@ -43,9 +46,26 @@ if triton is not None:
                                             is_pure=False, pack=1)
             tl.store(stamps_ptr + index, now)
 
+    if INTERPRETED:
+        @triton.jit
+        def write_latest_stamp(stamps_ptr, index):
+            """The interpreter's stand-in for write_latest_stamp below (slot index x 1000)."""
+            tl.atomic_max(stamps_ptr + index, index.to(tl.int64) * 1000)
+    else:
+        @triton.jit
+        def write_latest_stamp(stamps_ptr, index):
+            """Keeps the latest of several programs' timer reads in stamps_ptr[index] (an atomic max:
+            the timer only grows, so what a previous replay left there is always older)."""
+            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                            is_pure=False, pack=1)
+            tl.atomic_max(stamps_ptr + index, now)
+
     @triton.jit
     def _stamp_kernel(stamps_ptr, index):
         write_stamp(stamps_ptr, index)
+
+
+STEP_EDGES = ("begin", "end")
 
 
 class StampLedger:
@@ -58,6 +78,8 @@ class StampLedger:
         self.stamps = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self.labels: list[tuple] = []
         self.offset_ns = 0  # host CLOCK_MONOTONIC minus GPU timer, from calibrate()
+        self.open_edges: set[str] = set()  # step edges the step's own kernels may still stamp (step_edge)
+        self.folded_edges: set[str] = set()  # the edges they did stamp since expect_edges
         self._host = torch.zeros(capacity, dtype=torch.int64, pin_memory=self.device.type == "cuda")
 
     def take(self, label: tuple) -> int:
@@ -70,6 +92,12 @@ class StampLedger:
     def stamp(self, label: tuple) -> None:
         """A stamp of its own (one tiny launch): for boundaries no fused kernel sits at."""
         _stamp_kernel[(1,)](self.stamps, self.take(label))
+
+    def expect_edges(self, edges=STEP_EDGES) -> None:
+        """From now on the step's first kernel may stamp its ("step", "begin") and its last kernel its
+        ("step", "end") (`step_edge`), so that no stamp kernel of its own is needed there; what they did
+        shows in `folded_edges`. A stamp taken by any other kernel first closes the begin edge."""
+        self.open_edges, self.folded_edges = set(edges), set()
 
     def rewind(self, n_slots: int = 0) -> None:
         """Forgets the slots from n_slots on (an eager step reuses the same slots every step)."""
@@ -122,12 +150,31 @@ def stamping(ledger: StampLedger):
         _ACTIVE.remove(ledger)
 
 
+def step_edge(edge: str) -> tuple[torch.Tensor | None, int]:
+    """For the kernel that opens ("begin": model/kernels/embed_norm.py) or closes ("end":
+    model/kernels/argmax.py) a decode step: (stamp buffer, slot of ("step", edge)) while the active
+    ledger expects that edge (StampLedger.expect_edges), else (None, 0). Each edge is taken once."""
+    ledger = active()
+    if ledger is None or edge not in ledger.open_edges:
+        return None, 0
+    ledger.open_edges.discard(edge)
+    ledger.folded_edges.add(edge)
+    return ledger.stamps, ledger.take(("step", edge))
+
+
+def _take_own(ledger: StampLedger) -> StampLedger:
+    """A kernel stamps labels of its own: the step has begun, its first kernel can no longer stamp that."""
+    ledger.open_edges.discard("begin")
+    return ledger
+
+
 def slots(name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
     """For a kernel wrapper: (stamp buffer or None, begin slot, end slot) of one call of `name` on
     `x` (its bytes and dtype go into the labels, as a traced collective records them)."""
     ledger = active()
     if ledger is None:
         return None, 0, 0
+    _take_own(ledger)
     return ledger.stamps, ledger.take(("begin", name, x.nbytes, x.dtype)), ledger.take(("end", name, x.nbytes, x.dtype))
 
 
@@ -137,7 +184,7 @@ def triple(name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     ledger = active()
     if ledger is None:
         return None, 0
-    first = ledger.take(("begin", name, x.nbytes, x.dtype))
+    first = _take_own(ledger).take(("begin", name, x.nbytes, x.dtype))
     ledger.take(("arrived", name, x.nbytes, x.dtype))
     ledger.take(("end", name, x.nbytes, x.dtype))
     return ledger.stamps, first

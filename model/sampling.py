@@ -189,10 +189,13 @@ class DeviceSampler:
         for generator, p in zip(self.generators, params):
             generator.manual_seed(p.seed if p.seed is not None else 0)
 
-    def pick(self, local_logits: torch.Tensor, sampling: bool) -> torch.Tensor:
+    def pick(self, local_logits: torch.Tensor, sampling: bool, out: torch.Tensor | None = None) -> torch.Tensor:
         """local_logits: (B, V_r) this rank's slice. sampling False: the distributed argmax (no
-        gather, no draw); True: gathers the vocabulary and draws every row. Returns ids (B,)."""
+        gather, no draw); True: gathers the vocabulary and draws every row. Returns ids (B,), in
+        `out` (int64 (B,)) when given: a graph's token buffer, written by the argmax kernel itself
+        where it can (distributed_argmax)."""
         if not sampling:
-            return distributed_argmax(local_logits, self.vocab_start, self.comm)
+            return distributed_argmax(local_logits, self.vocab_start, self.comm, out=out)
         full = self.comm.all_gather(local_logits, dim=-1)[:, : self.vocab_size]  # (B, V)
-        return sample_rows(full, self.temperature, self.top_k, self.top_p, self.generators)
+        ids = sample_rows(full, self.temperature, self.top_k, self.top_p, self.generators)
+        return ids if out is None else out.copy_(ids)

@@ -22,7 +22,6 @@ import json
 import statistics
 from collections import Counter
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +31,6 @@ from benchmarks.launch_count import _gpu_norm, count_launches, small_config
 from cluster.hardware import node_spec
 from collectives.communicator import Communicator, add_rmsnorm
 from collectives.triton_support import INTERPRETED
-from model.sampling import DeviceSampler
 from workers.cuda_graphs import DecodeGraph
 from workers.emulate import estimate_step
 from workers.step_bench import random_model
@@ -96,10 +94,8 @@ def real_launches(model, tokens: int) -> Counter:
     before a capture: kernel scratch is made outside it)."""
     cache = model.new_cache(1, CONTEXT + 8)
     cache.lengths.fill_(CONTEXT)
-    step = SimpleNamespace(model=model, cache=cache, tokens=torch.zeros(1, tokens, dtype=torch.long),
-                           n_new=torch.full((1,), tokens, dtype=torch.long), next_ids=torch.zeros(1, dtype=torch.long),
-                           sampler=DeviceSampler(1, model.shard.vocab_start, model.cfg.vocab_size, model.comm, "cpu"))
-    step._choose = lambda ids: DecodeGraph._choose(step, ids)
+    step = DecodeGraph.__new__(DecodeGraph)  # its buffers, not its capture
+    step._buffers(model, cache, tokens)
     forward = type(model).forward
     counts: Counter = Counter()
     with torch.no_grad(), _gpu_norm(), _gpu_argmax(), _without_inference_mode(model, forward):

@@ -74,8 +74,9 @@ def capture(step: Callable[[], object], reset: Callable[[], None], device: torch
     one call. Returns the graph and what the captured call returned (its static outputs).
     generators: device generators the step draws from; registered, so each replay advances them.
     ledger: a collectives.gpu_stamps.StampLedger: the captured step stamps GPU times into it (its
-    fused norm / all-reduce kernels, and a stamp before and after the step); the slots it took are
-    the last ones of the ledger after this call.
+    fused norm / all-reduce kernels, and the step's begin and end: stamped by its first and last
+    kernels where the warm-up saw them do it, else by stamp kernels of their own); the slots it
+    took are the last ones of the ledger after this call.
     Every rank must capture the same steps in the same order (see the module docstring)."""
     stamping = (lambda: gpu_stamps.stamping(ledger)) if ledger is not None else contextlib.nullcontext
     first_slot = len(ledger.labels) if ledger is not None else 0
@@ -83,8 +84,11 @@ def capture(step: Callable[[], object], reset: Callable[[], None], device: torch
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream), stamping():  # warm-up off the default stream, as capture requires
         for _ in range(WARMUP_STEPS):
+            if ledger is not None:
+                ledger.expect_edges()  # which step edges its own first / last kernels stamp
             step()
             reset()
+    folded = set(ledger.folded_edges) if ledger is not None else set()
     if ledger is not None:
         ledger.rewind(first_slot)  # the warm-up compiled the stamping kernels; its slots are not kept
     torch.cuda.current_stream(device).wait_stream(stream)
@@ -94,10 +98,14 @@ def capture(step: Callable[[], object], reset: Callable[[], None], device: torch
     # several ranks: another thread (NCCL's watchdog) may query events while this one captures
     with torch.cuda.graph(graph, capture_error_mode="thread_local" if world_size > 1 else "global"), stamping():
         if ledger is not None:
-            ledger.stamp(("step", "begin"))
+            ledger.expect_edges(folded)
+            if "begin" not in folded:  # a stamp kernel stands in for a first kernel that does not stamp
+                ledger.stamp(("step", "begin"))
         outputs = step()
         if ledger is not None:
-            ledger.stamp(("step", "end"))
+            if "end" not in folded:
+                ledger.stamp(("step", "end"))
+            ledger.expect_edges(())
     reset()
     return graph, outputs
 
@@ -111,40 +119,50 @@ class DecodeGraph:
         if cache.batch * n_tokens > MAX_TOKENS:
             raise ValueError(f"a graph step takes at most {MAX_TOKENS} rows x tokens, got "
                              f"{cache.batch} x {n_tokens}")
-        self.model, self.cache = model, cache
-        self.device = device = cache.lengths.device
-        self.tokens = torch.zeros(cache.batch, n_tokens, dtype=torch.long, device=device)  # (B, T)
-        self.n_new = torch.full((cache.batch,), n_tokens, dtype=torch.long, device=device)  # (B,)
-        self.next_ids = torch.zeros(cache.batch, dtype=torch.long, device=device)  # (B,) the step's choice
-        self.sampler = DeviceSampler(cache.batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, device)
+        ids_slot = self._buffers(model, cache, n_tokens, ledger)
+        batch, device = cache.batch, self.device
         saved = cache.lengths.clone()
-        self.ledger, first_slot = ledger, len(ledger.labels) if ledger is not None else 0
         # the warm-up's KV writes sit past every row's length once the lengths are restored
         self.graph, self.logits = capture(self._step, lambda: cache.lengths.copy_(saved), device,
                                           model.comm.world_size, ledger=ledger)  # logits: (B, T, V_r)
-        # traced: the step's GPU stamps (ledger slots from first_slot on), copied out after each replay
-        self.stamp_slots = slice(first_slot, len(ledger.labels)) if ledger is not None else None
-        self._host_stamps = [torch.empty(len(ledger.labels) - first_slot, dtype=torch.int64, pin_memory=True)
-                             for _ in range(2)] if ledger is not None else None
+        # traced: the step's ids and GPU stamps (ledger slots from ids_slot on), copied out after each replay
+        self._copied_slots = slice(ids_slot, len(ledger.labels) if ledger is not None else ids_slot + batch)
+        self.stamp_slots = slice(ids_slot + batch, len(ledger.labels)) if ledger is not None else None
         self.sample_graph = None
         self.sampling = False
-        # the ids of two replays in flight, read back without stalling the stream
-        self._host_ids = [torch.empty(cache.batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        # the ids (traced: and stamps) of two replays in flight, read back without stalling the stream
+        width = self._copied_slots.stop - self._copied_slots.start
+        self._host = [torch.empty(width, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self._copied = [torch.cuda.Event() for _ in range(2)]
         self._slot = 0
 
+    def _buffers(self, model: Llama4, cache: KVCache, n_tokens: int, ledger=None) -> int:
+        """The step's static inputs and outputs (what `_step` reads and writes). Returns the ledger slot
+        of the ids: traced, they sit just before the step's stamps, so one copy brings both back."""
+        self.model, self.cache, self.ledger = model, cache, ledger
+        self.device = device = cache.lengths.device
+        batch = cache.batch
+        ids_slot = len(ledger.labels) if ledger is not None else 0
+        if ledger is not None:
+            for row in range(batch):
+                ledger.take(("ids", row))
+            self.next_ids = ledger.stamps[ids_slot:ids_slot + batch]  # (B,) the step's choice
+        else:
+            self.next_ids = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) the step's choice
+        # decoding feeds its choice back: the next replay reads the ids the argmax kernel wrote, no copy
+        self.tokens = (self.next_ids.view(batch, 1) if n_tokens == 1
+                       else torch.zeros(batch, n_tokens, dtype=torch.long, device=device))  # (B, T)
+        self.n_new = torch.full((batch,), n_tokens, dtype=torch.long, device=device)  # (B,)
+        self.sampler = DeviceSampler(batch, model.shard.vocab_start, model.cfg.vocab_size, model.comm, device)
+        return ids_slot
+
     def _step(self) -> torch.Tensor:
         logits = self.model(self.tokens, self.cache, n_new=self.n_new, static=True).logits
-        self._choose(self.sampler.pick(logits[:, -1], sampling=False))
+        self.sampler.pick(logits[:, -1], sampling=False, out=self.next_ids)
         return logits
 
     def _sample(self) -> None:
-        self._choose(self.sampler.pick(self.logits[:, -1], sampling=True))
-
-    def _choose(self, ids: torch.Tensor) -> None:
-        self.next_ids.copy_(ids)
-        if self.tokens.shape[1] == 1:  # decoding feeds its choice back: the next replay needs no input
-            self.tokens[:, 0].copy_(ids)
+        self.sampler.pick(self.logits[:, -1], sampling=True, out=self.next_ids)
 
     def prepare(self, params: list[SamplingParams]) -> None:
         """This batch's sampling, set before its first draw (the prefill's `pick`): a batch with a
@@ -181,9 +199,8 @@ class DecodeGraph:
         if self.sampling:
             self.sample_graph.replay()
         slot, self._slot = self._slot, self._slot ^ 1
-        if self.ledger is not None:  # before the ids: reading them means the stamps are here too
-            self._host_stamps[slot].copy_(self.ledger.stamps[self.stamp_slots], non_blocking=True)
-        self._host_ids[slot].copy_(self.next_ids, non_blocking=True)
+        source = self.next_ids if self.ledger is None else self.ledger.stamps[self._copied_slots]
+        self._host[slot].copy_(source, non_blocking=True)  # traced: the ids and the step's stamps at once
         self._copied[slot].record()
         return slot
 
@@ -191,12 +208,12 @@ class DecodeGraph:
         """The ids of the step `launch` returned `slot` for (waits for that step only)."""
         self._copied[slot].synchronize()
         self.last_read = slot
-        return self._host_ids[slot].tolist()
+        return self._host[slot][:self.cache.batch].tolist()
 
     def stamp_values(self) -> tuple[list[tuple], list[int]]:
         """The labels and GPU ns of the traced step last `read` (a graph captured with a ledger);
         the values are a copy (the pinned buffer is reused two launches later)."""
-        return self.ledger.labels[self.stamp_slots], self._host_stamps[self.last_read].tolist()
+        return self.ledger.labels[self.stamp_slots], self._host[self.last_read][self.cache.batch:].tolist()
 
 
 class GraphPool:

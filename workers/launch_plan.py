@@ -60,6 +60,7 @@ class CodePaths:
 
     step_head: bool | None = None  # the embedding kernel (model/kernels/embed_norm.py) opens the fused step
     argmax: bool | None = None  # the greedy pick's argmax kernel (model/kernels/argmax.py)
+    ids_in_place: bool | None = None  # a decode graph's pick writes its token buffer (no feedback copies)
 
 
 CURRENT_CODE = CodePaths()
@@ -258,8 +259,9 @@ def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool =
               paths: CodePaths = CURRENT_CODE, verify: bool = False) -> list[PlanItem]:
     """After the layers: the cache lengths (unless the embedding kernel advanced them), the LM head
     over every row (or each row's last, a prefill), the vocabulary padding's mask, the greedy pick
-    of each row's last logits and, in a graph's decode step, the copies of the choice
-    (workers/cuda_graphs.py: DecodeGraph._choose). verify: a speculative step's verification
+    of each row's last logits and, in a graph's decode step, the copies of the choice into the
+    graph's token buffer (workers/cuda_graphs.py: DecodeGraph; `feedback_copies`). verify: a
+    speculative step's verification
     (workers/speculative.py SpecDecoder.verify): the pick is of EVERY row's logits (the target's
     choice at each node), and no decode graph's copies follow."""
     head, shard = model.lm_head_weight(), model.shard
@@ -273,11 +275,22 @@ def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool =
                           2.0 * head_rows * head.numel()))
     if shard.vocab_per_rank * shard.parallel.world_size > model.cfg.vocab_size:  # the last rank's padding:
         plan.append(cost.kernel("vocab padding", "head", "elementwise"))  # the step waits for that rank
-    plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model),
-                      argmax_in_one_kernel(model, paths))
-    if fused(rows) and not last_only and not verify:
-        plan.append(cost.kernel("feedback copies", "head", "copy", 2 if tokens == 1 else 1))
+    one_kernel = argmax_in_one_kernel(model, paths)
+    plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model), one_kernel)
+    copies = feedback_copies(cost.world, tokens, one_kernel, paths)
+    if fused(rows) and not last_only and not verify and copies:
+        plan.append(cost.kernel("feedback copies", "head", "copy", copies))
     return plan
+
+
+def feedback_copies(world: int, tokens: int, argmax_kernel: bool, paths: CodePaths = CURRENT_CODE) -> int:
+    """Device copies of a decode graph's choice after its pick. Now: none where one rank's argmax
+    kernel writes the graph's token buffer itself (which is also the next step's input), else one.
+    Before (paths.ids_in_place False): the choice was copied to the ids and, at one new token, to
+    the next step's input as well."""
+    if paths.ids_in_place is False:
+        return 2 if tokens == 1 else 1
+    return 0 if world == 1 and argmax_kernel else 1
 
 
 def argmax_in_one_kernel(model, paths: CodePaths = CURRENT_CODE) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from collectives import gpu_stamps
 from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,6 +39,7 @@ MAX_PROGRAMS = 256  # programs per row at most (~2 per SM of an H200); longer ro
 NO_INDEX = 2 ** 31 - 1  # index of masked lanes: loses every tie against a real column
 
 if triton is not None:
+    from collectives.gpu_stamps import write_latest_stamp
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     NO_INDEX_C = tl.constexpr(NO_INDEX)
@@ -80,10 +82,11 @@ if triton is not None:
     @triton.jit
     def _argmax_kernel(x_ptr, part_v_ptr, part_i_ptr, count_ptr, out_ptr, stride_x, stride_o, n_cols, offset,
                        PROGRAMS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, PROGRAMS_P2: tl.constexpr,
-                       PAIR: tl.constexpr, PDL: tl.constexpr):
+                       PAIR: tl.constexpr, stamps_ptr, stamp_slot, STAMP: tl.constexpr, PDL: tl.constexpr):
         """Program (split, row): the best of columns [split * SPAN, + SPAN) of the row (< n_cols), in
         BLOCK-wide steps, each lane keeping its own best; with several programs per row, the last one
-        to arrive reduces the row's partials and writes the result."""
+        to arrive reduces the row's partials and writes the result. With STAMP, the program that
+        writes a row's result then stamps the step's end (the latest over rows: gpu_stamps.py)."""
         pdl_wait(PDL)  # the logits come from the kernel just before
         pdl_launch_dependents(PDL)
         split = tl.program_id(0)
@@ -99,6 +102,8 @@ if triton is not None:
         v, i = _best(best_v, best_i)
         if PROGRAMS == 1:
             _finish(v, i, out_ptr, row, stride_o, offset, PAIR)
+            if STAMP:
+                write_latest_stamp(stamps_ptr, stamp_slot)
         else:
             slot = row * PROGRAMS + split
             tl.store(part_v_ptr + slot, v)
@@ -113,6 +118,8 @@ if triton is not None:
                 v, i = _best(pv, pi)
                 tl.atomic_xchg(counter, 0)  # ready for the next call
                 _finish(v, i, out_ptr, row, stride_o, offset, PAIR)
+                if STAMP:
+                    write_latest_stamp(stamps_ptr, stamp_slot)
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -146,7 +153,7 @@ _COUNTERS = _counters.by_device
 
 
 def _launch(logits: torch.Tensor, out: torch.Tensor, n_cols: int, offset: int, pair: bool, block: int,
-            max_programs: int) -> None:
+            max_programs: int, stamp: tuple[torch.Tensor | None, int] = (None, 0)) -> None:
     rows = logits.shape[0]
     if rows == 0:
         return
@@ -163,7 +170,8 @@ def _launch(logits: torch.Tensor, out: torch.Tensor, n_cols: int, offset: int, p
     _argmax_kernel[(programs, rows)](
         logits, part_v, part_i, count, out, logits.stride(0), out.stride(0), n_cols, offset,
         PROGRAMS=programs, SPAN=per_program * block, BLOCK=block, PROGRAMS_P2=triton.next_power_of_2(programs),
-        PAIR=pair, num_warps=4, **pdl_kwargs(logits))
+        PAIR=pair, stamps_ptr=stamp[0] if stamp[0] is not None else out, stamp_slot=stamp[1],
+        STAMP=stamp[0] is not None, num_warps=4, **pdl_kwargs(logits))
 
 
 def argmax(logits: torch.Tensor, *, valid: int | None = None, offset: int = 0, block: int = BLOCK,
@@ -180,7 +188,8 @@ def argmax(logits: torch.Tensor, *, valid: int | None = None, offset: int = 0, b
     elif out.shape != logits.shape[:1] or out.dtype != torch.int64 or out.device != logits.device:
         raise ValueError(f"argmax: out must be an int64 ({logits.shape[0]},) tensor on {logits.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    _launch(logits, out, n_cols, int(offset), False, block, max_programs)
+    # a traced decode graph's last kernel: it stamps the step's end (collectives/gpu_stamps.py)
+    _launch(logits, out, n_cols, int(offset), False, block, max_programs, gpu_stamps.step_edge("end"))
     return out
 
 

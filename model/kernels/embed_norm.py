@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from collectives import fused_norm
+from collectives import fused_norm, gpu_stamps
 from collectives.communicator import rms_norm
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
@@ -39,6 +39,7 @@ MAX_HIDDEN = fused_norm.MAX_HIDDEN
 
 if triton is not None:
     from collectives.fused_norm import rmsnorm_row
+    from collectives.gpu_stamps import write_stamp
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     @triton.jit
@@ -60,14 +61,19 @@ if triton is not None:
                            positions_ptr, start_ptr, stride_ib, stride_it, stride_wv, stride_n, vocab_start,
                            vocab_valid, eps, T: tl.constexpr, T_P2: tl.constexpr, HIDDEN: tl.constexpr,
                            BLOCK: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, STEP: tl.constexpr,
-                           HAS_N_NEW: tl.constexpr, POSITIONS: tl.constexpr, PDL: tl.constexpr):
+                           HAS_N_NEW: tl.constexpr, POSITIONS: tl.constexpr, stamps_ptr, stamp_slot,
+                           STAMP: tl.constexpr, PDL: tl.constexpr):
         """Program `row` = b * T + t: rows[row] = the embedding of token (b, t) (0 outside the slice);
         with NORM, normed[row] = RMSNorm(rows[row]) * norm weight; with STEP, program b * T does row
         b's bookkeeping (_step_bookkeeping). With PDL: waits for the kernel before (it wrote the ids
-        and the lengths) before anything else."""
+        and the lengths) before anything else. With STAMP, program 0 stamps the step's begin
+        (collectives/gpu_stamps.py) as it starts."""
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
+        if STAMP:
+            if row == 0:
+                write_stamp(stamps_ptr, stamp_slot)
         b, t = row // T, row % T
         token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
         local = token - vocab_start
@@ -158,6 +164,7 @@ def embed_norm(token_ids: torch.Tensor, weight: torch.Tensor, *, vocab_start: in
         return EmbedStep(rows, normed, positions, start)
     block = triton.next_power_of_2(hidden)
     placeholder = rows  # pointers of the parts not asked for: never read or written
+    stamps, stamp_slot = gpu_stamps.step_edge("begin") if step else (None, 0)  # a traced graph's first kernel
     _embed_norm_kernel[(batch * n_tokens,)](
         token_ids, weight, norm_weight if norm_weight is not None else weight, rows,
         normed if normed is not None else placeholder, lengths if step else placeholder,
@@ -166,7 +173,8 @@ def embed_norm(token_ids: torch.Tensor, weight: torch.Tensor, *, vocab_start: in
         n_new.stride(0) if n_new is not None else 0, int(vocab_start), int(vocab_valid), float(eps),
         T=n_tokens, T_P2=triton.next_power_of_2(n_tokens), HIDDEN=hidden, BLOCK=block, NORM=normed is not None,
         NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], STEP=step, HAS_N_NEW=n_new is not None,
-        POSITIONS=new_positions, num_warps=fused_norm.num_warps(block), enable_fp_fusion=False,
+        POSITIONS=new_positions, stamps_ptr=stamps if stamps is not None else placeholder, stamp_slot=stamp_slot,
+        STAMP=stamps is not None, num_warps=fused_norm.num_warps(block), enable_fp_fusion=False,
         **pdl_kwargs(weight))
     return EmbedStep(rows, normed, positions, start)
 
