@@ -55,6 +55,7 @@ from workers.launch_plan import CodePaths, flatten, norm_collective  # noqa: E40
 COMMIT = re.compile(r"-([0-9a-f]{7})(?:-tp\d)?$")  # a result file named after the commit it measured
 MMA_DEFAULT_COMMIT = "60be190"  # FP8 linears on the tensor cores by default from this commit on
 SHARED_APART_COMMIT = "fef4287"  # a big FP8 shared expert leaves the MoE pair at 2+ rows from here on
+IDS_IN_PLACE_COMMIT = "90dee4e"  # a decode graph's argmax writes its token buffer: no feedback copies
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
@@ -67,10 +68,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def measured_code(commit: str) -> CodePaths:
     """The prologue and pick of the step `commit` ran: did that commit have the embedding and
-    argmax kernels (git; without a repository: no)? The plan is then of the code that was measured."""
+    argmax kernels, and did its argmax write the graph's ids in place (git; without a repository:
+    no)? The plan is then of the code that was measured."""
     def had(path: str) -> bool:
         return subprocess.run(["git", "cat-file", "-e", f"{commit}:{path}"], cwd=ROOT, capture_output=True).returncode == 0
-    return CodePaths(step_head=had("model/kernels/embed_norm.py"), argmax=had("model/kernels/argmax.py"))
+    return CodePaths(step_head=had("model/kernels/embed_norm.py"), argmax=had("model/kernels/argmax.py"),
+                     ids_in_place=has(commit, IDS_IN_PLACE_COMMIT))
 
 
 def has(commit: str, change: str) -> bool:
