@@ -201,8 +201,8 @@ def test_decode_step_launches():
     positions, cache lengths); per layer the attention's three kernels (QKV GEMV; RoPE + cache write
     + split-KV attention + merge; o_proj GEMV), a dense MLP's two GEMVs or the MoE's three launches
     (router, FC13 pair, FC2 pair), the two add + RMSNorm kernels; the LM head GEMV and ONE argmax
-    kernel; no torch router GEMM, top-k or sigmoid, and no torch op but the graph's two copies of
-    the chosen ids."""
+    kernel, which writes the chosen ids into the graph's token buffer itself; no torch op at all
+    (no router GEMM, top-k or sigmoid, no copy of the ids)."""
     from benchmarks.launch_count import small_config, step_launches
     cfg = small_config("medium")
     counts = step_launches("medium", "bf16")
@@ -215,7 +215,7 @@ def test_decode_step_launches():
     assert "triton _merge_kernel" not in counts and "triton _qkv_rope_cache_kernel" not in counts
     assert counts["triton _add_rmsnorm_kernel"] == 2 * cfg.n_layers
     assert not {"torch mm", "torch topk", "torch sigmoid", "torch addmm"} & set(counts), counts
-    assert {k: n for k, n in counts.items() if k.startswith("torch")} == {"torch copy_": 2}, counts
+    assert not [k for k in counts if k.startswith("torch")], counts
 
 
 def test_hooked_router_runs_as_a_module(models):

@@ -464,3 +464,20 @@ def test_gpu_fp8_tensor_core_path_realistic_shapes(m):
         w_q, w_scale = _fp8_weight(gen, (), n, 5120)
         kw = dict(weight_scale=w_scale, act_quant="token", swiglu=swiglu, out_dtype=torch.float32)
         _check(linear_small_m(x, w_q, config={"MMA": True}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-3)
+
+
+def test_tuned_fp8_gemv_tiles_are_the_measured_best():
+    """linear_small_m.TUNED_FP8_GEMV holds, per shape, the CUDA-core GEMV variant that ran fastest in
+    the committed H200 sweep (gemv_bench.py --variants --cases deep-k), at least 10% ahead of the
+    heuristic's tiles: a table that cannot drift from its measurement."""
+    import json
+    from pathlib import Path
+    from model.kernels.linear_small_m import TUNED_FP8_GEMV
+    sweep = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/h200-gemv-variants-deep-k.json")
+                       .read_text())["variants"]
+    for (n, k), tuned in TUNED_FP8_GEMV.items():
+        rows = [r for r in sweep if (r["M"], r["N"], r["K"]) == (1, n, k) and "us" in r and not r["config"].get("MMA")]
+        best = min(rows, key=lambda r: r["us"])
+        heuristic = next(r for r in rows if r["variant"] == "heuristic")
+        assert best["config"] == tuned, (n, k, best)
+        assert best["us"] <= 0.9 * heuristic["us"], (n, k, best["us"], heuristic["us"])

@@ -15,9 +15,11 @@ into the same rows a host-traced step has:
 The decoder makes exactly two fused calls per layer; a model that does not is refused when the
 graph is captured, not silently mislabeled.
 
-What it costs: a register read and a store per fused kernel, two one-thread stamp kernels per
-step and one small device-to-host copy, measured by `dgx-emu bench decode` style A/B runs (see
-the README). The host keeps each step's raw stamps (one copy of ~50 integers) and turns them into
+What it costs: a register read and a store per fused kernel, the step's begin and end included
+(its first kernel, the embedding's, and its last, the greedy argmax, stamp them: no stamp kernel
+of its own on the fused path), and no extra copy: the ids sit just before the stamps in the
+ledger and come back with them in the one device-to-host copy an untraced step makes; measured
+by benchmarks/trace_cost_gpu.py (see the README). The host keeps each step's raw stamps (one copy of ~50 integers) and turns them into
 rows only when the decode loop ends (or every DRAIN_EVERY steps): building ~250 row fields per step
 in Python while the next replays wait on the host cost more than the stamps themselves. Every rank
 drains at the same steps, so the group's sequence numbers stay aligned. With NCCL as the backend the stamps cover only the local norm kernel after NCCL's

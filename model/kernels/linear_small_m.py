@@ -56,6 +56,14 @@ FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
 
 
+# Tiles of the dense one-row FP8 GEMV measured best on an H200 where they beat _config's by 10-30%
+# (benchmarks/results/h200-gemv-variants-deep-k.json: Maverick's fc2 at TP1 / TP2, o_proj at TP1 /
+# TP2, medium's fc2). Irregular on purpose: which tile wins turns on how many programs fit one wave
+# and on K % BLOCK_K (bk2048 loses 2x where K = 5120), not on a rule the heuristic could state.
+TUNED_FP8_GEMV = {(5120, 16384): {"BLOCK_N": 8, "BLOCK_K": 2048}, (5120, 8192): {"BLOCK_K": 512},
+                  (5120, 5120): {"BLOCK_K": 512}, (5120, 2560): {"BLOCK_K": 512}, (2048, 4096): {"BLOCK_K": 2048}}
+
+
 def mma_default(m: int, n: int, k: int) -> bool:
     """Dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise? Measured on an H200
     (benchmarks/results/h200-gemv-variants-mma.json, graph-timed): from 2 rows up always (4 rows: 6.6
@@ -397,7 +405,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
                                               cfg, _counters)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
-    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu),
+    tuned = TUNED_FP8_GEMV.get((n_out, k), {}) if weight.dtype == FP8 and m == 1 and not (gather or swiglu) else {}
+    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **(tuned if layout == "k" else {}),
            **(defaults(weight.dtype, gemv) if config is None else config)}
     if cfg.pop("MMA", False):
         raise ValueError("linear_small_m: MMA (FP8 on the tensor cores) takes dense FP8 weights, not experts")
