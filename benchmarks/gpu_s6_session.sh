@@ -17,6 +17,7 @@ else
     TAIL=4 step "decode-$1-$2-tp$3" 90 $DGX bench decode --model $1 --dtype $2 --tp $3 --modes graph --iters 150 \
         --out "$OUT/h200x2-decode-$1-$2-$C-tp$3.json"
   done
-  TAIL=6 step fp8-tuned 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py -k gpu
+  TAIL=6 step gpu-stamps 100 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_gpu_stamps.py
+  TAIL=6 step gpu-gemv 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py -k gpu
 fi
 finish

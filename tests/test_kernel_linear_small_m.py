@@ -11,6 +11,8 @@ same bytes. The random-activation FP8 case, which checks the in-kernel quantizat
 torch's bytes, runs only on a GPU, as does the large realistic shape."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -464,6 +466,17 @@ def test_gpu_fp8_tensor_core_path_realistic_shapes(m):
         w_q, w_scale = _fp8_weight(gen, (), n, 5120)
         kw = dict(weight_scale=w_scale, act_quant="token", swiglu=swiglu, out_dtype=torch.float32)
         _check(linear_small_m(x, w_q, config={"MMA": True}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-3)
+
+
+@gpu_only
+def test_gpu_tuned_fp8_gemv_shapes():
+    """The one-row FP8 GEMV at every shape of TUNED_FP8_GEMV (its measured tiles) against the reference."""
+    from model.kernels.linear_small_m import TUNED_FP8_GEMV
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    for n, k in TUNED_FP8_GEMV:
+        w_q, w_scale = _fp8_weight(gen, (), n, k)
+        _both(_randn(gen, 1, k, dtype=torch.bfloat16), w_q, 2e-5, weight_scale=w_scale, act_quant="token",
+              out_dtype=torch.float32)
 
 
 def test_tuned_fp8_gemv_tiles_are_the_measured_best():
