@@ -239,9 +239,9 @@ def measure_all(settings: dict, comm: Communicator | None = None, log=print) -> 
                              "dtype": settings["dtype"], "tp": comm.world_size, "moe": settings["moe"],
                              "context": settings["context"]})
                 log(f"  {rows[-1]['name']}: {rows[-1]['median_us']:.1f} us ({rows[-1]['x_floor']:.2f}x floor)")
-        if settings.get("profile") and kernels == "triton" and comm.rank == 0:
+        if settings.get("profile") and kernels == "triton":  # every rank replays; rank 0 profiles
             from workers.step_profile import profile_graph_step
-            profile_graph_step(model, settings["context"], kv_dtype, settings["profile"])
+            profile_graph_step(model, settings["context"], kv_dtype, settings["profile"] if comm.rank == 0 else None)
         del model
         torch.cuda.empty_cache()
     return rows, bandwidth

@@ -16,16 +16,24 @@ import torch
 REPLAYS = 5
 
 
-def profile_graph_step(model, context: int, kv_dtype, out_dir: Path) -> list[dict]:
+def profile_graph_step(model, context: int, kv_dtype, out_dir: Path | None) -> list[dict]:
+    """Every rank of a tensor-parallel model calls this (its graph's collectives need the peers'
+    replays); the rank given an out_dir profiles and writes, the others (out_dir None) only replay."""
     from torch.profiler import ProfilerActivity, profile
 
     from workers.cuda_graphs import DecodeGraph
     from workers.step_bench import prepared_cache
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache = prepared_cache(model, context, 1, kv_dtype)
     start = cache.lengths.clone()
     graph = DecodeGraph(model, cache, n_tokens=1)
     torch.cuda.synchronize()
+    if out_dir is None:
+        for _ in range(REPLAYS):
+            cache.lengths.copy_(start)
+            graph.graph.replay()
+        torch.cuda.synchronize()
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
             cache.lengths.copy_(start)
