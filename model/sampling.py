@@ -73,29 +73,28 @@ def distributed_argmax(local_logits: torch.Tensor, vocab_start: int, comm: Commu
     model/kernels/argmax.py, which picks exactly what torch.argmax picks; default: on CUDA tensors
     it takes (a decode step's tail: torch's argmax is one 512-thread block over the whole row, and
     the offset another launch). True also runs it under Triton's interpreter (tests); False: torch.
-    out: an int64 (B,) tensor the ids are written into (and returned): at one rank on the kernel,
-    its own store, so a graph's token buffer needs no copy; otherwise one copy."""
+    out: an int64 (B,) tensor the ids are written into (and returned): on the kernels their own
+    store (one rank: the argmax kernel's; several: the winner kernel's, after the all-gather of
+    the pairs), so a graph's token buffer needs no copy; on torch's ops one copy."""
     from model.kernels import argmax as argmax_kernel
     if kernel is None:
         kernel = local_logits.is_cuda and argmax_kernel.available(local_logits)
     if comm.world_size == 1 and kernel:
         return argmax_kernel.argmax(local_logits, offset=vocab_start, out=out)
-    ids = _argmax_ids(local_logits, vocab_start, comm, kernel)
+    if kernel:  # each rank's (max, id) pair, their all-gather, the winner: two launches and the gather
+        pairs = comm.all_gather(argmax_kernel.max_argmax(local_logits, offset=vocab_start)[None], dim=0)  # (world, B, 2)
+        return argmax_kernel.pick_winner(pairs.contiguous(), out=out)
+    ids = _argmax_ids(local_logits, vocab_start, comm)
     return ids if out is None else out.copy_(ids)
 
 
-def _argmax_ids(local_logits: torch.Tensor, vocab_start: int, comm: Communicator,
-                              kernel: bool) -> torch.Tensor:
-    """distributed_argmax's ids (but at one rank on the kernel): torch's argmax at one rank; else
-    the local (max, id) pair (kernel or torch), its all-gather and the first rank holding the max."""
-    from model.kernels import argmax as argmax_kernel
+def _argmax_ids(local_logits: torch.Tensor, vocab_start: int, comm: Communicator) -> torch.Tensor:
+    """distributed_argmax's ids on torch's ops: torch's argmax at one rank; else the local (max, id)
+    pair, its all-gather and the first rank holding the max."""
     if comm.world_size == 1:
         return local_logits.argmax(dim=-1) + vocab_start
-    if kernel:
-        pair = argmax_kernel.max_argmax(local_logits, offset=vocab_start)  # (B, 2)
-    else:
-        local_max, local_idx = local_logits.float().max(dim=-1)  # (B,)
-        pair = torch.stack((local_max, (local_idx + vocab_start).float()), dim=-1)  # ids < 2^24: exact in fp32
+    local_max, local_idx = local_logits.float().max(dim=-1)  # (B,)
+    pair = torch.stack((local_max, (local_idx + vocab_start).float()), dim=-1)  # ids < 2^24: exact in fp32
     pairs = comm.all_gather(pair[None], dim=0)  # (world, B, 2)
     values, ids = pairs[..., 0], pairs[..., 1]
     best_rank = (values == values.max(dim=0).values).int().argmax(dim=0)  # first rank holding the max

@@ -146,6 +146,27 @@ def test_distributed_argmax_on_the_kernel(dtype):
         assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_pick_winner_is_torch_argmax_of_the_whole_row(world):
+    """The winner kernel over `world` ranks' (max, id) pairs picks what torch.argmax of the whole row
+    picks: ties across the cuts go to the lowest id, a NaN in any rank wins (the first NaN), a row of
+    -inf gives id 0; written into `out` when given."""
+    import time
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    width = 37
+    full = _logits(gen, 6, world * width, torch.float32, "special")
+    full[2, (world - 1) * width + 3] = float("nan")  # the last rank's NaN, the only one of row 2:
+    full[2, : (world - 1) * width] = torch.nan_to_num(full[2, : (world - 1) * width], nan=0.0)
+    pairs = torch.stack([am.reference_max_argmax(full[:, r * width:(r + 1) * width], offset=r * width)
+                         for r in range(world)]).contiguous()  # (world, B, 2)
+    want = full.argmax(dim=-1)
+    assert torch.equal(am.pick_winner(pairs), want)
+    out = torch.full((6,), -1, dtype=torch.long, device=DEVICE)
+    assert am.pick_winner(pairs, out=out) is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match="float32 \\(world, B, 2\\)"):
+        am.pick_winner(pairs[..., :1])
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda: torch.zeros(2, 3, 4), "must be \\(B, V\\)"),
     (lambda: torch.zeros(2, 8, dtype=torch.int32), "must be \\(B, V\\)"),

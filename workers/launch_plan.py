@@ -61,6 +61,7 @@ class CodePaths:
     step_head: bool | None = None  # the embedding kernel (model/kernels/embed_norm.py) opens the fused step
     argmax: bool | None = None  # the greedy pick's argmax kernel (model/kernels/argmax.py)
     ids_in_place: bool | None = None  # a decode graph's pick writes its token buffer (no feedback copies)
+    winner_kernel: bool | None = None  # several ranks: ONE kernel picks the winner of the gathered pairs
 
 
 CURRENT_CODE = CodePaths()
@@ -276,7 +277,8 @@ def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool =
     if shard.vocab_per_rank * shard.parallel.world_size > model.cfg.vocab_size:  # the last rank's padding:
         plan.append(cost.kernel("vocab padding", "head", "elementwise"))  # the step waits for that rank
     one_kernel = argmax_in_one_kernel(model, paths)
-    plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model), one_kernel)
+    plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model), one_kernel,
+                      paths.winner_kernel is not False)
     copies = feedback_copies(cost.world, tokens, one_kernel, paths)
     if fused(rows) and not last_only and not verify and copies:
         plan.append(cost.kernel("feedback copies", "head", "copy", copies))
@@ -287,10 +289,10 @@ def feedback_copies(world: int, tokens: int, argmax_kernel: bool, paths: CodePat
     """Device copies of a decode graph's choice after its pick. Now: none where one rank's argmax
     kernel writes the graph's token buffer itself (which is also the next step's input), else one.
     Before (paths.ids_in_place False): the choice was copied to the ids and, at one new token, to
-    the next step's input as well."""
+    the next step's input as well; several ranks copied torch's winner until the winner kernel."""
     if paths.ids_in_place is False:
         return 2 if tokens == 1 else 1
-    return 0 if world == 1 and argmax_kernel else 1
+    return 0 if argmax_kernel and (world == 1 or paths.winner_kernel is not False) else 1
 
 
 def argmax_in_one_kernel(model, paths: CodePaths = CURRENT_CODE) -> bool:
@@ -306,10 +308,12 @@ def argmax_in_one_kernel(model, paths: CodePaths = CURRENT_CODE) -> bool:
 
 
 def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str, logit_bytes: int = 2,
-              kernel: bool = True) -> list[PlanItem]:
+              kernel: bool = True, winner_kernel: bool = True) -> list[PlanItem]:
     """sampling.distributed_argmax over `batch` rows: one rank, the argmax and the vocabulary
     offset (ONE launch of the argmax kernel); several, each rank's (max, id) pair, their
-    all-gather of fp32, the winner. kernel False: torch's one-block argmax and its elementwise ops."""
+    all-gather of fp32, the winner (on the kernels ONE launch of argmax.pick_winner, unless
+    winner_kernel is False: a commit before it, torch's ops). kernel False: torch's one-block
+    argmax and its elementwise ops."""
     logits = batch * vocab_per_rank * logit_bytes
     if kernel:
         local = [cost.argmax_kernel("argmax" if cost.world == 1 else "local max + id", part, logits)]
@@ -321,7 +325,7 @@ def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str, logit
     if cost.world == 1:
         return local
     return local + [Collective("all_gather", "argmax all-gather", part, batch * 2 * 4),
-                    cost.kernel("winner", part, "elementwise", GATHER_OPS_AFTER)]
+                    cost.kernel("winner", part, "elementwise", 1 if kernel and winner_kernel else GATHER_OPS_AFTER)]
 
 
 def flatten(cost: CostModel, plan: list[PlanItem]) -> list[Op]:

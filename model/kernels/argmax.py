@@ -122,6 +122,26 @@ if triton is not None:
                     write_latest_stamp(stamps_ptr, stamp_slot)
 
 
+    @triton.jit
+    def _winner_kernel(pairs_ptr, out_ptr, rows, stride_o, stamps_ptr, stamp_slot, WORLD: tl.constexpr,
+                       WORLD_P2: tl.constexpr, STAMP: tl.constexpr, PDL: tl.constexpr):
+        """Program `row`: of the ranks' (max, id) pairs (WORLD, rows, 2), the id torch.argmax of the
+        whole row picks (_best: NaN first, then the largest value, the lowest id between equals: the
+        ranks hold ascending vocabulary slices), written as int64."""
+        pdl_wait(PDL)  # the pairs come from the all-gather just before
+        pdl_launch_dependents(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        ranks = tl.arange(0, WORLD_P2)
+        ok = ranks < WORLD
+        at = pairs_ptr + (ranks * rows + row) * 2
+        v = tl.load(at, mask=ok, other=float("-inf"))
+        i = tl.where(ok, tl.load(at + 1, mask=ok, other=0.0).to(tl.int32), NO_INDEX_C)  # ids < 2^24: exact
+        _, winner = _best(v, i)
+        tl.store(out_ptr + row * stride_o, winner.to(tl.int64))
+        if STAMP:
+            write_latest_stamp(stamps_ptr, stamp_slot)
+
+
 def available(logits: torch.Tensor) -> bool:
     """True when the kernel takes `logits`: a (B, V) float32/bf16/fp16 tensor with unit stride along V
     on CUDA (or on the CPU under Triton's interpreter)."""
@@ -200,6 +220,30 @@ def max_argmax(logits: torch.Tensor, *, valid: int | None = None, offset: int = 
     n_cols = _check(logits, valid, block, max_programs)
     out = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)  # (B, 2)
     _launch(logits, out, n_cols, int(offset), True, block, max_programs)
+    return out
+
+
+def pick_winner(pairs: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """pairs (world, B, 2) float32: every rank's max_argmax of its vocabulary slice (ranks in
+    vocabulary order), as the vocab-parallel argmax all-gathers them. Returns (B,) int64 (into
+    `out` when given, as `argmax`): the id torch.argmax of the whole row picks, in ONE launch (it
+    replaces torch's max / compare / argmax / gather / cast and the copy into a graph's ids)."""
+    if pairs.dim() != 3 or pairs.shape[2] != 2 or pairs.dtype != torch.float32 or not pairs.is_contiguous():
+        raise ValueError(f"pick_winner: pairs must be a contiguous float32 (world, B, 2) tensor, got {pairs.dtype} "
+                         f"{tuple(pairs.shape)}")
+    if not (pairs.is_cuda or (INTERPRETED and pairs.device.type == "cpu")) or triton is None:
+        raise ValueError(f"pick_winner: needs Triton and a CUDA tensor (or Triton's interpreter), got {pairs.device}")
+    world, rows = pairs.shape[:2]
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=pairs.device)  # (B,)
+    elif out.shape != (rows,) or out.dtype != torch.int64 or out.device != pairs.device:
+        raise ValueError(f"pick_winner: out must be an int64 ({rows},) tensor on {pairs.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if rows:
+        stamps, slot = gpu_stamps.step_edge("end")  # a traced graph's last kernel at several ranks
+        _winner_kernel[(rows,)](pairs, out, rows, out.stride(0), stamps if stamps is not None else out, slot,
+                                WORLD=world, WORLD_P2=triton.next_power_of_2(world), STAMP=stamps is not None,
+                                num_warps=1, **pdl_kwargs(pairs))
     return out
 
 
