@@ -2,7 +2,7 @@
 # One device call (nvidia-h200-x2): are world-2 greedy tokens (embedded model, bf16) the same at HEAD and at the
 # session-start commit (ee83328, .device/base.tar.gz), graph and eager? (They differed from world 1 at e004bb9.)
 source benchmarks/device_prelude.sh
-mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
+mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base && cp -r model/assets /tmp/base/model/  # the same weights (left out of the archive)
 G="generate --device cuda --dtype bf16 --prompt The_DGX_B200_node_is --max-new-tokens 200 --ignore-eos --json --no-spec"
 step head-w2 90 python -m launch $G --world-size 2
 step head-w2-eager 90 python -m launch $G --world-size 2 --cuda-graphs off
