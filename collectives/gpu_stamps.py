@@ -35,30 +35,26 @@ from collectives.triton_support import INTERPRETED, tl, triton
 if triton is not None:
     if INTERPRETED:
         @triton.jit
-        def write_stamp(stamps_ptr, index):
-            """Stores a stand-in time (the slot index x 1000) into stamps_ptr[index]."""
-            tl.store(stamps_ptr + index, index.to(tl.int64) * 1000)
+        def _now(index):
+            """A stand-in time under the interpreter: the slot index x 1000."""
+            return index.to(tl.int64) * 1000
     else:
         @triton.jit
-        def write_stamp(stamps_ptr, index):
-            """Stores the GPU's global nanosecond timer into stamps_ptr[index]."""
-            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                            is_pure=False, pack=1)
-            tl.store(stamps_ptr + index, now)
+        def _now(index):
+            """The GPU's global nanosecond timer."""
+            return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                             pack=1)
 
-    if INTERPRETED:
-        @triton.jit
-        def write_latest_stamp(stamps_ptr, index):
-            """The interpreter's stand-in for write_latest_stamp below (slot index x 1000)."""
-            tl.atomic_max(stamps_ptr + index, index.to(tl.int64) * 1000)
-    else:
-        @triton.jit
-        def write_latest_stamp(stamps_ptr, index):
-            """Keeps the latest of several programs' timer reads in stamps_ptr[index] (an atomic max:
-            the timer only grows, so what a previous replay left there is always older)."""
-            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                            is_pure=False, pack=1)
-            tl.atomic_max(stamps_ptr + index, now)
+    @triton.jit
+    def write_stamp(stamps_ptr, index):
+        """Stores the time now into stamps_ptr[index]."""
+        tl.store(stamps_ptr + index, _now(index))
+
+    @triton.jit
+    def write_latest_stamp(stamps_ptr, index):
+        """Keeps the latest of several programs' times in stamps_ptr[index] (an atomic max: the timer
+        only grows, so what a previous replay left there is always older)."""
+        tl.atomic_max(stamps_ptr + index, _now(index))
 
     @triton.jit
     def _stamp_kernel(stamps_ptr, index):
