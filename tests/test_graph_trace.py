@@ -38,17 +38,45 @@ def test_stamps_become_collectives_and_stage_spans(arrived):
     assert all(named[i][4] == rows[i][7] for i in range(4))  # a stage ends where its call starts
 
 
+@pytest.mark.parametrize("extra", [1, 2])
+def test_several_ranks_stamp_the_embedding_all_reduce_and_the_pick_all_gather(extra):
+    """At several ranks the step's first fused call is the embedding's all-reduce and (symm) its last
+    the greedy pick's all-gather: collective rows of layer -1 around the layers' rows, as a host-traced
+    step has them; attention starts where the embedding's call ends, the LM head ends where the
+    pick's gather starts."""
+    stamps = _stamps(2, True)  # 4 layer calls
+    t = stamps[-1][1]
+    extra_calls = [((kind, "all_reduce", 64, torch.float32), t + 12 + k) for k, kind in enumerate(("begin", "arrived", "end"))]
+    stamps = [stamps[0]] + [((kind, *OP), 100 + k) for k, kind in enumerate(("begin", "arrived", "end"))] \
+        + [(label, time + 10) for label, time in stamps[1:-1]] + (extra_calls if extra == 2 else []) \
+        + [(("step", "end"), t + 20)]
+    coll, spans, (t0, t1) = stamp_rows(stamps, ["moe", "mlp"], [0, 1], itertools.count().__next__, 3, 0)
+    rows = [coll[i:i + 10] for i in range(0, len(coll), 10)]
+    assert [r[5] for r in rows] == [-1, 0, 0, 1, 1] + [-1] * (extra - 1)
+    assert [r[2] for r in rows] == list(range(len(rows)))
+    named = [spans[i:i + 5] for i in range(0, len(spans), 5)]
+    assert named[0][:2] == ["attention", 0] and named[0][3] == rows[0][8]  # from the embedding call's end
+    assert named[-1][:2] == ["lm_head", -1] and named[-1][4] == (rows[-1][7] if extra == 2 else t1)
+    assert t0 == 100 and all(s[3] <= s[4] for s in named)
+
+
 def test_stamps_of_the_wrong_shape_are_refused():
     with pytest.raises(StampError, match="two per layer"):
-        stamp_rows(_stamps(2, False), ["moe"], [0], itertools.count().__next__, 0, 0)
+        stamp_rows(_stamps(3, False), ["moe"], [0], itertools.count().__next__, 0, 0)
+    with pytest.raises(StampError, match="two per layer"):
+        stamp_rows(_stamps(1, False), ["moe", "mlp"], [0], itertools.count().__next__, 0, 0)
     with pytest.raises(StampError, match="begin and end"):
         stamp_rows(_stamps(1, False)[1:], ["moe"], [0], itertools.count().__next__, 0, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph replay needs a GPU")
-def test_traced_gpu_run_replays_graphs_with_the_untraced_tokens(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_traced_gpu_run_replays_graphs_with_the_untraced_tokens(tmp_path, world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+
     def generate(*extra):
-        run = subprocess.run([sys.executable, "-m", "launch", "generate", "--device", "cuda", "--world-size", "1",
+        run = subprocess.run([sys.executable, "-m", "launch", "generate", "--device", "cuda", "--world-size", str(world),
                               "--dtype", "bf16", "--no-spec", "--prompt", "The DGX B200 node is", "--max-new-tokens",
                               "40", "--ignore-eos", "--json", *extra], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -61,3 +89,4 @@ def test_traced_gpu_run_replays_graphs_with_the_untraced_tokens(tmp_path):
     assert len(steps) >= 30  # the decode steps replayed graphs
     colls = [c for c in trace.ranks[0].collectives if c["s"] == steps[5]["s"]]
     assert colls and all(steps[5]["t0"] <= c["t0"] <= c["t1"] <= steps[5]["t1"] for c in colls)
+    assert len(trace.ranks) == world

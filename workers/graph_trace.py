@@ -55,16 +55,30 @@ def stamp_rows(stamps: list[tuple[tuple, int]], stage_names: list[str], group: l
             if kind == "end":
                 calls.append(current)
                 current = None
-    if len(calls) != 2 * len(stage_names):
-        raise StampError(f"{len(calls)} fused calls in a step of {len(stage_names)} layers (two per layer expected)")
+    n_layers = len(stage_names)
+    if not 2 * n_layers <= len(calls) <= 2 * n_layers + 2:
+        raise StampError(f"{len(calls)} fused calls in a step of {n_layers} layers (two per layer expected, and at "
+                         "several ranks the embedding's all-reduce and the pick's all-gather)")
+    # several ranks: the embedding's all-reduce comes before the layers' calls and, where it is fused (symm),
+    # the greedy pick's all-gather after them; both are the step's own (layer -1), as a host-traced step has them
+    before = 1 if len(calls) > 2 * n_layers else 0
+    after = len(calls) - 2 * n_layers - before
     t_begin, t_end = stamps[0][1] + offset_ns, stamps[-1][1] + offset_ns
+
+    def row(call: dict, layer: int) -> list:
+        return [call["op"], group, next_seq(), call["bytes"], call["dtype"], layer, step, call["t0"], call["end"], None]
     coll, spans, previous_end = [], [], t_begin
-    for i, call in enumerate(calls):
+    if before:
+        coll += row(calls[0], -1)
+        previous_end = calls[0]["end"]
+    for i, call in enumerate(calls[before:before + 2 * n_layers]):
         layer = i // 2
         spans += ["attention" if i % 2 == 0 else stage_names[layer], layer, step, previous_end, call["t0"]]
-        coll += [call["op"], group, next_seq(), call["bytes"], call["dtype"], layer, step, call["t0"], call["end"], None]
+        coll += row(call, layer)
         previous_end = call["end"]
-    spans += ["lm_head", -1, step, previous_end, t_end]
+    spans += ["lm_head", -1, step, previous_end, calls[-1]["t0"] if after else t_end]
+    if after:
+        coll += row(calls[-1], -1)
     return coll, spans, (t_begin, t_end)
 
 
