@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -61,6 +62,18 @@ def steps(kernels: list[dict]) -> list[list[dict]]:
     n = len(names)
     period = next(p for p in range(1, n + 1) if n % p == 0 and names[p:] == names[:n - p])
     return [kernels[i:i + period] for i in range(0, n, period)]
+
+
+def trace_kernels(trace: Path) -> list[dict]:
+    """A trace's device activity in time order as step_trace.py writes it (start_us, dur_us, name):
+    its own format, or a chrome trace of `dgx-emu bench decode --profile` (workers/step_profile.py),
+    less the cache-length resets that profile makes between replays (outside the graph)."""
+    data = json.loads(trace.read_text())
+    if "kernels" in data:
+        return data["kernels"]
+    events = sorted((e for e in data["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy")
+                     and not e["name"].startswith("Memcpy DtoD")), key=lambda e: e["ts"])
+    return [{"start_us": e["ts"] - events[0]["ts"], "dur_us": e["dur"], "name": e["name"]} for e in events]
 
 
 def advances(step: list[dict]) -> list[float]:
@@ -97,31 +110,65 @@ def fit(trace: Path = TRACE) -> dict[str, float]:
 
 
 PAIR_TRACES = {tokens: TRACE.parent / f"h200-maverick-slice-fp8-t{tokens}-db3640e-trace.json" for tokens in (1, 4)}
+PAIR_TRACES_TP = {1: TRACE.parent / "h200x2-maverick-slice-fp8-tp1-4bacff0-chrome-trace.json",
+                  2: TRACE.parent / "h200x2-maverick-slice-fp8-tp2-4bacff0-chrome-trace.json"}  # one token each
+# one-row pair fit: the one-token TP1 traces; the TP2 trace and the 4-token one stay out of sample
+PAIR_M1_FIT_TRACES = ((PAIR_TRACES[1], 1), (PAIR_TRACES_TP[1], 1))
 
 
-def pair_layers(traces: dict[int, Path] = PAIR_TRACES) -> list[tuple[int, float, float]]:
-    """(tokens, traced seconds, modeled seconds) of each MoE layer's two FP8 pair launches
-    (model/kernels/moe_decode.py) in the maverick-slice step traces. Traced: the FC13 pair's advance
-    + the FC2 pair's + the add_rmsnorm's after them (it waits for the FC2 pair under PDL) less the
-    add_rmsnorm constant; modeled: the launch plan's two pair ops (workers/cost_model.py `pair`)."""
-    from cluster.hardware import node_spec
-    from launch.emulate_cli import _model_config
-    from workers.cost_model import CostModel
-    from workers.emulate import shape_only_model
-    from workers.launch_plan import pair_ops
-    model = shape_only_model(_model_config("maverick-slice"), 1, "tp", "fp8")
-    node = node_spec("hgx-h200")
-    cost, block = CostModel(node, 1), next(layer.feed_forward for layer in model.layers if layer.is_moe)
+def _traced_pairs(trace: Path, node, tp: int) -> list[float]:
+    """Seconds of each MoE layer's two pair launches in a one-rank-view trace: the FC13 pair's advance
+    + the FC2 pair's + the norm's after them (under PDL it waits for the FC2 pair) less the norm's
+    own cost (add_rmsnorm's constant; at TP2 the fused all-reduce's latency)."""
+    replays = steps(trace_kernels(trace))
+    per_position = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
+    names = [k["name"] for k in replays[0]]
+    norm = node.kernel_s["add_rmsnorm"] if tp == 1 else node.symm["allreduce_add_rmsnorm"].latency_s
     out = []
-    for tokens, trace in traces.items():
-        replays = steps(json.loads(trace.read_text())["kernels"])
-        per_position = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
-        names = [k["name"] for k in replays[0]]
-        modeled = sum(op.seconds for op in pair_ops(cost, block, tokens, tokens))
-        for i in (i for i, name in enumerate(names) if name == "_pair_kernel" and names[i + 1] == "_pair_kernel"):
-            assert names[i + 2] == "_add_rmsnorm_kernel", names[i:i + 3]
-            out.append((tokens, sum(per_position[i:i + 3]) * 1e-6 - node.kernel_s["add_rmsnorm"], modeled))
+    for i in (i for i, name in enumerate(names) if name == "_pair_kernel" and names[i + 1] == "_pair_kernel"):
+        assert names[i + 2] in ("_add_rmsnorm_kernel", "_fused_allreduce_kernel"), names[i:i + 3]
+        out.append(sum(per_position[i:i + 3]) * 1e-6 - norm)
     return out
+
+
+def _pair_block(tp: int):
+    from launch.emulate_cli import _model_config
+    from workers.emulate import shape_only_model
+    model = shape_only_model(_model_config("maverick-slice"), tp, "tp", "fp8")
+    return next(layer.feed_forward for layer in model.layers if layer.is_moe)
+
+
+def pair_layers(traces: dict[int, Path] = PAIR_TRACES, tp: int = 1, node_name: str = "hgx-h200"
+                ) -> list[tuple[int, float, float]]:
+    """(tokens, traced seconds, modeled seconds) of each MoE layer's two FP8 pair launches
+    (model/kernels/moe_decode.py) in maverick-slice step traces (`traces`: tokens -> trace, at `tp`
+    ranks); modeled: the launch plan's two pair ops (workers/cost_model.py `pair`)."""
+    from cluster.hardware import node_spec
+    from workers.cost_model import CostModel
+    from workers.launch_plan import pair_ops
+    node = node_spec(node_name)
+    cost, block = CostModel(node, tp, "symm"), _pair_block(tp)
+    return [(tokens, traced, sum(op.seconds for op in pair_ops(cost, block, tokens, tokens)))
+            for tokens, trace in traces.items() for traced in _traced_pairs(trace, node, tp)]
+
+
+def fit_pair_m1(node_name: str = "hgx-h200") -> float:
+    """The one-row FP8 pair's bandwidth fraction (node calibration `pair_fp8_m1_bandwidth_fraction`):
+    each one-token TP1 MoE layer's traced pair time = 2 x the CUDA-core GEMV fit's fixed cost + its
+    shared and routed weight bytes / (fraction x copy bandwidth); the median over the layers of
+    PAIR_M1_FIT_TRACES. (The fp8_m1 GEMV fit, 0.78, is of dense weights; the gathered pair streams
+    slower.)"""
+    from cluster.hardware import node_spec
+    from workers.cost_model import CostModel
+    node = node_spec(node_name)
+    cost, block = CostModel(node, 1), _pair_block(1)
+    experts, shared = block.experts, block.shared_expert
+    nbytes = sum(cost.bytes_of(linear) + cost.expert_bytes(experts, which)
+                 for which, linear in (("gate_up_proj", shared.gate_up_proj), ("down_proj", shared.down_proj)))
+    fixed = 2 * node.gemv["fp8_m1"].fixed_s
+    fractions = [nbytes / ((traced - fixed) * node.copy_bytes_per_s)
+                 for trace, tp in PAIR_M1_FIT_TRACES for traced in _traced_pairs(trace, node, tp)]
+    return statistics.median(fractions)
 
 
 def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
@@ -138,22 +185,24 @@ def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
 
 
 def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16", tokens: int = 1,
-            context: int = CONTEXT, node_name: str = "hgx-h200") -> list[tuple[str, str, float, float]]:
+            context: int = CONTEXT, node_name: str = "hgx-h200", tp: int = 1) -> list[tuple[str, str, float, float]]:
     """The trace's launches beside the emulator's plan of the same step, one to one: (plan op,
     traced kernel, measured advance us, modeled us), an op of n launches split evenly. The plan is
     of the commit the trace names in its file name (launch_plan.CodePaths via the validation's
-    measured_code). Raises if the launch counts differ."""
+    measured_code), at `tp` ranks over the symm collectives (rank 0's trace). Raises if the launch
+    counts differ."""
     from benchmarks.emulator_validation import COMMIT, measured_code
     from cluster.hardware import node_spec
     from launch.emulate_cli import _model_config
     from workers.emulate import estimate_step, shape_only_model
 
-    replays = steps(json.loads(trace.read_text())["kernels"])
+    replays = steps(trace_kernels(trace))
     measured = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
-    named = COMMIT.search(trace.stem.removesuffix("-trace"))
+    named = re.search(r"-([0-9a-f]{7})(?:-chrome)?-trace$", trace.stem) or COMMIT.search(trace.stem.removesuffix("-trace"))
     paths = measured_code(named.group(1)) if named else None
-    model = shape_only_model(_model_config(model_name), 1, "tp", dtype)
-    est = estimate_step(model, node_spec(node_name), 1, tokens, context, **({"paths": paths} if paths else {}))
+    model = shape_only_model(_model_config(model_name), tp, "tp", dtype)
+    est = estimate_step(model, node_spec(node_name), 1, tokens, context, **({"comm": "symm"} if tp > 1 else {}),
+                        **({"paths": paths} if paths else {}))
     planned = [(op.name, op.seconds / op.launches) for op in est.ops for _ in range(op.launches)]
     if len(planned) != len(measured):
         raise ValueError(f"the plan has {len(planned)} launches, the trace {len(measured)} a replay")
@@ -164,13 +213,14 @@ def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", type=Path, default=TRACE)
+    p.add_argument("--tp", type=int, default=1, help="--compare: the trace's tensor-parallel size (symm collectives)")
     p.add_argument("--compare", nargs=3, metavar=("MODEL", "DTYPE", "TOKENS"),
                    help="instead: the trace's launches beside the plan of that step, summed per plan op")
     args = p.parse_args(argv)
     if args.compare:
         model_name, dtype, tokens = args.compare
         totals: dict[str, list[float]] = {}
-        for name, _, adv, modeled in compare(args.trace, model_name, dtype, int(tokens)):
+        for name, _, adv, modeled in compare(args.trace, model_name, dtype, int(tokens), tp=args.tp):
             row = totals.setdefault(name, [0, 0.0, 0.0])
             row[0] += 1
             row[1] += adv

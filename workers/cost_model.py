@@ -180,8 +180,11 @@ class CostModel:
         # M rows cost M one-row passes (H200, gemv_bench --variants: 4.0x at M = 4, 3.7x at M = 16 the
         # one-row time at 8192x2048; the maverick-slice step traces: benchmarks/kernel_fit.py pair_layers)
         passes = rows if fp8 else 1
-        streamed = (fit.fixed_s + passes * shared_bytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
-                    + routed_bytes / (routed_fit.bandwidth_fraction * node.copy_bytes_per_s))
+        shared_fraction, routed_fraction = fit.bandwidth_fraction, routed_fit.bandwidth_fraction
+        if fp8 and rows == 1 and node.pair_fp8_m1_bandwidth_fraction is not None:  # fitted on the pair's own traces
+            shared_fraction = routed_fraction = node.pair_fp8_m1_bandwidth_fraction
+        streamed = (fit.fixed_s + passes * shared_bytes / (shared_fraction * node.copy_bytes_per_s)
+                    + routed_bytes / (routed_fraction * node.copy_bytes_per_s))
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
         return Op(name, "gemv", "moe", max(streamed, computed), shared_bytes + routed_bytes)
 
@@ -241,7 +244,12 @@ class CostModel:
         if self.comm == "symm" and c.call in ("all_reduce", "allreduce_add_rmsnorm", "all_gather"):
             fit = self.node.symm["allreduce_add_rmsnorm" if c.call == "allreduce_add_rmsnorm" else "all_reduce"]
             m = c.message_bytes * (n if c.call == "all_gather" else 1)  # a gather: n slots, summed
-            return [Op(c.name, "collective", c.part, fit.latency_s + (n - 1) * m / fit.bytes_per_s, (n - 1) * m)]
+            summed = Op(c.name, "collective", c.part, fit.latency_s + (n - 1) * m / fit.bytes_per_s, (n - 1) * m)
+            if c.call != "all_gather":
+                return [summed]
+            # collectives/symm_mem.py all_gather: zeroed slots, this rank's slot written, their sum, the cat
+            return [self.kernel(f"{c.name} slots", c.part, "elementwise"), self.kernel(f"{c.name} own slot", c.part, "copy"),
+                    summed, self.kernel(f"{c.name} cat", c.part, "elementwise")]
         if self.comm == "symm" and c.call in ("dispatch", "combine") and c.call in self.node.symm:
             fit, moved = self.node.symm[c.call], c.message_bytes * (n - 1) // n  # fitted at TP2: its rows / bandwidth
             return [Op(c.name, "collective", c.part, fit.latency_s + c.message_bytes / fit.bytes_per_s, moved)]

@@ -60,6 +60,7 @@ class NodeSpec:
     sources: dict
     symm: dict  # call -> LinkFit: the fused one-shot all-reduce(s) (collectives/symm_mem.py), the MoE
     # dispatch / combine kernels (collectives/moe_all_to_all.py) where the file has them
+    pair_fp8_m1_bandwidth_fraction: float | None = None  # the one-row FP8 MoE pair's (else the fp8_m1 GEMV's)
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -81,4 +82,5 @@ class NodeSpec:
                    float(cal["attention_bandwidth_fraction"]), float(cal["eager_launch_s"]),
                    float(cal["allreduce_latency_s"]), dict(raw.get("sources", {})),
                    {call: LinkFit(float(cal[f"symm_{key}_latency_s"]), float(cal[f"symm_{key}_bytes_per_s"]))
-                    for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal})
+                    for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal},
+                   float(cal["pair_fp8_m1_bandwidth_fraction"]) if "pair_fp8_m1_bandwidth_fraction" in cal else None)
