@@ -171,6 +171,24 @@ def fit_pair_m1(node_name: str = "hgx-h200") -> float:
     return statistics.median(fractions)
 
 
+COLLECTIVES = DISPATCH.parent / "h200x2-collectives.json"
+NCCL_FIT_TOKENS = (1, 4, 16)
+
+
+def fit_nccl_tp2(path: Path = COLLECTIVES, node_name: str = "hgx-h200") -> float:
+    """NCCL's all-reduce latency inside a CUDA graph at TP2 (node calibration
+    allreduce_latency_s_by_ranks["2"]): the mean over the graph-timed NCCL all_reduce rows at
+    NCCL_FIT_TOKENS of the measured time less the model's bytes term ((n - 1) x message / NVLink
+    one-way). The ar_rmsnorm, all_gather, padded-dispatch and 128-token NCCL rows are not fitted on."""
+    from cluster.hardware import node_spec
+    node = node_spec(node_name)
+    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "all_reduce" and r["impl"] == "nccl"
+            and r["mode"] == "graph" and r["tokens"] in NCCL_FIT_TOKENS]
+    assert len(rows) == len(NCCL_FIT_TOKENS) and all(r["tp"] == 2 for r in rows)
+    return statistics.mean(r["median_us"] * 1e-6 - r["tokens"] * r["hidden"] * 2 / node.nvlink_bytes_per_s_one_way
+                           for r in rows)
+
+
 def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
     """call -> (latency s, bytes/s) of the symm dispatch / combine graph rows (message: one rank's rows)."""
     data = json.loads(path.read_text())

@@ -213,6 +213,18 @@ def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
                for table in tables)
 
 
+def test_node_nccl_tp2_latency_is_the_fit_of_the_committed_collectives():
+    """The H200 (and, assumed from it, H100) node's NCCL latency at two ranks is kernel_fit.fit_nccl_tp2
+    over h200x2-collectives.json; other rank counts keep allreduce_latency_s (the TP4 anchor)."""
+    from benchmarks.kernel_fit import fit_nccl_tp2
+    latency = fit_nccl_tp2()
+    for name in ("h200", "h100"):
+        node = node_spec(name)
+        assert node.allreduce_latency(2) == pytest.approx(latency, rel=5e-3)
+        assert node.allreduce_latency(4) == node.allreduce_latency(8) == node.allreduce_latency_s
+    assert node_spec("b200").allreduce_latency(2) == node_spec("b200").allreduce_latency_s  # nothing measured
+
+
 def test_the_modeled_fp8_moe_pairs_are_near_the_traced_ones():
     """The maverick-slice FP8 step traces: each MoE layer's two pair launches against the plan's
     (benchmarks/kernel_fit.py pair_layers). Every node file's one-row pair fraction is fit_pair_m1's

@@ -8,7 +8,7 @@ errors a user sees) stays in cluster/hardware.py, which hands the parsed NodeSpe
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 SYMM_FITS = (("all_reduce", "allreduce"), ("allreduce_add_rmsnorm", "ar_rmsnorm"), ("dispatch", "dispatch"),
@@ -61,6 +61,11 @@ class NodeSpec:
     symm: dict  # call -> LinkFit: the fused one-shot all-reduce(s) (collectives/symm_mem.py), the MoE
     # dispatch / combine kernels (collectives/moe_all_to_all.py) where the file has them
     pair_fp8_m1_bandwidth_fraction: float | None = None  # the one-row FP8 MoE pair's (else the fp8_m1 GEMV's)
+    allreduce_latency_s_by_ranks: dict = field(default_factory=dict)  # ranks -> NCCL latency measured there
+
+    def allreduce_latency(self, ranks: int) -> float:
+        """NCCL's latency inside a CUDA graph at `ranks` ranks: measured there, else allreduce_latency_s."""
+        return self.allreduce_latency_s_by_ranks.get(ranks, self.allreduce_latency_s)
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -83,4 +88,5 @@ class NodeSpec:
                    float(cal["allreduce_latency_s"]), dict(raw.get("sources", {})),
                    {call: LinkFit(float(cal[f"symm_{key}_latency_s"]), float(cal[f"symm_{key}_bytes_per_s"]))
                     for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal},
-                   float(cal["pair_fp8_m1_bandwidth_fraction"]) if "pair_fp8_m1_bandwidth_fraction" in cal else None)
+                   float(cal["pair_fp8_m1_bandwidth_fraction"]) if "pair_fp8_m1_bandwidth_fraction" in cal else None,
+                   {int(n): float(s) for n, s in cal.get("allreduce_latency_s_by_ranks", {}).items()})
