@@ -209,7 +209,7 @@ def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16"
     of the commit the trace names in its file name (launch_plan.CodePaths via the validation's
     measured_code), at `tp` ranks over the symm collectives (rank 0's trace). Raises if the launch
     counts differ."""
-    from benchmarks.emulator_validation import COMMIT, measured_code
+    from benchmarks.emulator_validation import COMMIT, fp8_as_measured, measured_code
     from cluster.hardware import node_spec
     from launch.emulate_cli import _model_config
     from workers.emulate import estimate_step, shape_only_model
@@ -219,8 +219,9 @@ def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16"
     named = re.search(r"-([0-9a-f]{7})(?:-chrome)?-trace$", trace.stem) or COMMIT.search(trace.stem.removesuffix("-trace"))
     paths = measured_code(named.group(1)) if named else None
     model = shape_only_model(_model_config(model_name), tp, "tp", dtype)
-    est = estimate_step(model, node_spec(node_name), 1, tokens, context, **({"comm": "symm"} if tp > 1 else {}),
-                        **({"paths": paths} if paths else {}))
+    with fp8_as_measured(node_spec(node_name), named.group(1) if named else "HEAD", dtype) as node:
+        est = estimate_step(model, node, 1, tokens, context, **({"comm": "symm"} if tp > 1 else {}),
+                            **({"paths": paths} if paths else {}))
     planned = [(op.name, op.seconds / op.launches) for op in est.ops for _ in range(op.launches)]
     if len(planned) != len(measured):
         raise ValueError(f"the plan has {len(planned)} launches, the trace {len(measured)} a replay")
