@@ -500,3 +500,25 @@ def test_tuned_fp8_gemv_tiles_are_the_measured_best():
         heuristic = next(r for r in rows if r["variant"] == "heuristic")
         assert best["config"] == tuned, (n, k, best)
         assert best["us"] <= 0.9 * heuristic["us"], (n, k, best["us"], heuristic["us"])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantization_pre_pass_one_load_equals_the_two_passes(monkeypatch, static):
+    """fp8_mma.prequantize loads a row of up to ONE_PASS_MAX_K values once; longer rows take the amax
+    pass and the quantization pass in 2048-wide steps. Both give the same e4m3 bytes and scales, the
+    module reference's (rows whose quantization is exact; with row scores, powers of two)."""
+    from collectives.communicator import quantize_fp8
+    from model.kernels import fp8_mma
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    x = _exact_fp8_rows(gen, 3, 4100, torch.bfloat16, [-8, -3, 2])  # K not a power of two: masked lanes
+    scores = (-torch.randint(0, 3, (3,), generator=gen).float()).exp2().to(DEVICE)
+    act = torch.tensor(2.0 ** -10, device=DEVICE) if static else "token"  # x / 2^-10: e4m3 values or saturated
+    one_pass = fp8_mma.prequantize(x, scores, act)
+    monkeypatch.setattr(fp8_mma, "ONE_PASS_MAX_K", 2048)
+    two_passes = fp8_mma.prequantize(x, scores, act)
+    assert torch.equal(one_pass[0].view(torch.uint8), two_passes[0].view(torch.uint8))
+    assert torch.equal(one_pass[1], two_passes[1])
+    scored = (x.float() * scores[:, None]).to(x.dtype)  # the kernels' row scaling: one rounding to x's dtype
+    scale = act.expand(3) if static else scored.float().abs().amax(-1).clamp(min=1e-12) * (1.0 / 448)  # (M,)
+    assert torch.equal(one_pass[0].float(), quantize_fp8(scored, scale[:, None]).float())
+    assert torch.equal(one_pass[1], scale.float())

@@ -31,6 +31,7 @@ from collectives.triton_support import pdl_kwargs, tl, triton
 ROWS = 16  # activation rows of every dot (M <= 16, zero-padded)
 PROMOTE_K = 128  # FP8 products summed inside the tensor core before a float32 add (DeepSeek-V3's interval)
 FP8 = torch.float8_e4m3fn
+ONE_PASS_MAX_K = 16384  # rows the quantization pre-pass loads whole (32 values a thread at 16 warps)
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -49,11 +50,20 @@ if triton is not None:
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xs, div = gm.x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            q = gm.quantize(gm.load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
-            tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
+        if BLOCK_K >= K:  # the whole row in registers: one load, its amax, its quantization (no reload)
+            ks = tl.arange(0, BLOCK_K)
+            x = gm.load_x(x_row + ks, ks < K, rs, ROW_SCALE)
+            if QUANT == 2:
+                xs, div = gm.dynamic_scale(tl.max(tl.abs(x), axis=0))
+            else:
+                xs, div = gm.x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+            tl.store(q_ptr + row * K + ks, gm.quantize(x, div).to(tl.float8e4nv), mask=ks < K)
+        else:
+            xs, div = gm.x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                q = gm.quantize(gm.load_x(x_row + ks, ks < K, rs, ROW_SCALE), div)
+                tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
         tl.store(scale_ptr + row, xs)
 
     @triton.jit
@@ -165,14 +175,20 @@ def fp8_mma(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weig
 
 
 def prequantize(x: torch.Tensor, row_scale: torch.Tensor | None, act_quant) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (row scale applied) as e4m3 (M, K) and its float32 scales (M,), one program per row."""
+    """x (row scale applied) as e4m3 (M, K) and its float32 scales (M,), one program per row. A row
+    of up to ONE_PASS_MAX_K values is loaded once and quantized from registers (the H200 trace of
+    the maverick-slice TP2 step at 4bacff0 shows the looping pre-pass taking ~5 us after its input
+    was ready, for one 5120-wide row: three dependent 2048-wide loads, then three more)."""
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=FP8, device=x.device)  # (M, K) scratch
     xs = torch.empty((m,), dtype=torch.float32, device=x.device)  # (M,) scratch
     static = isinstance(act_quant, torch.Tensor)
+    block = triton.next_power_of_2(k)
+    if block > ONE_PASS_MAX_K:  # longer rows: the amax pass, then the quantization pass, in 2048-wide steps
+        block = 2048
     _quantize_kernel[(m,)](x, x if row_scale is None else row_scale, act_quant if static else x, x_q, xs,
                            x.stride(0), K=k, ROW_SCALE=row_scale is not None, QUANT=1 if static else 2,
-                           BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, **pdl_kwargs(x))
+                           BLOCK_K=block, num_warps=min(16, max(4, block // 1024)), **pdl_kwargs(x))
     return x_q, xs
 
 

@@ -66,10 +66,14 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 amax = tl.maximum(amax, tl.abs(load_x(x_row + ks, ks < K, rs, ROW_SCALE)))
-            row_amax = tl.max(amax, axis=0)
-            xs = tl.maximum(row_amax, MIN_AMAX_C) * INV_FP8_MAX_C
-            div = tl.where(row_amax > 0, xs, 1.0)
+            xs, div = dynamic_scale(tl.max(amax, axis=0))
         return xs, div
+
+    @triton.jit
+    def dynamic_scale(row_amax):
+        """(scale, divisor) of a row whose |x| max is row_amax (x_scale's QUANT 2)."""
+        xs = tl.maximum(row_amax, MIN_AMAX_C) * INV_FP8_MAX_C
+        return xs, tl.where(row_amax > 0, xs, 1.0)
 
     @triton.jit
     def epilogue(g, u, xs, ws_g, ws_u, QUANT: tl.constexpr, SWIGLU: tl.constexpr):
