@@ -160,11 +160,9 @@ def fit_pair_m1(node_name: str = "hgx-h200") -> float:
     slower.)"""
     from cluster.hardware import node_spec
     from workers.cost_model import CostModel
+    from workers.launch_plan import pair_ops
     node = node_spec(node_name)
-    cost, block = CostModel(node, 1), _pair_block(1)
-    experts, shared = block.experts, block.shared_expert
-    nbytes = sum(cost.bytes_of(linear) + cost.expert_bytes(experts, which)
-                 for which, linear in (("gate_up_proj", shared.gate_up_proj), ("down_proj", shared.down_proj)))
+    nbytes = sum(op.bytes for op in pair_ops(CostModel(node, 1), _pair_block(1), 1, 1))  # shared + one routed expert
     fixed = 2 * node.gemv["fp8_m1"].fixed_s
     fractions = [nbytes / ((traced - fixed) * node.copy_bytes_per_s)
                  for trace, tp in PAIR_M1_FIT_TRACES for traced in _traced_pairs(trace, node, tp)]

@@ -405,8 +405,9 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
                                               cfg, _counters)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
-    tuned = TUNED_FP8_GEMV.get((n_out, k), {}) if weight.dtype == FP8 and m == 1 and not (gather or swiglu) else {}
-    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **(tuned if layout == "k" else {}),
+    dense_fp8_row = weight.dtype == FP8 and m == 1 and layout == "k" and not (gather or swiglu)
+    tuned = TUNED_FP8_GEMV.get((n_out, k), {}) if dense_fp8_row else {}
+    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **tuned,
            **(defaults(weight.dtype, gemv) if config is None else config)}
     if cfg.pop("MMA", False):
         raise ValueError("linear_small_m: MMA (FP8 on the tensor cores) takes dense FP8 weights, not experts")
