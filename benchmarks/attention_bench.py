@@ -15,6 +15,7 @@ bandwidth measured in the same run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -47,14 +48,50 @@ def cases(shape: str, context: int, n_new: int):
     return out
 
 
-def run(qkv, positions, start, k_cache, v_cache, shape: str, n_splits, block_s):
+@functools.lru_cache(maxsize=None)
+def _inv_freq(head_dim: int) -> torch.Tensor:
+    """Made once: inside the timed graph it would add its own kernels to every call."""
+    return 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+
+
+def run(qkv, positions, start, k_cache, v_cache, shape: str, n_splits, block_s, launch=None, temperature=True):
     from model.kernels.decode_attention import rope_decode_attention
     n_heads, n_kv_heads, head_dim = SHAPES[shape]
-    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
     return rope_decode_attention(qkv, positions, start, k_cache, v_cache, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                 head_dim=head_dim, inv_freq=inv_freq, use_rope=True, use_qk_norm=False, eps=1e-5,
-                                 temperature=(8192.0, 0.1), scale=head_dim ** -0.5, n_splits=n_splits,
-                                 block_s=block_s)
+                                 head_dim=head_dim, inv_freq=_inv_freq(head_dim), use_rope=True, use_qk_norm=False,
+                                 eps=1e-5, temperature=(8192.0, 0.1) if temperature else None,
+                                 scale=head_dim ** -0.5, n_splits=n_splits, block_s=block_s, launch=launch)
+
+
+# --variants: what the fused kernel's time is made of, at context 512 (the decode benchmarks' context)
+VARIANTS = [("default", {}), ("no L2 prefetch", {"prefetch": False}), ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}),
+            ("merge unroll 8", {"launch": {"MERGE_UNROLL": 8}}), ("warps 2", {"launch": {"num_warps": 2}}),
+            ("warps 8", {"launch": {"num_warps": 8}}), ("stages 1", {"launch": {"num_stages": 1}}),
+            ("no temperature", {"temperature": False}), ("splits 4", {"n_splits": 4}), ("splits 16", {"n_splits": 16}),
+            ("splits 4 unroll 4", {"n_splits": 4, "launch": {"MERGE_UNROLL": 4}})]
+
+
+def variants(bandwidth: float) -> list[dict]:
+    """Each VARIANTS entry timed per shape at context 512 (1 and 4 new tokens), against the default."""
+    from collectives import triton_support
+    results = []
+    for shape in SHAPES:
+        for n_new in (1, 4):
+            inputs = cases(shape, 512, n_new)
+            want = run(*[t.clone() for t in inputs[0]], shape, None, None).float()
+            for name, knobs in VARIANTS:
+                triton_support.L2_PREFETCH = knobs.get("prefetch", True)
+                kw = dict(n_splits=knobs.get("n_splits"), block_s=None, launch=knobs.get("launch"),
+                          temperature=knobs.get("temperature", True))
+                got = run(*[t.clone() for t in inputs[0]], shape, **kw).float()
+                if knobs.get("temperature", True) and not torch.allclose(got, want, rtol=2e-2, atol=2e-2):
+                    raise AssertionError(f"{shape} T {n_new}: variant {name} differs by {(got - want).abs().max():.3g}")
+                it = iter(range(1 << 30))
+                us = bench(lambda: run(*inputs[next(it) % CALLS], shape, **kw), CALLS)
+                results.append({"shape": shape, "context": 512, "tokens": n_new, "variant": name, "us": us})
+                print(f"  {shape} T {n_new} {name}: {us:.2f} us", flush=True)
+            triton_support.L2_PREFETCH = True
+    return results
 
 
 def main() -> None:
@@ -62,9 +99,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tokens", default="1,4")
+    parser.add_argument("--variants", action="store_true", help="time VARIANTS of the default plan at context 512")
     args = parser.parse_args()
     bandwidth = copy_tb_s()
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name()}")
+    if args.variants:
+        results = variants(bandwidth)
+        base = {(r["shape"], r["tokens"]): r["us"] for r in results if r["variant"] == "default"}
+        print_table(["shape", "tok", "variant", "us", "/ default"],
+                    [[r["shape"], r["tokens"], r["variant"], round(r["us"], 2), round(r["us"] / base[(r["shape"], r["tokens"])], 3)]
+                     for r in results])
+        if args.out:
+            args.out.write_text(json.dumps({"machine": machine(), "copy_tb_s": bandwidth, "command":
+                                            "python benchmarks/attention_bench.py --variants", "results": results}, indent=1))
+        return
     rows, results = [], []
     for shape in args.shapes.split(","):
         for context in CONTEXTS:

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from model.fp8 import fp8_values
 
-from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
+from collectives.triton_support import (INTERPRETED, L2_LINE_BYTES, ArrivalCounters, pdl_kwargs, prefetch_lines,
+                                        tl, triton)
 
 FP8 = torch.float8_e4m3fn
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,10 +49,11 @@ CPU_SMS = 132  # without CUDA (the interpreter): plan as for an H200
 MAX_SPLITS = 128
 TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dims, 128 fp8 keys
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
+PREFETCH_BLOCKS = 2  # key blocks per split asked of L2 before the PDL wait (the loop pipelines the rest)
 FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decode step: 16 KB; verify: 64 KB)
 
 if triton is not None:
-    from collectives.triton_support import pdl_launch_dependents, pdl_wait
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait, prefetch_l2
     from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
@@ -100,6 +102,26 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _split_bounds(start, split, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
+        """This split's share [lo, hi) of the row's live keys [0, start + T), in whole blocks."""
+        n_keys = tl.minimum(start + T, s_max).to(tl.int32)
+        per_split = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S
+        lo = split * per_split
+        return lo, tl.minimum(lo + per_split, n_keys)
+
+    @triton.jit
+    def _prefetch_split(k_ptr, v_ptr, start_ptr, b, bh, split, ss_b, s_max, T: tl.constexpr, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, LINES: tl.constexpr,
+                        LINE_ELEMS: tl.constexpr):
+        """Asks L2 for the first LINES lines of this split's keys and values."""
+        lo, hi = _split_bounds(tl.load(start_ptr + b * ss_b), split, s_max, T, BLOCK_S, N_SPLITS)
+        elems = tl.arange(0, LINES) * LINE_ELEMS  # (LINES,) first element of each line
+        ok = elems < (hi - lo) * D
+        offs = bh * s_max * D + lo * D + elems
+        prefetch_l2(k_ptr + offs, ok)
+        prefetch_l2(v_ptr + offs, ok)
+
+    @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
                       count_ptr, out_ptr, inv_freq_ptr, ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t,
                       s_max, qk_scale, chunk, eps, floor_scale, attn_scale,
@@ -109,18 +131,25 @@ if triton is not None:
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
                       LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, ROPE_IN: tl.constexpr, T_P2: tl.constexpr,
                       USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 1,
+                      MERGE_UNROLL: tl.constexpr = 1):
         """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
         FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
         count_ptr, reset after) merges all splits into out, and no merge kernel runs. With ROPE_IN,
         q_ptr is the fused QKV projection (B, T, (Hq + 2 Hkv) D): the program makes its q rows, and
         the keys and values of the new tokens in its split, as qkv_rope.py does (no kernel of its own).
-        With PDL: waits for the kernel that wrote q and the new keys before anything else."""
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
+        With PDL: waits for the kernel that wrote q and the new keys before anything else, except with
+        PREFETCH_LINES: then it first asks L2 for the start of its split's keys and values (slots of
+        earlier steps; `start` is written by the step's first kernel, and a stale one only misplaces
+        the hint), PREFETCH_LINES lines of LINE_ELEMS cache elements each."""
         bh = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         b, h = bh // HKV, bh % HKV
+        if PREFETCH_LINES > 0:
+            _prefetch_split(k_ptr, v_ptr, start_ptr, b, bh, split, ss_b, s_max, T, D, BLOCK_S, N_SPLITS,
+                            PREFETCH_LINES, LINE_ELEMS)
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = t * GROUP + g
         row_ok = rows < T * GROUP
         t = rows // GROUP
@@ -136,10 +165,7 @@ if triton is not None:
         q = q.to(DOT_DT)
         # This split's share of the row's live keys [0, start + T), in whole blocks.
         start = tl.load(start_ptr + b * ss_b)
-        n_keys = tl.minimum(start + T, s_max).to(tl.int32)
-        per_split = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, n_keys)
+        lo, hi = _split_bounds(start, split, s_max, T, BLOCK_S, N_SPLITS)
         q_pos = t
         if CHUNKED:
             q_pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=0)
@@ -179,24 +205,27 @@ if triton is not None:
             counter = count_ptr + bh * tl.num_programs(2) + tl.program_id(2)
             if tl.atomic_add(counter, 1) == N_SPLITS - 1:
                 _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T, GROUP, HKV, D, N_SPLITS,
-                            BLOCK_R)
+                            BLOCK_R, MERGE_UNROLL)
                 tl.atomic_xchg(counter, 0)
 
     @triton.jit
     def _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T: tl.constexpr, GROUP: tl.constexpr,
-                    HKV: tl.constexpr, D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+                    HKV: tl.constexpr, D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                    UNROLL: tl.constexpr):
         """out[rows] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, in split order;
-        the partials come from other programs (other SMs): loaded through L2 (.cg)."""
+        the partials come from other programs (other SMs): loaded through L2 (.cg). UNROLL: the split
+        loops unrolled by this factor, so that several splits' loads are in flight at once (same sums,
+        same order)."""
         base = bh * N_SPLITS * rows_pad + rows  # (BLOCK_R,) scratch rows of split 0
         m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        for i in range(N_SPLITS):
+        for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
             m_max = tl.maximum(m_max, tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
                                               cache_modifier=".cg"))
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         d = tl.arange(0, D)
         total = tl.zeros((BLOCK_R,), tl.float32)
         o = tl.zeros((BLOCK_R, D), tl.float32)
-        for i in range(N_SPLITS):
+        for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
             w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
                                 cache_modifier=".cg") - m_ref)
             total += w * tl.load(l_ptr + base + i * rows_pad, mask=row_ok, other=0.0, cache_modifier=".cg")
@@ -359,12 +388,14 @@ def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: i
                           inv_freq, use_rope: bool, use_qk_norm: bool, eps: float,
                           temperature: tuple[float, float] | None, scale: float, chunk_size: int | None = None,
                           step_mask: torch.Tensor | None = None, k_scale=None, v_scale=None,
-                          n_splits: int | None = None, block_s: int | None = None) -> torch.Tensor:
+                          n_splits: int | None = None, block_s: int | None = None,
+                          launch: dict | None = None) -> torch.Tensor:
     """qkv_rope.qkv_rope_cache then decode_attention, in ONE launch where the merge fuses (a decode
     step's few rows): each split program makes its q rows from qkv, and writes (then reads) the new
     keys and values of its own slots. Same arguments as those two; the same cache bytes and q
     (the same math, compiled as there: no FMA contraction; so the attention's own float32 steps may
-    round apart from decode_attention's by an ulp on a GPU). Otherwise the two (or three) launches."""
+    round apart from decode_attention's by an ulp on a GPU). Otherwise the two (or three) launches.
+    launch: num_warps / num_stages for the split kernel instead of the plan's (benchmarks)."""
     from model.kernels import qkv_rope
     qkv_rope._check(qkv, positions, start, k_cache, v_cache, n_heads, n_kv_heads, head_dim, inv_freq, k_scale, v_scale)
     q_view = qkv[..., :n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # (B, T, Hq, D) view for the checks
@@ -381,13 +412,14 @@ def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: i
                 ROPE_IN=True, T_P2=triton.next_power_of_2(qkv.shape[1]), USE_ROPE=bool(use_rope),
                 USE_QK_NORM=bool(use_qk_norm), USE_TEMPERATURE=temperature is not None)
     return _attend(qkv, q_view, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale,
-                   plan, True, rope)
+                   plan, True, rope, launch)
 
 
 def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale, plan,
-            fused_merge: bool, rope: dict | None) -> torch.Tensor:
+            fused_merge: bool, rope: dict | None, launch: dict | None = None) -> torch.Tensor:
     """Launches the split kernel (and the merge kernel unless fused_merge). q_src: q, or with `rope`
-    (the kernel's RoPE arguments) the fused QKV projection; q: a (B, T, Hq, D) tensor or view of it."""
+    (the kernel's RoPE arguments) the fused QKV projection; q: a (B, T, Hq, D) tensor or view of it.
+    launch: num_warps / num_stages overrides for the split kernel."""
     batch, n_new, n_heads, head_dim = q.shape
     n_kv_heads, s_max = k_cache.shape[1], k_cache.shape[2]
     block_s, block_r, row_blocks, n_splits = plan
@@ -414,7 +446,8 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
         N_SPLITS=n_splits, HAS_MASK=step_mask is not None, CHUNKED=chunk_size is not None, FP8_CACHE=fp8_cache,
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
         CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED, FUSED_MERGE=fused_merge,
-        num_warps=8 if block_r * head_dim >= 8192 else 4, **rope, **pdl_kwargs(q),
+        **{"num_warps": 8 if block_r * head_dim >= 8192 else 4, **(launch or {})}, **rope, **pdl_kwargs(q),
+        **_prefetch(q, k_cache, block_s, n_splits),
         enable_fp_fusion=not rope["ROPE_IN"])  # RoPE in: compiled as qkv_rope.py is, libdevice's cos / sin too
     if fused_merge:
         return out
@@ -425,6 +458,14 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
         N_SPLITS=n_splits, SPLITS_P2=splits_p2, SPLIT_BLOCK=split_block,
         num_warps=min(8, max(2, split_block * head_dim // 2048)), **pdl_kwargs(q))
     return out
+
+
+def _prefetch(q: torch.Tensor, k_cache: torch.Tensor, block_s: int, n_splits: int) -> dict:
+    """The split kernel's L2 prefetch constexprs: up to PREFETCH_BLOCKS key blocks of its split."""
+    s_max, head_dim, element = k_cache.shape[2], k_cache.shape[3], k_cache.element_size()
+    slots = min(PREFETCH_BLOCKS * block_s, triton.cdiv(triton.cdiv(s_max, n_splits), block_s) * block_s)
+    lines = prefetch_lines(q, slots * head_dim * element)
+    return {"PREFETCH_LINES": lines, "LINE_ELEMS": L2_LINE_BYTES // element} if lines else {}
 
 
 def _dequantize(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
