@@ -18,7 +18,8 @@ rank before any kernel may push into it. The buffer holds messages of up to `cap
   * allreduce_add_rmsnorm: one launch for contiguous (..., H <= 8192) partial/residual of one dtype
     and at most `capacity` values, weight (H,), optional float32 scalar quant_scale; anything else
     (larger inputs, strided residuals) falls back to NCCL all_reduce + add_rmsnorm;
-  * all_gather, all_to_all, broadcast, barrier, dispatch/combine: NCCL.
+  * all_gather: float tensors the fused kernel takes as a sum of zero-padded slots (below);
+  * all_to_all, broadcast, barrier, dispatch/combine: NCCL.
 Every call is capturable in a CUDA graph (the kernel keeps its epochs in device memory), so
 `graph_capturable` is True. The fused kernel's results are the same bits on every rank (rank-order
 fp32 sums); NCCL's all-reduce order is its own, so the two backends agree to rounding only.
@@ -49,6 +50,43 @@ def cuda_device(device: torch.device | str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
+class GatherBySum:
+    """all_gather as a sum: rank r's slot holds x, the others 0, and x + 0 = x exactly, so the
+    all-reduce of the slots is the gather (a -0.0 comes back as +0.0). The slots of a shape are
+    zeroed once and kept (only this rank's slot is ever written, and the all-reduce writes its own
+    output), so a call is two launches, the slot's copy and the sum; along dim 0 the gather is a view
+    of the sum (no concatenation). Slots made during a CUDA graph capture would live in the graph's
+    pool, so a capture gets fresh ones (one more launch) unless an eager call of the shape (the
+    capture's warm-up) made them first; slots above KEPT_BYTES are made per call."""
+
+    KEPT_BYTES = 1 << 20
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size, self.kept = rank, world_size, {}
+
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        return x.dtype in GATHER_BY_SUM and x.dim() >= 1
+
+    def slots(self, x: torch.Tensor) -> torch.Tensor:
+        """(world, *x.shape) zeros: the kept ones of x's shape, or new ones."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        slots = self.kept.get(key)
+        if slots is None:
+            slots = x.new_zeros((self.world_size, *x.shape))
+            if slots.nbytes <= self.KEPT_BYTES and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self.kept[key] = slots
+        return slots
+
+    def __call__(self, x: torch.Tensor, dim: int, all_reduce) -> torch.Tensor:
+        slots = self.slots(x)
+        slots[self.rank].copy_(x)
+        gathered = all_reduce(slots)  # (world, *x.shape)
+        if dim % x.dim() == 0:
+            return gathered.flatten(0, 1)  # (world * x.shape[0], ...): what the cat along dim 0 gives
+        return torch.cat(gathered.unbind(0), dim=dim)
+
+
 class SymmMemCommunicator(DeviceDispatch, Communicator):
     backend = "symm"
     graph_capturable = True
@@ -67,6 +105,7 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
         self.moe = SymmetricMoeAllToAll(self.nccl, MoeLayout(world_size), timeout_s)
         torch.cuda.synchronize(self.device)
         self.nccl.barrier()  # every rank's flags are zero before any rank's kernel signals into them
+        self._gather = GatherBySum(rank, world_size)
         self._open = True
 
     def fused_all_reduce_takes(self, x: torch.Tensor) -> bool:
@@ -95,14 +134,10 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Small float tensors (the LM head's (max, id) pairs) as ONE fused all-reduce of zero-padded
-        slots: rank r's slot holds x, the others 0, and x + 0 = x exactly, so the sum is the gather
-        (a -0.0 comes back as +0.0). Everything else through NCCL."""
-        slots = x.new_zeros((self.world_size, *x.shape)) if x.dtype in GATHER_BY_SUM else None
-        if slots is None or not self.fused_all_reduce_takes(slots):
+        slots (GatherBySum); everything else through NCCL."""
+        if not self._gather.takes(x) or not self.fused_all_reduce_takes(self._gather.slots(x)):
             return self.nccl.all_gather(x, dim)
-        slots[self.rank] = x
-        gathered = self.fused.all_reduce(slots)  # (world, *x.shape)
-        return torch.cat(gathered.unbind(0), dim=dim)
+        return self._gather(x, dim, self.fused.all_reduce)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         return self.nccl.all_to_all(x, send_counts)

@@ -419,3 +419,24 @@ def test_the_fused_kernel_stamps_begin_arrival_and_end_while_a_ledger_is_active(
     kinds = [label[0] for label, _ in ledger.read()]
     assert kinds == ["begin", "arrived", "end"] * 2
     assert [t for _, t in ledger.read()] == [slot * 1000 for slot in range(6)]
+
+
+def test_gather_by_sum_equals_the_concatenation_and_keeps_its_zeroed_slots():
+    """symm_mem.GatherBySum on CPU stand-ins for two ranks (the all-reduce: the rank-order sum of both
+    ranks' slots): every call equals torch.cat of the ranks' tensors, along dim 0 as a view of the sum
+    and along dim 1 concatenated, and the kept slots stay zero outside each rank's own."""
+    from collectives.symm_mem import GatherBySum
+    gathers = [GatherBySum(rank, 2) for rank in range(2)]
+    gen = torch.Generator().manual_seed(11)
+    for call in range(3):
+        for shape, dim in (((1, 3, 2), 0), ((4, 7), 1), ((4, 7), -1)):
+            xs = [torch.randn(shape, generator=gen) for _ in range(2)]
+            slots = [g.slots(x) for g, x in zip(gathers, xs)]
+            for rank, s in enumerate(slots):  # kept from the first call on: zero but for nothing yet written
+                assert s.shape == (2, *shape) and not s[1 - rank].any()
+            slots[1][1].copy_(xs[1])  # rank 1 "ran ahead": its slot is written when rank 0 sums
+            total = lambda _: slots[0] + slots[1]  # noqa: E731 (the all-reduce of both ranks' slots)
+            outs = [g(x, dim, total) for g, x in zip(gathers, xs)]
+            want = torch.cat(xs, dim=dim)
+            assert all(torch.equal(out, want) for out in outs)
+    assert all(len(g.kept) == 2 for g in gathers)  # one (shape, dtype) each: (1, 3, 2) and (4, 7)

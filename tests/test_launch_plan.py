@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from benchmarks.launch_count import _gpu_norm, count_launches, small_config
 from cluster.hardware import node_spec
 from collectives.communicator import Communicator, add_rmsnorm
+from collectives.symm_mem import GatherBySum
 from collectives.triton_support import INTERPRETED
 from workers.cuda_graphs import DecodeGraph
 from workers.emulate import estimate_step
@@ -58,6 +59,7 @@ class FusedCollectives(Communicator):
 
     def __init__(self) -> None:
         self.rank, self.world_size, self.counts = 0, 2, Counter()  # real_launches points counts at its own
+        self.gather = GatherBySum(self.rank, self.world_size)
 
     def _one_kernel(self, call: str, run):
         self.counts[f"comm {call}"] += 1
@@ -71,11 +73,9 @@ class FusedCollectives(Communicator):
         return self._one_kernel("allreduce_add_rmsnorm", lambda: add_rmsnorm(partial, residual, weight, eps, quant_scale))
 
     def all_gather(self, x, dim=0):
-        """As collectives/symm_mem.py gathers the pick's pairs: zeroed slots, this rank's written, ONE
-        fused all-reduce of them, the cat (the launches an H200 trace of the TP2 step shows)."""
-        slots = x.new_zeros((self.world_size, *x.shape))
-        slots[self.rank] = x
-        return torch.cat(self.all_reduce(slots).unbind(0), dim=dim)
+        """As collectives/symm_mem.py gathers the pick's pairs: its GatherBySum over ONE fused
+        all-reduce (the slots kept from the first call on, as after a graph's warm-up)."""
+        return self.gather(x, dim, self.all_reduce)
 
     def dispatch_static(self, x, dest_rank, expert_ids):
         def run():  # rank 0's own rows in slots [0, M); nothing came from rank 1

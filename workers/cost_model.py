@@ -79,6 +79,8 @@ class Collective:
     accepts: tuple = ()  # other calls a real run may make for it (a CPU run's torch path), costed as `call`
     optional: bool = False  # a call only some runs make (a CPU run's torch path at one rank, where it costs
     # nothing): the virtual clock lets a run pass it by
+    slots_kept: bool = True  # symm all_gather along dim 0: kept zeroed slots and a view of the sum (two
+    # launches); False: a commit before that (zeroed slots, own slot, sum, concatenation)
 
 
 PlanItem = Union[Op, Collective, Callable[[], list]]
@@ -247,9 +249,13 @@ class CostModel:
             summed = Op(c.name, "collective", c.part, fit.latency_s + (n - 1) * m / fit.bytes_per_s, (n - 1) * m)
             if c.call != "all_gather":
                 return [summed]
-            # collectives/symm_mem.py all_gather: zeroed slots, this rank's slot written, their sum, the cat
-            return [self.kernel(f"{c.name} slots", c.part, "elementwise"), self.kernel(f"{c.name} own slot", c.part, "copy"),
-                    summed, self.kernel(f"{c.name} cat", c.part, "elementwise")]
+            # collectives/symm_mem.py all_gather: this rank's slot written, the sum (a view of it is the
+            # gather); before (not slots_kept) the slots were zeroed every call and the sum concatenated
+            own = [self.kernel(f"{c.name} own slot", c.part, "copy"), summed]
+            if c.slots_kept:
+                return own
+            return [self.kernel(f"{c.name} slots", c.part, "elementwise"), *own,
+                    self.kernel(f"{c.name} cat", c.part, "elementwise")]
         if self.comm == "symm" and c.call in ("dispatch", "combine") and c.call in self.node.symm:
             fit, moved = self.node.symm[c.call], c.message_bytes * (n - 1) // n  # fitted at TP2: its rows / bandwidth
             return [Op(c.name, "collective", c.part, fit.latency_s + c.message_bytes / fit.bytes_per_s, moved)]

@@ -62,6 +62,7 @@ class CodePaths:
     argmax: bool | None = None  # the greedy pick's argmax kernel (model/kernels/argmax.py)
     ids_in_place: bool | None = None  # a decode graph's pick writes its token buffer (no feedback copies)
     winner_kernel: bool | None = None  # several ranks: ONE kernel picks the winner of the gathered pairs
+    gather_slots_kept: bool | None = None  # symm all_gather: kept zeroed slots, a view of the sum (2 launches)
 
 
 CURRENT_CODE = CodePaths()
@@ -278,7 +279,7 @@ def head_plan(cost: CostModel, model, batch: int, tokens: int, last_only: bool =
         plan.append(cost.kernel("vocab padding", "head", "elementwise"))  # the step waits for that rank
     one_kernel = argmax_in_one_kernel(model, paths)
     plan += pick_plan(cost, shard.vocab_per_rank, rows if verify else batch, "head", activation_bytes(model), one_kernel,
-                      paths.winner_kernel is not False)
+                      paths.winner_kernel is not False, paths.gather_slots_kept is not False)
     copies = feedback_copies(cost.world, tokens, one_kernel, paths)
     if fused(rows) and not last_only and not verify and copies:
         plan.append(cost.kernel("feedback copies", "head", "copy", copies))
@@ -308,12 +309,12 @@ def argmax_in_one_kernel(model, paths: CodePaths = CURRENT_CODE) -> bool:
 
 
 def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str, logit_bytes: int = 2,
-              kernel: bool = True, winner_kernel: bool = True) -> list[PlanItem]:
+              kernel: bool = True, winner_kernel: bool = True, slots_kept: bool = True) -> list[PlanItem]:
     """sampling.distributed_argmax over `batch` rows: one rank, the argmax and the vocabulary
     offset (ONE launch of the argmax kernel); several, each rank's (max, id) pair, their
     all-gather of fp32, the winner (on the kernels ONE launch of argmax.pick_winner, unless
     winner_kernel is False: a commit before it, torch's ops). kernel False: torch's one-block
-    argmax and its elementwise ops."""
+    argmax and its elementwise ops. slots_kept: the gather's launches (cost_model.Collective)."""
     logits = batch * vocab_per_rank * logit_bytes
     if kernel:
         local = [cost.argmax_kernel("argmax" if cost.world == 1 else "local max + id", part, logits)]
@@ -324,7 +325,7 @@ def pick_plan(cost: CostModel, vocab_per_rank: int, batch: int, part: str, logit
                  cost.kernel("pair", part, "elementwise", GATHER_OPS_BEFORE)]
     if cost.world == 1:
         return local
-    return local + [Collective("all_gather", "argmax all-gather", part, batch * 2 * 4),
+    return local + [Collective("all_gather", "argmax all-gather", part, batch * 2 * 4, slots_kept=slots_kept),
                     cost.kernel("winner", part, "elementwise", 1 if kernel and winner_kernel else GATHER_OPS_AFTER)]
 
 

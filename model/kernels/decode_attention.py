@@ -110,6 +110,13 @@ if triton is not None:
         return lo, tl.minimum(lo + per_split, n_keys)
 
     @triton.jit
+    def _live_splits(start, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
+        """How many splits hold keys (the first ones): a cache of many slots holding a short context
+        leaves the rest empty, and the merge need not read their (empty) partials."""
+        n_keys = tl.minimum(start + T, s_max).to(tl.int32)
+        return tl.cdiv(n_keys, tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S)
+
+    @triton.jit
     def _prefetch_split(k_ptr, v_ptr, start_ptr, b, bh, split, ss_b, s_max, T: tl.constexpr, D: tl.constexpr,
                         BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, LINES: tl.constexpr,
                         LINE_ELEMS: tl.constexpr):
@@ -132,7 +139,7 @@ if triton is not None:
                       LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, ROPE_IN: tl.constexpr, T_P2: tl.constexpr,
                       USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr,
                       PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 1,
-                      MERGE_UNROLL: tl.constexpr = 1):
+                      MERGE_UNROLL: tl.constexpr = 8):
         """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
         FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
         count_ptr, reset after) merges all splits into out, and no merge kernel runs. With ROPE_IN,
@@ -150,6 +157,7 @@ if triton is not None:
                             PREFETCH_LINES, LINE_ELEMS)
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
+        start = tl.load(start_ptr + b * ss_b)  # first: the key loop's bounds wait on it, not on the RoPE below
         rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = t * GROUP + g
         row_ok = rows < T * GROUP
         t = rows // GROUP
@@ -163,8 +171,6 @@ if triton is not None:
         if CLAMP_Q:  # bf16 q into an fp16 dot (FP8 cache): saturate instead of overflowing to inf
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
         q = q.to(DOT_DT)
-        # This split's share of the row's live keys [0, start + T), in whole blocks.
-        start = tl.load(start_ptr + b * ss_b)
         lo, hi = _split_bounds(start, split, s_max, T, BLOCK_S, N_SPLITS)
         q_pos = t
         if CHUNKED:
@@ -204,32 +210,35 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partials stored before the (release) count
             counter = count_ptr + bh * tl.num_programs(2) + tl.program_id(2)
             if tl.atomic_add(counter, 1) == N_SPLITS - 1:
-                _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T, GROUP, HKV, D, N_SPLITS,
-                            BLOCK_R, MERGE_UNROLL)
+                live = _live_splits(start, s_max, T, BLOCK_S, N_SPLITS)
+                _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, live, T, GROUP, HKV, D,
+                            N_SPLITS, BLOCK_R, MERGE_UNROLL)
                 tl.atomic_xchg(counter, 0)
 
     @triton.jit
-    def _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, T: tl.constexpr, GROUP: tl.constexpr,
+    def _merge_rows(acc_ptr, m_ptr, l_ptr, out_ptr, bh, rows, row_ok, rows_pad, live, T: tl.constexpr,
+                    GROUP: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
                     UNROLL: tl.constexpr):
         """out[rows] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, in split order;
-        the partials come from other programs (other SMs): loaded through L2 (.cg). UNROLL: the split
-        loops unrolled by this factor, so that several splits' loads are in flight at once (same sums,
-        same order)."""
+        the partials come from other programs (other SMs): loaded through L2 (.cg). Only the first
+        `live` splits are read: an empty split's partial (m = -inf, l = 0, acc = 0) adds exactly
+        nothing. UNROLL: the split loops unrolled by this factor, so that several splits' loads are in
+        flight at once (same sums, same order)."""
         base = bh * N_SPLITS * rows_pad + rows  # (BLOCK_R,) scratch rows of split 0
         m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
-            m_max = tl.maximum(m_max, tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
-                                              cache_modifier=".cg"))
+            m_i = tl.load(m_ptr + base + i * rows_pad, mask=row_ok & (i < live), other=float("-inf"), cache_modifier=".cg")
+            m_max = tl.maximum(m_max, m_i)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         d = tl.arange(0, D)
         total = tl.zeros((BLOCK_R,), tl.float32)
         o = tl.zeros((BLOCK_R, D), tl.float32)
         for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
-            w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=row_ok, other=float("-inf"),
-                                cache_modifier=".cg") - m_ref)
-            total += w * tl.load(l_ptr + base + i * rows_pad, mask=row_ok, other=0.0, cache_modifier=".cg")
-            a = tl.load(acc_ptr + (base + i * rows_pad)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0,
+            ok = row_ok & (i < live)
+            w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_ref)
+            total += w * tl.load(l_ptr + base + i * rows_pad, mask=ok, other=0.0, cache_modifier=".cg")
+            a = tl.load(acc_ptr + (base + i * rows_pad)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
                         cache_modifier=".cg")
             o += w[:, None] * a
         o = o / tl.where(total == 0.0, 1.0, total)[:, None]
@@ -446,7 +455,7 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
         N_SPLITS=n_splits, HAS_MASK=step_mask is not None, CHUNKED=chunk_size is not None, FP8_CACHE=fp8_cache,
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
         CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED, FUSED_MERGE=fused_merge,
-        **{"num_warps": 8 if block_r * head_dim >= 8192 else 4, **(launch or {})}, **rope, **pdl_kwargs(q),
+        **{"num_warps": 8 if block_r * head_dim >= 2048 else 4, **(launch or {})}, **rope, **pdl_kwargs(q),
         **_prefetch(q, k_cache, block_s, n_splits),
         enable_fp_fusion=not rope["ROPE_IN"])  # RoPE in: compiled as qkv_rope.py is, libdevice's cos / sin too
     if fused_merge:

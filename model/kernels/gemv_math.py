@@ -27,9 +27,6 @@ from __future__ import annotations
 from collectives.communicator import FP8_MAX
 from collectives.triton_support import tl, triton
 
-if triton is not None:
-    from collectives.triton_support import prefetch_l2
-
 MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
 CVT_MODES = {"cvt": 0, "bits": 1, "words": 2}
 
@@ -190,17 +187,6 @@ if triton is not None:
         else:
             offs = k_lo + tl.arange(0, BLOCK_K)
             return load_w(w_gate, w_up, offs, col_ok[:, None] & (offs < K)[None, :], stride_wk, SWIGLU)
-
-    @triton.jit
-    def prefetch_rows(w_gate, w_up, col_ok, stride_wk, k_from, k_to, SWIGLU: tl.constexpr, LINES: tl.constexpr,
-                      LINE_ELEMS: tl.constexpr):
-        """Asks L2 for the weight rows' elements [k_from, k_to) (unit stride along K), one prefetch per
-        128-byte line: (BLOCK_N, LINES) lines of LINE_ELEMS elements."""
-        ks = k_from + tl.arange(0, LINES) * LINE_ELEMS  # (LINES,) first element of each line
-        mask = col_ok[:, None] & (ks < k_to)[None, :]
-        prefetch_l2(w_gate + ks[None, :] * stride_wk, mask)
-        if SWIGLU:
-            prefetch_l2(w_up + ks[None, :] * stride_wk, mask)
 
     @triton.jit
     def gemv_tile(x_row, rs, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N_OUT, stride_wk,

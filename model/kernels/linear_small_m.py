@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from collectives.communicator import quantize_fp8
-from collectives.triton_support import (INTERPRETED, L2_LINE_BYTES, ArrivalCounters, pdl_kwargs, prefetch_lines, tl,
-                                        triton)
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 from model.kernels import fp8_mma
 from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
 
@@ -54,9 +53,10 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
-# Weights up to this size are prefetched into L2 before a GEMV's wait (H100 / H200: 50 MB of L2);
-# a larger one would evict its own first lines before they are read.
-L2_PREFETCH_MAX_BYTES = 32 << 20
+# No L2 prefetch of the rest of a GEMV's span before its wait: with it (and the attention's) on, the
+# medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs 342.4 (c6bff85,
+# h200x2-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM with the kernel
+# before, itself bandwidth-bound. The attention splits still prefetch their keys (decode_attention.py).
 MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
 
 
@@ -111,8 +111,7 @@ if triton is not None:
                      stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_xsm, stride_wse, stride_om,
                      K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
                      SWIGLU: tl.constexpr, CVT: tl.constexpr, SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 1):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Program (row, n tile, K split): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if
         GATHER, over K in [split * K_SPAN, + K_SPAN) (all of K unless SPLIT_K > 1).
         QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale, 3 x quantized by a pre-pass
@@ -120,8 +119,7 @@ if triton is not None:
         FP8 weights become float32 (gemv_math.py). Rows vary fastest, so rows that share a weight tile
         run side by side and share it in L2. With PDL the first K chunk of a dense weight is in flight
         before the wait for the kernel that wrote x (a gathered one waits first: the kernel before
-        wrote the expert ids), and with PREFETCH_LINES the rest of its span is asked of L2
-        (lines of LINE_ELEMS weight elements)."""
+        wrote the expert ids)."""
         row, tile = tl.program_id(0) % M, tl.program_id(0) // M
         split = tl.program_id(1)
         k_lo = split * K_SPAN
@@ -134,9 +132,6 @@ if triton is not None:
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
         w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo, K, SWIGLU, CVT, BLOCK_K)
-        if PREFETCH_LINES > 0:  # the rest of this program's span into L2 while the kernel before runs
-            gm.prefetch_rows(w_gate, w_up, col_ok, stride_wk, k_lo + BLOCK_K, tl.minimum(k_lo + K_SPAN, K),
-                             SWIGLU, PREFETCH_LINES, LINE_ELEMS)
         if not GATHER:
             pdl_wait(PDL)
         pdl_launch_dependents(PDL)
@@ -448,25 +443,13 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
             x.stride(0), weight.stride(0) // words if gather else 0, weight.stride(-2) // words,
             1 if cvt == 2 else weight.stride(-1), act_quant.stride(0) if per_expert_xs else 0,
             1 if prequant else 0, weight_scale.stride(0) if quant and gather else 0, out.stride(0), K=k,
-            GATHER=gather, CVT=cvt, SPLIT_K=split_k, K_SPAN=k_span, **flags,
-            **_prefetch(x, weight, gather or cvt == 2, layout, k_span - cfg["BLOCK_K"]))
+            GATHER=gather, CVT=cvt, SPLIT_K=split_k, K_SPAN=k_span, **flags)
     else:
         dot_dtype = _dot_dtype(x.dtype, weight.dtype, bool(cfg.get("DOT_F16", False)))
         _dot_kernel[(tiles,)](
             x, weight, rs, xs, ws, out, m, n_out, x.stride(0), weight.stride(-2), weight.stride(-1),
             out.stride(0), K=k, DOT_DTYPE=dot_dtype, BLOCK_M=MAX_M, **flags)
     return out
-
-
-def _prefetch(x, weight, skip: bool, layout: str, rest_of_span: int) -> dict:
-    """The GEMV's L2 prefetch constexprs: each program asks for the part of its weight span past the
-    first chunk, for dense row-major weights that fit L2. skip: a gathered weight (its address needs
-    the expert ids, which only the wait makes visible) or one read as words (CVT 2)."""
-    if skip or layout != "k" or weight.nbytes > L2_PREFETCH_MAX_BYTES or rest_of_span <= 0:
-        return {}
-    element = weight.element_size()
-    lines = prefetch_lines(x, rest_of_span * element)
-    return {"PREFETCH_LINES": lines, "LINE_ELEMS": L2_LINE_BYTES // element} if lines else {}
 
 
 def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,

@@ -131,7 +131,10 @@ if triton is not None:
                       tl.where(is_v, im, _round(_mul(re, sin) + _mul(im, cos), IO)))
         if USE_QK_NORM:  # q and k: rms_norm(x, None, eps), float32 statistics, rounded to IO
             sq = _mul(re, re) + _mul(im, im)
-            mean_sq = tl.math.div_rn(tl.sum(sq, axis=1), HEAD_DIM * 1.0)  # (rows,); masked lanes are 0
+            # summed in float64: the float32 result then does not depend on the order the tile's layout
+            # gives the sum, so the split kernel's keys (write_new_kv) round as this kernel's do
+            sum_sq = tl.sum(sq.to(tl.float64), axis=1).to(tl.float32)
+            mean_sq = tl.math.div_rn(sum_sq, HEAD_DIM * 1.0)  # (rows,); masked lanes are 0
             inv_rms = tl.math.rsqrt(mean_sq + eps)[:, None]
             re, im = tl.where(is_v, re, _round(re * inv_rms, IO)), tl.where(is_v, im, _round(im * inv_rms, IO))
         if USE_TEMPERATURE:  # q only: q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1
