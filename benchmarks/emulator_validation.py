@@ -57,7 +57,7 @@ MMA_DEFAULT_COMMIT = "60be190"  # FP8 linears on the tensor cores by default fro
 SHARED_APART_COMMIT = "fef4287"  # a big FP8 shared expert leaves the MoE pair at 2+ rows from here on
 IDS_IN_PLACE_COMMIT = "90dee4e"  # a decode graph's argmax writes its token buffer: no feedback copies
 WINNER_KERNEL_COMMIT = "1d91d52"  # several ranks: one kernel picks the winner of the gathered pairs
-GATHER_SLOTS_COMMIT = "GATHER0"  # symm all_gather: kept zeroed slots and a view of the sum (2 launches, not 4)
+GATHER_SLOTS_COMMIT = "b6ac205"  # symm all_gather: kept zeroed slots and a view of the sum (2 launches, not 4)
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
