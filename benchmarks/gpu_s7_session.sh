@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 7's device calls (nvidia-h200-x2). Carry .device (raysite.tar.xz, head.tar.gz).
-# PART=tp: maverick-slice FP8 decode at TP1 and TP2 with the L2 prefetch on and off (DGX_EMU_L2_PREFETCH=0),
-#   alternated; this also times 3921772's one-pass FP8 pre-pass against e004bb9's numbers.
+# PART=tp: the GPU tests of the fused RoPE attention and the symm gather, then maverick-slice FP8 decode at TP1
+#   and TP2 with the attention's L2 prefetch on and off (DGX_EMU_L2_PREFETCH=0), and medium bf16 / fp8.
 # PART=medium: the GPU tests of what changed (prefetch, attention), the attention kernel's variants at
 #   context 512 (benchmarks/attention_bench.py --variants), medium bf16 / fp8 decode with the prefetch on and off.
 #   PART=tp|medium bash benchmarks/gpu_s7_session.sh
@@ -13,11 +13,16 @@ bench() {  # bench MODEL DTYPE TP on|off ITERS
       --iters $5 --out "$OUT/h200x2-decode-$1-$2-$C-tp$3-prefetch-$4.json"
 }
 if [[ "${PART:-tp}" == tp ]]; then
+  TAIL=6 step tests 170 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
+      -k rope_fused tests/test_fused_allreduce.py::test_gpu_small_all_gather_by_fused_sum_equals_nccl
   for tp in 1 2; do
     bench maverick-slice fp8 $tp on 120
+  done
+  for tp in 1 2; do
     bench maverick-slice fp8 $tp off 120
   done
-  bench maverick-slice fp8 1 on 120
+  bench medium bf16 1 on 150
+  bench medium fp8 1 on 150
 else
   TAIL=12 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
       tests/test_kernel_pdl.py
