@@ -4,13 +4,14 @@
 #   and TP2 with the attention's L2 prefetch on and off (DGX_EMU_L2_PREFETCH=0), and medium bf16 / fp8.
 # PART=medium: the GPU tests of what changed (prefetch, attention), the attention kernel's variants at
 #   context 512 (benchmarks/attention_bench.py --variants), medium bf16 / fp8 decode with the prefetch on and off.
-#   PART=tp|medium bash benchmarks/gpu_s7_session.sh
+# PART=one: the same on one H200, TP1 only.
+#   PART=tp|one|medium bash benchmarks/gpu_s7_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 bench() {  # bench MODEL DTYPE TP on|off ITERS
   local env=""; [[ $4 == off ]] && env="DGX_EMU_L2_PREFETCH=0"
   TAIL=3 step "decode-$1-$2-tp$3-$4" 110 $env $DGX bench decode --model $1 --dtype $2 --tp $3 --modes graph \
-      --iters $5 --out "$OUT/h200x2-decode-$1-$2-$C-tp$3-prefetch-$4.json"
+      --iters $5 --out "$OUT/${MACHINE:-h200x2}-decode-$1-$2-$C-tp$3-prefetch-$4.json"
 }
 if [[ "${PART:-tp}" == tp ]]; then
   TAIL=6 step tests 170 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
@@ -23,6 +24,15 @@ if [[ "${PART:-tp}" == tp ]]; then
   done
   bench medium bf16 1 on 150
   bench medium fp8 1 on 150
+elif [[ "${PART:-tp}" == one ]]; then  # what one H200 can measure of PART=tp (no TP2)
+  TAIL=6 step tests 170 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
+      -k rope_fused
+  bench maverick-slice fp8 1 on 120
+  bench maverick-slice fp8 1 off 120
+  bench medium bf16 1 on 150
+  bench medium fp8 1 on 150
+  bench medium bf16 1 off 150
+  bench medium fp8 1 off 150
 else
   TAIL=12 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
       tests/test_kernel_pdl.py
