@@ -64,23 +64,21 @@ def run(qkv, positions, start, k_cache, v_cache, shape: str, n_splits, block_s, 
 
 
 # --variants: what the fused kernel's time is made of, at context 512 (the decode benchmarks' context)
-VARIANTS = [("default", {}), ("no L2 prefetch", {"prefetch": False}), ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}),
-            ("merge unroll 8", {"launch": {"MERGE_UNROLL": 8}}), ("warps 2", {"launch": {"num_warps": 2}}),
-            ("warps 8", {"launch": {"num_warps": 8}}), ("stages 1", {"launch": {"num_stages": 1}}),
+VARIANTS = [("default", {}), ("merge unroll 1", {"launch": {"MERGE_UNROLL": 1}}),
+            ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}), ("warps 4", {"launch": {"num_warps": 4}}),
+            ("warps 2", {"launch": {"num_warps": 2}}), ("stages 1", {"launch": {"num_stages": 1}}),
             ("no temperature", {"temperature": False}), ("splits 4", {"n_splits": 4}), ("splits 16", {"n_splits": 16}),
             ("splits 4 unroll 4", {"n_splits": 4, "launch": {"MERGE_UNROLL": 4}})]
 
 
 def variants(bandwidth: float) -> list[dict]:
     """Each VARIANTS entry timed per shape at context 512 (1 and 4 new tokens), against the default."""
-    from collectives import triton_support
     results = []
     for shape in SHAPES:
         for n_new in (1, 4):
             inputs = cases(shape, 512, n_new)
             want = run(*[t.clone() for t in inputs[0]], shape, None, None).float()
             for name, knobs in VARIANTS:
-                triton_support.L2_PREFETCH = knobs.get("prefetch", True)
                 kw = dict(n_splits=knobs.get("n_splits"), block_s=None, launch=knobs.get("launch"),
                           temperature=knobs.get("temperature", True))
                 got = run(*[t.clone() for t in inputs[0]], shape, **kw).float()
@@ -90,7 +88,6 @@ def variants(bandwidth: float) -> list[dict]:
                 us = bench(lambda: run(*inputs[next(it) % CALLS], shape, **kw), CALLS)
                 results.append({"shape": shape, "context": 512, "tokens": n_new, "variant": name, "us": us})
                 print(f"  {shape} T {n_new} {name}: {us:.2f} us", flush=True)
-            triton_support.L2_PREFETCH = True
     return results
 
 

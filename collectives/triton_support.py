@@ -82,27 +82,6 @@ def pdl_kwargs(x) -> dict:
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
-# L2 prefetch (compiled kernels only): a PDL kernel that starts while the kernel before it still runs
-# can pull bytes no kernel of the step writes (weights, the KV cache of earlier steps) from HBM into L2
-# before its wait, so that after the wait its loads hit L2 instead of paying HBM latency on the step's
-# critical path. A prefetch is a hint: it changes no result, and costs one instruction per
-# 128-byte line; kernels prefetch only addresses inside the tensors they read anyway. DGX_EMU_L2_PREFETCH=0 turns it off (read at import; `L2_PREFETCH`
-# may be flipped at run time for A/B runs in one process).
-_PREFETCH_ENV = os.environ.get("DGX_EMU_L2_PREFETCH", "1").strip().lower()
-if _PREFETCH_ENV not in ("0", "1", "off", "on", "false", "true"):
-    raise ValueError(f"DGX_EMU_L2_PREFETCH must be 0 or 1 (off / on), got {_PREFETCH_ENV!r}")
-L2_PREFETCH = _PREFETCH_ENV in ("1", "on", "true")
-L2_LINE_BYTES = 128
-
-
-def prefetch_lines(x, n_bytes: int) -> int:
-    """The (power-of-two) line count a kernel's PREFETCH_LINES constexpr gets for a span of n_bytes
-    per program: 0 (off) unless prefetching applies to this call (`use_pdl(x)`, L2_PREFETCH)."""
-    if not L2_PREFETCH or n_bytes <= 0 or not use_pdl(x):
-        return 0
-    return triton.next_power_of_2(-(-n_bytes // L2_LINE_BYTES))
-
-
 if triton is not None:
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
@@ -117,17 +96,3 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
-    if INTERPRETED:
-        @triton.jit
-        def prefetch_l2(ptrs, mask):
-            """No-op in the interpreter (no L2 to fill)."""
-            pass
-    else:
-        @triton.jit
-        def prefetch_l2(ptrs, mask):
-            """Asks L2 for the 128-byte line holding each pointer where mask is set (PTX
-            prefetch.global.L2: a hint, no result)."""
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                "=r,l,r", [ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                pack=1)

@@ -65,7 +65,6 @@ def _summary(name: str, pdl: bool, kernel) -> dict:
     return {"kernel": name, "launch_pdl": pdl, "waits": len(waits),
             "launch_dependents": sum("griddepcontrol.launch_dependents" in line for line in lines),
             "loads_before_wait": loads_before,
-            "prefetches_before_wait": sum("prefetch.global.L2" in line for line in lines[:waits[0]]) if waits else 0,
             "wgmma_e4m3": sum("wgmma.mma_async" in line and "e4m3.e4m3" in line for line in lines),
             "mma_e4m3": sum("mma.sync" in line and "e4m3.e4m3" in line for line in lines),
             "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines)}

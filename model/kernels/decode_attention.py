@@ -38,8 +38,7 @@ import torch.nn.functional as F
 
 from model.fp8 import fp8_values
 
-from collectives.triton_support import (INTERPRETED, L2_LINE_BYTES, ArrivalCounters, pdl_kwargs, prefetch_lines,
-                                        tl, triton)
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,11 +48,10 @@ CPU_SMS = 132  # without CUDA (the interpreter): plan as for an H200
 MAX_SPLITS = 128
 TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dims, 128 fp8 keys
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
-PREFETCH_BLOCKS = 2  # key blocks per split asked of L2 before the PDL wait (the loop pipelines the rest)
 FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decode step: 16 KB; verify: 64 KB)
 
 if triton is not None:
-    from collectives.triton_support import pdl_launch_dependents, pdl_wait, prefetch_l2
+    from collectives.triton_support import pdl_launch_dependents, pdl_wait
     from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
@@ -117,18 +115,6 @@ if triton is not None:
         return tl.cdiv(n_keys, tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S)
 
     @triton.jit
-    def _prefetch_split(k_ptr, v_ptr, start_ptr, b, bh, split, ss_b, s_max, T: tl.constexpr, D: tl.constexpr,
-                        BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, LINES: tl.constexpr,
-                        LINE_ELEMS: tl.constexpr):
-        """Asks L2 for the first LINES lines of this split's keys and values."""
-        lo, hi = _split_bounds(tl.load(start_ptr + b * ss_b), split, s_max, T, BLOCK_S, N_SPLITS)
-        elems = tl.arange(0, LINES) * LINE_ELEMS  # (LINES,) first element of each line
-        ok = elems < (hi - lo) * D
-        offs = bh * s_max * D + lo * D + elems
-        prefetch_l2(k_ptr + offs, ok)
-        prefetch_l2(v_ptr + offs, ok)
-
-    @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
                       count_ptr, out_ptr, inv_freq_ptr, ss_b, sq_b, sq_t, sq_h, sq_d, sm_b, sm_t, sm_j, sp_b, sp_t,
                       s_max, qk_scale, chunk, eps, floor_scale, attn_scale,
@@ -138,25 +124,18 @@ if triton is not None:
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
                       LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, ROPE_IN: tl.constexpr, T_P2: tl.constexpr,
                       USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 1,
-                      MERGE_UNROLL: tl.constexpr = 8):
+                      PDL: tl.constexpr, MERGE_UNROLL: tl.constexpr = 8):
         """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
         FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
         count_ptr, reset after) merges all splits into out, and no merge kernel runs. With ROPE_IN,
         q_ptr is the fused QKV projection (B, T, (Hq + 2 Hkv) D): the program makes its q rows, and
         the keys and values of the new tokens in its split, as qkv_rope.py does (no kernel of its own).
-        With PDL: waits for the kernel that wrote q and the new keys before anything else, except with
-        PREFETCH_LINES: then it first asks L2 for the start of its split's keys and values (slots of
-        earlier steps; `start` is written by the step's first kernel, and a stale one only misplaces
-        the hint), PREFETCH_LINES lines of LINE_ELEMS cache elements each."""
+        With PDL: waits for the kernel that wrote q and the new keys before anything else."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         bh = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         b, h = bh // HKV, bh % HKV
-        if PREFETCH_LINES > 0:
-            _prefetch_split(k_ptr, v_ptr, start_ptr, b, bh, split, ss_b, s_max, T, D, BLOCK_S, N_SPLITS,
-                            PREFETCH_LINES, LINE_ELEMS)
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
         start = tl.load(start_ptr + b * ss_b)  # first: the key loop's bounds wait on it, not on the RoPE below
         rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = t * GROUP + g
         row_ok = rows < T * GROUP
@@ -456,7 +435,6 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
         Q_DT=q_dt, DOT_DT=dot_dt, PREC="ieee" if fp32_dot else "tf32",
         CLAMP_Q=dot_dt == tl.float16 and q_dt != tl.float16, LOOP_WHILE=INTERPRETED, FUSED_MERGE=fused_merge,
         **{"num_warps": 8 if block_r * head_dim >= 2048 else 4, **(launch or {})}, **rope, **pdl_kwargs(q),
-        **_prefetch(q, k_cache, block_s, n_splits),
         enable_fp_fusion=not rope["ROPE_IN"])  # RoPE in: compiled as qkv_rope.py is, libdevice's cos / sin too
     if fused_merge:
         return out
@@ -467,14 +445,6 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
         N_SPLITS=n_splits, SPLITS_P2=splits_p2, SPLIT_BLOCK=split_block,
         num_warps=min(8, max(2, split_block * head_dim // 2048)), **pdl_kwargs(q))
     return out
-
-
-def _prefetch(q: torch.Tensor, k_cache: torch.Tensor, block_s: int, n_splits: int) -> dict:
-    """The split kernel's L2 prefetch constexprs: up to PREFETCH_BLOCKS key blocks of its split."""
-    s_max, head_dim, element = k_cache.shape[2], k_cache.shape[3], k_cache.element_size()
-    slots = min(PREFETCH_BLOCKS * block_s, triton.cdiv(triton.cdiv(s_max, n_splits), block_s) * block_s)
-    lines = prefetch_lines(q, slots * head_dim * element)
-    return {"PREFETCH_LINES": lines, "LINE_ELEMS": L2_LINE_BYTES // element} if lines else {}
 
 
 def _dequantize(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:

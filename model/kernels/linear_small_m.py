@@ -53,10 +53,12 @@ SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against th
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
-# No L2 prefetch of the rest of a GEMV's span before its wait: with it (and the attention's) on, the
-# medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs 342.4 (c6bff85,
-# h200x2-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM with the kernel
-# before, itself bandwidth-bound. The attention splits still prefetch their keys (decode_attention.py).
+# No L2 prefetch (PTX prefetch.global.L2) of the rest of a GEMV's span before its PDL wait: with it on
+# (and the attention's), the medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs
+# 342.4 (c6bff85, h200x2-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
+# with the kernel before, itself bandwidth-bound. The attention's alone changed nothing measurable
+# (11a53b9: maverick-slice 997.8 vs 997.6 us, medium bf16 340.0 vs 338.1, fp8 323.7 vs 325.3), so
+# neither stayed.
 MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
 
 
