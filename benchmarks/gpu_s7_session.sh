@@ -4,8 +4,9 @@
 #   and TP2 with the attention's L2 prefetch on and off (DGX_EMU_L2_PREFETCH=0), and medium bf16 / fp8.
 # PART=medium: the GPU tests of what changed (prefetch, attention), the attention kernel's variants at
 #   context 512 (benchmarks/attention_bench.py --variants), medium bf16 / fp8 decode with the prefetch on and off.
-# PART=one: the same on one H200, TP1 only.
-#   PART=tp|one|medium bash benchmarks/gpu_s7_session.sh
+# PART=one: the same on one H200, TP1 only. PART=schemes: FP8 per-channel vs per-tensor (static) scales, medium
+#   and maverick-slice, medium bf16 beside them, and a kernel trace of medium's per-tensor FP8 step.
+#   PART=tp|one|schemes|medium bash benchmarks/gpu_s7_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 bench() {  # bench MODEL DTYPE TP on|off ITERS
@@ -24,6 +25,23 @@ if [[ "${PART:-tp}" == tp ]]; then
   done
   bench medium bf16 1 on 150
   bench medium fp8 1 on 150
+elif [[ "${PART:-tp}" == schemes ]]; then  # FP8 per-channel (dynamic) vs per-tensor (static) scales, one H200
+  TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
+      tests/test_fast_path.py
+  for round in 1 2; do
+    for spec in "medium bf16 channel" "medium fp8 channel" "medium fp8 per-tensor"; do
+      set -- $spec
+      TAIL=3 step "r$round-$1-$2-$3" 90 $DGX bench decode --model $1 --dtype $2 $([[ $2 == fp8 ]] && echo --fp8-scheme $3) --modes graph \
+          --iters 150 --out "$OUT/h200-decode-$1-$2-$3-$C-r$round.json"
+    done
+  done
+  for scheme in channel per-tensor; do
+    TAIL=3 step "maverick-$scheme" 110 $DGX bench decode --model maverick-slice --dtype fp8 --fp8-scheme $scheme \
+        --modes graph --iters 120 --out "$OUT/h200-decode-maverick-slice-fp8-$scheme-$C.json"
+  done
+  TAIL=3 step profile 120 $DGX bench decode --model medium --dtype fp8 --fp8-scheme per-tensor --modes graph \
+      --iters 60 --steps decode --profile "$OUT/prof"
+  mv "$OUT/prof/decode_step_trace.json" "$OUT/h200-medium-fp8-per-tensor-$C-chrome-trace.json"
 elif [[ "${PART:-tp}" == one ]]; then  # what one H200 can measure of PART=tp (no TP2)
   TAIL=6 step tests 170 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
       -k rope_fused

@@ -105,10 +105,11 @@ def small_config(name: str):
                                attention_chunk_size=min(cfg.attention_chunk_size or 64, 64))
 
 
-def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20, tokens: int = 1) -> Counter:
+def step_launches(name: str = "medium", dtype: str = "bf16", context: int = 20, tokens: int = 1,
+                  fp8_scheme: str = "channel") -> Counter:
     """Launches of one captured graph step (1 row, `tokens` new tokens) over `context` cached keys."""
     from workers.step_bench import random_model
-    model = random_model(small_config(name), dtype, "triton", device="cpu")
+    model = random_model(small_config(name), dtype, "triton", device="cpu", fp8_scheme=fp8_scheme)
     cache = model.new_cache(1, context + 8)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     model(prompt, cache)  # history (a prefill of more than 16 tokens runs the torch ops)

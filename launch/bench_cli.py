@@ -37,6 +37,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--model", default="embedded", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
     p.add_argument("--device", default="cuda", choices=["cuda"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"])
+    p.add_argument("--fp8-scheme", default="channel", choices=["channel", "per-tensor"],
+                   help="a random preset's FP8 scales: per-channel weights with dynamic per-token activations, "
+                        "or per-tensor weights with static activation scales (TensorRT-LLM's FP8 recipe)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU of this host")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout at --tp > 1")
     p.add_argument("--comm", default="symm", help=f"collective backend at --tp > 1: {', '.join(COMMS)}")
@@ -64,11 +67,15 @@ def _settings(args) -> dict:
     if args.context < max(STEPS[s] for s in steps) or args.iters < 10:
         raise UserError("--context must cover the step's tokens and --iters must be >= 10")
     path = None
+    if args.fp8_scheme != "channel" and (args.dtype != "fp8" or args.model not in RANDOM_PRESETS):
+        raise UserError("--fp8-scheme sets the scales of a random preset's FP8 weights: it needs --dtype fp8 and a "
+                        f"preset ({', '.join(RANDOM_PRESETS)}); a checkpoint brings its own")
     if args.model not in RANDOM_PRESETS:
         path = ensure_default_model() if args.model == "embedded" else Path(args.model)
         if not path.is_dir():
             raise UserError(f"--model {args.model}: neither a preset ({', '.join(PRESETS)}) nor a directory")
     return {"model": args.model, "path": str(path) if path else None, "dtype": args.dtype, "moe": args.moe,
+            "fp8_scheme": args.fp8_scheme,
             "steps": steps, "modes": modes, "context": args.context, "iters": args.iters,
             "profile": Path(args.profile) if args.profile else None}
 

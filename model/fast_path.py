@@ -120,10 +120,11 @@ def _expert_args(experts: nn.Module, which: str) -> dict | None:
     if weight.dtype != torch.float8_e4m3fn:
         return {"weight": weight.transpose(1, 2)}  # (E, out, in) view
     scheme = experts.scheme
-    if scheme.weight not in ("tensor", "channel") or scheme.static_input:
+    if scheme.weight not in ("tensor", "channel"):
         return None
+    act = getattr(experts, which + "_input_scale") if scheme.static_input else "token"  # static: (E,) per expert
     return {"weight": weight.transpose(1, 2), "weight_scale": getattr(experts, which + "_scale"),
-            "act_quant": "token", "out_dtype": experts.out_dtype}
+            "act_quant": act, "out_dtype": experts.out_dtype}
 
 
 def route(block: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

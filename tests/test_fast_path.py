@@ -161,6 +161,9 @@ def test_bench_decode_refuses_without_a_gpu():
     run = subprocess.run([sys.executable, "-m", "launch", "bench", "decode", "--steps", "draft"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--steps: unknown draft" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "launch", "bench", "decode", "--model", "embedded", "--dtype", "fp8",
+                          "--fp8-scheme", "per-tensor"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--fp8-scheme sets the scales of a random preset" in run.stderr
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch: GPU only")

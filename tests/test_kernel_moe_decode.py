@@ -152,21 +152,28 @@ def _exact_fp8_rows(gen, m, k, exps):
     return (q * torch.tensor(exps, dtype=torch.float32).exp2()[:, None]).to(DEVICE)
 
 
-def test_pair_fp8_exact_activations():
-    """FP8 halves: the shared one with a static input scale, the routed one per token (its input is
-    x * score with power-of-two scores, so its quantization stays exact)."""
+@pytest.mark.parametrize("routed_static", [False, True])
+def test_pair_fp8_exact_activations(routed_static):
+    """FP8 halves: the shared one with a static input scale, the routed one per token or with a
+    static scale per expert (the per-tensor scheme; fast_path passes Fp8Experts' (E,) input scales).
+    Its input is x * score with power-of-two scores (and scales), so its quantization stays exact."""
     gen = torch.Generator().manual_seed(5)
     m, hidden, inter = 3, 96, 64
     x = _exact_fp8_rows(gen, m, hidden, [-6, -8, -5])
     ids = torch.tensor([2, 0, 2], device=DEVICE)
     scores = torch.tensor([0.5, 1.0, 0.25], device=DEVICE)
+    per_expert = lambda exps: torch.tensor(exps, dtype=torch.float32).exp2().to(DEVICE)  # noqa: E731 (E,) scales
     fc13_s = {**_dense(gen, 2 * inter, hidden, fp8=True), "act_quant": torch.tensor(2.0 ** -8, device=DEVICE)}
     fc13_r = _experts(gen, 3, 2 * inter, hidden, fp8=True)
+    if routed_static:  # expert 2 sees rows scaled to 2^-7 and 2^-7 of 448; expert 0 to 2^-8
+        fc13_r["act_quant"] = per_expert([-8, -5, -7])
     h = md.dual_gate_up(x, fc13_s, fc13_r, ids, scores)
     for got, want in zip(h, md.reference_dual_gate_up(x, fc13_s, fc13_r, ids, scores)):
         _close(got, want)
     h_exact = _exact_fp8_rows(gen, m, inter, [-3, -4, -2]), _exact_fp8_rows(gen, m, inter, [-1, -7, -3])
     fc2_s, fc2_r = _dense(gen, hidden, inter, fp8=True), _experts(gen, 3, hidden, inter, fp8=True)
+    if routed_static:  # rows of expert 2 reach 2^-1 and 2^-3 of 448: one scale of 2^-1 keeps both exact
+        fc2_r["act_quant"] = per_expert([-7, -5, -1])
     _close(md.dual_down(*h_exact, fc2_s, fc2_r, ids), md.reference_dual_down(*h_exact, fc2_s, fc2_r, ids))
 
 

@@ -150,9 +150,10 @@ def modeled_launches(model, tokens: int, comm: str = "symm") -> int:
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("dtype,tokens", [("bf16", 1), ("bf16", 4), ("fp8", 1), ("fp8", 4)])
-def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens):
-    model = random_model(four_layer_medium(), dtype, "triton", device="cpu")
+@pytest.mark.parametrize("dtype,tokens,scheme", [("bf16", 1, "channel"), ("bf16", 4, "channel"), ("fp8", 1, "channel"),
+                                                 ("fp8", 4, "channel"), ("fp8", 1, "per-tensor")])
+def test_one_rank_plan_launches_what_the_step_launches(dtype, tokens, scheme):
+    model = random_model(four_layer_medium(), dtype, "triton", device="cpu", fp8_scheme=scheme)
     counts = real_launches(model, tokens)
     assert sum(counts.values()) == modeled_launches(model, tokens), counts
 

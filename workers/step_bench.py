@@ -49,8 +49,9 @@ class StepTiming:
 
 
 def random_model(cfg: ModelConfig, dtype: str, kernels: str, device: str = "cuda", seed: int = 0,
-                 comm: Communicator | None = None, moe_mode: str = "tp") -> Llama4:
-    """Llama4 of `cfg` with random weights made on `device` (bf16 or fp8 channel), in the shard
+                 comm: Communicator | None = None, moe_mode: str = "tp", fp8_scheme: str = "channel") -> Llama4:
+    """Llama4 of `cfg` with random weights made on `device` (bf16, or fp8 in `fp8_scheme`: a
+    model.fp8.SCHEMES name; per-tensor's static input scales are those _fill gives), in the shard
     shapes of `comm`'s rank (default: a world of one). Every rank fills its parameters in the same
     order from the same seed, so replicated ones (norms, routers) are equal on every rank."""
     comm = comm or SingleRankCommunicator()
@@ -58,7 +59,7 @@ def random_model(cfg: ModelConfig, dtype: str, kernels: str, device: str = "cuda
     with torch.device(device), default_dtype(torch.bfloat16):
         model = Llama4(cfg, shard, comm, kernels=kernels)
     if dtype == "fp8":
-        to_fp8(model, all_fp8(model, SCHEMES["channel"]))
+        to_fp8(model, all_fp8(model, SCHEMES[fp8_scheme]))
     gen = torch.Generator(device).manual_seed(seed)
     for name, param in model.named_parameters():
         _fill(name, param.data, gen)
@@ -207,7 +208,8 @@ def bench_model(settings: dict, comm: Communicator, kernels: str) -> tuple[Llama
     checkpoint at settings["path"], sharded for comm's rank. Returns (model, KV cache dtype)."""
     if settings["model"] in RANDOM_PRESETS:
         cfg = RANDOM_PRESETS[settings["model"]]()
-        return random_model(cfg, settings["dtype"], kernels, comm=comm, moe_mode=settings["moe"]), None
+        return random_model(cfg, settings["dtype"], kernels, comm=comm, moe_mode=settings["moe"],
+                            fp8_scheme=settings.get("fp8_scheme", "channel")), None
     from model.config import load_model_config
     from workers.model_build import build_model
     from workers.run_config import RunConfig
@@ -237,6 +239,7 @@ def measure_all(settings: dict, comm: Communicator | None = None, log=print) -> 
                                       mode="graph" if mode == "graph" else "eager", kv_dtype=kv_dtype)
                 rows.append({**timing.as_dict(), "name": f"{step}-{mode}", "model": settings["model"],
                              "dtype": settings["dtype"], "tp": comm.world_size, "moe": settings["moe"],
+                             **({"fp8_scheme": settings.get("fp8_scheme", "channel")} if settings["dtype"] == "fp8" else {}),
                              "context": settings["context"]})
                 log(f"  {rows[-1]['name']}: {rows[-1]['median_us']:.1f} us ({rows[-1]['x_floor']:.2f}x floor)")
         if settings.get("profile") and kernels == "triton":  # every rank replays; rank 0 profiles
