@@ -27,8 +27,8 @@ if [[ "${PART:-tp}" == tp ]]; then
   bench medium bf16 1 on 150
   bench medium fp8 1 on 150
 elif [[ "${PART:-tp}" == all ]]; then  # on 2 H200s: TP1 / TP2 at HEAD in both FP8 schemes, medium, the tests
-  TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
-      tests/test_fused_allreduce.py::test_gpu_small_all_gather_by_fused_sum_equals_nccl tests/test_tp_gpu.py
+  TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf ${TESTS:-tests/test_kernel_moe_decode.py \
+      tests/test_fused_allreduce.py::test_gpu_small_all_gather_by_fused_sum_equals_nccl tests/test_tp_gpu.py}
   for scheme in channel per-tensor; do
     for tp in 1 2; do
       TAIL=3 step "maverick-$scheme-tp$tp" 110 $DGX bench decode --model maverick-slice --dtype fp8 --fp8-scheme $scheme \
@@ -40,9 +40,12 @@ elif [[ "${PART:-tp}" == all ]]; then  # on 2 H200s: TP1 / TP2 at HEAD in both F
     TAIL=3 step "$1-$2-$3" 90 $DGX bench decode --model $1 --dtype $2 $([[ $2 == fp8 ]] && echo --fp8-scheme $3) \
         --modes graph --iters 150 --out "$OUT/h200x2-decode-$1-$2-$3-$C-tp1.json"
   done
-  TAIL=3 step profile 120 $DGX bench decode --model medium --dtype fp8 --fp8-scheme per-tensor --modes graph \
-      --iters 60 --steps decode --profile "$OUT/prof"
-  mv "$OUT/prof/decode_step_trace.json" "$OUT/h200-medium-fp8-per-tensor-$C-chrome-trace.json"
+  if [[ -z "${NO_PROFILE:-}" ]]; then
+    TAIL=3 step profile 120 $DGX bench decode --model medium --dtype fp8 --fp8-scheme per-tensor --modes graph \
+        --iters 60 --steps decode --profile "$OUT/prof"
+    mv "$OUT/prof/decode_step_trace.json" "$OUT/h200-medium-fp8-per-tensor-$C-chrome-trace.json"
+  fi
+  rm -rf "$OUT/prof"
 elif [[ "${PART:-tp}" == schemes ]]; then  # FP8 per-channel (dynamic) vs per-tensor (static) scales, one H200
   TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
       tests/test_fast_path.py

@@ -5,7 +5,7 @@ On CPU: PDL is off in the interpreter and for CPU tensors; DGX_EMU_PDL is read a
 kernel compiles for sm90 with PDL on (tests/sm90_compile.py, no GPU needed), with exactly one
 griddepcontrol.wait and one launch_dependents each, and the dense GEMVs issue their first weight
 loads before the wait while a gathered GEMV (whose expert ids the kernel before wrote) loads
-nothing before it. On a GPU: the same results, bit for bit, with PDL on and off, eager and from a
+nothing before it; the attention splits load their first block's committed keys early. On a GPU: the same results, bit for bit, with PDL on and off, eager and from a
 CUDA graph, for a chain of dependent kernels (each reads what the one before wrote).
 """
 from __future__ import annotations
@@ -73,6 +73,8 @@ def test_kernels_compile_for_sm90_with_pdl():
     assert gathered_gemv["loads_before_wait"] == 0  # its weight address needs the ids written just before
     assert next(k for k in kernels if k["kernel"] == "_dot_kernel")["loads_before_wait"] >= 1
     assert all(k["loads_before_wait"] >= 1 for k in kernels if k["kernel"] in ("_router_kernel", "_pair_kernel"))
+    # the attention splits load `start` and their first block's committed keys and values before the wait
+    assert all(k["loads_before_wait"] >= 3 for k in kernels if k["kernel"] == "_split_kernel")
 
 
 def _chain(gen_seed: int = 0):

@@ -16,7 +16,8 @@ device, so the loop bound is dynamic, the grid is static (CUDA-graph capturable)
 balanced whatever the lengths; slots >= start + T are never loaded. Partials (acc, m, l) go to
 float32 scratch, and a second small kernel merges the splits of each (row, query head) in a fixed
 order: no atomics, deterministic. A query row that sees no key (padding; never a real token, which
-sees itself) gets l = 0 and an output of 0, not NaN.
+sees itself) gets l = 0 and an output of 0, not NaN. With PDL a program loads its first key block's
+committed keys and values before it waits for the QKV GEMV, so their HBM latency overlaps that kernel.
 
 Numerics: a 16/32-bit cache is cast to q.dtype, as KVCache._decode does. An FP8 cache is read as
 its bare e4m3 values (exact in any dot dtype) and its per-tensor scales multiply the scores
@@ -55,13 +56,43 @@ if triton is not None:
     from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
-    def _load_kv(ptrs, ok, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
-        """(BLOCK_S, D) keys or values: `.to(q.dtype)`, or the bare e4m3 values (exact in any dot
-        dtype) for an FP8 cache, whose per-tensor scales go onto the scores and the output instead."""
-        x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    def _as_dot(x, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
+        """Cached keys or values as the dots take them: `.to(q.dtype)`, or the bare e4m3 values (exact
+        in any dot dtype) for an FP8 cache, whose per-tensor scales go onto the scores and the output."""
         if FP8_CACHE:
             return x.to(DOT_DT)
         return x.to(Q_DT).to(DOT_DT)
+
+    @triton.jit
+    def _load_kv(ptrs, ok, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
+        """(BLOCK_S, D) keys or values where ok, as the dots take them (`_as_dot`)."""
+        return _as_dot(tl.load(ptrs, mask=ok[:, None], other=0.0), FP8_CACHE, Q_DT, DOT_DT)
+
+    @triton.jit
+    def _first_block_early(k_ptr, v_ptr, kv_base, start, split, s_max, T: tl.constexpr, D: tl.constexpr,
+                           BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
+        """Before the PDL wait: the split's first key block as `start` (read before the wait too) places
+        it, only its slots below start: keys and values of earlier steps, which no kernel of this step
+        writes (the step's first kernel writes start, two or more launches back). Their HBM latency then
+        overlaps the kernel before (the QKV GEMV). Returns (k, v, which slots were loaded)."""
+        lo, hi = _split_bounds(start, split, s_max, T, BLOCK_S, N_SPLITS)
+        s = lo + tl.arange(0, BLOCK_S)
+        early = (s < hi) & (s < start)
+        offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
+        return (tl.load(k_ptr + offs, mask=early[:, None], other=0.0),
+                tl.load(v_ptr + offs, mask=early[:, None], other=0.0), early)
+
+    @triton.jit
+    def _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, keep, lo, hi, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """The first key block [lo, lo + BLOCK_S) cut at hi: the early tiles' rows where `keep` (their
+        start was this one's, so the same slots, all committed), the others (the new tokens' slots,
+        written by this program; or every slot if start moved) loaded now."""
+        s = lo + tl.arange(0, BLOCK_S)
+        late = (s < hi) & ~keep
+        offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
+        k = tl.where(keep[:, None], k_early, tl.load(k_ptr + offs, mask=late[:, None], other=0.0))
+        v = tl.where(keep[:, None], v_early, tl.load(v_ptr + offs, mask=late[:, None], other=0.0))
+        return k, v
 
     @triton.jit
     def _attend_block(acc, m_i, l_i, q, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk,
@@ -69,13 +100,23 @@ if triton is not None:
                       T: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
                       CHUNKED: tl.constexpr, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr,
                       DOT_DT: tl.constexpr, PREC: tl.constexpr):
-        """Keys [s0, s0 + BLOCK_S) cut at `hi`: scores, visibility, one online-softmax update."""
+        """Keys [s0, s0 + BLOCK_S) cut at `hi`: loaded, then `_attend_kv`."""
         s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) key slots
-        d = tl.arange(0, D)
+        offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
+        k = _load_kv(k_ptr + offs, s < hi, FP8_CACHE, Q_DT, DOT_DT)
+        v = _load_kv(v_ptr + offs, s < hi, FP8_CACHE, Q_DT, DOT_DT)
+        return _attend_kv(acc, m_i, l_i, q, k, v, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, mask_ptr,
+                          sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T, BLOCK_S, HAS_MASK, CHUNKED, DOT_DT, PREC)
+
+    @triton.jit
+    def _attend_kv(acc, m_i, l_i, q, k, v, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, mask_ptr,
+                   sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T: tl.constexpr, BLOCK_S: tl.constexpr,
+                   HAS_MASK: tl.constexpr, CHUNKED: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+        """Keys k / values v (BLOCK_S, D) of slots [s0, s0 + BLOCK_S) cut at `hi`: scores, visibility,
+        one online-softmax update. A block with no visible key changes nothing (p = 0, alpha = 1 or,
+        while m = -inf, 0 times a zero acc)."""
+        s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) key slots
         in_range = s < hi
-        offs = kv_base + s[:, None] * D + d[None, :]  # (BLOCK_S, D)
-        k = _load_kv(k_ptr + offs, in_range, FP8_CACHE, Q_DT, DOT_DT)
-        v = _load_kv(v_ptr + offs, in_range, FP8_CACHE, Q_DT, DOT_DT)
         scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_R, BLOCK_S), log2 units
         # Visibility, as build_step_context: the committed prefix, or a new token the step mask allows.
         j = s - start  # (BLOCK_S,) index among the new tokens
@@ -131,11 +172,16 @@ if triton is not None:
         q_ptr is the fused QKV projection (B, T, (Hq + 2 Hkv) D): the program makes its q rows, and
         the keys and values of the new tokens in its split, as qkv_rope.py does (no kernel of its own).
         With PDL: waits for the kernel that wrote q and the new keys before anything else."""
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
         bh = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         b, h = bh // HKV, bh % HKV
+        kv_base = bh * s_max * D
+        # The first key block's committed slots, loaded before the wait (see _first_block_early)
+        start_early = tl.load(start_ptr + b * ss_b)
+        k_early, v_early, early = _first_block_early(k_ptr, v_ptr, kv_base, start_early, split, s_max, T, D, BLOCK_S,
+                                                     N_SPLITS)
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
         start = tl.load(start_ptr + b * ss_b)  # first: the key loop's bounds wait on it, not on the RoPE below
         rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = t * GROUP + g
         row_ok = rows < T * GROUP
@@ -157,15 +203,21 @@ if triton is not None:
         acc = tl.zeros((BLOCK_R, D), dtype=tl.float32)
         m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        kv_base = bh * s_max * D
         if ROPE_IN:  # the new keys this split reads: written, then read back by the loop below
             write_new_kv(q_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
                           sp_b, sp_t, eps, T, T_P2, GROUP, HKV, D, Q_DT, FP8_CACHE, USE_ROPE, USE_QK_NORM)
             tl.debug_barrier()  # this program's writes before its loads
         if FP8_CACHE:  # scores = q . (k_scale * k_fp8)
             qk_scale = qk_scale * tl.load(ks_ptr)
+        # block 0: the early tiles where they hold committed slots of this very split, the rest loaded now
+        k, v = _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, early & (start_early == start), lo, hi, D,
+                            BLOCK_S)
+        acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, _as_dot(k, FP8_CACHE, Q_DT, DOT_DT),
+                                   _as_dot(v, FP8_CACHE, Q_DT, DOT_DT), lo, hi, start, b, t, q_pos, row_ok, qk_scale,
+                                   chunk, mask_ptr, sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T, BLOCK_S, HAS_MASK,
+                                   CHUNKED, DOT_DT, PREC)
         if LOOP_WHILE:  # the interpreter cannot take tensor bounds in range()
-            s0 = lo
+            s0 = lo + BLOCK_S
             while s0 < hi:
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, k_ptr, v_ptr, kv_base,
@@ -173,7 +225,7 @@ if triton is not None:
                     T, D, BLOCK_S, HAS_MASK, CHUNKED, FP8_CACHE, Q_DT, DOT_DT, PREC)
                 s0 += BLOCK_S
         else:  # a for loop: Triton software-pipelines its loads
-            for s0 in range(lo, hi, BLOCK_S):
+            for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, k_ptr, v_ptr, kv_base,
                     mask_ptr, sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t,
