@@ -55,7 +55,7 @@ MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # No L2 prefetch (PTX prefetch.global.L2) of the rest of a GEMV's span before its PDL wait: with it on
 # (and the attention's), the medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs
-# 342.4 (c6bff85, h200x2-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
+# 342.4 (c6bff85, h200x2-ab-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
 # with the kernel before, itself bandwidth-bound. The attention's alone changed nothing measurable
 # (11a53b9: maverick-slice 997.8 vs 997.6 us, medium bf16 340.0 vs 338.1, fp8 323.7 vs 325.3), so
 # neither stayed.
