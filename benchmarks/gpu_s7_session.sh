@@ -7,7 +7,8 @@
 # PART=one: the same on one H200, TP1 only. PART=schemes: FP8 per-channel vs per-tensor (static) scales, medium
 #   and maverick-slice, medium bf16 beside them, and a kernel trace of medium's per-tensor FP8 step.
 # PART=all: on 2 H200s, maverick-slice TP1 / TP2 in both FP8 schemes, medium, the tests of this session's changes.
-#   PART=tp|one|schemes|all|medium bash benchmarks/gpu_s7_session.sh
+# PART=embed: on 2 H200s, TP2 with the embedding replicated vs split (alternated), TP1 beside.
+#   PART=tp|one|schemes|all|embed|medium bash benchmarks/gpu_s7_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 bench() {  # bench MODEL DTYPE TP on|off ITERS
@@ -46,6 +47,18 @@ elif [[ "${PART:-tp}" == all ]]; then  # on 2 H200s: TP1 / TP2 at HEAD in both F
     mv "$OUT/prof/decode_step_trace.json" "$OUT/h200-medium-fp8-per-tensor-$C-chrome-trace.json"
   fi
   rm -rf "$OUT/prof"
+elif [[ "${PART:-tp}" == embed ]]; then  # 2 H200s: TP2 with the embedding replicated vs split, TP1 beside
+  TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_tp_gpu.py \
+      tests/test_graph_trace.py
+  TAIL=3 step maverick-tp1 110 $DGX bench decode --model maverick-slice --dtype fp8 --tp 1 --modes graph --iters 150 \
+      --out "$OUT/h200x2-decode-maverick-slice-fp8-$C-tp1.json"
+  for round in 1 2; do
+    for rep in split replicated; do
+      flag=""; [[ $rep == replicated ]] && flag="--replicate-embedding"
+      TAIL=3 step "maverick-tp2-$rep-r$round" 110 $DGX bench decode --model maverick-slice --dtype fp8 --tp 2 $flag \
+          --modes graph --iters 150 --out "$OUT/h200x2-decode-maverick-slice-fp8-$rep-embedding-$C-r$round-tp2.json"
+    done
+  done
 elif [[ "${PART:-tp}" == schemes ]]; then  # FP8 per-channel (dynamic) vs per-tensor (static) scales, one H200
   TAIL=6 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
       tests/test_fast_path.py

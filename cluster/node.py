@@ -35,7 +35,7 @@ def check_layout(run: RunConfig):
         raise UserError(f"model path {path} does not exist")
     cfg = load_model_config(path)
     for rank in range(run.world_size):
-        layout(cfg, run.world_size, rank, run.moe_mode)
+        layout(cfg, run.world_size, rank, run.moe_mode, run.replicate_embedding)
     if run.draft_path:  # the draft must fit the target and split over the same ranks
         draft = read_draft_config(run.draft_path, cfg)
         for rank in range(run.world_size):

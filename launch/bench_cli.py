@@ -42,6 +42,8 @@ def add_bench_parser(sub) -> None:
                         "or per-tensor weights with static activation scales (TensorRT-LLM's FP8 recipe)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU of this host")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout at --tp > 1")
+    p.add_argument("--replicate-embedding", action="store_true",
+                   help="at --tp > 1 every rank holds the whole embedding (no all-reduce to embed)")
     p.add_argument("--comm", default="symm", help=f"collective backend at --tp > 1: {', '.join(COMMS)}")
     p.add_argument("--steps", default="decode,verify", help=f"comma-separated: {', '.join(STEPS)}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
@@ -75,7 +77,7 @@ def _settings(args) -> dict:
         if not path.is_dir():
             raise UserError(f"--model {args.model}: neither a preset ({', '.join(PRESETS)}) nor a directory")
     return {"model": args.model, "path": str(path) if path else None, "dtype": args.dtype, "moe": args.moe,
-            "fp8_scheme": args.fp8_scheme,
+            "fp8_scheme": args.fp8_scheme, "replicate_embedding": args.replicate_embedding,
             "steps": steps, "modes": modes, "context": args.context, "iters": args.iters,
             "profile": Path(args.profile) if args.profile else None}
 

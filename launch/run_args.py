@@ -30,6 +30,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache: the compute dtype (auto) or FP8 with per-tensor scales")
     p.add_argument("--world-size", type=int, default=8, help="virtual GPUs, one Ray actor each (1: in-process)")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"], help="MoE layout: tensor or expert parallel")
+    p.add_argument("--replicate-embedding", action="store_true",
+                   help="every rank holds the whole embedding table: a step embeds without an all-reduce "
+                        "(costs the table's memory on every rank; the LM head stays split)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="decode-step kernels: fused Triton kernels or the torch reference ops (auto: triton on cuda)")
@@ -100,7 +103,8 @@ def node_settings(args) -> NodeSettings:
     if args.trace:
         prepare_trace_dir(args.trace)
     run = RunConfig(model_path=str(model_dir), dtype=args.dtype, device=args.device, world_size=args.world_size,
-                    moe_mode=args.moe, comm=comm, threads_per_rank=args.threads_per_rank,
+                    moe_mode=args.moe, replicate_embedding=args.replicate_embedding, comm=comm,
+                    threads_per_rank=args.threads_per_rank,
                     hardware=args.hardware, trace_dir=args.trace, fp8_scheme=args.fp8_scheme,
                     kv_dtype=args.kv_dtype, draft_path=draft_path, kernels=args.kernels,
                     cuda_graphs=args.cuda_graphs, emulate_node=args.emulate_node,

@@ -62,6 +62,11 @@ def _replicated(s: ShardLayout, shape) -> Cut:
     return Cut(_all(len(shape)), _all(len(shape)))
 
 
+def _embedding_rows(s: ShardLayout, shape) -> Cut:
+    """The embedding: this rank's vocab rows, or every row where ShardLayout.embedding_replicated."""
+    return _replicated(s, shape) if s.embedding_replicated else _vocab_rows(s, shape)
+
+
 def _vocab_rows(s: ShardLayout, shape) -> Cut:
     rows = s.vocab_valid_per_rank
     return Cut((slice(s.vocab_start, s.vocab_start + rows), slice(None)), (slice(0, rows), slice(None)))
@@ -152,7 +157,7 @@ def _shared(s: ShardLayout) -> int:
 Rule = tuple[str, str, Callable[[ModelConfig], tuple[int, ...]], Callable]
 L = r"layers\.(\d+)\."
 RULES: list[Rule] = [
-    (r"embed_tokens\.weight", "embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size), _vocab_rows),
+    (r"embed_tokens\.weight", "embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size), _embedding_rows),
     (r"lm_head\.weight", "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size), _vocab_rows),
     (r"norm\.weight", "norm.weight", lambda c: (c.hidden_size,), _replicated),
     (L + r"(input_layernorm|post_attention_layernorm)\.weight", r"layers.\1.\2.weight",

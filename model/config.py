@@ -136,6 +136,9 @@ class ParallelConfig:
     world_size: int = 1
     rank: int = 0
     moe_mode: str = "tp"
+    # every rank holds the whole embedding table (not its vocab slice): a decode step then embeds
+    # without an all-reduce, for the table's bytes (Maverick: 2 GB bf16 a rank instead of 2 / world)
+    replicate_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1:

@@ -319,7 +319,7 @@ class Eagle3Draft(nn.Module):
                           hidden: torch.Tensor | None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings and features (B, T, H) each, replicated: ONE all-reduce completes both
         the vocab-parallel embedding and, for target features, the row-parallel fc (fused: its GEMV)."""
-        embed_partial = self.target.embed(tokens)  # (B, T, H) this rank's vocab rows only
+        embed_partial = self.target.embed.partial(tokens)  # (B, T, H) this rank's share of the rows
         if target_features is None:
             return self.comm.all_reduce(embed_partial), hidden
         fc_in = target_features[..., self.fc_cols].to(self.fc.weight.dtype)

@@ -251,11 +251,11 @@ def step_head(model: nn.Module, token_ids: torch.Tensor, cache, n_new: torch.Ten
     n_keys = cache.max_len if static else int(cache.lengths.max()) + n_tokens  # dynamic: a host sync, as there
     if n_keys > cache.max_len:
         raise ValueError(f"step needs {n_keys} cache slots but the cache holds {cache.max_len}")
-    one_rank = model.comm.world_size == 1
+    whole = model.comm.world_size == 1 or embed.replicated
     head = embed_norm.embed_norm(token_ids, embed.weight, vocab_start=embed.vocab_start, vocab_valid=embed.vocab_valid,
-                                 norm_weight=norm.weight if one_rank else None, eps=norm.eps, lengths=cache.lengths,
+                                 norm_weight=norm.weight if whole else None, eps=norm.eps, lengths=cache.lengths,
                                  n_new=n_new, positions=positions)
-    if one_rank:  # a world of one owns every id: the rows are the residual (its all-reduce is the identity)
+    if whole:  # a world of one, or a replicated table, owns every id: the rows are the residual
         normed, residual = head.normed, head.rows
     else:
         normed, residual = model.comm.allreduce_add_rmsnorm(head.rows, None, norm.weight, norm.eps)

@@ -46,13 +46,25 @@ class RMSNorm(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Rows [vocab_start, vocab_start + vocab_per_rank) of the embedding; other ids embed to zero."""
+    """Rows [vocab_start, vocab_start + vocab_per_rank) of the embedding; other ids embed to zero.
+    Replicated (ShardLayout.embedding_replicated): every rank holds every row."""
 
     def __init__(self, shard: ShardLayout, hidden: int) -> None:
         super().__init__()
-        self.vocab_start, self.vocab_valid = shard.vocab_start, shard.vocab_valid_per_rank
-        self.owns_every_id = shard.vocab_start == 0 and shard.vocab_valid_per_rank >= shard.model.vocab_size
-        self.weight = nn.Parameter(torch.zeros(shard.vocab_per_rank, hidden))
+        self.replicated, self.rank = shard.embedding_replicated, shard.parallel.rank
+        if self.replicated:
+            self.vocab_start, self.vocab_valid = 0, shard.model.vocab_size
+        else:
+            self.vocab_start, self.vocab_valid = shard.vocab_start, shard.vocab_valid_per_rank
+        self.owns_every_id = self.vocab_start == 0 and self.vocab_valid >= shard.model.vocab_size
+        self.weight = nn.Parameter(torch.zeros(shard.model.vocab_size if self.replicated else shard.vocab_per_rank,
+                                               hidden))
+
+    def partial(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the embedding for an all-reduce to complete: the rows of the ids it
+        owns (zeros elsewhere); a replicated table gives rank 0 every row and the others zeros."""
+        rows = self(token_ids)
+        return torch.zeros_like(rows) if self.replicated and self.rank else rows
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.owns_every_id:  # a world of one: one launch, not eight
@@ -146,7 +158,8 @@ class Llama4(nn.Module):
                 positions = cache.lengths[:, None] + torch.arange(n_tokens, device=device)
             ctx = build_step_context(self.cfg, self.inv_freq, cache, positions, step_mask, static=static,
                                      torch_tables=not fused)
-            residual = self.comm.all_reduce(self.embed_tokens(token_ids))  # (B, T, H)
+            embedded = self.embed_tokens(token_ids)  # (B, T, H): whole rows where the table is replicated
+            residual = embedded if self.embed_tokens.replicated else self.comm.all_reduce(embedded)
             normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         aux = []
         for i, layer in enumerate(self.layers):  # no device work between layers: each starts where the last ended

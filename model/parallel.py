@@ -12,7 +12,9 @@ Layout (tensor parallel, as in TensorRT-LLM's min-latency Maverick setup):
   * dense MLP and shared expert: gate/up column-parallel, down row-parallel (partial sums).
   * MoE "tp": every expert's intermediate dim split (no all-to-all); "ep": whole experts per rank.
   * vocabulary: embedding rows and LM-head rows split; the vocab is padded up to a multiple of
-    the world size, the pad rows are zero and their logits are masked.
+    the world size, the pad rows are zero and their logits are masked. With replicate_embedding
+    every rank holds the whole embedding (its step starts without an all-reduce); the LM head
+    stays split.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ class ShardLayout:
                               "so KV heads cannot be replicated evenly")
         if m.intermediate_size_mlp % world and any(not m.is_moe(i) for i in range(m.n_layers)):
             raise ConfigError(f"intermediate_size_mlp ({m.intermediate_size_mlp}) is not divisible by world size {world}")
+        if self.parallel.replicate_embedding and m.tie_word_embeddings and world > 1:
+            raise ConfigError("a replicated embedding needs an untied LM head (tie_word_embeddings is true: the "
+                              "LM head is the embedding, whose vocab slices the ranks read)")
         if m.moe_layers:
             if m.intermediate_size % world:
                 raise ConfigError(f"intermediate_size ({m.intermediate_size}) is not divisible by world size {world}")
@@ -123,11 +128,18 @@ class ShardLayout:
         """Rows of this rank's vocab slice that are real tokens (the last rank may hold padding)."""
         return max(0, min(self.vocab_per_rank, self.model.vocab_size - self.vocab_start))
 
+    @property
+    def embedding_replicated(self) -> bool:
+        """Does every rank hold the whole embedding (replicate_embedding at several ranks)?"""
+        return self.parallel.replicate_embedding and self.parallel.world_size > 1
+
     def rank_slice(self, size: int, per_rank: int) -> slice:
         """The contiguous slice [rank * per_rank, ...) of a dimension of `size` split evenly."""
         start = self.parallel.rank * per_rank
         return slice(start, min(start + per_rank, size))
 
 
-def layout(model: ModelConfig, world_size: int = 1, rank: int = 0, moe_mode: str = "tp") -> ShardLayout:
-    return ShardLayout(model, ParallelConfig(world_size=world_size, rank=rank, moe_mode=moe_mode))
+def layout(model: ModelConfig, world_size: int = 1, rank: int = 0, moe_mode: str = "tp",
+           replicate_embedding: bool = False) -> ShardLayout:
+    return ShardLayout(model, ParallelConfig(world_size=world_size, rank=rank, moe_mode=moe_mode,
+                                             replicate_embedding=replicate_embedding))

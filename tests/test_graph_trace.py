@@ -38,26 +38,29 @@ def test_stamps_become_collectives_and_stage_spans(arrived):
     assert all(named[i][4] == rows[i][7] for i in range(4))  # a stage ends where its call starts
 
 
-@pytest.mark.parametrize("extra", [1, 2])
-def test_several_ranks_stamp_the_embedding_all_reduce_and_the_pick_all_gather(extra):
-    """At several ranks the step's first fused call is the embedding's all-reduce and (symm) its last
-    the greedy pick's all-gather: collective rows of layer -1 around the layers' rows, as a host-traced
-    step has them; attention starts where the embedding's call ends, the LM head ends where the
-    pick's gather starts."""
+@pytest.mark.parametrize("embedding,gather", [(True, False), (True, True), (False, True)])
+def test_several_ranks_stamp_the_embedding_all_reduce_and_the_pick_all_gather(embedding, gather):
+    """At several ranks the step's first fused call is the embedding's all-reduce (none where every
+    rank holds the table) and (symm) its last the greedy pick's all-gather: collective rows of layer
+    -1 around the layers' rows, as a host-traced step has them; attention starts where the embedding's
+    call ends, the LM head ends where the pick's gather starts."""
     stamps = _stamps(2, True)  # 4 layer calls
     t = stamps[-1][1]
-    extra_calls = [((kind, "all_reduce", 64, torch.float32), t + 12 + k) for k, kind in enumerate(("begin", "arrived", "end"))]
-    stamps = [stamps[0]] + [((kind, *OP), 100 + k) for k, kind in enumerate(("begin", "arrived", "end"))] \
-        + [(label, time + 10) for label, time in stamps[1:-1]] + (extra_calls if extra == 2 else []) \
-        + [(("step", "end"), t + 20)]
+    first = [((kind, *OP), 100 + k) for k, kind in enumerate(("begin", "arrived", "end"))]
+    last = [((kind, "all_reduce", 64, torch.float32), t + 12 + k) for k, kind in enumerate(("begin", "arrived", "end"))]
+    stamps = [stamps[0]] + (first if embedding else []) + [(label, time + 10) for label, time in stamps[1:-1]] \
+        + (last if gather else []) + [(("step", "end"), t + 20)]
     coll, spans, (t0, t1) = stamp_rows(stamps, ["moe", "mlp"], [0, 1], itertools.count().__next__, 3, 0)
     rows = [coll[i:i + 10] for i in range(0, len(coll), 10)]
-    assert [r[5] for r in rows] == [-1, 0, 0, 1, 1] + [-1] * (extra - 1)
+    assert [r[5] for r in rows] == [-1] * embedding + [0, 0, 1, 1] + [-1] * gather
     assert [r[2] for r in rows] == list(range(len(rows)))
     named = [spans[i:i + 5] for i in range(0, len(spans), 5)]
-    assert named[0][:2] == ["attention", 0] and named[0][3] == rows[0][8]  # from the embedding call's end
-    assert named[-1][:2] == ["lm_head", -1] and named[-1][4] == (rows[-1][7] if extra == 2 else t1)
-    assert t0 == 100 and all(s[3] <= s[4] for s in named)
+    layer_rows = rows[embedding:]
+    assert named[0][:2] == ["attention", 0] and named[0][4] == layer_rows[0][7]  # ends where layer 0's call starts
+    if embedding:
+        assert named[0][3] == rows[0][8]  # from the embedding call's end
+    assert named[-1][:2] == ["lm_head", -1] and named[-1][4] == (rows[-1][7] if gather else t1)
+    assert t0 == stamps[0][1] and all(s[3] <= s[4] for s in named)
 
 
 def test_stamps_of_the_wrong_shape_are_refused():

@@ -173,11 +173,14 @@ def test_plan_of_a_big_fp8_shared_expert_apart_launches_what_the_step_launches(m
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("moe", ["tp", "ep"])
-def test_two_rank_plan_launches_what_the_step_launches(moe):
-    model = random_model(four_layer_medium(), "bf16", "triton", device="cpu", comm=FusedCollectives(), moe_mode=moe)
+@pytest.mark.parametrize("moe,replicated", [("tp", False), ("ep", False), ("tp", True)])
+def test_two_rank_plan_launches_what_the_step_launches(moe, replicated):
+    model = random_model(four_layer_medium(), "bf16", "triton", device="cpu", comm=FusedCollectives(), moe_mode=moe,
+                         replicate_embedding=replicated)
     launched = real_launches(model, 1)
     assert launched["comm dispatch"] == (2 if moe == "ep" else 0)
+    # the embedding's all-reduce + first norm: one fused call, none where every rank holds the table
+    assert launched["comm allreduce_add_rmsnorm"] == 2 * len(model.layers) + (0 if replicated else 1)
     assert sum(launched.values()) == modeled_launches(model, 1), launched
 
 

@@ -27,6 +27,8 @@ def test_tp2_greedy_equals_tp1_on_the_embedded_model_in_fp32():
     one, two = _generate(1, "fp32"), _generate(2, "fp32")
     assert two["world_size"] == 2 and len(one["token_ids"]) == 48
     assert two["token_ids"] == one["token_ids"]
+    replicated = _generate(2, "fp32", "--replicate-embedding")  # every rank holds the table: no all-reduce to embed
+    assert replicated["token_ids"] == one["token_ids"]
 
 
 def test_bench_decode_tp2_times_graph_steps_above_their_floor(tmp_path):

@@ -59,10 +59,13 @@ def stamp_rows(stamps: list[tuple[tuple, int]], stage_names: list[str], group: l
     if not 2 * n_layers <= len(calls) <= 2 * n_layers + 2:
         raise StampError(f"{len(calls)} fused calls in a step of {n_layers} layers (two per layer expected, and at "
                          "several ranks the embedding's all-reduce and the pick's all-gather)")
-    # several ranks: the embedding's all-reduce comes before the layers' calls and, where it is fused (symm),
-    # the greedy pick's all-gather after them; both are the step's own (layer -1), as a host-traced step has them
-    before = 1 if len(calls) > 2 * n_layers else 0
-    after = len(calls) - 2 * n_layers - before
+    # several ranks: the embedding's all-reduce comes before the layers' calls (unless the table is replicated)
+    # and, where it is fused (symm), the greedy pick's all-gather (a plain all-reduce of zero-padded slots) after
+    # them; both are the step's own (layer -1), as a host-traced step has them
+    after = 1 if len(calls) > 2 * n_layers and calls[-1]["op"] == "all_reduce" else 0
+    before = len(calls) - 2 * n_layers - after
+    if before > 1:
+        raise StampError(f"{len(calls)} fused calls in a step of {n_layers} layers: {before} before the layers'")
     t_begin, t_end = stamps[0][1] + offset_ns, stamps[-1][1] + offset_ns
 
     def row(call: dict, layer: int) -> list:

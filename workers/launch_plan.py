@@ -97,12 +97,12 @@ def head_in_one_kernel(model, rows: int, paths: CodePaths = CURRENT_CODE) -> boo
 def embed_plan(cost: CostModel, model, batch: int, tokens: int, paths: CodePaths = CURRENT_CODE) -> list[PlanItem]:
     """Positions and cache slots, the vocab-parallel embedding, its all-reduce, the first RMSNorm:
     the embedding kernel (at several ranks then the fused all-reduce + RMSNorm of its partial rows),
-    else the torch ops of Llama4.forward."""
+    else the torch ops of Llama4.forward. A replicated embedding needs no all-reduce."""
     rows, sharded = batch * tokens, not model.embed_tokens.owns_every_id
     message = rows * model.cfg.hidden_size * activation_bytes(model)
     if head_in_one_kernel(model, rows, paths):
         plan: list[PlanItem] = [cost.kernel("embedding + rmsnorm + positions", "embed", "gather")]
-        if cost.world == 1:
+        if cost.world == 1 or model.embed_tokens.replicated:
             return plan
         # a CPU run (the torch prologue) all-reduces the same rows, then norms them on its own
         collective = Collective("allreduce_add_rmsnorm", "embedding all-reduce + rmsnorm", "embed", message,
@@ -113,8 +113,9 @@ def embed_plan(cost: CostModel, model, batch: int, tokens: int, paths: CodePaths
     if sharded:
         plan.append(cost.kernel("embedding mask", "embed", "elementwise", SHARDED_EMBED_OPS))
     before, after = RMSNORM_TORCH_OPS
-    return plan + [Collective("all_reduce", "embedding all-reduce", "embed", message),
-                   cost.kernel("first rmsnorm", "embed", "elementwise", before),
+    if not model.embed_tokens.replicated:
+        plan.append(Collective("all_reduce", "embedding all-reduce", "embed", message))
+    return plan + [cost.kernel("first rmsnorm", "embed", "elementwise", before),
                    cost.kernel("first rmsnorm mean", "embed", "row_reduce"),
                    cost.kernel("first rmsnorm scale", "embed", "elementwise", after)]
 

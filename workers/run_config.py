@@ -24,6 +24,7 @@ class RunConfig:
     device: str = "cpu"
     world_size: int = 8
     moe_mode: str = "tp"
+    replicate_embedding: bool = False  # every rank holds the whole embedding: no all-reduce to embed (ParallelConfig)
     comm: str = "shm"  # shared memory among CPU actors on one host; gloo/nccl through torch.distributed
     hardware: str = "b200"
     threads_per_rank: int = 1

@@ -49,13 +49,14 @@ class StepTiming:
 
 
 def random_model(cfg: ModelConfig, dtype: str, kernels: str, device: str = "cuda", seed: int = 0,
-                 comm: Communicator | None = None, moe_mode: str = "tp", fp8_scheme: str = "channel") -> Llama4:
+                 comm: Communicator | None = None, moe_mode: str = "tp", fp8_scheme: str = "channel",
+                 replicate_embedding: bool = False) -> Llama4:
     """Llama4 of `cfg` with random weights made on `device` (bf16, or fp8 in `fp8_scheme`: a
     model.fp8.SCHEMES name; per-tensor's static input scales are those _fill gives), in the shard
     shapes of `comm`'s rank (default: a world of one). Every rank fills its parameters in the same
     order from the same seed, so replicated ones (norms, routers) are equal on every rank."""
     comm = comm or SingleRankCommunicator()
-    shard = layout(cfg, comm.world_size, comm.rank, moe_mode)
+    shard = layout(cfg, comm.world_size, comm.rank, moe_mode, replicate_embedding)
     with torch.device(device), default_dtype(torch.bfloat16):
         model = Llama4(cfg, shard, comm, kernels=kernels)
     if dtype == "fp8":
@@ -209,14 +210,16 @@ def bench_model(settings: dict, comm: Communicator, kernels: str) -> tuple[Llama
     if settings["model"] in RANDOM_PRESETS:
         cfg = RANDOM_PRESETS[settings["model"]]()
         return random_model(cfg, settings["dtype"], kernels, comm=comm, moe_mode=settings["moe"],
-                            fp8_scheme=settings.get("fp8_scheme", "channel")), None
+                            fp8_scheme=settings.get("fp8_scheme", "channel"),
+                            replicate_embedding=settings.get("replicate_embedding", False)), None
     from model.config import load_model_config
     from workers.model_build import build_model
     from workers.run_config import RunConfig
     run = RunConfig(model_path=settings["path"], dtype=settings["dtype"], device="cuda", world_size=comm.world_size,
                     comm="nccl" if comm.world_size > 1 else "gloo", kernels=kernels, moe_mode=settings["moe"])
     cfg = load_model_config(settings["path"])
-    model, _ = build_model(run, cfg, layout(cfg, comm.world_size, comm.rank, settings["moe"]), comm)
+    model, _ = build_model(run, cfg, layout(cfg, comm.world_size, comm.rank, settings["moe"],
+                                            settings.get("replicate_embedding", False)), comm)
     return model.eval(), (torch.float8_e4m3fn if run.kv_dtype == "fp8" else None)
 
 
@@ -240,6 +243,7 @@ def measure_all(settings: dict, comm: Communicator | None = None, log=print) -> 
                 rows.append({**timing.as_dict(), "name": f"{step}-{mode}", "model": settings["model"],
                              "dtype": settings["dtype"], "tp": comm.world_size, "moe": settings["moe"],
                              **({"fp8_scheme": settings.get("fp8_scheme", "channel")} if settings["dtype"] == "fp8" else {}),
+                             **({"replicate_embedding": True} if settings.get("replicate_embedding") else {}),
                              "context": settings["context"]})
                 log(f"  {rows[-1]['name']}: {rows[-1]['median_us']:.1f} us ({rows[-1]['x_floor']:.2f}x floor)")
         if settings.get("profile") and kernels == "triton":  # every rank replays; rank 0 profiles

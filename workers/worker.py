@@ -54,7 +54,7 @@ class Worker:
         torch.set_num_threads(run.threads_per_rank)
         self.device = torch.device(run.device)
         self.model_cfg = load_model_config(run.model_path)
-        self.shard: ShardLayout = layout(self.model_cfg, run.world_size, rank, run.moe_mode)
+        self.shard: ShardLayout = layout(self.model_cfg, run.world_size, rank, run.moe_mode, run.replicate_embedding)
         self.model: Llama4 | None = None
         self.engine: Engine | None = None
         self.load_s = 0.0
