@@ -27,6 +27,8 @@ def add_emulate_parser(sub) -> None:
     p.add_argument("--node", default="dgx-b200", help="dgx-b200, hgx-h200, hgx-h100 (or b200/h200/h100) or a node JSON file")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: every GPU of the node)")
     p.add_argument("--moe", default="tp", choices=["tp", "ep"])
+    p.add_argument("--replicate-embedding", action="store_true",
+                   help="every rank holds the whole embedding: the step starts without an all-reduce")
     p.add_argument("--dtype", default="fp8", choices=["bf16", "fp8"])
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--comm", default="symm", choices=["symm", "nccl"],
@@ -72,20 +74,23 @@ def _check(args, gpus: int) -> int:
 def run_emulate(args) -> int:
     from cluster.hardware import node_spec
     from model.parallel import layout
-    from workers.emulate import project
+    from workers.emulate import project, shape_only_model
     if args.sweep:
         return _run_sweep(args)
     node = node_spec(args.node)
     tp = _check(args, node.gpus_per_node)
     cfg = _model_config(args.model)
     try:
-        layout(cfg, tp, 0, args.moe)
+        layout(cfg, tp, 0, args.moe, args.replicate_embedding)
     except ValueError as e:
         raise UserError(f"{args.model} does not split {tp} ways: {e}") from None
+    model = shape_only_model(cfg, tp, args.moe, args.dtype, args.replicate_embedding)
     p = project(cfg, node, tp, args.moe, args.dtype, args.batch, args.context, args.draft_len,
-                args.acceptance_length or 1.0, kv_element_bytes=1 if args.kv_dtype == "fp8" else 2, comm=args.comm)
+                args.acceptance_length or 1.0, kv_element_bytes=1 if args.kv_dtype == "fp8" else 2, model=model,
+                comm=args.comm)
     mode = f"EAGLE-3 chain {args.draft_len}, acceptance {args.acceptance_length}" if args.draft_len else "plain decoding"
-    print(f"{cfg.name or args.model} on {node.name}: TP{tp}, MoE {args.moe}, {args.dtype}, batch {args.batch}, "
+    embedding = ", embedding on every rank" if args.replicate_embedding and tp > 1 else ""
+    print(f"{cfg.name or args.model} on {node.name}: TP{tp}, MoE {args.moe}{embedding}, {args.dtype}, batch {args.batch}, "
           f"context {args.context}, {mode}, {args.comm} collectives")
     print(f"step {p.step_s * 1e6:.0f} us ({p.breakdown['ops']} kernels and collectives per rank)")
     for title, parts in (("by part", p.breakdown["by_part"]), ("by kind", p.breakdown["by_kind"])):

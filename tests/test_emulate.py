@@ -149,6 +149,20 @@ def test_emulate_command_json_and_errors():
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
 
 
+def test_replicated_embedding_drops_the_embedding_all_reduce_from_the_plan():
+    """--replicate-embedding (every rank holds the table): the step plan has no embedding collective,
+    so it is one call and its time shorter; nothing else changes."""
+    node = node_spec("dgx-b200")
+    steps = {}
+    for replicated in (False, True):
+        model = shape_only_model(maverick(n_layers=4), 8, "tp", "fp8", replicate_embedding=replicated)
+        ops = estimate_step(model, node, 1, 1, 1024).ops
+        steps[replicated] = (sum(op.seconds for op in ops), [op for op in ops if op.part == "embed"])
+    (split, split_embed), (whole, whole_embed) = steps[False], steps[True]
+    assert [op.kind for op in split_embed] == ["kernel", "collective"] and [op.kind for op in whole_embed] == ["kernel"]
+    assert whole == pytest.approx(split - split_embed[1].seconds)
+
+
 def test_meta_model_has_no_storage():
     meta = shape_only_model(maverick(), 8, "tp", "fp8")
     assert all(p.device.type == "meta" for p in meta.parameters())
