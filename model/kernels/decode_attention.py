@@ -88,7 +88,7 @@ if triton is not None:
         start was this one's, so the same slots, all committed), the others (the new tokens' slots,
         written by this program; or every slot if start moved) loaded now."""
         s = lo + tl.arange(0, BLOCK_S)
-        late = (s < hi) & ~keep
+        late = (s < hi) & (keep == 0)  # not `~keep`: Triton 3.9's interpreter makes that an invalid mask
         offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
         k = tl.where(keep[:, None], k_early, tl.load(k_ptr + offs, mask=late[:, None], other=0.0))
         v = tl.where(keep[:, None], v_early, tl.load(v_ptr + offs, mask=late[:, None], other=0.0))
@@ -258,15 +258,17 @@ if triton is not None:
         flight at once (same sums, same order)."""
         base = bh * N_SPLITS * rows_pad + rows  # (BLOCK_R,) scratch rows of split 0
         m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        # (rows * 0 + i) < live, not i < live: Triton 3.9's interpreter makes a scalar comparison an invalid mask
         for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
-            m_i = tl.load(m_ptr + base + i * rows_pad, mask=row_ok & (i < live), other=float("-inf"), cache_modifier=".cg")
+            ok = row_ok & ((rows * 0 + i) < live)
+            m_i = tl.load(m_ptr + base + i * rows_pad, mask=ok, other=float("-inf"), cache_modifier=".cg")
             m_max = tl.maximum(m_max, m_i)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         d = tl.arange(0, D)
         total = tl.zeros((BLOCK_R,), tl.float32)
         o = tl.zeros((BLOCK_R, D), tl.float32)
         for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
-            ok = row_ok & (i < live)
+            ok = row_ok & ((rows * 0 + i) < live)
             w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_ref)
             total += w * tl.load(l_ptr + base + i * rows_pad, mask=ok, other=0.0, cache_modifier=".cg")
             a = tl.load(acc_ptr + (base + i * rows_pad)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
