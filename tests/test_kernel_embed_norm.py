@@ -113,10 +113,12 @@ class _TwoRanks(Communicator):
     all_gather = all_to_all = broadcast = barrier = None
 
 
-def test_step_head_of_two_ranks():
+@pytest.mark.parametrize("replicated", [False, True])
+def test_step_head_of_two_ranks(replicated):
     """fast_path.step_head on rank 0 of two: its slice's rows (no norm in the kernel) go through ONE
     allreduce_add_rmsnorm with no residual; the residual is the whole embedding, normed its RMSNorm,
-    and the context carries the snapshot of the lengths, which advanced."""
+    and the context carries the snapshot of the lengths, which advanced. With the table replicated
+    on every rank the kernel embeds and norms every id itself and nothing is communicated."""
     from model import fast_path
     from model.attention import KVCache
     gen = torch.Generator().manual_seed(16)
@@ -125,12 +127,13 @@ def test_step_head_of_two_ranks():
     other = en.reference_embed_norm(ids, weight[100:], vocab_start=100).rows  # rank 1's partial
     comm = _TwoRanks(other)
     layer = SimpleNamespace(input_layernorm=SimpleNamespace(weight=norm_weight, eps=1e-5))
-    model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=weight[:100], vocab_start=0, vocab_valid=100),
-                            layers=[layer], comm=comm, inv_freq=torch.ones(4, device=DEVICE))
+    table = (SimpleNamespace(weight=weight, vocab_start=0, vocab_valid=200, replicated=True) if replicated
+             else SimpleNamespace(weight=weight[:100], vocab_start=0, vocab_valid=100, replicated=False))
+    model = SimpleNamespace(embed_tokens=table, layers=[layer], comm=comm, inv_freq=torch.ones(4, device=DEVICE))
     cache = KVCache(1, 2, 32, 1, 8, torch.float32, DEVICE)
     cache.lengths.copy_(torch.tensor([3, 7]))
     normed, residual, ctx = fast_path.step_head(model, ids, cache, None, None, None, static=True)
-    assert comm.calls == [("allreduce_add_rmsnorm", None), "all_reduce"]
+    assert comm.calls == ([] if replicated else [("allreduce_add_rmsnorm", None), "all_reduce"])
     assert torch.equal(residual, weight[ids])
     assert_within_2_ulps(normed, rms_norm(weight[ids], norm_weight, 1e-5))
     assert torch.equal(ctx.start, torch.tensor([3, 7], device=DEVICE)) and torch.equal(cache.lengths, ctx.start + 3)
