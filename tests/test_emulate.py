@@ -76,15 +76,15 @@ def test_predictions_stay_near_the_h200_measurements():
     mirrors, so they are reported, not held to the targets: their medium rows are all slower than
     the current plan predicts. The EAGLE-3 draft forwards (h200-draft-step.json) are reported beside
     them: their small GEMVs fall outside the GEMV fit's range (the validation file's notes). The TP2
-    collectives are rows too: the symm ones and the NCCL all-reduce rows at 1-16 tokens are calibration
-    (the node file's symm constants and TP2 NCCL latency were fitted on them), the other nccl ones
+    collectives are rows too: the symm ones and the NCCL all-reduce rows at 1-128 tokens are calibration
+    (the node file's symm constants and TP2 NCCL latency and rate were fitted on them), the other nccl ones
     validation; each kind has its own aggregate, calibration kept apart."""
     sys.path.insert(0, str(node_spec.__globals__["NODES_DIR"].parent.parent))
     from benchmarks.emulator_validation import CALIBRATION, CURRENT, VALIDATION, group_errors, validate
     rows = validate()
     assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2", "draft", "collectives"} and len(rows) >= 60
     collectives = [r for r in rows if r["group"] == "collectives"]  # TP2: symm fitted on them, nccl not
-    fit_nccl = {(f"all_reduce nccl {t} tok") for t in (1, 4, 16)}  # the TP2 NCCL latency's rows (kernel_fit)
+    fit_nccl = {(f"all_reduce nccl {t} tok") for t in (1, 4, 16, 128)}  # the TP2 NCCL line's rows (kernel_fit)
     assert all(r["tp"] == 2 and r["role"] == (CALIBRATION if r["comm"] == "symm" or r["case"] in fit_nccl
                                               else VALIDATION) for r in collectives)
     fitted = [r for r in collectives if "one-shot" in r["case"] or r["call"] in ("dispatch", "combine")]
@@ -98,7 +98,9 @@ def test_predictions_stay_near_the_h200_measurements():
     for group in (*CURRENT, "current kernels"):
         assert groups[group]["median_abs_error"] <= 0.10, groups
         assert groups[group]["worst_abs_error"] <= 0.25, groups
-    assert all(abs(r["error"]) < 0.05 for r in collectives if r["case"] in fit_nccl)  # the NCCL fit's own rows
+    # the NCCL line's own rows: 2 parameters over 4 sizes whose 1- and 4-token rows measured 6% apart the
+    # wrong way round (8.88 vs 8.38 us), so no line comes within 5% of all four
+    assert all(abs(r["error"]) < 0.07 for r in collectives if r["case"] in fit_nccl)
     assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
     validated, calibrated = (groups[f"collectives {role}"]["cases"] for role in (VALIDATION, CALIBRATION))
     assert validated + calibrated == len(collectives)

@@ -218,15 +218,21 @@ def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
 
 
 def test_node_nccl_tp2_latency_is_the_fit_of_the_committed_collectives():
-    """The H200 (and, assumed from it, H100) node's NCCL latency at two ranks is kernel_fit.fit_nccl_tp2
-    over h200x2-collectives.json; other rank counts keep allreduce_latency_s (the TP4 anchor)."""
+    """The H200 (and, assumed from it, H100) node's NCCL latency and rate at two ranks are
+    kernel_fit.fit_nccl_tp2's line over h200x2-collectives.json; other rank counts keep
+    allreduce_latency_s (the TP4 anchor) and NVLink's one-way rate."""
     from benchmarks.kernel_fit import fit_nccl_tp2
-    latency = fit_nccl_tp2()
+    latency, rate = fit_nccl_tp2()
+    assert 5e-6 < latency < 12e-6 and 50e9 < rate < 450e9  # a line through four sizes, not a degenerate one
     for name in ("h200", "h100"):
         node = node_spec(name)
         assert node.allreduce_latency(2) == pytest.approx(latency, rel=5e-3)
+        assert node.allreduce_bytes_per_s(2) == pytest.approx(rate, rel=5e-3)
         assert node.allreduce_latency(4) == node.allreduce_latency(8) == node.allreduce_latency_s
-    assert node_spec("b200").allreduce_latency(2) == node_spec("b200").allreduce_latency_s  # nothing measured
+        assert node.allreduce_bytes_per_s(8) == node.nvlink_bytes_per_s_one_way
+    b200 = node_spec("b200")  # nothing measured
+    assert b200.allreduce_latency(2) == b200.allreduce_latency_s
+    assert b200.allreduce_bytes_per_s(2) == b200.nvlink_bytes_per_s_one_way
 
 
 def test_the_modeled_fp8_moe_pairs_are_near_the_traced_ones():

@@ -259,7 +259,7 @@ class CostModel:
         if self.comm == "symm" and c.call in ("dispatch", "combine") and c.call in self.node.symm:
             fit, moved = self.node.symm[c.call], c.message_bytes * (n - 1) // n  # fitted at TP2: its rows / bandwidth
             return [Op(c.name, "collective", c.part, fit.latency_s + c.message_bytes / fit.bytes_per_s, moved)]
-        m, latency, bw = c.message_bytes, self.node.allreduce_latency(n), self.node.nvlink_bytes_per_s_one_way
+        m, latency, bw = c.message_bytes, self.node.allreduce_latency(n), self.node.allreduce_bytes_per_s(n)
         if c.call in ("all_reduce", "allreduce_add_rmsnorm"):
             one_shot = latency + (n - 1) * m / bw
             two_shot = 2 * latency + 2 * (n - 1) / n * m / bw
@@ -281,7 +281,7 @@ class CostModel:
             return "modeled"
         if self.comm == "symm":
             return "modeled fused one-shot"
-        n, latency, bw = self.world, self.node.allreduce_latency(self.world), self.node.nvlink_bytes_per_s_one_way
+        n, latency, bw = self.world, self.node.allreduce_latency(self.world), self.node.allreduce_bytes_per_s(self.world)
         one_shot = latency + (n - 1) * message_bytes / bw
         return "modeled one-shot" if one_shot <= 2 * latency + 2 * (n - 1) / n * message_bytes / bw \
             else "modeled two-shot"

@@ -62,10 +62,15 @@ class NodeSpec:
     # dispatch / combine kernels (collectives/moe_all_to_all.py) where the file has them
     pair_fp8_m1_bandwidth_fraction: float | None = None  # the one-row FP8 MoE pair's (else the fp8_m1 GEMV's)
     allreduce_latency_s_by_ranks: dict = field(default_factory=dict)  # ranks -> NCCL latency measured there
+    allreduce_bytes_per_s_by_ranks: dict = field(default_factory=dict)  # ranks -> NCCL bytes/s measured there
 
     def allreduce_latency(self, ranks: int) -> float:
         """NCCL's latency inside a CUDA graph at `ranks` ranks: measured there, else allreduce_latency_s."""
         return self.allreduce_latency_s_by_ranks.get(ranks, self.allreduce_latency_s)
+
+    def allreduce_bytes_per_s(self, ranks: int) -> float:
+        """The rate NCCL's bytes term moves at `ranks` ranks: measured there, else NVLink's one-way rate."""
+        return self.allreduce_bytes_per_s_by_ranks.get(ranks, self.nvlink_bytes_per_s_one_way)
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -89,4 +94,5 @@ class NodeSpec:
                    {call: LinkFit(float(cal[f"symm_{key}_latency_s"]), float(cal[f"symm_{key}_bytes_per_s"]))
                     for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal},
                    float(cal["pair_fp8_m1_bandwidth_fraction"]) if "pair_fp8_m1_bandwidth_fraction" in cal else None,
-                   {int(n): float(s) for n, s in cal.get("allreduce_latency_s_by_ranks", {}).items()})
+                   {int(n): float(s) for n, s in cal.get("allreduce_latency_s_by_ranks", {}).items()},
+                   {int(n): float(b) for n, b in cal.get("allreduce_bytes_per_s_by_ranks", {}).items()})
