@@ -78,8 +78,9 @@ class GatherBySum:
                 self.kept[key] = slots
         return slots
 
-    def __call__(self, x: torch.Tensor, dim: int, all_reduce) -> torch.Tensor:
-        slots = self.slots(x)
+    def __call__(self, x: torch.Tensor, dim: int, all_reduce, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The gather of x along dim; slots: `slots(x)` when the caller already has them."""
+        slots = self.slots(x) if slots is None else slots
         slots[self.rank].copy_(x)
         gathered = all_reduce(slots)  # (world, *x.shape)
         if dim % x.dim() == 0:
@@ -135,9 +136,10 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Small float tensors (the LM head's (max, id) pairs) as ONE fused all-reduce of zero-padded
         slots (GatherBySum); everything else through NCCL."""
-        if not self._gather.takes(x) or not self.fused_all_reduce_takes(self._gather.slots(x)):
+        slots = self._gather.slots(x) if self._gather.takes(x) else None
+        if slots is None or not self.fused_all_reduce_takes(slots):
             return self.nccl.all_gather(x, dim)
-        return self._gather(x, dim, self.fused.all_reduce)
+        return self._gather(x, dim, self.fused.all_reduce, slots)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         return self.nccl.all_to_all(x, send_counts)

@@ -95,4 +95,3 @@ if triton is not None:
         """Lets the next kernel in the stream start once every program of this one got here."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-

@@ -141,10 +141,15 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _split_bounds(start, split, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
-        """This split's share [lo, hi) of the row's live keys [0, start + T), in whole blocks."""
+    def _split_share(start, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
+        """(the row's live keys [0, start + T) cut at s_max, the keys of each split in whole blocks)."""
         n_keys = tl.minimum(start + T, s_max).to(tl.int32)
-        per_split = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S
+        return n_keys, tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S
+
+    @triton.jit
+    def _split_bounds(start, split, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
+        """This split's share [lo, hi) of the row's live keys, in whole blocks."""
+        n_keys, per_split = _split_share(start, s_max, T, BLOCK_S, N_SPLITS)
         lo = split * per_split
         return lo, tl.minimum(lo + per_split, n_keys)
 
@@ -152,8 +157,8 @@ if triton is not None:
     def _live_splits(start, s_max, T: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr):
         """How many splits hold keys (the first ones): a cache of many slots holding a short context
         leaves the rest empty, and the merge need not read their (empty) partials."""
-        n_keys = tl.minimum(start + T, s_max).to(tl.int32)
-        return tl.cdiv(n_keys, tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_S) * BLOCK_S)
+        n_keys, per_split = _split_share(start, s_max, T, BLOCK_S, N_SPLITS)
+        return tl.cdiv(n_keys, per_split)
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
@@ -437,7 +442,7 @@ def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: i
     keys and values of its own slots. Same arguments as those two; the same cache bytes and q
     (the same math, compiled as there: no FMA contraction; so the attention's own float32 steps may
     round apart from decode_attention's by an ulp on a GPU). Otherwise the two (or three) launches.
-    launch: num_warps / num_stages for the split kernel instead of the plan's (benchmarks)."""
+    launch: the split kernel's num_warps / num_stages / MERGE_UNROLL instead of the defaults (benchmarks)."""
     from model.kernels import qkv_rope
     qkv_rope._check(qkv, positions, start, k_cache, v_cache, n_heads, n_kv_heads, head_dim, inv_freq, k_scale, v_scale)
     q_view = qkv[..., :n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # (B, T, Hq, D) view for the checks
@@ -461,7 +466,7 @@ def _attend(q_src, q, k_cache, v_cache, start, positions, scale, chunk_size, ste
             fused_merge: bool, rope: dict | None, launch: dict | None = None) -> torch.Tensor:
     """Launches the split kernel (and the merge kernel unless fused_merge). q_src: q, or with `rope`
     (the kernel's RoPE arguments) the fused QKV projection; q: a (B, T, Hq, D) tensor or view of it.
-    launch: num_warps / num_stages overrides for the split kernel."""
+    launch: num_warps / num_stages / MERGE_UNROLL overrides for the split kernel."""
     batch, n_new, n_heads, head_dim = q.shape
     n_kv_heads, s_max = k_cache.shape[1], k_cache.shape[2]
     block_s, block_r, row_blocks, n_splits = plan
