@@ -309,10 +309,10 @@ class Eagle3Draft(nn.Module):
         hold on to the table it read."""
         if self.d2t.is_inference():  # made in inference mode: no version counter, so no cached table
             return self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
-        key = (id(self.d2t), self.d2t._version, self.d2t.device)
-        if self.__dict__.get("_target_ids_key") != key:
+        made_from = self.__dict__.get("_target_ids_from")  # (d2t, its version): the tensor held, not its id()
+        if made_from is None or made_from[0] is not self.d2t or made_from[1] != self.d2t._version:
             self.__dict__["_target_ids"] = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
-            self.__dict__["_target_ids_key"] = key
+            self.__dict__["_target_ids_from"] = (self.d2t, self.d2t._version)
         return self.__dict__["_target_ids"]
 
     def embed_and_feature(self, tokens: torch.Tensor, target_features: torch.Tensor | None,

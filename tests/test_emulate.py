@@ -15,6 +15,7 @@ import torch
 
 from cluster.hardware import node_spec
 from model.config import ConfigError, maverick, preset
+from workers.cost_model import CostModel
 from workers.emulate import estimate_step, module_bytes, project, shape_only_model
 from workers.step_bench import step_bytes
 
@@ -196,3 +197,15 @@ def test_sweep_writes_its_table_and_plot(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     big = project(maverick(), node_spec("h100"), 1, "tp", "bf16", 1, 1024)
     assert big.breakdown["memory_per_rank_bytes"] > node_spec("h100").gpu.hbm_bytes  # 800 GB: marked, not fitted
+
+
+def test_cost_memo_charges_a_new_module_its_own_bytes_when_it_reuses_a_dead_ones_id():
+    """The clock makes a new GPU twin whenever tracing is switched; a module made after another one
+    died often gets its id. Each new module must be charged its own bytes, not the dead one's."""
+    cost = CostModel(node_spec("dgx-b200"), 1)
+    for width in range(8, 8 + 64):
+        linear = torch.nn.Linear(width, 16, bias=False, device="meta")
+        op = cost.linear("q_proj", "attention", linear, 1)
+        assert op.bytes == module_bytes(linear) == width * 16 * 4
+        del linear
+    assert len(cost._module_memos) == 0  # a dead module's ops are dropped with it

@@ -45,6 +45,7 @@ no collective cost, but its plans keep the calls (the model still makes them).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -106,13 +107,20 @@ class CostModel:
         if comm not in COMMS:
             raise ValueError(f"comm must be one of {COMMS}, got {comm!r}")
         self.node, self.world, self.comm = node, world, comm
-        self._memo: dict = {}  # (op name, module, rows) -> Op: a real run builds the same plans every step
+        self._memo: dict = {}  # (op name, shape...) -> Op: a real run builds the same plans every step
+        self._module_memos: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def memo_of(self, module: torch.nn.Module) -> dict:
+        """The memo of one module's ops, dropped with the module. Not keyed by id(module): a module
+        made after another one died can get its id (the clock makes a new GPU twin each time tracing
+        is switched), and would be charged the dead one's bytes."""
+        return self._module_memos.setdefault(module, {})
 
     def bytes_of(self, module: torch.nn.Module) -> int:
-        key = ("bytes", id(module))
-        if key not in self._memo:
-            self._memo[key] = module_bytes(module)
-        return self._memo[key]
+        memo = self.memo_of(module)
+        if "bytes" not in memo:
+            memo["bytes"] = module_bytes(module)
+        return memo["bytes"]
 
     # --- local ops -------------------------------------------------------------------------
     def gemv_fit(self, fp8: bool, rows: int, tensor_cores: bool = False):
@@ -135,36 +143,36 @@ class CostModel:
         """A dense linear. An FP8 one that linear_small_m runs on the 16-row dot or the tensor cores
         launches its activation's quantization pre-pass first: two launches, timed together by the
         GEMV fit (benchmarks/gemv_fit.py fits the calls as they ship)."""
-        key = (name, id(module), rows)
-        op = self._memo.get(key)
+        memo, key = self.memo_of(module), (name, rows)
+        op = memo.get(key)
         if op is None:
             weight = module.weight
             fp8 = weight.dtype == FP8
             tensor_cores = fp8 and (rows > 1 or small_m.mma_default(rows, *weight.shape))  # or the 16-row dot
             prepass = tensor_cores and rows <= small_m.MAX_M
-            op = self._memo[key] = self.gemv(name, part, module_bytes(module), fp8, rows, 2.0 * rows * weight.numel(),
+            op = memo[key] = self.gemv(name, part, self.bytes_of(module), fp8, rows, 2.0 * rows * weight.numel(),
                                               launches=2 if prepass else 1, tensor_cores=tensor_cores)
         return op
 
     def expert_bytes(self, experts: torch.nn.Module, which: str) -> int:
         """Bytes of ONE routed expert's `which` ("gate_up_proj" / "down_proj"), its scales included."""
-        key = ("expert bytes", id(experts), which)
-        if key not in self._memo:
+        memo, key = self.memo_of(experts), ("expert bytes", which)
+        if key not in memo:
             per_expert = [p[0] for n, p in experts.named_parameters() if n.startswith(which)]
-            self._memo[key] = sum(p.numel() * p.element_size() for p in per_expert)
-        return self._memo[key]
+            memo[key] = sum(p.numel() * p.element_size() for p in per_expert)
+        return memo[key]
 
     def routed_experts(self, experts: torch.nn.Module, read: int, rows: int) -> list[Op]:
         """The gathered FC13+SwiGLU and FC2 GEMVs over `read` routed experts' weights (and scales)."""
-        key = ("routed", id(experts), read, rows)
-        if key not in self._memo:
+        memo, key = self.memo_of(experts), ("routed", read, rows)
+        if key not in memo:
             ops, fp8 = [], experts.gate_up_proj.dtype == FP8
             for which in ("gate_up_proj", "down_proj"):
                 flops = 2.0 * rows * getattr(experts, which)[0].numel()
                 ops.append(self.gemv(f"routed {which} x{read}", "moe", read * self.expert_bytes(experts, which), fp8,
                                      rows, flops, gathered=True))
-            self._memo[key] = ops
-        return self._memo[key]
+            memo[key] = ops
+        return memo[key]
 
     def kernel(self, name: str, part: str, kind: str, count: int = 1, nbytes: int = 0) -> Op:
         key = (name, part, kind, count, nbytes)

@@ -219,8 +219,8 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
 
 def pair_ops(cost: CostModel, block, rows: int, read: int) -> list[Op]:
     """The two pair launches: shared and `read` routed experts' FC13 + SwiGLU, then FC2 + the sum."""
-    key = ("pair", id(block), rows, read)
-    if key not in cost._memo:
+    memo, key = cost.memo_of(block), ("pair", rows, read)
+    if key not in memo:
         experts, shared = block.experts, block.shared_expert
         fp8 = experts.gate_up_proj.dtype == FP8
         ops = []
@@ -228,8 +228,8 @@ def pair_ops(cost: CostModel, block, rows: int, read: int) -> list[Op]:
             flops = 2.0 * rows * (linear.weight.numel() + getattr(experts, which)[0].numel())
             ops.append(cost.pair(f"shared + routed {which} x{read}", cost.bytes_of(linear),
                                  read * cost.expert_bytes(experts, which), fp8, rows, flops))
-        cost._memo[key] = ops
-    return cost._memo[key]
+        memo[key] = ops
+    return memo[key]
 
 
 def torch_moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
