@@ -17,6 +17,11 @@ BACKENDS = ("shm", "gloo", "nccl", "symm")  # symm: CUDA ranks of one host (coll
 SHM_PREFIX = "dgxemu-"
 
 
+def symm_protocol() -> str:
+    """The symm backend's fused-kernel protocol: $DGX_EMU_SYMM_PROTOCOL, else lamport."""
+    return os.environ.get("DGX_EMU_SYMM_PROTOCOL", "lamport")
+
+
 def shm_name(node_id: str, group: str = "world") -> str:
     """Segment-name prefix for one group of one node: unique per node, so nodes never collide."""
     return f"{SHM_PREFIX}{node_id}-{group}"
@@ -25,7 +30,8 @@ def shm_name(node_id: str, group: str = "world") -> str:
 def make_communicator(backend: str, rank: int, world_size: int, store, node_id: str, timeout_s: float,
                       device: str = "cpu", wait: str | None = None, hosts: list | None = None) -> Communicator:
     """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else hybrid). The shm small-message
-    algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto).
+    algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto); the symm
+    fused kernel's arrival protocol from $DGX_EMU_SYMM_PROTOCOL (lamport or flags; default lamport).
     hosts: the host label of every rank (None: all on one host)."""
     wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "hybrid")
     if hosts is not None and len(hosts) != world_size:
@@ -50,5 +56,6 @@ def make_communicator(backend: str, rank: int, world_size: int, store, node_id: 
         return TorchDistCommunicator(rank, world_size, store, backend, timeout_s, device)
     if backend == "symm":
         from collectives.symm_mem import SymmMemCommunicator
-        return SymmMemCommunicator(rank, world_size, store, timeout_s, device)
+        return SymmMemCommunicator(rank, world_size, store, timeout_s, device,
+                                   protocol=symm_protocol())
     raise ValueError(f"unknown communication backend {backend!r}; choose one of {BACKENDS}")

@@ -52,6 +52,7 @@ from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 PUSH, SCATTER, FINISH = 1, 2, 4
 ONE_SHOT_PHASES, TWO_SHOT_PHASES = PUSH | FINISH, PUSH | SCATTER | FINISH
 ALGORITHMS = ("one-shot", "two-shot")
+PROTOCOLS = ("lamport", "flags")  # how a rank learns its peers' data arrived (collectives/lamport_allreduce.py)
 PROGRAMS = 32  # programs per launch; each owns every PROGRAMS-th row
 AR_ROW = 2048  # values per row of a plain all-reduce (its message is cut into rows of this many)
 TWO_SHOT_MIN_BYTES = 1 << 20  # messages this large or larger use two-shot (benchmarks/collectives_bench.py measures both)
@@ -258,20 +259,35 @@ def _aligned(nbytes: int) -> int:
 @dataclass(frozen=True)
 class Layout:
     """Where the flags and slots sit in each rank's symmetric buffer (the same on every rank).
-    capacity: the most values one message may hold, of any dtype up to 4 bytes."""
+    capacity: the most values one message may hold, of any dtype up to 4 bytes. protocol: "flags"
+    (this file's kernel: flags, two buffers) or "lamport" (collectives/lamport_allreduce.py: no
+    flags, three buffers, every byte starting as `initial_byte`)."""
     world: int
     capacity: int
     programs: int = PROGRAMS
+    protocol: str = "lamport"
 
     def __post_init__(self) -> None:
         if not 1 <= self.world <= 30:  # the status word holds one bit per rank
             raise ValueError(f"world size must be 1..30, got {self.world}")
         if self.capacity < 1 or self.programs < 1:
             raise ValueError(f"capacity and programs must be positive, got {self.capacity}, {self.programs}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+
+    @property
+    def buffers(self) -> int:
+        return 3 if self.protocol == "lamport" else 2
+
+    @property
+    def initial_byte(self) -> int:
+        """What every byte of the buffer must hold before any rank's first launch."""
+        return 0xFF if self.protocol == "lamport" else 0
 
     @property
     def flag_count(self) -> int:
-        return 2 * 2 * self.programs * self.world  # int32 [kind][parity][program][source rank]
+        """int32 [kind][parity][program][source rank]; none with Lamport sentinels."""
+        return 2 * 2 * self.programs * self.world if self.protocol == "flags" else 0
 
     @property
     def slot_bytes(self) -> int:
@@ -283,11 +299,11 @@ class Layout:
 
     @property
     def gather_offset(self) -> int:
-        return self.data_offset + 2 * self.world * self.slot_bytes  # data slots: [parity][source rank]
+        return self.data_offset + self.buffers * self.world * self.slot_bytes  # data slots: [buffer][source rank]
 
     @property
     def nbytes(self) -> int:
-        return self.gather_offset + 2 * self.slot_bytes  # gather slots: [parity]
+        return self.gather_offset + self.buffers * self.slot_bytes  # gather slots: [buffer]
 
 
 def algorithm_for(nbytes: int, world: int) -> str:
@@ -313,6 +329,7 @@ class FusedAllReduce:
         self.rank, self.layout, self.device = rank, layout, torch.device(device)
         self.flag_table, self.data_table, self.gather_table = table(0), table(layout.data_offset), table(layout.gather_offset)
         self.counters = torch.zeros(layout.programs, dtype=torch.int32, device=self.device)  # epochs, per program
+        self.cleared = torch.zeros(layout.programs, 2, dtype=torch.int32, device=self.device)  # lamport: last launch's bytes, two-shot
         self.status = torch.zeros(1, dtype=torch.int32, device=self.device)  # bits of ranks a wait gave up on
         self.timeout_ns = int(timeout_s * 1e9)
 
@@ -368,19 +385,27 @@ class FusedAllReduce:
         block = triton.next_power_of_2(hidden)
         norm_dtype = torch.promote_types(x.dtype, weight.dtype) if norm else x.dtype
         stamps, stamp_slot = gpu_stamps.triple("allreduce_add_rmsnorm" if norm else "all_reduce", x)
-        _fused_allreduce_kernel[(self.layout.programs,)](
-            x, residual if residual is not None else x, weight if norm else x,
-            quant_scale if quant_scale is not None else x,
-            out, new_residual if norm else out,
-            self.flag_table, self.data_table, self.gather_table, self.counters, self.status,
-            rows, x.numel(), self.layout.slot_bytes // x.element_size(), float(eps), self.timeout_ns,
-            RANK=self.rank, WORLD=self.layout.world, WORLD_POW2=triton.next_power_of_2(self.layout.world),
-            PROGRAMS=self.layout.programs, HIDDEN=hidden, BLOCK=block, NORM=norm,
-            NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
-            TWO_SHOT=algorithm == "two-shot", PHASES=phases,
-            stamps_ptr=stamps if stamps is not None else self.counters, stamp_slot=stamp_slot, STAMP=stamps is not None,
-            HAS_RESIDUAL=residual is not None, num_warps=fused_norm.num_warps(block), enable_fp_fusion=False,
-            **pdl_kwargs(x))
+        tensors = (x, residual if residual is not None else x, weight if norm else x,
+                   quant_scale if quant_scale is not None else x, out, new_residual if norm else out)
+        shape = dict(RANK=self.rank, WORLD=self.layout.world, PROGRAMS=self.layout.programs, HIDDEN=hidden,
+                     BLOCK=block, NORM=norm, NORM_DTYPE=fused_norm.TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
+                     TWO_SHOT=algorithm == "two-shot", PHASES=phases,
+                     stamps_ptr=stamps if stamps is not None else self.counters, stamp_slot=stamp_slot,
+                     STAMP=stamps is not None, HAS_RESIDUAL=residual is not None, num_warps=fused_norm.num_warps(block),
+                     enable_fp_fusion=False, **pdl_kwargs(x))
+        slot_elems = self.layout.slot_bytes // x.element_size()
+        if self.layout.protocol == "lamport":
+            from collectives.lamport_allreduce import _lamport_kernel  # it imports this file's jit helpers
+            bits = {4: tl.int32, 2: tl.int16}[x.element_size()]
+            _lamport_kernel[(self.layout.programs,)](
+                *tensors, self.data_table, self.gather_table, self.counters, self.cleared, self.status,
+                rows, x.numel(), slot_elems, self.layout.slot_bytes // 4, float(eps), self.timeout_ns,
+                BITS=bits, ELEM_BYTES=x.element_size(), NOT_SIGN=(1 << 8 * x.element_size() - 1) - 1, **shape)
+        else:
+            _fused_allreduce_kernel[(self.layout.programs,)](
+                *tensors, self.flag_table, self.data_table, self.gather_table, self.counters, self.status,
+                rows, x.numel(), slot_elems, float(eps), self.timeout_ns,
+                WORLD_POW2=triton.next_power_of_2(self.layout.world), **shape)
 
     def missing_ranks(self) -> list[int]:
         """Ranks some wait of this rank gave up on (timeout); reads the device (a host sync)."""

@@ -1,7 +1,7 @@
 """One buffer in torch's symmetric memory, mapped into every rank of the host, and its peers' addresses.
 
 The fused all-reduce and the MoE all-to-all each own one; both need the same three steps (allocate
-and zero, rendezvous, learn where every peer's tensor starts inside its mapped allocation), so they
+and fill, rendezvous, learn where every peer's tensor starts inside its mapped allocation), so they
 live here once. Rendezvous needs every process to see all GPUs of the host, each bound to its own
 (torch.cuda.set_device); when it fails, the error says what this rank sees, which is almost always
 the cause (a launcher that narrowed CUDA_VISIBLE_DEVICES to one GPU per process).
@@ -17,16 +17,17 @@ import torch.distributed as dist
 
 @dataclass
 class SymmetricBuffer:
-    tensor: torch.Tensor  # (nbytes,) uint8 on this rank's GPU, zeroed
+    tensor: torch.Tensor  # (nbytes,) uint8 on this rank's GPU, every byte `fill`
     handle: object  # torch's _SymmetricMemory: keeps the peer mappings alive
     bases: list[int]  # (world,) device address of every rank's tensor, as this process maps it
 
 
-def map_symmetric(nbytes: int, group) -> SymmetricBuffer:
-    """Collective over `group` (a TorchDistCommunicator on NCCL whose process group is WORLD)."""
+def map_symmetric(nbytes: int, group, fill: int = 0) -> SymmetricBuffer:
+    """Collective over `group` (a TorchDistCommunicator on NCCL whose process group is WORLD); every
+    byte of this rank's buffer is set to `fill` (the caller waits for every rank before using it)."""
     import torch.distributed._symmetric_memory as symm_mem
     tensor = symm_mem.empty(nbytes, dtype=torch.uint8, device=group.device)
-    tensor.zero_()
+    tensor.fill_(fill)
     try:
         handle = symm_mem.rendezvous(tensor, dist.group.WORLD)
     except RuntimeError as e:

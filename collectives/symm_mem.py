@@ -10,8 +10,8 @@ reach each other by peer access (NVLink). NVLink multicast is not used (no multi
 
 What it does: at construction it joins an NCCL process group (TorchDistCommunicator) and allocates
 ONE symmetric buffer per rank through torch's symmetric memory (torch.distributed._symmetric_memory:
-`empty` + `rendezvous` map every rank's buffer into every process), zeroes it and waits for every
-rank before any kernel may push into it. The buffer holds messages of up to `capacity` values
+`empty` + `rendezvous` map every rank's buffer into every process), fills it (Lamport sentinels, or
+zero flags) and waits for every rank before any kernel may push into it. The buffer holds messages of up to `capacity` values
 (DEFAULT_CAPACITY: 128 tokens x 8192 hidden). Then:
   * all_reduce: the fused kernel for contiguous float32/bf16/fp16 CUDA tensors of at most
     `capacity` values; NCCL otherwise;
@@ -93,19 +93,22 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
     graph_capturable = True
 
     def __init__(self, rank: int, world_size: int, store, timeout_s: float = 120.0,
-                 device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY) -> None:
+                 device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY,
+                 protocol: str = "lamport") -> None:
+        """protocol: how the fused kernel learns its peers' data arrived (fused_allreduce.PROTOCOLS)."""
         self.rank, self.world_size = rank, world_size
+        layout = Layout(world_size, capacity, protocol=protocol)  # refuses a bad protocol before any work
         self.device = cuda_device(device)
         if self.device.index != torch.cuda.current_device():
             raise ValueError(f"rank {rank} was given {self.device} but its current device is cuda:"
                              f"{torch.cuda.current_device()}; call torch.cuda.set_device first")
         self.nccl = TorchDistCommunicator(rank, world_size, store, "nccl", timeout_s, self.device)
-        self.layout = Layout(world_size, capacity)
-        self.mapped = map_symmetric(self.layout.nbytes, self.nccl)
+        self.layout = layout
+        self.mapped = map_symmetric(layout.nbytes, self.nccl, fill=layout.initial_byte)
         self.fused = FusedAllReduce(rank, self.layout, self.mapped.bases, self.device, timeout_s)
         self.moe = SymmetricMoeAllToAll(self.nccl, MoeLayout(world_size), timeout_s)
         torch.cuda.synchronize(self.device)
-        self.nccl.barrier()  # every rank's flags are zero before any rank's kernel signals into them
+        self.nccl.barrier()  # every rank's buffer holds its initial bytes before any peer pushes into it
         self._gather = GatherBySum(rank, world_size)
         self._open = True
 

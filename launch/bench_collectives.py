@@ -9,8 +9,10 @@ median and p90 per call, and where two-shot starts to beat one-shot.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -26,6 +28,8 @@ def add_collectives_parser(bsub) -> None:
     p.add_argument("--modes", default="graph,eager", help="graph (replayed CUDA graph) and/or eager")
     p.add_argument("--samples", type=int, default=100, help="timed samples per case")
     p.add_argument("--ops", type=int, default=20, help="back-to-back calls per sample")
+    p.add_argument("--protocols", default="lamport",
+                   help="comma-separated arrival protocols of the fused kernel to time, one run each: lamport, flags")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -39,7 +43,24 @@ def _settings(args) -> dict:
         raise UserError("--tokens must be integers >= 1 and --modes graph and/or eager")
     if args.samples < 5 or args.ops < 1:
         raise UserError("--samples must be >= 5 and --ops >= 1")
-    return {"tokens": tokens, "modes": modes, "samples": args.samples, "ops": args.ops, "dtype": "bfloat16"}
+    from collectives.fused_allreduce import PROTOCOLS
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not protocols or set(protocols) - set(PROTOCOLS) or len(set(protocols)) < len(protocols):
+        raise UserError(f"--protocols must name some of {', '.join(PROTOCOLS)} once each, got {args.protocols!r}")
+    return {"tokens": tokens, "modes": modes, "samples": args.samples, "ops": args.ops, "dtype": "bfloat16",
+            "protocols": protocols}
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    """os.environ with `values` set while inside (the ranks are spawned processes: they inherit it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_collectives(args) -> int:
@@ -47,14 +68,16 @@ def run_collectives(args) -> int:
 
     from cluster.procs import run_world
     from collectives.fused_allreduce import TWO_SHOT_MIN_BYTES
-    from workers.collectives_bench import HIDDEN, bench_rank, table, two_shot_from
+    from workers.collectives_bench import HIDDEN, bench_rank, protocol_rows, table, two_shot_from
     settings = _settings(args)
     if not torch.cuda.is_available() or torch.cuda.device_count() < max(args.tp, 2):
         raise UserError(f"bench collectives needs --tp >= 2 GPUs of one host; this one has {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory() as scratch:
-        settings["rows_path"] = str(Path(scratch) / "rows.json")
-        run_world(args.tp, bench_rank, settings, timeout_s=900.0, backend="symm", device="cuda")
-        rows = json.loads(Path(settings["rows_path"]).read_text())
+    rows = []
+    for protocol in settings["protocols"]:  # one world each: the protocol is the backend's ($DGX_EMU_SYMM_PROTOCOL)
+        with tempfile.TemporaryDirectory() as scratch, _environment(DGX_EMU_SYMM_PROTOCOL=protocol):
+            settings["rows_path"] = str(Path(scratch) / "rows.json")
+            run_world(args.tp, bench_rank, settings, timeout_s=900.0, backend="symm", device="cuda")
+            rows += protocol_rows(json.loads(Path(settings["rows_path"]).read_text()), protocol, first=not rows)
     machine = f"{args.tp} x {torch.cuda.get_device_name()}"
     print(f"machine: {machine}; {args.samples} samples of {args.ops} calls; slowest rank's median / p90")
     print(table(rows))

@@ -28,8 +28,8 @@ pytest.importorskip("triton")
 from collectives import fused_norm  # noqa: E402
 from tests.numerics import assert_within_2_ulps, ulps  # noqa: E402
 from collectives.communicator import add_rmsnorm  # noqa: E402
-from collectives.fused_allreduce import (AR_ROW, FINISH, PUSH, SCATTER, FusedAllReduce, Layout,  # noqa: E402
-                                         TWO_SHOT_MIN_BYTES, algorithm_for)
+from collectives.fused_allreduce import (AR_ROW, FINISH, PROTOCOLS, PUSH, SCATTER, FusedAllReduce,  # noqa: E402
+                                         Layout, TWO_SHOT_MIN_BYTES, algorithm_for)
 
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="the simulated world runs under Triton's interpreter (no GPU)")
@@ -38,9 +38,11 @@ cpu_only = pytest.mark.skipif(not CPU, reason="the simulated world runs under Tr
 class SimulatedWorld:
     """W ranks in this process, their symmetric buffers as CPU tensors."""
 
-    def __init__(self, world: int, capacity: int = 16 * 80, programs: int = 4, timeout_s: float = 0.02):
-        self.layout = Layout(world, capacity, programs)
-        self.buffers = [torch.zeros(self.layout.nbytes, dtype=torch.uint8) for _ in range(world)]
+    def __init__(self, world: int, capacity: int = 16 * 80, programs: int = 4, timeout_s: float = 0.02,
+                 protocol: str = "lamport"):
+        self.layout = Layout(world, capacity, programs, protocol)
+        self.buffers = [torch.full((self.layout.nbytes,), self.layout.initial_byte, dtype=torch.uint8)
+                        for _ in range(world)]
         bases = [b.data_ptr() for b in self.buffers]
         self.ranks = [FusedAllReduce(r, self.layout, bases, "cpu", timeout_s) for r in range(world)]
 
@@ -97,16 +99,18 @@ def check_norm(outs, parts, residual, weight, eps=1e-5, scale=None):
 
 
 @cpu_only
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("algorithm", ["one-shot", "two-shot"])
 @pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.bfloat16), (4, torch.float32)])
-def test_consecutive_calls_match_the_rank_order_reference(algorithm, world, dtype):
-    """Rows 4, 1, 16, 4 with fresh inputs on one set of buffers: 4 programs own every 4th row, the
-    grid stays the same while the rows change, hidden 80 is no power of two."""
-    sim = SimulatedWorld(world)
-    for call, rows in enumerate([4, 1, 16, 4]):
+def test_consecutive_calls_match_the_rank_order_reference(algorithm, world, dtype, protocol):
+    """Rows 4, 1, 16, 4, 2 with fresh inputs on one set of buffers: 4 programs own every 4th row, the
+    grid stays the same while the rows change, hidden 80 is no power of two; five calls use every
+    Lamport buffer and clear each one at least once."""
+    sim = SimulatedWorld(world, protocol=protocol)
+    for call, rows in enumerate([4, 1, 16, 4, 2]):
         parts, residual, weight = inputs(world, rows, 80, dtype, seed=10 * world + call)
         check_norm(sim.norm(parts, residual, weight, algorithm=algorithm), parts, residual, weight)
-    assert all(torch.equal(r.counters, torch.full_like(r.counters, 4)) for r in sim.ranks)  # one epoch per call
+    assert all(torch.equal(r.counters, torch.full_like(r.counters, 5)) for r in sim.ranks)  # one epoch per call
     assert all(r.missing_ranks() == [] for r in sim.ranks)
 
 
@@ -158,10 +162,12 @@ def test_one_and_two_shot_give_the_same_bits():
 
 
 @cpu_only
-def test_a_rank_one_call_ahead_does_not_disturb_a_peer_still_reading():
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_rank_one_call_ahead_does_not_disturb_a_peer_still_reading(protocol):
     """Rank 0 finishes call 1 and pushes call 2 into rank 1's buffer before rank 1 has reduced call 1:
-    call 2 writes the other parity, so rank 1 still reads call 1's data."""
-    sim = SimulatedWorld(2)
+    call 2 writes the other parity (Lamport: the next of three buffers, and rank 0 clears only its
+    own copy of call 0's), so rank 1 still reads call 1's data."""
+    sim = SimulatedWorld(2, protocol=protocol)
     first = inputs(2, 4, 80, torch.float32, seed=1)
     second = inputs(2, 4, 80, torch.float32, seed=2)
     outs1 = [(torch.empty(4, 80), torch.empty(4, 80)) for _ in range(2)]
@@ -186,9 +192,10 @@ def test_ranks_in_any_order():
 
 
 @cpu_only
-def test_a_missing_peer_times_out_and_is_named():
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_missing_peer_times_out_and_is_named(protocol):
     """Rank 1 never pushes: rank 0's wait gives up after its timeout and reports rank 1 (no hang)."""
-    sim = SimulatedWorld(2, timeout_s=0.005)
+    sim = SimulatedWorld(2, timeout_s=0.005, protocol=protocol)
     parts, residual, weight = inputs(2, 2, 80, torch.float32, seed=4)
     normed, new_residual = torch.empty(2, 80), torch.empty(2, 80)
     sim.ranks[0].launch(parts[0], normed, residual, weight, 1e-5, None, new_residual, "one-shot", PUSH)
@@ -196,10 +203,40 @@ def test_a_missing_peer_times_out_and_is_named():
     assert sim.ranks[0].missing_ranks() == [1]
 
 
+@cpu_only
+@pytest.mark.parametrize("algorithm", ["one-shot", "two-shot"])
+def test_lamport_buffers_are_cleared_so_a_later_call_never_reads_stale_data(algorithm):
+    """Three calls of changing dtypes and sizes (one input holding the sentinel's bits, all ones:
+    it is summed as the NaN it is, with no hang), then a fourth, in the first call's buffer, that
+    rank 1 never joins: rank 0 must time out on rank 1 instead of reading call 1's values, which
+    the second call's PUSH set back to the sentinel."""
+    sim = SimulatedWorld(2, timeout_s=0.005)
+    for call, (rows, dtype) in enumerate([(16, torch.float32), (4, torch.bfloat16), (2, torch.float32)]):
+        parts, residual, weight = inputs(2, rows, 80, dtype, seed=90 + call)
+        if call == 1:
+            parts[1].view(torch.int16)[0, 3] = -1  # all ones: a NaN with the sentinel's bits
+            outs, want = sim.all_reduce(parts, algorithm), rank_order_sum(parts)
+            assert same_bits(outs[0], outs[1]) and bool(outs[0][0, 3].isnan())  # a NaN, the same on both ranks
+            outs[0][0, 3] = want[0, 3]  # its payload is the kernel's own
+            assert same_bits(outs[0], want)
+        else:
+            check_norm(sim.norm(parts, residual, weight, algorithm=algorithm), parts, residual, weight)
+    assert all(r.missing_ranks() == [] for r in sim.ranks)
+    parts, residual, weight = inputs(2, 16, 80, torch.float32, seed=99)
+    out = (torch.empty(16, 80), torch.empty(16, 80))
+    for phase in sim.phases(algorithm):  # rank 0 alone
+        sim.ranks[0].launch(parts[0], out[0], residual, weight, 1e-5, None, out[1], algorithm, phase)
+    assert sim.ranks[0].missing_ranks() == [1]
+
+
 def test_layout_is_aligned_and_the_threshold_picks_two_shot():
-    layout = Layout(8, 16 * 5120)
-    assert layout.data_offset % 256 == 0 and layout.gather_offset % 256 == 0
-    assert layout.nbytes == layout.gather_offset + 2 * layout.slot_bytes >= (2 * 8 + 2) * 4 * 16 * 5120
+    for protocol, buffers in (("lamport", 3), ("flags", 2)):
+        layout = Layout(8, 16 * 5120, protocol=protocol)
+        assert layout.data_offset % 256 == 0 and layout.gather_offset % 256 == 0 and layout.buffers == buffers
+        assert layout.nbytes == layout.gather_offset + buffers * layout.slot_bytes >= (buffers * 8 + buffers) * 4 * 16 * 5120
+    assert Layout(8, 16).data_offset == 0 and Layout(8, 16).initial_byte == 0xFF  # lamport: no flags, all ones
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        Layout(2, 16, protocol="semaphores")
     assert algorithm_for(TWO_SHOT_MIN_BYTES - 1, 4) == "one-shot" and algorithm_for(TWO_SHOT_MIN_BYTES, 4) == "two-shot"
     assert algorithm_for(64 * TWO_SHOT_MIN_BYTES, 2) == "one-shot"  # two ranks: two-shot never won
 
@@ -382,6 +419,20 @@ def test_bench_table_and_the_two_shot_crossover():
     assert two_shot_from(rows[:2]) is None
     lines = table(rows).splitlines()
     assert len(lines) == 3 and lines[1].split()[:3] == ["ar_rmsnorm", "graph", "16"] and "25.0" in lines[1]
+    # a second protocol's run: its fused rows are named flags-*, its NCCL rows dropped (the first run has them)
+    from workers.collectives_bench import protocol_rows
+    flags = protocol_rows([dict(r, name="x") for r in rows], "flags", first=False)
+    assert [r["impl"] for r in flags] == ["flags-one-shot", "flags-two-shot", "flags-one-shot", "flags-two-shot"]
+    assert all(r["protocol"] == "flags" and r["name"] == f"ar_rmsnorm {r['impl']} graph" for r in flags)
+    assert "flags-one-shot" in table(rows + flags).splitlines()[0]
+
+
+def test_bench_collectives_refuses_unknown_protocols(capsys):
+    from launch.cli import main
+    for value in ("semaphores", "lamport,lamport", ""):
+        assert main(["bench", "collectives", "--protocols", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--protocols must name some of lamport, flags" in err and len(err.splitlines()) == 1
 
 
 def _gathers(comm, calls: int) -> dict[str, torch.Tensor]:

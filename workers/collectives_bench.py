@@ -27,6 +27,7 @@ HIDDEN = 5120
 EPS = 1e-5
 SLEEP_CYCLES = 2_000_000  # ~1 ms at H200 clocks: the host enqueues a whole sample meanwhile
 SYMM_IMPLS = ("symm-auto", "symm-one-shot", "symm-two-shot")
+FLAGS_IMPLS = tuple(i.replace("symm-", "flags-") for i in SYMM_IMPLS)  # the same kernels' flag protocol
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,22 @@ def bench_rank(comm: Communicator, settings: dict) -> None:
             json.dump(rows, f)
 
 
+def protocol_rows(rows: list[dict], protocol: str, first: bool) -> list[dict]:
+    """One protocol's run as rows of the joint table: each row says its protocol, the flag
+    protocol's fused rows are named flags-*, and NCCL's rows come from the first run only."""
+    kept = []
+    for row in rows:
+        if row["impl"] == "nccl" and not first:
+            continue
+        if row["impl"] != "nccl":
+            row["protocol"] = protocol
+            if protocol == "flags":
+                row["impl"] = row["impl"].replace("symm-", "flags-")
+                row["name"] = f"{row['op']} {row['impl']} {row['mode']}"
+        kept.append(row)
+    return kept
+
+
 def two_shot_from(rows: list[dict], op: str = "ar_rmsnorm", mode: str = "graph") -> int | None:
     """The fewest tokens at which two-shot beat one-shot (None: never) in these rows."""
     by = {(r["impl"], r["tokens"]): r["median_us"] for r in rows if r["op"] == op and r["mode"] == mode}
@@ -150,7 +167,7 @@ def two_shot_from(rows: list[dict], op: str = "ar_rmsnorm", mode: str = "graph")
 
 def table(rows: list[dict]) -> str:
     """Rows side by side: per (op, mode, tokens) the median of each implementation and NCCL / fused."""
-    impls = [i for i in (*SYMM_IMPLS, "nccl") if any(r["impl"] == i for r in rows)]
+    impls = [i for i in (*SYMM_IMPLS, *FLAGS_IMPLS, "nccl") if any(r["impl"] == i for r in rows)]
     keys = sorted({(r["op"], r["mode"], r["tokens"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     med = {(r["op"], r["mode"], r["tokens"], r["impl"]): r for r in rows}
     lines = [f"{'op':<11} {'mode':<6} {'tok':>4} " + " ".join(f"{i:>14}" for i in impls) + "   (median us / p90 us)"]

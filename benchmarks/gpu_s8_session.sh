@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 8's device calls (nvidia-h200-x2). Carry .device (raysite.tar.xz, head.tar.gz).
+# PART=lamport: the fused all-reduce's GPU tests (Lamport sentinels, the default now), the collectives
+#   bench with both protocols in one call, and maverick-slice FP8 decode at TP2 with each protocol
+#   (DGX_EMU_SYMM_PROTOCOL) and TP1 beside them.
+# PART=tp: TP2 greedy == TP1 (tests/test_tp_gpu.py), then TP1 / TP2 decode again (alternated), medium bf16.
+#   PART=lamport|tp bash benchmarks/gpu_s8_session.sh
+source benchmarks/device_prelude.sh
+C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+maverick() {  # maverick TP PROTOCOL TAG
+  TAIL=3 step "maverick-tp$1-$2-$3" 110 DGX_EMU_SYMM_PROTOCOL=$2 $DGX bench decode --model maverick-slice --dtype fp8 \
+      --tp $1 --modes graph --iters 150 --out "$OUT/h200x2-$4decode-maverick-slice-fp8-$C-$2-$3-tp$1.json"
+}
+if [[ "${PART:-lamport}" == lamport ]]; then
+  TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py
+  TAIL=16 step collectives 170 $DGX bench collectives --tp 2 --protocols lamport,flags --modes graph \
+      --out "$OUT/h200x2-collectives-$C.json"
+  maverick 2 flags r1 ab-
+  maverick 2 lamport r1 ab-
+  maverick 1 lamport r1 ""
+else
+  TAIL=8 step tests 300 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_tp_gpu.py
+  maverick 2 lamport r2 ""
+  maverick 1 lamport r2 ""
+  for tp in 1 2; do
+    TAIL=3 step "medium-bf16-tp$tp" 90 $DGX bench decode --model medium --dtype bf16 --tp $tp --modes graph --iters 150 \
+        --out "$OUT/h200x2-decode-medium-bf16-$C-tp$tp.json"
+  done
+fi
+finish
