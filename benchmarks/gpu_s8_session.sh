@@ -4,12 +4,14 @@
 #   bench with both protocols in one call, and maverick-slice FP8 decode at TP2 with each protocol
 #   (DGX_EMU_SYMM_PROTOCOL) and TP1 beside them.
 # PART=tp: TP2 greedy == TP1 (tests/test_tp_gpu.py), then TP1 / TP2 decode again (alternated), medium bf16.
-#   PART=lamport|tp bash benchmarks/gpu_s8_session.sh
+# PART=programs: the collectives bench at 1-128 tokens for Lamport at 32 and 128 programs per launch and
+#   flags at 32 (where Lamport's 128-token loss comes from), and maverick-slice TP2 at 128 programs.
+#   PART=lamport|tp|programs bash benchmarks/gpu_s8_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
-maverick() {  # maverick TP PROTOCOL TAG
-  TAIL=3 step "maverick-tp$1-$2-$3" 110 DGX_EMU_SYMM_PROTOCOL=$2 $DGX bench decode --model maverick-slice --dtype fp8 \
-      --tp $1 --modes graph --iters 150 --out "$OUT/h200x2-$4decode-maverick-slice-fp8-$C-$2-$3-tp$1.json"
+maverick() {  # maverick TP PROTOCOL TAG [AB-PREFIX] [ENV]
+  TAIL=3 step "maverick-tp$1-$2-$3" 110 DGX_EMU_SYMM_PROTOCOL=$2 ${5:-} $DGX bench decode --model maverick-slice \
+      --dtype fp8 --tp $1 --modes graph --iters 150 --out "$OUT/h200x2-${4:-}decode-maverick-slice-fp8-$C-$2-$3-tp$1.json"
 }
 if [[ "${PART:-lamport}" == lamport ]]; then
   TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py
@@ -18,6 +20,11 @@ if [[ "${PART:-lamport}" == lamport ]]; then
   maverick 2 flags r1 ab-
   maverick 2 lamport r1 ab-
   maverick 1 lamport r1 ""
+elif [[ "${PART:-lamport}" == programs ]]; then
+  TAIL=20 step collectives 240 $DGX bench collectives --tp 2 --protocols lamport,lamport@128,flags --modes graph \
+      --tokens 1,4,16,32,64,128 --samples 60 --out "$OUT/h200x2-collectives-programs-$C.json"
+  maverick 2 lamport p128 ab- DGX_EMU_SYMM_PROGRAMS=128
+  maverick 2 lamport r3 ""
 else
   TAIL=8 step tests 300 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_tp_gpu.py
   maverick 2 lamport r2 ""

@@ -22,6 +22,16 @@ def symm_protocol() -> str:
     return os.environ.get("DGX_EMU_SYMM_PROTOCOL", "lamport")
 
 
+def symm_programs() -> int | None:
+    """The symm fused kernel's programs per launch: $DGX_EMU_SYMM_PROGRAMS, else None (the default)."""
+    value = os.environ.get("DGX_EMU_SYMM_PROGRAMS")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DGX_EMU_SYMM_PROGRAMS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def shm_name(node_id: str, group: str = "world") -> str:
     """Segment-name prefix for one group of one node: unique per node, so nodes never collide."""
     return f"{SHM_PREFIX}{node_id}-{group}"
@@ -31,7 +41,8 @@ def make_communicator(backend: str, rank: int, world_size: int, store, node_id: 
                       device: str = "cpu", wait: str | None = None, hosts: list | None = None) -> Communicator:
     """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else hybrid). The shm small-message
     algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto); the symm
-    fused kernel's arrival protocol from $DGX_EMU_SYMM_PROTOCOL (lamport or flags; default lamport).
+    fused kernel's arrival protocol from $DGX_EMU_SYMM_PROTOCOL (lamport or flags; default lamport)
+    and its programs per launch from $DGX_EMU_SYMM_PROGRAMS (default fused_allreduce.PROGRAMS).
     hosts: the host label of every rank (None: all on one host)."""
     wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "hybrid")
     if hosts is not None and len(hosts) != world_size:
@@ -57,5 +68,5 @@ def make_communicator(backend: str, rank: int, world_size: int, store, node_id: 
     if backend == "symm":
         from collectives.symm_mem import SymmMemCommunicator
         return SymmMemCommunicator(rank, world_size, store, timeout_s, device,
-                                   protocol=symm_protocol())
+                                   protocol=symm_protocol(), programs=symm_programs())
     raise ValueError(f"unknown communication backend {backend!r}; choose one of {BACKENDS}")

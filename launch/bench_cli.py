@@ -114,11 +114,11 @@ def run_bench(args) -> int:
             run_world(args.tp, bench_rank, settings, timeout_s=600.0, backend=args.comm, device="cuda")
             report = json.loads(Path(settings["rows_path"]).read_text())
         results, bandwidth = report["rows"], report["bandwidth"]
-    from collectives.factory import symm_protocol
+    from collectives.factory import symm_programs, symm_protocol
     for row in results:
         row["comm"] = args.comm if args.tp > 1 else "none"
         if row["comm"] == "symm":
-            row["symm_protocol"] = symm_protocol()
+            row["symm_protocol"], row["symm_programs"] = symm_protocol(), symm_programs() or "default"
     _print(results, bandwidth)
     if args.out:
         payload = {"machine": f"{args.tp} x {torch.cuda.get_device_name()}" if args.tp > 1 else torch.cuda.get_device_name(),

@@ -29,7 +29,8 @@ def add_collectives_parser(bsub) -> None:
     p.add_argument("--samples", type=int, default=100, help="timed samples per case")
     p.add_argument("--ops", type=int, default=20, help="back-to-back calls per sample")
     p.add_argument("--protocols", default="lamport",
-                   help="comma-separated arrival protocols of the fused kernel to time, one run each: lamport, flags")
+                   help="comma-separated variants of the fused kernel to time, one run each: lamport or flags, "
+                        "optionally @PROGRAMS (programs per launch), e.g. lamport,lamport@128,flags")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -45,17 +46,22 @@ def _settings(args) -> dict:
         raise UserError("--samples must be >= 5 and --ops >= 1")
     from collectives.fused_allreduce import PROTOCOLS
     protocols = [p for p in args.protocols.split(",") if p]
-    if not protocols or set(protocols) - set(PROTOCOLS) or len(set(protocols)) < len(protocols):
-        raise UserError(f"--protocols must name some of {', '.join(PROTOCOLS)} once each, got {args.protocols!r}")
+    named = [p.split("@") for p in protocols]
+    if (not protocols or len(set(protocols)) < len(protocols) or any(n[0] not in PROTOCOLS for n in named)
+            or any(len(n) > 2 or (len(n) == 2 and not (n[1].isdigit() and int(n[1]) >= 1)) for n in named)):
+        raise UserError(f"--protocols must name variants of {', '.join(PROTOCOLS)} (optionally @PROGRAMS) once each, "
+                        f"got {args.protocols!r}")
     return {"tokens": tokens, "modes": modes, "samples": args.samples, "ops": args.ops, "dtype": "bfloat16",
             "protocols": protocols}
 
 
 @contextlib.contextmanager
 def _environment(**values):
-    """os.environ with `values` set while inside (the ranks are spawned processes: they inherit it)."""
+    """os.environ with `values` set (None: unset) while inside (the ranks are spawned processes:
+    they inherit it)."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     try:
         yield
     finally:
@@ -73,11 +79,13 @@ def run_collectives(args) -> int:
     if not torch.cuda.is_available() or torch.cuda.device_count() < max(args.tp, 2):
         raise UserError(f"bench collectives needs --tp >= 2 GPUs of one host; this one has {torch.cuda.device_count()}")
     rows = []
-    for protocol in settings["protocols"]:  # one world each: the protocol is the backend's ($DGX_EMU_SYMM_PROTOCOL)
-        with tempfile.TemporaryDirectory() as scratch, _environment(DGX_EMU_SYMM_PROTOCOL=protocol):
+    for variant in settings["protocols"]:  # one world each: the variant is the backend's ($DGX_EMU_SYMM_*)
+        protocol, _, programs = variant.partition("@")
+        with tempfile.TemporaryDirectory() as scratch, _environment(DGX_EMU_SYMM_PROTOCOL=protocol,
+                                                                    DGX_EMU_SYMM_PROGRAMS=programs or None):
             settings["rows_path"] = str(Path(scratch) / "rows.json")
             run_world(args.tp, bench_rank, settings, timeout_s=900.0, backend="symm", device="cuda")
-            rows += protocol_rows(json.loads(Path(settings["rows_path"]).read_text()), protocol, first=not rows)
+            rows += protocol_rows(json.loads(Path(settings["rows_path"]).read_text()), variant, first=not rows)
     machine = f"{args.tp} x {torch.cuda.get_device_name()}"
     print(f"machine: {machine}; {args.samples} samples of {args.ops} calls; slowest rank's median / p90")
     print(table(rows))

@@ -419,20 +419,21 @@ def test_bench_table_and_the_two_shot_crossover():
     assert two_shot_from(rows[:2]) is None
     lines = table(rows).splitlines()
     assert len(lines) == 3 and lines[1].split()[:3] == ["ar_rmsnorm", "graph", "16"] and "25.0" in lines[1]
-    # a second protocol's run: its fused rows are named flags-*, its NCCL rows dropped (the first run has them)
+    # a second variant's run: its fused rows are named flags@64-*, its NCCL rows dropped (the first run has them)
     from workers.collectives_bench import protocol_rows
-    flags = protocol_rows([dict(r, name="x") for r in rows], "flags", first=False)
-    assert [r["impl"] for r in flags] == ["flags-one-shot", "flags-two-shot", "flags-one-shot", "flags-two-shot"]
-    assert all(r["protocol"] == "flags" and r["name"] == f"ar_rmsnorm {r['impl']} graph" for r in flags)
-    assert "flags-one-shot" in table(rows + flags).splitlines()[0]
+    flags = protocol_rows([dict(r, name="x") for r in rows], "flags@64", first=False)
+    assert [r["impl"] for r in flags] == ["flags@64-one-shot", "flags@64-two-shot"] * 2
+    assert all(r["variant"] == "flags@64" and r["name"] == f"ar_rmsnorm {r['impl']} graph" for r in flags)
+    header = table(rows + flags).splitlines()[0].split()
+    assert header[3:8] == ["symm-one-shot", "symm-two-shot", "flags@64-one-shot", "flags@64-two-shot", "nccl"]
 
 
 def test_bench_collectives_refuses_unknown_protocols(capsys):
     from launch.cli import main
-    for value in ("semaphores", "lamport,lamport", ""):
+    for value in ("semaphores", "lamport,lamport", "", "flags@0", "lamport@x", "lamport@2@3"):
         assert main(["bench", "collectives", "--protocols", value]) == 2
         err = capsys.readouterr().err.strip()
-        assert "--protocols must name some of lamport, flags" in err and len(err.splitlines()) == 1
+        assert "--protocols must name variants of lamport, flags" in err and len(err.splitlines()) == 1
 
 
 def _gathers(comm, calls: int) -> dict[str, torch.Tensor]:

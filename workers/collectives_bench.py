@@ -27,7 +27,6 @@ HIDDEN = 5120
 EPS = 1e-5
 SLEEP_CYCLES = 2_000_000  # ~1 ms at H200 clocks: the host enqueues a whole sample meanwhile
 SYMM_IMPLS = ("symm-auto", "symm-one-shot", "symm-two-shot")
-FLAGS_IMPLS = tuple(i.replace("symm-", "flags-") for i in SYMM_IMPLS)  # the same kernels' flag protocol
 
 
 @dataclass(frozen=True)
@@ -142,17 +141,18 @@ def bench_rank(comm: Communicator, settings: dict) -> None:
             json.dump(rows, f)
 
 
-def protocol_rows(rows: list[dict], protocol: str, first: bool) -> list[dict]:
-    """One protocol's run as rows of the joint table: each row says its protocol, the flag
-    protocol's fused rows are named flags-*, and NCCL's rows come from the first run only."""
+def protocol_rows(rows: list[dict], variant: str, first: bool) -> list[dict]:
+    """One variant's run ("protocol[@programs]") as rows of the joint table: each fused row says
+    its variant; the first run's keep their symm-* names, a later run's are named <variant>-*, and
+    NCCL's rows come from the first run only."""
     kept = []
     for row in rows:
         if row["impl"] == "nccl" and not first:
             continue
         if row["impl"] != "nccl":
-            row["protocol"] = protocol
-            if protocol == "flags":
-                row["impl"] = row["impl"].replace("symm-", "flags-")
+            row["variant"] = variant
+            if not first:
+                row["impl"] = row["impl"].replace("symm-", f"{variant}-")
                 row["name"] = f"{row['op']} {row['impl']} {row['mode']}"
         kept.append(row)
     return kept
@@ -167,7 +167,8 @@ def two_shot_from(rows: list[dict], op: str = "ar_rmsnorm", mode: str = "graph")
 
 def table(rows: list[dict]) -> str:
     """Rows side by side: per (op, mode, tokens) the median of each implementation and NCCL / fused."""
-    impls = [i for i in (*SYMM_IMPLS, *FLAGS_IMPLS, "nccl") if any(r["impl"] == i for r in rows)]
+    seen = list(dict.fromkeys(r["impl"] for r in rows))  # the fused variants in their runs' order, NCCL last
+    impls = [i for i in seen if i != "nccl"] + ["nccl"] * ("nccl" in seen)
     keys = sorted({(r["op"], r["mode"], r["tokens"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     med = {(r["op"], r["mode"], r["tokens"], r["impl"]): r for r in rows}
     lines = [f"{'op':<11} {'mode':<6} {'tok':>4} " + " ".join(f"{i:>14}" for i in impls) + "   (median us / p90 us)"]
