@@ -66,7 +66,7 @@ def _environment(**values):
         yield
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_collectives(args) -> int:
