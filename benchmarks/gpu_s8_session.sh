@@ -6,7 +6,10 @@
 # PART=tp: TP2 greedy == TP1 (tests/test_tp_gpu.py), then TP1 / TP2 decode again (alternated), medium bf16.
 # PART=programs: the collectives bench at 1-128 tokens for Lamport at 32 and 128 programs per launch and
 #   flags at 32 (where Lamport's 128-token loss comes from), and maverick-slice TP2 at 128 programs.
-#   PART=lamport|tp|programs bash benchmarks/gpu_s8_session.sh
+# PART=final: the shipping default (Lamport at 128 programs): the GPU tests of the fused kernel and TP2 == TP1,
+#   the collectives (Lamport and flags, 1-128 tokens), maverick-slice TP1 / TP2 twice, the MoE's TP vs EP
+#   layouts at 1 / 4 / 16 tokens, medium bf16 TP1 / TP2.
+#   PART=lamport|tp|programs|final bash benchmarks/gpu_s8_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 maverick() {  # maverick TP PROTOCOL TAG [AB-PREFIX] [ENV]
@@ -20,6 +23,23 @@ if [[ "${PART:-lamport}" == lamport ]]; then
   maverick 2 flags r1 ab-
   maverick 2 lamport r1 ab-
   maverick 1 lamport r1 ""
+elif [[ "${PART:-lamport}" == final ]]; then  # the shipping default (Lamport, 128 programs) end to end
+  TAIL=8 step tests 300 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py \
+      tests/test_tp_gpu.py
+  TAIL=16 step collectives 150 $DGX bench collectives --tp 2 --protocols lamport,flags --modes graph \
+      --tokens 1,4,16,32,64,128 --out "$OUT/h200x2-collectives.json"
+  for round in f1 f2; do
+    maverick 1 lamport $round ""
+    maverick 2 lamport $round ""
+  done
+  for moe in tp ep; do
+    TAIL=4 step "maverick-tp2-moe-$moe" 110 $DGX bench decode --model maverick-slice --dtype fp8 --tp 2 --moe $moe \
+        --modes graph --iters 100 --steps decode,verify,verify16 --out "$OUT/h200x2-ab-decode-maverick-slice-fp8-$C-moe-$moe-steps-tp2.json"
+  done
+  for tp in 1 2; do
+    TAIL=3 step "medium-bf16-tp$tp" 90 $DGX bench decode --model medium --dtype bf16 --tp $tp --modes graph --iters 150 \
+        --out "$OUT/h200x2-decode-medium-bf16-$C-tp$tp.json"
+  done
 elif [[ "${PART:-lamport}" == programs ]]; then
   TAIL=20 step collectives 240 $DGX bench collectives --tp 2 --protocols lamport,lamport@128,flags --modes graph \
       --tokens 1,4,16,32,64,128 --samples 60 --out "$OUT/h200x2-collectives-programs-$C.json"

@@ -53,7 +53,8 @@ PUSH, SCATTER, FINISH = 1, 2, 4
 ONE_SHOT_PHASES, TWO_SHOT_PHASES = PUSH | FINISH, PUSH | SCATTER | FINISH
 ALGORITHMS = ("one-shot", "two-shot")
 PROTOCOLS = ("lamport", "flags")  # how a rank learns its peers' data arrived (collectives/lamport_allreduce.py)
-PROGRAMS = 32  # programs per launch; each owns every PROGRAMS-th row
+PROGRAMS = 32  # programs per launch of the flag kernel; each owns every PROGRAMS-th row
+LAMPORT_PROGRAMS = 128  # the Lamport kernel's: one row each up to 128 tokens (its programs need no flags)
 AR_ROW = 2048  # values per row of a plain all-reduce (its message is cut into rows of this many)
 TWO_SHOT_MIN_BYTES = 1 << 20  # messages this large or larger use two-shot (benchmarks/collectives_bench.py measures both)
 ALIGN = 256  # bytes; every region starts 16-byte aligned (vector loads and stores)
@@ -261,13 +262,18 @@ class Layout:
     """Where the flags and slots sit in each rank's symmetric buffer (the same on every rank).
     capacity: the most values one message may hold, of any dtype up to 4 bytes. protocol: "flags"
     (this file's kernel: flags, two buffers) or "lamport" (collectives/lamport_allreduce.py: no
-    flags, three buffers, every byte starting as `initial_byte`)."""
+    flags, three buffers, every byte starting as `initial_byte`). Lamport runs 128 programs, flags
+    32: at 128 programs Lamport took 7.9 us for a 128-token AllReduce+RMSNorm at TP2 where 32 took
+    14.6 (one row per program: each row's arrival is waited for apart), and the same below 32
+    tokens (benchmarks/results/h200x2-collectives.json, lamport@128 beside lamport)."""
     world: int
     capacity: int
-    programs: int = PROGRAMS
+    programs: int = 0  # 0: the protocol's (LAMPORT_PROGRAMS, or PROGRAMS with flags)
     protocol: str = "lamport"
 
     def __post_init__(self) -> None:
+        if self.programs == 0:
+            object.__setattr__(self, "programs", LAMPORT_PROGRAMS if self.protocol == "lamport" else PROGRAMS)
         if not 1 <= self.world <= 30:  # the status word holds one bit per rank
             raise ValueError(f"world size must be 1..30, got {self.world}")
         if self.capacity < 1 or self.programs < 1:

@@ -31,7 +31,7 @@ import torch
 
 from collectives import fused_norm
 from collectives.communicator import Communicator, add_rmsnorm
-from collectives.fused_allreduce import PROGRAMS, FusedAllReduce, Layout
+from collectives.fused_allreduce import FusedAllReduce, Layout
 from collectives.moe_all_to_all import DeviceDispatch, MoeLayout, SymmetricMoeAllToAll
 from collectives.symm_buffer import map_symmetric
 from collectives.torch_dist import TorchDistCommunicator
@@ -96,9 +96,9 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
                  device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY,
                  protocol: str = "lamport", programs: int | None = None) -> None:
         """protocol: how the fused kernel learns its peers' data arrived (fused_allreduce.PROTOCOLS);
-        programs: its programs per launch (None: fused_allreduce.PROGRAMS)."""
+        programs: its programs per launch (None: the protocol's, fused_allreduce.Layout)."""
         self.rank, self.world_size = rank, world_size
-        layout = Layout(world_size, capacity, programs or PROGRAMS, protocol)  # refuses bad values before any work
+        layout = Layout(world_size, capacity, programs or 0, protocol)  # refuses bad values before any work
         self.device = cuda_device(device)
         if self.device.index != torch.cuda.current_device():
             raise ValueError(f"rank {rank} was given {self.device} but its current device is cuda:"

@@ -235,6 +235,7 @@ def test_layout_is_aligned_and_the_threshold_picks_two_shot():
         assert layout.data_offset % 256 == 0 and layout.gather_offset % 256 == 0 and layout.buffers == buffers
         assert layout.nbytes == layout.gather_offset + buffers * layout.slot_bytes >= (buffers * 8 + buffers) * 4 * 16 * 5120
     assert Layout(8, 16).data_offset == 0 and Layout(8, 16).initial_byte == 0xFF  # lamport: no flags, all ones
+    assert (Layout(8, 16).programs, Layout(8, 16, protocol="flags").programs, Layout(8, 16, 7).programs) == (128, 32, 7)
     with pytest.raises(ValueError, match="protocol must be one of"):
         Layout(2, 16, protocol="semaphores")
     assert algorithm_for(TWO_SHOT_MIN_BYTES - 1, 4) == "one-shot" and algorithm_for(TWO_SHOT_MIN_BYTES, 4) == "two-shot"
