@@ -165,12 +165,13 @@ def collective_rows(node) -> list[dict]:
     """Every graph-timed TP2 collective of h200x2-collectives.json and h200x2-moe-dispatch.json
     against the cost model's plan of that call on `node` (the walk's and the virtual clock's ops).
     The symm rows are the data the node file's symm_* constants were fitted on: calibration, not
-    validation. Left out: eager rows (host launch included, the model prices graph replays) and
-    the forced symm-two-shot rows (no plan forces an algorithm; symm-auto's rows are the pick)."""
+    validation. Left out: eager rows (host launch included, the model prices graph replays), the
+    forced symm-two-shot rows (no plan forces an algorithm; symm-auto's rows are the pick) and the
+    other protocols' rows of an A/B run (flags-*: the kernel the backend no longer ships)."""
     rows = []
     data = json.loads((RESULTS / "h200x2-collectives.json").read_text())
     for r in data["results"]:
-        if r["mode"] == "graph" and r["impl"] != "symm-two-shot":
+        if r["mode"] == "graph" and r["impl"] in ("symm-auto", "symm-one-shot", "nccl"):  # not flags-*: an A/B
             rows.append(_collective_row(node, r["op"], r["impl"], r["tokens"], r["tp"], r["hidden"], r["median_us"],
                                         f"h200x2-collectives.json ({data['date']})"))
     data = json.loads((RESULTS / "h200x2-moe-dispatch.json").read_text())
@@ -230,19 +231,21 @@ NOTES = {"draft": "over-predicted by the GEMV term: each of the draft's 2-4-row 
                   "weights (h200-gemv.json has nothing smaller); the measured forwards leave ~2.5 us a GEMV "
                   "once the other launches are costed as modeled. Not refitted to these two rows: a small-weight "
                   "M = 2..16 GEMV measurement on the GPU would calibrate it",
+         "TP2": "the rows measured before the Lamport kernel (commit 4a169b2; the flag kernel took 5.5 us per "
+                "one-token AllReduce+RMSNorm where Lamport takes 3.9) are planned with today's symm constants: "
+                "their 9 fused calls a maverick-slice step are priced ~14 us (2%) below the code they measured",
          "collectives": "TP2 only (the only TP size with committed collective measurements). The symm rows are "
                         "CALIBRATION, not validation: the node file's symm_allreduce / symm_ar_rmsnorm constants "
-                        "were least-squares fitted on the symm-one-shot graph rows of h200x2-collectives.json and "
-                        "symm_dispatch / symm_combine on the symm graph rows of h200x2-moe-dispatch.json "
-                        "(cluster/nodes/hgx-h200.json sources; benchmarks/kernel_fit.py); symm-auto is the same "
-                        "run. Exception inside them: at 128 tokens symm-auto picked the two-shot kernel "
-                        "(15.7 / 16.3 us, = the forced two-shot rows) and the cost model, which prices every symm "
-                        "all-reduce as the one-shot fit, is 19-33% low: the symm all-reduce term has no two-shot "
-                        "branch. NCCL: the TP2 latency and rate (allreduce_latency_s_by_ranks 8.28 us, "
-                        "allreduce_bytes_per_s_by_ranks 154 GB/s, a third of NVLink's datasheet one-way rate) are "
+                        "are the lines with the smallest worst error through the symm-one-shot graph rows of "
+                        "h200x2-collectives.json (the Lamport kernel at 128 programs, 1-128 tokens, commit 65b9185: "
+                        "every row within 5%) and symm_dispatch / symm_combine least-squares lines through the "
+                        "symm graph rows of h200x2-moe-dispatch.json (cluster/nodes/hgx-h200.json sources; "
+                        "benchmarks/kernel_fit.py); symm-auto is the same run (one-shot at every size at TP2). "
+                        "NCCL: the TP2 latency and rate (allreduce_latency_s_by_ranks 7.96 us, "
+                        "allreduce_bytes_per_s_by_ranks 149 GB/s, a third of NVLink's datasheet one-way rate) are "
                         "the line through the all_reduce nccl rows at 1 / 4 / 16 / 128 tokens (calibration); the "
                         "other nccl rows are validation: ar_rmsnorm within 6% at every size, the padded all_to_all "
-                        "16-20% low at 1-16 tokens and 8% at 128, all_gather 18-20% low at 1-16 tokens and 38% at "
+                        "19-23% low at 1-16 tokens and 8% at 128, all_gather 15-22% low at 1-64 tokens and 37% at "
                         "128. The all_gather term lacks the torch side of TorchDistCommunicator.all_gather (the "
                         "list form copies each rank's block out of NCCL's flat buffer, then torch.cat: three more "
                         "launches and 2 x the gathered bytes). With the datasheet rate the 128-token rows were "

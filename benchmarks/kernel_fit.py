@@ -192,6 +192,44 @@ def fit_nccl_tp2(path: Path = COLLECTIVES) -> tuple[float, float]:
     return mean_y - slope * mean_x, 1.0 / slope
 
 
+SYMM_FIT_OPS = {"all_reduce": "symm_allreduce", "ar_rmsnorm": "symm_ar_rmsnorm"}  # bench op -> node constant
+
+
+def fit_symm_tp2(op: str, path: Path = COLLECTIVES) -> tuple[float, float, float]:
+    """The symm backend's fused kernel at TP2 (node calibration symm_allreduce / symm_ar_rmsnorm) as
+    (latency s, bytes/s, worst relative error): the line time = latency + message / bytes_per_s
+    through the graph-timed symm-one-shot rows of `op` (every token count measured) with the
+    smallest WORST relative error, which is what the validation judges (a least-squares line put
+    the Lamport kernel's 1-token AllReduce+RMSNorm row 6% off)."""
+    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == op and r["impl"] == "symm-one-shot"
+            and r["mode"] == "graph"]
+    assert len(rows) >= 2 and all(r["tp"] == 2 for r in rows)
+    xs, ys = [r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows]
+    return _minimax_line(xs, ys)
+
+
+def _minimax_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """(intercept, 1 / slope, worst relative error) of the line y = a + x * slope (slope > 0) with
+    the smallest max_i |line(x_i) / y_i - 1|: bisection on that error; at each error the feasible
+    (a, slope) set is an intersection of strips, searched over a grid of intercepts."""
+    def slope_range(a: float, err: float) -> tuple[float, float]:
+        lows = [(y * (1 - err) - a) / x for x, y in zip(xs, ys)]
+        highs = [(y * (1 + err) - a) / x for x, y in zip(xs, ys)]
+        return max(max(lows), 1e-30), min(highs)
+    intercepts = [min(ys) * (1 + 0.1) * k / 2000 for k in range(2001)]
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        err = (low + high) / 2
+        if any(lo <= hi for lo, hi in (slope_range(a, err) for a in intercepts)):
+            high = err
+        else:
+            low = err
+    a, (lo, hi) = next((a, r) for a in intercepts for r in [slope_range(a, high)] if r[0] <= r[1])
+    slope = (lo + hi) / 2
+    worst = max(abs((a + x * slope) / y - 1) for x, y in zip(xs, ys))
+    return a, 1.0 / slope, worst
+
+
 def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
     """call -> (latency s, bytes/s) of the symm dispatch / combine graph rows (message: one rank's rows)."""
     data = json.loads(path.read_text())
@@ -257,6 +295,9 @@ def main(argv=None) -> int:
         print(f"{name:20s} {value:.4g}")
     for call, (latency, bandwidth) in fit_dispatch().items():
         print(f"symm_{call}: latency {latency:.4g} s, {bandwidth:.4g} B/s")
+    for op, constant in SYMM_FIT_OPS.items():
+        latency, bandwidth, worst = fit_symm_tp2(op)
+        print(f"{constant}: latency {latency:.4g} s, {bandwidth:.4g} B/s (worst row {worst:.1%})")
     return 0
 
 

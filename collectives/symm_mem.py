@@ -1,8 +1,9 @@
 """GPU Communicator for ranks on one host: the fused AllReduce (+ RMSNorm) over symmetric memory.
 
 Why: NCCL spends ~20 us on a decode step's all-reduce of a few kilobytes inside a CUDA graph, and
-the norm after it is one more launch; the kernel in collectives/fused_allreduce.py does both in one
-launch over NVLink peer memory (the decoder's `allreduce_add_rmsnorm` twice per layer).
+the norm after it is one more launch; the kernel in collectives/lamport_allreduce.py does both in one
+launch over NVLink peer memory (the decoder's `allreduce_add_rmsnorm` twice per layer); its launcher
+is collectives/fused_allreduce.py's, which also holds the older flag protocol.
 
 What it needs: every process sees all GPUs of the host and has called torch.cuda.set_device(rank)
 (cluster/procs.py does; Ray actors need RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), and the GPUs
