@@ -210,24 +210,29 @@ def fit_symm_tp2(op: str, path: Path = COLLECTIVES) -> tuple[float, float, float
 
 def _minimax_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """(intercept, 1 / slope, worst relative error) of the line y = a + x * slope (slope > 0) with
-    the smallest max_i |line(x_i) / y_i - 1|: bisection on that error; at each error the feasible
-    (a, slope) set is an intersection of strips, searched over a grid of intercepts."""
+    the smallest max_i |line(x_i) / y_i - 1|. For a fixed intercept the smallest feasible error is
+    found by bisection (the feasible slopes are an intersection of intervals); that error is convex
+    in the intercept (a linear program's value), so a ternary search finds the best intercept."""
     def slope_range(a: float, err: float) -> tuple[float, float]:
         lows = [(y * (1 - err) - a) / x for x, y in zip(xs, ys)]
         highs = [(y * (1 + err) - a) / x for x, y in zip(xs, ys)]
-        return max(max(lows), 1e-30), min(highs)
-    intercepts = [min(ys) * (1 + 0.1) * k / 2000 for k in range(2001)]
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        err = (low + high) / 2
-        if any(lo <= hi for lo, hi in (slope_range(a, err) for a in intercepts)):
-            high = err
-        else:
-            low = err
-    a, (lo, hi) = next((a, r) for a in intercepts for r in [slope_range(a, high)] if r[0] <= r[1])
+        return max(max(lows), 0.0), min(highs)
+
+    def best_error(a: float) -> float:
+        low, high = 0.0, 1.0 + a / min(ys)
+        for _ in range(60):
+            mid = (low + high) / 2
+            lo, hi = slope_range(a, mid)
+            low, high = (low, mid) if lo <= hi else (mid, high)
+        return high
+    left, right = 0.0, 2 * min(ys)  # a line above the smallest row may still fit best (it can be over-predicted)
+    for _ in range(100):
+        m1, m2 = left + (right - left) / 3, right - (right - left) / 3
+        left, right = (left, m2) if best_error(m1) <= best_error(m2) else (m1, right)
+    a = (left + right) / 2
+    lo, hi = slope_range(a, best_error(a))
     slope = (lo + hi) / 2
-    worst = max(abs((a + x * slope) / y - 1) for x, y in zip(xs, ys))
-    return a, 1.0 / slope, worst
+    return a, 1.0 / slope, max(abs((a + x * slope) / y - 1) for x, y in zip(xs, ys))
 
 
 def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
