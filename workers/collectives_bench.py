@@ -4,7 +4,13 @@ One process per GPU (cluster/procs.run_world, backend "symm"); every rank runs t
   ar_rmsnorm  allreduce_add_rmsnorm of (tokens, hidden): symm-auto (what the backend picks),
               symm-one-shot, symm-two-shot, and nccl (NCCL all_reduce + the one-GPU norm kernel);
   all_reduce  the plain sum: symm-auto / symm-one-shot / symm-two-shot / nccl;
-  all_gather  of (tokens, hidden) per rank: nccl (the backend has no fused all-gather yet).
+  all_gather  of (tokens, hidden) per rank: symm (the backend's all_gather: one fused all-reduce of
+              zero-padded slots where they fit the kernel, else NCCL) and nccl;
+  dispatch,   the MoE expert-parallel exchange of `tokens` routed rows per rank (top-1 to a random
+  combine     rank's expert): symm (Communicator.dispatch_static / combine_static: the kernels of
+              collectives/moe_all_to_all.py, counts on the device, up to their max_rows; above it
+              the backend falls back to NCCL) and nccl (the same calls over NCCL: two all_to_alls
+              with the counts on the host, so eager only: not capturable).
 Each case is timed two ways, both with CUDA events around `ops` back-to-back calls (the time per
 call is the span / ops), `samples` times, median and p90 over samples:
   graph  the `ops` calls captured in one CUDA graph and replayed (what a captured decode step
@@ -31,16 +37,27 @@ SYMM_IMPLS = ("symm-auto", "symm-one-shot", "symm-two-shot")
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # ar_rmsnorm | all_reduce | all_gather
-    impl: str  # nccl | symm-auto | symm-one-shot | symm-two-shot
+    op: str  # ar_rmsnorm | all_reduce | all_gather | dispatch | combine
+    impl: str  # nccl | symm | symm-auto | symm-one-shot | symm-two-shot
     tokens: int
 
 
 def cases(comm: Communicator, tokens: tuple[int, ...]) -> list[Case]:
-    symm = SYMM_IMPLS if hasattr(comm, "fused") else ()
+    fused = SYMM_IMPLS if hasattr(comm, "fused") else ()
+    symm = ("symm",) if hasattr(comm, "fused") else ()
     return [Case(op, impl, t) for t in tokens
-            for op, impls in (("ar_rmsnorm", symm + ("nccl",)), ("all_reduce", symm + ("nccl",)), ("all_gather", ("nccl",)))
+            for op, impls in (("ar_rmsnorm", fused + ("nccl",)), ("all_reduce", fused + ("nccl",)),
+                              ("all_gather", symm + ("nccl",)), ("dispatch", symm + ("nccl",)),
+                              ("combine", symm + ("nccl",)))
             for impl in impls]
+
+
+def capturable(comm: Communicator, case: Case) -> bool:
+    """NCCL's dispatch / combine read the routed counts on the host, and so does the symm backend's
+    above the rows its kernels take (it falls back to them): those cannot be captured."""
+    if case.op not in ("dispatch", "combine"):
+        return True
+    return case.impl == "symm" and case.tokens <= comm.moe.layout.max_rows
 
 
 def _call(comm: Communicator, case: Case, dtype: torch.dtype):
@@ -57,7 +74,20 @@ def _call(comm: Communicator, case: Case, dtype: torch.dtype):
         return lambda: comm.fused.allreduce_add_rmsnorm(partial, residual, weight, EPS, None, algorithm)
     if case.op == "all_reduce":
         return (lambda: nccl.all_reduce(partial)) if case.impl == "nccl" else (lambda: comm.fused.all_reduce(partial, algorithm))
-    return lambda: nccl.all_gather(partial)
+    if case.op == "all_gather":
+        return (lambda: nccl.all_gather(partial)) if case.impl == "nccl" else (lambda: comm.all_gather(partial))
+    return _moe_call(comm if case.impl == "symm" else nccl, case, partial, gen)
+
+
+def _moe_call(comm: Communicator, case: Case, rows: torch.Tensor, gen: torch.Generator):
+    """dispatch / combine of `rows` (tokens, H), each to a random rank's expert (top-1)."""
+    world = comm.world_size
+    dest = torch.randint(0, world, (case.tokens,), generator=gen, device=rows.device)
+    expert_ids = torch.randint(0, 16 * world, (case.tokens,), generator=gen, device=rows.device)
+    if case.op == "dispatch":
+        return lambda: comm.dispatch_static(rows, dest, expert_ids)
+    received, received_ids = comm.dispatch_static(rows, dest, expert_ids)  # (world * tokens, H) slots
+    return lambda: comm.combine_static(received, received_ids, dest)
 
 
 def _aligner(comm: Communicator):
@@ -116,7 +146,7 @@ def measure(comm: Communicator, settings: dict, log=print) -> list[dict]:
     rows = []
     for case in cases(comm, tuple(settings.get("tokens", TOKENS))):
         run = _call(comm, case, dtype)
-        for mode in settings.get("modes", ("graph", "eager")):
+        for mode in [m for m in settings.get("modes", ("graph", "eager")) if m == "eager" or capturable(comm, case)]:
             times = time_case(comm, run, mode, settings.get("ops", 20), settings.get("samples", 100))
             rows.append({"name": f"{case.op} {case.impl} {mode}", "op": case.op, "impl": case.impl, "mode": mode,
                          "tokens": case.tokens, "tp": comm.world_size, "hidden": HIDDEN, "dtype": str(dtype)[6:],
