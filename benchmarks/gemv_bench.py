@@ -47,6 +47,8 @@ from benchmarks.common import machine, print_table  # noqa: E402
 FP8 = torch.float8_e4m3fn
 DENSE = [(4096, 2048), (2048, 2048), (8192, 2048), (2048, 4096), (32768, 2048), (1792, 5120), (4096, 5120),
          (5120, 2048), (8192, 5120), (50512, 5120)]  # (N, K)
+DENSE_DRAFT = [(384, 256), (256, 256), (1024, 256), (256, 512), (256, 768), (480, 256)]  # (N, K): the embedded
+# model's EAGLE-3 draft: qkv, o_proj, gate_up, down, fc (3 features -> hidden), lm_head (0.13-0.5 MB bf16)
 # (name, E, N, K, layout, rows, swiglu): "n" = HF (E, K, N) bf16 storage passed as w.transpose(1, 2)
 EXPERTS = [("hf16", 16, 4096, 2048, "n", 1, False), ("hf128", 128, 2048, 5120, "n", 1, True),
            ("hf128", 128, 2048, 5120, "n", 4, True), ("out-major128", 128, 2048, 5120, "k", 1, True),
@@ -196,6 +198,12 @@ def rel_error(case: dict) -> float:
 
 def cases(args):
     for dtype in args.dtypes:
+        if args.shapes == "draft":
+            for n, k in DENSE_DRAFT:
+                for m in args.ms:
+                    yield {"kind": "dense draft", "dtype": dtype, "M": m, "N": n, "K": k}, lambda m=m, n=n, k=k, d=dtype: \
+                        dense_case(m, n, k, d)
+            continue
         for n, k in DENSE:
             for m in args.ms:
                 yield {"kind": "dense", "dtype": dtype, "M": m, "N": n, "K": k}, lambda m=m, n=n, k=k, d=dtype: \
@@ -258,6 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="decode", choices=["decode", "deep-k"],
                    help="--variants' case set: the medium / Maverick decode shapes, or Maverick's deep-K FP8 GEMVs")
     p.add_argument("--pdl-ab", action="store_true", help="the table also times ours with PDL off")
+    p.add_argument("--shapes", default="decode", choices=["decode", "draft"],
+                   help="the table's shapes: the decode models' linears and experts, or the embedded EAGLE-3 "
+                        "draft's small linears (0.13-0.5 MB)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_bench needs a CUDA GPU", file=sys.stderr)

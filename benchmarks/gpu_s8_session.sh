@@ -9,7 +9,9 @@
 # PART=final: the shipping default (Lamport at 128 programs): the GPU tests of the fused kernel and TP2 == TP1,
 #   the collectives (Lamport and flags, 1-128 tokens), maverick-slice TP1 / TP2 twice, the MoE's TP vs EP
 #   layouts at 1 / 4 / 16 tokens, medium bf16 TP1 / TP2.
-#   PART=lamport|tp|programs|final bash benchmarks/gpu_s8_session.sh
+# PART=bench: every collective of bench collectives (graph and eager, Lamport and flags), and the EAGLE-3
+#   draft's small GEMVs (gemv_bench.py --shapes draft) for the emulator's draft rows.
+#   PART=lamport|tp|programs|final|bench bash benchmarks/gpu_s8_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 maverick() {  # maverick TP PROTOCOL TAG [AB-PREFIX] [ENV]
@@ -40,6 +42,11 @@ elif [[ "${PART:-lamport}" == final ]]; then  # the shipping default (Lamport, 1
     TAIL=3 step "medium-bf16-tp$tp" 90 $DGX bench decode --model medium --dtype bf16 --tp $tp --modes graph --iters 150 \
         --out "$OUT/h200x2-decode-medium-bf16-$C-tp$tp.json"
   done
+elif [[ "${PART:-lamport}" == bench ]]; then  # every collective of the bench, and the draft's small GEMVs
+  TAIL=40 step collectives 330 $DGX bench collectives --tp 2 --protocols lamport,flags --modes graph,eager \
+      --tokens 1,4,16,32,64,128 --out "$OUT/h200x2-collectives.json"
+  TAIL=24 step gemv-draft 150 python benchmarks/gemv_bench.py --shapes draft --dtypes bf16 --ms 1 2 4 \
+      --out "$OUT/h200-gemv-draft.json"
 elif [[ "${PART:-lamport}" == programs ]]; then
   TAIL=20 step collectives 240 $DGX bench collectives --tp 2 --protocols lamport,lamport@128,flags --modes graph \
       --tokens 1,4,16,32,64,128 --samples 60 --out "$OUT/h200x2-collectives-programs-$C.json"
