@@ -164,14 +164,14 @@ BENCH_CALLS = {"ar_rmsnorm": "allreduce_add_rmsnorm", "all_reduce": "all_reduce"
 def collective_rows(node) -> list[dict]:
     """Every graph-timed TP2 collective of h200x2-collectives.json and h200x2-moe-dispatch.json
     against the cost model's plan of that call on `node` (the walk's and the virtual clock's ops).
-    The symm rows are the data the node file's symm_* constants were fitted on: calibration, not
+    The rows the node file's constants were fitted on are calibration (`fitted_on`), the others
     validation. Left out: eager rows (host launch included, the model prices graph replays), the
     forced symm-two-shot rows (no plan forces an algorithm; symm-auto's rows are the pick) and the
     other protocols' rows of an A/B run (flags-*: the kernel the backend no longer ships)."""
     rows = []
     data = json.loads((RESULTS / "h200x2-collectives.json").read_text())
     for r in data["results"]:
-        if r["mode"] == "graph" and r["impl"] in ("symm-auto", "symm-one-shot", "nccl"):  # not flags-*: an A/B
+        if r["mode"] == "graph" and r["impl"] in ("symm", "symm-auto", "symm-one-shot", "nccl"):  # not flags-*: A/B
             rows.append(_collective_row(node, r["op"], r["impl"], r["tokens"], r["tp"], r["hidden"], r["median_us"],
                                         f"h200x2-collectives.json ({data['date']})"))
     data = json.loads((RESULTS / "h200x2-moe-dispatch.json").read_text())
@@ -183,11 +183,18 @@ def collective_rows(node) -> list[dict]:
     return rows
 
 
-def fitted_on(op: str, impl: str, tokens: int) -> bool:
-    """Was the node file fitted on this TP2 collective row? Every symm row (symm_* constants), and
-    the NCCL all_reduce rows the TP2 NCCL latency came from (kernel_fit.fit_nccl_tp2)."""
+def fitted_on(op: str, impl: str, tokens: int, measured_in: str) -> bool:
+    """Was the node file fitted on this TP2 collective row? The fused all-reduce rows of
+    h200x2-collectives.json (symm_allreduce / symm_ar_rmsnorm), the symm dispatch / combine rows of
+    h200x2-moe-dispatch.json (symm_dispatch / symm_combine), and the NCCL all_reduce rows the TP2
+    NCCL line came from (kernel_fit.fit_nccl_tp2). The symm all_gather and the collectives bench's
+    own dispatch / combine rows are validation."""
     from benchmarks.kernel_fit import NCCL_FIT_TOKENS
-    return impl != "nccl" or (op == "all_reduce" and tokens in NCCL_FIT_TOKENS)
+    if measured_in.startswith("h200x2-moe-dispatch.json"):
+        return impl == "symm"
+    if impl == "nccl":
+        return op == "all_reduce" and tokens in NCCL_FIT_TOKENS
+    return op in ("ar_rmsnorm", "all_reduce")
 
 
 def _collective_row(node, op: str, impl: str, tokens: int, tp: int, hidden: int, measured_us: float,
@@ -200,7 +207,7 @@ def _collective_row(node, op: str, impl: str, tokens: int, tp: int, hidden: int,
     ops = flatten(cost, plan)
     predicted = sum(o.seconds for o in ops) * 1e6
     return {"group": "collectives", "case": f"{op} {impl} {tokens} tok", "tp": tp, "comm": comm,
-            "role": CALIBRATION if fitted_on(op, impl, tokens) else VALIDATION, "call": call, "message_bytes": message,
+            "role": CALIBRATION if fitted_on(op, impl, tokens, measured_in) else VALIDATION, "call": call, "message_bytes": message,
             "measured_in": measured_in, "measured_us": measured_us, "predicted_us": round(predicted, 2),
             "error": round(predicted / measured_us - 1, 4),
             "predicted_split_us": {o.name: round(o.seconds * 1e6, 2) for o in ops},
@@ -234,18 +241,21 @@ NOTES = {"draft": "over-predicted by the GEMV term: each of the draft's 2-4-row 
          "TP2": "the rows measured before the Lamport kernel (commit 4a169b2; the flag kernel took 5.5 us per "
                 "one-token AllReduce+RMSNorm where Lamport takes 3.9) are planned with today's symm constants: "
                 "their 9 fused calls a maverick-slice step are priced ~14 us (2%) below the code they measured",
-         "collectives": "TP2 only (the only TP size with committed collective measurements). The symm rows are "
-                        "CALIBRATION, not validation: the node file's symm_allreduce / symm_ar_rmsnorm constants "
-                        "are the lines with the smallest worst error through the symm-one-shot graph rows of "
-                        "h200x2-collectives.json (the Lamport kernel at 128 programs, 1-128 tokens, commit 65b9185: "
-                        "every row within 5%) and symm_dispatch / symm_combine least-squares lines through the "
-                        "symm graph rows of h200x2-moe-dispatch.json (cluster/nodes/hgx-h200.json sources; "
-                        "benchmarks/kernel_fit.py); symm-auto is the same run (one-shot at every size at TP2). "
-                        "NCCL: the TP2 latency and rate (allreduce_latency_s_by_ranks 7.96 us, "
-                        "allreduce_bytes_per_s_by_ranks 149 GB/s, a third of NVLink's datasheet one-way rate) are "
-                        "the line through the all_reduce nccl rows at 1 / 4 / 16 / 128 tokens (calibration); the "
-                        "other nccl rows are validation: ar_rmsnorm within 6% at every size, the padded all_to_all "
-                        "19-23% low at 1-16 tokens and 8% at 128, all_gather 15-22% low at 1-64 tokens and 37% at "
+         "collectives": "TP2 only (the only TP size with committed collective measurements). Calibration "
+                        "(fitted_on): the symm all_reduce / ar_rmsnorm rows of h200x2-collectives.json (the node "
+                        "file's symm_allreduce / symm_ar_rmsnorm: the lines with the smallest worst error through "
+                        "the symm-one-shot graph rows, the Lamport kernel at 128 programs, 1-128 tokens, commit "
+                        "7761eb5, within 6.2%; the same kernel's 64-token AllReduce+RMSNorm measured 6.10 and "
+                        "6.68 us in two runs), the symm dispatch / combine rows of h200x2-moe-dispatch.json "
+                        "(symm_dispatch / symm_combine, least squares) and the NCCL all_reduce rows at 1 / 4 / "
+                        "16 / 128 tokens (allreduce_latency_s_by_ranks 8.19 us, allreduce_bytes_per_s_by_ranks "
+                        "165 GB/s: the smallest-worst-error line; NCCL is flat to 16 tokens, then climbs, so it "
+                        "misses by up to 7.2%). Validation: the symm all_gather (own slot copy + the fused sum; "
+                        "above GatherBySum.KEPT_BYTES the slots are zeroed each call: one more launch) within "
+                        "7.4% up to 64 tokens, 50% low at 128 where the slots outgrow the kernel's capacity and "
+                        "the backend gathers over NCCL (not priced); the collectives bench's own dispatch / "
+                        "combine rows within 11.4%; NCCL ar_rmsnorm within 7.3%, the padded all_to_all 17-21% "
+                        "low at 1-16 tokens and 12% at 128, all_gather 18-27% low up to 64 tokens and 41% at "
                         "128. The all_gather term lacks the torch side of TorchDistCommunicator.all_gather (the "
                         "list form copies each rank's block out of NCCL's flat buffer, then torch.cat: three more "
                         "launches and 2 x the gathered bytes). With the datasheet rate the 128-token rows were "

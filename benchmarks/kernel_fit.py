@@ -176,20 +176,15 @@ NCCL_FIT_TOKENS = (1, 4, 16, 128)
 def fit_nccl_tp2(path: Path = COLLECTIVES) -> tuple[float, float]:
     """NCCL's all-reduce inside a CUDA graph at TP2 as (latency s, bytes/s) (node calibration
     allreduce_latency_s_by_ranks["2"], allreduce_bytes_per_s_by_ranks["2"]): the line through the
-    graph-timed NCCL all_reduce rows at NCCL_FIT_TOKENS that minimizes their squared relative errors,
-    time = latency + (n - 1) x
-    message / bytes_per_s with n = 2. NCCL moves ~1/3 of NVLink's datasheet one-way rate at 1.3 MB.
-    The ar_rmsnorm, all_gather and padded all_to_all NCCL rows are not fitted on (validation)."""
+    graph-timed NCCL all_reduce rows at NCCL_FIT_TOKENS with the smallest worst relative error
+    (`_minimax_line`, as the symm fits), time = latency + (n - 1) x message / bytes_per_s with n = 2.
+    NCCL moves ~1/3 of NVLink's datasheet one-way rate at 1.3 MB. The ar_rmsnorm, all_gather and
+    padded all_to_all NCCL rows are not fitted on (validation)."""
     rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "all_reduce" and r["impl"] == "nccl"
             and r["mode"] == "graph" and r["tokens"] in NCCL_FIT_TOKENS]
     assert len(rows) == len(NCCL_FIT_TOKENS) and all(r["tp"] == 2 for r in rows)
-    xs, ys = [r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows]
-    ws = [1.0 / y ** 2 for y in ys]  # least squares of the RELATIVE errors, as the validation judges them
-    total = sum(ws)
-    mean_x, mean_y = (sum(w * x for w, x in zip(ws, xs)) / total, sum(w * y for w, y in zip(ws, ys)) / total)
-    slope = (sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(ws, xs, ys))
-             / sum(w * (x - mean_x) ** 2 for w, x in zip(ws, xs)))
-    return mean_y - slope * mean_x, 1.0 / slope
+    latency, rate, _ = _minimax_line([r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows])
+    return latency, rate
 
 
 SYMM_FIT_OPS = {"all_reduce": "symm_allreduce", "ar_rmsnorm": "symm_ar_rmsnorm"}  # bench op -> node constant

@@ -86,11 +86,18 @@ def test_predictions_stay_near_the_h200_measurements():
     assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2", "draft", "collectives"} and len(rows) >= 60
     collectives = [r for r in rows if r["group"] == "collectives"]  # TP2: symm fitted on them, nccl not
     fit_nccl = {(f"all_reduce nccl {t} tok") for t in (1, 4, 16, 128)}  # the TP2 NCCL line's rows (kernel_fit)
-    assert all(r["tp"] == 2 and r["role"] == (CALIBRATION if r["comm"] == "symm" or r["case"] in fit_nccl
+    fused = lambda r: r["comm"] == "symm" and r["call"] in ("all_reduce", "allreduce_add_rmsnorm")  # noqa: E731
+    moe_fit = lambda r: r["measured_in"].startswith("h200x2-moe-dispatch.json") and r["comm"] == "symm"  # noqa: E731
+    assert all(r["tp"] == 2 and r["role"] == (CALIBRATION if fused(r) or moe_fit(r) or r["case"] in fit_nccl
                                               else VALIDATION) for r in collectives)
-    fitted = [r for r in collectives if "one-shot" in r["case"] or r["call"] in ("dispatch", "combine")]
+    fitted = [r for r in collectives if "one-shot" in r["case"] or moe_fit(r)]
     # the fit reproduces its own data: 2 symm ops x 6 token counts, dispatch and combine x 4
     assert len(fitted) == 20 and all(abs(r["error"]) < 0.15 for r in fitted)
+    # the symm all-gather (copy + fused sum) and the bench's own dispatch / combine are validation: within
+    # 12% up to 64 tokens (128: the slots outgrow the kernel's capacity and NCCL gathers, unmodeled)
+    gathered = [r for r in collectives if r["comm"] == "symm" and r["role"] == VALIDATION
+                and not r["case"].endswith(" 128 tok")]
+    assert len(gathered) == 15 and all(abs(r["error"]) < 0.12 for r in gathered)
     draft = {r["case"].split()[3]: r for r in rows if r["group"] == "draft"}  # reported beside, not held to targets
     assert sorted(draft) == ["catch_up", "depth"] and draft["catch_up"]["predicted_launches"] == 11
     assert draft["catch_up"]["predicted_us"] > draft["depth"]["predicted_us"] > 0  # the catch-up adds the fc GEMV
@@ -100,9 +107,10 @@ def test_predictions_stay_near_the_h200_measurements():
     for group in (*CURRENT, "current kernels"):
         assert groups[group]["median_abs_error"] <= 0.10, groups
         assert groups[group]["worst_abs_error"] <= 0.25, groups
-    # the NCCL line's own rows: 2 parameters over 4 sizes whose 1- and 4-token rows measured 6% apart the
-    # wrong way round (8.88 vs 8.38 us), so no line comes within 5% of all four
-    assert all(abs(r["error"]) < 0.07 for r in collectives if r["case"] in fit_nccl)
+    # the NCCL line's own rows: 2 parameters over 4 sizes whose 1- and 4-token rows measured 5% apart the
+    # wrong way round (8.89 vs 8.42 us) and whose 16-token row sits on the flat part (8.57 us) of a curve
+    # that then climbs to 17.36 us: the line with the smallest worst error misses by 7.2% (kernel_fit)
+    assert all(abs(r["error"]) < 0.08 for r in collectives if r["case"] in fit_nccl)
     assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
     validated, calibrated = (groups[f"collectives {role}"]["cases"] for role in (VALIDATION, CALIBRATION))
     assert validated + calibrated == len(collectives)
@@ -111,9 +119,11 @@ def test_predictions_stay_near_the_h200_measurements():
 
 
 def test_fused_collective_is_one_op_fitted_to_the_tp2_measurements():
-    """symm: allreduce_add_rmsnorm is ONE op whose TP2 time is within 5% of every measured
-    symm-one-shot graph row; nccl: the collective plus the add+RMSNorm launch; TP8 extrapolated
-    above TP2 (the (n - 1) term)."""
+    """symm: allreduce_add_rmsnorm is ONE op whose TP2 time is within 7% of every measured
+    symm-one-shot graph row (two runs of the same kernel measured the 64-token row 6.10 and 6.68 us,
+    h200x2-collectives-programs.json's lamport@128 and h200x2-collectives.json: 9% apart, so no line
+    holds one run's every row within 5%); nccl: the collective plus the add+RMSNorm launch; TP8
+    extrapolated above TP2 (the (n - 1) term)."""
     from workers.cost_model import Collective, CostModel
     node = node_spec("h200")
     rows = json.loads((node_spec.__globals__["NODES_DIR"].parent.parent / "benchmarks" / "results" /
@@ -124,7 +134,7 @@ def test_fused_collective_is_one_op_fitted_to_the_tp2_measurements():
     for r in measured:
         message = r["tokens"] * r["hidden"] * 2
         (op,) = CostModel(node, 2, "symm").collective(Collective(call_of[r["op"]], "x", "attention", message))
-        assert op.seconds * 1e6 == pytest.approx(r["median_us"], rel=0.05), r
+        assert op.seconds * 1e6 == pytest.approx(r["median_us"], rel=0.07), r
         tp8 = CostModel(node, 8, "symm").collective(Collective(call_of[r["op"]], "x", "attention", message))[0]
         assert tp8.seconds > op.seconds
     meta = shape_only_model(preset("medium"), 2, "tp", "bf16")

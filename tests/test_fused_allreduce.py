@@ -422,8 +422,9 @@ def test_bench_table_and_the_two_shot_crossover():
     assert len(lines) == 3 and lines[1].split()[:3] == ["ar_rmsnorm", "graph", "16"] and "25.0" in lines[1]
     # a second variant's run: its fused rows are named flags@64-*, its NCCL rows dropped (the first run has them)
     from workers.collectives_bench import protocol_rows
-    flags = protocol_rows([dict(r, name="x") for r in rows], "flags@64", first=False)
-    assert [r["impl"] for r in flags] == ["flags@64-one-shot", "flags@64-two-shot"] * 2
+    flags = protocol_rows([dict(r, name="x") for r in rows + [dict(rows[0], impl="symm")]], "flags@64", first=False)
+    assert [r["impl"] for r in flags] == ["flags@64-one-shot", "flags@64-two-shot"] * 2 + ["flags@64"]
+    flags = flags[:4]
     assert all(r["variant"] == "flags@64" and r["name"] == f"ar_rmsnorm {r['impl']} graph" for r in flags)
     header = table(rows + flags).splitlines()[0].split()
     assert header[3:8] == ["symm-one-shot", "symm-two-shot", "flags@64-one-shot", "flags@64-two-shot", "nccl"]

@@ -181,8 +181,8 @@ def protocol_rows(rows: list[dict], variant: str, first: bool) -> list[dict]:
             continue
         if row["impl"] != "nccl":
             row["variant"] = variant
-            if not first:
-                row["impl"] = row["impl"].replace("symm-", f"{variant}-")
+            if not first:  # symm-one-shot -> <variant>-one-shot, symm (a gather, dispatch, combine) -> <variant>
+                row["impl"] = variant + row["impl"].removeprefix("symm")
                 row["name"] = f"{row['op']} {row['impl']} {row['mode']}"
         kept.append(row)
     return kept

@@ -100,6 +100,12 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def gather_kept_bytes() -> int:
+    """The largest zero-padded slots the symm all_gather keeps between calls (collectives/symm_mem.py)."""
+    from collectives.symm_mem import GatherBySum
+    return GatherBySum.KEPT_BYTES
+
+
 class CostModel:
     """The seconds of each op on `node` for one rank of a `world`-rank tensor-parallel group."""
 
@@ -260,8 +266,8 @@ class CostModel:
             # collectives/symm_mem.py all_gather: this rank's slot written, the sum (a view of it is the
             # gather); before (not slots_kept) the slots were zeroed every call and the sum concatenated
             own = [self.kernel(f"{c.name} own slot", c.part, "copy"), summed]
-            if c.slots_kept:
-                return own
+            if c.slots_kept:  # slots above GatherBySum.KEPT_BYTES are zeroed anew each call
+                return own if m <= gather_kept_bytes() else [self.kernel(f"{c.name} slots", c.part, "elementwise"), *own]
             return [self.kernel(f"{c.name} slots", c.part, "elementwise"), *own,
                     self.kernel(f"{c.name} cat", c.part, "elementwise")]
         if self.comm == "symm" and c.call in ("dispatch", "combine") and c.call in self.node.symm:
