@@ -233,11 +233,10 @@ def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
             "predicted_launches": sum(op.launches for op in est.ops)}
 
 
-NOTES = {"draft": "over-predicted by the GEMV term: each of the draft's 2-4-row GEMVs (0.13-0.5 MB of weights) is "
-                  "costed with the m16 fit's fixed_s (5.29 us on hgx-h200), an intercept fitted on 8-520 MB "
-                  "weights (h200-gemv.json has nothing smaller); the measured forwards leave ~2.5 us a GEMV "
-                  "once the other launches are costed as modeled. Not refitted to these two rows: a small-weight "
-                  "M = 2..16 GEMV measurement on the GPU would calibrate it",
+NOTES = {"draft": "the draft's 2-4-row GEMVs (0.13-0.5 MB of weights) are costed by the small-weight GEMV fits "
+                  "(node gemv bf16_small_m1 / _m16, from h200-gemv-draft.json: 1.2-2.8 us a call, where the "
+                  "big-weight fit's intercept alone is 5.29 us; they were +48% / +51% before); the forwards "
+                  "stay ~13% under their measurement (edd0140, an older draft path than the plan's)",
          "TP2": "the rows measured before the Lamport kernel (commit 4a169b2; the flag kernel took 5.5 us per "
                 "one-token AllReduce+RMSNorm where Lamport takes 3.9) are planned with today's symm constants: "
                 "their 9 fused calls a maverick-slice step are priced ~14 us (2%) below the code they measured",

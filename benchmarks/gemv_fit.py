@@ -3,12 +3,13 @@ GEMV tables (benchmarks/gemv_bench.py --out).
 
 Why a script: the cost model prices a decode linear as fixed_s + bytes / (bandwidth_fraction x the
 measured copy bandwidth), one fit per dtype and row class (m1: one row; m16: 4 and 16 rows, the
-verify steps), and those four pairs decide most of a modeled step. They must come from the kernels
+verify steps), and those four pairs decide most of a modeled step; two more (bf16_small_m1 / _m16)
+price the latency-bound GEMVs of small weights (the EAGLE-3 draft's), where their line is lower. They must come from the kernels
 as they ship, and anyone must be able to redo them:
 
     python benchmarks/gemv_fit.py [TABLE.json [--by-rows]]
 
-prints the four fits of one table (FP8 rows classed by the kernel that ships, or by row count);
+prints the fits of one table (FP8 rows classed by the kernel that ships, or by row count);
 without an argument, each fit over the rows of the kernel that ships for it (TABLES): the FP8
 tensor cores (2+ rows, or one row from 16384 output rows) from benchmarks/results/h200-gemv.json
 (db3640e), the FP8 CUDA-core GEMV from both tables (it did not change between them), BF16 from
@@ -31,12 +32,16 @@ from model.kernels import linear_small_m as small_m  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEFORE_MMA, LATEST = RESULTS / "h200-gemv-before-mma.json", RESULTS / "h200-gemv.json"
+DRAFT = RESULTS / "h200-gemv-draft.json"  # gemv_bench.py --shapes draft: 0.13-0.5 MB linears, BF16, M = 1, 2, 4
 # per fit, the tables whose rows measured the kernel that ships for it (read by_kernel): BF16 from the
 # table the step-trace constants were fitted with; the FP8 CUDA-core GEMV (one row, below 16384 output
 # rows) ran unchanged in both tables, so both count (their rows differ by 10-20% from run to run);
 # the tensor cores only in the latest
 TABLES = {"bf16_m1": (BEFORE_MMA,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (BEFORE_MMA, LATEST),
-          "fp8_m16": (LATEST,)}
+          "fp8_m16": (LATEST,), "bf16_small_m1": (DRAFT,), "bf16_small_m16": (DRAFT,)}
+# the small-weight fits: the latency-bound regime of a GEMV under ~2 MB (the EAGLE-3 draft's linears),
+# whose time the big-weight line's intercept (fitted on 8-520 MB) over-states 2-3x; the cost model
+# takes the lower of the two lines (workers/cost_model.py CostModel.gemv)
 
 
 def by_rows(dtype: str, m: int, n: int, k: int) -> str:
@@ -63,11 +68,13 @@ def fit_rows(points: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def table_points(table: Path, name: str, classify=by_kernel) -> list[tuple[float, float]]:
-    """The dense rows of `table` in class `name` ("<dtype>_m1" / "_m16") as fit_rows points."""
+    """The dense rows of `table` in class `name` ("<dtype>_m1" / "_m16", or "<dtype>_small_m1" /
+    "_small_m16": the rows of a --shapes draft table) as fit_rows points."""
     data = json.loads(table.read_text())
-    dtype, rows_class = name.split("_")
+    dtype, *small, rows_class = name.split("_")
+    kind = "dense draft" if small else "dense"
     return [(r["bytes"] / (data["copy_tb_s"] * 1e12), r["ours_us"] * 1e-6) for r in data["results"]
-            if r["kind"] == "dense" and r["dtype"] == dtype and classify(dtype, r["M"], r["N"], r["K"]) == rows_class]
+            if r["kind"] == kind and r["dtype"] == dtype and classify(dtype, r["M"], r["N"], r["K"]) == rows_class]
 
 
 def fit_table(table: Path, dtypes=("bf16", "fp8"), classify=by_kernel) -> dict[str, dict[str, float]]:
@@ -77,7 +84,7 @@ def fit_table(table: Path, dtypes=("bf16", "fp8"), classify=by_kernel) -> dict[s
 
 
 def fit() -> dict[str, dict[str, float]]:
-    """The node files' four fits, each over TABLES[name]'s rows of the kernel that ships for it."""
+    """The node files' six fits, each over TABLES[name]'s rows of the kernel that ships for it."""
     return {name: fit_rows([p for table in tables for p in table_points(table, name)])
             for name, tables in TABLES.items()}
 

@@ -142,6 +142,9 @@ class CostModel:
         node = self.node
         fit = self.gemv_fit(fp8, 1 if gathered else rows, tensor_cores)
         streamed = fit.fixed_s + nbytes / (fit.bandwidth_fraction * node.copy_bytes_per_s)
+        small = None if fp8 or gathered else node.gemv.get("bf16_small_m1" if rows == 1 else "bf16_small_m16")
+        if small is not None:  # small weights: latency-bound, below the big-weight line's intercept
+            streamed = min(streamed, small.fixed_s + nbytes / (small.bandwidth_fraction * node.copy_bytes_per_s))
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
         return Op(name, "gemv", part, max(streamed, computed), nbytes, launches)
 
