@@ -11,7 +11,8 @@
 #   layouts at 1 / 4 / 16 tokens, medium bf16 TP1 / TP2.
 # PART=bench: every collective of bench collectives (graph and eager, Lamport and flags), and the EAGLE-3
 #   draft's small GEMVs (gemv_bench.py --shapes draft) for the emulator's draft rows.
-#   PART=lamport|tp|programs|final|bench bash benchmarks/gpu_s8_session.sh
+# PART=gather: the symm all_gather == NCCL's (now all_gather_into_tensor) test, and both timed at 1-128 tokens.
+#   PART=lamport|tp|programs|final|bench|gather bash benchmarks/gpu_s8_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 maverick() {  # maverick TP PROTOCOL TAG [AB-PREFIX] [ENV]
@@ -47,6 +48,11 @@ elif [[ "${PART:-lamport}" == bench ]]; then  # every collective of the bench, a
       --tokens 1,4,16,32,64,128 --out "$OUT/h200x2-collectives.json"
   TAIL=24 step gemv-draft 150 python benchmarks/gemv_bench.py --shapes draft --dtypes bf16 --ms 1 2 4 \
       --out "$OUT/h200-gemv-draft.json"
+elif [[ "${PART:-lamport}" == gather ]]; then  # NCCL's all_gather as one all_gather_into_tensor
+  TAIL=6 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf \
+      tests/test_fused_allreduce.py::test_gpu_small_all_gather_by_fused_sum_equals_nccl
+  TAIL=16 step gather 150 $DGX bench collectives --tp 2 --collectives all_gather --modes graph,eager \
+      --tokens 1,4,16,32,64,128 --out "$OUT/h200x2-collectives-all-gather-$C.json"
 elif [[ "${PART:-lamport}" == programs ]]; then
   TAIL=20 step collectives 240 $DGX bench collectives --tp 2 --protocols lamport,lamport@128,flags --modes graph \
       --tokens 1,4,16,32,64,128 --samples 60 --out "$OUT/h200x2-collectives-programs-$C.json"

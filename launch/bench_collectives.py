@@ -28,6 +28,8 @@ def add_collectives_parser(bsub) -> None:
     p.add_argument("--modes", default="graph,eager", help="graph (replayed CUDA graph) and/or eager")
     p.add_argument("--samples", type=int, default=100, help="timed samples per case")
     p.add_argument("--ops", type=int, default=20, help="back-to-back calls per sample")
+    p.add_argument("--collectives", default="ar_rmsnorm,all_reduce,all_gather,dispatch,combine",
+                   help="comma-separated collectives to time (default: all of them)")
     p.add_argument("--protocols", default="lamport",
                    help="comma-separated variants of the fused kernel to time, one run each: lamport or flags, "
                         "optionally @PROGRAMS (programs per launch), e.g. lamport,lamport@128,flags")
@@ -51,8 +53,12 @@ def _settings(args) -> dict:
             or any(len(n) > 2 or (len(n) == 2 and not (n[1].isdigit() and int(n[1]) >= 1)) for n in named)):
         raise UserError(f"--protocols must name variants of {', '.join(PROTOCOLS)} (optionally @PROGRAMS) once each, "
                         f"got {args.protocols!r}")
+    from workers.collectives_bench import OPS
+    ops = [o for o in args.collectives.split(",") if o]
+    if not ops or set(ops) - set(OPS):
+        raise UserError(f"--collectives must name some of {', '.join(OPS)}, got {args.collectives!r}")
     return {"tokens": tokens, "modes": modes, "samples": args.samples, "ops": args.ops, "dtype": "bfloat16",
-            "protocols": protocols}
+            "protocols": protocols, "collectives": ops}
 
 
 @contextlib.contextmanager

@@ -426,6 +426,11 @@ def test_bench_table_and_the_two_shot_crossover():
     assert [r["impl"] for r in flags] == ["flags@64-one-shot", "flags@64-two-shot"] * 2 + ["flags@64"]
     flags = flags[:4]
     assert all(r["variant"] == "flags@64" and r["name"] == f"ar_rmsnorm {r['impl']} graph" for r in flags)
+    from types import SimpleNamespace
+
+    from workers.collectives_bench import Case, cases
+    assert cases(SimpleNamespace(fused=None), (1, 4), ("all_gather",)) == [
+        Case("all_gather", impl, t) for t in (1, 4) for impl in ("symm", "nccl")]  # --collectives all_gather
     header = table(rows + flags).splitlines()[0].split()
     assert header[3:8] == ["symm-one-shot", "symm-two-shot", "flags@64-one-shot", "flags@64-two-shot", "nccl"]
 
@@ -436,6 +441,9 @@ def test_bench_collectives_refuses_unknown_protocols(capsys):
         assert main(["bench", "collectives", "--protocols", value]) == 2
         err = capsys.readouterr().err.strip()
         assert "--protocols must name variants of lamport, flags" in err and len(err.splitlines()) == 1
+    assert main(["bench", "collectives", "--collectives", "all_gather,broadcast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--collectives must name some of ar_rmsnorm, all_reduce, all_gather" in err and len(err.splitlines()) == 1
 
 
 def _gathers(comm, calls: int) -> dict[str, torch.Tensor]:

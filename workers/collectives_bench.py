@@ -42,14 +42,17 @@ class Case:
     tokens: int
 
 
-def cases(comm: Communicator, tokens: tuple[int, ...]) -> list[Case]:
+OPS = ("ar_rmsnorm", "all_reduce", "all_gather", "dispatch", "combine")
+
+
+def cases(comm: Communicator, tokens: tuple[int, ...], ops: tuple[str, ...] = OPS) -> list[Case]:
     fused = SYMM_IMPLS if hasattr(comm, "fused") else ()
     symm = ("symm",) if hasattr(comm, "fused") else ()
     return [Case(op, impl, t) for t in tokens
             for op, impls in (("ar_rmsnorm", fused + ("nccl",)), ("all_reduce", fused + ("nccl",)),
                               ("all_gather", symm + ("nccl",)), ("dispatch", symm + ("nccl",)),
                               ("combine", symm + ("nccl",)))
-            for impl in impls]
+            if op in ops for impl in impls]
 
 
 def capturable(comm: Communicator, case: Case) -> bool:
@@ -144,7 +147,7 @@ def measure(comm: Communicator, settings: dict, log=print) -> list[dict]:
     """settings: tokens (tuple), modes (graph/eager), ops, samples, dtype (name). Rows for every case."""
     dtype = getattr(torch, settings.get("dtype", "bfloat16"))
     rows = []
-    for case in cases(comm, tuple(settings.get("tokens", TOKENS))):
+    for case in cases(comm, tuple(settings.get("tokens", TOKENS)), tuple(settings.get("collectives", OPS))):
         run = _call(comm, case, dtype)
         for mode in [m for m in settings.get("modes", ("graph", "eager")) if m == "eager" or capturable(comm, case)]:
             times = time_case(comm, run, mode, settings.get("ops", 20), settings.get("samples", 100))
