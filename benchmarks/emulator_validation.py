@@ -169,11 +169,13 @@ def collective_rows(node) -> list[dict]:
     forced symm-two-shot rows (no plan forces an algorithm; symm-auto's rows are the pick) and the
     other protocols' rows of an A/B run (flags-*: the kernel the backend no longer ships)."""
     rows = []
-    data = json.loads((RESULTS / "h200x2-collectives.json").read_text())
-    for r in data["results"]:
-        if r["mode"] == "graph" and r["impl"] in ("symm", "symm-auto", "symm-one-shot", "nccl"):  # not flags-*: A/B
-            rows.append(_collective_row(node, r["op"], r["impl"], r["tokens"], r["tp"], r["hidden"], r["median_us"],
-                                        f"h200x2-collectives.json ({data['date']})"))
+    for name, ops in (("h200x2-collectives.json", ("ar_rmsnorm", "all_reduce", "dispatch", "combine")),
+                      ("h200x2-collectives-all-gather.json", ("all_gather",))):  # gathers: NCCL's as it ships now
+        data = json.loads((RESULTS / name).read_text())
+        for r in data["results"]:
+            if r["mode"] == "graph" and r["op"] in ops and r["impl"] in ("symm", "symm-auto", "symm-one-shot", "nccl"):
+                rows.append(_collective_row(node, r["op"], r["impl"], r["tokens"], r["tp"], r["hidden"],
+                                            r["median_us"], f"{name} ({data['date']})"))  # not flags-*: an A/B
     data = json.loads((RESULTS / "h200x2-moe-dispatch.json").read_text())
     for r in data["results"]:
         if r["name"].endswith("-graph"):  # dispatch-symm-graph, combine-symm-graph, nccl-padded-graph
@@ -186,14 +188,14 @@ def collective_rows(node) -> list[dict]:
 def fitted_on(op: str, impl: str, tokens: int, measured_in: str) -> bool:
     """Was the node file fitted on this TP2 collective row? The fused all-reduce rows of
     h200x2-collectives.json (symm_allreduce / symm_ar_rmsnorm), the symm dispatch / combine rows of
-    h200x2-moe-dispatch.json (symm_dispatch / symm_combine), and the NCCL all_reduce rows the TP2
-    NCCL line came from (kernel_fit.fit_nccl_tp2). The symm all_gather and the collectives bench's
-    own dispatch / combine rows are validation."""
+    h200x2-moe-dispatch.json (symm_dispatch / symm_combine), the NCCL all_reduce rows the TP2
+    NCCL line came from (kernel_fit.fit_nccl_tp2) and NCCL's all_gather rows (fit_nccl_allgather_tp2).
+    The symm all_gather and the collectives bench's own dispatch / combine rows are validation."""
     from benchmarks.kernel_fit import NCCL_FIT_TOKENS
     if measured_in.startswith("h200x2-moe-dispatch.json"):
         return impl == "symm"
     if impl == "nccl":
-        return op == "all_reduce" and tokens in NCCL_FIT_TOKENS
+        return (op == "all_reduce" and tokens in NCCL_FIT_TOKENS) or op == "all_gather"
     return op in ("ar_rmsnorm", "all_reduce")
 
 
@@ -249,15 +251,17 @@ NOTES = {"draft": "the draft's 2-4-row GEMVs (0.13-0.5 MB of weights) are costed
                         "(symm_dispatch / symm_combine, least squares) and the NCCL all_reduce rows at 1 / 4 / "
                         "16 / 128 tokens (allreduce_latency_s_by_ranks 8.19 us, allreduce_bytes_per_s_by_ranks "
                         "165 GB/s: the smallest-worst-error line; NCCL is flat to 16 tokens, then climbs, so it "
-                        "misses by up to 7.2%). Validation: the symm all_gather (own slot copy + the fused sum; "
-                        "above GatherBySum.KEPT_BYTES the slots are zeroed each call: one more launch) within "
-                        "7.4% up to 64 tokens, 50% low at 128 where the slots outgrow the kernel's capacity and "
-                        "the backend gathers over NCCL (not priced); the collectives bench's own dispatch / "
-                        "combine rows within 11.4%; NCCL ar_rmsnorm within 7.3%, the padded all_to_all 17-21% "
-                        "low at 1-16 tokens and 12% at 128, all_gather 18-27% low up to 64 tokens and 41% at "
-                        "128. The all_gather term lacks the torch side of TorchDistCommunicator.all_gather (the "
-                        "list form copies each rank's block out of NCCL's flat buffer, then torch.cat: three more "
-                        "launches and 2 x the gathered bytes). With the datasheet rate the 128-token rows were "
+                        "misses by up to 7.2%), and NCCL's all_gather rows of h200x2-collectives-all-gather.json "
+                        "(one all_gather_into_tensor since 5a950ae; allgather_by_ranks 9.35 us + one rank's "
+                        "message / 90 GB/s, within 7.6%). Validation: the symm all_gather of that file (own slot "
+                        "copy + the fused sum; above GatherBySum.KEPT_BYTES the slots are zeroed each call, one "
+                        "more launch; at 128 tokens the slots outgrow the kernel's capacity and NCCL gathers) "
+                        "within 6.2%; the collectives bench's own dispatch / combine rows within 11.4%; NCCL "
+                        "ar_rmsnorm within 7.3%; the padded all_to_all 17-21% low at 1-16 tokens and 12% at 128: "
+                        "it is costed with NCCL's all-reduce latency (8.2 us) where NCCL's all_to_all takes "
+                        "~10 us at small sizes (no all_to_all line is fitted). The list-form all_gather the "
+                        "collectives file timed before 5a950ae (each rank's block copied out, then torch.cat) is "
+                        "no longer the code; with the datasheet rate the 128-token rows were "
                         "31-58% low; with anchors.md's TP4 20 us latency every row was +77..+140%. Left out: eager "
                         "rows (host launches included; the model prices graph replays), the forced symm-two-shot "
                         "rows (no plan forces an algorithm), the nccl-eager EP dispatch / combine (uncapturable, "

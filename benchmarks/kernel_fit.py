@@ -187,6 +187,20 @@ def fit_nccl_tp2(path: Path = COLLECTIVES) -> tuple[float, float]:
     return latency, rate
 
 
+ALL_GATHER = COLLECTIVES.parent / "h200x2-collectives-all-gather.json"
+
+
+def fit_nccl_allgather_tp2(path: Path = ALL_GATHER) -> tuple[float, float, float]:
+    """NCCL's all_gather (one all_gather_into_tensor) inside a CUDA graph at TP2 as (latency s, bytes/s,
+    worst relative error) (node calibration allgather_by_ranks["2"]): the smallest-worst-error line
+    through its graph rows at every token count, time = latency + (n - 1) x one rank's message /
+    bytes_per_s with n = 2. Its latency is ~2 us over NCCL's all-reduce's."""
+    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "all_gather" and r["impl"] == "nccl"
+            and r["mode"] == "graph"]
+    assert len(rows) >= 2 and all(r["tp"] == 2 for r in rows)
+    return _minimax_line([r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows])
+
+
 SYMM_FIT_OPS = {"all_reduce": "symm_allreduce", "ar_rmsnorm": "symm_ar_rmsnorm"}  # bench op -> node constant
 
 

@@ -86,6 +86,7 @@ def test_predictions_stay_near_the_h200_measurements():
     assert {r["group"] for r in rows} == {"old TP1", "new TP1", "TP2", "draft", "collectives"} and len(rows) >= 60
     collectives = [r for r in rows if r["group"] == "collectives"]  # TP2: symm fitted on them, nccl not
     fit_nccl = {(f"all_reduce nccl {t} tok") for t in (1, 4, 16, 128)}  # the TP2 NCCL line's rows (kernel_fit)
+    fit_nccl |= {f"all_gather nccl {t} tok" for t in (1, 4, 16, 32, 64, 128)}  # and NCCL all_gather's line's
     fused = lambda r: r["comm"] == "symm" and r["call"] in ("all_reduce", "allreduce_add_rmsnorm")  # noqa: E731
     moe_fit = lambda r: r["measured_in"].startswith("h200x2-moe-dispatch.json") and r["comm"] == "symm"  # noqa: E731
     assert all(r["tp"] == 2 and r["role"] == (CALIBRATION if fused(r) or moe_fit(r) or r["case"] in fit_nccl
@@ -93,11 +94,10 @@ def test_predictions_stay_near_the_h200_measurements():
     fitted = [r for r in collectives if "one-shot" in r["case"] or moe_fit(r)]
     # the fit reproduces its own data: 2 symm ops x 6 token counts, dispatch and combine x 4
     assert len(fitted) == 20 and all(abs(r["error"]) < 0.15 for r in fitted)
-    # the symm all-gather (copy + fused sum) and the bench's own dispatch / combine are validation: within
-    # 12% up to 64 tokens (128: the slots outgrow the kernel's capacity and NCCL gathers, unmodeled)
-    gathered = [r for r in collectives if r["comm"] == "symm" and r["role"] == VALIDATION
-                and not r["case"].endswith(" 128 tok")]
-    assert len(gathered) == 15 and all(abs(r["error"]) < 0.12 for r in gathered)
+    # the symm all-gather (copy + fused sum; at 128 tokens its slots outgrow the kernel and NCCL gathers)
+    # and the bench's own dispatch / combine are validation: within 12%
+    gathered = [r for r in collectives if r["comm"] == "symm" and r["role"] == VALIDATION]
+    assert len(gathered) == 16 and all(abs(r["error"]) < 0.12 for r in gathered)
     draft = {r["case"].split()[3]: r for r in rows if r["group"] == "draft"}  # reported beside, not held to targets
     assert sorted(draft) == ["catch_up", "depth"] and draft["catch_up"]["predicted_launches"] == 11
     assert draft["catch_up"]["predicted_us"] > draft["depth"]["predicted_us"] > 0  # the catch-up adds the fc GEMV
@@ -107,10 +107,13 @@ def test_predictions_stay_near_the_h200_measurements():
     for group in (*CURRENT, "current kernels"):
         assert groups[group]["median_abs_error"] <= 0.10, groups
         assert groups[group]["worst_abs_error"] <= 0.25, groups
-    # the NCCL line's own rows: 2 parameters over 4 sizes whose 1- and 4-token rows measured 5% apart the
-    # wrong way round (8.89 vs 8.42 us) and whose 16-token row sits on the flat part (8.57 us) of a curve
-    # that then climbs to 17.36 us: the line with the smallest worst error misses by 7.2% (kernel_fit)
+    # the NCCL lines' own rows: all-reduce, 2 parameters over 4 sizes whose 1- and 4-token rows measured 5%
+    # apart the wrong way round (8.89 vs 8.42 us) and whose 16-token row sits on the flat part (8.57 us) of a
+    # curve that then climbs to 17.36 us: the line with the smallest worst error misses by 7.2%; all-gather's
+    # by 7.6% (kernel_fit)
     assert all(abs(r["error"]) < 0.08 for r in collectives if r["case"] in fit_nccl)
+    # every row of the table, validation and calibration, meets the issue's targets
+    assert groups["whole table"]["median_abs_error"] <= 0.10 and groups["whole table"]["worst_abs_error"] <= 0.25
     assert groups["current kernels"]["cases"] == sum(r["group"] in CURRENT for r in rows) >= 12
     validated, calibrated = (groups[f"collectives {role}"]["cases"] for role in (VALIDATION, CALIBRATION))
     assert validated + calibrated == len(collectives)

@@ -254,6 +254,21 @@ def test_node_symm_constants_are_the_minimax_lines_of_the_committed_collectives(
             assert fit.latency_s == pytest.approx(latency, rel=5e-3) and fit.bytes_per_s == pytest.approx(rate, rel=5e-3)
 
 
+def test_node_nccl_allgather_line_is_the_fit_of_its_committed_measurement():
+    """The H200 (and, assumed from it, H100) node's NCCL all_gather at two ranks is
+    kernel_fit.fit_nccl_allgather_tp2's line over h200x2-collectives-all-gather.json; other rank
+    counts, and the B200, take the all-reduce's line."""
+    from benchmarks.kernel_fit import fit_nccl_allgather_tp2
+    latency, rate, worst = fit_nccl_allgather_tp2()
+    assert 5e-6 < latency < 15e-6 and 30e9 < rate < 450e9 and worst < 0.08
+    for name in ("h200", "h100"):
+        line = node_spec(name).allgather_line(2)
+        assert line.latency_s == pytest.approx(latency, rel=5e-3) and line.bytes_per_s == pytest.approx(rate, rel=5e-3)
+        assert node_spec(name).allgather_line(8).latency_s == node_spec(name).allreduce_latency(8)
+    b200 = node_spec("b200")
+    assert b200.allgather_line(2).latency_s == b200.allreduce_latency(2)
+
+
 def test_the_modeled_fp8_moe_pairs_are_near_the_traced_ones():
     """The maverick-slice FP8 step traces: each MoE layer's two pair launches against the plan's
     (benchmarks/kernel_fit.py pair_layers). Every node file's one-row pair fraction is fit_pair_m1's

@@ -106,6 +106,13 @@ def gather_kept_bytes() -> int:
     return GatherBySum.KEPT_BYTES
 
 
+def gather_capacity_bytes() -> int:
+    """The largest slots the symm all_gather sums in its fused kernel, taking them as BF16 (the GPU
+    runs' activations; the kernel's capacity counts values): above it the backend gathers over NCCL."""
+    from collectives.symm_mem import DEFAULT_CAPACITY
+    return 2 * DEFAULT_CAPACITY
+
+
 class CostModel:
     """The seconds of each op on `node` for one rank of a `world`-rank tensor-parallel group."""
 
@@ -268,6 +275,10 @@ class CostModel:
                 return [summed]
             # collectives/symm_mem.py all_gather: this rank's slot written, the sum (a view of it is the
             # gather); before (not slots_kept) the slots were zeroed every call and the sum concatenated
+            if c.call == "all_gather" and m > gather_capacity_bytes():  # the slots outgrow the kernel: NCCL gathers
+                line = self.node.allgather_line(n)
+                return [Op(c.name, "collective", c.part, line.latency_s + (n - 1) * c.message_bytes / line.bytes_per_s,
+                           (n - 1) * c.message_bytes)]
             own = [self.kernel(f"{c.name} own slot", c.part, "copy"), summed]
             if c.slots_kept:  # slots above GatherBySum.KEPT_BYTES are zeroed anew each call
                 return own if m <= gather_kept_bytes() else [self.kernel(f"{c.name} slots", c.part, "elementwise"), *own]
@@ -282,7 +293,8 @@ class CostModel:
             two_shot = 2 * latency + 2 * (n - 1) / n * m / bw
             seconds, moved = (one_shot, (n - 1) * m) if one_shot <= two_shot else (two_shot, 2 * (n - 1) * m // n)
         elif c.call == "all_gather":
-            seconds, moved = latency + (n - 1) * m / bw, (n - 1) * m
+            line = self.node.allgather_line(n)
+            seconds, moved = line.latency_s + (n - 1) * m / line.bytes_per_s, (n - 1) * m
         elif c.call in ("dispatch", "combine", "all_to_all"):
             moved = m * (n - 1) // n
             seconds = latency + moved / bw

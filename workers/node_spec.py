@@ -63,6 +63,7 @@ class NodeSpec:
     pair_fp8_m1_bandwidth_fraction: float | None = None  # the one-row FP8 MoE pair's (else the fp8_m1 GEMV's)
     allreduce_latency_s_by_ranks: dict = field(default_factory=dict)  # ranks -> NCCL latency measured there
     allreduce_bytes_per_s_by_ranks: dict = field(default_factory=dict)  # ranks -> NCCL bytes/s measured there
+    allgather_by_ranks: dict = field(default_factory=dict)  # ranks -> LinkFit: NCCL's all_gather measured there
 
     def allreduce_latency(self, ranks: int) -> float:
         """NCCL's latency inside a CUDA graph at `ranks` ranks: measured there, else allreduce_latency_s."""
@@ -71,6 +72,12 @@ class NodeSpec:
     def allreduce_bytes_per_s(self, ranks: int) -> float:
         """The rate NCCL's bytes term moves at `ranks` ranks: measured there, else NVLink's one-way rate."""
         return self.allreduce_bytes_per_s_by_ranks.get(ranks, self.nvlink_bytes_per_s_one_way)
+
+    def allgather_line(self, ranks: int) -> LinkFit:
+        """NCCL's all_gather inside a CUDA graph at `ranks` ranks, time = latency + (ranks - 1) x one
+        rank's message / bytes_per_s: its own line where measured, else the all-reduce's."""
+        return self.allgather_by_ranks.get(ranks) or LinkFit(self.allreduce_latency(ranks),
+                                                              self.allreduce_bytes_per_s(ranks))
 
     @property
     def nvlink_bytes_per_s_one_way(self) -> float:
@@ -95,4 +102,6 @@ class NodeSpec:
                     for call, key in SYMM_FITS if key in REQUIRED_SYMM or f"symm_{key}_latency_s" in cal},
                    float(cal["pair_fp8_m1_bandwidth_fraction"]) if "pair_fp8_m1_bandwidth_fraction" in cal else None,
                    {int(n): float(s) for n, s in cal.get("allreduce_latency_s_by_ranks", {}).items()},
-                   {int(n): float(b) for n, b in cal.get("allreduce_bytes_per_s_by_ranks", {}).items()})
+                   {int(n): float(b) for n, b in cal.get("allreduce_bytes_per_s_by_ranks", {}).items()},
+                   {int(n): LinkFit(float(line["latency_s"]), float(line["bytes_per_s"]))
+                    for n, line in cal.get("allgather_by_ranks", {}).items()})
