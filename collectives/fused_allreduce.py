@@ -127,6 +127,18 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _launch_epoch(counter_ptr, stamps_ptr, stamp_slot, STAMP: tl.constexpr, PDL: tl.constexpr):
+        """The start both fused kernels share: the PDL handshake (wait for x's writer, let the next
+        kernel launch), program 0's begin stamp, and (program id, this launch's epoch)."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
+        pid = tl.program_id(0)
+        if STAMP:
+            if pid == 0:
+                write_stamp(stamps_ptr, stamp_slot)
+        return pid, tl.load(counter_ptr + pid) + 1
+
+    @triton.jit
     def _finish_row(acc, offs, cols, mask, residual_ptr, weight_ptr, scale_ptr, out_ptr, new_residual_ptr, eps,
                     HIDDEN: tl.constexpr, NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, QUANT: tl.constexpr,
                     HAS_RESIDUAL: tl.constexpr):
@@ -162,13 +174,7 @@ if triton is not None:
         With PDL it waits for the kernel that wrote x, then lets the next kernel launch: that kernel
         (a GEMV) streams its first weight tiles while this one waits on its peers, and waits for
         this one to complete before it reads anything this one writes (triton_support.py)."""
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
-        pid = tl.program_id(0)
-        if STAMP:
-            if pid == 0:
-                write_stamp(stamps_ptr, stamp_slot)
-        epoch = tl.load(counter_ptr + pid) + 1
+        pid, epoch = _launch_epoch(counter_ptr, stamps_ptr, stamp_slot, STAMP, PDL)
         parity = epoch & 1
         io = x_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK)

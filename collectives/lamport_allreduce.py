@@ -31,10 +31,9 @@ from collectives.triton_support import tl, triton
 CLEAR_WORDS = 1024  # int32 words a program sets back to SENTINEL per store
 
 if triton is not None:
-    from collectives.fused_allreduce import _elapsed_ns, _finish_row, _now_ns, _region
+    from collectives.fused_allreduce import _elapsed_ns, _finish_row, _launch_epoch, _now_ns, _region
     from collectives.fused_norm import _round
     from collectives.gpu_stamps import write_stamp
-    from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     SENTINEL = tl.constexpr(-1)  # all bits set, as a signed integer of the value's width
     CLEAR_BLOCK = tl.constexpr(CLEAR_WORDS)
@@ -107,13 +106,7 @@ if triton is not None:
         the integer type of the values' width (their bits are moved and compared as integers);
         slot_words: a slot's size in int32 words; cleared_ptr: (PROGRAMS, 2) int32, the bytes and
         the two-shot bit of the program's last launch (what its PUSH sets back to SENTINEL)."""
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
-        pid = tl.program_id(0)
-        if STAMP:
-            if pid == 0:
-                write_stamp(stamps_ptr, stamp_slot)
-        epoch = tl.load(counter_ptr + pid) + 1
+        pid, epoch = _launch_epoch(counter_ptr, stamps_ptr, stamp_slot, STAMP, PDL)
         buf = epoch % 3
         io = x_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK)
