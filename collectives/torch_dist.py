@@ -32,6 +32,10 @@ def join_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.
     return dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns on every call); older torch has only it
+GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class TorchDistCommunicator(Communicator):
     def __init__(self, rank: int, world_size: int, store: dist.Store, backend: str = "gloo",
                  timeout_s: float = 120.0, device: torch.device | str = "cpu") -> None:
@@ -50,9 +54,9 @@ class TorchDistCommunicator(Communicator):
         """One all_gather_into_tensor into a (world * rows, ...) buffer: along dim 0 that IS the
         gather; other dims concatenate its blocks (the list form of all_gather copied every rank's
         block out of NCCL's flat buffer, then concatenated: n + 1 more launches)."""
-        x = x.contiguous() if x.dim() > 0 else x.reshape(1)
+        x = (x.contiguous() if x.dim() > 0 else x.reshape(1)).detach()  # no autograd through it, as before
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
+        GATHER_SINGLE(out, x)
         if dim % x.dim() == 0:
             return out
         return torch.cat(out.chunk(self.world_size, dim=0), dim=dim)
