@@ -180,10 +180,7 @@ def fit_nccl_tp2(path: Path = COLLECTIVES) -> tuple[float, float]:
     (`_minimax_line`, as the symm fits), time = latency + (n - 1) x message / bytes_per_s with n = 2.
     NCCL moves ~1/3 of NVLink's datasheet one-way rate at 1.3 MB. The ar_rmsnorm, all_gather and
     padded all_to_all NCCL rows are not fitted on (validation)."""
-    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "all_reduce" and r["impl"] == "nccl"
-            and r["mode"] == "graph" and r["tokens"] in NCCL_FIT_TOKENS]
-    assert len(rows) == len(NCCL_FIT_TOKENS) and all(r["tp"] == 2 for r in rows)
-    latency, rate, _ = _minimax_line([r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows])
+    latency, rate, _ = _graph_rows_line(path, "all_reduce", "nccl", NCCL_FIT_TOKENS)
     return latency, rate
 
 
@@ -195,10 +192,7 @@ def fit_nccl_allgather_tp2(path: Path = ALL_GATHER) -> tuple[float, float, float
     worst relative error) (node calibration allgather_by_ranks["2"]): the smallest-worst-error line
     through its graph rows at every token count, time = latency + (n - 1) x one rank's message /
     bytes_per_s with n = 2. Its latency is ~2 us over NCCL's all-reduce's."""
-    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "all_gather" and r["impl"] == "nccl"
-            and r["mode"] == "graph"]
-    assert len(rows) >= 2 and all(r["tp"] == 2 for r in rows)
-    return _minimax_line([r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows])
+    return _graph_rows_line(path, "all_gather", "nccl")
 
 
 SYMM_FIT_OPS = {"all_reduce": "symm_allreduce", "ar_rmsnorm": "symm_ar_rmsnorm"}  # bench op -> node constant
@@ -210,11 +204,16 @@ def fit_symm_tp2(op: str, path: Path = COLLECTIVES) -> tuple[float, float, float
     through the graph-timed symm-one-shot rows of `op` (every token count measured) with the
     smallest WORST relative error, which is what the validation judges (a least-squares line put
     the Lamport kernel's 1-token AllReduce+RMSNorm row 6% off)."""
-    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == op and r["impl"] == "symm-one-shot"
-            and r["mode"] == "graph"]
-    assert len(rows) >= 2 and all(r["tp"] == 2 for r in rows)
-    xs, ys = [r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows]
-    return _minimax_line(xs, ys)
+    return _graph_rows_line(path, op, "symm-one-shot")
+
+
+def _graph_rows_line(path: Path, op: str, impl: str, tokens: tuple[int, ...] | None = None) -> tuple[float, float, float]:
+    """_minimax_line through the TP2 graph rows of one (op, impl) of a bench collectives file (at
+    `tokens` only, when given; each of them must be there): message bf16 bytes -> seconds."""
+    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == op and r["impl"] == impl
+            and r["mode"] == "graph" and (tokens is None or r["tokens"] in tokens)]
+    assert len(rows) >= 2 and all(r["tp"] == 2 for r in rows) and (tokens is None or len(rows) == len(tokens))
+    return _minimax_line([r["tokens"] * r["hidden"] * 2 for r in rows], [r["median_us"] * 1e-6 for r in rows])
 
 
 def _minimax_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:

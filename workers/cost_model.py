@@ -276,9 +276,7 @@ class CostModel:
             # collectives/symm_mem.py all_gather: this rank's slot written, the sum (a view of it is the
             # gather); before (not slots_kept) the slots were zeroed every call and the sum concatenated
             if c.call == "all_gather" and m > gather_capacity_bytes():  # the slots outgrow the kernel: NCCL gathers
-                line = self.node.allgather_line(n)
-                return [Op(c.name, "collective", c.part, line.latency_s + (n - 1) * c.message_bytes / line.bytes_per_s,
-                           (n - 1) * c.message_bytes)]
+                return [self._nccl_gather(c)]
             own = [self.kernel(f"{c.name} own slot", c.part, "copy"), summed]
             if c.slots_kept:  # slots above GatherBySum.KEPT_BYTES are zeroed anew each call
                 return own if m <= gather_kept_bytes() else [self.kernel(f"{c.name} slots", c.part, "elementwise"), *own]
@@ -293,8 +291,7 @@ class CostModel:
             two_shot = 2 * latency + 2 * (n - 1) / n * m / bw
             seconds, moved = (one_shot, (n - 1) * m) if one_shot <= two_shot else (two_shot, 2 * (n - 1) * m // n)
         elif c.call == "all_gather":
-            line = self.node.allgather_line(n)
-            seconds, moved = line.latency_s + (n - 1) * m / line.bytes_per_s, (n - 1) * m
+            return [self._nccl_gather(c)]
         elif c.call in ("dispatch", "combine", "all_to_all"):
             moved = m * (n - 1) // n
             seconds = latency + moved / bw
@@ -303,6 +300,12 @@ class CostModel:
         else:  # barrier
             seconds, moved = latency, 0
         return [Op(c.name, "collective", c.part, seconds, moved)]
+
+    def _nccl_gather(self, c: Collective) -> Op:
+        """NCCL's all_gather of one rank's c.message_bytes: its line (node.allgather_line) at this world."""
+        n, m = self.world, c.message_bytes
+        line = self.node.allgather_line(n)
+        return Op(c.name, "collective", c.part, line.latency_s + (n - 1) * m / line.bytes_per_s, (n - 1) * m)
 
     def algorithm(self, call: str, message_bytes: int) -> str:
         """The all-reduce algorithm the model picks for a message (what modeled traces record)."""
