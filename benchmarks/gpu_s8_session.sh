@@ -12,7 +12,8 @@
 # PART=bench: every collective of bench collectives (graph and eager, Lamport and flags), and the EAGLE-3
 #   draft's small GEMVs (gemv_bench.py --shapes draft) for the emulator's draft rows.
 # PART=gather: the symm all_gather == NCCL's (now all_gather_into_tensor) test, and both timed at 1-128 tokens.
-#   PART=lamport|tp|programs|final|bench|gather bash benchmarks/gpu_s8_session.sh
+# PART=check: after the last commits that touch GPU code, the GPU tests, the collectives and TP1 / TP2 once more.
+#   PART=lamport|tp|programs|final|bench|gather|check bash benchmarks/gpu_s8_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 maverick() {  # maverick TP PROTOCOL TAG [AB-PREFIX] [ENV]
@@ -53,6 +54,13 @@ elif [[ "${PART:-lamport}" == gather ]]; then  # NCCL's all_gather as one all_ga
       tests/test_fused_allreduce.py::test_gpu_small_all_gather_by_fused_sum_equals_nccl
   TAIL=16 step gather 150 $DGX bench collectives --tp 2 --collectives all_gather --modes graph,eager \
       --tokens 1,4,16,32,64,128 --out "$OUT/h200x2-collectives-all-gather-$C.json"
+elif [[ "${PART:-lamport}" == check ]]; then  # the last GPU-touching commits: tests, collectives, TP1 / TP2
+  TAIL=8 step tests 280 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py \
+      tests/test_tp_gpu.py
+  TAIL=16 step collectives 120 $DGX bench collectives --tp 2 --modes graph --tokens 1,4,16,128 \
+      --out "$OUT/h200x2-collectives-check-$C.json"
+  maverick 1 lamport c1 ""
+  maverick 2 lamport c1 ""
 elif [[ "${PART:-lamport}" == programs ]]; then
   TAIL=20 step collectives 240 $DGX bench collectives --tp 2 --protocols lamport,lamport@128,flags --modes graph \
       --tokens 1,4,16,32,64,128 --samples 60 --out "$OUT/h200x2-collectives-programs-$C.json"
