@@ -12,6 +12,8 @@ GPU-only: medium's and Maverick's vocabulary widths at batch 1 and 4, and captur
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def _assert_pairs_equal(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_torch_argmax(dtype):
-    gen = torch.Generator().manual_seed(hash(str(dtype)) % 1000)
+    gen = torch.Generator().manual_seed(zlib.crc32(str(dtype).encode()) % 1000)
     # (rows, vocab, block, programs at most): one program; many; several blocks per program (509 / 16 =
     # 32 blocks over 5 programs: 7 each, the last short); a row shorter than a block
     cases = [(1, 1, 16, 8), (3, 7, 16, 8), (2, 509, 16, 5), (4, 1000, 128, 256), (2, 4099, 1024, 256), (1, 33, 64, 2)]

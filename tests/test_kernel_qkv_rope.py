@@ -16,6 +16,7 @@ What is asserted, and why:
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -69,8 +70,12 @@ def _assert_close(actual, expected, dtype, exact=False):
     elif dtype == torch.float32:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     else:
+        # one bf16 ulp of the element, or float32 rounding at the tensor's scale: an element that RoPE's
+        # x cos - y sin cancels to ~0 carries the fp32 rounding of its O(1) operands (seen: 9e-8 at 1e-6)
         err = (actual.float() - expected.float()).abs()
-        assert bool((err <= _bf16_ulp(expected)).all()), f"more than one bf16 ulp off: {err.max().item()}"
+        fp32_floor = torch.finfo(torch.float32).eps * expected.float().abs().max()
+        assert bool((err <= torch.maximum(_bf16_ulp(expected), fp32_floor)).all()), \
+            f"more than one bf16 ulp off: {err.max().item()}"
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ def _run_both(qkv, positions, start, k_cache, v_cache, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_rope,use_qk_norm,use_temperature", FLAGS)
 def test_matches_reference(dtype, use_rope, use_qk_norm, use_temperature):
-    gen = torch.Generator().manual_seed(hash((str(dtype), use_rope, use_qk_norm, use_temperature)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, use_rope, use_qk_norm, use_temperature)).encode()))
     exact = dtype == torch.bfloat16 and DEVICE == "cuda" and not use_qk_norm
     shapes = SHAPES[FLAGS.index((use_rope, use_qk_norm, use_temperature)) % 4::4]  # all 16 over the flag sets
     for batch, n_new, head_dim, heads in shapes:  # fresh inputs for every shape
