@@ -125,14 +125,15 @@ def cycler(items):
     return lambda: next(it)
 
 
-def dense_case(m: int, n: int, k: int, dtype: str) -> dict:
-    """Weights, our call and the torch call for one dense shape, rotating over weight copies."""
+def dense_case(m: int, n: int, k: int, dtype: str, swiglu: bool = False) -> dict:
+    """Weights, our call and the torch call for one dense shape, rotating over weight copies; with
+    swiglu, N holds gate and up (the output is N / 2 wide)."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    kw, elem = {}, 2
+    kw, elem = ({"swiglu": True} if swiglu else {}), 2
     if dtype == "fp8":
         w, w_scale = fp8_weight(w)
-        kw, elem = {"weight_scale": w_scale, "act_quant": "token"}, 1
+        kw, elem = {**kw, "weight_scale": w_scale, "act_quant": "token"}, 1
     copies = [w] + [w.clone() for _ in range(math.ceil(ROTATE_BYTES / w.nbytes) - 1)]
     nxt = cycler(copies)
     if dtype == "fp8":
@@ -141,8 +142,9 @@ def dense_case(m: int, n: int, k: int, dtype: str) -> dict:
         base = lambda: scaled_mm(x_q, x_scale, nxt(), w_scale)
     else:
         base = lambda: F.linear(x, nxt())
-    return {"x": x, "w": w, "kw": kw, "rot": copies, "calls": max(len(copies), 20), "torch": base, "n_out": n,
-            "bytes": n * k * elem + (4 * n if dtype == "fp8" else 0) + 2 * m * (k + n)}
+    n_out = n // 2 if swiglu else n
+    return {"x": x, "w": w, "kw": kw, "rot": copies, "calls": max(len(copies), 20), "torch": base, "n_out": n_out,
+            "bytes": n * k * elem + (4 * n if dtype == "fp8" else 0) + 2 * m * (k + n_out)}
 
 
 def expert_case(e: int, n: int, k: int, layout: str, rows: int, swiglu: bool, dtype: str) -> dict:
@@ -263,8 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", type=float, default=0, metavar="SECONDS",
                    help="instead of the table: time every GEMV variant of benchmarks/gemv_variants.py (at most "
                         "SECONDS), printing %% of copy bandwidth per variant")
-    p.add_argument("--cases", default="decode", choices=["decode", "deep-k"],
-                   help="--variants' case set: the medium / Maverick decode shapes, or Maverick's deep-K FP8 GEMVs")
+    p.add_argument("--cases", default="decode", choices=["decode", "deep-k", "one-row"],
+                   help="--variants' case set: the medium / Maverick decode shapes, Maverick's deep-K FP8 GEMVs, "
+                        "or the one-row dense GEMVs of a decode step (FP8 on CUDA cores vs tensor cores, BF16)")
     p.add_argument("--pdl-ab", action="store_true", help="the table also times ours with PDL off")
     p.add_argument("--shapes", default="decode", choices=["decode", "draft"],
                    help="the table's shapes: the decode models' linears and experts, or the embedded EAGLE-3 "

@@ -62,7 +62,23 @@ DEEP_K_GEMV = [("heuristic", {}), ("bn4", {"BLOCK_N": 4}), ("bn8", {"BLOCK_N": 8
                                                                           "num_stages": 2}),
                ("split2", {"SPLIT_K": 2}), ("split4", {"SPLIT_K": 4}), ("bn8 split2", {"BLOCK_N": 8, "SPLIT_K": 2}),
                ("words", {"CVT": "words"})]
-CASE_SETS = {"decode": CASES, "deep-k": CASES_DEEP_K}
+# one-row dense GEMVs of the decode steps (medium: qkv, o_proj, fc13 with SwiGLU, fc2, LM head; Maverick: qkv /
+# fc13 at TP2, fc2 at TP1), FP8 on the CUDA cores vs the tensor cores with x quantized in the dot kernel, BF16 beside
+CASES_ONE_ROW = [("dense", "fp8", 1, 4096, 2048), ("dense", "fp8", 1, 2048, 2048), ("dense swiglu", "fp8", 1, 8192, 2048),
+                 ("dense", "fp8", 1, 2048, 4096), ("dense", "fp8", 1, 32768, 2048), ("dense", "fp8", 1, 4096, 5120),
+                 ("dense swiglu", "fp8", 1, 16384, 5120), ("dense", "fp8", 1, 5120, 16384),
+                 ("dense", "bf16", 1, 4096, 2048), ("dense", "bf16", 1, 2048, 2048),
+                 ("dense swiglu", "bf16", 1, 8192, 2048), ("dense", "bf16", 1, 2048, 4096)]
+ONE_ROW_FP8 = [("heuristic", {}), ("gemv", {"MMA": False}), ("mma", {"MMA": True}),
+               ("mma prepass", {"MMA": True, "FUSEQ": False}), ("mma split1", {"MMA": True, "SPLIT_K": 1}),
+               ("mma split2", {"MMA": True, "SPLIT_K": 2}), ("mma split4", {"MMA": True, "SPLIT_K": 4}),
+               ("mma split8", {"MMA": True, "SPLIT_K": 8}), ("mma bk128", {"MMA": True, "BLOCK_K": 128}),
+               ("mma bk512", {"MMA": True, "BLOCK_K": 512}), ("mma bk128 stages8", {"MMA": True, "BLOCK_K": 128,
+                                                                                   "num_stages": 8}),
+               ("mma stages2", {"MMA": True, "num_stages": 2}), ("mma stages6", {"MMA": True, "num_stages": 6}),
+               ("mma warps8", {"MMA": True, "num_warps": 8}),
+               ("mma bn128 warps8", {"MMA": True, "BLOCK_N": 128, "num_warps": 8})]
+CASE_SETS = {"decode": CASES, "deep-k": CASES_DEEP_K, "one-row": CASES_ONE_ROW}
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),
              ("stages2", {"num_stages": 2}), ("split2", {"SPLIT_K": 2})]
@@ -70,6 +86,8 @@ BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4})
 
 def variants(kind: str, dtype: str, m: int, case_set: str = "decode") -> list[tuple[str, dict]]:
     """Named config overrides for one case (on top of the heuristic's tiles)."""
+    if case_set == "one-row":
+        return ONE_ROW_FP8 if dtype == "fp8" else [("heuristic", {})]
     if case_set == "deep-k":
         gemv = DEEP_K_GEMV if m == 1 else [(f"gemv {name}", {"gemv": True, **cfg}) for name, cfg in DEEP_K_GEMV[:9]]
         return gemv + MMA
@@ -99,7 +117,7 @@ def run(seconds: float, copy_tb_s: float, gb, case_set: str = "decode") -> list[
         if time.perf_counter() > stop:
             print(f"variants: time is up before {kind} {dtype} M={m} {n}x{k}", flush=True)
             break
-        case = (gb.dense_case(m, n, k, dtype) if kind == "dense"
+        case = (gb.dense_case(m, n, k, dtype, swiglu=kind.endswith("swiglu")) if kind.startswith("dense")
                 else gb.expert_case(128, n, k, "k", m, True, dtype))
         info = {"kind": kind + (" swiglu" if kind == "experts" else ""), "dtype": dtype, "M": m, "N": n, "K": k,
                 "bytes": case["bytes"]}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 9's device calls (one H200, nvidia-h200). Carry .device (raysite.tar.xz, head.tar.gz).
+# PART=kernels: the FP8 tensor-core GEMV with x quantized inside the dot kernel (one launch at one row):
+#   its GPU tests, every one-row GEMV variant (gemv_bench.py --variants --cases one-row: CUDA cores vs
+#   tensor cores, BF16 beside), then the medium decode step with FP8 on the CUDA cores (the default so far)
+#   and on the tensor cores (DGX_EMU_GEMV_FP8=MMA=1), BF16 between them, and a kernel trace of the latter.
+#   PART=kernels bash benchmarks/gpu_s9_session.sh
+source benchmarks/device_prelude.sh
+C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+R="$OUT/res"; mkdir -p "$R"
+medium() {  # medium DTYPE TAG [ENV] [EXTRA ARGS]
+  TAIL=3 step "medium-$1-$2" 100 ${3:-} $DGX bench decode --model medium --dtype $1 --modes graph --iters 150 \
+      --out "$R/h200-ab-decode-medium-$1-$2-$C-tp1.json" ${4:-}
+}
+if [[ "${PART:-kernels}" == kernels ]]; then
+  TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
+      -k "tensor_core or gpu"
+  TAIL=60 step variants 260 python benchmarks/gemv_bench.py --variants 200 --cases one-row \
+      --out "$R/h200-gemv-one-row-$C.json"
+  medium fp8 gemv
+  medium fp8 mma DGX_EMU_GEMV_FP8=MMA=1
+  medium bf16 ref
+  medium fp8 mma-r2 DGX_EMU_GEMV_FP8=MMA=1 "--profile $R/profile-mma"
+fi
+tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
+finish
