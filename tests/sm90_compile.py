@@ -67,7 +67,8 @@ def _summary(name: str, pdl: bool, kernel) -> dict:
             "loads_before_wait": loads_before,
             "wgmma_e4m3": sum("wgmma.mma_async" in line and "e4m3.e4m3" in line for line in lines),
             "mma_e4m3": sum("mma.sync" in line and "e4m3.e4m3" in line for line in lines),
-            "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines)}
+            "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines),
+            "cvt_from_e4m3": sum("cvt." in line and ".e4m3x2" in line and "satfinite" not in line for line in lines)}
 
 
 def _decode_kernels() -> None:

@@ -143,8 +143,10 @@ def test_gemv_variants_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = [json.loads(line) for line in run.stdout.splitlines()]
     assert sum(k["kernel"] == "_gemv_kernel" for k in kernels) == 12
-    mma = [k for k in kernels if k["kernel"] == "_fp8_mma_kernel"]  # 64-row tiles, split K; 128-row, SwiGLU
-    assert len(mma) == 2 and all(k["wgmma_e4m3"] > 0 and k["cvt_e4m3"] == 0 for k in mma), mma  # nothing converted
+    # one row (x quantized in the kernel: its cvt are to e4m3), 64-row tiles, split K; 4 rows (pre-pass), 128-row, SwiGLU
+    mma = [k for k in kernels if k["kernel"] == "_fp8_mma_kernel"]
+    assert len(mma) == 2 and all(k["wgmma_e4m3"] > 0 and k["cvt_from_e4m3"] == 0 for k in mma), mma  # no weight unpacked
+    assert mma[0]["cvt_e4m3"] > 0 and mma[1]["cvt_e4m3"] == 0, mma
     pairs = [k for k in kernels if k["kernel"] == "_pair_kernel"]  # FC13, FC2; 'bits', then 'words'
     assert len(pairs) == 4 and [k["waits"] for k in pairs] == [2, 1, 2, 1]
     assert all(k["waits"] == 1 and k["launch_dependents"] == 1 for k in kernels if k not in pairs), kernels

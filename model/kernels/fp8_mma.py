@@ -74,8 +74,8 @@ if triton is not None:
         if XQ == 0:
             return tl.load(xq_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         else:
-            q = gm.quantize(gm.load_x(x_row + ks, k_ok, 1.0, False), div)  # (BLOCK_K,) e4m3 values in float32
-            return tl.where((tl.arange(0, ROWS_C) == 0)[None, :], q[:, None], 0.0).to(tl.float8e4nv)
+            q = gm.quantize_e4m3(gm.load_x(x_row + ks, k_ok, 1.0, False), div)  # (BLOCK_K,) e4m3
+            return tl.where((tl.arange(0, ROWS_C) == 0)[None, :], q[:, None], tl.zeros_like(q)[:, None])
 
     @triton.jit
     def _span_sums(w_rows, w0, xq_cols, x_row, div, col_ok, row_ok, k_lo, K: tl.constexpr, K_SPAN: tl.constexpr,

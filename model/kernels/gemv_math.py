@@ -43,10 +43,14 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def quantize_e4m3(x, scale):
+        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8)."""
+        return tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C).to(tl.float8e4nv)
+
+    @triton.jit
     def quantize(x, scale):
-        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8), returned as float32."""
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
-        return q.to(tl.float8e4nv).to(tl.float32)
+        """quantize_e4m3(x, scale) as float32."""
+        return quantize_e4m3(x, scale).to(tl.float32)
 
     @triton.jit
     def x_scale(x_row, xs_ptr, rs, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
