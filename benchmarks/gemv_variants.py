@@ -63,21 +63,16 @@ DEEP_K_GEMV = [("heuristic", {}), ("bn4", {"BLOCK_N": 4}), ("bn8", {"BLOCK_N": 8
                ("split2", {"SPLIT_K": 2}), ("split4", {"SPLIT_K": 4}), ("bn8 split2", {"BLOCK_N": 8, "SPLIT_K": 2}),
                ("words", {"CVT": "words"})]
 # one-row dense GEMVs of the decode steps (medium: qkv, o_proj, fc13 with SwiGLU, fc2, LM head; Maverick: qkv /
-# fc13 at TP2, fc2 at TP1), FP8 on the CUDA cores vs the tensor cores with x quantized in the dot kernel, BF16 beside
+# fc13 at TP2, fc2 at TP1), FP8 on the CUDA cores vs the tensor cores, BF16 beside. At 34db471 the tensor-core
+# kernel also took one row of x unquantized and quantized each K chunk itself (no pre-pass launch): it lost to
+# the pre-pass at every shape, 2-4x (h200-gemv-one-row-fused-quant-34db471.json, whose "mma" rows are that
+# kernel and "mma prepass" rows today's "mma"), and was removed.
 CASES_ONE_ROW = [("dense", "fp8", 1, 4096, 2048), ("dense", "fp8", 1, 2048, 2048), ("dense swiglu", "fp8", 1, 8192, 2048),
                  ("dense", "fp8", 1, 2048, 4096), ("dense", "fp8", 1, 32768, 2048), ("dense", "fp8", 1, 4096, 5120),
                  ("dense swiglu", "fp8", 1, 16384, 5120), ("dense", "fp8", 1, 5120, 16384),
                  ("dense", "bf16", 1, 4096, 2048), ("dense", "bf16", 1, 2048, 2048),
                  ("dense swiglu", "bf16", 1, 8192, 2048), ("dense", "bf16", 1, 2048, 4096)]
-ONE_ROW_FP8 = [("heuristic", {}), ("gemv", {"MMA": False}), ("mma", {"MMA": True}),
-               ("mma prepass", {"MMA": True, "FUSEQ": False}), ("mma split1", {"MMA": True, "SPLIT_K": 1}),
-               ("mma split2", {"MMA": True, "SPLIT_K": 2}), ("mma split4", {"MMA": True, "SPLIT_K": 4}),
-               ("mma split8", {"MMA": True, "SPLIT_K": 8}), ("mma bk128", {"MMA": True, "BLOCK_K": 128}),
-               ("mma bk512", {"MMA": True, "BLOCK_K": 512}), ("mma bk128 stages8", {"MMA": True, "BLOCK_K": 128,
-                                                                                   "num_stages": 8}),
-               ("mma stages2", {"MMA": True, "num_stages": 2}), ("mma stages6", {"MMA": True, "num_stages": 6}),
-               ("mma warps8", {"MMA": True, "num_warps": 8}),
-               ("mma bn128 warps8", {"MMA": True, "BLOCK_N": 128, "num_warps": 8})]
+ONE_ROW_FP8 = [("heuristic", {}), ("gemv", {"MMA": False})] + MMA
 CASE_SETS = {"decode": CASES, "deep-k": CASES_DEEP_K, "one-row": CASES_ONE_ROW}
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),

@@ -4,7 +4,10 @@
 #   its GPU tests, every one-row GEMV variant (gemv_bench.py --variants --cases one-row: CUDA cores vs
 #   tensor cores, BF16 beside), then the medium decode step with FP8 on the CUDA cores (the default so far)
 #   and on the tensor cores (DGX_EMU_GEMV_FP8=MMA=1), BF16 between them, and a kernel trace of the latter.
-#   PART=kernels bash benchmarks/gpu_s9_session.sh
+# PART=prefetch: the attention kernel's L2 prefetch of the layer's next weights (DGX_EMU_L2_PREFETCH_MB): its GPU
+#   tests, then medium FP8 / BF16 and maverick-slice FP8 decode at budgets 0 (off), 16 and 32 MB, alternated,
+#   and a kernel trace of medium FP8 with the default budget.
+#   PART=kernels|prefetch bash benchmarks/gpu_s9_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -21,6 +24,18 @@ if [[ "${PART:-kernels}" == kernels ]]; then
   medium fp8 mma DGX_EMU_GEMV_FP8=MMA=1
   medium bf16 ref
   medium fp8 mma-r2 DGX_EMU_GEMV_FP8=MMA=1 "--profile $R/profile-mma"
+elif [[ "${PART:-kernels}" == prefetch ]]; then
+  TAIL=8 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_l2_prefetch.py \
+      tests/test_fast_path.py tests/test_kernel_pdl.py
+  for mb in 0 16 32; do
+    medium fp8 "l2-$mb" DGX_EMU_L2_PREFETCH_MB=$mb
+    medium bf16 "l2-$mb" DGX_EMU_L2_PREFETCH_MB=$mb
+  done
+  for mb in 0 24; do
+    TAIL=3 step "maverick-l2-$mb" 120 DGX_EMU_L2_PREFETCH_MB=$mb $DGX bench decode --model maverick-slice --dtype fp8 \
+        --modes graph --iters 150 --out "$R/h200-ab-decode-maverick-slice-fp8-l2-$mb-$C-tp1.json"
+  done
+  medium fp8 l2-24-trace "" "--profile $R/profile-fp8"
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish

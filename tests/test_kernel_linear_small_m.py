@@ -451,31 +451,6 @@ def test_fp8_tensor_core_path(m, swiglu, split_k):
     assert not any(c.any() for c in lsm._COUNTERS.values())
 
 
-@pytest.mark.parametrize("swiglu,split_k", [(False, 1), (True, 2), (False, 3)])
-def test_fp8_tensor_core_one_row_quantized_in_the_dot_kernel(swiglu, split_k):
-    """One row on the tensor cores quantizes x inside the dot kernel (one launch, no pre-pass): the
-    same bits as the pre-pass path (FUSEQ False), for per-token and static scales, a zero row and a
-    row whose amax sits in the last K chunk; within the float32 reference's bound."""
-    gen = torch.Generator().manual_seed(31 + split_k)
-    w_q, w_scale = _every_e4m3_weight(gen, 2 * 72 if swiglu else 72, 256)
-    cfg = {"MMA": True, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": split_k}
-    x = _exact_fp8_rows(gen, 1, 256, torch.bfloat16, [-7])
-    x_last = x.clone()
-    x_last[0, -1] = 2.0 * x.abs().max()  # the row's amax only in the last chunk
-    for row in (x, x_last, torch.zeros_like(x)):
-        for act in ("token", torch.tensor(2.0 ** -8, device=DEVICE)):
-            kw = dict(weight_scale=w_scale, act_quant=act, swiglu=swiglu, out_dtype=torch.float32)
-            fused = linear_small_m(row, w_q, config=cfg, **kw)
-            assert torch.equal(fused, linear_small_m(row, w_q, config={**cfg, "FUSEQ": False}, **kw))
-            _check(fused, reference_linear_small_m(row, w_q, **kw), 1e-5)
-    assert not any(c.any() for c in lsm._COUNTERS.values())
-    with pytest.raises(ValueError, match="one row"):
-        from model.kernels import fp8_mma
-        x2 = torch.zeros(2, 256, dtype=torch.bfloat16, device=DEVICE)
-        fp8_mma.fp8_mma(x2, x2, w_q, w_scale, torch.empty(2, 72, device=DEVICE), lsm._counters, swiglu=False,
-                        config=cfg, launch={}, quantize_here=2)
-
-
 def test_fp8_tensor_core_path_refuses_what_it_does_not_take():
     gen = torch.Generator().manual_seed(5)
     w_q, w_scale = _fp8_weight(gen, (2,), 32, 64)

@@ -75,6 +75,10 @@ def test_kernels_compile_for_sm90_with_pdl():
     assert all(k["loads_before_wait"] >= 1 for k in kernels if k["kernel"] in ("_router_kernel", "_pair_kernel"))
     # the attention splits load `start` and their first block's committed keys and values before the wait
     assert all(k["loads_before_wait"] >= 3 for k in kernels if k["kernel"] == "_split_kernel")
+    # given a table of the layer's next weights (the last split kernel: two regions), one bulk L2 prefetch a region
+    prefetches = [k["l2_prefetch"] for k in kernels if k["kernel"] == "_split_kernel"]
+    assert prefetches[-1] == 2 and not any(prefetches[:-1]), prefetches
+    assert not any(k["l2_prefetch"] for k in kernels if k["kernel"] != "_split_kernel")
 
 
 def _chain(gen_seed: int = 0):
@@ -143,10 +147,8 @@ def test_gemv_variants_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = [json.loads(line) for line in run.stdout.splitlines()]
     assert sum(k["kernel"] == "_gemv_kernel" for k in kernels) == 12
-    # one row (x quantized in the kernel: its cvt are to e4m3), 64-row tiles, split K; 4 rows (pre-pass), 128-row, SwiGLU
-    mma = [k for k in kernels if k["kernel"] == "_fp8_mma_kernel"]
-    assert len(mma) == 2 and all(k["wgmma_e4m3"] > 0 and k["cvt_from_e4m3"] == 0 for k in mma), mma  # no weight unpacked
-    assert mma[0]["cvt_e4m3"] > 0 and mma[1]["cvt_e4m3"] == 0, mma
+    mma = [k for k in kernels if k["kernel"] == "_fp8_mma_kernel"]  # 64-row tiles, split K; 128-row, SwiGLU
+    assert len(mma) == 2 and all(k["wgmma_e4m3"] > 0 and k["cvt_e4m3"] == 0 for k in mma), mma  # nothing converted
     pairs = [k for k in kernels if k["kernel"] == "_pair_kernel"]  # FC13, FC2; 'bits', then 'words'
     assert len(pairs) == 4 and [k["waits"] for k in pairs] == [2, 1, 2, 1]
     assert all(k["waits"] == 1 and k["launch_dependents"] == 1 for k in kernels if k not in pairs), kernels

@@ -32,7 +32,6 @@ ROWS = 16  # activation rows of every dot (M <= 16, zero-padded)
 PROMOTE_K = 128  # FP8 products summed inside the tensor core before a float32 add (DeepSeek-V3's interval)
 FP8 = torch.float8_e4m3fn
 ONE_PASS_MAX_K = 16384  # rows the quantization pre-pass loads whole (32 values a thread at 16 warps)
-ROW_AMAX_BLOCK = 4096  # one row's values the MMA kernel loads at once for its amax (32 a thread at 4 warps)
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -68,76 +67,43 @@ if triton is not None:
         tl.store(scale_ptr + row, xs)
 
     @triton.jit
-    def _x_chunk(xq_cols, x_row, ks, k_ok, row_ok, div, XQ: tl.constexpr):
-        """The dot's right operand for K chunk ks: (BLOCK_K, ROWS_C) e4m3. XQ 0: loaded from the
-        pre-pass's x_q; 1 / 2: x_row's chunk quantized here (one row: column 0, the rest zeros)."""
-        if XQ == 0:
-            return tl.load(xq_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        else:
-            q = gm.quantize_e4m3(gm.load_x(x_row + ks, k_ok, 1.0, False), div)  # (BLOCK_K,) e4m3
-            return tl.where((tl.arange(0, ROWS_C) == 0)[None, :], q[:, None], tl.zeros_like(q)[:, None])
-
-    @triton.jit
-    def _span_sums(w_rows, w0, xq_cols, x_row, div, col_ok, row_ok, k_lo, K: tl.constexpr, K_SPAN: tl.constexpr,
-                   XQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr):
-        """(BLOCK_N, ROWS_C) float32: W[tile, k_lo : k_lo + K_SPAN] @ x_q[:, same]^T, one dot per chunk;
-        w0: the first chunk of W, already loaded."""
-        ks = k_lo + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-        # sm90's default is 2**30 imprecise products: every PROMOTE_K of them go to a zeroed partial
-        # tile, added to acc in float32 (CUTLASS / DeepGEMM's "promotion")
-        acc = tl.dot(w0, _x_chunk(xq_cols, x_row, ks, ks < K, row_ok, div, XQ), tl.zeros((BLOCK_N, ROWS_C), tl.float32),
-                     out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE_K)
-        for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
+    def _span_sums(w_rows, xq_cols, col_ok, row_ok, k_lo, K: tl.constexpr, K_SPAN: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr):
+        """(BLOCK_N, ROWS_C) float32: W[tile, k_lo : k_lo + K_SPAN] @ x_q[:, same]^T, one dot per chunk."""
+        acc = tl.zeros((BLOCK_N, ROWS_C), tl.float32)
+        for k0 in range(0, K_SPAN, BLOCK_K):
             ks = k_lo + k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             k_ok = ks < K
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-            acc = tl.dot(w, _x_chunk(xq_cols, x_row, ks, k_ok, row_ok, div, XQ), acc, out_dtype=tl.float32,
-                         max_num_imprecise_acc=PROMOTE_K)
+            x = tl.load(xq_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_K, ROWS_C)
+            # sm90's default is 2**30 imprecise products: every PROMOTE_K of them go to a zeroed partial
+            # tile, added to acc in float32 (CUTLASS / DeepGEMM's "promotion")
+            acc = tl.dot(w, x, acc, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE_K)
         return acc
-
-    @triton.jit
-    def _first_w(w_rows, col_ok, k_lo, K: tl.constexpr, BLOCK_K: tl.constexpr):
-        ks = k_lo + tl.arange(0, BLOCK_K)
-        return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
 
     @triton.jit
     def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT, stride_wn,
                         stride_om, K: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-                        K_SPAN: tl.constexpr, XQ: tl.constexpr, XBLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr, PDL: tl.constexpr):
+                        K_SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE_K: tl.constexpr,
+                        PDL: tl.constexpr):
         """Program (n tile, K split): out[:M, tile] = f(x_q @ W[tile].T * scales) over K in
-        [split * K_SPAN, + K_SPAN). XQ 0: x_q (M, K) e4m3 contiguous from the pre-pass, xs (M,)
-        float32; XQ 1 / 2 (one row): xq_ptr is x itself (high precision), quantized here with the
-        static scale at xs_ptr (1) or its dynamic per-row scale (2), as the GEMV's prologue does.
-        W: (N, K) e4m3 K-contiguous, ws: (N,) float32. part: (SPLIT_K, 2, ROWS_C, N_OUT) float32
-        scratch; count: one int32 per tile, zero between calls. With PDL the first K chunk of W (of
-        gate and up) is in flight before the wait for the kernel that wrote x."""
+        [split * K_SPAN, + K_SPAN). x_q: (M, K) e4m3 contiguous, xs: (M,) float32; W: (N, K) e4m3
+        K-contiguous, ws: (N,) float32. part: (SPLIT_K, 2, ROWS_C, N_OUT) float32 scratch; count: one
+        int32 per tile, zero between calls."""
         tile, split = tl.program_id(0), tl.program_id(1)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns
         col_ok = cols < N_OUT
         rows = tl.arange(0, ROWS_C)  # (ROWS_C,) activation rows
         row_ok = rows < M
         w_gate = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-        w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
-        xq_cols = xq_ptr + rows[None, :] * K  # (1, ROWS_C): x_q^T as the dot's right operand (XQ 0)
+        xq_cols = xq_ptr + rows[None, :] * K  # (1, ROWS_C): x_q^T as the dot's right operand
         k_lo = split * K_SPAN
-        w0_g = _first_w(w_gate, col_ok, k_lo, K, BLOCK_K)
-        w0_u = w0_g
-        if SWIGLU:
-            w0_u = _first_w(w_up, col_ok, k_lo, K, BLOCK_K)
-        pdl_wait(PDL)  # x (or x_q from the pre-pass) comes from the kernel just before
+        pdl_wait(PDL)  # x_q comes from the pre-pass just before
         pdl_launch_dependents(PDL)
-        div = 1.0
-        if XQ > 0:  # one row, quantized here: its scale over all of K (x sits in L2; one load up to 8192)
-            xs, div = gm.x_scale(xq_ptr, xs_ptr, 1.0, K, False, XQ, XBLOCK)
-            xs_rows = tl.where(rows == 0, xs, 1.0)[None, :]  # (1, ROWS_C)
-        else:
-            xs_rows = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[None, :]  # (1, ROWS_C)
-        g = _span_sums(w_gate, w0_g, xq_cols, xq_ptr, div, col_ok, row_ok, k_lo, K, K_SPAN, XQ, BLOCK_N, BLOCK_K,
-                       PROMOTE_K)
+        g = _span_sums(w_gate, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K, PROMOTE_K)
         u = g
         if SWIGLU:
-            u = _span_sums(w_up, w0_u, xq_cols, xq_ptr, div, col_ok, row_ok, k_lo, K, K_SPAN, XQ, BLOCK_N, BLOCK_K,
+            u = _span_sums(w_gate + N_OUT * stride_wn, xq_cols, col_ok, row_ok, k_lo, K, K_SPAN, BLOCK_N, BLOCK_K,
                            PROMOTE_K)
         ok = col_ok[:, None] & row_ok[None, :]  # (BLOCK_N, ROWS_C)
         if SPLIT_K > 1:
@@ -156,13 +122,14 @@ if triton is not None:
                     if SWIGLU:
                         u += tl.load(base + ROWS_C * N_OUT, mask=ok, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + tile, 0)
-                _store(g, u, xs_rows, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU)
+                _store(g, u, xs_ptr, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU)
         else:
-            _store(g, u, xs_rows, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU)
+            _store(g, u, xs_ptr, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU)
 
     @triton.jit
-    def _store(g, u, xs, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU: tl.constexpr):
-        """Sums (BLOCK_N, ROWS_C) -> out[rows, cols]: scales (xs: (1, ROWS_C) the rows'), SwiGLU, one rounding."""
+    def _store(g, u, xs_ptr, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU: tl.constexpr):
+        """Sums (BLOCK_N, ROWS_C) -> out[rows, cols]: scales, SwiGLU, one rounding."""
+        xs = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[None, :]  # (1, ROWS_C)
         ws_g = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[:, None]  # (BLOCK_N, 1)
         ws_u = ws_g
         if SWIGLU:
@@ -184,17 +151,12 @@ def default_config(m: int, n_out: int, k: int, swiglu: bool, sms: int = 132) -> 
 
 
 def fp8_mma(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            out: torch.Tensor, counters, *, swiglu: bool, config: dict, launch: dict, quantize_here: int = 0
-            ) -> torch.Tensor:
+            out: torch.Tensor, counters, *, swiglu: bool, config: dict, launch: dict) -> torch.Tensor:
     """out (M, N_out) = f(x_q @ weight.T scaled), the kernel launch itself: linear_small_m checks the
-    arguments. x_q: (M, K) e4m3 contiguous and x_scale: (M,) float32 from the pre-pass; or, with
-    quantize_here 1 (static scale) / 2 (dynamic), one row of x in high precision, unit stride,
-    quantized in the kernel, and x_scale the static scale (1) or anything (2). weight: (N, K) e4m3
-    with unit stride along K; weight_scale: (N,) float32; counters(device, n) gives zeroed int32
+    arguments and quantizes x. x_q: (M, K) e4m3 contiguous; x_scale: (M,) float32; weight: (N, K)
+    e4m3 with unit stride along K; weight_scale: (N,) float32; counters(device, n) gives zeroed int32
     arrival counters; launch: PDL keywords."""
     m, k = x_q.shape
-    if quantize_here and m != 1:
-        raise ValueError(f"fp8_mma: quantizing in the kernel takes one row, got {m}")
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
     block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(n_out, block_n)
@@ -206,8 +168,7 @@ def fp8_mma(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weig
     count = x_scale if split_k == 1 else counters(x_q.device, tiles)
     _fp8_mma_kernel[(tiles, split_k)](
         x_q, x_scale, weight, weight_scale, out, part, count, m, n_out, weight.stride(0), out.stride(0), K=k,
-        SWIGLU=swiglu, SPLIT_K=split_k, K_SPAN=k_span, XQ=quantize_here,
-        XBLOCK=min(triton.next_power_of_2(k), ROW_AMAX_BLOCK), BLOCK_N=block_n, BLOCK_K=block_k,
+        SWIGLU=swiglu, SPLIT_K=split_k, K_SPAN=k_span, BLOCK_N=block_n, BLOCK_K=block_k,
         PROMOTE_K=min(block_k, PROMOTE_K),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 4), **launch)
     return out
@@ -232,16 +193,11 @@ def prequantize(x: torch.Tensor, row_scale: torch.Tensor | None, act_quant) -> t
 
 
 def linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout, cfg, counters):
-    """Dense FP8 on the tensor cores into out (M, N_out), which linear_small_m allocates: one row
-    without a row scale is quantized inside the dot kernel (one launch, unless cfg's FUSEQ is
-    False); otherwise the activation is quantized by the pre-pass, then the swap-AB dot kernel runs."""
+    """Dense FP8 on the tensor cores: the activation quantized by the pre-pass, then one swap-AB dot
+    kernel into out (M, N_out), which linear_small_m allocates."""
     if layout != "k" or weight.stride(-1) != 1:
         raise ValueError(f"linear_small_m: MMA reads a K-contiguous FP8 weight, got strides {weight.stride()}")
-    static = isinstance(act_quant, torch.Tensor)
-    if static and act_quant.numel() > 1:
+    if isinstance(act_quant, torch.Tensor) and act_quant.numel() > 1:
         raise ValueError("linear_small_m: MMA takes one static scale or 'token', not per-expert scales")
-    if x.shape[0] == 1 and row_scale is None and cfg.get("FUSEQ", True):
-        return fp8_mma(x, act_quant if static else x, weight, weight_scale, out, counters, swiglu=swiglu,
-                       config=cfg, launch=pdl_kwargs(x), quantize_here=1 if static else 2)
     x_q, xs = prequantize(x, row_scale, act_quant)
     return fp8_mma(x_q, xs, weight, weight_scale, out, counters, swiglu=swiglu, config=cfg, launch=pdl_kwargs(x))

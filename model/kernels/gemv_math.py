@@ -43,20 +43,18 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def quantize_e4m3(x, scale):
-        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8)."""
-        return tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C).to(tl.float8e4nv)
-
-    @triton.jit
     def quantize(x, scale):
-        """quantize_e4m3(x, scale) as float32."""
-        return quantize_e4m3(x, scale).to(tl.float32)
+        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8), returned as float32."""
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
+        return q.to(tl.float8e4nv).to(tl.float32)
 
     @triton.jit
     def x_scale(x_row, xs_ptr, rs, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
                 BLOCK_K: tl.constexpr):
         """(scale, divisor) of one row's FP8 activation. QUANT 1: the static scale at xs_ptr; 2: max(amax,
-        1e-12) * float32(1/448), model/fp8.py's dynamic scale; 3: x is e4m3 already, its scale at xs_ptr. An all-zero row quantizes to zeros with
+        1e-12) * float32(1/448), model/fp8.py's dynamic scale (the amax loop unrolled, so its K / BLOCK_K loads
+        from L2 overlap rather than follow one another after the PDL wait); 3: x is e4m3 already, its scale at
+        xs_ptr. An all-zero row quantizes to zeros with
         any divisor: it divides by 1, not by 2e-15, which sends IEEE division down its slow path
         (inferred: zero padding rows made an earlier dot kernel slower at M = 4 than at M = 16)."""
         if QUANT == 1:
@@ -67,7 +65,7 @@ if triton is not None:
             div = 1.0
         else:
             amax = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: the row's loads all in flight at once
                 ks = k0 + tl.arange(0, BLOCK_K)
                 amax = tl.maximum(amax, tl.abs(load_x(x_row + ks, ks < K, rs, ROW_SCALE)))
             xs, div = dynamic_scale(tl.max(amax, axis=0))

@@ -50,10 +50,9 @@ FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M = 16
 SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against them
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA",
-               "FUSEQ")
-MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA", "FUSEQ")
-FLAGS = ("PREQUANT", "DOT_F16", "MMA", "FUSEQ")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
+MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
+FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # No L2 prefetch (PTX prefetch.global.L2) of the rest of a GEMV's span before its PDL wait: with it on
 # (and the attention's), the medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs
 # 342.4 (c6bff85, h200x2-ab-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
