@@ -4,7 +4,7 @@
 #   its GPU tests, every one-row GEMV variant (gemv_bench.py --variants --cases one-row: CUDA cores vs
 #   tensor cores, BF16 beside), then the medium decode step with FP8 on the CUDA cores (the default so far)
 #   and on the tensor cores (DGX_EMU_GEMV_FP8=MMA=1), BF16 between them, and a kernel trace of the latter.
-# PART=prefetch: the attention kernel's L2 prefetch of the layer's next weights (DGX_EMU_L2_PREFETCH_MB): its GPU
+# PART=prefetch (at d98c1e7; the prefetch was removed after it measured slower): the attention kernel's L2 prefetch of the layer's next weights (DGX_EMU_L2_PREFETCH_MB): its GPU
 #   tests, then medium FP8 / BF16 and maverick-slice FP8 decode at budgets 0 (off), 16 and 32 MB, alternated,
 #   and a kernel trace of medium FP8 with the default budget.
 #   PART=kernels|prefetch bash benchmarks/gpu_s9_session.sh

@@ -90,12 +90,9 @@ def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False) -> torch.Te
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def attention(attn, x: torch.Tensor, ctx, cache, ffn: nn.Module | None = None) -> torch.Tensor:
-    """Attention.forward on the kernels. x: (B, T, H) normed. Returns the o_proj partial (B, T, H).
-    ffn: the layer's feed-forward, whose weights (with o_proj's) the attention kernel asks L2 for."""
+def attention(attn, x: torch.Tensor, ctx, cache) -> torch.Tensor:
+    """Attention.forward on the kernels. x: (B, T, H) normed. Returns the o_proj partial (B, T, H)."""
     _, decode_attention, _ = _kernels()
-    from model.kernels import l2_prefetch
-    prefetch = None if ffn is None else l2_prefetch.table(attn, l2_prefetch.layer_weights(attn, ffn))
     batch, n_new, _ = x.shape
     layer = attn.layer
     k_scale, v_scale = cache.scales[layer]
@@ -106,8 +103,7 @@ def attention(attn, x: torch.Tensor, ctx, cache, ffn: nn.Module | None = None) -
         qkv, ctx.positions, ctx.start, cache.k[layer], cache.v[layer], n_heads=attn.n_heads_per_rank,
         n_kv_heads=attn.n_kv_heads_per_rank, head_dim=attn.head_dim, inv_freq=ctx.inv_freq,
         use_rope=attn.use_rope, use_qk_norm=attn.use_qk_norm, eps=attn.eps, temperature=attn.temperature,
-        scale=attn.head_dim ** -0.5, chunk_size=attn.chunk_size, step_mask=ctx.step_mask, l2_prefetch=prefetch,
-        **scales)  # (B, T, Hq, D)
+        scale=attn.head_dim ** -0.5, chunk_size=attn.chunk_size, step_mask=ctx.step_mask, **scales)  # (B, T, Hq, D)
     return linear(attn.o_proj, out.reshape(batch, n_new, attn.n_heads_per_rank * attn.head_dim))
 
 

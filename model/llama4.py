@@ -91,8 +91,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None):
         fused = self.kernels == "triton" and fast_path.applies(normed)
-        attn_partial = (fast_path.attention(self.self_attn, normed, ctx, cache, self.feed_forward) if fused
-                        else self.self_attn(normed, ctx, cache))
+        attn_partial = fast_path.attention(self.self_attn, normed, ctx, cache) if fused else self.self_attn(normed, ctx, cache)
         normed, residual = self.comm.allreduce_add_rmsnorm(
             attn_partial, residual, self.post_attention_layernorm.weight, self.eps,
             quant_scale=None if fused else self.feed_forward.input_quant_scale)

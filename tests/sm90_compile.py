@@ -67,8 +67,7 @@ def _summary(name: str, pdl: bool, kernel) -> dict:
             "loads_before_wait": loads_before,
             "wgmma_e4m3": sum("wgmma.mma_async" in line and "e4m3.e4m3" in line for line in lines),
             "mma_e4m3": sum("mma.sync" in line and "e4m3.e4m3" in line for line in lines),
-            "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines),
-            "l2_prefetch": sum("cp.async.bulk.prefetch.L2" in line for line in lines)}
+            "cvt_e4m3": sum("cvt." in line and "e4m3" in line for line in lines)}
 
 
 def _decode_kernels() -> None:
@@ -101,11 +100,6 @@ def _decode_kernels() -> None:
                                            head_dim=dim, inv_freq=torch.ones(dim // 2), use_rope=True,
                                            use_qk_norm=True, eps=1e-5, temperature=(8192.0, 0.1),
                                            scale=dim ** -0.5, chunk_size=8192)
-    table = torch.tensor([[0x10000, 4 << 20], [0x800000, 16 << 20]], dtype=torch.int64)  # (R, 2): L2 prefetch
-    decode_attention.rope_decode_attention(qkv, pos, start, k_cache, v_cache, n_heads=heads, n_kv_heads=kv_heads,
-                                           head_dim=dim, inv_freq=torch.ones(dim // 2), use_rope=True,
-                                           use_qk_norm=False, eps=1e-5, temperature=(8192.0, 0.1),
-                                           scale=dim ** -0.5, chunk_size=8192, l2_prefetch=table)
     _moe_kernels(x1)
     from collectives import fused_norm
     fused_norm.available = lambda x: True

@@ -53,7 +53,6 @@ FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decod
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
-    from model.kernels.l2_prefetch import prefetch_share
     from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
@@ -171,15 +170,13 @@ if triton is not None:
                       Q_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, CLAMP_Q: tl.constexpr,
                       LOOP_WHILE: tl.constexpr, FUSED_MERGE: tl.constexpr, ROPE_IN: tl.constexpr, T_P2: tl.constexpr,
                       USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr, USE_TEMPERATURE: tl.constexpr,
-                      PDL: tl.constexpr, MERGE_UNROLL: tl.constexpr = 8, prefetch_ptr=None,
-                      PREFETCH_REGIONS: tl.constexpr = 0):
+                      PDL: tl.constexpr, MERGE_UNROLL: tl.constexpr = 8):
         """Program (b * HKV + h, split, row block): unnormalized partial attention of one split. With
         FUSED_MERGE the last split of its (b * HKV + h, row block) to finish (an atomic counter in
         count_ptr, reset after) merges all splits into out, and no merge kernel runs. With ROPE_IN,
         q_ptr is the fused QKV projection (B, T, (Hq + 2 Hkv) D): the program makes its q rows, and
         the keys and values of the new tokens in its split, as qkv_rope.py does (no kernel of its own).
-        With PDL: waits for the kernel that wrote q and the new keys before anything else. With
-        PREFETCH_REGIONS, then asks L2 for its share of the weights in prefetch_ptr (l2_prefetch.py)."""
+        With PDL: waits for the kernel that wrote q and the new keys before anything else."""
         bh = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         b, h = bh // HKV, bh % HKV
@@ -190,10 +187,6 @@ if triton is not None:
                                                      N_SPLITS)
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
-        if PREFETCH_REGIONS > 0:  # the layer's next weights stream into L2 while this latency-bound kernel runs
-            prefetch_share(prefetch_ptr, PREFETCH_REGIONS,
-                           bh + tl.num_programs(0) * (split + tl.num_programs(1) * tl.program_id(2)),
-                           tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
         start = tl.load(start_ptr + b * ss_b)  # first: the key loop's bounds wait on it, not on the RoPE below
         rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = t * GROUP + g
         row_ok = rows < T * GROUP
@@ -443,15 +436,13 @@ def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: i
                           temperature: tuple[float, float] | None, scale: float, chunk_size: int | None = None,
                           step_mask: torch.Tensor | None = None, k_scale=None, v_scale=None,
                           n_splits: int | None = None, block_s: int | None = None,
-                          launch: dict | None = None, l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                          launch: dict | None = None) -> torch.Tensor:
     """qkv_rope.qkv_rope_cache then decode_attention, in ONE launch where the merge fuses (a decode
     step's few rows): each split program makes its q rows from qkv, and writes (then reads) the new
     keys and values of its own slots. Same arguments as those two; the same cache bytes and q
     (the same math, compiled as there: no FMA contraction; so the attention's own float32 steps may
     round apart from decode_attention's by an ulp on a GPU). Otherwise the two (or three) launches.
-    launch: the split kernel's num_warps / num_stages / MERGE_UNROLL instead of the defaults (benchmarks).
-    l2_prefetch: an (R, 2) int64 table of weights the split programs ask L2 for (l2_prefetch.table),
-    in the one-launch case."""
+    launch: the split kernel's num_warps / num_stages / MERGE_UNROLL instead of the defaults (benchmarks)."""
     from model.kernels import qkv_rope
     qkv_rope._check(qkv, positions, start, k_cache, v_cache, n_heads, n_kv_heads, head_dim, inv_freq, k_scale, v_scale)
     q_view = qkv[..., :n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # (B, T, Hq, D) view for the checks
@@ -467,8 +458,6 @@ def rope_decode_attention(qkv, positions, start, k_cache, v_cache, *, n_heads: i
     rope = dict(inv_freq_ptr=inv_freq, eps=float(eps), floor_scale=float(floor_scale), attn_scale=float(attn_scale),
                 ROPE_IN=True, T_P2=triton.next_power_of_2(qkv.shape[1]), USE_ROPE=bool(use_rope),
                 USE_QK_NORM=bool(use_qk_norm), USE_TEMPERATURE=temperature is not None)
-    if l2_prefetch is not None:
-        rope.update(prefetch_ptr=l2_prefetch, PREFETCH_REGIONS=l2_prefetch.shape[0])
     return _attend(qkv, q_view, k_cache, v_cache, start, positions, scale, chunk_size, step_mask, k_scale, v_scale,
                    plan, True, rope, launch)
 

@@ -58,7 +58,10 @@ FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # 342.4 (c6bff85, h200x2-ab-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
 # with the kernel before, itself bandwidth-bound. The attention's alone changed nothing measurable
 # (11a53b9: maverick-slice 997.8 vs 997.6 us, medium bf16 340.0 vs 338.1, fp8 323.7 vs 325.3), so
-# neither stayed.
+# neither stayed. Nor a bulk L2 prefetch (cp.async.bulk.prefetch.L2) of the layer's next weights (o_proj, then
+# FC13 and FC2) by the attention programs after their PDL wait, while HBM idles behind the latency-bound
+# attention: slower at every budget (d98c1e7 on one H200, 0 / 16 / 32 MB: medium fp8 317.8 / 344.4 / 354.1 us,
+# bf16 340.3 / 361.9 / 385.7, maverick-slice at 24 MB 1010.5 vs 993.9; h200-ab-decode-*-l2-*-d98c1e7-tp1.json).
 MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
 
 
