@@ -42,7 +42,7 @@ def make_communicator(backend: str, rank: int, world_size: int, store, node_id: 
     """wait: the shm wait strategy (default: $DGX_EMU_SHM_WAIT, else hybrid). The shm small-message
     algorithm comes from $DGX_EMU_SHM_ALGO (auto, one-shot or reduce-once; default auto); the symm
     fused kernel's arrival protocol from $DGX_EMU_SYMM_PROTOCOL (lamport or flags; default lamport)
-    and its programs per launch from $DGX_EMU_SYMM_PROGRAMS (default: the protocol's, fused_allreduce.Layout).
+    and its programs per launch from $DGX_EMU_SYMM_PROGRAMS (default: the protocol's, symm_layout.Layout).
     hosts: the host label of every rank (None: all on one host)."""
     wait = wait or os.environ.get("DGX_EMU_SHM_WAIT", "hybrid")
     if hosts is not None and len(hosts) != world_size:

@@ -10,7 +10,7 @@ one-shot kernels do the same with -0.0 as the sentinel; all ones keeps every num
 signs included, so the results are the flag kernel's bits).
 
 Buffers: data slots [3 buffers][source rank][capacity] and gather slots [3][capacity] in every
-rank's symmetric buffer (fused_allreduce.Layout with protocol "lamport"), all SENTINEL before the
+rank's symmetric buffer (symm_layout.Layout with protocol "lamport"), all SENTINEL before the
 first launch. Launch n (every program keeps n in device memory, counters[p], as the flag kernel
 does, so a captured graph replays with fresh epochs) writes buffer n % 3, and in its PUSH phase
 each rank sets its own copy of buffer (n - 1) % 3 back to SENTINEL (the bytes launch n - 1 used,

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from collectives import fused_norm
-from collectives.fused_allreduce import ALIGN, FINISH, PUSH, peer_tables
+from collectives.fused_allreduce import FINISH, PUSH
+from collectives.symm_layout import ALIGN, peer_tables
 from collectives.triton_support import tl, triton
 
 PROGRAMS = 32

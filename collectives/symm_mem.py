@@ -32,7 +32,8 @@ import torch
 
 from collectives import fused_norm
 from collectives.communicator import Communicator, add_rmsnorm
-from collectives.fused_allreduce import FusedAllReduce, Layout
+from collectives.fused_allreduce import FusedAllReduce
+from collectives.symm_layout import Layout
 from collectives.moe_all_to_all import DeviceDispatch, MoeLayout, SymmetricMoeAllToAll
 from collectives.symm_buffer import map_symmetric
 from collectives.torch_dist import TorchDistCommunicator
@@ -96,8 +97,8 @@ class SymmMemCommunicator(DeviceDispatch, Communicator):
     def __init__(self, rank: int, world_size: int, store, timeout_s: float = 120.0,
                  device: torch.device | str = "cuda", capacity: int = DEFAULT_CAPACITY,
                  protocol: str = "lamport", programs: int | None = None) -> None:
-        """protocol: how the fused kernel learns its peers' data arrived (fused_allreduce.PROTOCOLS);
-        programs: its programs per launch (None: the protocol's, fused_allreduce.Layout)."""
+        """protocol: how the fused kernel learns its peers' data arrived (symm_layout.PROTOCOLS);
+        programs: its programs per launch (None: the protocol's, symm_layout.Layout)."""
         self.rank, self.world_size = rank, world_size
         layout = Layout(world_size, capacity, programs or 0, protocol)  # refuses bad values before any work
         self.device = cuda_device(device)

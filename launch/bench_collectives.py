@@ -46,7 +46,7 @@ def _settings(args) -> dict:
         raise UserError("--tokens must be integers >= 1 and --modes graph and/or eager")
     if args.samples < 5 or args.ops < 1:
         raise UserError("--samples must be >= 5 and --ops >= 1")
-    from collectives.fused_allreduce import PROTOCOLS
+    from collectives.symm_layout import PROTOCOLS
     protocols = [p for p in args.protocols.split(",") if p]
     named = [p.split("@") for p in protocols]
     if (not protocols or len(set(protocols)) < len(protocols) or any(n[0] not in PROTOCOLS for n in named)
@@ -79,7 +79,7 @@ def run_collectives(args) -> int:
     import torch
 
     from cluster.procs import run_world
-    from collectives.fused_allreduce import TWO_SHOT_MIN_BYTES
+    from collectives.symm_layout import TWO_SHOT_MIN_BYTES
     from workers.collectives_bench import HIDDEN, bench_rank, protocol_rows, table, two_shot_from
     settings = _settings(args)
     if not torch.cuda.is_available() or torch.cuda.device_count() < max(args.tp, 2):

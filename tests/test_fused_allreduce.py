@@ -28,8 +28,8 @@ pytest.importorskip("triton")
 from collectives import fused_norm  # noqa: E402
 from tests.numerics import assert_within_2_ulps, ulps  # noqa: E402
 from collectives.communicator import add_rmsnorm  # noqa: E402
-from collectives.fused_allreduce import (AR_ROW, FINISH, PROTOCOLS, PUSH, SCATTER, FusedAllReduce,  # noqa: E402
-                                         Layout, TWO_SHOT_MIN_BYTES, algorithm_for)
+from collectives.fused_allreduce import AR_ROW, FINISH, PUSH, SCATTER, FusedAllReduce  # noqa: E402
+from collectives.symm_layout import PROTOCOLS, TWO_SHOT_MIN_BYTES, Layout, algorithm_for  # noqa: E402
 
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="the simulated world runs under Triton's interpreter (no GPU)")

@@ -17,7 +17,7 @@ call is the span / ops), `samples` times, median and p90 over samples:
          pays); before each sample the GPU sleeps ~1 ms while the host enqueues the rest, then a
          small fused all-reduce lines the ranks up, so host skew between ranks is not timed;
   eager  the calls launched from Python one by one (host overhead included).
-The one-shot vs two-shot rows say where collectives.fused_allreduce.TWO_SHOT_MIN_BYTES belongs.
+The one-shot vs two-shot rows say where collectives.symm_layout.TWO_SHOT_MIN_BYTES belongs.
 """
 from __future__ import annotations
 
