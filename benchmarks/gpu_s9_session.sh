@@ -7,7 +7,11 @@
 # PART=prefetch (at d98c1e7; the prefetch was removed after it measured slower): the attention kernel's L2 prefetch of the layer's next weights (DGX_EMU_L2_PREFETCH_MB): its GPU
 #   tests, then medium FP8 / BF16 and maverick-slice FP8 decode at budgets 0 (off), 16 and 32 MB, alternated,
 #   and a kernel trace of medium FP8 with the default budget.
-#   PART=kernels|prefetch bash benchmarks/gpu_s9_session.sh
+# PART=final (nvidia-h200-x2; also carry .device/base.tar.gz, `git archive cc9a0b8 | gzip`): the GPU tests of the
+#   fused all-reduce (after the symm_layout move), the MoE kernels and the fast path at HEAD; medium FP8 / BF16 and
+#   maverick-slice FP8 decode at HEAD (the FC2 pair's routed chunk loaded early) and at cc9a0b8, alternated; and
+#   maverick-slice FP8 at TP1 and TP2 at HEAD.
+#   PART=kernels|prefetch|final bash benchmarks/gpu_s9_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -36,6 +40,22 @@ elif [[ "${PART:-kernels}" == prefetch ]]; then
         --modes graph --iters 150 --out "$R/h200-ab-decode-maverick-slice-fp8-l2-$mb-$C-tp1.json"
   done
   medium fp8 l2-24-trace "" "--profile $R/profile-fp8"
+elif [[ "${PART:-kernels}" == final ]]; then
+  rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
+  TAIL=8 step tests 240 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py \
+      tests/test_kernel_moe_decode.py tests/test_fast_path.py
+  ab() {  # ab MODEL DTYPE ROUND: the same bench at HEAD, then at the base commit
+    TAIL=3 step "$1-$2-head-$3" 100 $DGX bench decode --model $1 --dtype $2 --modes graph --iters 150 \
+        --out "$R/h200x2-decode-$1-$2-$3-$C-tp1.json"
+    TAIL=3 step "$1-$2-base-$3" 100 "cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base $DGX bench decode --model $1 \
+        --dtype $2 --modes graph --iters 150 --out $R/h200x2-ab-decode-$1-$2-base-$3-cc9a0b8-tp1.json"
+  }
+  ab medium fp8 r1
+  ab medium bf16 r1
+  ab maverick-slice fp8 r1
+  ab medium fp8 r2
+  TAIL=3 step maverick-tp2 120 $DGX bench decode --model maverick-slice --dtype fp8 --tp 2 --modes graph --iters 150 \
+      --out "$R/h200x2-decode-maverick-slice-fp8-f9-$C-tp2.json"
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish
