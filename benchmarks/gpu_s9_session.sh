@@ -7,7 +7,8 @@
 # PART=prefetch (at d98c1e7; the prefetch was removed after it measured slower): the attention kernel's L2 prefetch of the layer's next weights (DGX_EMU_L2_PREFETCH_MB): its GPU
 #   tests, then medium FP8 / BF16 and maverick-slice FP8 decode at budgets 0 (off), 16 and 32 MB, alternated,
 #   and a kernel trace of medium FP8 with the default budget.
-# PART=final (nvidia-h200-x2; also carry .device/base.tar.gz, `git archive cc9a0b8 | gzip`): the GPU tests of the
+# PART=final (nvidia-h200-x2; also carry .device/base_moe_decode.py, `git show cc9a0b8:model/kernels/moe_decode.py`,
+#   the base tree being HEAD with that file, since HEAD changed no other file the benches run): the GPU tests of the
 #   fused all-reduce (after the symm_layout move), the MoE kernels and the fast path at HEAD; medium FP8 / BF16 and
 #   maverick-slice FP8 decode at HEAD (the FC2 pair's routed chunk loaded early) and at cc9a0b8, alternated; and
 #   maverick-slice FP8 at TP1 and TP2 at HEAD.
@@ -41,7 +42,7 @@ elif [[ "${PART:-kernels}" == prefetch ]]; then
   done
   medium fp8 l2-24-trace "" "--profile $R/profile-fp8"
 elif [[ "${PART:-kernels}" == final ]]; then
-  rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
+  rm -rf /tmp/base && cp -r "$PWD" /tmp/base && cp .device/base_moe_decode.py /tmp/base/model/kernels/moe_decode.py
   TAIL=8 step tests 240 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fused_allreduce.py \
       tests/test_kernel_moe_decode.py tests/test_fast_path.py
   ab() {  # ab MODEL DTYPE ROUND: the same bench at HEAD, then at the base commit
