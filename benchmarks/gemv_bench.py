@@ -265,9 +265,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", type=float, default=0, metavar="SECONDS",
                    help="instead of the table: time every GEMV variant of benchmarks/gemv_variants.py (at most "
                         "SECONDS), printing %% of copy bandwidth per variant")
-    p.add_argument("--cases", default="decode", choices=["decode", "deep-k", "one-row"],
+    p.add_argument("--cases", default="decode", choices=["decode", "deep-k", "one-row", "bf16"],
                    help="--variants' case set: the medium / Maverick decode shapes, Maverick's deep-K FP8 GEMVs, "
-                        "or the one-row dense GEMVs of a decode step (FP8 on CUDA cores vs tensor cores, BF16)")
+                        "the one-row dense GEMVs of a decode step (FP8 on CUDA cores vs tensor cores, BF16), or the "
+                        "one-row BF16 GEMVs at K = 2048 (medium's linears and LM head) by tile")
     p.add_argument("--pdl-ab", action="store_true", help="the table also times ours with PDL off")
     p.add_argument("--shapes", default="decode", choices=["decode", "draft"],
                    help="the table's shapes: the decode models' linears and experts, or the embedded EAGLE-3 "

@@ -12,7 +12,8 @@
 #   fused all-reduce (after the symm_layout move), the MoE kernels and the fast path at HEAD; medium FP8 / BF16 and
 #   maverick-slice FP8 decode at HEAD (the FC2 pair's routed chunk loaded early) and at cc9a0b8, alternated; and
 #   maverick-slice FP8 at TP1 and TP2 at HEAD.
-#   PART=kernels|prefetch|final bash benchmarks/gpu_s9_session.sh
+# PART=bf16: one-row BF16 GEMV tiles at K = 2048 (gemv_bench.py --variants --cases bf16: medium's linears and LM head).
+#   PART=kernels|prefetch|final|bf16 bash benchmarks/gpu_s9_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -57,6 +58,9 @@ elif [[ "${PART:-kernels}" == final ]]; then
   ab medium fp8 r2
   TAIL=3 step maverick-tp2 120 $DGX bench decode --model maverick-slice --dtype fp8 --tp 2 --modes graph --iters 150 \
       --out "$R/h200x2-decode-maverick-slice-fp8-f9-$C-tp2.json"
+elif [[ "${PART:-kernels}" == bf16 ]]; then
+  TAIL=70 step variants 240 python benchmarks/gemv_bench.py --variants 200 --cases bf16 \
+      --out "$R/h200-gemv-bf16-$C.json"
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish
