@@ -13,7 +13,11 @@
 #   maverick-slice FP8 decode at HEAD (the FC2 pair's routed chunk loaded early) and at cc9a0b8, alternated; and
 #   maverick-slice FP8 at TP1 and TP2 at HEAD.
 # PART=bf16: one-row BF16 GEMV tiles at K = 2048 (gemv_bench.py --variants --cases bf16: medium's linears and LM head).
-#   PART=kernels|prefetch|final|bf16 bash benchmarks/gpu_s9_session.sh
+# PART=bf16rows: after one-row BF16 GEMVs took 2-4 weight rows a program (and the tuned shapes): the GEMV / MoE /
+#   fast-path GPU tests, then medium BF16 / FP8 and embedded BF16 decode with the new tiles and with the old ones
+#   (DGX_EMU_GEMV_BF16=BLOCK_N=1,BLOCK_K=1024, what every one-row BF16 GEMV ran before), alternated, and the
+#   BF16 GEMV table (gemv_bench.py --dtypes bf16) for the emulator's BF16 line.
+#   PART=kernels|prefetch|final|bf16|bf16rows bash benchmarks/gpu_s9_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -61,6 +65,22 @@ elif [[ "${PART:-kernels}" == final ]]; then
 elif [[ "${PART:-kernels}" == bf16 ]]; then
   TAIL=70 step variants 240 python benchmarks/gemv_bench.py --variants 200 --cases bf16 \
       --out "$R/h200-gemv-bf16-$C.json"
+elif [[ "${PART:-kernels}" == bf16rows ]]; then
+  TAIL=8 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
+      tests/test_kernel_moe_decode.py tests/test_fast_path.py
+  OLD="DGX_EMU_GEMV_BF16=BLOCK_N=1,BLOCK_K=1024"
+  for round in r1 r2; do
+    medium bf16 "rows-$round" ""
+    medium bf16 "one-row-$round" "$OLD"
+    medium fp8 "rows-$round" ""
+    medium fp8 "one-row-$round" "$OLD"
+  done
+  for tiles in rows one-row; do
+    env=""; [[ $tiles == one-row ]] && env=$OLD
+    TAIL=3 step "embedded-$tiles" 100 $env $DGX bench decode --model embedded --dtype bf16 --modes graph --iters 150 \
+        --out "$R/h200-ab-decode-embedded-bf16-$tiles-$C-tp1.json"
+  done
+  TAIL=30 step gemv-bf16 150 python benchmarks/gemv_bench.py --dtypes bf16 --out "$R/h200-gemv-bf16-rows-$C.json"
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish

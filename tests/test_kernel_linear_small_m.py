@@ -476,6 +476,27 @@ def test_gpu_fp8_tensor_core_path_realistic_shapes(m):
         _check(linear_small_m(x, w_q, config={"MMA": True}, **kw), reference_linear_small_m(x, w_q, **kw), 1e-3)
 
 
+def test_one_row_bf16_gemv_takes_rows_that_fill_a_program():
+    """The K-contiguous high-precision GEMV's BLOCK_N: ~16 KB of weight a program at one row (medium's K = 2048
+    rows of 4 KB: 4; SwiGLU's gate + up: 2; K = 4096: 2; Maverick's K = 5120: 1), one row for several rows."""
+    rows = lsm.rows_per_program
+    assert [rows(1, 2048, 2, False), rows(1, 2048, 2, True), rows(1, 4096, 2, False), rows(1, 5120, 2, False)] == \
+        [4, 2, 2, 1]
+    assert rows(1, 1024, 2, False) == 4 and rows(1, 2048, 4, False) == 2 and rows(4, 2048, 2, False) == 1
+    assert set(lsm.TUNED_BF16_GEMV) == {(32768, 2048), (2048, 4096)}
+
+
+@gpu_only
+def test_gpu_tuned_bf16_gemv_shapes():
+    """One-row BF16 GEMVs at the tuned shapes and at the rule's 2- and 4-row tiles, against the reference."""
+    gen = torch.Generator().manual_seed(8)
+    for (n, k), swiglu in [((32768, 2048), False), ((2048, 4096), False), ((4096, 2048), False), ((8192, 2048), True),
+                           ((1000, 2048), False)]:
+        x, w = _randn(gen, 1, k, dtype=torch.bfloat16), _randn(gen, n, k, dtype=torch.bfloat16)
+        kw = dict(swiglu=swiglu, out_dtype=torch.float32)
+        _check(linear_small_m(x, w, **kw), reference_linear_small_m(x, w, **kw), 2e-5)
+
+
 @gpu_only
 def test_gpu_tuned_fp8_gemv_shapes():
     """The one-row FP8 GEMV at every shape of TUNED_FP8_GEMV (its measured tiles) against the reference."""

@@ -73,6 +73,21 @@ TUNED_FP8_GEMV = {(5120, 16384): {"BLOCK_N": 8, "BLOCK_K": 2048}, (5120, 8192): 
                   (5120, 5120): {"BLOCK_K": 512}, (5120, 2560): {"BLOCK_K": 512}, (2048, 4096): {"BLOCK_K": 2048}}
 
 
+# One-row BF16 GEMVs (K-contiguous): a program takes as many weight rows as make ~PROGRAM_BYTES (at most 4), and
+# these measured shapes their best tiles (h200-gemv-bf16-8fc0176.json, gemv_bench.py --variants --cases bf16 on an
+# H200). One row of 2 KB per step had medium's K = 2048 GEMVs at 58-83% of copy bandwidth (its LM head 77%, 40.9 us);
+# 2-4 rows: 61-103% (the LM head 30.6 us at 2 rows). At K = 5120 one row stays best (8192x5120: 98% vs 84% at 2).
+PROGRAM_BYTES = 16384
+TUNED_BF16_GEMV = {(32768, 2048): {"BLOCK_N": 2}, (2048, 4096): {"BLOCK_N": 2, "BLOCK_K": 2048}}
+
+
+def rows_per_program(m: int, k: int, size: int, swiglu: bool) -> int:
+    """BLOCK_N of a K-contiguous high-precision GEMV: at one row, the weight rows (1, 2 or 4) that make
+    about PROGRAM_BYTES a program (SwiGLU loads a gate and an up row each); 1 for gathered or more rows."""
+    rows = PROGRAM_BYTES // (k * size * (2 if swiglu else 1)) if m == 1 else 1
+    return 4 if rows >= 4 else 2 if rows >= 2 else 1
+
+
 def mma_default(m: int, n: int, k: int) -> bool:
     """Dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise? Measured on an H200
     (benchmarks/results/h200-gemv-variants-mma.json, graph-timed): from 2 rows up always (4 rows: 6.6
@@ -274,7 +289,7 @@ def _config(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool 
         block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
         block_k, warps, stages = 512 if swiglu else 1024, 8 if block_n == 16 and not swiglu else 4, 1
     elif gemv and layout == "k":
-        block_n, block_k, warps, stages = 1, 2048 // size, 4, 1
+        block_n, block_k, warps, stages = rows_per_program(M, K, size, swiglu), 2048 // size, 4, 1
     elif gemv:
         block_n = (16 if tiles(16) >= SMS else 8) * 2 // size if size <= 2 else 4
         block_k, warps, stages = 32768 // (block_n * size), 8, 3
@@ -414,8 +429,9 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
                                               cfg, _counters)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
-    dense_fp8_row = weight.dtype == FP8 and m == 1 and layout == "k" and not (gather or swiglu)
-    tuned = TUNED_FP8_GEMV.get((n_out, k), {}) if dense_fp8_row else {}
+    dense_row = m == 1 and layout == "k" and not (gather or swiglu)
+    tuned = (TUNED_FP8_GEMV if weight.dtype == FP8 else TUNED_BF16_GEMV if weight.dtype == torch.bfloat16
+             else {}).get((n_out, k), {}) if dense_row else {}
     cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **tuned,
            **(defaults(weight.dtype, gemv) if config is None else config)}
     if cfg.pop("MMA", False):
