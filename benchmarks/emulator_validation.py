@@ -10,7 +10,8 @@ hgx-h200 node file at the same model, dtype, step, context, TP size and collecti
   * TP2: `h200x2-decode-*-tp2.json` (afb18b2, or the commit the name carries before `-tp2`; two H200s
     over the fused symm collectives);
 Each FP8 row is planned with the FP8 kernels its commit ran (fp8_as_measured: before 60be190 no
-tensor cores, and the FP8 GEMV fits of h200-gemv-before-mma.json); rows measured under a kernel
+tensor cores, and the FP8 GEMV fits of h200-gemv-before-mma.json), and every row before f4c9fff with
+the one-row BF16 GEMV line of that table (one weight row a program then); rows measured under a kernel
 override (an `environment` in the file: A/B runs) are left out.
 and one group of EAGLE-3 draft forwards:
   * draft: `h200-draft-step.json` (benchmarks/draft_step_bench.py at edd0140: ONE fused draft
@@ -58,6 +59,7 @@ SHARED_APART_COMMIT = "fef4287"  # a big FP8 shared expert leaves the MoE pair a
 IDS_IN_PLACE_COMMIT = "90dee4e"  # a decode graph's argmax writes its token buffer: no feedback copies
 WINNER_KERNEL_COMMIT = "1d91d52"  # several ranks: one kernel picks the winner of the gathered pairs
 GATHER_SLOTS_COMMIT = "b6ac205"  # symm all_gather: kept zeroed slots and a view of the sum (2 launches, not 4)
+BF16_ROWS_COMMIT = "f4c9fff"  # one-row BF16 GEMVs take 2-4 weight rows a program from here on
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
@@ -90,24 +92,35 @@ def ran_fp8_on_tensor_cores(commit: str) -> bool:
     return has(commit, MMA_DEFAULT_COMMIT)
 
 
+def _older_fits(dtype: str) -> dict:
+    """`dtype`'s GEMV fits of h200-gemv-before-mma.json read by rows, as the node file had them then."""
+    from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
+    return fit_table(TABLES_DIR / "h200-gemv-before-mma.json", (dtype,), by_rows)
+
+
 @contextmanager
 def fp8_as_measured(node, commit: str, dtype: str):
     """(`node`, planned) as the FP8 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
     expert always ran in the pair (fast_path.SHARED_PASSES_BYTES as infinite). Before
     MMA_DEFAULT_COMMIT a dense FP8 linear took the CUDA-core GEMV at one row and the 16-row tl.dot
     (after the same pre-pass) above: linear_small_m.mma_default as `m > 1`, and the FP8 fits of
-    h200-gemv-before-mma.json read by rows (benchmarks/gemv_fit.py), as the node file had them then."""
+    h200-gemv-before-mma.json read by rows (benchmarks/gemv_fit.py), as the node file had them then.
+    Before BF16_ROWS_COMMIT a one-row BF16 GEMV read one weight row a program: that table's bf16_m1 line
+    (every row, any dtype: the LM head is BF16)."""
     from model import fast_path
     from model.kernels import linear_small_m
     shipped = linear_small_m.mma_default, fast_path.SHARED_PASSES_BYTES
     measured = node
     if dtype == "fp8" and not has(commit, SHARED_APART_COMMIT):
         fast_path.SHARED_PASSES_BYTES = float("inf")
+    older = {}
     if dtype == "fp8" and not ran_fp8_on_tensor_cores(commit):
-        from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
-        from workers.node_spec import GemvFit
-        older = fit_table(TABLES_DIR / "h200-gemv-before-mma.json", ("fp8",), by_rows)
+        older.update(_older_fits("fp8"))
         linear_small_m.mma_default = lambda m, n, k: m > 1
+    if not has(commit, BF16_ROWS_COMMIT):  # every step has BF16 GEMVs: the LM head at least
+        older["bf16_m1"] = _older_fits("bf16")["bf16_m1"]
+    if older:
+        from workers.node_spec import GemvFit
         measured = dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
     try:
         yield measured

@@ -13,8 +13,11 @@ prints the fits of one table (FP8 rows classed by the kernel that ships, or by r
 without an argument, each fit over the rows of the kernel that ships for it (TABLES): the FP8
 tensor cores (2+ rows, or one row from 16384 output rows) from benchmarks/results/h200-gemv.json
 (db3640e), the FP8 CUDA-core GEMV from both tables (it did not change between them), BF16 from
-h200-gemv-before-mma.json: the BF16 kernels did not change either, but the H200 per-launch
-constants (benchmarks/kernel_fit.py) were fitted against a step trace with that table's BF16 fit.
+h200-gemv-before-mma.json for 4 and 16 rows (those kernels did not change, and the H200 per-launch
+constants of benchmarks/kernel_fit.py were fitted against a step trace with that table's BF16 fit), and
+one row from h200-gemv-bf16-rows-f4c9fff.json: from f4c9fff a one-row BF16 GEMV takes 2-4 weight rows a
+program (fixed 1.72 us, 1.104 x copy bandwidth; one row a program had 2.80 us, 1.072; the emulator's
+validation plans rows measured before f4c9fff with that older line).
 tests/test_launch_plan.py holds the node files equal to this fit. Least squares of time against
 bytes over the rows; each row's fraction is of the copy bandwidth its own run measured.
 """
@@ -33,11 +36,12 @@ from model.kernels import linear_small_m as small_m  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BEFORE_MMA, LATEST = RESULTS / "h200-gemv-before-mma.json", RESULTS / "h200-gemv.json"
 DRAFT = RESULTS / "h200-gemv-draft.json"  # gemv_bench.py --shapes draft: 0.13-0.5 MB linears, BF16, M = 1, 2, 4
+BF16_ROWS = RESULTS / "h200-gemv-bf16-rows-f4c9fff.json"  # one-row BF16 GEMVs at 2-4 weight rows a program
 # per fit, the tables whose rows measured the kernel that ships for it (read by_kernel): BF16 from the
 # table the step-trace constants were fitted with; the FP8 CUDA-core GEMV (one row, below 16384 output
 # rows) ran unchanged in both tables, so both count (their rows differ by 10-20% from run to run);
 # the tensor cores only in the latest
-TABLES = {"bf16_m1": (BEFORE_MMA,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (BEFORE_MMA, LATEST),
+TABLES = {"bf16_m1": (BF16_ROWS,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (BEFORE_MMA, LATEST),
           "fp8_m16": (LATEST,), "bf16_small_m1": (DRAFT,), "bf16_small_m16": (DRAFT,)}
 # the small-weight fits: the latency-bound regime of a GEMV under ~2 MB (the EAGLE-3 draft's linears),
 # whose time the big-weight line's intercept (fitted on 8-520 MB) over-states 2-3x; the cost model

@@ -97,9 +97,13 @@ def fit(trace: Path = TRACE) -> dict[str, float]:
             by_kind["attention_pair"].append(adv + per_position[i + 1])
         by_kind[k].append(adv)
     mean = {k: statistics.mean(v) * 1e-6 for k, v in by_kind.items()}
+    from benchmarks.emulator_validation import COMMIT, fp8_as_measured
     model = shape_only_model(preset("medium"), 1, "tp", "bf16")  # the traced model
-    node, attn = node_spec("hgx-h200"), model.layers[0].self_attn
-    o_proj = CostModel(node, 1).linear("o_proj", "attention", attn.o_proj, 1).seconds
+    attn = model.layers[0].self_attn
+    # the trace's o_proj as its commit ran it (one weight row a program before f4c9fff: that GEMV line)
+    with fp8_as_measured(node_spec("hgx-h200"), COMMIT.search(trace.stem.removesuffix("-trace")).group(1),
+                         "bf16") as node:
+        o_proj = CostModel(node, 1).linear("o_proj", "attention", attn.o_proj, 1).seconds
     kv = 2 * CONTEXT * attn.n_kv_heads_per_rank * attn.head_dim * 2
     vocab = model.shard.vocab_per_rank
     return {"elementwise": mean["elementwise"], "gather": mean["gather"], "row_reduce": mean["row_reduce"],
