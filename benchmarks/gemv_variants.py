@@ -9,7 +9,7 @@ cores with the operands swapped (MMA, model/kernels/fp8_mma.py), and the tile / 
 stage knobs around the heuristic's choice. One run times every variant of every case (one GPU,
 a few minutes; the case list is what the medium and Maverick decode steps run) and prints, per
 case, each variant's time and % of copy bandwidth, best first, so the defaults in
-`linear_small_m._config` can be set from one run. Variants that fail to compile are listed as such.
+`model/kernels/gemv_tiles.py` can be set from one run. Variants that fail to compile are listed as such.
 """
 from __future__ import annotations
 

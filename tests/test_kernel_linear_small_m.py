@@ -11,6 +11,7 @@ same bytes. The random-activation FP8 case, which checks the in-kernel quantizat
 torch's bytes, runs only on a GPU, as does the large realistic shape."""
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -204,15 +205,18 @@ def test_config_override_and_determinism():
 
 def test_config_heuristic(monkeypatch):
     """Powers of two, and a few programs per SM at M = 1 for the Llama 4 shard shapes (as on a GPU)."""
-    monkeypatch.setattr(lsm, "INTERPRETED", False)
+    from model.kernels import gemv_tiles
+    monkeypatch.setattr(gemv_tiles, "INTERPRETED", False)
+    gemv_tiles.tiles.cache_clear()  # tiles made under the interpreter's caps must not be reused here
+    monkeypatch.setattr(gemv_tiles, "tiles", functools.lru_cache(maxsize=None)(gemv_tiles.tiles.__wrapped__))
     for layout in ("k", "n"):
         for dtype in (torch.bfloat16, FP8, torch.float32):
             for m, n, k in [(1, 4096, 5120), (1, 2048, 2048), (4, 1792, 5120), (16, 50512, 5120), (16, 24, 40)]:
-                cfg = lsm._config(m, n, k, layout, dtype, gemv=m == 1)
+                cfg = gemv_tiles.tiles(m, n, k, layout, dtype, gemv=m == 1)
                 assert all(cfg[b] & (cfg[b] - 1) == 0 for b in ("BLOCK_N", "BLOCK_K")), cfg
                 if m == 1 and n >= 2048 and not (layout == "n" and dtype == FP8):  # (FP8 is never N-major)
                     # N-contiguous tiles stay >= 32 bytes wide: half as many programs
-                    assert -(-n // cfg["BLOCK_N"]) >= lsm.SMS // (1 if layout == "k" else 2), (layout, dtype, n, cfg)
+                    assert -(-n // cfg["BLOCK_N"]) >= gemv_tiles.SMS // (1 if layout == "k" else 2), (layout, dtype, n, cfg)
 
 
 def _bad_inputs():
@@ -487,11 +491,11 @@ def test_gpu_fp8_tensor_core_path_realistic_shapes(m):
 def test_one_row_bf16_gemv_takes_rows_that_fill_a_program():
     """The K-contiguous high-precision GEMV's BLOCK_N: ~16 KB of weight a program at one row (medium's K = 2048
     rows of 4 KB: 4; SwiGLU's gate + up: 2; K = 4096: 2; Maverick's K = 5120: 1), one row for several rows."""
-    rows = lsm.rows_per_program
+    from model.kernels.gemv_tiles import rows_per_program as rows
     assert [rows(1, 2048, 2, False), rows(1, 2048, 2, True), rows(1, 4096, 2, False), rows(1, 5120, 2, False)] == \
         [4, 2, 2, 1]
     assert rows(1, 1024, 2, False) == 4 and rows(1, 2048, 4, False) == 2 and rows(4, 2048, 2, False) == 1
-    assert set(lsm.TUNED_BF16_GEMV) == {(32768, 2048), (2048, 4096)}
+    assert set(lsm.TUNED_BF16_GEMV) == {(32768, 2048), (2048, 4096)}  # the launcher's table
 
 
 @gpu_only

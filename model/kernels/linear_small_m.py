@@ -24,7 +24,7 @@ at the Llama 4 shard shapes, and every sum has a fixed order (no atomics).
 Weights come in either layout: K-contiguous ((N, K) nn.Linear, FP8 experts' `W[e].mT`) or
 N-contiguous (BF16 HF experts (E, K, N) passed as `w.transpose(1, 2)`). Strides go in as ints:
 Triton specializes a stride of 1, so loads vectorize along whichever dimension is contiguous, and
-`_config` picks tile shapes per layout. K-contiguous streams about twice as fast at M = 1
+`gemv_tiles.tiles` picks tile shapes per layout. K-contiguous streams about twice as fast at M = 1
 (benchmarks/gemv_bench.py): N-major strips are 16-32 bytes wide and N/16 of them are too few
 programs to cover HBM latency.
 
@@ -35,7 +35,6 @@ Numerics: float32 accumulation always; FP8 out = (sum q_x q_w) * x_scale * w_sca
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,11 +44,11 @@ from collectives.communicator import quantize_fp8
 from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 from model.kernels import fp8_mma
 from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
+from model.kernels import gemv_tiles
+from model.kernels.gemv_tiles import MAX_M, TUNED_BF16_GEMV, TUNED_FP8_GEMV, mma_default
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
-MAX_M = 16
-SMS = 132  # H100/H200 multiprocessors: the heuristic counts programs against them
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
@@ -62,41 +61,6 @@ FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # FC13 and FC2) by the attention programs after their PDL wait, while HBM idles behind the latency-bound
 # attention: slower at every budget (d98c1e7 on one H200, 0 / 16 / 32 MB: medium fp8 317.8 / 344.4 / 354.1 us,
 # bf16 340.3 / 361.9 / 385.7, maverick-slice at 24 MB 1010.5 vs 993.9; h200-ab-decode-*-l2-*-d98c1e7-tp1.json).
-MMA_MIN_N_AT_M1 = 16384  # one-row FP8 GEMVs with at least this many output rows go on the tensor cores
-
-
-# Tiles of the dense one-row FP8 GEMV measured best on an H200 where they beat _config's by 10-30%
-# (benchmarks/results/h200-gemv-variants-deep-k.json: Maverick's fc2 at TP1 / TP2, o_proj at TP1 /
-# TP2, medium's fc2). Irregular on purpose: which tile wins turns on how many programs fit one wave
-# and on K % BLOCK_K (bk2048 loses 2x where K = 5120), not on a rule the heuristic could state.
-TUNED_FP8_GEMV = {(5120, 16384): {"BLOCK_N": 8, "BLOCK_K": 2048}, (5120, 8192): {"BLOCK_K": 512},
-                  (5120, 5120): {"BLOCK_K": 512}, (5120, 2560): {"BLOCK_K": 512}, (2048, 4096): {"BLOCK_K": 2048}}
-
-
-# One-row BF16 GEMVs (K-contiguous): a program takes as many weight rows as make ~PROGRAM_BYTES (at most 4), and
-# these measured shapes their best tiles (h200-gemv-bf16-8fc0176.json, gemv_bench.py --variants --cases bf16 on an
-# H200). One row of 2 KB per step had medium's K = 2048 GEMVs at 58-83% of copy bandwidth (its LM head 77%, 40.9 us);
-# 2-4 rows: 61-103% (the LM head 30.6 us at 2 rows). At K = 5120 one row stays best (8192x5120: 98% vs 84% at 2).
-PROGRAM_BYTES = 16384
-TUNED_BF16_GEMV = {(32768, 2048): {"BLOCK_N": 2}, (2048, 4096): {"BLOCK_N": 2, "BLOCK_K": 2048}}
-
-
-def rows_per_program(m: int, k: int, size: int, swiglu: bool) -> int:
-    """BLOCK_N of a K-contiguous high-precision GEMV: at one row, the weight rows (1, 2 or 4) that make
-    about PROGRAM_BYTES a program (SwiGLU loads a gate and an up row each); 1 for gathered or more rows."""
-    rows = PROGRAM_BYTES // (k * size * (2 if swiglu else 1)) if m == 1 else 1
-    return 4 if rows >= 4 else 2 if rows >= 2 else 1
-
-
-def mma_default(m: int, n: int, k: int) -> bool:
-    """Dense FP8 on the tensor cores (fp8_mma.py) unless a config says otherwise? Measured on an H200
-    (benchmarks/results/h200-gemv-variants-mma.json, graph-timed): from 2 rows up always (4 rows: 6.6
-    vs 9.6 us at 4096x2048, 13.1 vs 18.8 at 4096x5120; 16 rows: 8.3 vs 15.4 at 8192x2048); at one row
-    only for many 64-row tiles (32768x2048: 20.3 vs 28.0 us; 8192x2048 even, 7.4 vs 7.5; 4096x5120
-    12.9 vs 8.5 and 2048x2048 5.5 vs 3.2: there the CUDA-core GEMV's shorter launch wins). n: the
-    weight's output rows (gate and up both, for SwiGLU); k unused so far."""
-    return m > 1 or n >= MMA_MIN_N_AT_M1
-
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
     from model.kernels import gemv_math as gm
@@ -241,7 +205,6 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or (INTERPRETED and x.device.type == "cpu"))
 
 
-ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, FP8: 1}
 GEMV_ONLY = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT", "SPLIT_K", "PREQUANT")
 
 
@@ -271,37 +234,6 @@ ENV_OVERRIDES = {FP8: env_overrides("DGX_EMU_GEMV_FP8"), torch.bfloat16: env_ove
 def defaults(dtype: torch.dtype, gemv: bool) -> dict:
     """The environment's overrides (ENV_OVERRIDES) that apply to a call on `dtype` weights."""
     return {k: v for k, v in ENV_OVERRIDES.get(dtype, {}).items() if (k in GEMV_ONLY) == gemv}
-
-
-@functools.lru_cache(maxsize=None)
-def _config(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool | None = None,
-            swiglu: bool = False) -> dict:
-    """Tile shapes and launch knobs. N: output columns of the grid (N/2 for SwiGLU); layout: "k" if
-    the weight is K-contiguous, else "n"; dtype: the weight's. Chosen from sweeps on an H200
-    (benchmarks/gemv_bench.py --sweep): a K-major GEMV wants many small programs (1 row of W,
-    2 KB per step), except with FP8, where each program also quantizes x and 8-16 rows share that
-    work; an N-major GEMV wants strips 16-32 bytes wide and 32 KB deep; the 16-row tl.dot wants
-    32-column tiles, 512 deep, 4 stages."""
-    size = ELEMENT_SIZE[dtype]
-    gemv = (M == 1) if gemv is None else gemv
-    tiles = lambda block_n: M * -(-N // block_n) if gemv else -(-N // block_n)  # noqa: E731 (programs)
-    if gemv and layout == "k" and dtype == FP8:
-        block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
-        block_k, warps, stages = 512 if swiglu else 1024, 8 if block_n == 16 and not swiglu else 4, 1
-    elif gemv and layout == "k":
-        block_n, block_k, warps, stages = rows_per_program(M, K, size, swiglu), 2048 // size, 4, 1
-    elif gemv:
-        block_n = (16 if tiles(16) >= SMS else 8) * 2 // size if size <= 2 else 4
-        block_k, warps, stages = 32768 // (block_n * size), 8, 3
-    else:
-        block_n = 32 if tiles(32) >= 96 else 16
-        block_k, warps = 128 if size == 4 else 512, 4
-        stage_bytes = (2 if swiglu else 1) * block_n * block_k * size + MAX_M * block_k * 2  # W tile(s) + x tile
-        stages = max(1, min(4, (200 << 10) // stage_bytes))  # Hopper: 227 KB of shared memory per block
-    if INTERPRETED and gemv:
-        block_n, block_k = max(block_n, 64), min(block_k, 256)  # numpy pays per program and @jit call
-    return {"BLOCK_N": block_n, "BLOCK_K": max(16, min(block_k, triton.next_power_of_2(K))),
-            "num_warps": warps, "num_stages": stages}
 
 
 def _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype):
@@ -406,7 +338,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     would sync), any strides; float32/bf16/fp16, or float8_e4m3fn with weight_scale (N,) / (E, N)
     float32 and act_quant "token" (dynamic per row) or a float32 scalar tensor ((E,) per expert
     allowed). row_scale: (M,), x row m times row_scale[m] rounded to x's dtype first.
-    config: overrides of `_config`'s BLOCK_N / BLOCK_K / num_warps / num_stages; "gemv": True to
+    config: overrides of `gemv_tiles.tiles`' BLOCK_N / BLOCK_K / num_warps / num_stages; "gemv": True to
     run dense M > 1 as per-row GEMV programs; GEMV variants (benchmarks/gemv_bench.py --variants):
     "CVT" ("cvt", "bits", "words": how FP8 weights become float32, gemv_math.py) and "SPLIT_K"
     (K cut in that many programs per output tile, reduced in a fixed order by the last to finish);
@@ -432,7 +364,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     dense_row = m == 1 and layout == "k" and not (gather or swiglu)
     tuned = (TUNED_FP8_GEMV if weight.dtype == FP8 else TUNED_BF16_GEMV if weight.dtype == torch.bfloat16
              else {}).get((n_out, k), {}) if dense_row else {}
-    cfg = {**_config(m, n_out, k, layout, weight.dtype, gemv, swiglu), **tuned,
+    cfg = {**gemv_tiles.tiles(m, n_out, k, layout, weight.dtype, gemv, swiglu), **tuned,
            **(defaults(weight.dtype, gemv) if config is None else config)}
     if cfg.pop("MMA", False):
         raise ValueError("linear_small_m: MMA (FP8 on the tensor cores) takes dense FP8 weights, not experts")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
-from model.kernels import linear_small_m as lsm
+from model.kernels import gemv_tiles, linear_small_m as lsm
 
 MAX_M = lsm.MAX_M
 PAIR_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT")
@@ -272,7 +272,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
         raise ValueError(f"moe_decode: needs Triton and a CUDA tensor (or TRITON_INTERPRET=1), got {xa.device}")
     w_a, w_b = shared["weight"], routed["weight"]
     k_a, k_b = xa.shape[1], xb.shape[1]
-    cfg = lsm._config(m, n_a if add else n_a + n_b, max(k_a, k_b), "k", w_a.dtype, True, swiglu)
+    cfg = gemv_tiles.tiles(m, n_a if add else n_a + n_b, max(k_a, k_b), "k", w_a.dtype, True, swiglu)
     cfg = {**cfg, **(lsm.defaults(w_a.dtype, True) if config is None else config)}
     unknown = set(cfg) - set(PAIR_KEYS) - {"SPLIT_K", "PREQUANT"}  # those two stay single-launch GEMV variants
     if unknown:
