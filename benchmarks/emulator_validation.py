@@ -9,7 +9,7 @@ hgx-h200 node file at the same model, dtype, step, context, TP size and collecti
     (the commit the file names: 0f037de, 7a5ac81, db3640e);
   * TP2: `h200x2-decode-*-tp2.json` (afb18b2, or the commit the name carries before `-tp2`; two H200s
     over the fused symm collectives);
-Each FP8 row is planned with the FP8 kernels its commit ran (fp8_as_measured: before 60be190 no
+Each FP8 row is planned with the FP8 kernels its commit ran (kernels_as_measured: before 60be190 no
 tensor cores, and the FP8 GEMV fits of h200-gemv-before-mma.json), and every row before f4c9fff with
 the one-row BF16 GEMV line of that table (one weight row a program then); rows measured under a kernel
 override (an `environment` in the file: A/B runs) are left out.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import re
 import statistics
@@ -92,6 +93,7 @@ def ran_fp8_on_tensor_cores(commit: str) -> bool:
     return has(commit, MMA_DEFAULT_COMMIT)
 
 
+@functools.lru_cache(maxsize=None)
 def _older_fits(dtype: str) -> dict:
     """`dtype`'s GEMV fits of h200-gemv-before-mma.json read by rows, as the node file had them then."""
     from benchmarks.gemv_fit import RESULTS as TABLES_DIR, by_rows, fit_table
@@ -99,8 +101,8 @@ def _older_fits(dtype: str) -> dict:
 
 
 @contextmanager
-def fp8_as_measured(node, commit: str, dtype: str):
-    """(`node`, planned) as the FP8 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
+def kernels_as_measured(node, commit: str, dtype: str):
+    """(`node`, planned) as the FP8 and one-row BF16 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
     expert always ran in the pair (fast_path.SHARED_PASSES_BYTES as infinite). Before
     MMA_DEFAULT_COMMIT a dense FP8 linear took the CUDA-core GEMV at one row and the 16-row tl.dot
     (after the same pre-pass) above: linear_small_m.mma_default as `m > 1`, and the FP8 fits of
@@ -235,7 +237,7 @@ def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
     named = COMMIT.search(path.stem)
     commit = named.group(1) if named else GROUP_COMMIT[group]
     paths = measured_code(commit)
-    with fp8_as_measured(node, commit, r["dtype"]) as measured_node:
+    with kernels_as_measured(node, commit, r["dtype"]) as measured_node:
         est = estimate_step(model, measured_node, 1, r["tokens"], r["context"], comm=comm, paths=paths)
     return {"group": group, "case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
             "comm": r.get("comm", "none"), "measured_in": f"{path.name} ({data['date']})",

@@ -77,15 +77,13 @@ ONE_ROW_FP8 = [("heuristic", {}), ("gemv", {"MMA": False})] + MMA
 # BF16 too) and Maverick's TP2 fc13 shape: tiles and warps around the heuristic's one row x 2 KB per step
 CASES_BF16 = [("dense", "bf16", 1, 32768, 2048), ("dense", "bf16", 1, 4096, 2048), ("dense", "bf16", 1, 2048, 2048),
               ("dense swiglu", "bf16", 1, 8192, 2048), ("dense", "bf16", 1, 2048, 4096), ("dense", "bf16", 1, 8192, 5120)]
-BF16_ONE_ROW = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bn8", {"BLOCK_N": 8}),
-                ("bk512", {"BLOCK_K": 512}), ("bk2048", {"BLOCK_K": 2048}), ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}),
-                ("bn4 bk512", {"BLOCK_N": 4, "BLOCK_K": 512}), ("warps2", {"num_warps": 2}), ("warps8", {"num_warps": 8}),
-                ("bn2 warps8", {"BLOCK_N": 2, "num_warps": 8}), ("stages2", {"num_stages": 2}),
-                ("stages3", {"num_stages": 3}), ("split2", {"SPLIT_K": 2})]
 CASE_SETS = {"decode": CASES, "deep-k": CASES_DEEP_K, "one-row": CASES_ONE_ROW, "bf16": CASES_BF16}
 BF16_GEMV = [("heuristic", {}), ("bn2", {"BLOCK_N": 2}), ("bn4", {"BLOCK_N": 4}), ("bk2048", {"BLOCK_K": 2048}),
              ("bn2 bk2048", {"BLOCK_N": 2, "BLOCK_K": 2048}), ("warps8", {"num_warps": 8}),
              ("stages2", {"num_stages": 2}), ("split2", {"SPLIT_K": 2})]
+BF16_ONE_ROW = BF16_GEMV + [("bn8", {"BLOCK_N": 8}), ("bk512", {"BLOCK_K": 512}),
+                            ("bn4 bk512", {"BLOCK_N": 4, "BLOCK_K": 512}), ("warps2", {"num_warps": 2}),
+                            ("bn2 warps8", {"BLOCK_N": 2, "num_warps": 8}), ("stages3", {"num_stages": 3})]
 
 
 def variants(kind: str, dtype: str, m: int, case_set: str = "decode") -> list[tuple[str, dict]]:

@@ -81,6 +81,13 @@ def advances(step: list[dict]) -> list[float]:
     return [b["start_us"] - a["start_us"] for a, b in zip(step, step[1:])] + [step[-1]["dur_us"]]
 
 
+def trace_commit(trace: Path) -> str | None:
+    """The commit a trace's file name carries (`...-<commit>[-chrome]-trace.json`, or `...-<commit>-tpN`), if any."""
+    from benchmarks.emulator_validation import COMMIT
+    named = re.search(r"-([0-9a-f]{7})(?:-chrome)?-trace$", trace.stem) or COMMIT.search(trace.stem.removesuffix("-trace"))
+    return named.group(1) if named else None
+
+
 def fit(trace: Path = TRACE) -> dict[str, float]:
     """The per-launch constants (seconds; argmax_per_element: seconds per logit)."""
     from cluster.hardware import node_spec
@@ -97,12 +104,11 @@ def fit(trace: Path = TRACE) -> dict[str, float]:
             by_kind["attention_pair"].append(adv + per_position[i + 1])
         by_kind[k].append(adv)
     mean = {k: statistics.mean(v) * 1e-6 for k, v in by_kind.items()}
-    from benchmarks.emulator_validation import COMMIT, fp8_as_measured
+    from benchmarks.emulator_validation import kernels_as_measured
     model = shape_only_model(preset("medium"), 1, "tp", "bf16")  # the traced model
     attn = model.layers[0].self_attn
     # the trace's o_proj as its commit ran it (one weight row a program before f4c9fff: that GEMV line)
-    with fp8_as_measured(node_spec("hgx-h200"), COMMIT.search(trace.stem.removesuffix("-trace")).group(1),
-                         "bf16") as node:
+    with kernels_as_measured(node_spec("hgx-h200"), trace_commit(trace) or "HEAD", "bf16") as node:
         o_proj = CostModel(node, 1).linear("o_proj", "attention", attn.o_proj, 1).seconds
     kv = 2 * CONTEXT * attn.n_kv_heads_per_rank * attn.head_dim * 2
     vocab = model.shard.vocab_per_rank
@@ -267,17 +273,17 @@ def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16"
     of the commit the trace names in its file name (launch_plan.CodePaths via the validation's
     measured_code), at `tp` ranks over the symm collectives (rank 0's trace). Raises if the launch
     counts differ."""
-    from benchmarks.emulator_validation import COMMIT, fp8_as_measured, measured_code
+    from benchmarks.emulator_validation import kernels_as_measured, measured_code
     from cluster.hardware import node_spec
     from launch.emulate_cli import _model_config
     from workers.emulate import estimate_step, shape_only_model
 
     replays = steps(trace_kernels(trace))
     measured = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
-    named = re.search(r"-([0-9a-f]{7})(?:-chrome)?-trace$", trace.stem) or COMMIT.search(trace.stem.removesuffix("-trace"))
-    paths = measured_code(named.group(1)) if named else None
+    commit = trace_commit(trace)
+    paths = measured_code(commit) if commit else None
     model = shape_only_model(_model_config(model_name), tp, "tp", dtype)
-    with fp8_as_measured(node_spec(node_name), named.group(1) if named else "HEAD", dtype) as node:
+    with kernels_as_measured(node_spec(node_name), commit or "HEAD", dtype) as node:
         est = estimate_step(model, node, 1, tokens, context, **({"comm": "symm"} if tp > 1 else {}),
                             **({"paths": paths} if paths else {}))
     planned = [(op.name, op.seconds / op.launches) for op in est.ops for _ in range(op.launches)]

@@ -42,9 +42,8 @@ import torch.nn.functional as F
 
 from collectives.communicator import quantize_fp8
 from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
-from model.kernels import fp8_mma
+from model.kernels import fp8_mma, gemv_tiles
 from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
-from model.kernels import gemv_tiles
 from model.kernels.gemv_tiles import MAX_M, TUNED_BF16_GEMV, TUNED_FP8_GEMV, mma_default
 
 FP8 = torch.float8_e4m3fn
