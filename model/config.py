@@ -197,6 +197,9 @@ def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
     return theta, scaling
 
 
+MAX_LAYERS = 1024  # decoder layers a config may declare (Llama 3.1 405B, the deepest Llama, has 126)
+
+
 def from_hf_dict(raw: dict, name: str = "llama4") -> ModelConfig:
     """Reads a HF `Llama4Config` (with text_config) or `Llama4TextConfig` dict. Missing optional
     fields take transformers' Llama4TextConfig defaults, except the size defaults (KV heads,
@@ -215,6 +218,8 @@ def from_hf_dict(raw: dict, name: str = "llama4") -> ModelConfig:
     if d.get("attention_bias", False):
         raise ConfigError("attention_bias=true is not supported (Llama 4 has no attention biases)")
     n_layers = _get(d, "num_hidden_layers", kind=int)
+    if n_layers > MAX_LAYERS:  # refused before the per-layer lists below are built (2**40 layers: terabytes)
+        raise ConfigError(f"num_hidden_layers {n_layers} is more than {MAX_LAYERS}")
     n_heads = _get(d, "num_attention_heads", kind=int)
     hidden = _get(d, "hidden_size", kind=int)
     step = _get(d, "interleave_moe_layer_step", 1, int)

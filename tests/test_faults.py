@@ -135,6 +135,17 @@ CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "eos_token_id", "tie_word_embeddings", "use_qk_norm", "hidden_act", "text_config"]
 
 
+def test_a_config_of_absurdly_many_layers_is_refused_before_its_layer_lists():
+    """num_hidden_layers of 2**40 (one value the config fuzz can draw) is a ConfigError at once: building
+    its per-layer defaults (moe_layers, no_rope_layers) first took the test process past 24 GB."""
+    for layers in (2 ** 40, 1025):
+        with pytest.raises(ConfigError, match="num_hidden_layers"):
+            from_hf_dict({**tiny().to_hf_dict(), "num_hidden_layers": layers, "moe_layers": None,
+                          "no_rope_layers": None})
+    assert from_hf_dict({**tiny().to_hf_dict(), "num_hidden_layers": 1024, "moe_layers": None,
+                         "no_rope_layers": None}).n_layers == 1024
+
+
 @FUZZ
 @given(st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON, max_size=10))
 def test_fuzzed_configs_parse_or_give_config_errors(overrides):
