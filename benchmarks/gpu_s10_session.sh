@@ -3,7 +3,8 @@
 # PART=early: the GEMVs' two early weight chunks (EARLY = 2, the default: a dense GEMV loads the first two K
 #   chunks of its tile before its PDL wait, not one): the GPU tests of the GEMV / MoE / PDL kernels and the fast
 #   path, then medium BF16 / FP8 decode with EARLY = 2 and with EARLY = 1 (DGX_EMU_GEMV_{BF16,FP8}=EARLY=1, what
-#   every GEMV did before), alternated, as long as the call's time lasts.
+#   every GEMV did before), alternated, as long as the call's time lasts. Measured slower (f142e91: bf16 344.4 vs
+#   323.3 us, fp8 318.9 vs 309.4) and reverted; the run needs f142e91's tree (`git archive f142e91`).
 #   PART=early bash benchmarks/gpu_s10_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)

@@ -84,7 +84,6 @@ def _decode_kernels() -> None:
     lsm.linear_small_m(x1, experts, expert_ids=torch.zeros(1, dtype=torch.int32), row_scale=torch.ones(1),
                        swiglu=True)
     lsm.linear_small_m(x1, wq, weight_scale=ws, act_quant="token")
-    lsm.linear_small_m(x1, w, config={"EARLY": 1})  # one chunk before the wait, not two
     lsm.linear_small_m(x4, w)  # tl.dot on 16-row tiles
     lsm.linear_small_m(x4, wq, weight_scale=ws, act_quant="token", swiglu=True)  # pre-pass + the tensor cores
     heads, kv_heads, dim, slots = 16, 8, 128, 1024

@@ -327,32 +327,6 @@ def test_fp8_cvt_variants_gathered():
         _check(linear_small_m(x, w_q, config={**cfg, "BLOCK_N": 8, "BLOCK_K": 32}, **kw), want, 1e-5)
 
 
-@pytest.mark.parametrize("k", [32, 40, 200])
-def test_early_chunks_give_the_same_bits(k):
-    """EARLY (how many weight chunks a GEMV program loads before it computes: 2 by default, both before
-    the PDL wait when dense) changes no bit: 1 and 2 give the same sums in the same order, equal to the
-    reference, for spans of one chunk (k = 32), a masked second chunk (40) and seven (200); dense,
-    SwiGLU, gathered, split-K, and FP8 in every conversion mode."""
-    gen = torch.Generator().manual_seed(k)
-    x, w = _randn(gen, 3, k), _randn(gen, 40, k)
-    w3, ids = _randn(gen, 3, 40, k), torch.tensor([2, 0, 2], device=DEVICE)
-    w_q, w_scale = _fp8_weight(gen, (), 40, k)
-    xq = _exact_fp8_rows(gen, 3, k, torch.float32, [-4, -6, -2])
-    cases = [(x[:1], w, {}), (x, w, dict(swiglu=True)), (x, w3, dict(expert_ids=ids, swiglu=True)),
-             (xq, w_q, dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32))]
-    base = {"gemv": True, "BLOCK_N": 8, "BLOCK_K": 32}
-    variants = [{}, {"SPLIT_K": 2}] + [{"CVT": cvt} for cvt in ("bits", "words")]
-    for x_in, weight, kw in cases:
-        want = reference_linear_small_m(x_in, weight, **kw)
-        for variant in variants[:2] + (variants[2:] if weight.dtype == FP8 else []):
-            one, two = (linear_small_m(x_in, weight, config={**base, **variant, "EARLY": early}, **kw)
-                        for early in (1, 2))
-            assert torch.equal(one, two), (k, kw.keys(), variant)
-            _check(two, want, 1e-5)
-    with pytest.raises(ValueError, match="EARLY must be 1 or 2"):
-        linear_small_m(x, w, config={**base, "EARLY": 3})
-
-
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_split_k(split_k):
     """K cut among programs, the last one per tile reducing in split order: dense / gathered /

@@ -278,24 +278,3 @@ def test_pair_fp8_conversion_variants(cvt):
     with pytest.raises(ValueError, match="FP8 weights only"):
         md.dual_down(*h, {"weight": _randn(gen, hidden, inter)}, {"weight": _randn(gen, 2, hidden, inter)}, ids,
                      config=cfg)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_pair_early_chunks_give_the_same_bits(fp8):
-    """EARLY 1 and 2 (weight chunks a pair program loads at once; the shared tile's before its PDL
-    wait) give the same bits, equal to the reference: spans of three chunks (FC13) and one (FC2)."""
-    gen = torch.Generator().manual_seed(11 + fp8)
-    m, hidden, inter = 2, 96, 32
-    x = _exact_fp8_rows(gen, m, hidden, [-6, -8])
-    ids, scores = torch.tensor([1, 0], device=DEVICE), torch.tensor([0.5, 1.0], device=DEVICE)
-    fc13_s, fc13_r = _dense(gen, 2 * inter, hidden, fp8=fp8), _experts(gen, 2, 2 * inter, hidden, fp8=fp8)
-    one, two = (md.dual_gate_up(x, fc13_s, fc13_r, ids, scores, config={"BLOCK_K": 32, "EARLY": early})
-                for early in (1, 2))
-    for got_one, got_two, want in zip(one, two, md.reference_dual_gate_up(x, fc13_s, fc13_r, ids, scores)):
-        assert torch.equal(got_one, got_two)
-        _close(got_two, want)
-    h = _exact_fp8_rows(gen, m, inter, [-3, -4]), _exact_fp8_rows(gen, m, inter, [-1, -7])
-    fc2_s, fc2_r = _dense(gen, hidden, inter, fp8=fp8), _experts(gen, 2, hidden, inter, fp8=fp8)
-    down = [md.dual_down(*h, fc2_s, fc2_r, ids, config={"BLOCK_K": 32, "EARLY": early}) for early in (1, 2)]
-    assert torch.equal(*down)
-    _close(down[1], md.reference_dual_down(*h, fc2_s, fc2_r, ids))

@@ -145,13 +145,11 @@ if triton is not None:
         return acc_g, acc_u
 
     @triton.jit
-    def gemv_sums(x_row, rs, xs_ptr, w_gate, w_up, w_g, w_u, w_g2, w_u2, col_ok, stride_wk, k_lo,
+    def gemv_sums(x_row, rs, xs_ptr, w_gate, w_up, w_g, w_u, col_ok, stride_wk, k_lo,
                   K: tl.constexpr, K_SPAN: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                  SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EARLY: tl.constexpr):
+                  SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Float32 sums over K in [k_lo, k_lo + K_SPAN) of one (row, n tile), and the row's x scale;
-        the EARLY chunks at k_lo (w_g, w_u, and with EARLY == 2 w_g2, w_u2) are already loaded
-        (`early_chunks`). For CVT 1/2 the sums are halved (see above)."""
+        the chunk at k_lo (w_g, w_u) is already loaded. For CVT 1/2 the sums are halved (see above)."""
         xs, div = 1.0, 1.0
         if QUANT:
             xs, div = x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
@@ -160,10 +158,7 @@ if triton is not None:
         acc_u = tl.zeros((BLOCK_N, WIDTH), tl.float32)
         acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo, rs, div, K, ROW_SCALE, QUANT, SWIGLU, CVT,
                                  BLOCK_K)
-        if EARLY == 2:
-            acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g2, w_u2, x_row, k_lo + BLOCK_K, rs, div, K, ROW_SCALE, QUANT,
-                                     SWIGLU, CVT, BLOCK_K)
-        for k0 in range(EARLY * BLOCK_K, K_SPAN, BLOCK_K):
+        for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
             w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
             acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT, SWIGLU,
                                      CVT, BLOCK_K)
@@ -196,21 +191,10 @@ if triton is not None:
             return load_w(w_gate, w_up, offs, col_ok[:, None] & (offs < K)[None, :], stride_wk, SWIGLU)
 
     @triton.jit
-    def early_chunks(w_gate, w_up, col_ok, stride_wk, k_lo, K: tl.constexpr, SWIGLU: tl.constexpr,
-                     CVT: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
-        """The first EARLY (1 or 2) weight chunks from k_lo, issued together: what a PDL kernel loads
-        before its wait (the second pair repeats the first when EARLY == 1, unused)."""
-        w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo, K, SWIGLU, CVT, BLOCK_K)
-        w_g2, w_u2 = w_g, w_u
-        if EARLY == 2:
-            w_g2, w_u2 = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + BLOCK_K, K, SWIGLU, CVT, BLOCK_K)
-        return w_g, w_u, w_g2, w_u2
-
-    @triton.jit
-    def gemv_tile(x_row, rs, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, w_g2, w_u2, cols, col_ok, N_OUT, stride_wk,
+    def gemv_tile(x_row, rs, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N_OUT, stride_wk,
                   K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
-                  CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
-        """f(x_row @ W[tile].T) in float32 over all of K, the EARLY first chunks already loaded."""
-        g, u, xs = gemv_sums(x_row, rs, xs_ptr, w_gate, w_up, w_g, w_u, w_g2, w_u2, col_ok, stride_wk, 0, K, K,
-                             ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K, EARLY)
+                  CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """f(x_row @ W[tile].T) in float32 over all of K, the first chunk (w_g, w_u) already loaded."""
+        g, u, xs = gemv_sums(x_row, rs, xs_ptr, w_gate, w_up, w_g, w_u, col_ok, stride_wk, 0, K, K, ROW_SCALE,
+                             QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         return finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)

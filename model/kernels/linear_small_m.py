@@ -48,8 +48,7 @@ from model.kernels.gemv_tiles import MAX_M, TUNED_BF16_GEMV, TUNED_FP8_GEMV, mma
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA",
-               "EARLY")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
 FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # No L2 prefetch (PTX prefetch.global.L2) of the rest of a GEMV's span before its PDL wait: with it on
@@ -61,6 +60,9 @@ FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # FC13 and FC2) by the attention programs after their PDL wait, while HBM idles behind the latency-bound
 # attention: slower at every budget (d98c1e7 on one H200, 0 / 16 / 32 MB: medium fp8 317.8 / 344.4 / 354.1 us,
 # bf16 340.3 / 361.9 / 385.7, maverick-slice at 24 MB 1010.5 vs 993.9; h200-ab-decode-*-l2-*-d98c1e7-tp1.json).
+# Nor two K chunks of the tile loaded before the PDL wait instead of one (medium's K = 2048 tiles: all of the tile;
+# f142e91, one H200, three alternated rounds): medium bf16 decode 344.4 / 344.3 / 344.6 us vs 323.3 / 323.5 / 323.2,
+# fp8 318.9 / 318.6 / 318.2 vs 309.4 / 309.5 / 309.1 (h200-ab-decode-medium-*-{early2,one-chunk}-*-f142e91-tp1.json).
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
     from model.kernels import gemv_math as gm
@@ -95,16 +97,15 @@ if triton is not None:
                      stride_xm, stride_we, stride_wn, stride_wk, stride_xse, stride_xsm, stride_wse, stride_om,
                      K: tl.constexpr, GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
                      SWIGLU: tl.constexpr, CVT: tl.constexpr, SPLIT_K: tl.constexpr, K_SPAN: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Program (row, n tile, K split): out[row, tile] = f(x[row] @ W[tile].T), W = weight[ids[row]] if
         GATHER, over K in [split * K_SPAN, + K_SPAN) (all of K unless SPLIT_K > 1).
         QUANT: 0 high precision, 1 static x scale, 2 dynamic per-row x scale, 3 x quantized by a pre-pass
         (e4m3, scales (M,) at xs_ptr) (FP8 weights); CVT: how
         FP8 weights become float32 (gemv_math.py). Rows vary fastest, so rows that share a weight tile
-        run side by side and share it in L2. With PDL the first EARLY K chunks (1 or 2, as many as the
-        span has) of a dense weight are in flight before the wait for the kernel that wrote x (a
-        gathered one waits first: the kernel before wrote the expert ids)."""
-        EARLY_HERE: tl.constexpr = 2 if EARLY >= 2 and K_SPAN >= 2 * BLOCK_K else 1
+        run side by side and share it in L2. With PDL the first K chunk of a dense weight is in flight
+        before the wait for the kernel that wrote x (a gathered one waits first: the kernel before
+        wrote the expert ids)."""
         row, tile = tl.program_id(0) % M, tl.program_id(0) // M
         split = tl.program_id(1)
         k_lo = split * K_SPAN
@@ -116,8 +117,7 @@ if triton is not None:
         col_ok = cols < N_OUT
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         w_up = w_gate + N_OUT * stride_wn  # SwiGLU: the up rows sit N/2 below the gate rows
-        w_g, w_u, w_g2, w_u2 = gm.early_chunks(w_gate, w_up, col_ok, stride_wk, k_lo, K, SWIGLU, CVT, BLOCK_K,
-                                               EARLY_HERE)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo, K, SWIGLU, CVT, BLOCK_K)
         if not GATHER:
             pdl_wait(PDL)
         pdl_launch_dependents(PDL)
@@ -126,8 +126,8 @@ if triton is not None:
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
         xs_row = xs_ptr + expert * stride_xse + row * stride_xsm
-        g, u, xs = gm.gemv_sums(x_row, rs, xs_row, w_gate, w_up, w_g, w_u, w_g2, w_u2, col_ok, stride_wk,
-                                k_lo, K, K_SPAN, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K, EARLY_HERE)
+        g, u, xs = gm.gemv_sums(x_row, rs, xs_row, w_gate, w_up, w_g, w_u, col_ok, stride_wk,
+                                k_lo, K, K_SPAN, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         ws_row = ws_ptr + expert * stride_wse
         if SPLIT_K == 1:
             y = gm.finish(g, u, xs, ws_row, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
@@ -207,7 +207,7 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or (INTERPRETED and x.device.type == "cpu"))
 
 
-GEMV_ONLY = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT", "SPLIT_K", "PREQUANT", "EARLY")
+GEMV_ONLY = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT", "SPLIT_K", "PREQUANT")
 
 
 def env_overrides(name: str) -> dict:
@@ -236,16 +236,6 @@ ENV_OVERRIDES = {FP8: env_overrides("DGX_EMU_GEMV_FP8"), torch.bfloat16: env_ove
 def defaults(dtype: torch.dtype, gemv: bool) -> dict:
     """The environment's overrides (ENV_OVERRIDES) that apply to a call on `dtype` weights."""
     return {k: v for k, v in ENV_OVERRIDES.get(dtype, {}).items() if (k in GEMV_ONLY) == gemv}
-
-
-def early_chunks(cfg: dict) -> int:
-    """How many weight chunks a GEMV program loads at once before it computes (1 or 2; default 2):
-    with PDL a dense one loads them before its wait, so that much of its weight is in flight while the
-    kernel before finishes (a span of one chunk loads one)."""
-    early = int(cfg.get("EARLY", 2))
-    if early not in (1, 2):
-        raise ValueError(f"linear_small_m: EARLY must be 1 or 2, got {early}")
-    return early
 
 
 def _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype):
@@ -408,7 +398,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
             x.stride(0), weight.stride(0) // words if gather else 0, weight.stride(-2) // words,
             1 if cvt == 2 else weight.stride(-1), act_quant.stride(0) if per_expert_xs else 0,
             1 if prequant else 0, weight_scale.stride(0) if quant and gather else 0, out.stride(0), K=k,
-            GATHER=gather, CVT=cvt, SPLIT_K=split_k, K_SPAN=k_span, EARLY=early_chunks(cfg), **flags)
+            GATHER=gather, CVT=cvt, SPLIT_K=split_k, K_SPAN=k_span, **flags)
     else:
         dot_dtype = _dot_dtype(x.dtype, weight.dtype, bool(cfg.get("DOT_F16", False)))
         _dot_kernel[(tiles,)](

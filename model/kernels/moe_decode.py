@@ -36,7 +36,7 @@ from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 from model.kernels import gemv_tiles, linear_small_m as lsm
 
 MAX_M = lsm.MAX_M
-PAIR_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT", "EARLY")
+PAIR_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT")
 ROUTER_TILE_BYTES = 65536  # router weight bytes per program
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 EMPTY_KEY = -(2 ** 63)
@@ -110,40 +110,36 @@ if triton is not None:
     @triton.jit
     def _dense_part(x_ptr, w_ptr, xs_ptr, ws_ptr, row, tile, N, stride_xm, stride_wn, K: tl.constexpr,
                     QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
-        """The shared expert's tile: its first EARLY weight chunks are read before the PDL wait."""
-        EARLY_HERE: tl.constexpr = 2 if EARLY >= 2 and K >= 2 * BLOCK_K else 1
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """The shared expert's tile: its first weight chunk is read before the PDL wait."""
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_gate = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        w_g, w_u, w_g2, w_u2 = gm.early_chunks(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K, EARLY_HERE)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K)
         pdl_wait(PDL)
         pdl_launch_dependents(PDL)
-        y = gm.gemv_tile(x_ptr + row * stride_xm, 1.0, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, w_g2, w_u2, cols,
-                         col_ok, N, 1, K, False, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K, EARLY_HERE)
+        y = gm.gemv_tile(x_ptr + row * stride_xm, 1.0, xs_ptr, ws_ptr, w_gate, w_up, w_g, w_u, cols, col_ok, N, 1,
+                         K, False, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         return y, cols, col_ok
 
     @triton.jit
     def _routed_part(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, row, tile, N, stride_xm, stride_we, stride_wn,
                      stride_xse, stride_wse, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                     SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EARLY: tl.constexpr):
-        """The routed expert's tile (after the PDL wait: the ids come from the router kernel); its first
-        EARLY chunks are loaded together."""
-        EARLY_HERE: tl.constexpr = 2 if EARLY >= 2 and K >= 2 * BLOCK_K else 1
+                     SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The routed expert's tile (after the PDL wait: the ids come from the router kernel)."""
         expert = tl.load(ids_ptr + row).to(tl.int64)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_gate = w_ptr + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + N * stride_wn
-        w_g, w_u, w_g2, w_u2 = gm.early_chunks(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K, EARLY_HERE)
+        w_g, w_u = gm.first_chunk(w_gate, w_up, col_ok, 1, 0, K, SWIGLU, CVT, BLOCK_K)
         rs = 1.0
         if ROW_SCALE:
             rs = tl.load(rs_ptr + row).to(x_ptr.dtype.element_ty).to(tl.float32)
         return gm.gemv_tile(x_ptr + row * stride_xm, rs, xs_ptr + expert * stride_xse, ws_ptr + expert * stride_wse,
-                            w_gate, w_up, w_g, w_u, w_g2, w_u2, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, CVT,
-                            BLOCK_N, BLOCK_K, EARLY_HERE)
+                            w_gate, w_up, w_g, w_u, cols, col_ok, N, 1, K, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N,
+                            BLOCK_K)
 
     @triton.jit
     def _pair_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, ids_ptr, rs_ptr, xsa_ptr, xsb_ptr, wsa_ptr, wsb_ptr,
@@ -151,7 +147,7 @@ if triton is not None:
                      stride_xse, stride_wse, stride_oam, stride_obm, KA: tl.constexpr, KB: tl.constexpr,
                      QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, ROW_SCALE: tl.constexpr,
                      SWIGLU: tl.constexpr, SUM: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """SUM: program (row, tile) writes round(A) + round(B) to out_a. Otherwise the first
         M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
         A: x_a @ W_a.T (dense); B: (x_b * rs) @ W_b[ids[row]].T. (Loading B's expert id and first chunk
@@ -162,17 +158,17 @@ if triton is not None:
         if SUM:
             row, tile = pid % M, pid // M
             ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, EARLY, PDL)
+                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
                               stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                              CVT, BLOCK_N, BLOCK_K, EARLY)
+                              CVT, BLOCK_N, BLOCK_K)
             io = outa_ptr.dtype.element_ty
             y = _round(_round(ya, io) + _round(yb, io), io)  # two module outputs, then torch's add
             tl.store(outa_ptr + row * stride_oam + cols, y.to(io), mask=col_ok)
         elif pid < M * tiles_a:
             row, tile = pid % M, pid // M
             ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, EARLY, PDL)
+                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             tl.store(outa_ptr + row * stride_oam + cols, ya.to(outa_ptr.dtype.element_ty), mask=col_ok)
         else:
             pdl_wait(PDL)
@@ -180,7 +176,7 @@ if triton is not None:
             row, tile = (pid - M * tiles_a) % M, (pid - M * tiles_a) // M
             yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
                               stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                              CVT, BLOCK_N, BLOCK_K, EARLY)
+                              CVT, BLOCK_N, BLOCK_K)
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             tl.store(outb_ptr + row * stride_obm + cols, yb.to(outb_ptr.dtype.element_ty), mask=cols < NB)
 
@@ -302,7 +298,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
         act_b.stride(0) if per_expert else 0, routed["weight_scale"].stride(0) if quant_b else 0,
         out_a.stride(0), out_b.stride(0), KA=k_a, KB=k_b, QUANT_A=quant_a, QUANT_B=quant_b,
         ROW_SCALE=row_scale is not None, SWIGLU=swiglu, SUM=add, CVT=cvt, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], EARLY=lsm.early_chunks(cfg),
+        BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(xa))
     return out_a if add else (out_a, out_b)
 
