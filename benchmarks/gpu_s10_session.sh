@@ -5,7 +5,9 @@
 #   path, then medium BF16 / FP8 decode with EARLY = 2 and with EARLY = 1 (DGX_EMU_GEMV_{BF16,FP8}=EARLY=1, what
 #   every GEMV did before), alternated, as long as the call's time lasts. Measured slower (f142e91: bf16 344.4 vs
 #   323.3 us, fp8 318.9 vs 309.4) and reverted; the run needs f142e91's tree (`git archive f142e91`).
-#   PART=early bash benchmarks/gpu_s10_session.sh
+# PART=final: at the revert (164f475), the GPU tests of the GEMV / MoE kernels and the fast path, then medium
+#   BF16 / FP8 decode (the committed results for that commit).
+#   PART=early|final bash benchmarks/gpu_s10_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -24,6 +26,10 @@ if [[ "${PART:-early}" == early ]]; then
       bench medium $dtype "h200-ab-decode-medium-$dtype-one-chunk-$round-$C-tp1" "$ONE"
     done
   done
+elif [[ "${PART:-early}" == final ]]; then
+  TAIL=8 step tests 330 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
+      tests/test_kernel_moe_decode.py tests/test_fast_path.py
+  for dtype in bf16 fp8; do bench medium $dtype "h200-decode-medium-$dtype-final-$C-tp1"; done
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish
