@@ -65,20 +65,20 @@ def run(qkv, positions, start, k_cache, v_cache, shape: str, n_splits, block_s, 
 
 # --variants: what the fused kernel's time is made of, at context 512 (the decode benchmarks' context)
 VARIANTS = [("default", {}), ("merge unroll 1", {"launch": {"MERGE_UNROLL": 1}}),
-            ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}), ("warps 4", {"launch": {"num_warps": 4}}),
+            ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}), ("merge unroll 16", {"launch": {"MERGE_UNROLL": 16}}), ("warps 4", {"launch": {"num_warps": 4}}),
             ("warps 2", {"launch": {"num_warps": 2}}), ("stages 1", {"launch": {"num_stages": 1}}),
             ("no temperature", {"temperature": False}), ("splits 4", {"n_splits": 4}), ("splits 16", {"n_splits": 16}),
             ("splits 4 unroll 4", {"n_splits": 4, "launch": {"MERGE_UNROLL": 4}})]
 
 
-def variants(bandwidth: float) -> list[dict]:
-    """Each VARIANTS entry timed per shape at context 512 (1 and 4 new tokens), against the default."""
+def variants(shapes: list[str], tokens: list[int], names: list[str] | None = None) -> list[dict]:
+    """Each VARIANTS entry (or those named) timed per shape at context 512, against the default."""
     results = []
-    for shape in SHAPES:
-        for n_new in (1, 4):
+    for shape in shapes:
+        for n_new in tokens:
             inputs = cases(shape, 512, n_new)
             want = run(*[t.clone() for t in inputs[0]], shape, None, None).float()
-            for name, knobs in VARIANTS:
+            for name, knobs in [v for v in VARIANTS if v[0] == "default" or names is None or v[0] in names]:
                 kw = dict(n_splits=knobs.get("n_splits"), block_s=None, launch=knobs.get("launch"),
                           temperature=knobs.get("temperature", True))
                 got = run(*[t.clone() for t in inputs[0]], shape, **kw).float()
@@ -97,18 +97,20 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tokens", default="1,4")
     parser.add_argument("--variants", action="store_true", help="time VARIANTS of the default plan at context 512")
+    parser.add_argument("--only", help="with --variants: these variants (comma-separated names) and the default")
     args = parser.parse_args()
     bandwidth = copy_tb_s()
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name()}")
     if args.variants:
-        results = variants(bandwidth)
+        results = variants(args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
+                           args.only.split(",") if args.only else None)
         base = {(r["shape"], r["tokens"]): r["us"] for r in results if r["variant"] == "default"}
         print_table(["shape", "tok", "variant", "us", "/ default"],
                     [[r["shape"], r["tokens"], r["variant"], round(r["us"], 2), round(r["us"] / base[(r["shape"], r["tokens"])], 3)]
                      for r in results])
         if args.out:
             args.out.write_text(json.dumps({"machine": machine(), "copy_tb_s": bandwidth, "command":
-                                            "python benchmarks/attention_bench.py --variants", "results": results}, indent=1))
+                                            "python " + " ".join(sys.argv), "results": results}, indent=1))
         return
     rows, results = [], []
     for shape in args.shapes.split(","):
