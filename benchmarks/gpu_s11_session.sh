@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 11's device calls (one H200, nvidia-h200). Carry .device (raysite.tar.xz, head.tar.gz, base.tar.gz).
+# PART=attn: the attention kernel's new tokens from registers and one-pass merge (HEAD) against the tree before it
+#   (.device/base.tar.gz, `git archive 919d76a`): the GPU tests of the attention / RoPE / PDL kernels at HEAD, then
+#   the fused attention kernel alone (attention_bench.py --variants, HEAD's script run in both trees: default plan,
+#   merge unroll 16) and medium BF16 / FP8 and maverick-slice FP8 decode, HEAD and base alternated, as long as the
+#   call's time lasts.
+#   PART=attn bash benchmarks/gpu_s11_session.sh
+source benchmarks/device_prelude.sh
+C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
+cp benchmarks/attention_bench.py /tmp/base/benchmarks/attention_bench.py  # the same script in both trees
+R="$OUT/res"; mkdir -p "$R"
+DEADLINE=${DEADLINE:-540}  # seconds of this call after which no new step starts (the run's limit is 600)
+bench() {  # bench TREE MODEL DTYPE FILE-STEM: one graph-timed decode bench in TREE, if the call has time left
+  if (( SECONDS > DEADLINE - 45 )); then echo "== $4 skipped (no time left)"; return; fi
+  TAIL=3 step "$4" 100 "cd $1 && PYTHONPATH=/tmp/site:$1 $DGX bench decode --model $2 --dtype $3 --modes graph \
+      --iters 150 --out $R/$4.json"
+}
+if [[ "${PART:-attn}" == attn ]]; then
+  TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
+      tests/test_kernel_qkv_rope.py tests/test_kernel_pdl.py
+  for tree in /tmp/head /tmp/base; do
+    tag=$([[ $tree == /tmp/head ]] && echo "$C" || echo "base-$B")
+    TAIL=12 step "attn-$tag" 90 "cd $tree && PYTHONPATH=/tmp/site:$tree python benchmarks/attention_bench.py --variants \
+        --shapes medium,maverick-tp1 --tokens 1,4 --only 'merge unroll 16' --out $R/h200-attention-variants-$tag.json"
+  done
+  for round in r1 r2; do
+    for dtype in bf16 fp8; do
+      bench /tmp/head medium $dtype "h200-decode-medium-$dtype-regs-$round-$C-tp1"
+      bench /tmp/base medium $dtype "h200-ab-decode-medium-$dtype-base-$round-$B-tp1"
+    done
+  done
+  bench /tmp/head maverick-slice fp8 "h200-decode-maverick-slice-fp8-regs-$C-tp1"
+  bench /tmp/base maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-base-$B-tp1"
+fi
+tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
+finish
