@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 11's device calls (one H200, nvidia-h200). Carry .device (raysite.tar.xz, head.tar.gz, base.tar.gz).
 # PART=attn: the attention kernel's new tokens from registers and one-pass merge (HEAD) against the tree before it
-#   (.device/base.tar.gz, `git archive 919d76a`): the GPU tests of the attention / RoPE / PDL kernels at HEAD, then
+#   (.device/base.tar.gz: `git archive 919d76a model/kernels/decode_attention.py model/kernels/qkv_rope.py`, laid
+#   over a copy of HEAD's tree): the GPU tests of the attention / RoPE / PDL kernels at HEAD, then
 #   the fused attention kernel alone (attention_bench.py --variants, HEAD's script run in both trees: default plan,
 #   merge unroll 16) and medium BF16 / FP8 and maverick-slice FP8 decode, HEAD and base alternated, as long as the
 #   call's time lasts.
@@ -9,8 +10,7 @@
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
-rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
-cp benchmarks/attention_bench.py /tmp/base/benchmarks/attention_bench.py  # the same script in both trees
+rm -rf /tmp/base && cp -r /tmp/head /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base  # HEAD but the two kernels
 R="$OUT/res"; mkdir -p "$R"
 DEADLINE=${DEADLINE:-540}  # seconds of this call after which no new step starts (the run's limit is 600)
 bench() {  # bench TREE MODEL DTYPE FILE-STEM: one graph-timed decode bench in TREE, if the call has time left
