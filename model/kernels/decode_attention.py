@@ -50,10 +50,15 @@ MAX_SPLITS = 128
 TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dims, 128 fp8 keys
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
 FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decode step: 16 KB; verify: 64 KB)
+# Measured and dropped (67a5a9c, one H200): the new tokens' keys, values and positions taken from registers after
+# write_new_kv (no read back of the slot just written; their loads issued with start's, before the RoPE of q). The
+# kernel alone got slower, medium T = 1: 8.10 vs 6.66 us, maverick-tp1 T = 1: 8.12 vs 7.13
+# (h200-ab-attention-{regs-67a5a9c,base-919d76a}.json), and its T > 1 form (tl.gather of the new rows) failed
+# Triton 3.x's TritonGPUOptimizeThreadLocality pass on sm90.
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
-    from model.kernels.qkv_rope import load_new_kv, rope_q_rows, write_new_kv
+    from model.kernels.qkv_rope import rope_q_rows, write_new_kv
 
     @triton.jit
     def _as_dot(x, FP8_CACHE: tl.constexpr, Q_DT: tl.constexpr, DOT_DT: tl.constexpr):
@@ -83,38 +88,16 @@ if triton is not None:
                 tl.load(v_ptr + offs, mask=early[:, None], other=0.0), early)
 
     @triton.jit
-    def _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, keep, lo, hi, start, k_new, v_new,
-                     NEW_IN_REGS: tl.constexpr, T: tl.constexpr, T_P2: tl.constexpr, D: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+    def _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, keep, lo, hi, D: tl.constexpr, BLOCK_S: tl.constexpr):
         """The first key block [lo, lo + BLOCK_S) cut at hi: the early tiles' rows where `keep` (their
-        start was this one's, so the same slots, all committed); with NEW_IN_REGS the new tokens' slots
-        [start, start + T) from k_new / v_new ((T_P2, D), as write_new_kv wrote them: no read back of
-        what this program just stored); the others (the new tokens' slots without NEW_IN_REGS; every
-        slot if start moved) loaded now."""
+        start was this one's, so the same slots, all committed), the others (the new tokens' slots,
+        written by this program; or every slot if start moved) loaded now."""
         s = lo + tl.arange(0, BLOCK_S)
         late = (s < hi) & (keep == 0)  # not `~keep`: Triton 3.9's interpreter makes that an invalid mask
-        if NEW_IN_REGS:
-            late = late & (s < start)
         offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
         k = tl.where(keep[:, None], k_early, tl.load(k_ptr + offs, mask=late[:, None], other=0.0))
         v = tl.where(keep[:, None], v_early, tl.load(v_ptr + offs, mask=late[:, None], other=0.0))
-        if NEW_IN_REGS:
-            j = s - start  # (BLOCK_S,) index among the new tokens
-            is_new = ((j >= 0) & (j < T) & (s < hi))[:, None]
-            # float32 holds every cache dtype's values exactly
-            k_rows = _row_of_new(k_new.to(tl.float32), j, T_P2).to(k.dtype)
-            v_rows = _row_of_new(v_new.to(tl.float32), j, T_P2).to(v.dtype)
-            k, v = tl.where(is_new, k_rows, k), tl.where(is_new, v_rows, v)
         return k, v
-
-    @triton.jit
-    def _row_of_new(x, j, T_P2: tl.constexpr):
-        """(BLOCK_S, W): row j[s] of x (T_P2, W), a tile of the new tokens' values, for each slot s (j
-        clamped into [0, T_P2); the caller keeps only the rows of new tokens). One token broadcasts."""
-        if T_P2 == 1:
-            return x + tl.zeros((j.shape[0], x.shape[1]), x.dtype)
-        pick = tl.minimum(tl.maximum(j, 0), T_P2 - 1)[:, None] + tl.zeros((j.shape[0], x.shape[1]), tl.int32)
-        return tl.gather(x, pick, 0)
 
     @triton.jit
     def _attend_block(acc, m_i, l_i, q, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk,
@@ -127,27 +110,15 @@ if triton is not None:
         offs = kv_base + s[:, None] * D + tl.arange(0, D)[None, :]  # (BLOCK_S, D)
         k = _load_kv(k_ptr + offs, s < hi, FP8_CACHE, Q_DT, DOT_DT)
         v = _load_kv(v_ptr + offs, s < hi, FP8_CACHE, Q_DT, DOT_DT)
-        key_pos = _key_positions(s, hi, start, b, pos_ptr, sp_b, sp_t, T, CHUNKED)
-        return _attend_kv(acc, m_i, l_i, q, k, v, key_pos, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk,
-                          mask_ptr, sm_b, sm_t, sm_j, T, BLOCK_S, HAS_MASK, CHUNKED, DOT_DT, PREC)
+        return _attend_kv(acc, m_i, l_i, q, k, v, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, mask_ptr,
+                          sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T, BLOCK_S, HAS_MASK, CHUNKED, DOT_DT, PREC)
 
     @triton.jit
-    def _key_positions(s, hi, start, b, pos_ptr, sp_b, sp_t, T: tl.constexpr, CHUNKED: tl.constexpr):
-        """(BLOCK_S,) positions of key slots s for the chunked mask: a committed slot's is its index, a
-        new token's is loaded from positions (only CHUNKED reads them)."""
-        key_pos = s.to(tl.int64)
-        if CHUNKED:
-            j = s - start  # (BLOCK_S,) index among the new tokens
-            is_new = (j >= 0) & (j < T)
-            key_pos = tl.where(is_new, tl.load(pos_ptr + b * sp_b + j * sp_t, mask=is_new & (s < hi), other=0), key_pos)
-        return key_pos
-
-    @triton.jit
-    def _attend_kv(acc, m_i, l_i, q, k, v, key_pos, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, mask_ptr,
-                   sm_b, sm_t, sm_j, T: tl.constexpr, BLOCK_S: tl.constexpr,
+    def _attend_kv(acc, m_i, l_i, q, k, v, s0, hi, start, b, t, q_pos, row_ok, qk_scale, chunk, mask_ptr,
+                   sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T: tl.constexpr, BLOCK_S: tl.constexpr,
                    HAS_MASK: tl.constexpr, CHUNKED: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
-        """Keys k / values v (BLOCK_S, D) of slots [s0, s0 + BLOCK_S) cut at `hi`, at positions key_pos
-        (`_key_positions`; read only when CHUNKED): scores, visibility, one online-softmax update. A block with no visible key changes nothing (p = 0, alpha = 1 or,
+        """Keys k / values v (BLOCK_S, D) of slots [s0, s0 + BLOCK_S) cut at `hi`: scores, visibility,
+        one online-softmax update. A block with no visible key changes nothing (p = 0, alpha = 1 or,
         while m = -inf, 0 times a zero acc)."""
         s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) key slots
         in_range = s < hi
@@ -162,6 +133,7 @@ if triton is not None:
             allowed = j[None, :] <= t[:, None]
         visible = ((s < start)[None, :] | (is_new[None, :] & allowed)) & in_range[None, :] & row_ok[:, None]
         if CHUNKED:  # chunked local attention: key and query in the same chunk of positions
+            key_pos = tl.where(is_new, tl.load(pos_ptr + b * sp_b + j * sp_t, mask=is_new & in_range, other=0), s)
             visible = visible & ((key_pos[None, :] // chunk) == (q_pos[:, None] // chunk))
         scores = tl.where(visible, scores, float("-inf"))
         # Online softmax; a row with nothing visible yet keeps m = -inf and takes 0 as its reference.
@@ -225,14 +197,7 @@ if triton is not None:
         row_ok = rows < T * GROUP
         t = rows // GROUP
         d = tl.arange(0, D)
-        q_pos = t
-        if CHUNKED:
-            q_pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=0)
-        # Every load that does not wait on start goes out now, before any math waits on one of them: in-order
-        # issue would otherwise hold the new keys' loads behind the RoPE of q
-        k_re, k_im, v_re, v_im, pos_new = k_early, k_early, v_early, v_early, start  # placeholders unless ROPE_IN
         if ROPE_IN:
-            k_re, k_im, v_re, v_im, pos_new = load_new_kv(q_ptr, pos_ptr, b, h, sp_b, sp_t, T, T_P2, GROUP, HKV, D)
             q = rope_q_rows(q_ptr, pos_ptr, inv_freq_ptr, b, h, rows, row_ok, t, sp_b, sp_t, eps, floor_scale, attn_scale,
                         T, GROUP, HKV, D, Q_DT, USE_ROPE, USE_QK_NORM, USE_TEMPERATURE)
         else:
@@ -242,29 +207,25 @@ if triton is not None:
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
         q = q.to(DOT_DT)
         lo, hi = _split_bounds(start, split, s_max, T, BLOCK_S, N_SPLITS)
+        q_pos = t
+        if CHUNKED:
+            q_pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=0)
         acc = tl.zeros((BLOCK_R, D), dtype=tl.float32)
         m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        k_new, v_new = k_early, v_early  # placeholders unless ROPE_IN (_first_block reads them only then)
-        if ROPE_IN:  # the new keys this split reads: written; the first block takes them from registers, a later one
-            k_new, v_new = write_new_kv(k_re, k_im, v_re, v_im, pos_new, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                                        start, lo, hi, kv_base, eps, T, T_P2, D, Q_DT, FP8_CACHE, USE_ROPE, USE_QK_NORM)
-            tl.debug_barrier()  # this program's writes before the loop's loads
+        if ROPE_IN:  # the new keys this split reads: written, then read back by the loop below
+            write_new_kv(q_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
+                          sp_b, sp_t, eps, T, T_P2, GROUP, HKV, D, Q_DT, FP8_CACHE, USE_ROPE, USE_QK_NORM)
+            tl.debug_barrier()  # this program's writes before its loads
         if FP8_CACHE:  # scores = q . (k_scale * k_fp8)
             qk_scale = qk_scale * tl.load(ks_ptr)
         # block 0: the early tiles where they hold committed slots of this very split, the rest loaded now
-        k, v = _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, early & (start_early == start), lo, hi, start,
-                            k_new, v_new, ROPE_IN, T, T_P2, D, BLOCK_S)
-        s = lo + tl.arange(0, BLOCK_S)
-        if ROPE_IN:  # the new tokens' positions too come from registers
-            key_pos = tl.where((s >= start) & (s < start + T),
-                               tl.reshape(_row_of_new(pos_new, s - start, T_P2), (BLOCK_S,)), s)
-        else:
-            key_pos = _key_positions(s, hi, start, b, pos_ptr, sp_b, sp_t, T, CHUNKED)
+        k, v = _first_block(k_ptr, v_ptr, kv_base, k_early, v_early, early & (start_early == start), lo, hi, D,
+                            BLOCK_S)
         acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, _as_dot(k, FP8_CACHE, Q_DT, DOT_DT),
-                                   _as_dot(v, FP8_CACHE, Q_DT, DOT_DT), key_pos, lo, hi, start, b, t, q_pos, row_ok,
-                                   qk_scale, chunk, mask_ptr, sm_b, sm_t, sm_j, T, BLOCK_S, HAS_MASK, CHUNKED, DOT_DT,
-                                   PREC)
+                                   _as_dot(v, FP8_CACHE, Q_DT, DOT_DT), lo, hi, start, b, t, q_pos, row_ok, qk_scale,
+                                   chunk, mask_ptr, sm_b, sm_t, sm_j, pos_ptr, sp_b, sp_t, T, BLOCK_S, HAS_MASK,
+                                   CHUNKED, DOT_DT, PREC)
         if LOOP_WHILE:  # the interpreter cannot take tensor bounds in range()
             s0 = lo + BLOCK_S
             while s0 < hi:

@@ -105,23 +105,17 @@ def available(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _encode_kv(scale_ptr, re, im, DTYPE: tl.constexpr, FP8_CACHE: tl.constexpr):
-        """Pairs as KVCache._encode makes them: in the cache dtype DTYPE, or for an FP8 cache
-        clamp(x / scale, +-448) rounded to e4m3. Returns (re, im) in DTYPE."""
+    def _store_kv(dst, scale_ptr, re, im, mask, FP8_CACHE: tl.constexpr):
+        """Writes pairs to cache slots as KVCache._encode does: in the cache dtype, or for an FP8 cache
+        clamp(x / scale, +-448) rounded to e4m3. dst points at the real parts."""
         if FP8_CACHE:
             scale = tl.load(scale_ptr)
             re = tl.minimum(tl.maximum(tl.math.div_rn(re, scale), -FP8_MAX_CONST), FP8_MAX_CONST)
             im = tl.minimum(tl.maximum(tl.math.div_rn(im, scale), -FP8_MAX_CONST), FP8_MAX_CONST)
         else:
-            re, im = _round(re, DTYPE), _round(im, DTYPE)
-        return re.to(DTYPE), im.to(DTYPE)
-
-    @triton.jit
-    def _store_kv(dst, scale_ptr, re, im, mask, FP8_CACHE: tl.constexpr):
-        """Writes pairs to cache slots as KVCache._encode does (`_encode_kv`). dst points at the real parts."""
-        re, im = _encode_kv(scale_ptr, re, im, dst.dtype.element_ty, FP8_CACHE)
-        tl.store(dst, re, mask=mask)
-        tl.store(dst + 1, im, mask=mask)
+            re, im = _round(re, dst.dtype.element_ty), _round(im, dst.dtype.element_ty)
+        tl.store(dst, re.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + 1, im.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, pair, is_q, is_v, eps, floor_scale, attn_scale,
@@ -166,48 +160,32 @@ if triton is not None:
         return tl.reshape(tl.join(re, im), (re.shape[0], D)).to(Q_DT)  # (re, im) pairs back in place
 
     @triton.jit
-    def load_new_kv(qkv_ptr, pos_ptr, b, h, sp_b, sp_t, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr,
-                    HKV: tl.constexpr, D: tl.constexpr):
-        """For decode_attention's split kernel: the T new tokens' k and v heads h from the fused QKV
-        projection, as (T_P2, D / 2) float32 tiles of real and imaginary parts (rows >= T: zeros), and
-        their positions (T_P2, 1) int64. Nothing here waits on `start`, so the caller issues these
-        loads together with its load of start, before any math (see write_new_kv)."""
+    def write_new_kv(qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, b, h, start, lo, hi, kv_base,
+                     sp_b, sp_t, eps, T: tl.constexpr, T_P2: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
+                     D: tl.constexpr, Q_DT: tl.constexpr, FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr,
+                     USE_QK_NORM: tl.constexpr):
+        """For decode_attention's split kernel: keys (RoPE, QK-norm) and values of the new tokens whose
+        cache slots [lo, hi) its split reads, written there as this kernel writes them (the split's
+        programs of other row blocks write the same bytes)."""
         n_q: tl.constexpr = HKV * GROUP
-        tok = tl.arange(0, T_P2)[:, None]  # (T_P2, 1)
-        half = tl.arange(0, D // 2)[None, :]  # (1, D / 2)
-        real = (tok < T) & (half >= 0)  # (T_P2, D / 2), tensors only
-        row = (b * T + tok) * (n_q + 2 * HKV)
-        k_src = qkv_ptr + (row + n_q + h) * D + 2 * half
-        v_src = qkv_ptr + (row + n_q + HKV + h) * D + 2 * half
-        return (tl.load(k_src, mask=real, other=0.0).to(tl.float32), tl.load(k_src + 1, mask=real, other=0.0).to(tl.float32),
-                tl.load(v_src, mask=real, other=0.0).to(tl.float32), tl.load(v_src + 1, mask=real, other=0.0).to(tl.float32),
-                tl.load(pos_ptr + b * sp_b + tok * sp_t, mask=tok < T, other=0))
-
-    @triton.jit
-    def write_new_kv(k_re, k_im, v_re, v_im, pos, inv_freq_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, start, lo, hi, kv_base,
-                     eps, T: tl.constexpr, T_P2: tl.constexpr, D: tl.constexpr, Q_DT: tl.constexpr,
-                     FP8_CACHE: tl.constexpr, USE_ROPE: tl.constexpr, USE_QK_NORM: tl.constexpr):
-        """For decode_attention's split kernel: keys (RoPE, QK-norm) and values of the T new tokens (what
-        load_new_kv loaded), written to those of their cache slots that lie in [lo, hi) (its split's) as
-        this kernel writes them (the split's programs of other row blocks write the same bytes). Returns
-        every new token's key and value as the cache holds them, (T_P2, D) tiles in the cache dtype, so
-        the caller need not read back what it wrote."""
         tok = tl.arange(0, T_P2)[:, None]  # (T_P2, 1)
         half = tl.arange(0, D // 2)[None, :]  # (1, D / 2)
         slot = start + tok
         mask = (tok < T) & (slot >= lo) & (slot < hi) & (half >= 0)  # (T_P2, D / 2), tensors only
+        row = (b * T + tok) * (n_q + 2 * HKV)
+        src = qkv_ptr + (row + n_q + h) * D + 2 * half
+        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + b * sp_b + tok * sp_t, mask=tok < T, other=0).to(tl.float32)
         none = tok < 0
-        k_re, k_im = rope_qk_norm_temperature(k_re, k_im, pos.to(tl.float32), inv_freq_ptr, half, none, none, eps, 1.0,
-                                              0.0, Q_DT, D, USE_ROPE, USE_QK_NORM, False)
-        k_re, k_im = _encode_kv(ks_ptr, k_re, k_im, k_ptr.dtype.element_ty, FP8_CACHE)
-        v_re, v_im = _encode_kv(vs_ptr, v_re, v_im, k_ptr.dtype.element_ty, FP8_CACHE)
+        re, im = rope_qk_norm_temperature(re, im, pos, inv_freq_ptr, half, none, none, eps, 1.0, 0.0, Q_DT, D,
+                                          USE_ROPE, USE_QK_NORM, False)
         dst = kv_base + slot * D + 2 * half
-        tl.store(k_ptr + dst, k_re, mask=mask)
-        tl.store(k_ptr + dst + 1, k_im, mask=mask)
-        tl.store(v_ptr + dst, v_re, mask=mask)
-        tl.store(v_ptr + dst + 1, v_im, mask=mask)
-        return (tl.reshape(tl.join(k_re, k_im), (T_P2, D)),  # (re, im) pairs back in place: (T_P2, D)
-                tl.reshape(tl.join(v_re, v_im), (T_P2, D)))
+        _store_kv(k_ptr + dst, ks_ptr, re, im, mask, FP8_CACHE)
+        src = qkv_ptr + (row + n_q + HKV + h) * D + 2 * half
+        re = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        im = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        _store_kv(v_ptr + dst, vs_ptr, re, im, mask, FP8_CACHE)
 
     @triton.jit
     def _qkv_rope_cache_kernel(
