@@ -6,7 +6,11 @@
 #   the fused attention kernel alone (attention_bench.py --variants, HEAD's script run in both trees: default plan,
 #   merge unroll 16) and medium BF16 / FP8 and maverick-slice FP8 decode, HEAD and base alternated, as long as the
 #   call's time lasts.
-#   PART=attn bash benchmarks/gpu_s11_session.sh
+#   Measured (67a5a9c): the kernel alone slower (medium T = 1: 8.10 vs 6.66 us) and its T > 1 form failed to compile
+#   on sm90; reverted in cc5da12.
+# PART=merge: the same A/B for the one-pass online merge of the splits alone (HEAD) against 919d76a's two passes:
+#   the GPU tests of the attention kernel, the kernel alone, medium BF16 / FP8 decode alternated.
+#   PART=attn|merge bash benchmarks/gpu_s11_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
@@ -34,6 +38,19 @@ if [[ "${PART:-attn}" == attn ]]; then
   done
   bench /tmp/head maverick-slice fp8 "h200-decode-maverick-slice-fp8-regs-$C-tp1"
   bench /tmp/base maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-base-$B-tp1"
+elif [[ "${PART:-attn}" == merge ]]; then
+  TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py
+  for tree in /tmp/head /tmp/base; do
+    tag=$([[ $tree == /tmp/head ]] && echo "merge-$C" || echo "base-$B")
+    TAIL=12 step "attn-$tag" 90 "cd $tree && PYTHONPATH=/tmp/site:$tree python benchmarks/attention_bench.py --variants \
+        --shapes medium,maverick-tp1 --tokens 1,4 --only 'merge unroll 2' --out $R/h200-ab-attention-$tag.json"
+  done
+  for round in r1 r2 r3; do
+    for dtype in bf16 fp8; do
+      bench /tmp/head medium $dtype "h200-ab-decode-medium-$dtype-merge-$round-$C-tp1"
+      bench /tmp/base medium $dtype "h200-ab-decode-medium-$dtype-base-$round-$B-tp1"
+    done
+  done
 fi
 tar czf "$OUT/results.tar.gz" -C "$OUT" res && rm -rf "$R"
 finish
