@@ -9,7 +9,8 @@
 #   Measured (67a5a9c): the kernel alone slower (medium T = 1: 8.10 vs 6.66 us) and its T > 1 form failed to compile
 #   on sm90; reverted in cc5da12.
 # PART=merge: the same A/B for the one-pass online merge of the splits alone (HEAD) against 919d76a's two passes:
-#   the GPU tests of the attention kernel, the kernel alone, medium BF16 / FP8 decode alternated.
+#   the GPU tests of the attention kernel, the kernel alone, medium BF16 / FP8 decode alternated. No gain (kernel
+#   and step within noise); reverted. Run it at f71213b's tree (`git archive f71213b`).
 #   PART=attn|merge bash benchmarks/gpu_s11_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
@@ -41,14 +42,14 @@ if [[ "${PART:-attn}" == attn ]]; then
 elif [[ "${PART:-attn}" == merge ]]; then
   TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py
   for tree in /tmp/head /tmp/base; do
-    tag=$([[ $tree == /tmp/head ]] && echo "merge-$C" || echo "base-$B")
+    tag=$([[ $tree == /tmp/head ]] && echo "merge-$C" || echo "base-c2-$B")
     TAIL=12 step "attn-$tag" 90 "cd $tree && PYTHONPATH=/tmp/site:$tree python benchmarks/attention_bench.py --variants \
         --shapes medium,maverick-tp1 --tokens 1,4 --only 'merge unroll 2' --out $R/h200-ab-attention-$tag.json"
   done
   for round in r1 r2 r3; do
     for dtype in bf16 fp8; do
       bench /tmp/head medium $dtype "h200-ab-decode-medium-$dtype-merge-$round-$C-tp1"
-      bench /tmp/base medium $dtype "h200-ab-decode-medium-$dtype-base-$round-$B-tp1"
+      bench /tmp/base medium $dtype "h200-ab-decode-medium-$dtype-base-c2-$round-$B-tp1"
     done
   done
 fi

@@ -50,11 +50,14 @@ MAX_SPLITS = 128
 TILE_BYTES = 16384  # keys (or values) loaded per block: 64 bf16 keys of 128 dims, 128 fp8 keys
 MERGE_TILE = 16384  # float32 partials the merge holds at once: all 128 splits of a 128-dim row
 FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decode step: 16 KB; verify: 64 KB)
-# Measured and dropped (67a5a9c, one H200): the new tokens' keys, values and positions taken from registers after
-# write_new_kv (no read back of the slot just written; their loads issued with start's, before the RoPE of q). The
-# kernel alone got slower, medium T = 1: 8.10 vs 6.66 us, maverick-tp1 T = 1: 8.12 vs 7.13
-# (h200-ab-attention-{regs-67a5a9c,base-919d76a}.json), and its T > 1 form (tl.gather of the new rows) failed
-# Triton 3.x's TritonGPUOptimizeThreadLocality pass on sm90.
+# Measured and dropped (one H200): (1) the new tokens' keys, values and positions taken from registers after
+# write_new_kv (no read back of the slot just written; their loads issued with start's, before the RoPE of q), 67a5a9c:
+# the kernel alone got slower, medium T = 1: 8.10 vs 6.66 us, maverick-tp1 T = 1: 8.12 vs 7.13
+# (h200-ab-attention-{regs-67a5a9c,base-919d76a}.json), and its T > 1 form (tl.gather of the new rows) failed Triton's
+# TritonGPUOptimizeThreadLocality pass on sm90. (2) _merge_rows in one online pass (running max, rescaled sums) instead
+# of two, f71213b: kernel medium T = 1 6.75 vs 6.89 us, T = 4 7.48 vs 7.38, maverick-tp1 7.32 vs 7.08 / 9.64 vs 9.43;
+# medium decode step bf16 323.1 vs 322.8 us, fp8 308.7 vs 308.5 (medians of 3 alternated rounds): no gain
+# (h200-ab-attention-{merge-f71213b,base-c2-919d76a}.json, h200-ab-decode-medium-*-{merge,base-c2}-r*-tp1.json).
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -261,31 +264,29 @@ if triton is not None:
                     GROUP: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
                     UNROLL: tl.constexpr):
-        """out[rows] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, in split order, in
-        ONE pass: a running max, what was summed under the old one rescaled when it grows (as the
-        split kernel's online softmax), so every split's m, l and acc load together (one L2 round trip
-        per UNROLL splits, not two); the partials come from other programs (other SMs): loaded through
-        L2 (.cg). Only the first `live` splits are read: an empty split's partial (m = -inf, l = 0,
-        acc = 0) adds exactly nothing. UNROLL: the split loop unrolled by this factor, so that several
-        splits' loads are in flight at once (same sums, same order)."""
+        """out[rows] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, in split order;
+        the partials come from other programs (other SMs): loaded through L2 (.cg). Only the first
+        `live` splits are read: an empty split's partial (m = -inf, l = 0, acc = 0) adds exactly
+        nothing. UNROLL: the split loops unrolled by this factor, so that several splits' loads are in
+        flight at once (same sums, same order)."""
         base = bh * N_SPLITS * rows_pad + rows  # (BLOCK_R,) scratch rows of split 0
-        d = tl.arange(0, D)
-        m_run = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_R,), tl.float32)
-        o = tl.zeros((BLOCK_R, D), tl.float32)
+        m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         # (rows * 0 + i) < live, not i < live: Triton 3.9's interpreter makes a scalar comparison an invalid mask
         for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
             ok = row_ok & ((rows * 0 + i) < live)
             m_i = tl.load(m_ptr + base + i * rows_pad, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            l_i = tl.load(l_ptr + base + i * rows_pad, mask=ok, other=0.0, cache_modifier=".cg")
+            m_max = tl.maximum(m_max, m_i)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        d = tl.arange(0, D)
+        total = tl.zeros((BLOCK_R,), tl.float32)
+        o = tl.zeros((BLOCK_R, D), tl.float32)
+        for i in tl.range(0, N_SPLITS, loop_unroll_factor=UNROLL):
+            ok = row_ok & ((rows * 0 + i) < live)
+            w = tl.exp2(tl.load(m_ptr + base + i * rows_pad, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_ref)
+            total += w * tl.load(l_ptr + base + i * rows_pad, mask=ok, other=0.0, cache_modifier=".cg")
             a = tl.load(acc_ptr + (base + i * rows_pad)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
                         cache_modifier=".cg")
-            m_new = tl.maximum(m_run, m_i)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: 0 (every weight is then 0)
-            alpha, w = tl.exp2(m_run - m_ref), tl.exp2(m_i - m_ref)
-            total = total * alpha + w * l_i
-            o = o * alpha[:, None] + w[:, None] * a
-            m_run = m_new
+            o += w[:, None] * a
         o = o / tl.where(total == 0.0, 1.0, total)[:, None]
         b, h, t, g = bh // HKV, bh % HKV, rows // GROUP, rows % GROUP
         out_offs = ((b * T + t) * (HKV * GROUP) + h * GROUP + g)[:, None] * D + d[None, :]  # out: (B, T, Hq, D)
