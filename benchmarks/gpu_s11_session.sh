@@ -11,7 +11,11 @@
 # PART=merge: the same A/B for the one-pass online merge of the splits alone (HEAD) against 919d76a's two passes:
 #   the GPU tests of the attention kernel, the kernel alone, medium BF16 / FP8 decode alternated. No gain (kernel
 #   and step within noise); reverted. Run it at f71213b's tree (`git archive f71213b`).
-#   PART=attn|merge bash benchmarks/gpu_s11_session.sh
+# PART=profile: Nsight Compute (ncu, present on the lent H200) on one fused attention launch of medium at context 512,
+#   T = 1 (attention_bench's inputs): the speed-of-light, occupancy and warp-state sections, and the per-SASS-
+#   instruction stall samples (profiles/h200-attention-medium-t1-ncu-sass-<commit>.csv). Note ncu flushes caches and
+#   serializes launches (no PDL overlap), so the kernel's 11.5 us there is not its in-graph time (6.7 us).
+#   PART=attn|merge|profile bash benchmarks/gpu_s11_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
@@ -39,6 +43,22 @@ if [[ "${PART:-attn}" == attn ]]; then
   done
   bench /tmp/head maverick-slice fp8 "h200-decode-maverick-slice-fp8-regs-$C-tp1"
   bench /tmp/base maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-base-$B-tp1"
+elif [[ "${PART:-attn}" == profile ]]; then
+  NCU=/usr/local/cuda/bin/ncu
+  cat > /tmp/attn_once.py <<'PY'
+import sys, torch
+sys.path.insert(0, '.')
+from benchmarks.attention_bench import cases, run
+inputs = cases('medium', 512, 1)
+for i in range(24):
+    run(*inputs[i % 16], 'medium', None, None)
+torch.cuda.synchronize()
+PY
+  TAIL=4 step ncu 240 $NCU --kernel-name regex:_split_kernel --launch-skip 12 --launch-count 1 --set full \
+      --import-source yes -o "$R/attn" python /tmp/attn_once.py
+  TAIL=80 step ncu-details 60 $NCU -i "$R/attn.ncu-rep" --page details --section SpeedOfLight --section Occupancy \
+      --section SchedulerStats --section WarpStateStats --print-details all
+  $NCU -i "$R/attn.ncu-rep" --page source --csv --print-source sass > "$R/h200-attention-medium-t1-ncu-sass-$C.csv"
 elif [[ "${PART:-attn}" == merge ]]; then
   TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py
   for tree in /tmp/head /tmp/base; do
