@@ -65,7 +65,8 @@ def run(qkv, positions, start, k_cache, v_cache, shape: str, n_splits, block_s, 
 
 # --variants: what the fused kernel's time is made of, at context 512 (the decode benchmarks' context)
 VARIANTS = [("default", {}), ("merge unroll 1", {"launch": {"MERGE_UNROLL": 1}}),
-            ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}), ("merge unroll 16", {"launch": {"MERGE_UNROLL": 16}}), ("warps 4", {"launch": {"num_warps": 4}}),
+            ("merge unroll 2", {"launch": {"MERGE_UNROLL": 2}}), ("merge unroll 16", {"launch": {"MERGE_UNROLL": 16}}),
+            ("warps 4", {"launch": {"num_warps": 4}}),
             ("warps 2", {"launch": {"num_warps": 2}}), ("stages 1", {"launch": {"num_stages": 1}}),
             ("no temperature", {"temperature": False}), ("splits 4", {"n_splits": 4}), ("splits 16", {"n_splits": 16}),
             ("splits 4 unroll 4", {"n_splits": 4, "launch": {"MERGE_UNROLL": 4}})]
@@ -78,7 +79,7 @@ def variants(shapes: list[str], tokens: list[int], names: list[str] | None = Non
         for n_new in tokens:
             inputs = cases(shape, 512, n_new)
             want = run(*[t.clone() for t in inputs[0]], shape, None, None).float()
-            for name, knobs in [v for v in VARIANTS if v[0] == "default" or names is None or v[0] in names]:
+            for name, knobs in [(n, k) for n, k in VARIANTS if names is None or n == "default" or n in names]:
                 kw = dict(n_splits=knobs.get("n_splits"), block_s=None, launch=knobs.get("launch"),
                           temperature=knobs.get("temperature", True))
                 got = run(*[t.clone() for t in inputs[0]], shape, **kw).float()

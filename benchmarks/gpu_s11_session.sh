@@ -15,11 +15,15 @@
 #   T = 1 (attention_bench's inputs): the speed-of-light, occupancy and warp-state sections, and the per-SASS-
 #   instruction stall samples (profiles/h200-attention-medium-t1-ncu-sass-<commit>.csv). Note ncu flushes caches and
 #   serializes launches (no PDL overlap), so the kernel's 11.5 us there is not its in-graph time (6.7 us).
-#   PART=attn|merge|profile bash benchmarks/gpu_s11_session.sh
+# PART=final: at the stop (no base tarball), the GPU tests of the attention / RoPE / PDL kernels and the fast path,
+#   then medium BF16 / FP8 decode (the committed results for that commit).
+#   PART=attn|merge|profile|final bash benchmarks/gpu_s11_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
-B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
-rm -rf /tmp/base && cp -r /tmp/head /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base  # HEAD but the two kernels
+if [[ -f .device/base.tar.gz ]]; then  # the A/B parts: HEAD's tree but the two kernel files of the base
+  B=$(zcat .device/base.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+  rm -rf /tmp/base && cp -r /tmp/head /tmp/base && tar xzf .device/base.tar.gz -C /tmp/base
+fi
 R="$OUT/res"; mkdir -p "$R"
 DEADLINE=${DEADLINE:-540}  # seconds of this call after which no new step starts (the run's limit is 600)
 bench() {  # bench TREE MODEL DTYPE FILE-STEM: one graph-timed decode bench in TREE, if the call has time left
@@ -31,17 +35,17 @@ if [[ "${PART:-attn}" == attn ]]; then
   TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
       tests/test_kernel_qkv_rope.py tests/test_kernel_pdl.py
   for tree in /tmp/head /tmp/base; do
-    tag=$([[ $tree == /tmp/head ]] && echo "$C" || echo "base-$B")
+    tag=$([[ $tree == /tmp/head ]] && echo "regs-$C" || echo "base-$B")
     TAIL=12 step "attn-$tag" 90 "cd $tree && PYTHONPATH=/tmp/site:$tree python benchmarks/attention_bench.py --variants \
-        --shapes medium,maverick-tp1 --tokens 1,4 --only 'merge unroll 16' --out $R/h200-attention-variants-$tag.json"
+        --shapes medium,maverick-tp1 --tokens 1,4 --only 'merge unroll 16' --out $R/h200-ab-attention-$tag.json"
   done
   for round in r1 r2; do
     for dtype in bf16 fp8; do
-      bench /tmp/head medium $dtype "h200-decode-medium-$dtype-regs-$round-$C-tp1"
+      bench /tmp/head medium $dtype "h200-ab-decode-medium-$dtype-regs-$round-$C-tp1"
       bench /tmp/base medium $dtype "h200-ab-decode-medium-$dtype-base-$round-$B-tp1"
     done
   done
-  bench /tmp/head maverick-slice fp8 "h200-decode-maverick-slice-fp8-regs-$C-tp1"
+  bench /tmp/head maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-regs-$C-tp1"
   bench /tmp/base maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-base-$B-tp1"
 elif [[ "${PART:-attn}" == profile ]]; then
   NCU=/usr/local/cuda/bin/ncu
@@ -59,6 +63,10 @@ PY
   TAIL=80 step ncu-details 60 $NCU -i "$R/attn.ncu-rep" --page details --section SpeedOfLight --section Occupancy \
       --section SchedulerStats --section WarpStateStats --print-details all
   $NCU -i "$R/attn.ncu-rep" --page source --csv --print-source sass > "$R/h200-attention-medium-t1-ncu-sass-$C.csv"
+elif [[ "${PART:-attn}" == final ]]; then
+  TAIL=8 step tests 330 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py \
+      tests/test_kernel_qkv_rope.py tests/test_kernel_pdl.py tests/test_fast_path.py
+  for dtype in bf16 fp8; do bench /tmp/head medium $dtype "h200-decode-medium-$dtype-final-$C-tp1"; done
 elif [[ "${PART:-attn}" == merge ]]; then
   TAIL=8 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_decode_attention.py
   for tree in /tmp/head /tmp/base; do

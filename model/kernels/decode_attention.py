@@ -56,7 +56,7 @@ FUSED_MERGE_BYTES = 65536  # partials one program merges at most (medium's decod
 # (h200-ab-attention-{regs-67a5a9c,base-919d76a}.json), and its T > 1 form (tl.gather of the new rows) failed Triton's
 # TritonGPUOptimizeThreadLocality pass on sm90. (2) _merge_rows in one online pass (running max, rescaled sums) instead
 # of two, f71213b: kernel medium T = 1 6.75 vs 6.89 us, T = 4 7.48 vs 7.38, maverick-tp1 7.32 vs 7.08 / 9.64 vs 9.43;
-# medium decode step bf16 323.1 vs 322.8 us, fp8 308.7 vs 308.5 (medians of 3 alternated rounds): no gain
+# medium decode step bf16 323.0 vs 322.8 us, fp8 308.7 vs 308.5 (medians of 3 alternated rounds): no gain
 # (h200-ab-attention-{merge-f71213b,base-c2-919d76a}.json, h200-ab-decode-medium-*-{merge,base-c2}-r*-tp1.json).
 
 if triton is not None:
