@@ -152,6 +152,20 @@ if triton is not None:
                 grid_barrier(counter_ptr, (ph - phase_lo + 1) * programs, err_ptr, MAX_SPINS_C)
 
 
+if triton is not None:
+    @triton.jit
+    def _barriers_kernel(counter_ptr, err_ptr, n_barriers, MAX_SPINS_C: tl.constexpr):
+        """n_barriers grid barriers and nothing else: what one costs (benchmarks/persistent_probe.py)."""
+        for i in range(n_barriers):
+            grid_barrier(counter_ptr, (i + 1) * tl.num_programs(0), err_ptr, MAX_SPINS_C)
+
+
+def barriers(counter: torch.Tensor, err: torch.Tensor, n_barriers: int, programs: int) -> None:
+    """Zeroes the counter and launches n_barriers grid barriers over `programs` programs."""
+    counter.zero_()
+    _barriers_kernel[(programs,)](counter, err, n_barriers, MAX_SPINS_C=MAX_SPINS, num_warps=4)
+
+
 def chain_weights(n_layers: int, hidden: int, qkv: int, inter: int, vocab: int, dtype: torch.dtype,
                   device, seed: int = 0, lm_dtype: torch.dtype | None = None) -> dict:
     """Random stacked weights of the chain (N(0, 1/K) so the vector keeps its scale), K-contiguous.

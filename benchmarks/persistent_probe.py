@@ -1,0 +1,185 @@
+"""Does a persistent decode kernel pay on this GPU? The decode step's weight stream, as one kernel.
+
+The medium decode step reads ~740 MB (BF16) or ~440 MB (FP8 layers, BF16 LM head) of weights in 25
+GEMVs, one kernel each under PDL. On an H200 the FP8 step is 0.95x the BF16 one for a floor ratio of
+0.6 (#14's target: 0.7), because each GEMV kernel costs ~1-3 us beyond its bytes. This times the same
+weight stream chained through one vector (per layer QKV -> o_proj -> FC13 + SwiGLU -> FC2, then the
+LM head; model/kernels/persistent.py) four ways, in one process, against the floor:
+  * lsm:      one linear_small_m launch per GEMV (the decode step's kernels, PDL, tuned tiles);
+  * phases:   the persistent kernel's phases as one launch each (no PDL: what barriers replace);
+  * persist:  one launch, grid barriers between phases (+ the counter's memset);
+  * barriers: the persistent kernel's barriers alone, to cost one.
+Every variant's outputs are checked against torch phase by phase, and the persistent launch against
+the phase launches bit for bit, before it is timed. Times are CUDA-graph replays (events, medians).
+
+    python benchmarks/persistent_probe.py --out results.json [--dtypes bf16,fp8] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import machine, print_table  # noqa: E402
+
+MEDIUM = dict(n_layers=8, hidden=2048, qkv=4096, inter=4096, vocab=32768)
+# (engine, tiles, warps): the tile engines and shapes tried; BN_* rows of W per tile, BLOCK_K its depth
+CONFIGS = [
+    ("fma", {}, 8),
+    ("fma", {"BN_QKV": 32, "BN_UP": 32, "BN_LM": 32, "BLOCK_K": 256}, 8),
+    ("fma", {"BN_QKV": 8, "BN_O": 8, "BN_UP": 8, "BN_DOWN": 8, "BN_LM": 8, "BLOCK_K": 1024}, 8),
+    ("dot", {}, 4),
+    ("dot", {}, 8),
+    ("dot", {"BN_QKV": 32, "BN_UP": 32, "BN_LM": 32, "BLOCK_K": 256}, 8),
+    ("dot", {"BLOCK_K": 256}, 4),
+]
+
+
+def graph_us(fn, calls: int, replays: int) -> tuple[float, float]:
+    """(median, p90) GPU microseconds per call: `calls` calls captured in one graph, replayed."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30))
+
+
+def lsm_chain(w: dict, x_buf):
+    """The chain as linear_small_m launches (the decode path's GEMV kernels) from x_buf[0]; returns logits."""
+    from model.kernels.linear_small_m import linear_small_m
+    hidden = w["o"].shape[-1]
+
+    def lin(v, name, layer, swiglu=False, out_dtype=None):
+        weight = w[name] if layer is None else w[name][layer]
+        scale = w["s_" + name] if layer is None else w["s_" + name][layer]
+        kw = {"weight_scale": scale, "act_quant": "token"} if weight.dtype == torch.float8_e4m3fn else {}
+        return linear_small_m(v, weight, swiglu=swiglu, out_dtype=out_dtype, **kw)
+
+    def run():
+        h = x_buf[0:1]
+        for layer in range(w["qkv"].shape[0]):
+            qkv = lin(h, "qkv", layer)
+            o = lin(qkv[:, :hidden], "o", layer)
+            act = lin(o, "up", layer, swiglu=True)
+            h = lin(act, "down", layer)
+        return lin(h, "lm", None, out_dtype=torch.float32)
+    return run
+
+
+def weight_bytes(w: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in w.values())
+
+
+def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list) -> None:
+    from model.kernels import persistent as P
+    dtype = P.FP8 if dtype_name == "fp8" else torch.bfloat16
+    w = P.chain_weights(**MEDIUM, dtype=dtype, device="cuda", seed=1, lm_dtype=torch.bfloat16)
+    x = torch.randn(MEDIUM["hidden"], device="cuda")
+    floor = weight_bytes(w) / (copy_tb_s * 1e6)  # us
+    base = {"dtype": dtype_name, "floor_us": round(floor, 2), "bytes": weight_bytes(w)}
+
+    def add(name, med, p90, **extra):
+        rows.append({**base, "name": name, "median_us": round(med, 2), "p90_us": round(p90, 2),
+                     "x_floor": round(med / floor, 3), **extra})
+        print(f"  {dtype_name} {name}: {med:.1f} us ({med / floor:.2f}x floor) {extra}", flush=True)
+
+    chain = P.GemvChain(w)
+    chain.run(x, barrier=False)
+    want = P.reference_phases(w, chain.inputs())
+    run = lsm_chain(w, chain.x_buf)
+    logits = run()
+    add("lsm", *graph_us(run, calls, replays), rel_err_logits=round(rel_err(logits, want[-1]), 5))
+    for engine, tiles, warps in configs:
+        label = f"{engine} w{warps} " + (",".join(f"{k}={v}" for k, v in tiles.items()) or "default")
+        try:
+            chain = P.GemvChain(w, engine=engine, tiles=tiles, num_warps=warps)
+            chain.run(x, barrier=False)
+            want = P.reference_phases(w, chain.inputs())
+            err = max(rel_err(g, r) for g, r in zip(chain.outputs(), want))
+            per_phase = [t.clone() for t in chain.outputs()]
+            chain.run(x, barrier=True)
+            torch.cuda.synchronize()
+            chain.check_barriers()
+            same = all(torch.equal(a, b) for a, b in zip(per_phase, chain.outputs()))
+            def launch():
+                chain.counter.zero_()
+                chain._launch(0, chain.phases, True)
+            add("persist " + label, *graph_us(launch, calls, replays), max_rel_err=round(err, 5), same_bits=same)
+            phases = lambda: [chain._launch(p, p + 1, False) for p in range(chain.phases)]  # noqa: E731
+            add("phases " + label, *graph_us(phases, calls, replays))
+            chain.check_barriers()
+        except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+            print(f"  {dtype_name} {label}: FAILED {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
+            rows.append({**base, "name": "persist " + label, "error": f"{type(exc).__name__}: {str(exc)[-300:]}"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtypes", default="bf16,fp8")
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--replays", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="the first config of each engine only")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("persistent_probe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from benchmarks.gemv_bench import copy_tb_s
+    from model.kernels import persistent as P
+    copy = copy_tb_s()
+    print(f"copy bandwidth {copy:.3f} TB/s", flush=True)
+    rows: list = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    counter, err = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+    for n in (0, 33):
+        med, p90 = graph_us(lambda: P.barriers(counter, err, n, sms), 20, 15)
+        rows.append({"name": f"barriers {n}", "median_us": round(med, 2), "p90_us": round(p90, 2), "programs": sms})
+        print(f"  {n} barriers (+ memset, launch): {med:.2f} us", flush=True)
+    if int(err.item()):
+        raise RuntimeError("a grid barrier timed out")
+    configs = CONFIGS if not args.quick else [c for i, c in enumerate(CONFIGS) if c[0] not in
+                                              {e for e, _, _ in CONFIGS[:i]}]
+    for name in args.dtypes.split(","):
+        probe(name, copy, configs, args.calls, args.replays, rows)
+    print_table(["dtype", "name", "median us", "x floor"],
+                [[r.get("dtype", ""), r["name"], r.get("median_us", "-"), r.get("x_floor", "-")] for r in rows])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    payload = {"machine": torch.cuda.get_device_name(0), "host": machine(), "date": time.strftime("%Y-%m-%d"),
+               "commit": commit, "command": "python benchmarks/persistent_probe.py " + " ".join(argv or sys.argv[1:]),
+               "copy_bandwidth_tb_s": round(copy, 3), "shape": MEDIUM, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
