@@ -99,7 +99,20 @@ def weight_bytes(w: dict) -> int:
     return sum(t.numel() * t.element_size() for t in w.values())
 
 
-def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list) -> None:
+def parse_overrides(text: str) -> dict:
+    """DGX_EMU_GEMV_FP8-style overrides ("CVT=mixed,BLOCK_N=32"), parsed by linear_small_m's own parser."""
+    import os
+    from model.kernels import linear_small_m as lsm
+    before = os.environ.get("_PROBE_OVERRIDES")
+    os.environ["_PROBE_OVERRIDES"] = text
+    try:
+        return lsm.env_overrides("_PROBE_OVERRIDES")
+    finally:
+        os.environ.pop("_PROBE_OVERRIDES") if before is None else os.environ.__setitem__("_PROBE_OVERRIDES", before)
+
+
+def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list,
+          lsm_variants: list[str]) -> None:
     from model.kernels import persistent as P
     dtype = P.FP8 if dtype_name == "fp8" else torch.bfloat16
     w = P.chain_weights(**MEDIUM, dtype=dtype, device="cuda", seed=1, lm_dtype=torch.bfloat16)
@@ -116,8 +129,16 @@ def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, 
     chain.run(x, barrier=False)
     want = P.reference_phases(w, chain.inputs())
     run = lsm_chain(w, chain.x_buf)
-    logits = run()
-    add("lsm", *graph_us(run, calls, replays), rel_err_logits=round(rel_err(logits, want[-1]), 5))
+    from model.kernels import linear_small_m as lsm
+    saved = dict(lsm.ENV_OVERRIDES[P.FP8])
+    for variant in lsm_variants if dtype == P.FP8 else [""]:
+        lsm.ENV_OVERRIDES[P.FP8].clear()
+        lsm.ENV_OVERRIDES[P.FP8].update(parse_overrides(variant))
+        logits = run()
+        add("lsm " + (variant or "default"), *graph_us(run, calls, replays),
+            rel_err_logits=round(rel_err(logits, want[-1]), 5))
+    lsm.ENV_OVERRIDES[P.FP8].clear()
+    lsm.ENV_OVERRIDES[P.FP8].update(saved)
     for engine, tiles, warps in configs:
         label = f"{engine} w{warps} " + (",".join(f"{k}={v}" for k, v in tiles.items()) or "default")
         try:
@@ -149,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--replays", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="the first config of each engine only")
+    p.add_argument("--no-persistent", action="store_true", help="time the linear_small_m chain only")
+    p.add_argument("--lsm-variants", default="", help="';'-separated DGX_EMU_GEMV_FP8 overrides for the FP8 "
+                   "linear_small_m chain, e.g. 'MMA_ROW=1;CVT=mixed' (the default is always timed first)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("persistent_probe: needs a CUDA GPU", file=sys.stderr)
@@ -168,8 +192,9 @@ def main(argv=None) -> int:
         raise RuntimeError("a grid barrier timed out")
     configs = CONFIGS if not args.quick else [c for i, c in enumerate(CONFIGS) if c[0] not in
                                               {e for e, _, _ in CONFIGS[:i]}]
+    variants = [""] + [v.strip() for v in args.lsm_variants.split(";") if v.strip()]
     for name in args.dtypes.split(","):
-        probe(name, copy, configs, args.calls, args.replays, rows)
+        probe(name, copy, [] if args.no_persistent else configs, args.calls, args.replays, rows, variants)
     print_table(["dtype", "name", "median us", "x floor"],
                 [[r.get("dtype", ""), r["name"], r.get("median_us", "-"), r.get("x_floor", "-")] for r in rows])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
