@@ -5,7 +5,13 @@
 #   2. the medium weight stream chained through one vector as linear_small_m launches (benchmarks/persistent_probe.py
 #      --no-persistent): BF16, then FP8 with each DGX_EMU_GEMV_FP8 override in VARIANTS, against the floor;
 #   3. medium FP8 decode steps with those overrides, alternated with the default, and medium BF16.
-#   PART=fp8 bash benchmarks/gpu_s12_session.sh
+#   Measured (818229e): both slower (chain FP8 209.0 us default, 218.9 MMA_ROW, 238.7 mixed; medium FP8 decode
+#   308.0 / 308.5 default, 343.0 / 342.9 MMA_ROW, 347.1 / 348.2 mixed); reverted.
+# PART=prefetch: the next K chunk requested before the current chunk's math (DGX_EMU_GEMV_PREFETCH=1, gemv_math.py)
+#   against the default: GPU tests of the GEMV / MoE pair kernels with it on, the chain (probe) and medium BF16 / FP8
+#   decode steps alternated, each variant in its own process and Triton cache; then Nsight Compute on one FP8 and
+#   one BF16 QKV-shaped GEMV (4096 x 2048) of the default kernel.
+#   PART=fp8|prefetch bash benchmarks/gpu_s12_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -33,5 +39,44 @@ if [[ "${PART:-fp8}" == fp8 ]]; then
     tag=$(echo "$v" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-' | sed 's/-1//g; s/--*/-/g; s/-$//')
     bench fp8 "h200-ab-decode-medium-fp8-$tag-r2-$C-tp1" "$v"
   done
+elif [[ "${PART}" == prefetch ]]; then
+  TAIL=4 step tests 200 "DGX_EMU_GEMV_PREFETCH=1 TRITON_CACHE_DIR=/tmp/tc-pf python -m pytest -q -p no:cacheprovider \
+      -o addopts= -rf tests/test_kernel_linear_small_m.py tests/test_kernel_moe_decode.py"
+  for pf in 0 1; do
+    TAIL=6 step "chain-pf$pf" 60 "DGX_EMU_GEMV_PREFETCH=$pf TRITON_CACHE_DIR=/tmp/tc-pf$pf python \
+        benchmarks/persistent_probe.py --no-persistent --out $R/h200-ab-gemv-chain-medium-pf$pf-$C.json | grep lsm"
+  done
+  pfbench() {  # pfbench DTYPE PF ROUND
+    if (( SECONDS > DEADLINE - 90 )); then echo "== $1 pf$2 $3 skipped (no time left)"; return; fi
+    TAIL=3 step "decode-$1-pf$2-$3" 100 "DGX_EMU_GEMV_PREFETCH=$2 TRITON_CACHE_DIR=/tmp/tc-pf$2 $DGX bench decode \
+        --model medium --dtype $1 --modes graph --iters 150 --out $R/h200-ab-decode-medium-$1-pf$2-$3-$C-tp1.json"
+  }
+  for round in r1 r2; do
+    for dtype in fp8 bf16; do pfbench $dtype 1 $round; pfbench $dtype 0 $round; done
+  done
+  cat > /tmp/gemv_once.py <<'PY'
+import sys, torch
+sys.path.insert(0, '.')
+from model.kernels.linear_small_m import linear_small_m
+x = torch.randn(1, 2048, device='cuda', dtype=torch.bfloat16)
+for dtype in ('fp8', 'bf16'):
+    w = torch.randn(4096, 2048, device='cuda') / 45
+    kw = {}
+    if dtype == 'fp8':
+        s = w.abs().amax(-1) / 448
+        w, kw = (w / s[:, None]).to(torch.float8_e4m3fn), dict(weight_scale=s, act_quant='token')
+    else:
+        w = w.to(torch.bfloat16)
+    for _ in range(3):
+        linear_small_m(x, w, **kw)
+torch.cuda.synchronize()
+PY
+  if (( SECONDS < DEADLINE - 60 )); then
+    TAIL=2 step ncu 60 /usr/local/cuda/bin/ncu --kernel-name regex:_gemv_kernel --launch-skip 2 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats -o "$R/gemv" python /tmp/gemv_once.py
+    TAIL=120 step ncu-details 30 /usr/local/cuda/bin/ncu -i "$R/gemv.ncu-rep" --page details --print-details all
+    rm -f "$R/gemv.ncu-rep"
+  fi
 fi
 finish

@@ -297,8 +297,7 @@ def _every_e4m3_weight(gen, n, k):
 @pytest.mark.parametrize("m,swiglu", [(1, False), (3, True)])
 def test_fp8_cvt_variants(m, swiglu):
     """CVT 'bits' (integer e4m3 -> float32 bits, x scaled by 2^119) gives CVT 'cvt''s bits exactly;
-    CVT 'words' (four bytes per int32) and 'mixed' (half of each chunk each way) equal the reference to
-    float32 summation order; every
+    CVT 'words' (four bytes per int32) equals the reference to float32 summation order; every
     finite e4m3 byte, subnormals included, is in the weights."""
     gen = torch.Generator().manual_seed(m)
     w_q, w_scale = _every_e4m3_weight(gen, 48, 256)
@@ -309,45 +308,12 @@ def test_fp8_cvt_variants(m, swiglu):
         _check(base, reference_linear_small_m(x, w_q, **kw), 1e-5)
         bits = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": "bits"}, **kw)
         assert torch.equal(bits, base)
-        for cvt in ("words", "mixed"):
-            other = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": cvt}, **kw)
-            _check(other, reference_linear_small_m(x, w_q, **kw), 1e-5)
+        words = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": "words"}, **kw)
+        _check(words, reference_linear_small_m(x, w_q, **kw), 1e-5)
         for cvt in ("cvt", "bits"):  # x quantized by the pre-pass kernel: the same bytes, the same sums
             pre = linear_small_m(x, w_q, config={"gemv": True, "BLOCK_N": 16, "BLOCK_K": 64, "CVT": cvt,
                                                  "PREQUANT": True}, **kw)
             assert torch.equal(pre, base)
-
-
-@pytest.mark.parametrize("n,k,swiglu", [(256, 512, False), (130, 200, True), (192, 1024, False)])
-def test_fp8_one_row_on_tensor_cores(n, k, swiglu):
-    """MMA_ROW (fp8_mma._row_kernel: the weight span loaded before the PDL wait, x quantized in the
-    kernel, e4m3 x e4m3 on the tensor cores, split-K summed by the last program): the reference, with
-    per-token and static scales, ragged N and K; refused where it does not apply."""
-    gen = torch.Generator().manual_seed(n + k)
-    w_q, w_scale = _fp8_weight(gen, (), n, k)
-    x = _exact_fp8_rows(gen, 1, k, torch.bfloat16, [-7])
-    for act in ("token", torch.tensor(2.0 ** -7, device=DEVICE)):
-        kw = dict(weight_scale=w_scale, act_quant=act, swiglu=swiglu, out_dtype=torch.float32)
-        got = linear_small_m(x, w_q, config={"MMA_ROW": True}, **kw)
-        _check(got, reference_linear_small_m(x, w_q, **kw), 1e-3 if CUDA else 1e-5)  # ~14-bit wgmma sums
-    assert not lsm._COUNTERS[torch.device(DEVICE) if DEVICE == "cpu" else x.device].any()
-    with pytest.raises(ValueError, match="MMA_ROW takes one row"):
-        linear_small_m(x.repeat(2, 1), w_q, weight_scale=w_scale, act_quant="token", config={"MMA_ROW": True})
-
-
-@gpu_only
-@pytest.mark.parametrize("n,k,swiglu", [(4096, 2048, False), (2048, 2048, False), (8192, 2048, True),
-                                        (2048, 4096, False), (1792, 5120, False)])
-def test_gpu_fp8_one_row_on_tensor_cores_medium_shapes(n, k, swiglu):
-    """MMA_ROW on random bf16 rows at medium's (and a Maverick TP4) shapes: torch's quantized bytes, the
-    tensor cores' accumulation (1e-3 of the largest, as the other MMA path), every call the same bits."""
-    gen = torch.Generator().manual_seed(n + k)
-    w_q, w_scale = _fp8_weight(gen, (), n, k)
-    x = _randn(gen, 1, k, dtype=torch.bfloat16)
-    kw = dict(weight_scale=w_scale, act_quant="token", swiglu=swiglu, out_dtype=torch.float32)
-    got = linear_small_m(x, w_q, config={"MMA_ROW": True}, **kw)
-    _check(got, reference_linear_small_m(x, w_q, **kw), 1e-3)
-    assert torch.equal(got, linear_small_m(x, w_q, config={"MMA_ROW": True}, **kw))
 
 
 def test_fp8_cvt_variants_gathered():
@@ -357,8 +323,7 @@ def test_fp8_cvt_variants_gathered():
     x = _exact_fp8_rows(gen, 3, 128, torch.bfloat16, [-6, -9, -5])
     kw = dict(expert_ids=ids, weight_scale=w_scale, act_quant="token", swiglu=True, out_dtype=torch.float32)
     want = reference_linear_small_m(x, w_q, **kw)
-    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"CVT": "mixed"}, {"PREQUANT": True},
-                {"CVT": "words", "PREQUANT": True}, {"CVT": "mixed", "PREQUANT": True}):
+    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"PREQUANT": True}, {"CVT": "words", "PREQUANT": True}):
         _check(linear_small_m(x, w_q, config={**cfg, "BLOCK_N": 8, "BLOCK_K": 32}, **kw), want, 1e-5)
 
 
@@ -380,7 +345,7 @@ def test_split_k(split_k):
     w_q, w_scale = _fp8_weight(gen, (), 40, 256)
     xq = _exact_fp8_rows(gen, 3, 256, torch.float32, [-4, -6, -2])
     kw = dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32)
-    for cvt in ("cvt", "words", "mixed"):
+    for cvt in ("cvt", "words"):
         _check(linear_small_m(xq, w_q, config={**cfg, "CVT": cvt}, **kw), reference_linear_small_m(xq, w_q, **kw),
                1e-5)
     assert not lsm._COUNTERS[torch.device(DEVICE) if DEVICE == "cpu" else x.device].any()
@@ -414,9 +379,8 @@ def test_gpu_variants_random_activations(m):
     x = _randn(gen, m, 5120, dtype=torch.bfloat16)
     kw = dict(weight_scale=w_scale, act_quant="token", out_dtype=torch.float32)
     want = reference_linear_small_m(x, w_q, **kw)
-    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"CVT": "mixed"}, {"SPLIT_K": 4}, {"PREQUANT": True},
-                {"CVT": "words", "PREQUANT": True, "SPLIT_K": 2}, {"CVT": "mixed", "SPLIT_K": 2},
-                {"gemv": False, "DOT_F16": True}):
+    for cfg in ({"CVT": "bits"}, {"CVT": "words"}, {"SPLIT_K": 4}, {"PREQUANT": True},
+                {"CVT": "words", "PREQUANT": True, "SPLIT_K": 2}, {"gemv": False, "DOT_F16": True}):
         _check(linear_small_m(x, w_q, config={"gemv": True, **cfg}, **kw), want, 2e-5)
 
 

@@ -127,44 +127,6 @@ if triton is not None:
             _store(g, u, xs_ptr, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU)
 
     @triton.jit
-    def _row_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, N_OUT, stride_wn,
-                    K: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BLOCK: tl.constexpr, PROMOTE_K: tl.constexpr,
-                    PDL: tl.constexpr):
-        """One row (M = 1), program (n tile, K split): its whole weight span (BLOCK_N rows x BLOCK_K of K)
-        is loaded before the PDL wait, so after it only the row's quantization (QUANT 2: the amax of all of
-        x, as the GEMV prologue; 1: the static scale at xs_ptr), one dot and the split-K sum remain. x: (1, K)
-        bf16/fp16/fp32 contiguous; W: (N, K) e4m3 K-contiguous, ws: (N,) float32."""
-        tile, split = tl.program_id(0), tl.program_id(1)
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns
-        col_ok = cols < N_OUT
-        ks = split * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,) this split's span of K
-        k_ok = ks < K
-        w_gate = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-        w_g = tl.load(w_gate + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-        w_u = w_g
-        if SWIGLU:
-            w_u = tl.load(w_gate + N_OUT * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        pdl_wait(PDL)
-        pdl_launch_dependents(PDL)
-        xs, div = gm.x_scale(x_ptr, xs_ptr, 1.0, K, False, QUANT, X_BLOCK)
-        x = gm.quantize(gm.load_x(x_ptr + ks, k_ok, 1.0, False), div)  # (BLOCK_K,) e4m3 values, float32
-        only_row = tl.arange(0, ROWS_C)[None, :] == 0  # (1, ROWS_C): x is column 0 of the dot's N side
-        x_cols = tl.where(only_row, x[:, None], 0.0).to(tl.float8e4nv)  # (BLOCK_K, ROWS_C)
-        g = tl.sum(tl.where(only_row, tl.dot(w_g, x_cols, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE_K),
-                            0.0), axis=1)  # (BLOCK_N,)
-        u = g
-        if SWIGLU:
-            u = tl.sum(tl.where(only_row, tl.dot(w_u, x_cols, out_dtype=tl.float32,
-                                                 max_num_imprecise_acc=PROMOTE_K), 0.0), axis=1)
-        if SPLIT_K == 1:
-            y = gm.finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, 0)
-            tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            gm.split_k_finish(g, u, xs, part_ptr, count_ptr, ws_ptr, out_ptr, 0, tile, split, cols, col_ok, 1, N_OUT,
-                              0, QUANT, SWIGLU, 0, SPLIT_K, BLOCK_N)
-
-    @triton.jit
     def _store(g, u, xs_ptr, ws_ptr, out_ptr, rows, cols, row_ok, col_ok, N_OUT, stride_om, SWIGLU: tl.constexpr):
         """Sums (BLOCK_N, ROWS_C) -> out[rows, cols]: scales, SwiGLU, one rounding."""
         xs = tl.load(xs_ptr + rows, mask=row_ok, other=1.0)[None, :]  # (1, ROWS_C)
@@ -209,36 +171,6 @@ def fp8_mma(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weig
         SWIGLU=swiglu, SPLIT_K=split_k, K_SPAN=k_span, BLOCK_N=block_n, BLOCK_K=block_k,
         PROMOTE_K=min(block_k, PROMOTE_K),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 4), **launch)
-    return out
-
-
-def row_config(n_out: int, k: int, swiglu: bool, sms: int = 132) -> dict:
-    """Tiles of the one-row kernel: 64 weight rows (one wgmma's M), K split until the programs (at most
-    two an SM) cover the SMs, each holding its span in registers before the PDL wait."""
-    tiles, split_k = -(-n_out // 64), 1
-    while tiles * split_k < sms and k // (split_k * 2) >= 128:
-        split_k *= 2
-    return {"BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 8 if swiglu else 4}
-
-
-def linear_row_on_tensor_cores(x, weight, weight_scale, act_quant, swiglu, out, cfg, counters):
-    """One row of x (1, K) against dense FP8 weights on the tensor cores, x quantized in the same kernel
-    (no pre-pass launch): out (1, N_out). The span loads before the PDL wait are what make it pay."""
-    k = x.shape[1]
-    n_out = out.shape[1]
-    split_k = int(cfg["SPLIT_K"])
-    block_k = triton.next_power_of_2(triton.cdiv(k, split_k))
-    split_k = triton.cdiv(k, block_k)
-    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
-    static = isinstance(act_quant, torch.Tensor)
-    part = weight_scale if split_k == 1 else torch.empty((split_k, 1, 2 * n_out), dtype=torch.float32,
-                                                          device=x.device)
-    count = weight_scale if split_k == 1 else counters(x.device, tiles)
-    _row_kernel[(tiles, split_k)](
-        x, act_quant if static else x, weight, weight_scale, out, part, count, n_out, weight.stride(0), K=k,
-        QUANT=1 if static else 2, SWIGLU=swiglu, SPLIT_K=split_k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        X_BLOCK=min(triton.next_power_of_2(k), 4096), PROMOTE_K=min(block_k, PROMOTE_K),
-        num_warps=cfg.get("num_warps", 4), num_stages=1, **pdl_kwargs(x))
     return out
 
 

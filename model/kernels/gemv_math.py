@@ -21,23 +21,24 @@ of weights at most on an H200; measured: 21-71% of copy bandwidth).
                  place, and the four products meet x[4i + j] loaded with a stride of 4; about three
                  integer ops per byte instead of five. Sums in another order than CVT 0 (4 lanes per
                  word), so the last bits may differ.
-  CVT 3 "mixed": each K chunk in two halves, the first through CVT 0's conversions (x halved, exact), the
-                 second through CVT 1's integer ops, into one accumulator of halved sums: the two run on
-                 different pipes (conversions on the 16-per-clock one, integer ops on the ALUs), so an SM
-                 converts about twice as many bytes per clock as with either alone. Sums in another order
-                 than CVT 0 (two products per lane per step), so the last bits may differ.
 """
 from __future__ import annotations
+
+import os
 
 from collectives.communicator import FP8_MAX
 from collectives.triton_support import tl, triton
 
 MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
-CVT_MODES = {"cvt": 0, "bits": 1, "words": 2, "mixed": 3}
+# Experiment switch (session 12, A/B on a GPU; read once at import): the next K chunk's weights requested
+# before the current chunk's math, so that a program's loads after the first chunk overlap its conversions.
+PREFETCH = os.environ.get("DGX_EMU_GEMV_PREFETCH", "0") == "1"
+CVT_MODES = {"cvt": 0, "bits": 1, "words": 2}
 
 if triton is not None:
     FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
     TWO_119 = tl.constexpr(2.0 ** 119)
+    PREFETCH_C = tl.constexpr(PREFETCH)
 
     @triton.jit
     def load_x(ptrs, mask, rs, ROW_SCALE: tl.constexpr):
@@ -114,13 +115,6 @@ if triton is not None:
         return (((t >> 31) << 31) | ((t >> 4) & 0x07F00000)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _mixed_products(w, x_cvt, x_bits):
-        """CVT 3: (first half of the chunk converted) * x_cvt + (second half as bits) * x_bits, float32."""
-        w_cvt, w_bits = w
-        bits = _e4m3_bits(w_bits.to(tl.uint8, bitcast=True).to(tl.uint32))
-        return w_cvt.to(tl.float32) * x_cvt[None, :] + bits * x_bits[None, :]
-
-    @triton.jit
     def _quantized_x(x_row, ks, k_ok, rs, div, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr, CVT: tl.constexpr):
         """The activation chunk as the products want it: x, or its e4m3 value (times 2^119 for CVT 1/2)."""
         x = load_x(x_row + ks, k_ok, rs, ROW_SCALE)
@@ -135,15 +129,7 @@ if triton is not None:
     def fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k0, rs, div, K: tl.constexpr, ROW_SCALE: tl.constexpr,
                   QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc += W chunk * x chunk [k0, k0 + BLOCK_K) (x broadcast over the tile's rows), float32."""
-        if CVT == 3:  # w_g, w_u: pairs of (BLOCK_N, BLOCK_K / 2) halves, converted two ways
-            HALF: tl.constexpr = BLOCK_K // 2
-            ks = k0 + tl.arange(0, HALF)
-            x_cvt = _quantized_x(x_row, ks, ks < K, rs, div, ROW_SCALE, QUANT, 0) * 0.5  # exact: halved sums
-            x_bits = _quantized_x(x_row, ks + HALF, ks + HALF < K, rs, div, ROW_SCALE, QUANT, 1)
-            acc_g += _mixed_products(w_g, x_cvt, x_bits)
-            if SWIGLU:
-                acc_u += _mixed_products(w_u, x_cvt, x_bits)
-        elif CVT == 2:  # w_g, w_u: (BLOCK_N, BLOCK_K / 4) words; x[4i + j] meets byte j of word i
+        if CVT == 2:  # w_g, w_u: (BLOCK_N, BLOCK_K / 4) words; x[4i + j] meets byte j of word i
             lanes = k0 + 4 * tl.arange(0, BLOCK_K // 4)
             words_g, words_u = w_g.to(tl.uint32, bitcast=True), w_u.to(tl.uint32, bitcast=True)
             for j in tl.static_range(4):
@@ -170,18 +156,29 @@ if triton is not None:
                   SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Float32 sums over K in [k_lo, k_lo + K_SPAN) of one (row, n tile), and the row's x scale;
         the chunk at k_lo (w_g, w_u) is already loaded. For CVT 1/2 the sums are halved (see above)."""
+        if PREFETCH_C and K_SPAN > BLOCK_K:  # the second chunk in flight before any math
+            next_g, next_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + BLOCK_K, K, SWIGLU, CVT, BLOCK_K)
         xs, div = 1.0, 1.0
         if QUANT:
             xs, div = x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
-        WIDTH: tl.constexpr = BLOCK_K // 4 if CVT == 2 else BLOCK_K // 2 if CVT == 3 else BLOCK_K
+        WIDTH: tl.constexpr = BLOCK_K // 4 if CVT == 2 else BLOCK_K
         acc_g = tl.zeros((BLOCK_N, WIDTH), tl.float32)  # per-lane partial sums, reduced once at the end
         acc_u = tl.zeros((BLOCK_N, WIDTH), tl.float32)
         acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo, rs, div, K, ROW_SCALE, QUANT, SWIGLU, CVT,
                                  BLOCK_K)
-        for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
-            w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
-            acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT, SWIGLU,
-                                     CVT, BLOCK_K)
+        if PREFETCH_C:
+            for k0 in tl.static_range(BLOCK_K, K_SPAN, BLOCK_K):
+                w_g, w_u = next_g, next_u
+                if k0 + BLOCK_K < K_SPAN:
+                    next_g, next_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0 + BLOCK_K, K, SWIGLU,
+                                                 CVT, BLOCK_K)
+                acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT,
+                                         SWIGLU, CVT, BLOCK_K)
+        else:
+            for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
+                w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
+                acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT,
+                                         SWIGLU, CVT, BLOCK_K)
         return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs
 
     @triton.jit
@@ -206,13 +203,6 @@ if triton is not None:
         if CVT == 2:
             offs = k_lo // 4 + tl.arange(0, BLOCK_K // 4)
             return load_w(w_gate, w_up, offs, col_ok[:, None] & (offs < K // 4)[None, :], stride_wk, SWIGLU)
-        elif CVT == 3:  # two halves: ((gate first, gate second), (up first, up second))
-            offs = k_lo + tl.arange(0, BLOCK_K // 2)
-            first_g, first_u = load_w(w_gate, w_up, offs, col_ok[:, None] & (offs < K)[None, :], stride_wk, SWIGLU)
-            second = offs + BLOCK_K // 2
-            second_g, second_u = load_w(w_gate, w_up, second, col_ok[:, None] & (second < K)[None, :], stride_wk,
-                                        SWIGLU)
-            return (first_g, second_g), (first_u, second_u)
         else:
             offs = k_lo + tl.arange(0, BLOCK_K)
             return load_w(w_gate, w_up, offs, col_ok[:, None] & (offs < K)[None, :], stride_wk, SWIGLU)
@@ -225,28 +215,3 @@ if triton is not None:
         g, u, xs = gemv_sums(x_row, rs, xs_ptr, w_gate, w_up, w_g, w_u, col_ok, stride_wk, 0, K, K, ROW_SCALE,
                              QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
         return finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
-
-    @triton.jit
-    def split_k_finish(g, u, xs, part_ptr, count_ptr, ws_ptr, out_ptr, row, tile, split, cols, col_ok, M, N_OUT,
-                       stride_om, QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Publishes this split's float32 sums; the last split of the (row, tile) to arrive (an atomic
-        counter, reset after) adds all splits in split order (deterministic) and writes the output.
-        part: (SPLIT_K, M, 2 N_OUT) float32 scratch; count: one int32 per (row, tile), zero between calls."""
-        slot = (split * M + row) * (2 * N_OUT)
-        tl.store(part_ptr + slot + cols, g, mask=col_ok)
-        if SWIGLU:
-            tl.store(part_ptr + slot + N_OUT + cols, u, mask=col_ok)
-        tl.debug_barrier()  # every thread's partial stored before the (release) count
-        counter = count_ptr + row * (tl.num_programs(0) // M) + tile
-        if tl.atomic_add(counter, 1) == SPLIT_K - 1:
-            g = tl.zeros((BLOCK_N,), tl.float32)
-            u = tl.zeros((BLOCK_N,), tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                base = part_ptr + (s * M + row) * (2 * N_OUT)
-                g += tl.load(base + cols, mask=col_ok, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote
-                if SWIGLU:
-                    u += tl.load(base + N_OUT + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0)
-            y = finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
-            tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)

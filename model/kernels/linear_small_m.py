@@ -48,11 +48,9 @@ from model.kernels.gemv_tiles import MAX_M, TUNED_BF16_GEMV, TUNED_FP8_GEMV, mma
 
 FP8 = torch.float8_e4m3fn
 HIGH = (torch.float32, torch.bfloat16, torch.float16)
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA",
-               "MMA_ROW")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "gemv", "CVT", "SPLIT_K", "DOT_F16", "PREQUANT", "MMA")
 MMA_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K", "MMA")
-FLAGS = ("PREQUANT", "DOT_F16", "MMA", "MMA_ROW")
-ROW_KEYS = ("BLOCK_N", "SPLIT_K", "num_warps")
+FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # No L2 prefetch (PTX prefetch.global.L2) of the rest of a GEMV's span before its PDL wait: with it on
 # (and the attention's), the medium decode step on an H200 took bf16 377.6 us vs 352.3 off, FP8 345.2 vs
 # 342.4 (c6bff85, h200x2-ab-decode-medium-*-c6bff85-tp1-prefetch-*.json): the prefetches compete for HBM
@@ -68,6 +66,31 @@ ROW_KEYS = ("BLOCK_N", "SPLIT_K", "num_warps")
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
     from model.kernels import gemv_math as gm
+
+    @triton.jit
+    def _split_k_finish(g, u, xs, part_ptr, count_ptr, ws_ptr, out_ptr, row, tile, split, cols, col_ok, M, N_OUT,
+                        stride_om, QUANT: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr,
+                        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Publishes this split's float32 sums; the last split of the (row, tile) to arrive (an atomic
+        counter, reset after) adds all splits in split order (deterministic) and writes the output.
+        part: (SPLIT_K, M, 2 N_OUT) float32 scratch; count: one int32 per (row, tile), zero between calls."""
+        slot = (split * M + row) * (2 * N_OUT)
+        tl.store(part_ptr + slot + cols, g, mask=col_ok)
+        if SWIGLU:
+            tl.store(part_ptr + slot + N_OUT + cols, u, mask=col_ok)
+        tl.debug_barrier()  # every thread's partial stored before the (release) count
+        counter = count_ptr + row * (tl.num_programs(0) // M) + tile
+        if tl.atomic_add(counter, 1) == SPLIT_K - 1:
+            g = tl.zeros((BLOCK_N,), tl.float32)
+            u = tl.zeros((BLOCK_N,), tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                base = part_ptr + (s * M + row) * (2 * N_OUT)
+                g += tl.load(base + cols, mask=col_ok, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote
+                if SWIGLU:
+                    u += tl.load(base + N_OUT + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            y = gm.finish(g, u, xs, ws_ptr, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
+            tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT,
@@ -110,7 +133,7 @@ if triton is not None:
             y = gm.finish(g, u, xs, ws_row, cols, col_ok, N_OUT, QUANT, SWIGLU, CVT)
             tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
         else:
-            gm.split_k_finish(g, u, xs, part_ptr, count_ptr, ws_row, out_ptr, row, tile, split, cols, col_ok, M,
+            _split_k_finish(g, u, xs, part_ptr, count_ptr, ws_row, out_ptr, row, tile, split, cols, col_ok, M,
                             N_OUT, stride_om, QUANT, SWIGLU, CVT, SPLIT_K, BLOCK_N)
 
     @triton.jit
@@ -339,15 +362,6 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
                                               cfg, _counters)
-    row_on_mma = weight.dtype == FP8 and m == 1 and not gather and layout == "k" and row_scale is None \
-        and not (isinstance(act_quant, torch.Tensor) and act_quant.numel() > 1)
-    if (config or {}).get("MMA_ROW") and not row_on_mma:
-        raise ValueError("linear_small_m: MMA_ROW takes one row of x against a dense K-contiguous FP8 weight, "
-                         "without row_scale or per-expert scales")
-    if row_on_mma and asked.get("MMA_ROW", False):
-        cfg = {**fp8_mma.row_config(n_out, k, swiglu), **{key: v for key, v in asked.items() if key in ROW_KEYS}}
-        out = _alloc_out(m, n_out, out_dtype, x.device)  # (1, N_out)
-        return fp8_mma.linear_row_on_tensor_cores(x, weight, weight_scale, act_quant, swiglu, out, cfg, _counters)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
     dense_row = m == 1 and layout == "k" and not (gather or swiglu)
     tuned = (TUNED_FP8_GEMV if weight.dtype == FP8 else TUNED_BF16_GEMV if weight.dtype == torch.bfloat16

@@ -279,7 +279,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
         raise ValueError(f"moe_decode: unknown config keys {sorted(unknown)}; known: {PAIR_KEYS}")
     cvt = lsm.CVT_MODES.get(cfg.get("CVT", "cvt"), cfg.get("CVT"))
     if cvt not in lsm.CVT_MODES.values() or cvt and w_a.dtype != lsm.FP8:
-        raise ValueError(f"moe_decode: CVT must be one of {sorted(lsm.CVT_MODES)}, 'bits' / 'words' / 'mixed' with FP8 "
+        raise ValueError(f"moe_decode: CVT must be one of {sorted(lsm.CVT_MODES)}, 'bits' / 'words' with FP8 "
                          f"weights only, got {cfg.get('CVT')!r}")
     if cvt == 2:  # the weights as int32 words (their strides then count words)
         if k_a % 4 or k_b % 4 or any(st % 4 for st in w_a.stride()[:-1] + w_b.stride()[:-1]):

@@ -167,23 +167,34 @@ def barriers(counter: torch.Tensor, err: torch.Tensor, n_barriers: int, programs
 
 
 def chain_weights(n_layers: int, hidden: int, qkv: int, inter: int, vocab: int, dtype: torch.dtype,
-                  device, seed: int = 0, lm_dtype: torch.dtype | None = None) -> dict:
-    """Random stacked weights of the chain (N(0, 1/K) so the vector keeps its scale), K-contiguous.
-    FP8: e4m3 with one float32 scale per output row (the "channel" scheme); BF16: scales unused.
-    lm_dtype: the LM head's (default dtype; the FP8 decode step keeps a BF16 LM head)."""
+                  device, seed: int = 0, lm_dtype: torch.dtype | None = None, x: torch.Tensor | None = None) -> dict:
+    """Random stacked weights of the chain (N(0, 1/K)), K-contiguous. FP8: e4m3 with one float32 scale
+    per output row (the "channel" scheme); BF16: scales unused. lm_dtype: the LM head's (default dtype;
+    the FP8 decode step keeps a BF16 LM head). SwiGLU squares the vector's scale each layer, so with `x`
+    each layer's FC2 is rescaled (in float32) to give x's chain an RMS of 1 there: the vector neither
+    vanishes nor overflows, and every phase's check compares real numbers."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = {"qkv": (n_layers, qkv, hidden), "o": (n_layers, hidden, hidden), "up": (n_layers, 2 * inter, hidden),
               "down": (n_layers, hidden, inter), "lm": (vocab, hidden)}
+    full = {name: torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / shape[-1] ** 0.5
+            for name, shape in shapes.items()}
+    if x is not None:
+        h = x.float().to(device)
+        for layer in range(n_layers):
+            o = full["o"][layer] @ (full["qkv"][layer] @ h)[:hidden]
+            gate, up = (full["up"][layer] @ o).chunk(2)
+            out = full["down"][layer] @ (F.silu(gate) * up)
+            full["down"][layer] /= out.pow(2).mean().sqrt()
+            h = out / out.pow(2).mean().sqrt()
     weights = {}
-    for name, shape in shapes.items():
-        w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / shape[-1] ** 0.5
+    for name, w in full.items():
         if (lm_dtype or dtype if name == "lm" else dtype) == FP8:
             scale = w.abs().amax(-1) / 448.0  # (..., N)
             weights[name] = (w / scale[..., None]).to(FP8)
             weights["s_" + name] = scale
         else:
             weights[name] = w.to(torch.bfloat16 if dtype == FP8 else dtype)
-            weights["s_" + name] = torch.ones(shape[:-1], device=device)
+            weights["s_" + name] = torch.ones(shapes[name][:-1], device=device)
     return weights
 
 
@@ -279,26 +290,29 @@ def interpreter_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (sign | (magnitude - 0x08 * carried.to(torch.uint8))).view(FP8)
 
 
+def reference_phase(weights: dict, phase: int, v: torch.Tensor, interpreter: bool = False) -> torch.Tensor:
+    """Phase `phase` of the chain in torch on its input vector v. As linear_small_m's reference: FP8
+    y = (q_x @ q_w.T) * x_scale * w_scale with a per-token x_scale = amax / 448, SwiGLU in float32;
+    `interpreter`: x quantized as Triton's interpreter does (interpreter_e4m3)."""
+    n_layers = weights["qkv"].shape[0]
+    name = "lm" if phase == PHASES_PER_LAYER * n_layers else ("qkv", "o", "up", "down")[phase % PHASES_PER_LAYER]
+    w, s = (weights[name], weights["s_" + name]) if name == "lm" else (weights[name][phase // PHASES_PER_LAYER],
+                                                                        weights["s_" + name][phase // PHASES_PER_LAYER])
+    x = v.float()
+    if w.dtype == FP8:
+        x_scale = x.abs().amax().clamp(min=MIN_AMAX) * INV_FP8_MAX
+        x = (interpreter_e4m3 if interpreter else quantize_fp8)(x, x_scale).float()
+        y = (w.float() @ x) * x_scale * s
+    else:
+        y = w.float() @ x
+    if name == "up":
+        gate, up = y.chunk(2)
+        y = F.silu(gate) * up
+    return y.to(torch.float32 if name == "lm" else torch.bfloat16)
+
+
 def reference_phases(weights: dict, inputs: list[torch.Tensor], interpreter: bool = False) -> list[torch.Tensor]:
     """Each phase in torch, fed `inputs[i]`, the vector phase i reads (x, then per layer the QKV
     output's first `hidden` values, o, act, the layer's output): phase by phase, so that a test sees
-    each phase's own error, not the chain's accumulated rounding. As linear_small_m's reference:
-    FP8 y = (q_x @ q_w.T) * x_scale * w_scale with a per-token x_scale = amax / 448, SwiGLU in
-    float32; `interpreter`: x quantized as Triton's interpreter does (interpreter_e4m3)."""
-    names = [(name, layer) for layer in range(weights["qkv"].shape[0]) for name in ("qkv", "o", "up", "down")]
-    out = []
-    for (name, layer), v in zip(names + [("lm", None)], inputs):
-        w, s = (weights[name], weights["s_" + name]) if layer is None else (weights[name][layer],
-                                                                              weights["s_" + name][layer])
-        x = v.float()
-        if w.dtype == FP8:
-            x_scale = x.abs().amax().clamp(min=MIN_AMAX) * INV_FP8_MAX
-            x = (interpreter_e4m3 if interpreter else quantize_fp8)(x, x_scale).float()
-            y = (w.float() @ x) * x_scale * s
-        else:
-            y = w.float() @ x
-        if name == "up":
-            gate, up = y.chunk(2)
-            y = F.silu(gate) * up
-        out.append(y.to(torch.float32 if name == "lm" else torch.bfloat16))
-    return out
+    each phase's own error, not the chain's accumulated rounding."""
+    return [reference_phase(weights, phase, v, interpreter) for phase, v in enumerate(inputs)]
