@@ -78,5 +78,6 @@ PY
     TAIL=120 step ncu-details 30 /usr/local/cuda/bin/ncu -i "$R/gemv.ncu-rep" --page details --print-details all
     rm -f "$R/gemv.ncu-rep"
   fi
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"  # a call brings back at most 8 files
 fi
 finish
