@@ -24,21 +24,15 @@ of weights at most on an H200; measured: 21-71% of copy bandwidth).
 """
 from __future__ import annotations
 
-import os
-
 from collectives.communicator import FP8_MAX
 from collectives.triton_support import tl, triton
 
 MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
-# Experiment switch (session 12, A/B on a GPU; read once at import): the next K chunk's weights requested
-# before the current chunk's math, so that a program's loads after the first chunk overlap its conversions.
-PREFETCH = os.environ.get("DGX_EMU_GEMV_PREFETCH", "0") == "1"
 CVT_MODES = {"cvt": 0, "bits": 1, "words": 2}
 
 if triton is not None:
     FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
     TWO_119 = tl.constexpr(2.0 ** 119)
-    PREFETCH_C = tl.constexpr(PREFETCH)
 
     @triton.jit
     def load_x(ptrs, mask, rs, ROW_SCALE: tl.constexpr):
@@ -156,8 +150,6 @@ if triton is not None:
                   SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Float32 sums over K in [k_lo, k_lo + K_SPAN) of one (row, n tile), and the row's x scale;
         the chunk at k_lo (w_g, w_u) is already loaded. For CVT 1/2 the sums are halved (see above)."""
-        if PREFETCH_C and K_SPAN > BLOCK_K:  # the second chunk in flight before any math
-            next_g, next_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + BLOCK_K, K, SWIGLU, CVT, BLOCK_K)
         xs, div = 1.0, 1.0
         if QUANT:
             xs, div = x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
@@ -166,19 +158,10 @@ if triton is not None:
         acc_u = tl.zeros((BLOCK_N, WIDTH), tl.float32)
         acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo, rs, div, K, ROW_SCALE, QUANT, SWIGLU, CVT,
                                  BLOCK_K)
-        if PREFETCH_C:
-            for k0 in tl.static_range(BLOCK_K, K_SPAN, BLOCK_K):
-                w_g, w_u = next_g, next_u
-                if k0 + BLOCK_K < K_SPAN:
-                    next_g, next_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0 + BLOCK_K, K, SWIGLU,
-                                                 CVT, BLOCK_K)
-                acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT,
-                                         SWIGLU, CVT, BLOCK_K)
-        else:
-            for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
-                w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
-                acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT,
-                                         SWIGLU, CVT, BLOCK_K)
+        for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
+            w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
+            acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT, SWIGLU,
+                                     CVT, BLOCK_K)
         return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), xs
 
     @triton.jit

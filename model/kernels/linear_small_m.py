@@ -63,6 +63,14 @@ FLAGS = ("PREQUANT", "DOT_F16", "MMA")
 # Nor two K chunks of the tile loaded before the PDL wait instead of one (medium's K = 2048 tiles: all of the tile;
 # f142e91, one H200, three alternated rounds): medium bf16 decode 344.4 / 344.3 / 344.6 us vs 323.3 / 323.5 / 323.2,
 # fp8 318.9 / 318.6 / 318.2 vs 309.4 / 309.5 / 309.1 (h200-ab-decode-medium-*-{early2,one-chunk}-*-f142e91-tp1.json).
+# Nor (session 12, one H200, each A/B in one call) the next K chunk requested before the current chunk's math, after
+# the wait (ee8ae24): medium fp8 decode 311.4 / 311.7 vs 307.7 / 308.3 us, bf16 319.0 / 319.2 vs 322.4 / 322.4, verify
+# the other way round (fp8 461 vs 472, bf16 540 vs 537) (h200-ab-decode-medium-*-pf{0,1}-*-ee8ae24-tp1.json).
+# Nor the one-row FP8 GEMV on the tensor cores with its whole span loaded before the wait and x quantized in the
+# kernel (818229e "MMA_ROW": fp8 step 343.0 / 342.9 vs 308.0 / 308.5 us), nor half of each FP8 chunk converted by
+# integer ops to share the conversion pipe with the ALUs (818229e CVT "mixed": 347.1 / 348.2)
+# (h200-ab-decode-medium-fp8-{default,cvt-mixed,mma-row-cvt-mixed}-*-818229e-tp1.json; MMA_ROW's own two files
+# exceeded the call's file limit: its numbers are from the call's log).
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
     from model.kernels import gemv_math as gm
