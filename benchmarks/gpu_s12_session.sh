@@ -11,7 +11,13 @@
 #   against the default: GPU tests of the GEMV / MoE pair kernels with it on, the chain (probe) and medium BF16 / FP8
 #   decode steps alternated, each variant in its own process and Triton cache; then Nsight Compute on one FP8 and
 #   one BF16 QKV-shaped GEMV (4096 x 2048) of the default kernel.
-#   PART=fp8|prefetch bash benchmarks/gpu_s12_session.sh
+#   Measured (ee8ae24): chain FP8 187.9 vs 193.7 us, but the medium FP8 step slower (311.4 / 311.7 vs 307.7 / 308.3),
+#   BF16 faster (319.0 / 319.2 vs 322.4 / 322.4), verify the other way round; dropped. ncu: the FP8 GEMV (256 programs
+#   of 8 warps, 118 registers a thread) 7.84 us at 22% of DRAM throughput, 23% achieved occupancy, long-scoreboard
+#   stalls first; BF16 (1024 programs of 4 warps, 64 registers) 7.87 us for twice the bytes, 45% occupancy.
+# PART=tiles: FP8 one-row GEMV tile shapes (DGX_EMU_GEMV_FP8 overrides applied to every FP8 GEMV and MoE pair) in
+#   the chain, then the two fastest against the default in medium FP8 decode steps, alternated.
+#   PART=fp8|prefetch|tiles bash benchmarks/gpu_s12_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -79,5 +85,27 @@ PY
     rm -f "$R/gemv.ncu-rep"
   fi
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"  # a call brings back at most 8 files
+elif [[ "${PART}" == tiles ]]; then
+  TILES=${TILES:-"BLOCK_N=8,num_warps=4;BLOCK_N=8,BLOCK_K=2048,num_warps=4;BLOCK_N=4,BLOCK_K=2048,num_warps=4;\
+BLOCK_N=4,BLOCK_K=1024,num_warps=4;BLOCK_N=16,BLOCK_K=512,num_warps=4;BLOCK_N=16,BLOCK_K=1024,num_warps=4;\
+BLOCK_N=8,BLOCK_K=1024,num_warps=8;BLOCK_N=32,BLOCK_K=512,num_warps=8;BLOCK_N=2,BLOCK_K=2048,num_warps=4;\
+PREQUANT=1,BLOCK_N=4,BLOCK_K=2048,num_warps=4;PREQUANT=1,BLOCK_N=8,BLOCK_K=1024,num_warps=4"}
+  TAIL=16 step chain 200 "python benchmarks/persistent_probe.py --no-persistent --dtypes fp8 --lsm-variants '$TILES' \
+      --out $R/h200-ab-gemv-chain-medium-tiles-$C.json | grep 'fp8 lsm'"
+  BEST=$(python - "$R/h200-ab-gemv-chain-medium-tiles-$C.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["results"] if r.get("name", "").startswith("lsm ") and "median_us" in r]
+rows.sort(key=lambda r: r["median_us"])
+print(";".join([r["name"][4:] for r in rows if r["name"] != "lsm default"][:2]))
+PY
+)
+  echo "== fastest in the chain: $BEST"
+  IFS=';' read -ra BS <<< "$BEST"
+  for round in r1 r2; do
+    bench fp8 "h200-ab-decode-medium-fp8-tiles-default-$round-$C-tp1"
+    for i in "${!BS[@]}"; do bench fp8 "h200-ab-decode-medium-fp8-tiles-best$i-$round-$C-tp1" "${BS[$i]}"; done
+  done
+  echo "${BEST}" > "$R/best-tiles.txt"
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi
 finish
