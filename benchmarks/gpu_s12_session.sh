@@ -17,7 +17,12 @@
 #   stalls first; BF16 (1024 programs of 4 warps, 64 registers) 7.87 us for twice the bytes, 45% occupancy.
 # PART=tiles: FP8 one-row GEMV tile shapes (DGX_EMU_GEMV_FP8 overrides applied to every FP8 GEMV and MoE pair) in
 #   the chain, then the two fastest against the default in medium FP8 decode steps, alternated.
-#   PART=fp8|prefetch|tiles bash benchmarks/gpu_s12_session.sh
+#   Measured (815aa5d): BLOCK_N=8,num_warps=4 fastest (chain 189.3 vs 194.4 us; step 302.1 / 302.2 vs 308.4 / 308.1,
+#   but its 4-token verify 523 vs 473 because the override also reached the tensor-core path): made the one-row
+#   FP8 heuristic at K <= 4096 (gemv_tiles.ONE_ROW_FP8_MAX_K), verify untouched.
+# PART=final: at the stop, the GPU tests of the GEMV / MoE pair / persistent-chain / PDL kernels and the fast path,
+#   then medium BF16 / FP8 and maverick-slice FP8 decode (the committed results for that commit).
+#   PART=fp8|prefetch|tiles|final bash benchmarks/gpu_s12_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -107,5 +112,13 @@ PY
   done
   echo "${BEST}" > "$R/best-tiles.txt"
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == final ]]; then
+  TAIL=6 step tests 260 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
+      tests/test_kernel_moe_decode.py tests/test_kernel_persistent.py tests/test_kernel_pdl.py tests/test_fast_path.py
+  for dtype in fp8 bf16; do bench $dtype "h200-decode-medium-$dtype-final-$C-tp1"; done
+  if (( SECONDS < DEADLINE - 60 )); then
+    TAIL=3 step maverick 110 "$DGX bench decode --model maverick-slice --dtype fp8 --modes graph --iters 150 \
+        --out $R/h200-decode-maverick-slice-fp8-final-$C-tp1.json"
+  fi
 fi
 finish

@@ -28,6 +28,14 @@ TUNED_FP8_GEMV = {(5120, 16384): {"BLOCK_N": 8, "BLOCK_K": 2048}, (5120, 8192): 
                   (5120, 5120): {"BLOCK_K": 512}, (5120, 2560): {"BLOCK_K": 512}, (2048, 4096): {"BLOCK_K": 2048}}
 
 
+# One-row FP8 GEMVs (and MoE pairs) with K up to this take 8-row tiles of 4 warps, not 16 rows of 8: at 16 rows a
+# program held 118 registers a thread, two programs an SM (ncu: 23% occupancy, long-scoreboard stalls first,
+# 4096x2048 at 22% of DRAM throughput). Measured on an H200 (session 12, 815aa5d): the medium weight stream as
+# linear_small_m launches 189.3 vs 194.4 us, the medium FP8 decode step 302.1 / 302.2 vs 308.4 / 308.1 us
+# (h200-ab-*-tiles-*-815aa5d*.json; 4 rows, 2048-deep chunks, PREQUANT and 32 rows were slower). Maverick's
+# K = 5120 shapes keep their measured tiles (TUNED_FP8_GEMV).
+ONE_ROW_FP8_MAX_K = 4096
+
 # One-row BF16 GEMVs (K-contiguous): a program takes as many weight rows as make ~PROGRAM_BYTES (at most 4), and
 # these measured shapes their best tiles (h200-gemv-bf16-8fc0176.json, gemv_bench.py --variants --cases bf16 on an
 # H200). One row of 2 KB per step had medium's K = 2048 GEMVs at 58-83% of copy bandwidth (its LM head 77%, 40.9 us);
@@ -65,7 +73,10 @@ def tiles(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool | 
     size = ELEMENT_SIZE[dtype]
     gemv = (M == 1) if gemv is None else gemv
     tiles = lambda block_n: M * -(-N // block_n) if gemv else -(-N // block_n)  # noqa: E731 (programs)
-    if gemv and layout == "k" and dtype == FP8:
+    if gemv and layout == "k" and dtype == FP8 and M == 1 and K <= ONE_ROW_FP8_MAX_K:
+        block_n = 8 if tiles(8) >= SMS else 4  # ONE_ROW_FP8_MAX_K's comment: measured
+        block_k, warps, stages = 512 if swiglu else 1024, 4, 1
+    elif gemv and layout == "k" and dtype == FP8:
         block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
         block_k, warps, stages = 512 if swiglu else 1024, 8 if block_n == 16 and not swiglu else 4, 1
     elif gemv and layout == "k":
