@@ -35,7 +35,7 @@ bench() {  # bench DTYPE FILE-STEM [OVERRIDES]: one graph-timed medium decode be
 }
 if [[ "${PART:-fp8}" == fp8 ]]; then
   TAIL=6 step tests 170 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
-      tests/test_kernel_moe_decode.py tests/test_kernel_persistent.py
+      tests/test_kernel_moe_decode.py tests/test_persistent_chain.py
   TAIL=14 step chain 120 "python benchmarks/persistent_probe.py --no-persistent --lsm-variants '$VARIANTS' \
       --out $R/h200-ab-gemv-chain-medium-$C.json | grep -v Warn"
   bench fp8 "h200-ab-decode-medium-fp8-default-r1-$C-tp1"
@@ -114,7 +114,7 @@ PY
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == final ]]; then
   TAIL=6 step tests 260 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_linear_small_m.py \
-      tests/test_kernel_moe_decode.py tests/test_kernel_persistent.py tests/test_kernel_pdl.py tests/test_fast_path.py
+      tests/test_kernel_moe_decode.py tests/test_persistent_chain.py tests/test_kernel_pdl.py tests/test_fast_path.py
   for dtype in fp8 bf16; do bench $dtype "h200-decode-medium-$dtype-final-$C-tp1"; done
   if (( SECONDS < DEADLINE - 60 )); then
     TAIL=3 step maverick 110 "$DGX bench decode --model maverick-slice --dtype fp8 --modes graph --iters 150 \

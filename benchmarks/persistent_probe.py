@@ -4,7 +4,7 @@ The medium decode step reads ~740 MB (BF16) or ~440 MB (FP8 layers, BF16 LM head
 GEMVs, one kernel each under PDL. On an H200 the FP8 step is 0.95x the BF16 one for a floor ratio of
 0.6 (#14's target: 0.7), because each GEMV kernel costs ~1-3 us beyond its bytes. This times the same
 weight stream chained through one vector (per layer QKV -> o_proj -> FC13 + SwiGLU -> FC2, then the
-LM head; model/kernels/persistent.py) four ways, in one process, against the floor:
+LM head; benchmarks/persistent_chain.py) four ways, in one process, against the floor:
   * lsm:      one linear_small_m launch per GEMV (the decode step's kernels, PDL, tuned tiles);
   * phases:   the persistent kernel's phases as one launch each (no PDL: what barriers replace);
   * persist:  one launch, grid barriers between phases (+ the counter's memset);
@@ -124,7 +124,7 @@ def parse_overrides(text: str) -> dict:
 
 def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list,
           lsm_variants: list[str]) -> None:
-    from model.kernels import persistent as P
+    from benchmarks import persistent_chain as P
     dtype = P.FP8 if dtype_name == "fp8" else torch.bfloat16
     x = torch.randn(MEDIUM["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     w = P.chain_weights(**MEDIUM, dtype=dtype, device="cuda", seed=1, lm_dtype=torch.bfloat16, x=x)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         print("persistent_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
     from benchmarks.gemv_bench import copy_tb_s
-    from model.kernels import persistent as P
+    from benchmarks import persistent_chain as P
     copy = copy_tb_s()
     print(f"copy bandwidth {copy:.3f} TB/s", flush=True)
     rows: list = []

@@ -1,4 +1,4 @@
-"""The persistent GEMV chain (model/kernels/persistent.py) against torch's chain of the same GEMVs
+"""The persistent GEMV chain (benchmarks/persistent_chain.py) against torch's chain of the same GEMVs
 (linear_small_m's reference per phase), both tile engines, BF16 and FP8 weights.
 
 On CPU (Triton's interpreter runs programs one after another, so each phase is its own launch) this
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from collectives.triton_support import tl, triton  # noqa: E402
 from model.kernels import gemv_math as gm  # noqa: E402
-from model.kernels.persistent import FP8, GemvChain, chain_weights, interpreter_e4m3, reference_phases  # noqa: E402
+from benchmarks.persistent_chain import FP8, GemvChain, chain_weights, interpreter_e4m3, reference_phases  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

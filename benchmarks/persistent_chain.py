@@ -24,6 +24,15 @@ error flag, so a broken barrier yields a flagged result, never a hang. Buffers a
 so no program ever reads a line its L1 could hold from an earlier phase. Under Triton's interpreter,
 whose programs run one after another, each phase is its own launch (BARRIER=False): the phases' code
 is the same, so CPU tests check the math and the GPU run checks the barriers.
+
+Measured on one H200 (dbda2f9, benchmarks/results/h200-persistent-probe-dbda2f9.json; the chain's vector then
+vanished after a few layers, which changes no timing): a grid barrier costs 0.96 us (33 in 32.8 us), about what a
+PDL kernel boundary costs. The same weight stream as linear_small_m launches took 196 us in BF16 (1.13x its floor)
+and 208 us in FP8 (2.02x); the persistent kernel's best tiles 285 us (1.64x) and 309 us (3.0x), its "dot" engine
+2.8-17x. As written it loses: a program fetches its tiles one after another, with nothing in flight across tiles
+or across a barrier, while a PDL launch has its next kernel's first tiles in flight. What would have to change for
+it to pay: each program's next tile (and the next phase's first) loaded before the current one's math and before
+the barrier. Not pursued further: FP8's gap is in the GEMV itself (2x its floor as launches, BF16 1.13x).
 """
 from __future__ import annotations
 
@@ -276,7 +285,7 @@ def interpreter_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """quantize_fp8 as Triton 3.9's interpreter rounds: to nearest with ties away from zero (10.5 -> 11,
     400 -> 416), and a rounding up into a power of two whose e4m3 exponent field is even loses the carry
     (124.1 -> 64, not 128; 31.98 -> 16; but 254.5 -> 256). Subnormals (|x / scale| < 2^-6, at most
-    3.5e-5 of the row's largest value) round otherwise and are not emulated. tests/test_kernel_persistent.py checks this
+    3.5e-5 of the row's largest value) round otherwise and are not emulated. tests/test_persistent_chain.py checks this
     against the interpreter."""
     target = (x.float() / scale).abs().clamp(max=448.0)
     bits = quantize_fp8(x, scale).view(torch.uint8)
