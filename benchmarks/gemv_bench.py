@@ -57,9 +57,9 @@ ROTATE_BYTES = 200e6  # weights that rotate through one graph: > 3x the 60 MB L2
 REPLAYS = 7
 
 
-def bench(fn, calls: int) -> float:
-    """Median GPU microseconds per call: `calls` calls of fn captured in one CUDA graph (so neither
-    Python nor launch latency counts, as in the decode step's graphs), replayed REPLAYS times."""
+def graph_times(fn, calls: int, replays: int = REPLAYS) -> list[float]:
+    """GPU microseconds per call of each of `replays` replays of one CUDA graph holding `calls` calls of fn
+    (so neither Python nor launch latency counts, as in the decode step's graphs)."""
     fn()  # compile / warm up outside the graph
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -73,7 +73,7 @@ def bench(fn, calls: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     times = []
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -81,7 +81,12 @@ def bench(fn, calls: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     del graph
-    return statistics.median(times)
+    return times
+
+
+def bench(fn, calls: int) -> float:
+    """Median GPU microseconds per call over REPLAYS graph replays (graph_times)."""
+    return statistics.median(graph_times(fn, calls))
 
 
 def eager_us(fn, calls: int = 100) -> float:

@@ -44,28 +44,9 @@ CONFIGS = [
 
 
 def graph_us(fn, calls: int, replays: int) -> tuple[float, float]:
-    """(median, p90) GPU microseconds per call: `calls` calls captured in one graph, replayed."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    times.sort()
+    """(median, p90) GPU microseconds per call from CUDA-graph replays (gemv_bench.graph_times)."""
+    from benchmarks.gemv_bench import graph_times
+    times = sorted(graph_times(fn, calls, replays))
     return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
