@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Session 12's device calls (one H200, nvidia-h200). Carry .device (raysite.tar.xz, head.tar.gz).
-# PART=fp8: the FP8 GEMV variants of this session, checked and timed in one call:
+# PART=fp8 (run at 818229e's tree: its MMA_ROW and CVT 'mixed' were reverted after): the FP8 GEMV variants of this
+#   session, checked and timed in one call:
 #   1. GPU tests of the GEMV / MoE pair / persistent-chain kernels (MMA_ROW, CVT 'mixed', the grid barriers);
 #   2. the medium weight stream chained through one vector as linear_small_m launches (benchmarks/persistent_probe.py
 #      --no-persistent): BF16, then FP8 with each DGX_EMU_GEMV_FP8 override in VARIANTS, against the floor;
 #   3. medium FP8 decode steps with those overrides, alternated with the default, and medium BF16.
 #   Measured (818229e): both slower (chain FP8 209.0 us default, 218.9 MMA_ROW, 238.7 mixed; medium FP8 decode
 #   308.0 / 308.5 default, 343.0 / 342.9 MMA_ROW, 347.1 / 348.2 mixed); reverted.
-# PART=prefetch: the next K chunk requested before the current chunk's math (DGX_EMU_GEMV_PREFETCH=1, gemv_math.py)
+# PART=prefetch (run at ee8ae24's tree; the switch was dropped after): the next K chunk requested before the current
+#   chunk's math (DGX_EMU_GEMV_PREFETCH=1, gemv_math.py)
 #   against the default: GPU tests of the GEMV / MoE pair kernels with it on, the chain (probe) and medium BF16 / FP8
 #   decode steps alternated, each variant in its own process and Triton cache; then Nsight Compute on one FP8 and
 #   one BF16 QKV-shaped GEMV (4096 x 2048) of the default kernel.

@@ -13,6 +13,7 @@ Every variant's outputs are checked against torch phase by phase, and the persis
 the phase launches bit for bit, before it is timed. Times are CUDA-graph replays (events, medians).
 
     python benchmarks/persistent_probe.py --out results.json [--dtypes bf16,fp8] [--quick]
+        [--no-persistent] [--lsm-variants 'BLOCK_N=8,num_warps=4;PREQUANT=1']
 """
 from __future__ import annotations
 
@@ -91,18 +92,6 @@ def weight_bytes(w: dict) -> int:
     return sum(t.numel() * t.element_size() for t in w.values())
 
 
-def parse_overrides(text: str) -> dict:
-    """DGX_EMU_GEMV_FP8-style overrides ("CVT=mixed,BLOCK_N=32"), parsed by linear_small_m's own parser."""
-    import os
-    from model.kernels import linear_small_m as lsm
-    before = os.environ.get("_PROBE_OVERRIDES")
-    os.environ["_PROBE_OVERRIDES"] = text
-    try:
-        return lsm.env_overrides("_PROBE_OVERRIDES")
-    finally:
-        os.environ.pop("_PROBE_OVERRIDES") if before is None else os.environ.__setitem__("_PROBE_OVERRIDES", before)
-
-
 def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list,
           lsm_variants: list[str]) -> None:
     from benchmarks import persistent_chain as P
@@ -122,15 +111,18 @@ def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, 
     torch_logits = torch_chain(w, x, P)
     run = lsm_chain(w, chain.x_buf)
     from model.kernels import linear_small_m as lsm
-    saved = dict(lsm.ENV_OVERRIDES[P.FP8])
-    for variant in lsm_variants if dtype == P.FP8 else [""]:
-        lsm.ENV_OVERRIDES[P.FP8].clear()
-        lsm.ENV_OVERRIDES[P.FP8].update(parse_overrides(variant))
-        logits = run()
-        add("lsm " + (variant or "default"), *graph_us(run, calls, replays),
-            rel_err_logits=round(rel_err(logits[0], torch_logits), 5))
-    lsm.ENV_OVERRIDES[P.FP8].clear()
-    lsm.ENV_OVERRIDES[P.FP8].update(saved)
+    overrides = lsm.ENV_OVERRIDES[P.FP8]  # what linear_small_m reads at every call
+    saved = dict(overrides)
+    try:
+        for variant in lsm_variants if dtype == P.FP8 else [""]:
+            overrides.clear()
+            overrides.update(lsm.parse_overrides(variant, "--lsm-variants"))
+            logits = run()
+            add("lsm " + (variant or "default"), *graph_us(run, calls, replays),
+                rel_err_logits=round(rel_err(logits[0], torch_logits), 5))
+    finally:
+        overrides.clear()
+        overrides.update(saved)
     for engine, tiles, warps in configs:
         label = f"{engine} w{warps} " + (",".join(f"{k}={v}" for k, v in tiles.items()) or "default")
         try:
@@ -164,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the first config of each engine only")
     p.add_argument("--no-persistent", action="store_true", help="time the linear_small_m chain only")
     p.add_argument("--lsm-variants", default="", help="';'-separated DGX_EMU_GEMV_FP8 overrides for the FP8 "
-                   "linear_small_m chain, e.g. 'MMA_ROW=1;CVT=mixed' (the default is always timed first)")
+                   "linear_small_m chain, e.g. 'BLOCK_N=8,num_warps=4;CVT=words' (the default is always timed first)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("persistent_probe: needs a CUDA GPU", file=sys.stderr)

@@ -73,12 +73,13 @@ def tiles(M: int, N: int, K: int, layout: str, dtype: torch.dtype, gemv: bool | 
     size = ELEMENT_SIZE[dtype]
     gemv = (M == 1) if gemv is None else gemv
     tiles = lambda block_n: M * -(-N // block_n) if gemv else -(-N // block_n)  # noqa: E731 (programs)
-    if gemv and layout == "k" and dtype == FP8 and M == 1 and K <= ONE_ROW_FP8_MAX_K:
-        block_n = 8 if tiles(8) >= SMS else 4  # ONE_ROW_FP8_MAX_K's comment: measured
-        block_k, warps, stages = 512 if swiglu else 1024, 4, 1
-    elif gemv and layout == "k" and dtype == FP8:
-        block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
-        block_k, warps, stages = 512 if swiglu else 1024, 8 if block_n == 16 and not swiglu else 4, 1
+    if gemv and layout == "k" and dtype == FP8:
+        if M == 1 and K <= ONE_ROW_FP8_MAX_K:  # ONE_ROW_FP8_MAX_K's comment: measured
+            block_n, warps = 8 if tiles(8) >= SMS else 4, 4
+        else:
+            block_n = 16 if tiles(16) >= SMS else 8 if tiles(8) >= SMS else 4
+            warps = 8 if block_n == 16 and not swiglu else 4
+        block_k, stages = 512 if swiglu else 1024, 1
     elif gemv and layout == "k":
         block_n, block_k, warps, stages = rows_per_program(M, K, size, swiglu), 2048 // size, 4, 1
     elif gemv:

@@ -224,8 +224,13 @@ def env_overrides(name: str) -> dict:
     change. They apply to calls without an explicit config: the tile keys, CVT, SPLIT_K and
     PREQUANT to the GEMV path (M = 1, gathered experts; moe_decode's pair kernels take the tile
     keys and CVT), DOT_F16 to the 16-row dot."""
+    return parse_overrides(os.environ.get(name, ""), name)
+
+
+def parse_overrides(text: str, name: str = "overrides") -> dict:
+    """Overrides from their "KEY=VALUE,..." text, as env_overrides reads them (`name` labels the errors)."""
     overrides = {}
-    for item in filter(None, (part.strip() for part in os.environ.get(name, "").split(","))):
+    for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = (t.strip() for t in item.partition("="))
         if not sep or key not in CONFIG_KEYS or key == "gemv":
             raise ValueError(f"{name}: items must be KEY=VALUE with KEY one of {CONFIG_KEYS[:2] + CONFIG_KEYS[2:4]} "
