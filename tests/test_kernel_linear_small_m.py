@@ -555,3 +555,37 @@ def test_quantization_pre_pass_one_load_equals_the_two_passes(monkeypatch, stati
     scale = act.expand(3) if static else scored.float().abs().amax(-1).clamp(min=1e-12) * (1.0 / 448)  # (M,)
     assert torch.equal(one_pass[0].float(), quantize_fp8(scored, scale[:, None]).float())
     assert torch.equal(one_pass[1], scale.float())
+
+
+@pytest.mark.parametrize("m,swiglu,gather", [(1, False, False), (1, True, False), (3, True, True), (4, False, False)])
+def test_fp8_x_quantized_by_its_producer(m, swiglu, gather):
+    """x_fp8 (x as its producer quantized it, e.g. the fused add + RMSNorm) gives the bits of x
+    quantized in the kernel: the one-row GEMV, gathered experts, and the tensor-core path from 2 rows."""
+    from model.kernels.fp8_mma import prequantize
+    gen = torch.Generator().manual_seed(m * 5 + swiglu + 2 * gather)
+    w_q, w_scale = _fp8_weight(gen, (3,) if gather else (), 2 * 40 if swiglu else 40, 128)
+    x = _exact_fp8_rows(gen, m, 128, torch.bfloat16, [(i % 4) - 7 for i in range(m)])
+    kw = dict(weight_scale=w_scale, act_quant="token", swiglu=swiglu, out_dtype=torch.float32)
+    if gather:
+        kw["expert_ids"] = torch.tensor([2, 0, 2][:m], device=DEVICE)
+    x_fp8 = prequantize(x, None, "token")
+    want = linear_small_m(x, w_q, **kw)
+    _check(want, reference_linear_small_m(x, w_q, **kw), 1e-3 if CUDA and m > 1 else 1e-5)
+    assert torch.equal(linear_small_m(x, w_q, x_fp8=x_fp8, **kw), want)
+
+
+def test_fp8_x_quantized_by_its_producer_is_checked():
+    from model.kernels.fp8_mma import prequantize
+    gen = torch.Generator().manual_seed(9)
+    w_q, w_scale = _fp8_weight(gen, (), 32, 64)
+    x = _exact_fp8_rows(gen, 2, 64, torch.bfloat16, [-6, -7])
+    x_q, scales = prequantize(x, None, "token")
+    kw = dict(weight_scale=w_scale, act_quant="token")
+    for bad, match in [((x_q[:1], scales[:1]), "x_fp8 must be"), ((x_q, scales.double()), "x_fp8 must be"),
+                       ((x_q.float(), scales), "x_fp8 must be")]:
+        with pytest.raises(ValueError, match=match):
+            linear_small_m(x, w_q, x_fp8=bad, **kw)
+    with pytest.raises(ValueError, match="act_quant 'token'"):
+        linear_small_m(x, w_q, weight_scale=w_scale, act_quant=torch.tensor(1.0, device=DEVICE), x_fp8=(x_q, scales))
+    with pytest.raises(ValueError, match="no row_scale"):
+        linear_small_m(x, w_q, row_scale=torch.ones(2, device=DEVICE), x_fp8=(x_q, scales), **kw)

@@ -192,12 +192,13 @@ def prequantize(x: torch.Tensor, row_scale: torch.Tensor | None, act_quant) -> t
     return x_q, xs
 
 
-def linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout, cfg, counters):
-    """Dense FP8 on the tensor cores: the activation quantized by the pre-pass, then one swap-AB dot
-    kernel into out (M, N_out), which linear_small_m allocates."""
+def linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout, cfg, counters,
+                           x_fp8=None):
+    """Dense FP8 on the tensor cores: the activation quantized by the pre-pass (or x_fp8, by its
+    producer), then one swap-AB dot kernel into out (M, N_out), which linear_small_m allocates."""
     if layout != "k" or weight.stride(-1) != 1:
         raise ValueError(f"linear_small_m: MMA reads a K-contiguous FP8 weight, got strides {weight.stride()}")
     if isinstance(act_quant, torch.Tensor) and act_quant.numel() > 1:
         raise ValueError("linear_small_m: MMA takes one static scale or 'token', not per-expert scales")
-    x_q, xs = prequantize(x, row_scale, act_quant)
+    x_q, xs = x_fp8 if x_fp8 is not None else prequantize(x, row_scale, act_quant)
     return fp8_mma(x_q, xs, weight, weight_scale, out, counters, swiglu=swiglu, config=cfg, launch=pdl_kwargs(x))

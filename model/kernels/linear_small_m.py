@@ -301,6 +301,21 @@ def _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, ou
     return m, n, out_dtype, gather
 
 
+def _check_x_fp8(x, x_fp8, weight, row_scale, act_quant) -> None:
+    """Refuses an x_fp8 that does not stand for x quantized per row (see linear_small_m)."""
+    if x_fp8 is None:
+        return
+    if weight.dtype != FP8 or not (isinstance(act_quant, str) and act_quant == "token") or row_scale is not None:
+        raise ValueError("linear_small_m: x_fp8 (x quantized by its producer) goes with FP8 weights, act_quant "
+                         "'token' and no row_scale")
+    x_q, scales = x_fp8
+    if (x_q.dtype != FP8 or x_q.shape != x.shape or not x_q.is_contiguous() or scales.dtype != torch.float32
+            or scales.shape != x.shape[:1] or x_q.device != x.device or scales.device != x.device):
+        raise ValueError(f"linear_small_m: x_fp8 must be (contiguous float8_e4m3fn {tuple(x.shape)}, float32 "
+                         f"({x.shape[0]},)) on {x.device}, got ({x_q.dtype} {tuple(x_q.shape)}, {scales.dtype} "
+                         f"{tuple(scales.shape)})")
+
+
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, f16: bool = False):
     """tl.dot operand type that holds both operands exactly (the interpreter computes in float32).
     FP8 weights: bf16 (default), or fp16 with `f16` (e4m3 -> fp16 is one packed cvt on Hopper; e4m3
@@ -345,7 +360,8 @@ def _variant(cfg: dict, weight: torch.Tensor, k: int, gemv: bool) -> tuple[int, 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
                    row_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
                    act_quant: str | torch.Tensor | None = None, swiglu: bool = False,
-                   out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, config: dict | None = None,
+                   x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(M, N) = x @ W.T, or (M, N/2) = silu(gate) * up with swiglu, in out_dtype (default x's).
 
     x: (M, K), M <= 16, float32/bf16/fp16, unit stride along K. weight: (N, K), or (E, N, K) with
@@ -359,8 +375,12 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     (K cut in that many programs per output tile, reduced in a fixed order by the last to finish);
     "PREQUANT": True to quantize an FP8 GEMV's activation in a pre-pass kernel (as the 16-row dot
     always does) rather than in every program; "DOT_F16": True to run the FP8 16-row tl.dot on
-    fp16 operands (default bf16)."""
+    fp16 operands (default bf16).
+    x_fp8: (x_q (M, K) float8_e4m3fn, scales (M,) float32), x as its producer already quantized it
+    (act_quant "token", no row_scale): what quantize_rows(x) gives, e.g. the fused add + RMSNorm's
+    second output. The kernels read it instead of quantizing x in every program or in a pre-pass."""
     m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
+    _check_x_fp8(x, x_fp8, weight, row_scale, act_quant)
     if not available(x):
         raise ValueError(f"linear_small_m: needs Triton and a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
     unknown = set(config or {}) - set(CONFIG_KEYS)
@@ -374,7 +394,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
         cfg = {**fp8_mma.default_config(m, n_out, k, swiglu), **{key: v for key, v in asked.items() if key in MMA_KEYS}}
         out = _alloc_out(m, n_out, out_dtype, x.device)  # (M, N_out)
         return fp8_mma.linear_on_tensor_cores(x, weight, row_scale, weight_scale, act_quant, swiglu, out, layout,
-                                              cfg, _counters)
+                                              cfg, _counters, x_fp8)
     gemv = gather or bool((config or {}).get("gemv", m == 1))  # dense M > 1 may be put on the GEMV (sweeps)
     dense_row = m == 1 and layout == "k" and not (gather or swiglu)
     tuned = (TUNED_FP8_GEMV if weight.dtype == FP8 else TUNED_BF16_GEMV if weight.dtype == torch.bfloat16
@@ -391,12 +411,13 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     flags = dict(ROW_SCALE=row_scale is not None, QUANT=quant, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x))
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
-    prequant = quant and (not gemv or cfg.get("PREQUANT", False))
+    prequant = quant and (not gemv or cfg.get("PREQUANT", False) or x_fp8 is not None)
     per_expert_xs = quant == 1 and act_quant.numel() > 1  # (E,) static scales
-    if prequant:  # FP8: quantize x once (row scale applied), not in every program
+    if prequant:  # FP8: x quantized once (row scale applied), by its producer or a pre-pass, not in every program
         if per_expert_xs:
             raise ValueError("linear_small_m: PREQUANT takes one static scale or 'token', not per-expert scales")
-        (x, xs), flags["ROW_SCALE"] = fp8_mma.prequantize(x, row_scale, act_quant), False
+        x, xs = x_fp8 if x_fp8 is not None else fp8_mma.prequantize(x, row_scale, act_quant)
+        flags["ROW_SCALE"] = False
         if gemv:
             flags["QUANT"] = 3
     if gemv:
