@@ -6,7 +6,13 @@
 #      decode step runs it, then with every GEMV handed its activation already quantized (the upper bound);
 #   3. Nsight Compute on one QKV-shaped FP8 GEMV (4096 x 2048), in-kernel quantization vs x_fp8;
 #   4. the fast path's GPU tests (not run on a GPU since 7651e37).
-#   PART=probe bash benchmarks/gpu_s13_session.sh
+#   Measured (a541a49): chain FP8 187.9 us default, 156.6 us with x_fp8 given (BF16 197.4); ncu on the 4096 x 2048
+#   FP8 GEMV: 7.90 vs 6.56 us, 121 / 119 registers a thread (4 programs an SM, 25% theoretical occupancy), 22 / 27% of
+#   DRAM throughput, long-scoreboard stalls first; test_fast_path.py on the GPU: 17 passed, 2 skipped.
+# PART=sums: per-row sums of every K chunk (DGX_EMU_GEMV_CHUNK_SUMS=1, gemv_math.py) against the per-lane sums:
+#   the GEMV / MoE pair GPU tests with it on, the chain (with x_fp8 given, and tiles), then medium FP8 / BF16 decode
+#   steps alternated, each switch value in its own process and Triton cache.
+#   PART=probe|sums bash benchmarks/gpu_s13_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -44,5 +50,22 @@ PY
         tests/test_fast_path.py
   fi
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"  # a call brings back at most 8 files
+elif [[ "${PART}" == sums ]]; then
+  TAIL=4 step tests 150 "DGX_EMU_GEMV_CHUNK_SUMS=1 TRITON_CACHE_DIR=/tmp/tc-s1 python -m pytest -q -p no:cacheprovider \
+      -o addopts= -rf tests/test_kernel_linear_small_m.py tests/test_kernel_moe_decode.py -k 'gpu or producer'"
+  for cs in 0 1; do
+    TAIL=9 step "chain-s$cs" 90 "DGX_EMU_GEMV_CHUNK_SUMS=$cs TRITON_CACHE_DIR=/tmp/tc-s$cs python \
+        benchmarks/persistent_probe.py --no-persistent --dtypes fp8,bf16 --given-fp8 --lsm-variants \
+        'BLOCK_N=16,num_warps=4;BLOCK_N=16,num_warps=8' --out $R/h200-ab-gemv-chain-medium-sums$cs-$C.json | grep lsm"
+  done
+  sbench() {  # sbench DTYPE SUMS ROUND
+    if (( SECONDS > DEADLINE - 60 )); then echo "== $1 s$2 $3 skipped (no time left)"; return; fi
+    TAIL=3 step "decode-$1-s$2-$3" 100 "DGX_EMU_GEMV_CHUNK_SUMS=$2 TRITON_CACHE_DIR=/tmp/tc-s$2 $DGX bench decode \
+        --model medium --dtype $1 --modes graph --iters 150 --out $R/h200-ab-decode-medium-$1-sums$2-$3-$C-tp1.json"
+  }
+  for round in r1 r2; do
+    for dtype in fp8 bf16; do sbench $dtype 1 $round; sbench $dtype 0 $round; done
+  done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi
 finish
