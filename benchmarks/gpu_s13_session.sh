@@ -9,9 +9,11 @@
 #   Measured (a541a49): chain FP8 187.9 us default, 156.6 us with x_fp8 given (BF16 197.4); ncu on the 4096 x 2048
 #   FP8 GEMV: 7.90 vs 6.56 us, 121 / 119 registers a thread (4 programs an SM, 25% theoretical occupancy), 22 / 27% of
 #   DRAM throughput, long-scoreboard stalls first; test_fast_path.py on the GPU: 17 passed, 2 skipped.
-# PART=sums: per-row sums of every K chunk (DGX_EMU_GEMV_CHUNK_SUMS=1, gemv_math.py) against the per-lane sums:
+# PART=sums (run at cc20476; the switch was dropped after): per-row sums of every K chunk (DGX_EMU_GEMV_CHUNK_SUMS=1, gemv_math.py) against the per-lane sums:
 #   the GEMV / MoE pair GPU tests with it on, the chain (with x_fp8 given, and tiles), then medium FP8 / BF16 decode
 #   steps alternated, each switch value in its own process and Triton cache.
+#   Measured (cc20476): slower everywhere: medium FP8 decode 322.9 / 322.8 vs 302.7 / 302.5 us, BF16 337.9 / 337.8 vs
+#   323.3 / 323.3; chain FP8 207.2 vs 188.1 (x_fp8 given: 188.5 vs 157.1). Dropped.
 #   PART=probe|sums bash benchmarks/gpu_s13_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)

@@ -24,22 +24,20 @@ of weights at most on an H200; measured: 21-71% of copy bandwidth).
 """
 from __future__ import annotations
 
-import os
-
 from collectives.communicator import FP8_MAX
 from collectives.triton_support import tl, triton
 
 MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
-# Experiment switch (read once, at import): every K chunk's products summed into per-row float32 sums at once,
-# instead of kept in (BLOCK_N, BLOCK_K) per-lane sums reduced at the end (64 of the one-row FP8 GEMV's 119-121
-# registers a thread at 8 x 1024 tiles; ncu: 4 programs an SM, 25% occupancy, long-scoreboard stalls first).
-CHUNK_SUMS = os.environ.get("DGX_EMU_GEMV_CHUNK_SUMS", "0") == "1"
+# Measured and dropped (session 13, cc20476, one H200): summing each K chunk's products into per-row sums at once,
+# instead of the per-lane (BLOCK_N, BLOCK_K) sums reduced at the end that hold 64 of the one-row FP8 GEMV's ~120
+# registers (ncu: 4 programs an SM). Fewer registers, but a block-wide reduction per chunk: medium decode FP8
+# 322.9 / 322.8 vs 302.7 / 302.5 us, BF16 337.9 / 337.8 vs 323.3 / 323.3; the chain FP8 207.2 vs 188.1
+# (h200-ab-*-sums{0,1}-*cc20476*.json).
 CVT_MODES = {"cvt": 0, "bits": 1, "words": 2}
 
 if triton is not None:
     FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
     TWO_119 = tl.constexpr(2.0 ** 119)
-    CHUNK_SUMS_C = tl.constexpr(CHUNK_SUMS)
 
     @triton.jit
     def load_x(ptrs, mask, rs, ROW_SCALE: tl.constexpr):
@@ -161,21 +159,6 @@ if triton is not None:
         if QUANT:
             xs, div = x_scale(x_row, xs_ptr, rs, K, ROW_SCALE, QUANT, BLOCK_K)
         WIDTH: tl.constexpr = BLOCK_K // 4 if CVT == 2 else BLOCK_K
-        if CHUNK_SUMS_C:  # per-row sums, each chunk's products reduced at once (-0.0: x + -0.0 folds to x)
-            sum_g = tl.zeros((BLOCK_N,), tl.float32)
-            sum_u = tl.zeros((BLOCK_N,), tl.float32)
-            lanes = tl.full((BLOCK_N, WIDTH), -0.0, tl.float32)
-            part_g, part_u = fma_chunk(lanes, lanes, w_g, w_u, x_row, k_lo, rs, div, K, ROW_SCALE, QUANT, SWIGLU,
-                                       CVT, BLOCK_K)
-            sum_g += tl.sum(part_g, axis=1)
-            sum_u += tl.sum(part_u, axis=1)
-            for k0 in range(BLOCK_K, K_SPAN, BLOCK_K):
-                w_g, w_u = first_chunk(w_gate, w_up, col_ok, stride_wk, k_lo + k0, K, SWIGLU, CVT, BLOCK_K)
-                part_g, part_u = fma_chunk(lanes, lanes, w_g, w_u, x_row, k_lo + k0, rs, div, K, ROW_SCALE, QUANT,
-                                           SWIGLU, CVT, BLOCK_K)
-                sum_g += tl.sum(part_g, axis=1)
-                sum_u += tl.sum(part_u, axis=1)
-            return sum_g, sum_u, xs
         acc_g = tl.zeros((BLOCK_N, WIDTH), tl.float32)  # per-lane partial sums, reduced once at the end
         acc_u = tl.zeros((BLOCK_N, WIDTH), tl.float32)
         acc_g, acc_u = fma_chunk(acc_g, acc_u, w_g, w_u, x_row, k_lo, rs, div, K, ROW_SCALE, QUANT, SWIGLU, CVT,
