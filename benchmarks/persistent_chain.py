@@ -39,9 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from collectives.communicator import quantize_fp8
+from collectives.communicator import INV_FP8_MAX, MIN_AMAX, quantize_fp8
 from collectives.triton_support import INTERPRETED, tl, triton
-from model.kernels.gemv_math import INV_FP8_MAX, MIN_AMAX
 
 FP8 = torch.float8_e4m3fn
 PHASES_PER_LAYER = 4  # QKV, o_proj, FC13 + SwiGLU, FC2

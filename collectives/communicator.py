@@ -28,6 +28,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_AMAX = 1e-12  # a token of zeros: any positive scale quantizes it exactly; keep it finite
+# Dynamic activation scales are amax * float32(1/448): a multiplication rounds the same on every
+# device, where "amax / 448" does not (CUDA torch divides by a Python scalar as a multiplication
+# by its reciprocal, CPU torch divides), and the one-kernel quantizers compute the same bits.
+INV_FP8_MAX = 1.0 / 448.0
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -36,18 +41,33 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) FP8: (float8_e4m3fn x, float32 scales (..., 1)), each row's scale
+    max(amax, MIN_AMAX) * float32(1/448)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX  # (..., 1)
+    return quantize_fp8(x, scale), scale
+
+
 def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                quant_scale: torch.Tensor | None = None,
+                fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local half of allreduce_add_rmsnorm: (RMSNorm(residual + reduced) * weight [as FP8 with
-    quant_scale], residual + reduced); residual None: (RMSNorm(reduced) * weight, reduced). One kernel
-    on CUDA, torch ops elsewhere."""
+    quant_scale], residual + reduced); residual None: (RMSNorm(reduced) * weight, reduced); fp8_rows
+    (e4m3 (..., H), float32 (rows,)) filled with quantize_rows_fp8(normed). One kernel on CUDA,
+    torch ops elsewhere."""
     if reduced.is_cuda:
         from collectives import fused_norm
         if fused_norm.available(reduced) and (residual is None or (
                 residual.is_contiguous() and residual.shape == reduced.shape and residual.dtype == reduced.dtype)):
-            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
+            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale, fp8_rows)
     new_residual = reduced if residual is None else residual + reduced
     normed = rms_norm(new_residual, weight, eps)
+    if fp8_rows is not None:
+        from collectives.fused_norm import check_fp8_rows
+        check_fp8_rows(normed, quant_scale, fp8_rows)
+        q, scale = quantize_rows_fp8(normed)
+        fp8_rows[0].copy_(q)
+        fp8_rows[1].copy_(scale.view(-1))
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
 
 
@@ -80,12 +100,22 @@ class Communicator(ABC):
         """Returns once every rank has entered."""
 
     def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                              eps: float, quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              eps: float, quant_scale: torch.Tensor | None = None,
+                              fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial)).
         With `quant_scale`, the normed output comes back as float8_e4m3fn (normed / quant_scale,
         saturated), ready for the next FP8 GEMM; the residual stays in its own dtype. residual None
-        (a step's first norm: the embedding's partial sums): the sum itself is the new residual."""
-        return add_rmsnorm(self.all_reduce(partial), residual, weight, eps, quant_scale)
+        (a step's first norm: the embedding's partial sums): the sum itself is the new residual.
+        fp8_rows (buffers: e4m3 like the output, float32 (rows,)) are filled with the output quantized
+        per row (quantize_rows_fp8), for an FP8 GEMM with dynamic scales; only where
+        `norm_quantizes_rows` says so (other backends do not take the argument)."""
+        return add_rmsnorm(self.all_reduce(partial), residual, weight, eps, quant_scale, fp8_rows)
+
+    def norm_quantizes_rows(self, x: torch.Tensor) -> bool:
+        """Does allreduce_add_rmsnorm take `fp8_rows` for a partial like x, in its own kernel (no extra
+        launch)? The single-rank communicator's norm kernel does; the multi-rank kernels not yet."""
+        return False
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor,
                  send_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -175,6 +205,9 @@ class SingleRankCommunicator(Communicator):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def norm_quantizes_rows(self, x: torch.Tensor) -> bool:
+        return True  # add_rmsnorm: collectives/fused_norm.py's kernel on CUDA (torch ops on the CPU)
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return x

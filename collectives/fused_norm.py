@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from collectives import gpu_stamps
-from collectives.communicator import FP8_MAX, quantize_fp8, rms_norm
+from collectives.communicator import FP8_MAX, INV_FP8_MAX, MIN_AMAX, quantize_fp8, quantize_rows_fp8, rms_norm
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
@@ -42,6 +42,7 @@ if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
 
     FP8_MAX_CONST = tl.constexpr(FP8_MAX)
+    MIN_AMAX_CONST, INV_FP8_MAX_CONST = tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
     TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     if INTERPRETED:
@@ -79,12 +80,29 @@ if triton is not None:
         return y
 
     @triton.jit
+    def quantize_e4m3(x, divisor):
+        """clamp(x / divisor, +-448) rounded to e4m3 (quantize_fp8), returned as float32."""
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, divisor), -FP8_MAX_CONST), FP8_MAX_CONST)
+        return q.to(tl.float8e4nv).to(tl.float32)
+
+    @triton.jit
+    def dynamic_scale(row_amax):
+        """(scale, divisor) of a row whose |x| max is row_amax: quantize_rows_fp8's scale, and the divisor
+        the row is quantized with. An all-zero row quantizes to zeros with any divisor: it divides by 1,
+        not by 2e-15, which sends IEEE division down its slow path."""
+        xs = tl.maximum(row_amax, MIN_AMAX_CONST) * INV_FP8_MAX_CONST
+        return xs, tl.where(row_amax > 0, xs, 1.0)
+
+    @triton.jit
     def _add_rmsnorm_kernel(partial_ptr, residual_ptr, weight_ptr, scale_ptr, normed_ptr, new_residual_ptr, eps,
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
                             QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr,
+                            q_ptr, q_scale_ptr, ROW_QUANT: tl.constexpr = False,
                             PDL: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = True):
         """Program `row`: s = residual + partial (without HAS_RESIDUAL: s = partial, and no residual is
         stored: the partial is the new residual); normed = (s * rsqrt(mean(s^2) + eps)) * weight.
+        With ROW_QUANT, also normed quantized per row (quantize_rows_fp8) into q_ptr, its scale into
+        q_scale_ptr[row].
         With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot].
         With PDL (programmatic dependent launch, triton_support.py) it waits for the kernel that
         wrote the partial before anything else."""
@@ -106,6 +124,10 @@ if triton is not None:
             tl.store(new_residual_ptr + row * HIDDEN + cols, s.to(io), mask=mask)
         y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
+        if ROW_QUANT:  # y holds the stored values (rounded to the normed dtype); masked lanes are 0
+            xs, divisor = dynamic_scale(tl.max(tl.abs(y), axis=0))
+            tl.store(q_ptr + row * HIDDEN + cols, quantize_e4m3(y, divisor).to(tl.float8e4nv), mask=mask)
+            tl.store(q_scale_ptr + row, xs)
         if STAMP:
             if row == 0:
                 write_stamp(stamps_ptr, end_slot)
@@ -148,14 +170,33 @@ def _check(partial, residual, weight, quant_scale) -> None:
         raise ValueError(f"every tensor must be on residual's device {residual.device}")
 
 
+def check_fp8_rows(normed: torch.Tensor, quant_scale, fp8_rows) -> None:
+    """Refuses fp8_rows buffers that cannot hold `normed` quantized per row: (e4m3 like normed,
+    contiguous; float32 (rows,)), on normed's device, and not with a static quant_scale."""
+    if fp8_rows is None:
+        return
+    q, scales = fp8_rows
+    rows = normed.numel() // max(1, normed.shape[-1])
+    if quant_scale is not None:
+        raise ValueError("fp8_rows (dynamic per-row FP8) and quant_scale (a static scale) exclude each other")
+    if (q.dtype != FP8 or q.shape != normed.shape or not q.is_contiguous() or scales.dtype != torch.float32
+            or scales.shape != (rows,) or q.device != normed.device or scales.device != normed.device):
+        raise ValueError(f"fp8_rows must be (contiguous float8_e4m3fn {tuple(normed.shape)}, float32 ({rows},)) "
+                         f"on {normed.device}, got ({q.dtype} {tuple(q.shape)}, {scales.dtype} {tuple(scales.shape)})")
+
+
 def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                quant_scale: torch.Tensor | None = None,
+                fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """partial, residual: contiguous (..., H), one float32/bf16/fp16 dtype, H <= 8192; weight (H,).
     Returns (normed, residual + partial): normed = RMSNorm(residual + partial) * weight in the
     promoted dtype, or float8_e4m3fn (normed / quant_scale, saturated) when quant_scale, a float32
     scalar tensor, is given. New tensors; the inputs are not modified. residual None: no residual
-    (a step's first norm, of the embedding): returns (RMSNorm(partial) * weight, partial itself)."""
+    (a step's first norm, of the embedding): returns (RMSNorm(partial) * weight, partial itself).
+    fp8_rows: buffers (e4m3 (..., H), float32 (rows,)) the kernel also fills with normed quantized per
+    row (quantize_rows_fp8), for the FP8 GEMV that reads it (linear_small_m's x_fp8)."""
     _check(partial, residual, weight, quant_scale)
+    check_fp8_rows(partial, quant_scale, fp8_rows)
     if not available(partial):
         raise ValueError(f"add_rmsnorm needs Triton and a CUDA tensor (or Triton's interpreter), got {partial.device}")
     has_residual = residual is not None
@@ -173,15 +214,22 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         partial, residual, weight, quant_scale if quant_scale is not None else weight, normed, new_residual,
         float(eps), HIDDEN=hidden, BLOCK=block, NORM_DTYPE=TL_DTYPES[norm_dtype], QUANT=quant_scale is not None,
         stamps_ptr=stamps if stamps is not None else new_residual, begin_slot=begin, end_slot=end,
-        STAMP=stamps is not None, HAS_RESIDUAL=has_residual, num_warps=num_warps(block), enable_fp_fusion=False,
-        **pdl_kwargs(residual))
+        STAMP=stamps is not None, q_ptr=fp8_rows[0] if fp8_rows else normed,
+        q_scale_ptr=fp8_rows[1] if fp8_rows else normed, ROW_QUANT=fp8_rows is not None,
+        HAS_RESIDUAL=has_residual, num_warps=num_warps(block), enable_fp_fusion=False, **pdl_kwargs(residual))
     return normed, new_residual
 
 
 def reference_add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                          quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          quant_scale: torch.Tensor | None = None,
+                          fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Communicator.allreduce_add_rmsnorm for a world of one, in plain torch (the test oracle)."""
     _check(partial, residual, weight, quant_scale)
+    check_fp8_rows(partial, quant_scale, fp8_rows)
     new_residual = partial if residual is None else residual + partial
     normed = rms_norm(new_residual, weight, eps)
+    if fp8_rows is not None:
+        q, scale = quantize_rows_fp8(normed)
+        fp8_rows[0].copy_(q)
+        fp8_rows[1].copy_(scale.view(-1))
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual

@@ -53,16 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collectives.communicator import FP8_MAX, quantize_fp8
+from collectives.communicator import FP8_MAX, INV_FP8_MAX, MIN_AMAX, quantize_fp8, quantize_rows_fp8
 from model import fp8_kernels
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
-MIN_AMAX = 1e-12  # a token of zeros: any positive scale quantizes it exactly; keep it finite
-# Dynamic activation scales are amax * float32(1/448): a multiplication rounds the same on every
-# device, where "amax / 448" does not (CUDA torch divides by a Python scalar as a multiplication
-# by its reciprocal, CPU torch divides), and the one-kernel quantizers compute the same bits.
-INV_FP8_MAX = 1.0 / 448.0
 GROUP_BATCH_BYTES = 64 << 20  # block emulation: per-group partial sums held at once
 # Measured by benchmarks/fp8_cpu_gemm.py (results/fp8_cpu_gemm.json, one thread): the emulation
 # (bit-moved e4m3 -> float32, float32 matmul) beat CPU torch._scaled_mm at all 20 shapes (M = 1..128),
@@ -186,8 +181,7 @@ def quantize_activation(x: torch.Tensor, scheme: Fp8Scheme, input_scale: torch.T
     if scheme.activation == "static":
         return quantize_fp8(x, input_scale), input_scale
     if scheme.activation == "token":
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, 1)
-        return quantize_fp8(x, scale), scale
+        return quantize_rows_fp8(x)  # scales (M, 1)
     groups = to_groups(x.float(), k_offset)  # (M, G, 128)
     scale = groups.abs().amax(dim=-1).clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, G)
     return from_groups(quantize_fp8(groups, scale[..., None]), k_offset, x.shape[-1]), scale

@@ -135,6 +135,52 @@ def test_fp8_output(dtype):
         assert torch.equal(new_residual, ref_residual)
 
 
+def _fp8_buffers(shape):
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return torch.empty(shape, dtype=FP8, device=DEVICE), torch.empty(rows, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_rows(dtype):
+    """fp8_rows: normed (still returned in full precision) also quantized per row, as quantize_rows_fp8 does:
+    the scales exactly, the bytes as the cast of the kernel's own normed / scale (torch's on a GPU); a row of
+    zeros gets the smallest scale and zero bytes."""
+    for seed, shape in enumerate(SHAPES[:4]):
+        partial, residual, weight = _inputs(shape, dtype, dtype, 200 + seed)
+        if shape[0] > 2:
+            partial[1], residual[1] = 0.0, 0.0
+        rows = _fp8_buffers(shape)
+        normed, new_residual = fused_norm.add_rmsnorm(partial, residual, weight, 1e-5, fp8_rows=rows)
+        plain, _ = fused_norm.add_rmsnorm(partial, residual, weight, 1e-5)
+        assert torch.equal(normed, plain)
+        scale = normed.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) * (1.0 / 448.0)
+        assert torch.equal(rows[1], scale.view(-1))
+        divisor = torch.where(scale > 1e-12 / 448.0, scale, torch.ones_like(scale))
+        assert torch.equal(rows[0].view(torch.uint8), _quantized(normed, divisor).view(torch.uint8))
+        assert bool((rows[0].float().abs() == 448).any()), "each row's largest value maps to 448"
+        ref_rows = _fp8_buffers(shape)  # the reference quantizes its own normed (within 2 ulps of the kernel's)
+        ref_normed, ref_residual = fused_norm.reference_add_rmsnorm(partial, residual, weight, 1e-5,
+                                                                    fp8_rows=ref_rows)
+        assert torch.equal(new_residual, ref_residual)
+        ref_scale = ref_normed.float().abs().amax(-1).clamp(min=1e-12) * (1.0 / 448.0)
+        assert torch.equal(ref_rows[1], ref_scale)
+
+
+def test_fp8_rows_through_the_single_rank_communicator():
+    """Communicator: the single-rank one takes fp8_rows (its norm kernel makes them, torch ops on a CPU)."""
+    partial, residual, weight = _inputs((2, 64), torch.bfloat16, torch.bfloat16, 7)
+    comm = SingleRankCommunicator()
+    assert comm.norm_quantizes_rows(partial)
+    rows = _fp8_buffers((2, 64))
+    normed, _ = comm.allreduce_add_rmsnorm(partial, residual, weight, 1e-5, fp8_rows=rows)
+    scale = normed.float().abs().amax(-1) * (1.0 / 448.0)
+    assert torch.equal(rows[1], scale)
+    # torch's cast: the communicator runs the kernel on a GPU, the torch ops on a CPU
+    assert torch.equal(rows[0].view(torch.uint8), quantize_fp8(normed, scale[:, None]).view(torch.uint8))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="realistic shape and exact FP8 bytes: GPU only")
 @pytest.mark.parametrize("hidden", [5120, 8192])
 def test_large_gpu(hidden):
@@ -160,11 +206,15 @@ def test_large_gpu(hidden):
     (dict(weight=torch.ones(31)), r"weight must be a contiguous float \(H,\) = \(32,\)"),
     (dict(quant_scale=torch.ones(2)), "quant_scale must be a float32 scalar"),
     (dict(quant_scale=torch.ones((), dtype=torch.float16)), "quant_scale must be a float32 scalar"),
+    (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(2))), r"fp8_rows must be .* float32 \(3,\)"),
+    (dict(fp8_rows=(torch.zeros(3, 32), torch.zeros(3))), "fp8_rows must be"),
+    (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(3)), quant_scale=torch.ones(())), "exclude each other"),
 ])
 def test_bad_input_is_refused(change, message):
     args = dict(partial=torch.zeros(3, 32), residual=torch.zeros(3, 32), weight=torch.ones(32), eps=1e-5)
     args.update(change)
-    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else tuple(t.to(DEVICE) for t in v)
+            if isinstance(v, tuple) else v for k, v in args.items()}
     for op in (fused_norm.add_rmsnorm, fused_norm.reference_add_rmsnorm):
         with pytest.raises(ValueError, match=message):
             op(**args)

@@ -24,10 +24,8 @@ of weights at most on an H200; measured: 21-71% of copy bandwidth).
 """
 from __future__ import annotations
 
-from collectives.communicator import FP8_MAX
 from collectives.triton_support import tl, triton
 
-MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-row scales
 # Measured and dropped (session 13, cc20476, one H200): summing each K chunk's products into per-row sums at once,
 # instead of the per-lane (BLOCK_N, BLOCK_K) sums reduced at the end that hold 64 of the one-row FP8 GEMV's ~120
 # registers (ncu: 4 programs an SM). Fewer registers, but a block-wide reduction per chunk: medium decode FP8
@@ -36,7 +34,8 @@ MIN_AMAX, INV_FP8_MAX = 1e-12, 1.0 / 448.0  # model/fp8.py's, for dynamic per-ro
 CVT_MODES = {"cvt": 0, "bits": 1, "words": 2}
 
 if triton is not None:
-    FP8_MAX_C, MIN_AMAX_C, INV_FP8_MAX_C = tl.constexpr(FP8_MAX), tl.constexpr(MIN_AMAX), tl.constexpr(INV_FP8_MAX)
+    # the norm kernel quantizes rows for these GEMVs (x_fp8): one definition of the FP8 activation quantization
+    from collectives.fused_norm import dynamic_scale, quantize_e4m3 as quantize  # noqa: F401
     TWO_119 = tl.constexpr(2.0 ** 119)
 
     @triton.jit
@@ -48,20 +47,13 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def quantize(x, scale):
-        """clamp(x / scale, +-448) rounded to e4m3 (collectives.quantize_fp8), returned as float32."""
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
-        return q.to(tl.float8e4nv).to(tl.float32)
-
-    @triton.jit
     def x_scale(x_row, xs_ptr, rs, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
                 BLOCK_K: tl.constexpr):
         """(scale, divisor) of one row's FP8 activation. QUANT 1: the static scale at xs_ptr; 2: max(amax,
         1e-12) * float32(1/448), model/fp8.py's dynamic scale (the amax loop unrolled, so its K / BLOCK_K loads
         from L2 overlap rather than follow one another after the PDL wait); 3: x is e4m3 already, its scale at
-        xs_ptr. An all-zero row quantizes to zeros with
-        any divisor: it divides by 1, not by 2e-15, which sends IEEE division down its slow path
-        (inferred: zero padding rows made an earlier dot kernel slower at M = 4 than at M = 16)."""
+        xs_ptr. An all-zero row divides by 1 (dynamic_scale; inferred: zero padding rows made an earlier dot
+        kernel slower at M = 4 than at M = 16)."""
         if QUANT == 1:
             xs = tl.load(xs_ptr)
             div = xs
@@ -75,12 +67,6 @@ if triton is not None:
                 amax = tl.maximum(amax, tl.abs(load_x(x_row + ks, ks < K, rs, ROW_SCALE)))
             xs, div = dynamic_scale(tl.max(amax, axis=0))
         return xs, div
-
-    @triton.jit
-    def dynamic_scale(row_amax):
-        """(scale, divisor) of a row whose |x| max is row_amax (x_scale's QUANT 2)."""
-        xs = tl.maximum(row_amax, MIN_AMAX_C) * INV_FP8_MAX_C
-        return xs, tl.where(row_amax > 0, xs, 1.0)
 
     @triton.jit
     def epilogue(g, u, xs, ws_g, ws_u, QUANT: tl.constexpr, SWIGLU: tl.constexpr):

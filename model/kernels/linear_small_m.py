@@ -40,10 +40,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from collectives.communicator import quantize_fp8
+from collectives.communicator import quantize_fp8, quantize_rows_fp8
 from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 from model.kernels import fp8_mma, gemv_tiles
-from model.kernels.gemv_math import CVT_MODES, INV_FP8_MAX, MIN_AMAX
+from model.kernels.gemv_math import CVT_MODES
 from model.kernels.gemv_tiles import MAX_M, TUNED_BF16_GEMV, TUNED_FP8_GEMV, mma_default
 
 FP8 = torch.float8_e4m3fn
@@ -454,10 +454,10 @@ def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_id
         x = x * row_scale[:, None].to(x.dtype)  # (M, K): the routed expert's input scaled by its score
     if weight.dtype == FP8:
         if isinstance(act_quant, str):  # dynamic per token
-            x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX  # (M, 1)
+            x, x_scale = quantize_rows_fp8(x)  # scales (M, 1)
         else:
             x_scale = act_quant[expert_ids][:, None] if act_quant.numel() > 1 else act_quant.reshape(())
-        x = quantize_fp8(x, x_scale)
+            x = quantize_fp8(x, x_scale)
     if gather:
         y = (weight[expert_ids].float() @ x.float()[:, :, None])[..., 0]  # (M, N, K) @ (M, K, 1) -> (M, N)
     else:
