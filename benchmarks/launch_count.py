@@ -198,11 +198,11 @@ def _gpu_norm():
     from collectives import communicator, fused_norm
     original = communicator.add_rmsnorm
 
-    def as_on_cuda(reduced, residual, weight, eps, quant_scale=None):
+    def as_on_cuda(reduced, residual, weight, eps, quant_scale=None, fp8_rows=None):
         if fused_norm.available(reduced) and (residual is None or (
                 residual.is_contiguous() and residual.shape == reduced.shape and residual.dtype == reduced.dtype)):
-            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale)
-        return original(reduced, residual, weight, eps, quant_scale)
+            return fused_norm.add_rmsnorm(reduced, residual, weight, eps, quant_scale, fp8_rows)
+        return original(reduced, residual, weight, eps, quant_scale, fp8_rows)
 
     communicator.add_rmsnorm = as_on_cuda
     try:

@@ -51,6 +51,9 @@ class ClockedCommunicator:
         clocked.__name__ = clocked.__qualname__ = call
         return clocked
 
+    def norm_quantizes_rows(self, x) -> bool:
+        return self.inner.norm_quantizes_rows(x)  # the clocked call forwards fp8_rows unchanged
+
     def exchange_times(self, values: list[float]) -> list[list[float]]:
         """Every rank's `values` (the same length on every rank), in rank order."""
         if self.world_size == 1:

@@ -287,6 +287,9 @@ class TracingCommunicator:
         for name in self.TRACED:
             setattr(self, name, self._traced(name) if enabled else getattr(self.inner, name))
 
+    def norm_quantizes_rows(self, x) -> bool:
+        return self.inner.norm_quantizes_rows(x)  # the traced call forwards fp8_rows unchanged
+
     def close(self) -> None:
         self.recorder.close()
         self.inner.close()

@@ -11,7 +11,9 @@ One decoder layer is two sub-layers, each ending in the same visible collective:
 so the RMSNorm that opens the next layer (or the final norm) is fused into the collective that
 closes this one, as TensorRT-LLM's AllReduce+residual+RMSNorm kernel does. When the GEMM that reads
 `normed` wants FP8 input with a static scale (`input_quant_scale`, None otherwise), the collective
-also quantizes its output; the model never asks what dtype a module computes in. After layer i,
+also quantizes its output; the model never asks what dtype a module computes in. On the fused
+kernels, where that GEMM quantizes per token (dynamic scales), the collective's norm kernel also
+writes its output quantized per row (`fp8_rows`), so the GEMV skips that work. After layer i,
 `residual` is that layer's output hidden state: the auxiliary features EAGLE-3 reads.
 
 The embedding is vocab-parallel (each rank embeds the ids it owns, an all-reduce completes it)
@@ -89,16 +91,29 @@ class DecoderLayer(nn.Module):
         self.feed_forward = (MoE(cfg, shard, comm, out_major_experts=kernels == "triton") if self.is_moe
                              else MLP(cfg.hidden_size, shard.mlp_intermediate_per_rank))
 
-    def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None):
+    def forward(self, normed, residual, ctx, cache: KVCache, next_norm: RMSNorm, next_quant_scale=None,
+                normed_fp8=None, next_linear: nn.Module | None = None):
+        """Returns (normed, residual, normed_fp8) for the next layer. On the kernels, normed_fp8 is this
+        layer's input quantized per row by the norm before (fast_path.fp8_rows; None: the GEMV quantizes
+        it), and next_linear is what the second norm feeds (the next layer's qkv_proj; None: the LM head)."""
         fused = self.kernels == "triton" and fast_path.applies(normed)
-        attn_partial = fast_path.attention(self.self_attn, normed, ctx, cache) if fused else self.self_attn(normed, ctx, cache)
-        normed, residual = self.comm.allreduce_add_rmsnorm(
-            attn_partial, residual, self.post_attention_layernorm.weight, self.eps,
-            quant_scale=None if fused else self.feed_forward.input_quant_scale)
-        ffn_partial = fast_path.feed_forward(self.feed_forward, normed) if fused else self.feed_forward(normed)
+        if not fused:
+            attn_partial = self.self_attn(normed, ctx, cache)
+            normed, residual = self.comm.allreduce_add_rmsnorm(attn_partial, residual, self.post_attention_layernorm.weight,
+                                                               self.eps, quant_scale=self.feed_forward.input_quant_scale)
+            ffn_partial = self.feed_forward(normed)
+            normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps,
+                                                               quant_scale=next_quant_scale)
+            return normed, residual, None
+        attn_partial = fast_path.attention(self.self_attn, normed, ctx, cache, normed_fp8)
+        rows = fast_path.fp8_rows(self.comm, self.feed_forward, attn_partial)
+        normed, residual = self.comm.allreduce_add_rmsnorm(attn_partial, residual, self.post_attention_layernorm.weight,
+                                                           self.eps, **({} if rows is None else {"fp8_rows": rows}))
+        ffn_partial = fast_path.feed_forward(self.feed_forward, normed, rows)
+        rows = fast_path.fp8_rows(self.comm, next_linear, ffn_partial)
         normed, residual = self.comm.allreduce_add_rmsnorm(ffn_partial, residual, next_norm.weight, self.eps,
-                                                           quant_scale=None if fused else next_quant_scale)
-        return normed, residual
+                                                           **({} if rows is None else {"fp8_rows": rows}))
+        return normed, residual, rows
 
 
 @dataclass
@@ -161,12 +176,14 @@ class Llama4(nn.Module):
             embedded = self.embed_tokens(token_ids)  # (B, T, H): whole rows where the table is replicated
             residual = embedded if self.embed_tokens.replicated else self.comm.all_reduce(embedded)
             normed = rms_norm(residual, self.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
-        aux = []
+        aux, normed_fp8 = [], None
         for i, layer in enumerate(self.layers):  # no device work between layers: each starts where the last ended
             last = i + 1 == len(self.layers)
             next_norm = self.norm if last else self.layers[i + 1].input_layernorm
             next_quant = None if last else self.layers[i + 1].self_attn.input_quant_scale  # LM head: high precision
-            normed, residual = layer(normed, residual, ctx, cache, next_norm, next_quant)
+            next_linear = None if last else self.layers[i + 1].self_attn.qkv_proj
+            normed, residual, normed_fp8 = layer(normed, residual, ctx, cache, next_norm, next_quant, normed_fp8,
+                                                 next_linear)
             if i in aux_layers:
                 aux.append(residual)
         if head is None:

@@ -263,3 +263,38 @@ def test_big_fp8_shared_expert_apart_equals_the_pair(monkeypatch):
         assert fast_path.moe_path(block, 4) == "separate" and fast_path.moe_path(block, 1) == "pair"
         apart = fast_path.moe(block, x).float()
     assert (apart - paired).abs().max() <= 1e-2 * paired.abs().max()
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens):
+    """FP8 with per-token scales: the norm kernel's rows (fast_path.fp8_rows) feed QKV (after layer 0), FC13
+    and the shared expert in place of the GEMVs' own quantization (one row: in each GEMV program; 4 rows: the
+    tensor-core path's pre-pass, whose launches go). Same bytes, same sums: the logits are the same bits with
+    and without (the interpreter runs the norm kernel here, as a GPU does: launch_count._gpu_norm)."""
+    from benchmarks.launch_count import _gpu_norm, count_launches
+    from collections import Counter
+    from tests.test_launch_plan import four_layer_medium
+    from workers.step_bench import random_model
+    model = random_model(four_layer_medium(), "fp8", "triton", device=DEVICE)
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=gen).to(DEVICE)
+
+    def step() -> tuple[torch.Tensor, Counter]:
+        cache = model.new_cache(1, 32)
+        cache.lengths.fill_(5)
+        counts: Counter = Counter()
+        with torch.no_grad(), _gpu_norm(), count_launches(counts):
+            logits = model(ids, cache, static=True).logits
+        return logits, counts
+
+    from model import fast_path
+    made = []
+    original = fast_path.fp8_rows
+    monkeypatch.setattr(fast_path, "fp8_rows", lambda *a: made.append(original(*a)) or made[-1])
+    with_rows, counts = step()
+    assert sum(rows is not None for rows in made) == 3 + 4  # after layer 0's attention too: its dense FC13
+    monkeypatch.setattr(SingleRankCommunicator, "norm_quantizes_rows", lambda self, x: False)
+    without, counts_without = step()
+    assert torch.isfinite(with_rows).all() and torch.equal(with_rows, without)
+    fed = 3 + 2  # QKV of layers 1..3, FC13 of the two dense layers; the MoE layers' shared experts sit in pairs
+    assert counts["triton _quantize_kernel"] == counts_without["triton _quantize_kernel"] - (fed if tokens > 1 else 0)

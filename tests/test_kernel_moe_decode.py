@@ -177,6 +177,27 @@ def test_pair_fp8_exact_activations(routed_static):
     _close(md.dual_down(*h_exact, fc2_s, fc2_r, ids), md.reference_dual_down(*h_exact, fc2_s, fc2_r, ids))
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_pair_shared_input_quantized_by_its_producer(m):
+    """shared_fp8 (x as the norm kernel quantized it) gives the bits of the shared half quantizing x itself;
+    the routed half (x * score, its own scales) is untouched. Dynamic per-token scales on both halves."""
+    from model.kernels.fp8_mma import prequantize
+    gen = torch.Generator().manual_seed(m + 40)
+    hidden, inter = 96, 64
+    x = _exact_fp8_rows(gen, m, hidden, [-6, -8, -5][:m]).to(torch.bfloat16)
+    ids = torch.tensor([2, 0, 2][:m], device=DEVICE)
+    scores = torch.tensor([0.5, 1.0, 0.25][:m], device=DEVICE)
+    fc13_s, fc13_r = _dense(gen, 2 * inter, hidden, fp8=True), _experts(gen, 3, 2 * inter, hidden, fp8=True)
+    fc13_s["act_quant"], fc13_r["act_quant"] = "token", "token"
+    want = md.dual_gate_up(x, fc13_s, fc13_r, ids, scores)
+    for got, ref in zip(want, md.reference_dual_gate_up(x, fc13_s, fc13_r, ids, scores)):
+        _close(got, ref)
+    got = md.dual_gate_up(x, fc13_s, fc13_r, ids, scores, shared_fp8=prequantize(x, None, "token"))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="x_fp8 must be"):
+        md.dual_gate_up(x, fc13_s, fc13_r, ids, scores, shared_fp8=(x, torch.ones(m, device=DEVICE)))
+
+
 def test_bad_input_is_refused():
     gen = torch.Generator().manual_seed(1)
     x, w = _randn(gen, 2, 32), _randn(gen, 4, 32)

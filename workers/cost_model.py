@@ -155,17 +155,19 @@ class CostModel:
         computed = flops / (node.gpu.fp8_flops if fp8 else node.gpu.bf16_flops)
         return Op(name, "gemv", part, max(streamed, computed), nbytes, launches)
 
-    def linear(self, name: str, part: str, module: torch.nn.Module, rows: int) -> Op:
+    def linear(self, name: str, part: str, module: torch.nn.Module, rows: int, quantized_input: bool = False) -> Op:
         """A dense linear. An FP8 one that linear_small_m runs on the 16-row dot or the tensor cores
         launches its activation's quantization pre-pass first: two launches, timed together by the
-        GEMV fit (benchmarks/gemv_fit.py fits the calls as they ship)."""
-        memo, key = self.memo_of(module), (name, rows)
+        GEMV fit (benchmarks/gemv_fit.py fits the calls as they ship); one where the norm before it
+        already quantized its input (quantized_input: fast_path.fp8_rows), timed by the same fit
+        (no fit without the pre-pass yet: pessimistic by about a small launch)."""
+        memo, key = self.memo_of(module), (name, rows, quantized_input)
         op = memo.get(key)
         if op is None:
             weight = module.weight
             fp8 = weight.dtype == FP8
             tensor_cores = fp8 and (rows > 1 or small_m.mma_default(rows, *weight.shape))  # or the 16-row dot
-            prepass = tensor_cores and rows <= small_m.MAX_M
+            prepass = tensor_cores and rows <= small_m.MAX_M and not quantized_input
             op = memo[key] = self.gemv(name, part, self.bytes_of(module), fp8, rows, 2.0 * rows * weight.numel(),
                                               launches=2 if prepass else 1, tensor_cores=tensor_cores)
         return op

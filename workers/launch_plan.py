@@ -154,8 +154,11 @@ def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, 
     message = rows * layer.input_layernorm.weight.shape[0] * act_bytes  # (rows, H) partial sums
     on_kernels = fused(rows)
     one_launch = on_kernels and merge_fuses(cost, attn, batch, tokens, keys, kv_element_bytes)
+    # the single-rank norm kernel quantizes its output per row for an FP8 GEMV after it (fast_path.fp8_rows);
+    # the first layer's input comes from the embedding kernel, which does not
+    norm_rows = lambda module: on_kernels and cost.world == 1 and fast_path.takes_fp8_rows(module)  # noqa: E731
     plan: list[PlanItem] = [
-        cost.linear("qkv_proj", "attention", attn.qkv_proj, rows),
+        cost.linear("qkv_proj", "attention", attn.qkv_proj, rows, norm_rows(attn.qkv_proj) and attn.layer > 0),
         *cost.attention("attention", "attention", tokens, keys, attn.n_heads_per_rank, attn.n_kv_heads_per_rank,
                         attn.head_dim, kv_element_bytes, fused=one_launch),
         cost.linear("o_proj", "attention", attn.o_proj, rows),
@@ -164,7 +167,7 @@ def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, 
         make = moe_plan if on_kernels else torch_moe_plan
         return plan + make(cost, ffn, rows, act_bytes, experts_read) + norm_collective(cost, "moe all-reduce", "moe",
                                                                                           message)
-    plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows),
+    plan += [cost.linear("fc13 + swiglu", "dense", ffn.gate_up_proj, rows, norm_rows(ffn.gate_up_proj)),
              cost.linear("fc2", "dense", ffn.down_proj, rows)]
     return plan + norm_collective(cost, "mlp all-reduce", "dense", message)
 
@@ -198,7 +201,8 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
     if path == "pair":
         plan.append(lambda: pair_ops(cost, block, rows, _read(experts_read)))
         return plan
-    plan += [cost.linear("shared fc13 + swiglu", "moe", shared.gate_up_proj, rows),
+    quantized = path == "separate" and cost.world == 1 and fast_path.takes_fp8_rows(shared.gate_up_proj)  # fp8_rows
+    plan += [cost.linear("shared fc13 + swiglu", "moe", shared.gate_up_proj, rows, quantized),
              cost.linear("shared fc2", "moe", shared.down_proj, rows)]
     if path == "separate":
         routed_rows = rows * block.top_k

@@ -444,16 +444,21 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
 def reference_linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.Tensor | None = None,
                              row_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
                              act_quant: str | torch.Tensor | None = None, swiglu: bool = False,
-                             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                             out_dtype: torch.dtype | None = None,
+                             x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`linear_small_m` in plain torch, as the model computes it: ffn.py's expert input
     `x * score` in x's dtype; model/fp8.py's torch quantize_activation ("token" / "static") and
-    emulated_gemm `(q_x @ q_w.T) * x_scale * w_scale` in float32; y = x.float() @ W.float().T for
-    high precision; SwiGLU on the float32 result, one rounding to out_dtype at the end."""
+    emulated_gemm `(q_x @ q_w.T) * x_scale * w_scale` in float32 (x_fp8: those q_x and scales as
+    given); y = x.float() @ W.float().T for high precision; SwiGLU on the float32 result, one
+    rounding to out_dtype at the end."""
     m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
+    _check_x_fp8(x, x_fp8, weight, row_scale, act_quant)
     if row_scale is not None:
         x = x * row_scale[:, None].to(x.dtype)  # (M, K): the routed expert's input scaled by its score
     if weight.dtype == FP8:
-        if isinstance(act_quant, str):  # dynamic per token
+        if x_fp8 is not None:  # quantized by its producer
+            x, x_scale = x_fp8[0], x_fp8[1][:, None]
+        elif isinstance(act_quant, str):  # dynamic per token
             x, x_scale = quantize_rows_fp8(x)  # scales (M, 1)
         else:
             x_scale = act_quant[expert_ids][:, None] if act_quant.numel() > 1 else act_quant.reshape(())

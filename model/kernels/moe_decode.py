@@ -144,21 +144,22 @@ if triton is not None:
     @triton.jit
     def _pair_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, ids_ptr, rs_ptr, xsa_ptr, xsb_ptr, wsa_ptr, wsb_ptr,
                      outa_ptr, outb_ptr, M, NA, NB, stride_xam, stride_xbm, stride_wan, stride_wbe, stride_wbn,
-                     stride_xse, stride_wse, stride_oam, stride_obm, KA: tl.constexpr, KB: tl.constexpr,
+                     stride_xse, stride_wse, stride_oam, stride_obm, stride_xsam, KA: tl.constexpr, KB: tl.constexpr,
                      QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, ROW_SCALE: tl.constexpr,
                      SWIGLU: tl.constexpr, SUM: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """SUM: program (row, tile) writes round(A) + round(B) to out_a. Otherwise the first
         M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
-        A: x_a @ W_a.T (dense); B: (x_b * rs) @ W_b[ids[row]].T. (Loading B's expert id and first chunk
+        A: x_a @ W_a.T (dense; QUANT_A 3: x_a is e4m3, quantized by its producer, row scales at xsa_ptr with
+        stride_xsam); B: (x_b * rs) @ W_b[ids[row]].T. (Loading B's expert id and first chunk
         before A's GEMV instead of after it was measured on an H200, 3e0e0d1 vs cc9a0b8: medium FP8 decode
         316.1 vs 319.2 us, but its 4-token verify 499.8 vs 474.6; BF16 and maverick-slice unchanged. Not kept.)"""
         pid = tl.program_id(0)
         tiles_a = tl.cdiv(NA, BLOCK_N)
         if SUM:
             row, tile = pid % M, pid // M
-            ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
+            ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr + row * stride_xsam, wsa_ptr, row, tile, NA,
+                                           stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
                               stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
                               CVT, BLOCK_N, BLOCK_K)
@@ -167,8 +168,8 @@ if triton is not None:
             tl.store(outa_ptr + row * stride_oam + cols, y.to(io), mask=col_ok)
         elif pid < M * tiles_a:
             row, tile = pid % M, pid // M
-            ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr, wsa_ptr, row, tile, NA, stride_xam, stride_wan,
-                                           KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
+            ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr + row * stride_xsam, wsa_ptr, row, tile, NA,
+                                           stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             tl.store(outa_ptr + row * stride_oam + cols, ya.to(outa_ptr.dtype.element_ty), mask=col_ok)
         else:
             pdl_wait(PDL)
@@ -257,11 +258,12 @@ def pair_applies(shared: dict | None, routed: dict | None) -> bool:
             and shared.get("out_dtype") == routed.get("out_dtype"))
 
 
-def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, config):
+def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, config, shared_fp8=None):
     m = xa.shape[0]
     if xb.shape[0] != m:
         raise ValueError(f"moe_decode: the shared and routed inputs need the same rows, got {m} and {xb.shape[0]}")
     n_a, quant_a, dtype_a = _problem(xa, shared, swiglu=swiglu)
+    lsm._check_x_fp8(xa, shared_fp8, shared["weight"], None, shared.get("act_quant"))
     n_b, quant_b, dtype_b = _problem(xb, routed, expert_ids, row_scale, swiglu)
     if shared["weight"].dtype != routed["weight"].dtype:
         raise ValueError("moe_decode: the shared and routed weights must share a dtype")
@@ -290,13 +292,16 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
     act_b = routed.get("act_quant")
     per_expert = quant_b == 1 and act_b.numel() > 1
     tiles = triton.cdiv(n_a, cfg["BLOCK_N"]) + (0 if add else triton.cdiv(n_b, cfg["BLOCK_N"]))
+    xs_a = shared["act_quant"] if quant_a == 1 else xa
+    if shared_fp8 is not None:  # the shared expert's input as its producer quantized it
+        (xa, xs_a), quant_a = shared_fp8, 3
     _pair_kernel[(m * tiles,)](
         xa, xb, w_a, w_b, expert_ids, row_scale if row_scale is not None else xb,
-        shared["act_quant"] if quant_a == 1 else xa, act_b if quant_b == 1 else xb,
+        xs_a, act_b if quant_b == 1 else xb,
         shared.get("weight_scale", xa) if quant_a else xa, routed.get("weight_scale", xb) if quant_b else xb,
         out_a, out_b, m, n_a, n_b, xa.stride(0), xb.stride(0), w_a.stride(0), w_b.stride(0), w_b.stride(1),
         act_b.stride(0) if per_expert else 0, routed["weight_scale"].stride(0) if quant_b else 0,
-        out_a.stride(0), out_b.stride(0), KA=k_a, KB=k_b, QUANT_A=quant_a, QUANT_B=quant_b,
+        out_a.stride(0), out_b.stride(0), 1 if quant_a == 3 else 0, KA=k_a, KB=k_b, QUANT_A=quant_a, QUANT_B=quant_b,
         ROW_SCALE=row_scale is not None, SWIGLU=swiglu, SUM=add, CVT=cvt, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(xa))
@@ -304,11 +309,14 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
 
 
 def dual_gate_up(x: torch.Tensor, shared: dict, routed: dict, expert_ids: torch.Tensor,
-                 row_scale: torch.Tensor | None, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 row_scale: torch.Tensor | None, config: dict | None = None,
+                 shared_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(gate) * up of x @ W_shared.T, the same of (x * row_scale) @ W_routed[ids].T), one launch.
     shared / routed: linear_small_m keyword sets (weight (N, K) / (E, N, K), K-contiguous, one
-    dtype; FP8: weight_scale, act_quant, out_dtype). Returns (M, N_shared / 2), (M, N_routed / 2)."""
-    return _launch_pair(x, x, shared, routed, expert_ids, row_scale, True, False, config)
+    dtype; FP8: weight_scale, act_quant, out_dtype). shared_fp8: x as its producer quantized it, for
+    the shared half (linear_small_m's x_fp8; the routed half quantizes x * score itself).
+    Returns (M, N_shared / 2), (M, N_routed / 2)."""
+    return _launch_pair(x, x, shared, routed, expert_ids, row_scale, True, False, config, shared_fp8)
 
 
 def dual_down(h_shared: torch.Tensor, h_routed: torch.Tensor, shared: dict, routed: dict, expert_ids: torch.Tensor,
