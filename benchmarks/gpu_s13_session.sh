@@ -14,7 +14,11 @@
 #   steps alternated, each switch value in its own process and Triton cache.
 #   Measured (cc20476): slower everywhere: medium FP8 decode 322.9 / 322.8 vs 302.7 / 302.5 us, BF16 337.9 / 337.8 vs
 #   323.3 / 323.3; chain FP8 207.2 vs 188.1 (x_fp8 given: 188.5 vs 157.1). Dropped.
-#   PART=probe|sums bash benchmarks/gpu_s13_session.sh
+# PART=rows: the norm kernel's FP8 rows (fast_path.fp8_rows) against the GEMVs' own quantization
+#   (DGX_EMU_NORM_FP8_ROWS=0): GPU tests of the norm / GEMV / pair kernels and of the fast path (graph replay = eager
+#   for 128 tokens, the rows changing no bits), then medium FP8 decode alternated on / off, medium BF16, and
+#   maverick-slice FP8 on / off.
+#   PART=probe|sums|rows bash benchmarks/gpu_s13_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -68,6 +72,19 @@ elif [[ "${PART}" == sums ]]; then
   for round in r1 r2; do
     for dtype in fp8 bf16; do sbench $dtype 1 $round; sbench $dtype 0 $round; done
   done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == rows ]]; then
+  TAIL=5 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
+      tests/test_fast_path.py tests/test_kernel_linear_small_m.py tests/test_kernel_moe_decode.py -k "'not cvt and not split'"
+  rbench() {  # rbench MODEL DTYPE ROWS ROUND
+    if (( SECONDS > DEADLINE - 45 )); then echo "== $1 $2 rows$3 $4 skipped (no time left)"; return; fi
+    TAIL=3 step "decode-$1-$2-rows$3-$4" 100 "DGX_EMU_NORM_FP8_ROWS=$3 $DGX bench decode --model $1 --dtype $2 \
+        --modes graph --iters 150 --out $R/h200-ab-decode-$1-$2-rows$3-$4-$C-tp1.json"
+  }
+  for round in r1 r2; do
+    rbench medium fp8 1 $round; rbench medium fp8 0 $round; rbench medium bf16 1 $round
+  done
+  rbench maverick-slice fp8 1 r1; rbench maverick-slice fp8 0 r1
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi
 finish

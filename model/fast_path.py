@@ -31,6 +31,8 @@ modules' own forwards.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from collectives.triton_support import INTERPRETED, triton
 from model.fp8 import Fp8Linear
 
 MAX_TOKENS = 16  # rows (batch x new tokens) the small-M kernels take
+NORM_FP8_ROWS = os.environ.get("DGX_EMU_NORM_FP8_ROWS", "1") != "0"  # fp8_rows; 0: the GEMVs quantize (A/B runs)
 
 
 def _kernels():
@@ -83,6 +86,12 @@ def takes_fp8_rows(module: nn.Module) -> bool:
             and isinstance(args["act_quant"], str) and args["act_quant"] == "token")
 
 
+def plans_fp8_rows(module: nn.Module, world: int) -> bool:
+    """fp8_rows' answer for a linear the norm feeds, as the emulator's launch plans ask it: a world of one
+    (the single-rank communicator's norm kernel makes the rows), FP8 with per-token scales."""
+    return NORM_FP8_ROWS and world == 1 and takes_fp8_rows(module)
+
+
 def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Buffers (e4m3 like partial, float32 (rows,)) for allreduce_add_rmsnorm to fill with its output
     quantized per row, when what reads that output (`consumer`: a linear, an MLP, or a MoE block, whose
@@ -94,7 +103,8 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[t
         consumer = consumer.shared_expert.gate_up_proj if path in ("pair", "separate") else None
     elif consumer is not None and hasattr(consumer, "gate_up_proj"):  # a dense MLP: its FC13
         consumer = consumer.gate_up_proj
-    if consumer is None or not takes_fp8_rows(consumer) or not comm.norm_quantizes_rows(partial):
+    if (not NORM_FP8_ROWS or consumer is None or not takes_fp8_rows(consumer)
+            or not comm.norm_quantizes_rows(partial)):
         return None
     rows = partial.numel() // partial.shape[-1]
     return (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
