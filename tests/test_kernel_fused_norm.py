@@ -154,7 +154,7 @@ def test_fp8_rows(dtype):
         rows = _fp8_buffers(shape)
         normed, new_residual = fused_norm.add_rmsnorm(partial, residual, weight, 1e-5, fp8_rows=rows)
         plain, _ = fused_norm.add_rmsnorm(partial, residual, weight, 1e-5)
-        assert torch.equal(normed, plain)
+        _assert_normed(normed, plain)  # another compile of the kernel: its tree sum may round apart (an H200: fp32)
         scale = normed.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) * (1.0 / 448.0)
         assert torch.equal(rows[1], scale.view(-1))
         divisor = torch.where(scale > 1e-12 / 448.0, scale, torch.ones_like(scale))
