@@ -269,7 +269,8 @@ def fit_dispatch(path: Path = DISPATCH) -> dict[str, tuple[float, float]]:
 def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16", tokens: int = 1,
             context: int = CONTEXT, node_name: str = "hgx-h200", tp: int = 1) -> list[tuple[str, str, float, float]]:
     """The trace's launches beside the emulator's plan of the same step, one to one: (plan op,
-    traced kernel, measured advance us, modeled us), an op of n launches split evenly. The plan is
+    traced kernel, measured advance us, modeled us, HBM floor us of its bytes at the node's copy
+    bandwidth), an op of n launches split evenly. The plan is
     of the commit the trace names in its file name (launch_plan.CodePaths via the validation's
     measured_code), at `tp` ranks over the symm collectives (rank 0's trace). Raises if the launch
     counts differ."""
@@ -286,11 +287,13 @@ def compare(trace: Path = TRACE, model_name: str = "medium", dtype: str = "bf16"
     with kernels_as_measured(node_spec(node_name), commit or "HEAD", dtype) as node:
         est = estimate_step(model, node, 1, tokens, context, **({"comm": "symm"} if tp > 1 else {}),
                             **({"paths": paths} if paths else {}))
-    planned = [(op.name, op.seconds / op.launches) for op in est.ops for _ in range(op.launches)]
+        copy = node.copy_bytes_per_s
+    planned = [(op.name, op.seconds / op.launches, op.bytes / op.launches / copy) for op in est.ops
+               for _ in range(op.launches)]
     if len(planned) != len(measured):
         raise ValueError(f"the plan has {len(planned)} launches, the trace {len(measured)} a replay")
-    return [(name, kernel["name"][:40], adv, seconds * 1e6)
-            for (name, seconds), kernel, adv in zip(planned, replays[0], measured)]
+    return [(name, kernel["name"][:40], adv, seconds * 1e6, floor * 1e6)
+            for (name, seconds, floor), kernel, adv in zip(planned, replays[0], measured)]
 
 
 def main(argv=None) -> int:
@@ -303,16 +306,15 @@ def main(argv=None) -> int:
     if args.compare:
         model_name, dtype, tokens = args.compare
         totals: dict[str, list[float]] = {}
-        for name, _, adv, modeled in compare(args.trace, model_name, dtype, int(tokens), tp=args.tp):
-            row = totals.setdefault(name, [0, 0.0, 0.0])
-            row[0] += 1
-            row[1] += adv
-            row[2] += modeled
-        print(f"{'plan op':40s} {'launches':>8s} {'traced us':>10s} {'modeled us':>10s}")
-        for name, (n, adv, modeled) in totals.items():
-            print(f"{name:40s} {n:8d} {adv:10.1f} {modeled:10.1f}")
-        print(f"{'step':40s} {sum(r[0] for r in totals.values()):8d} {sum(r[1] for r in totals.values()):10.1f} "
-              f"{sum(r[2] for r in totals.values()):10.1f}")
+        for name, _, adv, modeled, floor in compare(args.trace, model_name, dtype, int(tokens), tp=args.tp):
+            row = totals.setdefault(name, [0, 0.0, 0.0, 0.0])
+            for i, value in enumerate((1, adv, modeled, floor)):
+                row[i] += value
+        totals["step"] = [sum(r[i] for r in totals.values()) for i in range(4)]
+        print(f"{'plan op':40s} {'launches':>8s} {'traced us':>10s} {'modeled us':>10s} {'floor us':>9s} {'x floor':>8s}")
+        for name, (n, adv, modeled, floor) in totals.items():
+            ratio = f"{adv / floor:8.2f}" if floor >= 0.05 else f"{'-':>8s}"
+            print(f"{name:40s} {int(n):8d} {adv:10.1f} {modeled:10.1f} {floor:9.1f} {ratio}")
         return 0
     for name, value in fit(args.trace).items():
         print(f"{name:20s} {value:.4g}")

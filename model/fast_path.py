@@ -42,6 +42,12 @@ from model.fp8 import Fp8Linear
 
 MAX_TOKENS = 16  # rows (batch x new tokens) the small-M kernels take
 NORM_FP8_ROWS = os.environ.get("DGX_EMU_NORM_FP8_ROWS", "1") != "0"  # fp8_rows; 0: the GEMVs quantize (A/B runs)
+# fp8_rows up to this hidden size. Measured on an H200 (session 13, rows on / off alternated): medium (2048) decode
+# 299.2 / 299.1 vs 302.4 / 302.5 us, verify 462.2 / 462.4 vs 474.1 / 474.1; maverick-slice (5120) decode 997.5 /
+# 997.5 vs 994.6 / 993.9, verify 1328.5 / 1325.7 vs 1320.1 / 1314.6 (h200-ab-decode-*-rows{0,1}-*.json): there the
+# norm's one program a row pays more for the amax and 5120 divisions than the GEMVs save (16-row tiles at K = 5120
+# share their quantization over more rows than medium's 8).
+NORM_FP8_ROWS_MAX_K = 4096
 
 
 def _kernels():
@@ -89,22 +95,24 @@ def takes_fp8_rows(module: nn.Module) -> bool:
 def plans_fp8_rows(module: nn.Module, world: int) -> bool:
     """fp8_rows' answer for a linear the norm feeds, as the emulator's launch plans ask it: a world of one
     (the single-rank communicator's norm kernel makes the rows), FP8 with per-token scales."""
-    return NORM_FP8_ROWS and world == 1 and takes_fp8_rows(module)
+    return NORM_FP8_ROWS and world == 1 and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K
 
 
 def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Buffers (e4m3 like partial, float32 (rows,)) for allreduce_add_rmsnorm to fill with its output
     quantized per row, when what reads that output (`consumer`: a linear, an MLP, or a MoE block, whose
     shared expert reads it) quantizes it per token and the communicator's norm kernel makes the rows at no
-    extra launch; else None. The GEMVs then skip their own amax pass and IEEE divisions (measured on
-    an H200: the medium weight stream as GEMV launches, 188.1 -> 157.1 us were every FP8 GEMV fed so)."""
+    extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs then skip their own amax pass
+    and IEEE divisions (one row) or their quantization pre-pass (2+ rows). Measured on an H200: the medium weight
+    stream as GEMV launches 188.1 -> 157.1 us were every FP8 GEMV fed so; the medium step, where the norms feed
+    QKV, FC13 and the shared expert, 302.5 -> 299.1 us (verify 474.1 -> 462.4)."""
     if consumer is not None and hasattr(consumer, "router"):
         path = moe_path(consumer, partial.numel() // partial.shape[-1])
         consumer = consumer.shared_expert.gate_up_proj if path in ("pair", "separate") else None
     elif consumer is not None and hasattr(consumer, "gate_up_proj"):  # a dense MLP: its FC13
         consumer = consumer.gate_up_proj
-    if (not NORM_FP8_ROWS or consumer is None or not takes_fp8_rows(consumer)
-            or not comm.norm_quantizes_rows(partial)):
+    if (not NORM_FP8_ROWS or partial.shape[-1] > NORM_FP8_ROWS_MAX_K or consumer is None
+            or not takes_fp8_rows(consumer) or not comm.norm_quantizes_rows(partial)):
         return None
     rows = partial.numel() // partial.shape[-1]
     return (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),

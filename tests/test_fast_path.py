@@ -298,3 +298,26 @@ def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens):
     assert torch.isfinite(with_rows).all() and torch.equal(with_rows, without)
     fed = 3 + 2  # QKV of layers 1..3, FC13 of the two dense layers; the MoE layers' shared experts sit in pairs
     assert counts["triton _quantize_kernel"] == counts_without["triton _quantize_kernel"] - (fed if tokens > 1 else 0)
+
+
+def test_fp8_rows_only_where_they_pay(monkeypatch):
+    """fp8_rows: for an FP8 linear with per-token scales (not static ones, not BF16) at hidden sizes up to
+    NORM_FP8_ROWS_MAX_K (measured slower at Maverick's 5120), on a communicator whose norm makes them, and not
+    with DGX_EMU_NORM_FP8_ROWS=0; the launch plans ask the same question (plans_fp8_rows)."""
+    from torch import nn
+    from model import fast_path
+    from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear
+    comm = SingleRankCommunicator()
+    for hidden, scheme, wanted in [(4096, PER_CHANNEL, True), (5120, PER_CHANNEL, False), (64, PER_TENSOR, False)]:
+        linear = Fp8Linear(hidden, 32, scheme, torch.bfloat16).to(DEVICE)
+        partial = torch.zeros(1, 2, hidden, dtype=torch.bfloat16, device=DEVICE)
+        rows = fast_path.fp8_rows(comm, linear, partial)
+        assert (rows is not None) == wanted == fast_path.plans_fp8_rows(linear, 1)
+        if wanted:
+            assert rows[0].shape == (1, 2, hidden) and rows[0].dtype == torch.float8_e4m3fn and rows[1].shape == (2,)
+            assert not fast_path.plans_fp8_rows(linear, 2)  # several ranks: the multi-rank norms make none yet
+    bf16 = nn.Linear(64, 32, bias=False).to(DEVICE, torch.bfloat16)
+    assert fast_path.fp8_rows(comm, bf16, torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)) is None
+    monkeypatch.setattr(fast_path, "NORM_FP8_ROWS", False)
+    linear = Fp8Linear(64, 32, PER_CHANNEL, torch.bfloat16).to(DEVICE)
+    assert fast_path.fp8_rows(comm, linear, torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)) is None
