@@ -26,7 +26,11 @@
 # PART=final: GPU tests of the rows (norm, GEMV, pair, fast path, CUDA graphs), kernel traces of the medium FP8 and
 #   BF16 decode steps (benchmarks/step_trace.py, for kernel_fit.py --compare), maverick-slice FP8 with the rows on /
 #   off alternated twice.
-#   PART=probe|sums|rows|final bash benchmarks/gpu_s13_session.sh
+#   Measured (e4987f8): 82 GPU tests passed, 2 skipped; maverick-slice FP8 decode 997.5 / 997.5 us with the rows vs
+#   994.6 / 993.9 without, verify 1328.5 / 1325.7 vs 1320.1 / 1314.6: the rows stay off past hidden 4096 since.
+# PART=closing: the closing note's numbers at the final tree: medium BF16 / FP8 decode, the embedded model's decode
+#   bench and `generate` (plain, and with the shipped EAGLE-3 draft), and the fast path's rows tests on the GPU.
+#   PART=probe|sums|rows|final|closing bash benchmarks/gpu_s13_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -108,6 +112,23 @@ elif [[ "${PART}" == final ]]; then
       TAIL=3 step "maverick-rows$rows-$round" 90 "DGX_EMU_NORM_FP8_ROWS=$rows $DGX bench decode --model maverick-slice \
           --dtype fp8 --modes graph --iters 150 --out $R/h200-ab-decode-maverick-slice-fp8-rows$rows-$round-$C-tp1.json"
     done
+  done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == closing ]]; then
+  TAIL=3 step tests 90 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_fast_path.py -k fp8_rows
+  for model in medium embedded; do
+    for dtype in bf16 fp8; do
+      [[ $model == embedded && $dtype == fp8 ]] && continue
+      TAIL=3 step "decode-$model-$dtype" 90 $DGX bench decode --model $model --dtype $dtype --modes graph --iters 150 \
+          --out $R/h200-decode-$model-$dtype-closing-$C-tp1.json
+    done
+  done
+  for spec in "plain --no-spec" "chain3 --draft-len=3"; do
+    set -- $spec
+    TAIL=2 step "generate-$1" 90 "$DGX generate --device cuda --world-size 1 --dtype bf16 --prompt 'The DGX B200 node is' \
+        --max-new-tokens 300 --ignore-eos --json $2 > $R/h200-generate-embedded-bf16-$1-$C.jsonl"
+    tail -1 "$R/h200-generate-embedded-bf16-$1-$C.jsonl" | python -c "import json, sys; d = json.loads(sys.stdin.read()); \
+print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_length'))"
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi
