@@ -22,4 +22,10 @@ step() {  # step NAME SECONDS CMD...: at most SECONDS; all output in logs/NAME.t
   timeout -s INT -k 15 "$seconds" bash -c "$*" > "$L/$name.txt" 2>&1; local rc=$?
   echo "== $name (rc $rc, $((SECONDS - t0)) s)"; tail -${TAIL:-12} "$L/$name.txt" | grep -v '^SKIPPED' | cut -c1-220
 }
+ab_bench() {  # ab_bench VAR VALUE MODEL DTYPE FILE: one graph-timed decode bench with VAR=VALUE, its own Triton cache,
+  # if the call has time left (DEADLINE - 45 s)
+  if (( SECONDS > ${DEADLINE:-550} - 45 )); then echo "== $5 skipped (no time left)"; return; fi
+  TAIL=3 step "$5" 100 "$1=$2 TRITON_CACHE_DIR=/tmp/tc-$1-$2 $DGX bench decode --model $3 --dtype $4 --modes graph \
+      --iters 150 --out $R/$5.json"
+}
 finish() { tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$L"; echo "done"; }

@@ -35,6 +35,9 @@ source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
 DEADLINE=${DEADLINE:-550}  # seconds of this call after which no new step starts (the run's limit is 600)
+rbench() {  # rbench MODEL DTYPE ROWS ROUND: decode with the norm's FP8 rows on (1) / off (0)
+  ab_bench DGX_EMU_NORM_FP8_ROWS $3 $1 $2 "h200-ab-decode-$1-$2-rows$3-$4-$C-tp1"
+}
 if [[ "${PART:-probe}" == probe ]]; then
   TAIL=4 step tests-lsm 120 python -m pytest -q -p no:cacheprovider -o addopts= -rf \
       tests/test_kernel_linear_small_m.py -k "'producer or gpu'"
@@ -76,23 +79,17 @@ elif [[ "${PART}" == sums ]]; then
         benchmarks/persistent_probe.py --no-persistent --dtypes fp8,bf16 --given-fp8 --lsm-variants \
         'BLOCK_N=16,num_warps=4;BLOCK_N=16,num_warps=8' --out $R/h200-ab-gemv-chain-medium-sums$cs-$C.json | grep lsm"
   done
-  sbench() {  # sbench DTYPE SUMS ROUND
-    if (( SECONDS > DEADLINE - 60 )); then echo "== $1 s$2 $3 skipped (no time left)"; return; fi
-    TAIL=3 step "decode-$1-s$2-$3" 100 "DGX_EMU_GEMV_CHUNK_SUMS=$2 TRITON_CACHE_DIR=/tmp/tc-s$2 $DGX bench decode \
-        --model medium --dtype $1 --modes graph --iters 150 --out $R/h200-ab-decode-medium-$1-sums$2-$3-$C-tp1.json"
-  }
   for round in r1 r2; do
-    for dtype in fp8 bf16; do sbench $dtype 1 $round; sbench $dtype 0 $round; done
+    for dtype in fp8 bf16; do
+      for sums in 1 0; do
+        ab_bench DGX_EMU_GEMV_CHUNK_SUMS $sums medium $dtype "h200-ab-decode-medium-$dtype-sums$sums-$round-$C-tp1"
+      done
+    done
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == rows ]]; then
   TAIL=5 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
       tests/test_fast_path.py tests/test_kernel_linear_small_m.py tests/test_kernel_moe_decode.py -k "'not cvt and not split'"
-  rbench() {  # rbench MODEL DTYPE ROWS ROUND
-    if (( SECONDS > DEADLINE - 45 )); then echo "== $1 $2 rows$3 $4 skipped (no time left)"; return; fi
-    TAIL=3 step "decode-$1-$2-rows$3-$4" 100 "DGX_EMU_NORM_FP8_ROWS=$3 $DGX bench decode --model $1 --dtype $2 \
-        --modes graph --iters 150 --out $R/h200-ab-decode-$1-$2-rows$3-$4-$C-tp1.json"
-  }
   for round in r1 r2; do
     rbench medium fp8 1 $round; rbench medium fp8 0 $round; rbench medium bf16 1 $round
   done
@@ -108,9 +105,7 @@ elif [[ "${PART}" == final ]]; then
   done
   for round in r1 r2; do
     for rows in 1 0; do
-      if (( SECONDS > DEADLINE - 45 )); then echo "== maverick rows$rows $round skipped (no time left)"; continue; fi
-      TAIL=3 step "maverick-rows$rows-$round" 90 "DGX_EMU_NORM_FP8_ROWS=$rows $DGX bench decode --model maverick-slice \
-          --dtype fp8 --modes graph --iters 150 --out $R/h200-ab-decode-maverick-slice-fp8-rows$rows-$round-$C-tp1.json"
+      rbench maverick-slice fp8 $rows $round
     done
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
