@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TRACE = Path(__file__).resolve().parent / "results" / "profiles" / "h200-medium-bf16-0f037de-trace.json"
+# the current kernels' medium bf16 decode step (benchmarks/step_trace.py at e4987f8): fit_sublayers' trace
+SUBLAYER_TRACE = TRACE.parent / "h200-medium-bf16-t1-e4987f8-trace.json"
 DISPATCH = Path(__file__).resolve().parent / "results" / "h200x2-moe-dispatch.json"
 CONTEXT = 512  # the traced step's keys per layer (dgx-emu bench decode's default)
 
@@ -88,35 +90,52 @@ def trace_commit(trace: Path) -> str | None:
     return named.group(1) if named else None
 
 
+def fit_sublayers(trace: Path = SUBLAYER_TRACE) -> dict[str, float]:
+    """add_rmsnorm and attention (seconds) from whole sub-layers of a trace of the current kernels, not
+    from single advances: under PDL a norm kernel's advance absorbs the tail of the GEMV before it (in the
+    e4987f8 trace 3.4 us a norm, against 1.8 when the GEMVs were slower), which an isolated GEMV's fit
+    already counts. Taking the GEMV fits as they are:
+      add_rmsnorm = mean over the dense MLP sub-layers of (FC13 + FC2 + norm advances) - the modeled FC13 and FC2;
+      attention   = mean over the attention sub-layers of (QKV + attention + o_proj + norm advances)
+                    - the modeled QKV and o_proj - the KV bytes at the attention bandwidth - add_rmsnorm."""
+    from cluster.hardware import node_spec
+    node = node_spec("hgx-h200")
+    rows = compare(trace, "medium", "bf16", 1)  # (plan op, kernel, advance us, modeled us, floor us) a launch
+    kv_us = 2 * CONTEXT * 8 * 128 * 2 / (node.attention_bandwidth_fraction * node.copy_bytes_per_s) * 1e6  # medium
+    mlp, attention = [], []
+    for i, (name, *_rest) in enumerate(rows):
+        if name == "fc13 + swiglu":
+            fc13, fc2, norm = rows[i:i + 3]
+            mlp.append(fc13[2] + fc2[2] + norm[2] - fc13[3] - fc2[3])
+        elif name == "qkv_proj":
+            qkv, attn, o_proj, norm = rows[i:i + 4]
+            if (attn[0], o_proj[0]) != ("attention", "o_proj"):
+                raise ValueError(f"unexpected launches after qkv_proj: {attn[0]}, {o_proj[0]}")
+            attention.append(qkv[2] + attn[2] + o_proj[2] + norm[2] - qkv[3] - o_proj[3] - kv_us)
+    norm_us = statistics.mean(mlp)
+    return {"add_rmsnorm": norm_us * 1e-6, "attention": (statistics.mean(attention) - norm_us) * 1e-6}
+
+
 def fit(trace: Path = TRACE) -> dict[str, float]:
-    """The per-launch constants (seconds; argmax_per_element: seconds per logit)."""
+    """The per-launch constants (seconds; argmax_per_element: seconds per logit): the kinds the
+    current step no longer launches (elementwise, gather, row_reduce, copy, torch's argmax) and the
+    router from the older trace (`trace`); add_rmsnorm and attention from fit_sublayers."""
     from cluster.hardware import node_spec
     from model.config import preset
-    from workers.cost_model import CostModel
     from workers.emulate import shape_only_model
 
     replays = steps(json.loads(trace.read_text())["kernels"])
     per_position = [statistics.median(col) for col in zip(*(advances(s) for s in replays))]
-    kinds = [kind(k["name"]) for k in replays[0]]
     by_kind = defaultdict(list)
-    for i, (k, adv) in enumerate(zip(kinds, per_position)):
-        if k == "split":  # the attention kernel and the GEMV that waits for it
-            by_kind["attention_pair"].append(adv + per_position[i + 1])
+    for k, adv in zip((kind(k["name"]) for k in replays[0]), per_position):
         by_kind[k].append(adv)
     mean = {k: statistics.mean(v) * 1e-6 for k, v in by_kind.items()}
-    from benchmarks.emulator_validation import kernels_as_measured
     model = shape_only_model(preset("medium"), 1, "tp", "bf16")  # the traced model
-    attn = model.layers[0].self_attn
-    # the trace's o_proj as its commit ran it (one weight row a program before f4c9fff: that GEMV line)
-    with kernels_as_measured(node_spec("hgx-h200"), trace_commit(trace) or "HEAD", "bf16") as node:
-        o_proj = CostModel(node, 1).linear("o_proj", "attention", attn.o_proj, 1).seconds
-    kv = 2 * CONTEXT * attn.n_kv_heads_per_rank * attn.head_dim * 2
-    vocab = model.shard.vocab_per_rank
+    node, vocab = node_spec("hgx-h200"), model.shard.vocab_per_rank
     return {"elementwise": mean["elementwise"], "gather": mean["gather"], "row_reduce": mean["row_reduce"],
-            "add_rmsnorm": mean["add_rmsnorm"], "router": mean["router"] - model.layers[1].feed_forward.router.weight.nbytes
-            / node.copy_bytes_per_s, "copy": mean["copy"],
-            "argmax_per_element": (mean["argmax"] - mean["elementwise"]) / vocab,
-            "attention": mean["attention_pair"] - o_proj - kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s)}
+            "router": mean["router"] - model.layers[1].feed_forward.router.weight.nbytes / node.copy_bytes_per_s,
+            "copy": mean["copy"], "argmax_per_element": (mean["argmax"] - mean["elementwise"]) / vocab,
+            **fit_sublayers()}
 
 
 PAIR_TRACES = {tokens: TRACE.parent / f"h200-maverick-slice-fp8-t{tokens}-db3640e-trace.json" for tokens in (1, 4)}

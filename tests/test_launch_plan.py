@@ -200,6 +200,7 @@ def test_node_constants_are_the_trace_fit():
         assert node.gpu.hbm_bytes_per_s != h200.gpu.hbm_bytes_per_s  # its own datasheet
     raw = json.loads((node_spec.__globals__["NODES_DIR"] / "hgx-h200.json").read_text())
     assert "kernel_fit.py" in raw["sources"]["kernel_s"] and "0f037de-trace.json" in raw["sources"]["kernel_s"]
+    assert "e4987f8-trace.json" in raw["sources"]["kernel_s"]  # add_rmsnorm and attention: fit_sublayers
 
 
 def test_node_gemv_constants_are_the_fit_of_the_committed_gemv_table():
@@ -290,15 +291,26 @@ def test_the_modeled_fp8_moe_pairs_are_near_the_traced_ones():
 
 
 def test_the_plan_of_the_traced_step_has_its_launches_and_time():
-    """The committed H200 trace (medium bf16 decode at 0f037de) against the plan of that commit's
-    step (benchmarks/kernel_fit.py --compare): one planned launch per traced kernel, and the step
-    within 2% of the traced replay (the constants were fitted to it; the GEMVs were not)."""
-    from benchmarks.kernel_fit import compare
+    """The two fitted H200 traces against the plans of their commits' steps (benchmarks/kernel_fit.py
+    --compare), one planned launch per traced kernel. 0f037de (medium bf16 decode; the elementwise,
+    gather, row_reduce, copy, router and torch-argmax constants come from it): the step within 5%.
+    e4987f8 (the current kernels; add_rmsnorm and attention come from its sub-layers, fit_sublayers): its
+    attention and dense MLP sub-layers sum to the traced time on average (what the fit solves), and the
+    whole step within the emulator's 10% target: the rest of it is modeled from other data (its MoE pairs
+    ~13 us short: their fit is from maverick-slice traces; the embedding and argmax kernels by older proxies)."""
+    from benchmarks.kernel_fit import SUBLAYER_TRACE, compare
     rows = compare()
     traced, modeled = sum(r[2] for r in rows), sum(r[3] for r in rows)
-    assert len(rows) == 79 and modeled == pytest.approx(traced, rel=0.02)
+    assert len(rows) == 79 and modeled == pytest.approx(traced, rel=0.05)
     assert [r[0] for r in rows if r[1] == "_split_kernel"] == ["attention"] * 8  # launch for launch
     assert [r[0] for r in rows if r[1] == "_router_kernel"] == ["router"] * 4
+    rows = compare(SUBLAYER_TRACE, "medium", "bf16", 1)
+    traced, modeled = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    assert len(rows) == 63 and modeled == pytest.approx(traced, rel=0.10)
+    for first, size in (("qkv_proj", 4), ("fc13 + swiglu", 3)):  # attention / dense MLP sub-layers
+        starts = [i for i, r in enumerate(rows) if r[0] == first]
+        sums = [(sum(r[2] for r in rows[i:i + size]), sum(r[3] for r in rows[i:i + size])) for i in starts]
+        assert sum(t for t, _ in sums) == pytest.approx(sum(m for _, m in sums), rel=0.01), first
 
 
 def _has_commit(commit: str) -> bool:
