@@ -30,7 +30,10 @@
 #   994.6 / 993.9 without, verify 1328.5 / 1325.7 vs 1320.1 / 1314.6: the rows stay off past hidden 4096 since.
 # PART=closing: the closing note's numbers at the final tree: medium BF16 / FP8 decode, the embedded model's decode
 #   bench and `generate` (plain, and with the shipped EAGLE-3 draft), and the fast path's rows tests on the GPU.
-#   PART=probe|sums|rows|final|closing bash benchmarks/gpu_s13_session.sh
+# PART=split: the summed MoE pair (dual_down) as separate shared and routed programs, the second to finish adding
+#   them (DGX_EMU_PAIR_SPLIT_SUM=1), against the one-program sum: the pair's GPU tests, then medium FP8 / BF16 and
+#   maverick-slice FP8 decode alternated.
+#   PART=probe|sums|rows|final|closing|split bash benchmarks/gpu_s13_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -124,6 +127,20 @@ elif [[ "${PART}" == closing ]]; then
         --max-new-tokens 300 --ignore-eos --json $2 > $R/h200-generate-embedded-bf16-$1-$C.jsonl"
     tail -1 "$R/h200-generate-embedded-bf16-$1-$C.jsonl" | python -c "import json, sys; d = json.loads(sys.stdin.read()); \
 print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_length'))"
+  done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == split ]]; then
+  TAIL=3 step tests 100 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
+      tests/test_fast_path.py -k "'gpu or split or graph or pdl'"
+  for round in r1 r2; do
+    for dtype in fp8 bf16; do
+      for split in 1 0; do
+        ab_bench DGX_EMU_PAIR_SPLIT_SUM $split medium $dtype "h200-ab-decode-medium-$dtype-split$split-$round-$C-tp1"
+      done
+    done
+  done
+  for split in 1 0; do
+    ab_bench DGX_EMU_PAIR_SPLIT_SUM $split maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-split$split-r1-$C-tp1"
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi

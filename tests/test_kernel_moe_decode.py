@@ -299,3 +299,26 @@ def test_pair_fp8_conversion_variants(cvt):
     with pytest.raises(ValueError, match="FP8 weights only"):
         md.dual_down(*h, {"weight": _randn(gen, hidden, inter)}, {"weight": _randn(gen, 2, hidden, inter)}, ids,
                      config=cfg)
+
+
+@pytest.mark.parametrize("m,fp8", [(1, False), (3, True), (16, False)])
+def test_summed_pair_split_into_halves_gives_the_same_bits(monkeypatch, m, fp8):
+    """dual_down with the shared and routed halves in programs of their own (SPLIT_SUM: the second of a tile's
+    two to finish adds them) equals the one-program sum bit for bit, and leaves its arrival counters at zero."""
+    gen = torch.Generator().manual_seed(60 + m)
+    hidden, inter = 72, 64  # 72: the last tile of 8 rows is partial at BLOCK_N 16
+    ids = torch.randint(0, 3, (m,), generator=gen).to(DEVICE)
+    if fp8:
+        h = tuple(_exact_fp8_rows(gen, m, inter, [(i % 3) - 4 for i in range(m)]).to(torch.bfloat16) for _ in range(2))
+    else:
+        h = tuple(_randn(gen, m, inter).to(torch.bfloat16) for _ in range(2))
+    fc2_s, fc2_r = _dense(gen, hidden, inter, fp8), _experts(gen, 3, hidden, inter, fp8)
+    if not fp8:
+        fc2_s, fc2_r = ({"weight": d["weight"].to(torch.bfloat16)} for d in (fc2_s, fc2_r))
+    monkeypatch.setattr(md, "SPLIT_SUM", False)
+    one = md.dual_down(*h, fc2_s, fc2_r, ids)
+    monkeypatch.setattr(md, "SPLIT_SUM", True)
+    split = md.dual_down(*h, fc2_s, fc2_r, ids)
+    assert torch.equal(split, one) and not torch.isnan(split).any()
+    _close(split, md.reference_dual_down(*h, fc2_s, fc2_r, ids), 2 ** -7)
+    assert not any(c.any() for c in md._pair_counters.by_device.values())

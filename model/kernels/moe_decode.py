@@ -30,9 +30,11 @@ float32 sums, SwiGLU epilogue), so each result equals that function's for the sa
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
+from collectives.triton_support import INTERPRETED, ArrivalCounters, pdl_kwargs, tl, triton
 from model.kernels import gemv_tiles, linear_small_m as lsm
 
 MAX_M = lsm.MAX_M
@@ -40,6 +42,10 @@ PAIR_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "CVT")
 ROUTER_TILE_BYTES = 65536  # router weight bytes per program
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 EMPTY_KEY = -(2 ** 63)
+# A summed pair (dual_down) as separate shared and routed programs, the second of a tile's two to finish adding
+# them, rather than one program computing both halves one after the other. 0: the one-program sum (A/B runs).
+SPLIT_SUM = os.environ.get("DGX_EMU_PAIR_SPLIT_SUM", "1") != "0"
+_pair_counters = ArrivalCounters("moe_decode (pair sum)", 4096)  # per device; see triton_support.ArrivalCounters
 
 if triton is not None:
     from collectives.triton_support import pdl_launch_dependents, pdl_wait
@@ -142,21 +148,55 @@ if triton is not None:
                             BLOCK_K)
 
     @triton.jit
+    def _finish_pair_sum(y, half, part_ptr, count_ptr, out_ptr, row, tile, cols, col_ok, M, N, tiles, stride_om):
+        """Publishes one half's result rounded to the output dtype; the second half of the (row, tile) to
+        arrive writes round(A) + round(B), rounded (as the one-program sum: the same bits in either order)."""
+        io = out_ptr.dtype.element_ty
+        tl.store(part_ptr + (half * M + row) * N + cols, _round(y, io), mask=col_ok)
+        tl.debug_barrier()  # every thread's half stored before the (release) count
+        counter = count_ptr + row * tiles + tile
+        if tl.atomic_add(counter, 1) == 1:
+            a = tl.load(part_ptr + row * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")  # L2: another SM
+            b = tl.load(part_ptr + (M + row) * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            tl.store(out_ptr + row * stride_om + cols, _round(a + b, io).to(io), mask=col_ok)
+
+    @triton.jit
     def _pair_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, ids_ptr, rs_ptr, xsa_ptr, xsb_ptr, wsa_ptr, wsb_ptr,
                      outa_ptr, outb_ptr, M, NA, NB, stride_xam, stride_xbm, stride_wan, stride_wbe, stride_wbn,
                      stride_xse, stride_wse, stride_oam, stride_obm, stride_xsam, KA: tl.constexpr, KB: tl.constexpr,
                      QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, ROW_SCALE: tl.constexpr,
                      SWIGLU: tl.constexpr, SUM: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """SUM: program (row, tile) writes round(A) + round(B) to out_a. Otherwise the first
-        M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, part_ptr, count_ptr, SPLIT_SUM: tl.constexpr = False):
+        """SUM: program (row, tile) writes round(A) + round(B) to out_a; with SPLIT_SUM, A's and B's programs
+        apart (as without SUM) each publish their rounded result to part (2, M, NA) float32 and the second of the
+        two to arrive (an atomic counter per (row, tile), reset after) writes the sum: the same bits. Otherwise
+        the first M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
         A: x_a @ W_a.T (dense; QUANT_A 3: x_a is e4m3, quantized by its producer, row scales at xsa_ptr with
         stride_xsam); B: (x_b * rs) @ W_b[ids[row]].T. (Loading B's expert id and first chunk
         before A's GEMV instead of after it was measured on an H200, 3e0e0d1 vs cc9a0b8: medium FP8 decode
         316.1 vs 319.2 us, but its 4-token verify 499.8 vs 474.6; BF16 and maverick-slice unchanged. Not kept.)"""
         pid = tl.program_id(0)
         tiles_a = tl.cdiv(NA, BLOCK_N)
-        if SUM:
+        if SPLIT_SUM:
+            if pid < M * tiles_a:
+                row, tile = pid % M, pid // M
+                y, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr + row * stride_xsam, wsa_ptr, row, tile, NA,
+                                              stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
+                half = 0
+            else:
+                pdl_wait(PDL)
+                pdl_launch_dependents(PDL)
+                row, tile = (pid - M * tiles_a) % M, (pid - M * tiles_a) // M
+                y = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
+                                 stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
+                                 CVT, BLOCK_N, BLOCK_K)
+                cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < NA
+                half = 1
+            _finish_pair_sum(y, half, part_ptr, count_ptr, outa_ptr, row, tile, cols, col_ok, M, NA, tiles_a,
+                             stride_oam)
+        elif SUM:
             row, tile = pid % M, pid // M
             ya, cols, col_ok = _dense_part(xa_ptr, wa_ptr, xsa_ptr + row * stride_xsam, wsa_ptr, row, tile, NA,
                                            stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
@@ -291,7 +331,10 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
     out_b = out_a if add else lsm._alloc_out(m, n_b, dtype_b, xa.device)  # (M, N_B)
     act_b = routed.get("act_quant")
     per_expert = quant_b == 1 and act_b.numel() > 1
-    tiles = triton.cdiv(n_a, cfg["BLOCK_N"]) + (0 if add else triton.cdiv(n_b, cfg["BLOCK_N"]))
+    split_sum = add and SPLIT_SUM
+    tiles = triton.cdiv(n_a, cfg["BLOCK_N"]) + (0 if add and not split_sum else triton.cdiv(n_b, cfg["BLOCK_N"]))
+    part = torch.empty((2, m, n_a), dtype=torch.float32, device=xa.device) if split_sum else out_a  # (2, M, N)
+    count = _pair_counters(xa.device, m * triton.cdiv(n_a, cfg["BLOCK_N"])) if split_sum else out_a
     xs_a = shared["act_quant"] if quant_a == 1 else xa
     if shared_fp8 is not None:  # the shared expert's input as its producer quantized it
         (xa, xs_a), quant_a = shared_fp8, 3
@@ -303,7 +346,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
         act_b.stride(0) if per_expert else 0, routed["weight_scale"].stride(0) if quant_b else 0,
         out_a.stride(0), out_b.stride(0), 1 if quant_a == 3 else 0, KA=k_a, KB=k_b, QUANT_A=quant_a, QUANT_B=quant_b,
         ROW_SCALE=row_scale is not None, SWIGLU=swiglu, SUM=add, CVT=cvt, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_K=cfg["BLOCK_K"], part_ptr=part, count_ptr=count, SPLIT_SUM=split_sum,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(xa))
     return out_a if add else (out_a, out_b)
 
