@@ -43,8 +43,12 @@ ROUTER_TILE_BYTES = 65536  # router weight bytes per program
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 EMPTY_KEY = -(2 ** 63)
 # A summed pair (dual_down) as separate shared and routed programs, the second of a tile's two to finish adding
-# them, rather than one program computing both halves one after the other. 0: the one-program sum (A/B runs).
-SPLIT_SUM = os.environ.get("DGX_EMU_PAIR_SPLIT_SUM", "1") != "0"
+# them, rather than one program computing both halves one after the other: "auto" at one row of FP8 weights,
+# "1" always, "0" never (DGX_EMU_PAIR_SPLIT_SUM). Measured on an H200 (session 13, 89b45d9, split always vs never,
+# alternated): FP8 decode medium 295.8 / 295.6 vs 298.4 / 298.8 us, maverick-slice 963.1 vs 993.4; but medium
+# verify (4 rows) FP8 481.9 / 481.9 vs 461.1 / 460.8, BF16 572.3 / 573.2 vs 534.4 / 536.5, and BF16 decode 324.4 /
+# 324.3 vs 321.8 / 322.6 (h200-ab-decode-*-split{0,1}-*-89b45d9-tp1.json).
+SPLIT_SUM = os.environ.get("DGX_EMU_PAIR_SPLIT_SUM", "auto")
 _pair_counters = ArrivalCounters("moe_decode (pair sum)", 4096)  # per device; see triton_support.ArrivalCounters
 
 if triton is not None:
@@ -170,7 +174,8 @@ if triton is not None:
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr, part_ptr, count_ptr, SPLIT_SUM: tl.constexpr = False):
         """SUM: program (row, tile) writes round(A) + round(B) to out_a; with SPLIT_SUM, A's and B's programs
         apart (as without SUM) each publish their rounded result to part (2, M, NA) float32 and the second of the
-        two to arrive (an atomic counter per (row, tile), reset after) writes the sum: the same bits. Otherwise
+        two to arrive (an atomic counter per (row, tile), reset after) writes the sum (the one-program sum's
+        bits, save that a GPU may contract its last float32 multiply and add into an FMA). Otherwise
         the first M * tiles(NA) programs write A's (row, tile) to out_a, the others B's to out_b.
         A: x_a @ W_a.T (dense; QUANT_A 3: x_a is e4m3, quantized by its producer, row scales at xsa_ptr with
         stride_xsam); B: (x_b * rs) @ W_b[ids[row]].T. (Loading B's expert id and first chunk
@@ -331,7 +336,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
     out_b = out_a if add else lsm._alloc_out(m, n_b, dtype_b, xa.device)  # (M, N_B)
     act_b = routed.get("act_quant")
     per_expert = quant_b == 1 and act_b.numel() > 1
-    split_sum = add and SPLIT_SUM
+    split_sum = add and (SPLIT_SUM == "1" or SPLIT_SUM == "auto" and m == 1 and w_a.dtype == lsm.FP8)
     tiles = triton.cdiv(n_a, cfg["BLOCK_N"]) + (0 if add and not split_sum else triton.cdiv(n_b, cfg["BLOCK_N"]))
     part = torch.empty((2, m, n_a), dtype=torch.float32, device=xa.device) if split_sum else out_a  # (2, M, N)
     count = _pair_counters(xa.device, m * triton.cdiv(n_a, cfg["BLOCK_N"])) if split_sum else out_a
