@@ -43,6 +43,13 @@ source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
 DEADLINE=${DEADLINE:-550}  # seconds of this call after which no new step starts (the run's limit is 600)
+ab_rounds() {  # ab_rounds VAR TAG: medium FP8 and BF16 decode with VAR=1 and VAR=0 alternated, two rounds
+  for round in r1 r2; do
+    for dtype in fp8 bf16; do
+      for value in 1 0; do ab_bench $1 $value medium $dtype "h200-ab-decode-medium-$dtype-$2$value-$round-$C-tp1"; done
+    done
+  done
+}
 rbench() {  # rbench MODEL DTYPE ROWS ROUND: decode with the norm's FP8 rows on (1) / off (0)
   ab_bench DGX_EMU_NORM_FP8_ROWS $3 $1 $2 "h200-ab-decode-$1-$2-rows$3-$4-$C-tp1"
 }
@@ -87,13 +94,7 @@ elif [[ "${PART}" == sums ]]; then
         benchmarks/persistent_probe.py --no-persistent --dtypes fp8,bf16 --given-fp8 --lsm-variants \
         'BLOCK_N=16,num_warps=4;BLOCK_N=16,num_warps=8' --out $R/h200-ab-gemv-chain-medium-sums$cs-$C.json | grep lsm"
   done
-  for round in r1 r2; do
-    for dtype in fp8 bf16; do
-      for sums in 1 0; do
-        ab_bench DGX_EMU_GEMV_CHUNK_SUMS $sums medium $dtype "h200-ab-decode-medium-$dtype-sums$sums-$round-$C-tp1"
-      done
-    done
-  done
+  ab_rounds DGX_EMU_GEMV_CHUNK_SUMS sums
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == rows ]]; then
   TAIL=5 step tests 200 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
@@ -137,13 +138,7 @@ print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_l
 elif [[ "${PART}" == split ]]; then
   TAIL=3 step tests 100 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_moe_decode.py \
       tests/test_fast_path.py -k "'gpu or split or graph or pdl'"
-  for round in r1 r2; do
-    for dtype in fp8 bf16; do
-      for split in 1 0; do
-        ab_bench DGX_EMU_PAIR_SPLIT_SUM $split medium $dtype "h200-ab-decode-medium-$dtype-split$split-$round-$C-tp1"
-      done
-    done
-  done
+  ab_rounds DGX_EMU_PAIR_SPLIT_SUM split
   for split in 1 0; do
     ab_bench DGX_EMU_PAIR_SPLIT_SUM $split maverick-slice fp8 "h200-ab-decode-maverick-slice-fp8-split$split-r1-$C-tp1"
   done
