@@ -336,7 +336,7 @@ def _launch_pair(xa, xb, shared, routed, expert_ids, row_scale, swiglu, add, con
     out_b = out_a if add else lsm._alloc_out(m, n_b, dtype_b, xa.device)  # (M, N_B)
     act_b = routed.get("act_quant")
     per_expert = quant_b == 1 and act_b.numel() > 1
-    split_sum = add and (SPLIT_SUM == "1" or SPLIT_SUM == "auto" and m == 1 and w_a.dtype == lsm.FP8)
+    split_sum = add and (SPLIT_SUM == "1" or SPLIT_SUM == "auto" and m == 1 and shared["weight"].dtype == lsm.FP8)
     tiles = triton.cdiv(n_a, cfg["BLOCK_N"]) + (0 if add and not split_sum else triton.cdiv(n_b, cfg["BLOCK_N"]))
     part = torch.empty((2, m, n_a), dtype=torch.float32, device=xa.device) if split_sum else out_a  # (2, M, N)
     count = _pair_counters(xa.device, m * triton.cdiv(n_a, cfg["BLOCK_N"])) if split_sum else out_a
