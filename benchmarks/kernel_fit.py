@@ -99,9 +99,13 @@ def fit_sublayers(trace: Path = SUBLAYER_TRACE) -> dict[str, float]:
       attention   = mean over the attention sub-layers of (QKV + attention + o_proj + norm advances)
                     - the modeled QKV and o_proj - the KV bytes at the attention bandwidth - add_rmsnorm."""
     from cluster.hardware import node_spec
+    from model.config import preset
+    from workers.emulate import shape_only_model
     node = node_spec("hgx-h200")
     rows = compare(trace, "medium", "bf16", 1)  # (plan op, kernel, advance us, modeled us, floor us) a launch
-    kv_us = 2 * CONTEXT * 8 * 128 * 2 / (node.attention_bandwidth_fraction * node.copy_bytes_per_s) * 1e6  # medium
+    attn = shape_only_model(preset("medium"), 1, "tp", "bf16").layers[0].self_attn  # the traced model's
+    kv = 2 * CONTEXT * attn.n_kv_heads_per_rank * attn.head_dim * 2  # K and V bytes, bf16
+    kv_us = kv / (node.attention_bandwidth_fraction * node.copy_bytes_per_s) * 1e6
     mlp, attention = [], []
     for i, (name, *_rest) in enumerate(rows):
         if name == "fc13 + swiglu":

@@ -48,6 +48,14 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x, scale), scale
 
 
+def fill_fp8_rows(normed: torch.Tensor, fp8_rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """fp8_rows (e4m3 (..., H), float32 (rows,)) := quantize_rows_fp8(normed): the torch ops for what the
+    norm kernel writes with its output."""
+    q, scale = quantize_rows_fp8(normed)
+    fp8_rows[0].copy_(q)
+    fp8_rows[1].copy_(scale.view(-1))
+
+
 def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                 quant_scale: torch.Tensor | None = None,
                 fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +73,7 @@ def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     if fp8_rows is not None:
         from collectives.fused_norm import check_fp8_rows
         check_fp8_rows(normed, quant_scale, fp8_rows)
-        q, scale = quantize_rows_fp8(normed)
-        fp8_rows[0].copy_(q)
-        fp8_rows[1].copy_(scale.view(-1))
+        fill_fp8_rows(normed, fp8_rows)
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from collectives import gpu_stamps
-from collectives.communicator import FP8_MAX, INV_FP8_MAX, MIN_AMAX, quantize_fp8, quantize_rows_fp8, rms_norm
+from collectives.communicator import FP8_MAX, INV_FP8_MAX, MIN_AMAX, fill_fp8_rows, quantize_fp8, rms_norm
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
@@ -229,7 +229,5 @@ def reference_add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight:
     new_residual = partial if residual is None else residual + partial
     normed = rms_norm(new_residual, weight, eps)
     if fp8_rows is not None:
-        q, scale = quantize_rows_fp8(normed)
-        fp8_rows[0].copy_(q)
-        fp8_rows[1].copy_(scale.view(-1))
+        fill_fp8_rows(normed, fp8_rows)
     return (normed if quant_scale is None else quantize_fp8(normed, quant_scale)), new_residual

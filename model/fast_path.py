@@ -84,18 +84,27 @@ def _linear_args(module: nn.Module) -> dict | None:
     return None
 
 
+def _per_token_fp8(args: dict | None) -> bool:
+    """Are these linear_small_m arguments an FP8 linear with dynamic per-token activation scales?"""
+    return (args is not None and args["weight"].dtype == torch.float8_e4m3fn
+            and isinstance(args["act_quant"], str) and args["act_quant"] == "token")
+
+
 def takes_fp8_rows(module: nn.Module) -> bool:
     """Does linear(module, x, x_fp8=...) read x quantized per row (an FP8 linear with dynamic per-token
     activation scales on the GEMV kernels)?"""
-    args = _linear_args(module)
-    return (args is not None and args["weight"].dtype == torch.float8_e4m3fn
-            and isinstance(args["act_quant"], str) and args["act_quant"] == "token")
+    return _per_token_fp8(_linear_args(module))
+
+
+def _rows_pay(module: nn.Module) -> bool:
+    """Are the norm's FP8 rows worth making for `module` (on, it takes them, its K within NORM_FP8_ROWS_MAX_K)?"""
+    return NORM_FP8_ROWS and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K
 
 
 def plans_fp8_rows(module: nn.Module, world: int) -> bool:
     """fp8_rows' answer for a linear the norm feeds, as the emulator's launch plans ask it: a world of one
     (the single-rank communicator's norm kernel makes the rows), FP8 with per-token scales."""
-    return NORM_FP8_ROWS and world == 1 and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K
+    return world == 1 and _rows_pay(module)
 
 
 def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -111,8 +120,7 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[t
         consumer = consumer.shared_expert.gate_up_proj if path in ("pair", "separate") else None
     elif consumer is not None and hasattr(consumer, "gate_up_proj"):  # a dense MLP: its FC13
         consumer = consumer.gate_up_proj
-    if (not NORM_FP8_ROWS or partial.shape[-1] > NORM_FP8_ROWS_MAX_K or consumer is None
-            or not takes_fp8_rows(consumer) or not comm.norm_quantizes_rows(partial)):
+    if consumer is None or not _rows_pay(consumer) or not comm.norm_quantizes_rows(partial):
         return None
     rows = partial.numel() // partial.shape[-1]
     return (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
@@ -136,7 +144,7 @@ def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False,
         return F.silu(gate) * up
     linear_small_m, _, _ = _kernels()
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
-    rows = _flat_rows(x_fp8) if takes_fp8_rows(module) else None
+    rows = _flat_rows(x_fp8) if _per_token_fp8(args) else None
     y = linear_small_m.linear_small_m(flat, swiglu=swiglu, x_fp8=rows, **args)
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -254,7 +262,7 @@ def moe(block: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tens
     if path == "pair":  # top-1
         shared_gate_up, shared_down = _linear_args(shared.gate_up_proj), _linear_args(shared.down_proj)
         ids, row_scale = expert_ids[:, 0], scores[:, 0]  # (N,) unit-stride views
-        shared_fp8 = _flat_rows(x_fp8) if takes_fp8_rows(shared.gate_up_proj) else None
+        shared_fp8 = _flat_rows(x_fp8) if _per_token_fp8(shared_gate_up) else None
         hidden_shared, hidden_routed = moe_decode.dual_gate_up(flat, shared_gate_up, gate_up, ids, row_scale,
                                                                shared_fp8=shared_fp8)
         return moe_decode.dual_down(hidden_shared, hidden_routed, shared_down, down, ids).view_as(x)
