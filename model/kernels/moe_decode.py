@@ -152,6 +152,20 @@ if triton is not None:
                             BLOCK_K)
 
     @triton.jit
+    def _routed_program(index, M, x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, N, stride_xm, stride_we, stride_wn,
+                        stride_xse, stride_wse, K: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                        SWIGLU: tl.constexpr, CVT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr):
+        """A program of the routed half on its own (the `index`-th of them, rows fastest): waits for the
+        router, then its tile. Returns (y, row, tile, the tile's columns)."""
+        pdl_wait(PDL)
+        pdl_launch_dependents(PDL)
+        row, tile = index % M, index // M
+        y = _routed_part(x_ptr, w_ptr, ids_ptr, rs_ptr, xs_ptr, ws_ptr, row, tile, N, stride_xm, stride_we, stride_wn,
+                         stride_xse, stride_wse, K, ROW_SCALE, QUANT, SWIGLU, CVT, BLOCK_N, BLOCK_K)
+        return y, row, tile, tile * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    @triton.jit
     def _finish_pair_sum(y, half, part_ptr, count_ptr, out_ptr, row, tile, cols, col_ok, M, N, tiles, stride_om):
         """Publishes one half's result rounded to the output dtype; the second half of the (row, tile) to
         arrive writes round(A) + round(B), rounded (as the one-program sum: the same bits in either order)."""
@@ -190,13 +204,10 @@ if triton is not None:
                                               stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
                 half = 0
             else:
-                pdl_wait(PDL)
-                pdl_launch_dependents(PDL)
-                row, tile = (pid - M * tiles_a) % M, (pid - M * tiles_a) // M
-                y = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
-                                 stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                                 CVT, BLOCK_N, BLOCK_K)
-                cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                y, row, tile, cols = _routed_program(pid - M * tiles_a, M, xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr,
+                                                     wsb_ptr, NB, stride_xbm, stride_wbe, stride_wbn, stride_xse,
+                                                     stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU, CVT, BLOCK_N,
+                                                     BLOCK_K, PDL)
                 col_ok = cols < NA
                 half = 1
             _finish_pair_sum(y, half, part_ptr, count_ptr, outa_ptr, row, tile, cols, col_ok, M, NA, tiles_a,
@@ -217,13 +228,10 @@ if triton is not None:
                                            stride_xam, stride_wan, KA, QUANT_A, SWIGLU, CVT, BLOCK_N, BLOCK_K, PDL)
             tl.store(outa_ptr + row * stride_oam + cols, ya.to(outa_ptr.dtype.element_ty), mask=col_ok)
         else:
-            pdl_wait(PDL)
-            pdl_launch_dependents(PDL)
-            row, tile = (pid - M * tiles_a) % M, (pid - M * tiles_a) // M
-            yb = _routed_part(xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr, wsb_ptr, row, tile, NB, stride_xbm,
-                              stride_wbe, stride_wbn, stride_xse, stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU,
-                              CVT, BLOCK_N, BLOCK_K)
-            cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            yb, row, tile, cols = _routed_program(pid - M * tiles_a, M, xb_ptr, wb_ptr, ids_ptr, rs_ptr, xsb_ptr,
+                                                  wsb_ptr, NB, stride_xbm, stride_wbe, stride_wbn, stride_xse,
+                                                  stride_wse, KB, ROW_SCALE, QUANT_B, SWIGLU, CVT, BLOCK_N, BLOCK_K,
+                                                  PDL)
             tl.store(outb_ptr + row * stride_obm + cols, yb.to(outb_ptr.dtype.element_ty), mask=cols < NB)
 
 
