@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Session 14's device call (one H200, nvidia-h200). Carry .device (raysite.tar.xz, head.tar.gz).
+# PART=check: the final tree on a GPU: the kernels' and the fast path's GPU tests (norm, GEMV, MoE pair with its
+#   split sum, CUDA-graph replay = eager for 128 tokens), then medium BF16 / FP8 and maverick-slice FP8 decode in
+#   one call (so the FP8 / BF16 ratio is of one run), and a kernel trace of the medium FP8 step
+#   (benchmarks/step_trace.py, for kernel_fit.py --compare).
+#   PART=check bash benchmarks/gpu_s14_session.sh
+source benchmarks/device_prelude.sh
+C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
+R="$OUT/res"; mkdir -p "$R"
+if [[ "${PART:-check}" == check ]]; then
+  TAIL=5 step tests 240 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
+      tests/test_fast_path.py tests/test_cuda_graphs.py tests/test_kernel_linear_small_m.py \
+      tests/test_kernel_moe_decode.py -k "'fused_norm or fast_path or graph or producer or gpu or split'"
+  for spec in "medium bf16" "medium fp8" "maverick-slice fp8"; do
+    set -- $spec
+    TAIL=3 step "decode-$1-$2" 80 $DGX bench decode --model $1 --dtype $2 --modes graph --iters 150 \
+        --out $R/h200-decode-$1-$2-s14-$C-tp1.json
+  done
+  TAIL=2 step trace-fp8 60 python benchmarks/step_trace.py --model medium --dtype fp8 --tokens 1 \
+      --out $R/h200-medium-fp8-t1-$C-trace.json
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+fi
+finish
