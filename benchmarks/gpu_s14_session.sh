@@ -4,7 +4,10 @@
 #   split sum, CUDA-graph replay = eager for 128 tokens), then medium BF16 / FP8 and maverick-slice FP8 decode in
 #   one call (so the FP8 / BF16 ratio is of one run), and a kernel trace of the medium FP8 step
 #   (benchmarks/step_trace.py, for kernel_fit.py --compare).
-#   PART=check bash benchmarks/gpu_s14_session.sh
+#   Measured (5934250): 89 passed, 2 skipped; medium bf16 323.3 us, fp8 297.4 (0.920x), maverick-slice fp8 955.6.
+# PART=gemv: the decode GEMV table of the shipping kernels (benchmarks/gemv_bench.py, BF16 and FP8 at 1 / 4 / 16 rows,
+#   graph-timed back to back under PDL), for the emulator's GEMV fits (benchmarks/gemv_fit.py) and the FP8 bandwidths.
+#   PART=check|gemv bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -19,6 +22,9 @@ if [[ "${PART:-check}" == check ]]; then
   done
   TAIL=2 step trace-fp8 60 python benchmarks/step_trace.py --model medium --dtype fp8 --tokens 1 \
       --out $R/h200-medium-fp8-t1-$C-trace.json
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == gemv ]]; then
+  TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 fi
 finish
