@@ -61,6 +61,7 @@ IDS_IN_PLACE_COMMIT = "90dee4e"  # a decode graph's argmax writes its token buff
 WINNER_KERNEL_COMMIT = "1d91d52"  # several ranks: one kernel picks the winner of the gathered pairs
 GATHER_SLOTS_COMMIT = "b6ac205"  # symm all_gather: kept zeroed slots and a view of the sum (2 launches, not 4)
 BF16_ROWS_COMMIT = "f4c9fff"  # one-row BF16 GEMVs take 2-4 weight rows a program from here on
+FP8_ROW_TILES_COMMIT = "28ad904"  # one-row FP8 GEMVs at K <= 4096 take 8-row tiles of 4 warps from here on
 GROUPS = (("old TP1", lambda p: p.match("h200-decode-*.json") and not COMMIT.search(p.stem)),
           ("new TP1", lambda p: p.match("h200x2-decode-*-tp1.json") or (p.match("h200-decode-*.json")
                                                                          and COMMIT.search(p.stem))),
@@ -100,6 +101,13 @@ def _older_fits(dtype: str) -> dict:
     return fit_table(TABLES_DIR / "h200-gemv-before-mma.json", (dtype,), by_rows)
 
 
+@functools.lru_cache(maxsize=None)
+def _older_fp8_m1() -> dict:
+    """The one-row FP8 GEMV's fit before FP8_ROW_TILES_COMMIT (gemv_fit.OLDER_FP8_M1's tables)."""
+    from benchmarks.gemv_fit import OLDER_FP8_M1, fit_rows, table_points
+    return fit_rows([p for table in OLDER_FP8_M1 for p in table_points(table, "fp8_m1")])
+
+
 @contextmanager
 def kernels_as_measured(node, commit: str, dtype: str):
     """(`node`, planned) as the FP8 and one-row BF16 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
@@ -108,7 +116,9 @@ def kernels_as_measured(node, commit: str, dtype: str):
     (after the same pre-pass) above: linear_small_m.mma_default as `m > 1`, and the FP8 fits of
     h200-gemv-before-mma.json read by rows (benchmarks/gemv_fit.py), as the node file had them then.
     Before BF16_ROWS_COMMIT a one-row BF16 GEMV read one weight row a program: that table's bf16_m1 line
-    (every row, any dtype: the LM head is BF16)."""
+    (every row, any dtype: the LM head is BF16). Before FP8_ROW_TILES_COMMIT the one-row FP8 GEMV took 16-row
+    tiles at every K: the fp8_m1 line of the tables that measured it (gemv_fit.OLDER_FP8_M1), and the one-row
+    pair fraction fitted with that line's fixed cost (kernel_fit.fit_pair_m1), as the node files had them."""
     from model import fast_path
     from model.kernels import linear_small_m
     shipped = linear_small_m.mma_default, fast_path.SHARED_PASSES_BYTES
@@ -119,11 +129,16 @@ def kernels_as_measured(node, commit: str, dtype: str):
     if dtype == "fp8" and not ran_fp8_on_tensor_cores(commit):
         older.update(_older_fits("fp8"))
         linear_small_m.mma_default = lambda m, n, k: m > 1
+    elif dtype == "fp8" and not has(commit, FP8_ROW_TILES_COMMIT):
+        older["fp8_m1"] = _older_fp8_m1()
     if not has(commit, BF16_ROWS_COMMIT):  # every step has BF16 GEMVs: the LM head at least
         older["bf16_m1"] = _older_fits("bf16")["bf16_m1"]
     if older:
+        from benchmarks.kernel_fit import fit_pair_m1
         from workers.node_spec import GemvFit
         measured = dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
+        if "fp8_m1" in older:  # the pair's fraction was fitted against the one-row GEMV's fixed cost of its time
+            measured = dataclasses.replace(measured, pair_fp8_m1_bandwidth_fraction=fit_pair_m1(node=measured))
     try:
         yield measured
     finally:

@@ -12,7 +12,9 @@ as they ship, and anyone must be able to redo them:
 prints the fits of one table (FP8 rows classed by the kernel that ships, or by row count);
 without an argument, each fit over the rows of the kernel that ships for it (TABLES): the FP8
 tensor cores (2+ rows, or one row from 16384 output rows) from benchmarks/results/h200-gemv.json
-(db3640e), the FP8 CUDA-core GEMV from both tables (it did not change between them), BF16 from
+(db3640e), the FP8 CUDA-core GEMV from h200-gemv-9bade8a.json (its 8-row tiles at K <= 4096 since 28ad904:
+fixed 2.22 us, 0.740 x copy bandwidth, where the two tables before, which both ran the older 16-row tiles,
+gave 3.49 us, 0.781; the same table's BF16 one-row line is within 4% of the f4c9fff one), BF16 from
 h200-gemv-before-mma.json for 4 and 16 rows (those kernels did not change, and the H200 per-launch
 constants of benchmarks/kernel_fit.py were fitted against a step trace with that table's BF16 fit), and
 one row from h200-gemv-bf16-rows-f4c9fff.json: from f4c9fff a one-row BF16 GEMV takes 2-4 weight rows a
@@ -41,8 +43,12 @@ BF16_ROWS = RESULTS / "h200-gemv-bf16-rows-f4c9fff.json"  # one-row BF16 GEMVs a
 # table the step-trace constants were fitted with; the FP8 CUDA-core GEMV (one row, below 16384 output
 # rows) ran unchanged in both tables, so both count (their rows differ by 10-20% from run to run);
 # the tensor cores only in the latest
-TABLES = {"bf16_m1": (BF16_ROWS,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (BEFORE_MMA, LATEST),
+ONE_ROW_FP8 = RESULTS / "h200-gemv-9bade8a.json"  # the CUDA-core FP8 GEMV since 28ad904 (8-row tiles at K <= 4096)
+TABLES = {"bf16_m1": (BF16_ROWS,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (ONE_ROW_FP8,),
           "fp8_m16": (LATEST,), "bf16_small_m1": (DRAFT,), "bf16_small_m16": (DRAFT,)}
+# the one-row FP8 fit before 28ad904 (16-row tiles of 8 warps at every K): both older tables, which ran that kernel
+# unchanged; benchmarks/emulator_validation.py plans the rows measured before 28ad904 with it
+OLDER_FP8_M1 = (BEFORE_MMA, LATEST)
 # the small-weight fits: the latency-bound regime of a GEMV under ~2 MB (the EAGLE-3 draft's linears),
 # whose time the big-weight line's intercept (fitted on 8-520 MB) over-states 2-3x; the cost model
 # takes the lower of the two lines (workers/cost_model.py CostModel.gemv)

@@ -185,16 +185,16 @@ def pair_layers(traces: dict[int, Path] = PAIR_TRACES, tp: int = 1, node_name: s
             for tokens, trace in traces.items() for traced in _traced_pairs(trace, node, tp)]
 
 
-def fit_pair_m1(node_name: str = "hgx-h200") -> float:
+def fit_pair_m1(node_name: str = "hgx-h200", node=None) -> float:
     """The one-row FP8 pair's bandwidth fraction (node calibration `pair_fp8_m1_bandwidth_fraction`):
     each one-token TP1 MoE layer's traced pair time = 2 x the CUDA-core GEMV fit's fixed cost + its
     shared and routed weight bytes / (fraction x copy bandwidth); the median over the layers of
-    PAIR_M1_FIT_TRACES. (The fp8_m1 GEMV fit, 0.78, is of dense weights; the gathered pair streams
-    slower.)"""
+    PAIR_M1_FIT_TRACES. (The fp8_m1 GEMV fit, 0.74, is of dense weights; the gathered pair streams
+    slower.) `node`: the node spec to fit with (default: `node_name`'s file), e.g. with an older fp8_m1."""
     from cluster.hardware import node_spec
     from workers.cost_model import CostModel
     from workers.launch_plan import pair_ops
-    node = node_spec(node_name)
+    node = node_spec(node_name) if node is None else node
     nbytes = sum(op.bytes for op in pair_ops(CostModel(node, 1), _pair_block(1), 1, 1))  # shared + one routed expert
     fixed = 2 * node.gemv["fp8_m1"].fixed_s
     fractions = [nbytes / ((traced - fixed) * node.copy_bytes_per_s)
