@@ -7,7 +7,10 @@
 #   Measured (5934250): 89 passed, 2 skipped; medium bf16 323.3 us, fp8 297.4 (0.920x), maverick-slice fp8 955.6.
 # PART=gemv: the decode GEMV table of the shipping kernels (benchmarks/gemv_bench.py, BF16 and FP8 at 1 / 4 / 16 rows,
 #   graph-timed back to back under PDL), for the emulator's GEMV fits (benchmarks/gemv_fit.py) and the FP8 bandwidths.
-#   PART=check|gemv bash benchmarks/gpu_s14_session.sh
+#   Measured (9bade8a): h200-gemv-9bade8a.json; its one-row FP8 fit (2.22 us, 0.74) is the node files' fp8_m1 since.
+# PART=closing: the embedded model at the final tree: its graph-timed decode bench, and `generate` in bf16 plain and
+#   with the shipped EAGLE-3 draft (chain of 3), 300 tokens each (tokens/s, acceptance, the same tokens).
+#   PART=check|gemv|closing bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -22,6 +25,23 @@ if [[ "${PART:-check}" == check ]]; then
   done
   TAIL=2 step trace-fp8 60 python benchmarks/step_trace.py --model medium --dtype fp8 --tokens 1 \
       --out $R/h200-medium-fp8-t1-$C-trace.json
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == closing ]]; then
+  TAIL=3 step decode-embedded 90 $DGX bench decode --model embedded --dtype bf16 --modes graph --iters 150 \
+      --out $R/h200-decode-embedded-bf16-s14-$C-tp1.json
+  for spec in "plain --no-spec" "chain3 --draft-len=3"; do
+    set -- $spec
+    TAIL=2 step "generate-$1" 90 "$DGX generate --device cuda --world-size 1 --dtype bf16 --prompt 'The DGX B200 node is' \
+        --max-new-tokens 300 --ignore-eos --json $2 > $R/h200-generate-embedded-bf16-$1-$C.jsonl"
+    tail -1 "$R/h200-generate-embedded-bf16-$1-$C.jsonl" | python -c "import json, sys; d = json.loads(sys.stdin.read()); \
+print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_length'))"
+  done
+  python - "$R" "$C" <<'PY'
+import json, sys
+tokens = [json.loads(open(f"{sys.argv[1]}/h200-generate-embedded-bf16-{run}-{sys.argv[2]}.jsonl").read().splitlines()[-1])
+          .get("token_ids") for run in ("plain", "chain3")]
+print("same tokens:", tokens[0] == tokens[1] and tokens[0] is not None)
+PY
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
   TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json
