@@ -10,7 +10,11 @@
 #   Measured (9bade8a): h200-gemv-9bade8a.json; its one-row FP8 fit (2.22 us, 0.74) is the node files' fp8_m1 since.
 # PART=closing: the embedded model at the final tree: its graph-timed decode bench, and `generate` in bf16 plain and
 #   with the shipped EAGLE-3 draft (chain of 3), 300 tokens each (tokens/s, acceptance, the same tokens).
-#   PART=check|gemv|closing bash benchmarks/gpu_s14_session.sh
+#   Measured (0d9ca1f): embedded decode graph step 60.4 us; generate plain 11,459 tokens/s (step p50 83.7 us; 13,595 and
+#   69.5 us at 3c3e2c0 on another machine), EAGLE-3 chain 3 13,137 tokens/s, acceptance 4.0, the same tokens.
+# PART=hostab: generate plain of the embedded model at 3c3e2c0 (.device/old.tar.gz, `git archive 3c3e2c0 | gzip`) and at
+#   this tree, alternated twice on one machine: is the per-token host time of the graph path the same?
+#   PART=check|gemv|closing|hostab bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -42,6 +46,20 @@ tokens = [json.loads(open(f"{sys.argv[1]}/h200-generate-embedded-bf16-{run}-{sys
           .get("token_ids") for run in ("plain", "chain3")]
 print("same tokens:", tokens[0] == tokens[1] and tokens[0] is not None)
 PY
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == hostab ]]; then
+  rm -rf /tmp/old && mkdir -p /tmp/old && tar xzf .device/old.tar.gz -C /tmp/old
+  for round in r1 r2; do
+    for tree in old new; do
+      dir=$PWD; [[ $tree == old ]] && dir=/tmp/old
+      TAIL=1 step "generate-$tree-$round" 60 "cd $dir && PYTHONPATH=/tmp/site:$dir $DGX generate --device cuda --world-size 1 \
+          --dtype bf16 --prompt 'The DGX B200 node is' --max-new-tokens 300 --ignore-eos --json --no-spec \
+          > $R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl"
+      tail -1 "$R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl" | python -c "import json, sys; \
+d = json.loads(sys.stdin.read()); print('$tree $round tok/s', round(d['tokens_per_s'], 1), 'p50 us', \
+round(d['step_latency_s']['p50'] * 1e6, 1), 'p90 us', round(d['step_latency_s']['p90'] * 1e6, 1))"
+    done
+  done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
   TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json
