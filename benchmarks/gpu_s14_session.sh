@@ -12,8 +12,9 @@
 #   with the shipped EAGLE-3 draft (chain of 3), 300 tokens each (tokens/s, acceptance, the same tokens).
 #   Measured (0d9ca1f): embedded decode graph step 60.4 us; generate plain 11,459 tokens/s (step p50 83.7 us; 13,595 and
 #   69.5 us at 3c3e2c0 on another machine), EAGLE-3 chain 3 13,137 tokens/s, acceptance 4.0, the same tokens.
-# PART=hostab: generate plain of the embedded model at 3c3e2c0 (.device/old.tar.gz, `git archive 3c3e2c0 | gzip`) and at
-#   this tree, alternated twice on one machine: is the per-token host time of the graph path the same?
+# PART=hostab: generate plain of the embedded model at 3c3e2c0 and at this tree, alternated twice on one machine: is the
+#   per-token host time of the graph path the same? 3c3e2c0 comes as .device/old.tar.gz, without its results and
+#   assets (the carry limit; the assets are the same): git archive 3c3e2c0 -- . ':!benchmarks/results' ':!model/assets'
 #   PART=check|gemv|closing|hostab bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
@@ -48,7 +49,7 @@ print("same tokens:", tokens[0] == tokens[1] and tokens[0] is not None)
 PY
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == hostab ]]; then
-  rm -rf /tmp/old && mkdir -p /tmp/old && tar xzf .device/old.tar.gz -C /tmp/old
+  rm -rf /tmp/old && mkdir -p /tmp/old && tar xzf .device/old.tar.gz -C /tmp/old && cp -r model/assets /tmp/old/model/  # unchanged since
   for round in r1 r2; do
     for tree in old new; do
       dir=$PWD; [[ $tree == old ]] && dir=/tmp/old
