@@ -15,7 +15,10 @@
 # PART=hostab: generate plain of the embedded model at 3c3e2c0 and at this tree, alternated twice on one machine: is the
 #   per-token host time of the graph path the same? 3c3e2c0 comes as .device/old.tar.gz, without its results and
 #   assets (the carry limit; the assets are the same): git archive 3c3e2c0 -- . ':!benchmarks/results' ':!model/assets'
-#   PART=check|gemv|closing|hostab bash benchmarks/gpu_s14_session.sh
+#   Measured (f60490d): 3c3e2c0 14,839 / 14,906 tokens/s, this tree 14,826 / 14,822, step p50 65.6 us in all four: the
+#   same. (PART=closing right after on the same machine: plain 12,197, chain 3 14,920: one run each is noise.)
+# PART=genab: generate of the embedded model plain and with the EAGLE-3 draft (chain of 3) alternated, three rounds.
+#   PART=check|gemv|closing|hostab|genab bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -59,6 +62,19 @@ elif [[ "${PART}" == hostab ]]; then
       tail -1 "$R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl" | python -c "import json, sys; \
 d = json.loads(sys.stdin.read()); print('$tree $round tok/s', round(d['tokens_per_s'], 1), 'p50 us', \
 round(d['step_latency_s']['p50'] * 1e6, 1), 'p90 us', round(d['step_latency_s']['p90'] * 1e6, 1))"
+    done
+  done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == genab ]]; then
+  for round in r1 r2 r3; do
+    for spec in "plain --no-spec" "chain3 --draft-len=3"; do
+      set -- $spec
+      TAIL=1 step "generate-$1-$round" 60 "$DGX generate --device cuda --world-size 1 --dtype bf16 \
+          --prompt 'The DGX B200 node is' --max-new-tokens 300 --ignore-eos --json $2 \
+          > $R/h200-generate-embedded-bf16-$1-$round-$C.jsonl"
+      tail -1 "$R/h200-generate-embedded-bf16-$1-$round-$C.jsonl" | python -c "import json, sys; \
+d = json.loads(sys.stdin.read()); print('$1 $round tok/s', round(d['tokens_per_s'], 1), 'p50 us', \
+round(d['step_latency_s']['p50'] * 1e6, 1), 'acceptance', d.get('acceptance_length'))"
     done
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
