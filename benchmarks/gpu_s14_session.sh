@@ -18,7 +18,12 @@
 #   Measured (f60490d): 3c3e2c0 14,839 / 14,906 tokens/s, this tree 14,826 / 14,822, step p50 65.6 us in all four: the
 #   same. (PART=closing right after on the same machine: plain 12,197, chain 3 14,920: one run each is noise.)
 # PART=genab: generate of the embedded model plain and with the EAGLE-3 draft (chain of 3) alternated, three rounds.
-#   PART=check|gemv|closing|hostab|genab bash benchmarks/gpu_s14_session.sh
+#   Measured (62c152c): plain 14,838 / 14,639 / 14,785 tokens/s (p50 65.6 us), chain 3 15,794 / 15,393 / 15,557 (p50
+#   248-254 us, acceptance 4.0), the same tokens in all six.
+# PART=static: the medium weight stream (benchmarks/persistent_probe.py) as the FP8 GEMVs run it with dynamic
+#   per-token scales, with a static per-tensor scale (no amax pass), and handed e4m3 activations (the bound of
+#   producer-side quantization); BF16 beside: would producers that quantize with static scales pay?
+#   PART=check|gemv|closing|hostab|genab|static bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -77,6 +82,10 @@ d = json.loads(sys.stdin.read()); print('$1 $round tok/s', round(d['tokens_per_s
 round(d['step_latency_s']['p50'] * 1e6, 1), 'acceptance', d.get('acceptance_length'))"
     done
   done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == static ]]; then
+  TAIL=12 step chain 200 "python benchmarks/persistent_probe.py --no-persistent --dtypes fp8,bf16 --given-fp8 \
+      --static-fp8 --out $R/h200-gemv-chain-medium-static-$C.json | grep -v Warn"
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
   TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json

@@ -13,7 +13,7 @@ Every variant's outputs are checked against torch phase by phase, and the persis
 the phase launches bit for bit, before it is timed. Times are CUDA-graph replays (events, medians).
 
     python benchmarks/persistent_probe.py --out results.json [--dtypes bf16,fp8] [--quick]
-        [--no-persistent] [--lsm-variants 'BLOCK_N=8,num_warps=4;PREQUANT=1'] [--given-fp8]
+        [--no-persistent] [--lsm-variants 'BLOCK_N=8,num_warps=4;PREQUANT=1'] [--given-fp8] [--static-fp8]
 """
 from __future__ import annotations
 
@@ -55,17 +55,20 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30))
 
 
-def lsm_chain(w: dict, x_buf, given: dict | None = None):
+def lsm_chain(w: dict, x_buf, given: dict | None = None, static_scale: torch.Tensor | None = None):
     """The chain as linear_small_m launches (the decode path's GEMV kernels) from x_buf[0]; returns logits.
     given: {K: (x_q, scales)} handed to every FP8 GEMV of depth K as x_fp8 (fixed inputs, not the chain's
-    values: the GEMVs' cost were their activations quantized by the producers, an upper bound)."""
+    values: the GEMVs' cost were their activations quantized by the producers, an upper bound).
+    static_scale: a float32 scalar, every FP8 GEMV's static activation scale (the per-tensor scheme: x
+    quantized in the kernel without an amax pass)."""
     from model.kernels.linear_small_m import linear_small_m
     hidden = w["o"].shape[-1]
 
     def lin(v, name, layer, swiglu=False, out_dtype=None):
         weight = w[name] if layer is None else w[name][layer]
         scale = w["s_" + name] if layer is None else w["s_" + name][layer]
-        kw = {"weight_scale": scale, "act_quant": "token"} if weight.dtype == torch.float8_e4m3fn else {}
+        kw = {"weight_scale": scale, "act_quant": "token" if static_scale is None else static_scale} \
+            if weight.dtype == torch.float8_e4m3fn else {}
         if kw and given is not None:
             kw["x_fp8"] = given[v.shape[-1]]
         return linear_small_m(v, weight, swiglu=swiglu, out_dtype=out_dtype, **kw)
@@ -97,7 +100,7 @@ def weight_bytes(w: dict) -> int:
 
 
 def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, rows: list,
-          lsm_variants: list[str], given_fp8: bool = False) -> None:
+          lsm_variants: list[str], given_fp8: bool = False, static_fp8: bool = False) -> None:
     from benchmarks import persistent_chain as P
     dtype = P.FP8 if dtype_name == "fp8" else torch.bfloat16
     x = torch.randn(MEDIUM["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
@@ -132,6 +135,10 @@ def probe(dtype_name: str, copy_tb_s: float, configs, calls: int, replays: int, 
         given = {k: prequantize(torch.randn(1, k, device="cuda").to(torch.bfloat16), None, "token")
                  for k in (MEDIUM["hidden"], MEDIUM["inter"])}
         add("lsm x_fp8 given (upper bound)", *graph_us(lsm_chain(w, chain.x_buf, given), calls, replays))
+    if static_fp8 and dtype == P.FP8:  # timing only: one scale for every GEMV (values saturate where they exceed it)
+        static = torch.tensor(1.0 / 64, device="cuda")
+        add("lsm static x scale (per-tensor)", *graph_us(lsm_chain(w, chain.x_buf, static_scale=static), calls,
+                                                         replays))
     for engine, tiles, warps in configs:
         label = f"{engine} w{warps} " + (",".join(f"{k}={v}" for k, v in tiles.items()) or "default")
         try:
@@ -168,6 +175,8 @@ def main(argv=None) -> int:
                    "linear_small_m chain, e.g. 'BLOCK_N=8,num_warps=4;CVT=words' (the default is always timed first)")
     p.add_argument("--given-fp8", action="store_true", help="also time the FP8 chain with every GEMV handed its "
                    "activation already quantized (x_fp8; fixed inputs): what producer-side quantization could save")
+    p.add_argument("--static-fp8", action="store_true", help="also time the FP8 chain with a static activation "
+                   "scale (the per-tensor scheme's in-kernel quantization: no amax pass)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("persistent_probe: needs a CUDA GPU", file=sys.stderr)
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
     variants = [""] + [v.strip() for v in args.lsm_variants.split(";") if v.strip()]
     for name in args.dtypes.split(","):
         probe(name, copy, [] if args.no_persistent else configs, args.calls, args.replays, rows, variants,
-              args.given_fp8)
+              args.given_fp8, args.static_fp8)
     print_table(["dtype", "name", "median us", "x floor"],
                 [[r.get("dtype", ""), r["name"], r.get("median_us", "-"), r.get("x_floor", "-")] for r in rows])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
