@@ -48,20 +48,21 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x, scale), scale
 
 
-def fill_fp8_rows(normed: torch.Tensor, fp8_rows: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """fp8_rows (e4m3 (..., H), float32 (rows,)) := quantize_rows_fp8(normed): the torch ops for what the
-    norm kernel writes with its output."""
-    q, scale = quantize_rows_fp8(normed)
+def fill_fp8_rows(normed: torch.Tensor, fp8_rows: tuple) -> None:
+    """fp8_rows (e4m3 (..., H), float32 (rows,)[, a float32 static scale s]) := quantize_rows_fp8(normed), or with
+    s: (quantize_fp8(normed, s), s in every row): the torch ops for what the norm kernel writes with its output."""
+    static = fp8_rows[2] if len(fp8_rows) > 2 else None
+    q, scale = quantize_rows_fp8(normed) if static is None else (quantize_fp8(normed, static.reshape(())), static)
     fp8_rows[0].copy_(q)
-    fp8_rows[1].copy_(scale.view(-1))
+    fp8_rows[1].copy_(scale.reshape(-1).expand(fp8_rows[1].shape))
 
 
 def add_rmsnorm(reduced: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                 quant_scale: torch.Tensor | None = None,
-                fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                fp8_rows: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local half of allreduce_add_rmsnorm: (RMSNorm(residual + reduced) * weight [as FP8 with
     quant_scale], residual + reduced); residual None: (RMSNorm(reduced) * weight, reduced); fp8_rows
-    (e4m3 (..., H), float32 (rows,)) filled with quantize_rows_fp8(normed). One kernel on CUDA,
+    (e4m3 (..., H), float32 (rows,)[, static scale]) filled as fill_fp8_rows says. One kernel on CUDA,
     torch ops elsewhere."""
     if reduced.is_cuda:
         from collectives import fused_norm
@@ -107,14 +108,14 @@ class Communicator(ABC):
 
     def allreduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                               eps: float, quant_scale: torch.Tensor | None = None,
-                              fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              fp8_rows: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (RMSNorm(residual + all_reduce(partial)) * weight, residual + all_reduce(partial)).
         With `quant_scale`, the normed output comes back as float8_e4m3fn (normed / quant_scale,
         saturated), ready for the next FP8 GEMM; the residual stays in its own dtype. residual None
         (a step's first norm: the embedding's partial sums): the sum itself is the new residual.
-        fp8_rows (buffers: e4m3 like the output, float32 (rows,)) are filled with the output quantized
-        per row (quantize_rows_fp8), for an FP8 GEMM with dynamic scales; only where
+        fp8_rows (buffers: e4m3 like the output, float32 (rows,); optionally a third item, a float32 static
+        scale) are filled with the output quantized per row (quantize_rows_fp8), or with that static scale
+        (every row's scale is then it), for the FP8 GEMM that reads the output; only where
         `norm_quantizes_rows` says so (other backends do not take the argument)."""
         return add_rmsnorm(self.all_reduce(partial), residual, weight, eps, quant_scale, fp8_rows)
 

@@ -98,11 +98,13 @@ if triton is not None:
                             HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM_DTYPE: tl.constexpr,
                             QUANT: tl.constexpr, stamps_ptr, begin_slot, end_slot, STAMP: tl.constexpr,
                             q_ptr, q_scale_ptr, ROW_QUANT: tl.constexpr = False,
-                            PDL: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = True):
+                            PDL: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = True, q_static_ptr=None,
+                            STATIC_ROWS: tl.constexpr = False):
         """Program `row`: s = residual + partial (without HAS_RESIDUAL: s = partial, and no residual is
         stored: the partial is the new residual); normed = (s * rsqrt(mean(s^2) + eps)) * weight.
         With ROW_QUANT, also normed quantized per row (quantize_rows_fp8) into q_ptr, its scale into
-        q_scale_ptr[row].
+        q_scale_ptr[row]; with STATIC_ROWS quantized with the static scale at q_static_ptr instead (no amax),
+        which goes into q_scale_ptr[row].
         With STAMP, program 0 writes GPU timestamps into stamps_ptr[begin_slot] and [end_slot].
         With PDL (programmatic dependent launch, triton_support.py) it waits for the kernel that
         wrote the partial before anything else."""
@@ -125,7 +127,11 @@ if triton is not None:
         y = rmsnorm_row(s, weight_ptr, scale_ptr, cols, mask, eps, HIDDEN, io, NORM_DTYPE, QUANT)
         tl.store(normed_ptr + row * HIDDEN + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
         if ROW_QUANT:  # y holds the stored values (rounded to the normed dtype); masked lanes are 0
-            xs, divisor = dynamic_scale(tl.max(tl.abs(y), axis=0))
+            if STATIC_ROWS:
+                xs = tl.load(q_static_ptr)
+                divisor = xs
+            else:
+                xs, divisor = dynamic_scale(tl.max(tl.abs(y), axis=0))
             tl.store(q_ptr + row * HIDDEN + cols, quantize_e4m3(y, divisor).to(tl.float8e4nv), mask=mask)
             tl.store(q_scale_ptr + row, xs)
         if STAMP:
@@ -172,10 +178,19 @@ def _check(partial, residual, weight, quant_scale) -> None:
 
 def check_fp8_rows(normed: torch.Tensor, quant_scale, fp8_rows) -> None:
     """Refuses fp8_rows buffers that cannot hold `normed` quantized per row: (e4m3 like normed,
-    contiguous; float32 (rows,)), on normed's device, and not with a static quant_scale."""
+    contiguous; float32 (rows,)[; a float32 one-element static scale]), on normed's device, and not with a
+    static quant_scale (which makes the normed output itself FP8)."""
     if fp8_rows is None:
         return
-    q, scales = fp8_rows
+    if len(fp8_rows) not in (2, 3):
+        raise ValueError(f"fp8_rows must be (values, scales) or (values, scales, static scale), "
+                         f"got {len(fp8_rows)} items")
+    q, scales = fp8_rows[:2]
+    static = fp8_rows[2] if len(fp8_rows) == 3 else None
+    if static is not None and (not isinstance(static, torch.Tensor) or static.dtype != torch.float32
+                               or static.numel() != 1 or static.device != normed.device):
+        raise ValueError(f"fp8_rows' static scale must be a one-element float32 tensor on {normed.device}, "
+                         f"got {static!r:.80}")
     rows = normed.numel() // max(1, normed.shape[-1])
     if quant_scale is not None:
         raise ValueError("fp8_rows (dynamic per-row FP8) and quant_scale (a static scale) exclude each other")
@@ -187,16 +202,18 @@ def check_fp8_rows(normed: torch.Tensor, quant_scale, fp8_rows) -> None:
 
 def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                 quant_scale: torch.Tensor | None = None,
-                fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                fp8_rows: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """partial, residual: contiguous (..., H), one float32/bf16/fp16 dtype, H <= 8192; weight (H,).
     Returns (normed, residual + partial): normed = RMSNorm(residual + partial) * weight in the
     promoted dtype, or float8_e4m3fn (normed / quant_scale, saturated) when quant_scale, a float32
     scalar tensor, is given. New tensors; the inputs are not modified. residual None: no residual
     (a step's first norm, of the embedding): returns (RMSNorm(partial) * weight, partial itself).
     fp8_rows: buffers (e4m3 (..., H), float32 (rows,)) the kernel also fills with normed quantized per
-    row (quantize_rows_fp8), for the FP8 GEMV that reads it (linear_small_m's x_fp8)."""
+    row (quantize_rows_fp8), or, given a third item (a float32 static scale s), with quantize_fp8(normed, s)
+    and s in every row: for the FP8 GEMV that reads it (linear_small_m's x_fp8)."""
     _check(partial, residual, weight, quant_scale)
     check_fp8_rows(partial, quant_scale, fp8_rows)
+    static = fp8_rows[2] if fp8_rows is not None and len(fp8_rows) == 3 else None
     if not available(partial):
         raise ValueError(f"add_rmsnorm needs Triton and a CUDA tensor (or Triton's interpreter), got {partial.device}")
     has_residual = residual is not None
@@ -216,13 +233,14 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         stamps_ptr=stamps if stamps is not None else new_residual, begin_slot=begin, end_slot=end,
         STAMP=stamps is not None, q_ptr=fp8_rows[0] if fp8_rows else normed,
         q_scale_ptr=fp8_rows[1] if fp8_rows else normed, ROW_QUANT=fp8_rows is not None,
+        q_static_ptr=static if static is not None else normed, STATIC_ROWS=static is not None,
         HAS_RESIDUAL=has_residual, num_warps=num_warps(block), enable_fp_fusion=False, **pdl_kwargs(residual))
     return normed, new_residual
 
 
 def reference_add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                           quant_scale: torch.Tensor | None = None,
-                          fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          fp8_rows: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Communicator.allreduce_add_rmsnorm for a world of one, in plain torch (the test oracle)."""
     _check(partial, residual, weight, quant_scale)
     check_fp8_rows(partial, quant_scale, fp8_rows)

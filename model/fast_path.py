@@ -84,16 +84,19 @@ def _linear_args(module: nn.Module) -> dict | None:
     return None
 
 
-def _per_token_fp8(args: dict | None) -> bool:
-    """Are these linear_small_m arguments an FP8 linear with dynamic per-token activation scales?"""
-    return (args is not None and args["weight"].dtype == torch.float8_e4m3fn
-            and isinstance(args["act_quant"], str) and args["act_quant"] == "token")
+def _quantized_input(args: dict | None) -> bool:
+    """Are these linear_small_m arguments an FP8 linear that can read its input quantized by its producer:
+    dynamic per-token activation scales, or one static scale (the per-tensor scheme)?"""
+    if args is None or args["weight"].dtype != torch.float8_e4m3fn:
+        return False
+    act = args["act_quant"]
+    return act == "token" if isinstance(act, str) else act.numel() == 1
 
 
 def takes_fp8_rows(module: nn.Module) -> bool:
-    """Does linear(module, x, x_fp8=...) read x quantized per row (an FP8 linear with dynamic per-token
+    """Does linear(module, x, x_fp8=...) read x quantized per row (an FP8 linear with per-token or static
     activation scales on the GEMV kernels)?"""
-    return _per_token_fp8(_linear_args(module))
+    return _quantized_input(_linear_args(module))
 
 
 def _rows_pay(module: nn.Module) -> bool:
@@ -103,14 +106,15 @@ def _rows_pay(module: nn.Module) -> bool:
 
 def plans_fp8_rows(module: nn.Module, world: int) -> bool:
     """fp8_rows' answer for a linear the norm feeds, as the emulator's launch plans ask it: a world of one
-    (the single-rank communicator's norm kernel makes the rows), FP8 with per-token scales."""
+    (the single-rank communicator's norm kernel makes the rows), FP8 with per-token or static scales."""
     return world == 1 and _rows_pay(module)
 
 
-def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple | None:
     """Buffers (e4m3 like partial, float32 (rows,)) for allreduce_add_rmsnorm to fill with its output
     quantized per row, when what reads that output (`consumer`: a linear, an MLP, or a MoE block, whose
-    shared expert reads it) quantizes it per token and the communicator's norm kernel makes the rows at no
+    shared expert reads it) is an FP8 linear with per-token or static activation scales (then a third item:
+    its static scale, which the norm quantizes with) and the communicator's norm kernel makes the rows at no
     extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs then skip their own amax pass
     and IEEE divisions (one row) or their quantization pre-pass (2+ rows). Measured on an H200: the medium weight
     stream as GEMV launches 188.1 -> 157.1 us were every FP8 GEMV fed so; the medium step, where the norms feed
@@ -123,16 +127,19 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple[t
     if consumer is None or not _rows_pay(consumer) or not comm.norm_quantizes_rows(partial):
         return None
     rows = partial.numel() // partial.shape[-1]
-    return (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
-            torch.empty(rows, dtype=torch.float32, device=partial.device))
+    buffers = (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
+               torch.empty(rows, dtype=torch.float32, device=partial.device))
+    static = _linear_args(consumer)["act_quant"]
+    return buffers if isinstance(static, str) else (*buffers, static)
 
 
-def _flat_rows(x_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if x_fp8 is None else (x_fp8[0].reshape(-1, x_fp8[0].shape[-1]), x_fp8[1])  # (M, K), (M,)
+def _flat_rows(x_fp8: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp8_rows' (values, scales[, static scale]) as linear_small_m's x_fp8: (M, K), (M,)."""
+    return None if x_fp8 is None else (x_fp8[0].reshape(-1, x_fp8[0].shape[-1]), x_fp8[1])
 
 
 def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False,
-           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           x_fp8: tuple | None = None) -> torch.Tensor:
     """module(x) for x (..., K), with SwiGLU of the (gate | up) halves when asked. x_fp8: x quantized per
     row by its producer (fp8_rows), read instead of x where the module takes it (takes_fp8_rows)."""
     args = _linear_args(module)
@@ -144,12 +151,12 @@ def linear(module: nn.Module, x: torch.Tensor, swiglu: bool = False,
         return F.silu(gate) * up
     linear_small_m, _, _ = _kernels()
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
-    rows = _flat_rows(x_fp8) if _per_token_fp8(args) else None
+    rows = _flat_rows(x_fp8) if _quantized_input(args) else None
     y = linear_small_m.linear_small_m(flat, swiglu=swiglu, x_fp8=rows, **args)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def attention(attn, x: torch.Tensor, ctx, cache, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+def attention(attn, x: torch.Tensor, ctx, cache, x_fp8: tuple | None = None
               ) -> torch.Tensor:
     """Attention.forward on the kernels. x: (B, T, H) normed (x_fp8: also quantized per row, fp8_rows).
     Returns the o_proj partial (B, T, H)."""
@@ -168,7 +175,7 @@ def attention(attn, x: torch.Tensor, ctx, cache, x_fp8: tuple[torch.Tensor, torc
     return linear(attn.o_proj, out.reshape(batch, n_new, attn.n_heads_per_rank * attn.head_dim))
 
 
-def feed_forward(ffn: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+def feed_forward(ffn: nn.Module, x: torch.Tensor, x_fp8: tuple | None = None
                  ) -> torch.Tensor:
     """The MLP's or MoE's forward on the kernels. x: (B, T, H) (x_fp8: also quantized per row, for FC13
     or the shared expert's). Returns the partial sum (B, T, H)."""
@@ -242,7 +249,7 @@ def shared_on_tensor_cores(shared: nn.Module, rows: int) -> bool:
     return (rows - 1) * sum(w.numel() for w in weights) >= SHARED_PASSES_BYTES
 
 
-def moe(block: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def moe(block: nn.Module, x: torch.Tensor, x_fp8: tuple | None = None) -> torch.Tensor:
     """MoE.forward (tensor-parallel experts) with the routing kept on the device. Top-1 routing with
     shared and routed experts of one weight dtype is three launches: the router, the shared and
     routed FC13 + SwiGLU as one, the shared and routed FC2 and their sum as one. x_fp8: x quantized
@@ -262,7 +269,7 @@ def moe(block: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tens
     if path == "pair":  # top-1
         shared_gate_up, shared_down = _linear_args(shared.gate_up_proj), _linear_args(shared.down_proj)
         ids, row_scale = expert_ids[:, 0], scores[:, 0]  # (N,) unit-stride views
-        shared_fp8 = _flat_rows(x_fp8) if _per_token_fp8(shared_gate_up) else None
+        shared_fp8 = _flat_rows(x_fp8) if _quantized_input(shared_gate_up) else None
         hidden_shared, hidden_routed = moe_decode.dual_gate_up(flat, shared_gate_up, gate_up, ids, row_scale,
                                                                shared_fp8=shared_fp8)
         return moe_decode.dual_down(hidden_shared, hidden_routed, shared_down, down, ids).view_as(x)

@@ -265,17 +265,19 @@ def test_big_fp8_shared_expert_apart_equals_the_pair(monkeypatch):
     assert (apart - paired).abs().max() <= 1e-2 * paired.abs().max()
 
 
+@pytest.mark.parametrize("scheme", ["channel", "per-tensor"])
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens):
-    """FP8 with per-token scales: the norm kernel's rows (fast_path.fp8_rows) feed QKV (after layer 0), FC13
-    and the shared expert in place of the GEMVs' own quantization (one row: in each GEMV program; 4 rows: the
-    tensor-core path's pre-pass, whose launches go). Same bytes, same sums: the logits are the same bits with
-    and without (the interpreter runs the norm kernel here, as a GPU does: launch_count._gpu_norm)."""
+def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens, scheme):
+    """FP8 with per-token scales, or static ones (per-tensor: the norm quantizes with the next linear's scale):
+    the norm kernel's rows (fast_path.fp8_rows) feed QKV (after layer 0), FC13 and the shared expert in place
+    of the GEMVs' own quantization (one row: in each GEMV program; 4 rows: the tensor-core path's pre-pass,
+    whose launches go). Same bytes, same sums: the logits are the same bits with and without (the interpreter
+    runs the norm kernel here, as a GPU does: launch_count._gpu_norm)."""
     from benchmarks.launch_count import _gpu_norm, count_launches
     from collections import Counter
     from tests.test_launch_plan import four_layer_medium
     from workers.step_bench import random_model
-    model = random_model(four_layer_medium(), "fp8", "triton", device=DEVICE)
+    model = random_model(four_layer_medium(), "fp8", "triton", device=DEVICE, fp8_scheme=scheme)
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=gen).to(DEVICE)
 
@@ -301,14 +303,16 @@ def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens):
 
 
 def test_fp8_rows_only_where_they_pay(monkeypatch):
-    """fp8_rows: for an FP8 linear with per-token scales (not static ones, not BF16) at hidden sizes up to
-    NORM_FP8_ROWS_MAX_K (measured slower at Maverick's 5120), on a communicator whose norm makes them, and not
-    with DGX_EMU_NORM_FP8_ROWS=0; the launch plans ask the same question (plans_fp8_rows)."""
+    """fp8_rows: for an FP8 linear with per-token scales, or one static scale (then with it as a third item, for
+    the norm to quantize with), not BF16, at hidden sizes up to NORM_FP8_ROWS_MAX_K (measured slower at
+    Maverick's 5120), on a communicator whose norm makes them, and not with DGX_EMU_NORM_FP8_ROWS=0; the launch
+    plans ask the same question (plans_fp8_rows)."""
     from torch import nn
     from model import fast_path
     from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear
     comm = SingleRankCommunicator()
-    for hidden, scheme, wanted in [(4096, PER_CHANNEL, True), (5120, PER_CHANNEL, False), (64, PER_TENSOR, False)]:
+    for hidden, scheme, wanted in [(4096, PER_CHANNEL, True), (5120, PER_CHANNEL, False), (64, PER_TENSOR, True),
+                                   (5120, PER_TENSOR, False)]:
         linear = Fp8Linear(hidden, 32, scheme, torch.bfloat16).to(DEVICE)
         partial = torch.zeros(1, 2, hidden, dtype=torch.bfloat16, device=DEVICE)
         rows = fast_path.fp8_rows(comm, linear, partial)
@@ -316,6 +320,8 @@ def test_fp8_rows_only_where_they_pay(monkeypatch):
         if wanted:
             assert rows[0].shape == (1, 2, hidden) and rows[0].dtype == torch.float8_e4m3fn and rows[1].shape == (2,)
             assert not fast_path.plans_fp8_rows(linear, 2)  # several ranks: the multi-rank norms make none yet
+            assert len(rows) == (3 if scheme is PER_TENSOR else 2)
+            assert scheme is not PER_TENSOR or rows[2] is linear.input_scale  # the scale the norm quantizes with
     bf16 = nn.Linear(64, 32, bias=False).to(DEVICE, torch.bfloat16)
     assert fast_path.fp8_rows(comm, bf16, torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)) is None
     monkeypatch.setattr(fast_path, "NORM_FP8_ROWS", False)

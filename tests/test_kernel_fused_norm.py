@@ -168,6 +168,24 @@ def test_fp8_rows(dtype):
         assert torch.equal(ref_rows[1], ref_scale.view(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_rows_with_a_static_scale(dtype):
+    """fp8_rows with a third item, a static scale s (the per-tensor scheme): the bytes are the cast of the kernel's
+    own normed / s (values past 448 saturate), every row's scale is s, and the reference fills the same."""
+    for seed, shape in enumerate(SHAPES[:4]):
+        partial, residual, weight = _inputs(shape, dtype, dtype, 300 + seed)
+        static = torch.rand((), generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 0.01 + 1e-3
+        rows = (*_fp8_buffers(shape), static)
+        normed, _ = fused_norm.add_rmsnorm(partial, residual, weight, 1e-5, fp8_rows=rows)
+        assert torch.equal(rows[1], static.expand(rows[1].shape))
+        assert torch.equal(rows[0].view(torch.uint8), _quantized(normed, static).view(torch.uint8))
+        assert bool((rows[0].float().abs() == 448).any()), "the scale is small enough for some values to saturate"
+        ref_rows = (*_fp8_buffers(shape), static)
+        ref_normed, _ = fused_norm.reference_add_rmsnorm(partial, residual, weight, 1e-5, fp8_rows=ref_rows)
+        assert torch.equal(ref_rows[1], rows[1])
+        assert torch.equal(ref_rows[0].view(torch.uint8), quantize_fp8(ref_normed, static).view(torch.uint8))
+
+
 def test_fp8_rows_through_the_single_rank_communicator():
     """Communicator: the single-rank one takes fp8_rows (its norm kernel makes them, torch ops on a CPU)."""
     partial, residual, weight = _inputs((2, 64), torch.bfloat16, torch.bfloat16, 7)
@@ -209,6 +227,10 @@ def test_large_gpu(hidden):
     (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(2))), r"fp8_rows must be .* float32 \(3,\)"),
     (dict(fp8_rows=(torch.zeros(3, 32), torch.zeros(3))), "fp8_rows must be"),
     (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(3)), quant_scale=torch.ones(())), "exclude each other"),
+    (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(3), torch.ones(2))), "static scale must be a one-element"),
+    (dict(fp8_rows=(torch.zeros(3, 32).to(FP8), torch.zeros(3), torch.ones((), dtype=torch.float64))),
+     "static scale must be a one-element float32"),
+    (dict(fp8_rows=(torch.zeros(3, 32).to(FP8),)), "fp8_rows must be \\(values, scales\\)"),
 ])
 def test_bad_input_is_refused(change, message):
     args = dict(partial=torch.zeros(3, 32), residual=torch.zeros(3, 32), weight=torch.ones(32), eps=1e-5)

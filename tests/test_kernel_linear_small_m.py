@@ -20,6 +20,7 @@ from tests.numerics import poison_gemv_outputs, randn_on
 
 pytest.importorskip("triton")
 
+from collectives.communicator import quantize_fp8  # noqa: E402
 from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear  # noqa: E402
 from model.kernels import linear_small_m as lsm  # noqa: E402
 from model.kernels.linear_small_m import linear_small_m, reference_linear_small_m  # noqa: E402
@@ -540,7 +541,6 @@ def test_quantization_pre_pass_one_load_equals_the_two_passes(monkeypatch, stati
     """fp8_mma.prequantize loads a row of up to ONE_PASS_MAX_K values once; longer rows take the amax
     pass and the quantization pass in 2048-wide steps. Both give the same e4m3 bytes and scales, the
     module reference's (rows whose quantization is exact; with row scores, powers of two)."""
-    from collectives.communicator import quantize_fp8
     from model.kernels import fp8_mma
     gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
     x = _exact_fp8_rows(gen, 3, 4100, torch.bfloat16, [-8, -3, 2])  # K not a power of two: masked lanes
@@ -585,7 +585,17 @@ def test_fp8_x_quantized_by_its_producer_is_checked():
                        ((x_q.float(), scales), "x_fp8 must be")]:
         with pytest.raises(ValueError, match=match):
             linear_small_m(x, w_q, x_fp8=bad, **kw)
-    with pytest.raises(ValueError, match="act_quant 'token'"):
-        linear_small_m(x, w_q, weight_scale=w_scale, act_quant=torch.tensor(1.0, device=DEVICE), x_fp8=(x_q, scales))
+    with pytest.raises(ValueError, match="goes with FP8 weights"):
+        linear_small_m(x, w_q.to(torch.bfloat16), x_fp8=(x_q, scales))
+    # one static scale s (the per-tensor scheme): x_fp8 = (quantize_fp8(x, s), s in every row) gives the bits of the
+    # kernel quantizing x with s itself (x exact in e4m3 after the division; row 0's largest values saturate)
+    static = torch.tensor(2.0 ** -7, device=DEVICE)
+    given = (quantize_fp8(x, static), static.expand(2).contiguous())
+    for m in (1, 2):
+        want = linear_small_m(x[:m], w_q, weight_scale=w_scale, act_quant=static, out_dtype=torch.float32,
+                              config={"MMA": False})
+        got = linear_small_m(x[:m], w_q, weight_scale=w_scale, act_quant=static, out_dtype=torch.float32,
+                             config={"MMA": False}, x_fp8=(given[0][:m], given[1][:m]))
+        assert torch.equal(got, want), m
     with pytest.raises(ValueError, match="no row_scale"):
         linear_small_m(x, w_q, row_scale=torch.ones(2, device=DEVICE), x_fp8=(x_q, scales), **kw)

@@ -305,9 +305,11 @@ def _check_x_fp8(x, x_fp8, weight, row_scale, act_quant) -> None:
     """Refuses an x_fp8 that does not stand for x quantized per row (see linear_small_m)."""
     if x_fp8 is None:
         return
-    if weight.dtype != FP8 or not (isinstance(act_quant, str) and act_quant == "token") or row_scale is not None:
+    static = isinstance(act_quant, torch.Tensor) and act_quant.numel() == 1
+    token = isinstance(act_quant, str) and act_quant == "token"
+    if weight.dtype != FP8 or not (static or token) or row_scale is not None:
         raise ValueError("linear_small_m: x_fp8 (x quantized by its producer) goes with FP8 weights, act_quant "
-                         "'token' and no row_scale")
+                         "'token' or one static scale, and no row_scale")
     x_q, scales = x_fp8
     if (x_q.dtype != FP8 or x_q.shape != x.shape or not x_q.is_contiguous() or scales.dtype != torch.float32
             or scales.shape != x.shape[:1] or x_q.device != x.device or scales.device != x.device):
@@ -376,9 +378,10 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, *, expert_ids: torch.T
     "PREQUANT": True to quantize an FP8 GEMV's activation in a pre-pass kernel (as the 16-row dot
     always does) rather than in every program; "DOT_F16": True to run the FP8 16-row tl.dot on
     fp16 operands (default bf16).
-    x_fp8: (x_q (M, K) float8_e4m3fn, scales (M,) float32), x as its producer already quantized it
-    (act_quant "token", no row_scale): what quantize_rows(x) gives, e.g. the fused add + RMSNorm's
-    second output. The kernels read it instead of quantizing x in every program or in a pre-pass."""
+    x_fp8: (x_q (M, K) float8_e4m3fn, scales (M,) float32), x as its producer already quantized it (no
+    row_scale): with act_quant "token" what quantize_rows(x) gives, with a static scale s quantize_fp8(x, s)
+    and every scale s; e.g. the fused add + RMSNorm's second output. The kernels read it instead of
+    quantizing x in every program or in a pre-pass."""
     m, n, out_dtype, gather = _check(x, weight, expert_ids, row_scale, weight_scale, act_quant, swiglu, out_dtype)
     _check_x_fp8(x, x_fp8, weight, row_scale, act_quant)
     if not available(x):
