@@ -23,7 +23,11 @@
 # PART=static: the medium weight stream (benchmarks/persistent_probe.py) as the FP8 GEMVs run it with dynamic
 #   per-token scales, with a static per-tensor scale (no amax pass), and handed e4m3 activations (the bound of
 #   producer-side quantization); BF16 beside: would producers that quantize with static scales pay?
-#   PART=check|gemv|closing|hostab|genab|static bash benchmarks/gpu_s14_session.sh
+#   Measured (dc35730): dynamic per-token 188.4 us (1.83x floor), a static scale 174.9 (1.70x), e4m3 handed over
+#   156.6 (1.52x); BF16 197.6 (1.13x).
+# PART=ptrows: the norm's FP8 rows with a static scale (per-tensor scheme) on / off (DGX_EMU_NORM_FP8_ROWS) alternated
+#   twice, beside the channel scheme and BF16, after their GPU tests (norm, GEMV producer, the fast path's rows).
+#   PART=check|gemv|closing|hostab|genab|static|ptrows bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -86,6 +90,21 @@ round(d['step_latency_s']['p50'] * 1e6, 1), 'acceptance', d.get('acceptance_leng
 elif [[ "${PART}" == static ]]; then
   TAIL=12 step chain 200 "python benchmarks/persistent_probe.py --no-persistent --dtypes fp8,bf16 --given-fp8 \
       --static-fp8 --out $R/h200-gemv-chain-medium-static-$C.json | grep -v Warn"
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == ptrows ]]; then
+  TAIL=4 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
+      tests/test_fast_path.py tests/test_kernel_linear_small_m.py -k "'static or rows or producer or graph'"
+  for round in r1 r2; do
+    for rows in 1 0; do
+      TAIL=3 step "pt-rows$rows-$round" 80 "DGX_EMU_NORM_FP8_ROWS=$rows TRITON_CACHE_DIR=/tmp/tc-rows$rows $DGX bench \
+          decode --model medium --dtype fp8 --fp8-scheme per-tensor --modes graph --iters 150 \
+          --out $R/h200-ab-decode-medium-fp8-per-tensor-rows$rows-$round-$C-tp1.json"
+    done
+    TAIL=3 step "channel-$round" 80 $DGX bench decode --model medium --dtype fp8 --modes graph --iters 150 \
+        --out $R/h200-decode-medium-fp8-ptrows-$round-$C-tp1.json
+  done
+  TAIL=3 step bf16 80 $DGX bench decode --model medium --dtype bf16 --modes graph --iters 150 \
+      --out $R/h200-decode-medium-bf16-ptrows-$C-tp1.json
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
   TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json
