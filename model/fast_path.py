@@ -99,23 +99,31 @@ def takes_fp8_rows(module: nn.Module) -> bool:
     return _quantized_input(_linear_args(module))
 
 
-def _rows_pay(module: nn.Module) -> bool:
-    """Are the norm's FP8 rows worth making for `module` (on, it takes them, its K within NORM_FP8_ROWS_MAX_K)?"""
-    return NORM_FP8_ROWS and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K
+def _rows_pay(module: nn.Module, rows: int) -> bool:
+    """Are the norm's FP8 rows worth making for `module` at `rows` rows: on, it takes them, its K within
+    NORM_FP8_ROWS_MAX_K, and with a static scale only from 2 rows, where they save the tensor-core path's
+    quantization pre-pass? At one row a GEMV quantizes with a static scale in its prologue at no cost (no amax),
+    and the rows only lengthen the norm: medium per-tensor decode on an H200, 296.8 / 296.9 us with them vs
+    292.6 / 292.8 without; verify (4 rows) 458.5 / 458.9 vs 468.1 / 468.3 (f5624b6,
+    h200-ab-decode-medium-fp8-per-tensor-rows*-8dcd4c3-tp1.json)."""
+    if not (NORM_FP8_ROWS and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K):
+        return False
+    return rows > 1 or not module.scheme.static_input
 
 
-def plans_fp8_rows(module: nn.Module, world: int) -> bool:
-    """fp8_rows' answer for a linear the norm feeds, as the emulator's launch plans ask it: a world of one
-    (the single-rank communicator's norm kernel makes the rows), FP8 with per-token or static scales."""
-    return world == 1 and _rows_pay(module)
+def plans_fp8_rows(module: nn.Module, world: int, rows: int) -> bool:
+    """fp8_rows' answer for a linear the norm feeds at `rows` rows, as the emulator's launch plans ask it: a
+    world of one (the single-rank communicator's norm kernel makes the rows), FP8 with per-token or static
+    scales (static: from 2 rows)."""
+    return world == 1 and _rows_pay(module, rows)
 
 
 def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple | None:
     """Buffers (e4m3 like partial, float32 (rows,)) for allreduce_add_rmsnorm to fill with its output
     quantized per row, when what reads that output (`consumer`: a linear, an MLP, or a MoE block, whose
     shared expert reads it) is an FP8 linear with per-token or static activation scales (then a third item:
-    its static scale, which the norm quantizes with) and the communicator's norm kernel makes the rows at no
-    extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs then skip their own amax pass
+    its static scale, which the norm quantizes with; from 2 rows only, _rows_pay) and the communicator's norm
+    kernel makes the rows at no extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs then skip their own amax pass
     and IEEE divisions (one row) or their quantization pre-pass (2+ rows). Measured on an H200: the medium weight
     stream as GEMV launches 188.1 -> 157.1 us were every FP8 GEMV fed so; the medium step, where the norms feed
     QKV, FC13 and the shared expert, 302.5 -> 299.1 us (verify 474.1 -> 462.4)."""
@@ -124,9 +132,9 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple |
         consumer = consumer.shared_expert.gate_up_proj if path in ("pair", "separate") else None
     elif consumer is not None and hasattr(consumer, "gate_up_proj"):  # a dense MLP: its FC13
         consumer = consumer.gate_up_proj
-    if consumer is None or not _rows_pay(consumer) or not comm.norm_quantizes_rows(partial):
-        return None
     rows = partial.numel() // partial.shape[-1]
+    if consumer is None or not _rows_pay(consumer, rows) or not comm.norm_quantizes_rows(partial):
+        return None
     buffers = (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
                torch.empty(rows, dtype=torch.float32, device=partial.device))
     static = _linear_args(consumer)["act_quant"]

@@ -294,7 +294,8 @@ def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens, scheme):
     original = fast_path.fp8_rows
     monkeypatch.setattr(fast_path, "fp8_rows", lambda *a: made.append(original(*a)) or made[-1])
     with_rows, counts = step()
-    assert sum(rows is not None for rows in made) == 3 + 4  # after layer 0's attention too: its dense FC13
+    # after layer 0's attention too (its dense FC13); static scales at one row: none (fast_path._rows_pay)
+    assert sum(rows is not None for rows in made) == (0 if scheme == "per-tensor" and tokens == 1 else 3 + 4)
     monkeypatch.setattr(SingleRankCommunicator, "norm_quantizes_rows", lambda self, x: False)
     without, counts_without = step()
     assert torch.isfinite(with_rows).all() and torch.equal(with_rows, without)
@@ -304,22 +305,24 @@ def test_fp8_rows_from_the_norm_change_no_bits(monkeypatch, tokens, scheme):
 
 def test_fp8_rows_only_where_they_pay(monkeypatch):
     """fp8_rows: for an FP8 linear with per-token scales, or one static scale (then with it as a third item, for
-    the norm to quantize with), not BF16, at hidden sizes up to NORM_FP8_ROWS_MAX_K (measured slower at
-    Maverick's 5120), on a communicator whose norm makes them, and not with DGX_EMU_NORM_FP8_ROWS=0; the launch
-    plans ask the same question (plans_fp8_rows)."""
+    the norm to quantize with, and from 2 rows only: measured slower at one), not BF16, at hidden sizes up to
+    NORM_FP8_ROWS_MAX_K (measured slower at Maverick's 5120), on a communicator whose norm makes them, and not
+    with DGX_EMU_NORM_FP8_ROWS=0; the launch plans ask the same question (plans_fp8_rows)."""
     from torch import nn
     from model import fast_path
     from model.fp8 import PER_CHANNEL, PER_TENSOR, Fp8Linear
     comm = SingleRankCommunicator()
-    for hidden, scheme, wanted in [(4096, PER_CHANNEL, True), (5120, PER_CHANNEL, False), (64, PER_TENSOR, True),
-                                   (5120, PER_TENSOR, False)]:
+    for hidden, scheme, tokens, wanted in [(4096, PER_CHANNEL, 2, True), (4096, PER_CHANNEL, 1, True),
+                                           (5120, PER_CHANNEL, 2, False), (64, PER_TENSOR, 2, True),
+                                           (64, PER_TENSOR, 1, False), (5120, PER_TENSOR, 2, False)]:
         linear = Fp8Linear(hidden, 32, scheme, torch.bfloat16).to(DEVICE)
-        partial = torch.zeros(1, 2, hidden, dtype=torch.bfloat16, device=DEVICE)
+        partial = torch.zeros(1, tokens, hidden, dtype=torch.bfloat16, device=DEVICE)
         rows = fast_path.fp8_rows(comm, linear, partial)
-        assert (rows is not None) == wanted == fast_path.plans_fp8_rows(linear, 1)
+        assert (rows is not None) == wanted == fast_path.plans_fp8_rows(linear, 1, tokens)
         if wanted:
-            assert rows[0].shape == (1, 2, hidden) and rows[0].dtype == torch.float8_e4m3fn and rows[1].shape == (2,)
-            assert not fast_path.plans_fp8_rows(linear, 2)  # several ranks: the multi-rank norms make none yet
+            assert rows[0].shape == partial.shape and rows[0].dtype == torch.float8_e4m3fn
+            assert rows[1].shape == (tokens,)
+            assert not fast_path.plans_fp8_rows(linear, 2, tokens)  # several ranks: the multi-rank norms make none
             assert len(rows) == (3 if scheme is PER_TENSOR else 2)
             assert scheme is not PER_TENSOR or rows[2] is linear.input_scale  # the scale the norm quantizes with
     bf16 = nn.Linear(64, 32, bias=False).to(DEVICE, torch.bfloat16)

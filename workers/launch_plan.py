@@ -156,7 +156,7 @@ def layer_plan(cost: CostModel, layer, act_bytes: int, batch: int, tokens: int, 
     one_launch = on_kernels and merge_fuses(cost, attn, batch, tokens, keys, kv_element_bytes)
     # the single-rank norm kernel quantizes its output per row for an FP8 GEMV after it (fast_path.fp8_rows);
     # the first layer's input comes from the embedding kernel, which does not
-    norm_rows = lambda module: on_kernels and fast_path.plans_fp8_rows(module, cost.world)  # noqa: E731
+    norm_rows = lambda module: on_kernels and fast_path.plans_fp8_rows(module, cost.world, rows)  # noqa: E731
     plan: list[PlanItem] = [
         cost.linear("qkv_proj", "attention", attn.qkv_proj, rows, norm_rows(attn.qkv_proj) and attn.layer > 0),
         *cost.attention("attention", "attention", tokens, keys, attn.n_heads_per_rank, attn.n_kv_heads_per_rank,
@@ -201,7 +201,7 @@ def moe_plan(cost: CostModel, block, rows: int, act_bytes: int,
     if path == "pair":
         plan.append(lambda: pair_ops(cost, block, rows, _read(experts_read)))
         return plan
-    quantized = path == "separate" and fast_path.plans_fp8_rows(shared.gate_up_proj, cost.world)  # fp8_rows
+    quantized = path == "separate" and fast_path.plans_fp8_rows(shared.gate_up_proj, cost.world, rows)  # fp8_rows
     plan += [cost.linear("shared fc13 + swiglu", "moe", shared.gate_up_proj, rows, quantized),
              cost.linear("shared fc2", "moe", shared.down_proj, rows)]
     if path == "separate":
