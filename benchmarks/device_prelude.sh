@@ -28,4 +28,12 @@ ab_bench() {  # ab_bench VAR VALUE MODEL DTYPE FILE: one graph-timed decode benc
   TAIL=3 step "$5" 100 "$1=$2 TRITON_CACHE_DIR=/tmp/tc-$1-$2 $DGX bench decode --model $3 --dtype $4 --modes graph \
       --iters 150 --out $R/$5.json"
 }
+gen_embedded() {  # gen_embedded NAME FILE ARGS...: `generate` of the embedded model in bf16 on the GPU (300 tokens,
+  # --json) into FILE, from the tree in GEN_DIR (default: this one); prints its tokens/s, step p50 and acceptance
+  local name=$1 file=$2 dir=${GEN_DIR:-$PWD}; shift 2
+  TAIL=2 step "generate-$name" 90 "cd $dir && PYTHONPATH=/tmp/site:$dir $DGX generate --device cuda --world-size 1 \
+      --dtype bf16 --prompt 'The DGX B200 node is' --max-new-tokens 300 --ignore-eos --json $* > $file"
+  tail -1 "$file" | python -c "import json, sys; d = json.loads(sys.stdin.read()); print('$name tok/s', \
+round(d['tokens_per_s'], 1), 'p50 us', round(d['step_latency_s']['p50'] * 1e6, 1), 'acceptance', d.get('acceptance_length'))"
+}
 finish() { tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$L"; echo "done"; }

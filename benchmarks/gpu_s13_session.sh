@@ -129,10 +129,7 @@ elif [[ "${PART}" == closing ]]; then
   done
   for spec in "plain --no-spec" "chain3 --draft-len=3"; do
     set -- $spec
-    TAIL=2 step "generate-$1" 90 "$DGX generate --device cuda --world-size 1 --dtype bf16 --prompt 'The DGX B200 node is' \
-        --max-new-tokens 300 --ignore-eos --json $2 > $R/h200-generate-embedded-bf16-$1-$C.jsonl"
-    tail -1 "$R/h200-generate-embedded-bf16-$1-$C.jsonl" | python -c "import json, sys; d = json.loads(sys.stdin.read()); \
-print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_length'))"
+    gen_embedded $1 $R/h200-generate-embedded-bf16-$1-$C.jsonl $2
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == split ]]; then

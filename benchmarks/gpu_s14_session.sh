@@ -30,7 +30,9 @@
 #   Measured (8dcd4c3): 30 GPU tests passed; per-tensor decode 296.8 / 296.9 us with the rows, 292.6 / 292.8 without,
 #   verify 458.5 / 458.9 vs 468.1 / 468.3; channel decode 296.9 / 297.0, verify 462.5 / 462.7; BF16 decode 323.1: with
 #   a static scale the norm makes rows from 2 rows only since.
-#   PART=check|gemv|closing|hostab|genab|static|ptrows bash benchmarks/gpu_s14_session.sh
+# PART=final: the final tree: the GPU tests of check, medium BF16 / FP8 (channel and per-tensor) and maverick-slice FP8
+#   decode, and the embedded model's generate plain and with the EAGLE-3 draft (device_prelude.sh gen_embedded).
+#   PART=check|gemv|closing|hostab|genab|static|ptrows|final bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -51,10 +53,7 @@ elif [[ "${PART}" == closing ]]; then
       --out $R/h200-decode-embedded-bf16-s14-$C-tp1.json
   for spec in "plain --no-spec" "chain3 --draft-len=3"; do
     set -- $spec
-    TAIL=2 step "generate-$1" 90 "$DGX generate --device cuda --world-size 1 --dtype bf16 --prompt 'The DGX B200 node is' \
-        --max-new-tokens 300 --ignore-eos --json $2 > $R/h200-generate-embedded-bf16-$1-$C.jsonl"
-    tail -1 "$R/h200-generate-embedded-bf16-$1-$C.jsonl" | python -c "import json, sys; d = json.loads(sys.stdin.read()); \
-print('$1 tok/s', round(d['tokens_per_s'], 1), 'acceptance', d.get('acceptance_length'))"
+    gen_embedded $1 $R/h200-generate-embedded-bf16-$1-$C.jsonl $2
   done
   python - "$R" "$C" <<'PY'
 import json, sys
@@ -68,12 +67,7 @@ elif [[ "${PART}" == hostab ]]; then
   for round in r1 r2; do
     for tree in old new; do
       dir=$PWD; [[ $tree == old ]] && dir=/tmp/old
-      TAIL=1 step "generate-$tree-$round" 60 "cd $dir && PYTHONPATH=/tmp/site:$dir $DGX generate --device cuda --world-size 1 \
-          --dtype bf16 --prompt 'The DGX B200 node is' --max-new-tokens 300 --ignore-eos --json --no-spec \
-          > $R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl"
-      tail -1 "$R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl" | python -c "import json, sys; \
-d = json.loads(sys.stdin.read()); print('$tree $round tok/s', round(d['tokens_per_s'], 1), 'p50 us', \
-round(d['step_latency_s']['p50'] * 1e6, 1), 'p90 us', round(d['step_latency_s']['p90'] * 1e6, 1))"
+      GEN_DIR=$dir gen_embedded $tree-$round $R/h200-generate-embedded-bf16-plain-$tree-$round-$C.jsonl --no-spec
     done
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
@@ -81,12 +75,7 @@ elif [[ "${PART}" == genab ]]; then
   for round in r1 r2 r3; do
     for spec in "plain --no-spec" "chain3 --draft-len=3"; do
       set -- $spec
-      TAIL=1 step "generate-$1-$round" 60 "$DGX generate --device cuda --world-size 1 --dtype bf16 \
-          --prompt 'The DGX B200 node is' --max-new-tokens 300 --ignore-eos --json $2 \
-          > $R/h200-generate-embedded-bf16-$1-$round-$C.jsonl"
-      tail -1 "$R/h200-generate-embedded-bf16-$1-$round-$C.jsonl" | python -c "import json, sys; \
-d = json.loads(sys.stdin.read()); print('$1 $round tok/s', round(d['tokens_per_s'], 1), 'p50 us', \
-round(d['step_latency_s']['p50'] * 1e6, 1), 'acceptance', d.get('acceptance_length'))"
+      gen_embedded $1-$round $R/h200-generate-embedded-bf16-$1-$round-$C.jsonl $2
     done
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
@@ -108,6 +97,21 @@ elif [[ "${PART}" == ptrows ]]; then
   done
   TAIL=3 step bf16 80 $DGX bench decode --model medium --dtype bf16 --modes graph --iters 150 \
       --out $R/h200-decode-medium-bf16-ptrows-$C-tp1.json
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == final ]]; then
+  TAIL=5 step tests 260 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
+      tests/test_fast_path.py tests/test_cuda_graphs.py tests/test_kernel_linear_small_m.py \
+      tests/test_kernel_moe_decode.py -k "'fused_norm or fast_path or graph or producer or gpu or split or static'"
+  for spec in "medium bf16" "medium fp8" "medium fp8 per-tensor" "maverick-slice fp8"; do
+    set -- $spec
+    scheme=${3:+--fp8-scheme $3}
+    TAIL=3 step "decode-$1-$2${3:+-$3}" 80 $DGX bench decode --model $1 --dtype $2 $scheme --modes graph --iters 150 \
+        --out $R/h200-decode-$1-$2${3:+-$3}-final-$C-tp1.json
+  done
+  for spec in "plain --no-spec" "chain3 --draft-len=3"; do
+    set -- $spec
+    gen_embedded $1 $R/h200-generate-embedded-bf16-$1-final-$C.jsonl $2
+  done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
   TAIL=60 step gemv 300 python benchmarks/gemv_bench.py --out $R/h200-gemv-$C.json
