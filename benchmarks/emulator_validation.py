@@ -248,13 +248,15 @@ def _collective_row(node, op: str, impl: str, tokens: int, tp: int, hidden: int,
 
 def _row(group: str, path: Path, data: dict, r: dict, node) -> dict:
     comm = "nccl" if r.get("comm") == "nccl" else "symm"  # "none" at TP1: no collective either way
-    model = shape_only_model(_model_config(r["model"]), r["tp"], "tp", r["dtype"])
+    scheme = r.get("fp8_scheme", "channel") if r["dtype"] == "fp8" else "channel"
+    model = shape_only_model(_model_config(r["model"]), r["tp"], "tp", r["dtype"], fp8_scheme=scheme)
     named = COMMIT.search(path.stem)
     commit = named.group(1) if named else GROUP_COMMIT[group]
     paths = measured_code(commit)
     with kernels_as_measured(node, commit, r["dtype"]) as measured_node:
         est = estimate_step(model, measured_node, 1, r["tokens"], r["context"], comm=comm, paths=paths)
-    return {"group": group, "case": f"{r['model']} {r['dtype']} {r['name'].split('-')[0]}", "tp": r["tp"],
+    dtype = r["dtype"] + ("" if scheme == "channel" else f" {scheme}")
+    return {"group": group, "case": f"{r['model']} {dtype} {r['name'].split('-')[0]}", "tp": r["tp"],
             "comm": r.get("comm", "none"), "measured_in": f"{path.name} ({data['date']})",
             "measured_commit": commit, "planned_as": {"step_head_kernel": paths.step_head, "argmax_kernel": paths.argmax,
                                                       "fp8_tensor_cores": ran_fp8_on_tensor_cores(commit),

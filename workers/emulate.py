@@ -70,12 +70,14 @@ class StepEstimate:
         return totals
 
 
-def shape_only_model(cfg: ModelConfig, tp: int, moe: str, dtype: str, replicate_embedding: bool = False) -> Llama4:
-    """Rank 0 of a `tp`-way layout on the meta device: real shapes and dtypes, no storage."""
+def shape_only_model(cfg: ModelConfig, tp: int, moe: str, dtype: str, replicate_embedding: bool = False,
+                     fp8_scheme: str = "channel") -> Llama4:
+    """Rank 0 of a `tp`-way layout on the meta device: real shapes and dtypes (FP8 in `fp8_scheme`, a
+    model.fp8.SCHEMES name), no storage."""
     with torch.device("meta"), default_dtype(torch.bfloat16 if dtype != "fp32" else torch.float32):
         model = Llama4(cfg, layout(cfg, tp, 0, moe, replicate_embedding), ShapeOnlyCommunicator(tp), kernels="triton")
     if dtype == "fp8":
-        to_fp8(model, all_fp8(model, SCHEMES["channel"]))
+        to_fp8(model, all_fp8(model, SCHEMES[fp8_scheme]))
     return model
 
 
