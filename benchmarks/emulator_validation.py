@@ -108,6 +108,9 @@ def _older_fp8_m1() -> dict:
     return fit_rows([p for table in OLDER_FP8_M1 for p in table_points(table, "fp8_m1")])
 
 
+_PAIR_FRACTIONS: dict[float, float] = {}  # older fp8_m1 fixed cost -> the one-row pair fraction fitted with it
+
+
 @contextmanager
 def kernels_as_measured(node, commit: str, dtype: str):
     """(`node`, planned) as the FP8 and one-row BF16 kernels `commit` ran. Before SHARED_APART_COMMIT the MoE's shared
@@ -138,7 +141,10 @@ def kernels_as_measured(node, commit: str, dtype: str):
         from workers.node_spec import GemvFit
         measured = dataclasses.replace(node, gemv={**node.gemv, **{k: GemvFit(**v) for k, v in older.items()}})
         if "fp8_m1" in older:  # the pair's fraction was fitted against the one-row GEMV's fixed cost of its time
-            measured = dataclasses.replace(measured, pair_fp8_m1_bandwidth_fraction=fit_pair_m1(node=measured))
+            fixed = measured.gemv["fp8_m1"].fixed_s
+            if fixed not in _PAIR_FRACTIONS:  # one fit per older line, not one per row
+                _PAIR_FRACTIONS[fixed] = fit_pair_m1(node=measured)
+            measured = dataclasses.replace(measured, pair_fp8_m1_bandwidth_fraction=_PAIR_FRACTIONS[fixed])
     try:
         yield measured
     finally:

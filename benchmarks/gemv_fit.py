@@ -41,8 +41,7 @@ DRAFT = RESULTS / "h200-gemv-draft.json"  # gemv_bench.py --shapes draft: 0.13-0
 BF16_ROWS = RESULTS / "h200-gemv-bf16-rows-f4c9fff.json"  # one-row BF16 GEMVs at 2-4 weight rows a program
 # per fit, the tables whose rows measured the kernel that ships for it (read by_kernel): BF16 from the
 # table the step-trace constants were fitted with; the FP8 CUDA-core GEMV (one row, below 16384 output
-# rows) ran unchanged in both tables, so both count (their rows differ by 10-20% from run to run);
-# the tensor cores only in the latest
+# rows) from the table of its current tiles; the tensor cores only in the latest of the two before
 ONE_ROW_FP8 = RESULTS / "h200-gemv-9bade8a.json"  # the CUDA-core FP8 GEMV since 28ad904 (8-row tiles at K <= 4096)
 TABLES = {"bf16_m1": (BF16_ROWS,), "bf16_m16": (BEFORE_MMA,), "fp8_m1": (ONE_ROW_FP8,),
           "fp8_m16": (LATEST,), "bf16_small_m1": (DRAFT,), "bf16_small_m16": (DRAFT,)}

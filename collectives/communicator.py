@@ -48,10 +48,15 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x, scale), scale
 
 
+def fp8_rows_static_scale(fp8_rows: tuple | None) -> torch.Tensor | None:
+    """The static scale of fp8_rows (values, scales[, static scale]), or None (dynamic per-row scales)."""
+    return fp8_rows[2] if fp8_rows is not None and len(fp8_rows) == 3 else None
+
+
 def fill_fp8_rows(normed: torch.Tensor, fp8_rows: tuple) -> None:
     """fp8_rows (e4m3 (..., H), float32 (rows,)[, a float32 static scale s]) := quantize_rows_fp8(normed), or with
     s: (quantize_fp8(normed, s), s in every row): the torch ops for what the norm kernel writes with its output."""
-    static = fp8_rows[2] if len(fp8_rows) > 2 else None
+    static = fp8_rows_static_scale(fp8_rows)
     q, scale = quantize_rows_fp8(normed) if static is None else (quantize_fp8(normed, static.reshape(())), static)
     fp8_rows[0].copy_(q)
     fp8_rows[1].copy_(scale.reshape(-1).expand(fp8_rows[1].shape))

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from collectives import gpu_stamps
-from collectives.communicator import FP8_MAX, INV_FP8_MAX, MIN_AMAX, fill_fp8_rows, quantize_fp8, rms_norm
+from collectives.communicator import (FP8_MAX, INV_FP8_MAX, MIN_AMAX, fill_fp8_rows, fp8_rows_static_scale,
+                                      quantize_fp8, rms_norm)
 from collectives.triton_support import INTERPRETED, pdl_kwargs, tl, triton
 
 FP8 = torch.float8_e4m3fn
@@ -186,7 +187,7 @@ def check_fp8_rows(normed: torch.Tensor, quant_scale, fp8_rows) -> None:
         raise ValueError(f"fp8_rows must be (values, scales) or (values, scales, static scale), "
                          f"got {len(fp8_rows)} items")
     q, scales = fp8_rows[:2]
-    static = fp8_rows[2] if len(fp8_rows) == 3 else None
+    static = fp8_rows_static_scale(fp8_rows)
     if static is not None and (not isinstance(static, torch.Tensor) or static.dtype != torch.float32
                                or static.numel() != 1 or static.device != normed.device):
         raise ValueError(f"fp8_rows' static scale must be a one-element float32 tensor on {normed.device}, "
@@ -213,7 +214,7 @@ def add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     and s in every row: for the FP8 GEMV that reads it (linear_small_m's x_fp8)."""
     _check(partial, residual, weight, quant_scale)
     check_fp8_rows(partial, quant_scale, fp8_rows)
-    static = fp8_rows[2] if fp8_rows is not None and len(fp8_rows) == 3 else None
+    static = fp8_rows_static_scale(fp8_rows)
     if not available(partial):
         raise ValueError(f"add_rmsnorm needs Triton and a CUDA tensor (or Triton's interpreter), got {partial.device}")
     has_residual = residual is not None

@@ -108,7 +108,7 @@ def _rows_pay(module: nn.Module, rows: int) -> bool:
     h200-ab-decode-medium-fp8-per-tensor-rows*-8dcd4c3-tp1.json)."""
     if not (NORM_FP8_ROWS and takes_fp8_rows(module) and module.weight.shape[-1] <= NORM_FP8_ROWS_MAX_K):
         return False
-    return rows > 1 or not module.scheme.static_input
+    return rows > 1 or module.input_scale is None  # an Fp8Linear: input_scale only with a static scheme
 
 
 def plans_fp8_rows(module: nn.Module, world: int, rows: int) -> bool:
@@ -123,8 +123,8 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple |
     quantized per row, when what reads that output (`consumer`: a linear, an MLP, or a MoE block, whose
     shared expert reads it) is an FP8 linear with per-token or static activation scales (then a third item:
     its static scale, which the norm quantizes with; from 2 rows only, _rows_pay) and the communicator's norm
-    kernel makes the rows at no extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs then skip their own amax pass
-    and IEEE divisions (one row) or their quantization pre-pass (2+ rows). Measured on an H200: the medium weight
+    kernel makes the rows at no extra launch, at hidden sizes up to NORM_FP8_ROWS_MAX_K; else None. The GEMVs
+    then skip their own amax pass and IEEE divisions (one row) or their quantization pre-pass (2+ rows). Measured on an H200: the medium weight
     stream as GEMV launches 188.1 -> 157.1 us were every FP8 GEMV fed so; the medium step, where the norms feed
     QKV, FC13 and the shared expert, 302.5 -> 299.1 us (verify 474.1 -> 462.4)."""
     if consumer is not None and hasattr(consumer, "router"):
@@ -137,8 +137,7 @@ def fp8_rows(comm, consumer: nn.Module | None, partial: torch.Tensor) -> tuple |
         return None
     buffers = (torch.empty(partial.shape, dtype=torch.float8_e4m3fn, device=partial.device),
                torch.empty(rows, dtype=torch.float32, device=partial.device))
-    static = _linear_args(consumer)["act_quant"]
-    return buffers if isinstance(static, str) else (*buffers, static)
+    return buffers if consumer.input_scale is None else (*buffers, consumer.input_scale)
 
 
 def _flat_rows(x_fp8: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
