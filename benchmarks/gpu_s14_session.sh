@@ -32,7 +32,9 @@
 #   a static scale the norm makes rows from 2 rows only since.
 # PART=final: the final tree: the GPU tests of check, medium BF16 / FP8 (channel and per-tensor) and maverick-slice FP8
 #   decode, and the embedded model's generate plain and with the EAGLE-3 draft (device_prelude.sh gen_embedded).
-#   PART=check|gemv|closing|hostab|genab|static|ptrows|final bash benchmarks/gpu_s14_session.sh
+# PART=mend: after the re-read's host-side mend of the rows' plumbing: the norm / fast-path / GEMV-producer GPU tests,
+#   medium FP8 decode in both schemes.
+#   PART=check|gemv|closing|hostab|genab|static|ptrows|final|mend bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
 R="$OUT/res"; mkdir -p "$R"
@@ -111,6 +113,14 @@ elif [[ "${PART}" == final ]]; then
   for spec in "plain --no-spec" "chain3 --draft-len=3"; do
     set -- $spec
     gen_embedded $1 $R/h200-generate-embedded-bf16-$1-final-$C.jsonl $2
+  done
+  tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
+elif [[ "${PART}" == mend ]]; then
+  TAIL=4 step tests 150 python -m pytest -q -p no:cacheprovider -o addopts= -rf tests/test_kernel_fused_norm.py \
+      tests/test_fast_path.py tests/test_kernel_linear_small_m.py -k "'static or rows or producer or graph'"
+  for scheme in channel per-tensor; do
+    TAIL=3 step "decode-fp8-$scheme" 80 $DGX bench decode --model medium --dtype fp8 --fp8-scheme $scheme --modes graph \
+        --iters 150 --out $R/h200-decode-medium-fp8-$scheme-mend-$C-tp1.json
   done
   tar czf "$OUT/res.tar.gz" -C "$OUT" res && rm -rf "$R"
 elif [[ "${PART}" == gemv ]]; then
