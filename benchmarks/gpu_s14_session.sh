@@ -34,6 +34,7 @@
 #   decode, and the embedded model's generate plain and with the EAGLE-3 draft (device_prelude.sh gen_embedded).
 # PART=mend: after the re-read's host-side mend of the rows' plumbing: the norm / fast-path / GEMV-producer GPU tests,
 #   medium FP8 decode in both schemes.
+#   Measured (29503ae): 30 passed; channel decode 296.8 us, verify 462.3; per-tensor decode 292.4, verify 457.1.
 #   PART=check|gemv|closing|hostab|genab|static|ptrows|final|mend bash benchmarks/gpu_s14_session.sh
 source benchmarks/device_prelude.sh
 C=$(zcat .device/head.tar.gz | git get-tar-commit-id 2>/dev/null | cut -c1-7)
